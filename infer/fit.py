@@ -1,0 +1,126 @@
+"""fit(): stochastic variational inference as a plain loop over a Pyro ELBO, callable without Hydra."""
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from guides.check import check_guide
+from .elbo import ClosedFormELBO
+
+SCHEDULES = ("exponential", "cosine", "constant")
+
+
+def weighted(fn, data):
+    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k))."""
+    return poutine.scale(fn, scale=data.w)
+
+
+def learning_rate(step: int, steps: int, lr: float, lr_final: float, schedule: str) -> float:
+    """The learning rate at `step` of `steps`: lr decays to lr_final exponentially or by a cosine, or stays."""
+    t = min(step / max(steps, 1), 1.0)
+    if schedule == "exponential":
+        return lr * (lr_final / lr) ** t
+    if schedule == "cosine":
+        return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return lr
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+@dataclass
+class FitResult:
+    """What training produced: the logged history and the state needed to resume."""
+
+    history: list = field(default_factory=list)
+    steps: int = 0
+    wall_seconds: float = 0.0
+    optimizer: object = None
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, lr_final: float = 3e-5,
+        schedule: str = "exponential", betas=(0.9, 0.999), seed=None, log_every: int = 100,
+        progress: bool = False, resume: dict = None, callback=None) -> FitResult:
+    """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam.
+
+    The param store is cleared first, so params come from the model and guide as they are now.
+    `elbo` defaults to ClosedFormELBO(num_particles=128). `resume` is a checkpoint dict (see checkpoint.py):
+    training continues from its step with its params, optimiser and RNG states. Every `log_every` steps
+    the window mean of each loss term is appended to the history. `callback(step, row)` runs at each log.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not lr > 0 or not lr_final > 0:
+        raise ValueError(f"lr and lr_final must be > 0, got {lr!r} and {lr_final!r}")
+    learning_rate(0, steps, lr, lr_final, schedule)
+    elbo = elbo if elbo is not None else ClosedFormELBO(num_particles=128)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    check_guide(model, guide, data.x)
+    model_w, guide_w, x = weighted(model, data), weighted(guide, data), data.x
+
+    with poutine.trace(param_only=True) as captured:
+        elbo.differentiable_loss(model_w, guide_w, x)
+    store = pyro.get_param_store()
+    names = sorted(set(captured.trace.nodes) & set(store.keys()))
+    params = [store.get_param(name).unconstrained() for name in names]
+    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+    start, result = 0, FitResult()
+    if resume is not None:
+        missing = sorted(set(names) - set(resume["params"]))
+        if missing:
+            raise ValueError(f"checkpoint has no params {', '.join(missing)}; it was written for another model or guide")
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                p.copy_(resume["params"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"])
+        start, result.history = resume["step"], list(resume.get("history", []))
+
+    window, t0 = {}, time.perf_counter()
+    bar = tqdm(range(start, steps), disable=not progress, desc="fit", dynamic_ncols=True, mininterval=0.5)
+    for step in bar:
+        rate = learning_rate(step, steps, lr, lr_final, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        terms = elbo.particle_terms(model_w, guide_w, x)
+        loss = sum(t.mean() for t in terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in terms.items():
+            window[k] = window.get(k, 0.0) + float(v.detach().mean())
+        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            count = (step + 1) - (result.history[-1]["step"] if result.history else start)
+            row = {"step": step + 1, "lr": rate, **{k: v / count for k, v in window.items()}}
+            result.history.append(row)
+            window = {}
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            if callback is not None:
+                callback(step + 1, row)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; lower optim.lr")
+    result.steps, result.wall_seconds, result.optimizer = steps, time.perf_counter() - t0, optimizer
+    result.param_names = names
+    return result

@@ -1,0 +1,33 @@
+"""The deep latent Gaussian model p(z_L) prod_l p(z_l|z_{l+1}) p(x|z_1), with L = depth (2 by default)."""
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .nets import GaussianNet, mlp
+
+
+class DLGM(nn.Module):
+    """p(z_L) = N(0, I), p(z_l|z_{l+1}) = N(mu_l(z_{l+1}), sigma_l(z_{l+1})^2), p(x|z_1) = Bernoulli(logits f(z_1))."""
+
+    def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
+                 prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
+        self.n, self.depth, self.latent_dim = n, depth, latent_dim
+        self.latent_sites = tuple(f"z{l}" for l in range(1, depth + 1))
+        self.decoder = mlp(latent_dim, n, hidden, layers, activation)
+        # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
+        self.priors = nn.ModuleList(
+            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale)
+            for _ in range(depth - 1))
+
+    def forward(self, x: torch.Tensor):
+        pyro.module("model", self)
+        with pyro.plate("data", x.shape[-2]):
+            z = pyro.sample(f"z{self.depth}", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            for l in range(self.depth - 1, 0, -1):
+                loc, scale = self.priors[l - 1](z)
+                z = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)

@@ -1,0 +1,31 @@
+"""Small torch networks shared by models and guides. They broadcast over leading batch dims."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus}
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "elu") -> nn.Sequential:
+    """A dense network with `layers` hidden layers of width `hidden` and a linear output."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    blocks, width = [], in_dim
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    blocks.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*blocks)
+
+
+class GaussianNet(nn.Module):
+    """Maps an input h to the (loc, scale) of a diagonal Gaussian N(loc(h), scale(h)^2)."""
+
+    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5):
+        super().__init__()
+        self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation)
+        self.min_scale = min_scale
+
+    def forward(self, h: torch.Tensor):
+        loc, raw = self.body(h).chunk(2, dim=-1)
+        return loc, F.softplus(raw) + self.min_scale
