@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from guides.check import check_guide
 from .elbo import ClosedFormELBO
+from .weights import LatentScale, kl_weight
 
 SCHEDULES = ("exponential", "cosine", "constant")
 
@@ -57,15 +58,24 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def start_step(resume) -> int:
+    return 0 if resume is None else int(resume["step"])
+
+
 def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, lr_final: float = 3e-5,
-        schedule: str = "exponential", betas=(0.9, 0.999), seed=None, log_every: int = 100,
-        progress: bool = False, resume: dict = None, callback=None) -> FitResult:
+        schedule: str = "exponential", adam_betas=(0.9, 0.999), beta: float = 1.0, warmup: int = 0,
+        warmup_start: float = 0.0, seed=None, log_every: int = 100,
+        progress: bool = False, resume: dict = None, callback=None, checkpoint_path=None,
+        checkpoint_every: int = 0) -> FitResult:
     """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam.
 
     The param store is cleared first, so params come from the model and guide as they are now.
     `elbo` defaults to ClosedFormELBO(num_particles=128). `resume` is a checkpoint dict (see checkpoint.py):
     training continues from its step with its params, optimiser and RNG states. Every `log_every` steps
-    the window mean of each loss term is appended to the history. `callback(step, row)` runs at each log.
+    the window mean of each loss term is appended to the history, with the KL terms unweighted.
+    With checkpoint_path and checkpoint_every > 0, a checkpoint is written every checkpoint_every steps.
+    The KL terms are weighted by `beta` through LatentScale (poutine-style scaling of the latent sites of model
+    and guide); with `warmup` > 0 the weight rises linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -77,15 +87,16 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     check_guide(model, guide, data.x)
-    model_w, guide_w, x = weighted(model, data), weighted(guide, data), data.x
+    scale = LatentScale(kl_weight(start_step(resume), beta, warmup, warmup_start))
+    model_w, guide_w, x = scale(weighted(model, data)), scale(weighted(guide, data)), data.x
 
     with poutine.trace(param_only=True) as captured:
         elbo.differentiable_loss(model_w, guide_w, x)
     store = pyro.get_param_store()
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
     params = [store.get_param(name).unconstrained() for name in names]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas))
-    start, result = 0, FitResult()
+    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(adam_betas))
+    start, result = 0, FitResult(optimizer=optimizer)
     if resume is not None:
         missing = sorted(set(names) - set(resume["params"]))
         if missing:
@@ -101,6 +112,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     bar = tqdm(range(start, steps), disable=not progress, desc="fit", dynamic_ncols=True, mininterval=0.5)
     for step in bar:
         rate = learning_rate(step, steps, lr, lr_final, schedule)
+        scale.beta = kl_weight(step, beta, warmup, warmup_start)
         for group in optimizer.param_groups:
             group["lr"] = rate
         terms = elbo.particle_terms(model_w, guide_w, x)
@@ -108,12 +120,15 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v.detach().mean())
-        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+        for k, v in terms.items():  # report KL terms unweighted
+            weight = scale.beta if k.startswith("kl_") and scale.beta > 0 else 1.0
+            window[k] = window.get(k, 0.0) + float(v.detach().mean()) / weight
+        window["objective"] = window.get("objective", 0.0) + float(loss.detach())
+        window["beta"] = window.get("beta", 0.0) + scale.beta
         if (step + 1) % log_every == 0 or step + 1 == steps:
             count = (step + 1) - (result.history[-1]["step"] if result.history else start)
             row = {"step": step + 1, "lr": rate, **{k: v / count for k, v in window.items()}}
+            row["loss"] = row["recon"] + sum(v for k, v in row.items() if k.startswith("kl_"))
             result.history.append(row)
             window = {}
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
@@ -121,6 +136,12 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
                 callback(step + 1, row)
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; lower optim.lr")
-    result.steps, result.wall_seconds, result.optimizer = steps, time.perf_counter() - t0, optimizer
+        if checkpoint_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            result.steps = step + 1
+            save_checkpoint(checkpoint_path, result)
+    result.steps, result.wall_seconds = steps, time.perf_counter() - t0
     result.param_names = names
     return result
+
+
+from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)

@@ -11,7 +11,8 @@ class DLGM(nn.Module):
     """p(z_L) = N(0, I), p(z_l|z_{l+1}) = N(mu_l(z_{l+1}), sigma_l(z_{l+1})^2), p(x|z_1) = Bernoulli(logits f(z_1))."""
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
-                 prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
+                 prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
+                 skip: bool = False):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
@@ -20,7 +21,7 @@ class DLGM(nn.Module):
         self.decoder = mlp(latent_dim, n, hidden, layers, activation)
         # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
         self.priors = nn.ModuleList(
-            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale)
+            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, skip)
             for _ in range(depth - 1))
 
     def forward(self, x: torch.Tensor):

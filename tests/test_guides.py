@@ -1,0 +1,42 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from guides import GaussianGuide, GuideMismatchError, StructuredGuide, check_guide
+from models import DLGM, VAE, OneBit
+
+
+def test_a_guide_with_the_models_sites_passes_the_check():
+    check_guide(DLGM(3), StructuredGuide(DLGM(3)), OneBit(3).x)
+
+
+def test_the_1_layer_guide_on_the_dlgm_names_missing_and_extra_sites():
+    with pytest.raises(GuideMismatchError) as err:
+        check_guide(DLGM(3), GaussianGuide(VAE(3)), OneBit(3).x)
+    message = str(err.value)
+    assert "missing z2, z1" in message and "extra z" in message and "\n" not in message
+
+
+def test_a_guide_with_the_wrong_event_shape_is_refused():
+    def guide(x):
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(torch.zeros(2, 3), 1.0).to_event(1))
+
+    with pytest.raises(GuideMismatchError, match="site 'z' has shape"):
+        check_guide(VAE(3), guide, OneBit(3).x)
+
+
+def test_a_guide_without_reparameterisation_is_refused():
+    def guide(x):
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(torch.zeros(2, 1), 1.0).to_event(1))
+            pyro.sample("k", dist.Bernoulli(0.5))
+
+    def model(x):
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(torch.zeros(2, 1), 1.0).to_event(1))
+            pyro.sample("k", dist.Bernoulli(0.5))
+
+    with pytest.raises(GuideMismatchError, match="'k' .* is not reparameterisable"):
+        check_guide(model, guide, OneBit(3).x)
