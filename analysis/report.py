@@ -12,7 +12,8 @@ from .montecarlo import monte_carlo
 def evaluate_run(model, guide, data, cfg, result) -> dict:
     """The metrics of a trained model/guide pair: config summary plus the Monte Carlo numbers."""
     t0 = time.perf_counter()
-    mc = monte_carlo(model, guide, data, samples=cfg.eval.samples, chunk=cfg.eval.chunk)
+    mc = monte_carlo(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
+                     noise=cfg.eval.noise)
     return {
         "model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name,
         "n": data.n, "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds,
@@ -30,7 +31,7 @@ def write_run(out: Path, model, guide, data, cfg, result, metrics: dict) -> None
 
 def summary_lines(m: dict) -> list:
     """A short human summary of a run's metrics, every number tagged with its estimator."""
-    tag = "[MC]"
+    tag = "[MC]" if m["estimator"].startswith("Monte") else "[RQMC]"
     lines = [f"{m['model']} + {m['guide']} guide, n={m['n']}, seed={m['seed']}: {m['steps']} steps in "
              f"{m['wall_seconds']:.1f} s (nats per data point)",
              f"  loss       {m['loss']:.4f} ± {m['loss_se']:.4f} {tag}",

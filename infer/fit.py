@@ -108,37 +108,39 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         set_rng_state(resume["rng"])
         start, result.history = resume["step"], list(resume.get("history", []))
 
-    window, t0 = {}, time.perf_counter()
+    t0 = time.perf_counter()
     bar = tqdm(range(start, steps), disable=not progress, desc="fit", dynamic_ncols=True, mininterval=0.5)
-    for step in bar:
-        rate = learning_rate(step, steps, lr, lr_final, schedule)
-        scale.beta = kl_weight(step, beta, warmup, warmup_start)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        terms = elbo.particle_terms(model_w, guide_w, x)
-        loss = sum(t.mean() for t in terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for k, v in terms.items():  # report KL terms unweighted
-            weight = scale.beta if k.startswith("kl_") and scale.beta > 0 else 1.0
-            window[k] = window.get(k, 0.0) + float(v.detach().mean()) / weight
-        window["objective"] = window.get("objective", 0.0) + float(loss.detach())
-        window["beta"] = window.get("beta", 0.0) + scale.beta
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            count = (step + 1) - (result.history[-1]["step"] if result.history else start)
-            row = {"step": step + 1, "lr": rate, **{k: v / count for k, v in window.items()}}
-            row["loss"] = row["recon"] + sum(v for k, v in row.items() if k.startswith("kl_"))
-            result.history.append(row)
-            window = {}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            if callback is not None:
-                callback(step + 1, row)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; lower optim.lr")
-        if checkpoint_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            result.steps = step + 1
-            save_checkpoint(checkpoint_path, result)
+    window = {}
+    with pyro.validation_enabled(False):  # the fit check ran with validation; the hot loop skips arg checks
+        for step in bar:
+            rate = learning_rate(step, steps, lr, lr_final, schedule)
+            scale.beta = kl_weight(step, beta, warmup, warmup_start)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            terms = elbo.particle_terms(model_w, guide_w, x)
+            loss = sum(t.mean() for t in terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in terms.items():  # report KL terms unweighted
+                weight = scale.beta if k.startswith("kl_") and scale.beta > 0 else 1.0
+                window[k] = window.get(k, 0.0) + float(v.detach().mean()) / weight
+            window["objective"] = window.get("objective", 0.0) + float(loss.detach())
+            window["beta"] = window.get("beta", 0.0) + scale.beta
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                count = (step + 1) - (result.history[-1]["step"] if result.history else start)
+                row = {"step": step + 1, "lr": rate, **{k: v / count for k, v in window.items()}}
+                row["loss"] = row["recon"] + sum(v for k, v in row.items() if k.startswith("kl_"))
+                result.history.append(row)
+                window = {}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                if callback is not None:
+                    callback(step + 1, row)
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; lower optim.lr")
+            if checkpoint_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                result.steps = step + 1
+                save_checkpoint(checkpoint_path, result)
     result.steps, result.wall_seconds = steps, time.perf_counter() - t0
     result.param_names = names
     return result

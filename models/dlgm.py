@@ -12,16 +12,16 @@ class DLGM(nn.Module):
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
-                 skip: bool = False):
+                 skip: bool = False, gain: bool = False):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
         self.n, self.depth, self.latent_dim = n, depth, latent_dim
         self.latent_sites = tuple(f"z{l}" for l in range(1, depth + 1))
-        self.decoder = mlp(latent_dim, n, hidden, layers, activation)
+        self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)
         # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
         self.priors = nn.ModuleList(
-            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, skip)
+            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, skip, gain)
             for _ in range(depth - 1))
 
     def forward(self, x: torch.Tensor):

@@ -6,11 +6,25 @@ from torch.nn import functional as F
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus}
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "elu") -> nn.Sequential:
-    """A dense network with `layers` hidden layers of width `hidden` and a linear output."""
+class LogGain(nn.Module):
+    """h -> h * exp(g), with one learnable log-gain g per input (initialised to 0): Adam then changes the scale of
+    the input multiplicatively, so a network can become steep (slopes in the hundreds) in a few thousand steps."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_gain = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, h):
+        return h * self.log_gain.exp()
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "elu", gain: bool = False
+        ) -> nn.Sequential:
+    """A dense network with `layers` hidden layers of width `hidden` and a linear output; `gain` puts a LogGain
+    on its input."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    blocks, width = [], in_dim
+    blocks, width = ([LogGain(in_dim)] if gain else []), in_dim
     for _ in range(layers):
         blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
@@ -21,9 +35,9 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "
 class GaussianNet(nn.Module):
     """Maps an input h to the (loc, scale) of a diagonal Gaussian N(loc(h), scale(h)^2)."""
 
-    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, skip=False):
+    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, skip=False, gain=False):
         super().__init__()
-        self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation)
+        self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation, gain)
         self.min_scale = min_scale
         # skip: loc gets a linear path from the input, initialised to the identity (in_dim == out_dim)
         self.skip = nn.Linear(in_dim, out_dim, bias=False) if skip else None

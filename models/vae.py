@@ -12,10 +12,11 @@ class VAE(nn.Module):
 
     latent_sites = ("z",)
 
-    def __init__(self, n: int, latent_dim: int = 1, hidden: int = 64, layers: int = 2, activation: str = "elu"):
+    def __init__(self, n: int, latent_dim: int = 1, hidden: int = 64, layers: int = 2, activation: str = "elu",
+                 gain: bool = False):
         super().__init__()
         self.n, self.latent_dim = n, latent_dim
-        self.decoder = mlp(latent_dim, n, hidden, layers, activation)
+        self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)
 
     def forward(self, x: torch.Tensor):
         pyro.module("model", self)

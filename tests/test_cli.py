@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_cli
 
-FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=200", "data.n=3"]
+FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3"]
 
 
 @pytest.mark.parametrize("override, key", [
