@@ -1,0 +1,61 @@
+"""Hydra callbacks. Imported when Hydra builds its callbacks, so this module imports nothing heavy at import time.
+
+Register in conf/config.yaml:
+
+    hydra:
+      callbacks:
+        sweep_summary:
+          _target_: analysis.callbacks.SweepSummary
+"""
+import atexit
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("onebit.sweep")
+
+
+class SweepSummary(Callback):
+    """Writes summary.csv, summary.md and the sweep figures (analysis.sweep.summarize) into the sweep directory
+    when a multirun ends. If a job raised, Hydra's sweeper stops before on_multirun_end; the summary is then
+    written at interpreter exit instead (by `python -m analysis.sweep` in a subprocess, since an exiting
+    interpreter cannot import the plotting stack), listing the failed jobs."""
+
+    def __init__(self, figures: bool = True):
+        self.figures = figures
+        self.sweep_dir = None
+        self.done = False
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        self.done = False
+        atexit.register(self._at_exit)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        self._summarize(self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute())
+
+    def _at_exit(self) -> None:
+        if self.done or self.sweep_dir is None or not self.sweep_dir.is_dir():
+            return
+        self.done = True
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "analysis.sweep", str(self.sweep_dir)], capture_output=True,
+                              text=True)
+        if proc.returncode == 0:
+            log.info("sweep summary (after a failed job) in %s", self.sweep_dir / "summary.md")
+        else:
+            log.error("sweep summary of %s failed: %s", self.sweep_dir, proc.stderr.strip().splitlines()[-1:])
+
+    def _summarize(self, sweep_dir: Path) -> None:
+        self.done = True
+        try:
+            from analysis.sweep import summarize
+
+            result = summarize(sweep_dir, figures=self.figures)
+            log.info("sweep summary: %d jobs (%d failed, %d missing) in %s", len(result["jobs"]),
+                     len(result["failed"]), len(result["missing"]), sweep_dir / "summary.md")
+        except Exception as err:  # the sweep's own results stay on disk; say why the summary is absent
+            log.error("sweep summary of %s failed: %s: %s", sweep_dir, type(err).__name__, err)

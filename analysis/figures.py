@@ -1,0 +1,333 @@
+"""Figures (PNG, matplotlib's Agg canvas through Figure objects, seaborn styling).
+
+* encoding_figure: per latent, the prior p(z) against the aggregate q(z) (their difference shaded), and each
+  q(z|x_k) against the true posterior p(z|x_k) (their difference shaded). Exact densities when the encodings carry
+  them, otherwise KDEs of the samples (the true posterior then by Pareto-smoothed importance weighting).
+* training_figure: loss, recon and KL per site against the step.
+* encoding_grid: the top latent's encodings, a row per model and a column per n (for sweeps).
+"""
+import math
+import warnings
+
+import numpy as np
+
+from .encodings import GROUP_EXACT, top_site
+
+LN2 = math.log(2.0)
+PRIOR_COLOR = "0.35"
+AGG_COLOR = "black"
+HOLE_COLOR = "#d62728"    # p(z) mass that q(z) misses
+EXCESS_COLOR = "#1f77b4"  # q(z) mass where p(z) has little
+
+
+def _palette(k):
+    import seaborn as sns
+
+    return sns.color_palette("Set2", max(k, 2))
+
+
+def _new_figure(width, height):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _style():
+    import seaborn as sns
+
+    return sns.axes_style("whitegrid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# densities of one latent on a grid
+
+
+def _kde(samples, grid, weights=None):
+    from scipy.stats import gaussian_kde
+
+    samples = np.asarray(samples, dtype=float).reshape(-1)
+    ok = np.isfinite(samples)
+    samples, weights = samples[ok], (None if weights is None else np.asarray(weights)[ok])
+    if samples.size < 2 or np.ptp(samples) < 1e-12:  # a point mass: a narrow bump at its location
+        centre = samples.mean() if samples.size else 0.0
+        width = max(1e-3, 2 * (grid[1] - grid[0]))
+        return np.exp(-0.5 * ((grid - centre) / width) ** 2) / (width * math.sqrt(2 * math.pi))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gaussian_kde(samples, weights=weights)(grid)
+
+
+def _smoothed_weights(log_weight):
+    """Self-normalised PSIS weights of one data point's draws, and k-hat."""
+    import arviz as az
+
+    lw = np.asarray(log_weight, dtype=float)
+    if np.ptp(lw) < 1e-9:
+        return np.full(lw.size, 1.0 / lw.size), 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slw, k = az.psislw(lw)
+    w = np.exp(slw - slw.max())
+    return w / w.sum(), float(k)
+
+
+def site_densities(idata, site: str, component: int = 0, points: int = 400) -> dict:
+    """p(site), the aggregate q(site), q(site|x_k) and p(site|x_k) on a common grid.
+
+    Returns dict(grid, prior, aggregate, q (K, G), posterior (K, G) or None, labels, source, khat). source is
+    "exact" when the encodings hold exact densities of the site, else "kde" (posterior by PSIS-weighted KDE)."""
+    labels = [str(v) for v in idata.posterior["x"].values]
+    w = (np.asarray(idata.constant_data["w"].values, dtype=float) if "constant_data" in idata.groups()
+         else np.full(len(labels), 1.0 / len(labels)))
+    if GROUP_EXACT in idata.groups() and f"{site}_q" in idata[GROUP_EXACT] and component == 0:
+        ex = idata[GROUP_EXACT]
+        grid = np.asarray(ex[f"{site}_grid"].values, dtype=float)
+        q = np.asarray(ex[f"{site}_q"].values, dtype=float)
+        agg = (np.asarray(ex[f"{site}_aggregate"].values, dtype=float) if f"{site}_aggregate" in ex
+               else (w[:, None] * q).sum(0))
+        prior = np.asarray(ex[f"{site}_prior"].values, dtype=float) if f"{site}_prior" in ex else None
+        post = np.asarray(ex[f"{site}_posterior"].values, dtype=float) if f"{site}_posterior" in ex else None
+        return {"grid": grid, "prior": prior, "aggregate": agg, "q": q, "posterior": post, "labels": labels,
+                "source": "exact", "khat": None}
+
+    qs = idata.posterior[site].values[..., component]          # (chain, draw, K)
+    qs = qs.reshape(-1, qs.shape[-1])
+    ps = idata.prior[site].values[..., component].reshape(-1) if "prior" in idata.groups() else None
+    pooled = np.concatenate([qs.reshape(-1)] + ([ps] if ps is not None else []))
+    pooled = pooled[np.isfinite(pooled)]
+    lo, hi = np.quantile(pooled, [0.002, 0.998])
+    pad = 0.15 * max(hi - lo, 1e-3)
+    grid = np.linspace(lo - pad, hi + pad, points)
+    q = np.stack([_kde(qs[:, k], grid) for k in range(qs.shape[1])])
+    prior = _kde(ps, grid) if ps is not None else None
+    post, khat = None, None
+    if "sample_stats" in idata.groups() and "log_weight" in idata.sample_stats:
+        lw = idata.sample_stats["log_weight"].values.reshape(-1, qs.shape[1])
+        rows, khat = [], []
+        for k in range(qs.shape[1]):
+            wk, kk = _smoothed_weights(lw[:, k])
+            rows.append(_kde(qs[:, k], grid, weights=wk))
+            khat.append(kk)
+        post = np.stack(rows)
+    return {"grid": grid, "prior": prior, "aggregate": (w[:, None] * q).sum(0), "q": q, "posterior": post,
+            "labels": labels, "source": "kde", "khat": khat}
+
+
+def total_variation(grid, p, q) -> float:
+    """(1/2) integral |p - q| on the grid (trapezoid): the shaded area over 2."""
+    return 0.5 * float(np.trapezoid(np.abs(np.asarray(p) - np.asarray(q)), grid))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# drawing
+
+
+def _draw_marginal(ax, d, site, legend=True):
+    """p(z) against the aggregate q(z), shading where q misses p (red) and where q exceeds p (blue)."""
+    g, agg, prior = d["grid"], d["aggregate"], d["prior"]
+    if prior is not None:
+        ax.fill_between(g, 0, prior, color=PRIOR_COLOR, alpha=0.12, lw=0)
+        ax.plot(g, prior, color=PRIOR_COLOR, lw=2, label=f"p({site}) prior")
+        ax.fill_between(g, agg, prior, where=prior > agg, interpolate=True, color=HOLE_COLOR, alpha=0.45, lw=0,
+                        label=f"p({site}) mass q({site}) misses")
+        ax.fill_between(g, prior, agg, where=agg > prior, interpolate=True, color=EXCESS_COLOR, alpha=0.3, lw=0,
+                        label=f"q({site}) mass beyond p({site})")
+    ax.plot(g, agg, color=AGG_COLOR, lw=1.8, label=f"q({site}) aggregate")
+    for k, (lab, col) in enumerate(zip(d["labels"], _palette(len(d["labels"])))):
+        ax.plot(g, d["q"][k], color=col, lw=1, alpha=0.9, ls=":", label=f"q({site}|{lab})")
+    if prior is not None:
+        ax.set_title(f"p({site}) vs aggregate q({site}): TV = {total_variation(g, prior, agg):.3f}", fontsize=10)
+    if legend:
+        ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.8)
+
+
+def _draw_conditionals(ax, d, site, legend=True):
+    """q(z|x_k) (solid) against the true posterior p(z|x_k) (dashed), the difference shaded in x_k's colour."""
+    g, post = d["grid"], d["posterior"]
+    tv = []
+    for k, (lab, col) in enumerate(zip(d["labels"], _palette(len(d["labels"])))):
+        q = d["q"][k]
+        ax.plot(g, q, color=col, lw=2, label=f"q({site}|{lab})")
+        if post is not None:
+            p = post[k]
+            ax.fill_between(g, q, p, color=col, alpha=0.3, lw=0)
+            name = "p" if d["source"] == "exact" else "~p"
+            extra = f", k-hat {d['khat'][k]:.2f}" if d.get("khat") else ""
+            ax.plot(g, p, color=col, lw=1.5, ls="--", dashes=(4, 2),
+                    label=f"{name}({site}|{lab}) true{extra}")
+            tv.append(total_variation(g, p, q))
+    what = "exact" if d["source"] == "exact" else "PSIS-weighted KDE"
+    title = f"q({site}|x) vs true p({site}|x) ({what})"
+    if tv:
+        title += "\nTV: " + ", ".join(f"{t:.3f}" for t in tv)
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.8)
+
+
+def _sites(idata):
+    sites = idata.attrs.get("latent_sites") or list(idata.posterior.data_vars)
+    return [s for s in sites if s in idata.posterior]
+
+
+def encoding_figure(idata, path=None, title: str = None, max_components: int = 3):
+    """The study's encoding figure made exact: a row per latent (top latent first; for the DLGM z2 against p(z2),
+    z1 against the learned p(z1)); left p(z) vs the aggregate q(z), right q(z|x_k) vs the true p(z|x_k).
+
+    idata: the output of encodings.encodings() (or encodings.load()). Writes a PNG to `path` if given."""
+    rows = []
+    for site in _sites(idata):
+        dim = idata.posterior[site].shape[-1]
+        rows += [(site if dim == 1 else f"{site}[{c}]", site, c) for c in range(min(dim, max_components))]
+    with _style():
+        fig = _new_figure(11, 3.4 * len(rows))
+        axes = np.atleast_2d(fig.subplots(len(rows), 2, squeeze=False))
+        sources = set()
+        for (label, site, c), (ax_m, ax_c) in zip(rows, axes):
+            d = site_densities(idata, site, c)
+            sources.add(d["source"])
+            _draw_marginal(ax_m, d, label)
+            _draw_conditionals(ax_c, d, label)
+            for ax in (ax_m, ax_c):
+                ax.set_xlabel(label)
+                ax.set_ylabel("density")
+                ax.set_ylim(bottom=0)
+        how = "exact densities (quadrature)" if sources == {"exact"} else (
+            "Gaussian KDE of samples; true posterior by PSIS-weighted guide draws" if sources == {"kde"}
+            else "exact where available, KDE elsewhere")
+        n = idata.attrs.get("n")
+        head = title or f"Encodings{f' at n = {n}' if n is not None else ''}"
+        fig.suptitle(f"{head}  [{how}]", fontsize=11)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _yscale(ax, values, linthresh=1e-2):
+    """log y when every value is positive and they span more than a decade; symlog when some are <= 0 and they
+    span decades; linear otherwise. Returns the scale used."""
+    from matplotlib.ticker import FuncFormatter
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "linear"
+    if (v > 0).all() and v.max() / v.min() > 10:
+        ax.set_yscale("log")
+        fmt = FuncFormatter(lambda y, _: f"{y:g}")
+        ax.yaxis.set_major_formatter(fmt)
+        return "log"
+    if (v <= 0).any() and np.abs(v).max() > 100 * linthresh:
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.axhline(0, color="0.6", lw=0.8)
+        return "symlog"
+    if (v <= 0).any():
+        ax.axhline(0, color="0.6", lw=0.8)
+    return "linear"
+
+
+def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None):
+    """Loss, recon and KL per site against step. history: FitResult.history (list of dicts) or a DataFrame.
+
+    floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
+    A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
+    DLGM's KL1 may be), linear otherwise."""
+    import pandas as pd
+
+    df = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    kls = [c for c in df.columns if c.startswith("kl_")]
+    with _style():
+        fig = _new_figure(13, 3.6)
+        ax_l, ax_r, ax_k = fig.subplots(1, 3)
+        ax_l.plot(df["step"], df["loss"], color="black", lw=1.5, label="loss")
+        if floor is not None:
+            ax_l.axhline(floor, color="0.5", ls=":", lw=1.2, label=f"entropy floor {floor:.4f}")
+        if optimum is not None:
+            ax_l.axhline(optimum, color=HOLE_COLOR, ls="--", lw=1.2, label=f"Gaussian optimum {optimum:.4f}")
+        _yscale(ax_l, np.concatenate([df["loss"].values] + [[v] for v in (floor, optimum) if v is not None]))
+        loss_title = "loss (nats per data point)"
+        later = df["loss"].values[max(1, len(df) // 20):]
+        refs = [v for v in (floor, optimum) if v is not None]
+        if later.size and np.all(np.isfinite(later)) and ax_l.get_yscale() == "linear":
+            top, bottom = later.max(), min([later.min()] + refs)
+            if df["loss"].max() > top + 2 * (top - bottom):  # the first steps would squash the rest
+                ax_l.set_ylim(bottom - 0.1 * (top - bottom), top + 0.25 * (top - bottom))
+                loss_title += " (first steps off scale)"
+        ax_l.set_title(loss_title, fontsize=10)
+        ax_r.plot(df["step"], df["recon"], color="#2ca02c", lw=1.5, label="recon")
+        _yscale(ax_r, df["recon"].values)
+        ax_r.set_title("recon = -E log p(x|z)", fontsize=10)
+        cols = _palette(len(kls))
+        for c, col in zip(kls, cols):
+            ax_k.plot(df["step"], df[c], color=col, lw=1.5, label=f"KL[{c[3:]}]")
+        if len(kls) > 1:
+            ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1, ls="--", label="KL total")
+        scale = _yscale(ax_k, df[kls].values.reshape(-1) if kls else [])
+        ax_k.set_title("KL per latent site" + (" (symlog: a term is <= 0)" if scale == "symlog" else ""),
+                       fontsize=10)
+        for ax in (ax_l, ax_r, ax_k):
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=11)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def encoding_grid(cells: dict, path=None, title: str = None):
+    """The sweep's encoding grid: cells maps (model, n) -> encodings InferenceData (None for a missing job).
+
+    Each panel shows the top latent: p(z) shaded grey, aggregate q(z) black, the mass q(z) misses red, q(z|x_k)
+    coloured and the true p(z|x_k) dashed."""
+    models = sorted({m for m, _ in cells}, key=lambda m: (m != "vae", m))
+    ns = sorted({n for _, n in cells})
+    with _style():
+        fig = _new_figure(2.9 * len(ns) + 0.6, 2.6 * len(models) + 0.8)
+        axes = np.atleast_2d(fig.subplots(len(models), len(ns), squeeze=False))
+        for i, m in enumerate(models):
+            for j, n in enumerate(ns):
+                ax, idata = axes[i, j], cells.get((m, n))
+                if idata is None:
+                    ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                else:
+                    site = top_site(idata)
+                    d = site_densities(idata, site)
+                    g = d["grid"]
+                    if d["prior"] is not None:
+                        ax.fill_between(g, 0, d["prior"], color=PRIOR_COLOR, alpha=0.15, lw=0)
+                        ax.plot(g, d["prior"], color=PRIOR_COLOR, lw=1.5, label=f"p({site})")
+                        ax.fill_between(g, d["aggregate"], d["prior"], where=d["prior"] > d["aggregate"],
+                                        interpolate=True, color=HOLE_COLOR, alpha=0.45, lw=0,
+                                        label=f"p({site}) mass q misses")
+                    ax.plot(g, d["aggregate"], color=AGG_COLOR, lw=1.5, label=f"q({site})")
+                    for k, col in enumerate(_palette(len(d["labels"]))):
+                        ax.plot(g, d["q"][k], color=col, lw=1, label=f"q({site}|x{k})")
+                        if d["posterior"] is not None:
+                            ax.plot(g, d["posterior"][k], color=col, lw=1, ls="--", dashes=(3, 2),
+                                    label=f"p({site}|x{k})")
+                    ax.set_ylim(bottom=0)
+                    tv = total_variation(g, d["prior"], d["aggregate"]) if d["prior"] is not None else float("nan")
+                    ax.text(0.02, 0.97, f"{site}  TV(q,p)={tv:.2f}\n[{d['source']}]", transform=ax.transAxes,
+                            fontsize=7, va="top")
+                if i == 0:
+                    ax.set_title(f"n = {n}", fontsize=10)
+                if j == 0:
+                    ax.set_ylabel(m, fontsize=11)
+        handles, labels = [], []
+        for ax in axes.flat:
+            h, lab = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, lab):
+                key = ll.replace("z2", "z").replace("z1", "z")
+                if key not in labels:
+                    handles.append(hh)
+                    labels.append(key)
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 7), fontsize=8)
+        fig.suptitle(title or "Encodings of the top latent: p(z) vs aggregate q(z), q(z|x_k) vs p(z|x_k)",
+                     fontsize=11)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

@@ -1,0 +1,229 @@
+"""Analysis: Gaussian-family optimum, PSIS k-hat, ArviZ encodings, figures, sweep summaries, Hydra wiring."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from analysis.optimum import encoder, gaussian_loss, gaussian_optimum
+from models import VAE, OneBit
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Collapsed(nn.Module):
+    """A toy model whose decoder ignores z: the posterior p(z|x) is the prior N(0, 1)."""
+
+    latent_sites = ("z",)
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.latent_dim = n, 1
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-2]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            logits = torch.zeros(x.shape[-1]) + 0.0 * z
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def normal_guide(scale):
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(x.new_zeros(1), scale).to_event(1))
+    return guide
+
+
+def tiny_vae(n=5):
+    from guides import GaussianGuide
+
+    model = VAE(n, hidden=8, layers=1)
+    return model, GaussianGuide(model, hidden=8, layers=1)
+
+
+# --- Gaussian-family optimum -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, loss", [(2, 0.907558), (5, 1.065787), (1000, 1.500494)])
+def test_optimum_matches_the_reference_losses(n, loss):
+    assert gaussian_optimum(n)["loss"] == pytest.approx(loss, abs=1e-6)
+
+
+def test_optimum_collapses_to_ln2_at_n1():
+    opt = gaussian_optimum(1)
+    assert opt["loss"] == pytest.approx(math.log(2), abs=1e-9)
+    assert opt["a"] < 1e-3
+
+
+def test_optimum_is_below_the_loss_of_every_a_on_a_grid():
+    opt = gaussian_optimum(10)
+    grid = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 60)])
+    assert all(opt["loss"] <= gaussian_loss(a, 10) + 1e-12 for a in grid)
+
+
+def test_optimum_encoder_has_the_kl_and_a_it_reports():
+    opt = gaussian_optimum(100)
+    m, s = opt["m"], opt["s"]
+    assert 2 * m**2 / s**2 == pytest.approx(opt["a"], rel=1e-9)
+    assert 0.5 * (m**2 + s**2 - 1 - math.log(s**2)) == pytest.approx(opt["kl"], abs=1e-12)
+    assert (m, s) == encoder(opt["a"])
+
+
+# --- PSIS k-hat --------------------------------------------------------------------------------------------------
+
+def test_khat_is_small_when_the_guide_is_the_exact_posterior():
+    from analysis.psis import GOOD, khat
+
+    ks = khat(Collapsed(4), normal_guide(1.0), OneBit(4), samples=2000)
+    assert len(ks) == 2 and all(k < GOOD for k in ks)
+
+
+def test_khat_is_small_for_a_guide_wider_than_the_posterior():
+    from analysis.psis import GOOD, khat
+
+    ks = khat(Collapsed(4), normal_guide(1.3), OneBit(4), samples=4000)
+    assert len(ks) == 2 and all(k < GOOD for k in ks)
+
+
+def test_khat_is_large_for_a_guide_narrower_than_the_posterior():
+    from analysis.psis import BAD, khat
+
+    ks = khat(Collapsed(4), normal_guide(0.3), OneBit(4), samples=4000)
+    assert all(k > BAD for k in ks)
+
+
+# --- encodings ---------------------------------------------------------------------------------------------------
+
+def test_encodings_round_trip_through_netcdf_with_dims_and_coords(tmp_path):
+    from analysis.encodings import GROUP_EXACT, encodings, load, save
+
+    model, guide = tiny_vae()
+    grid = np.linspace(-3, 3, 31)
+    grids = {"z": {"grid": grid, "prior": np.exp(-grid**2 / 2), "q": np.ones((2, 31)),
+                   "aggregate": np.ones(31), "posterior": np.ones((2, 31))}}
+    idata = encodings(model, guide, OneBit(5), samples=50, grids=grids)
+    back = load(save(idata, tmp_path / "encodings.nc"))
+    z = back.posterior["z"]
+    assert z.dims == ("chain", "draw", "x", "z_dim") and z.shape == (1, 50, 2, 1)
+    assert list(back.posterior["x"].values) == ["x0=0^n", "x1=1^n"]
+    assert back.prior["z"].dims == ("chain", "draw", "z_dim")
+    assert back[GROUP_EXACT]["z_q"].dims == ("x", "z_grid")
+    assert back.attrs["latent_sites"] == ["z"] and int(back.attrs["n"]) == 5
+
+
+def test_encodings_summary_has_mean_sd_and_hdi():
+    from analysis.encodings import encodings, summary
+
+    model, guide = tiny_vae()
+    table = summary(encodings(model, guide, OneBit(5), samples=50))
+    assert {"mean", "sd", "hdi_3%", "hdi_97%"} <= set(table.columns) and len(table) == 3
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+
+def test_encoding_and_training_figures_write_png(tmp_path):
+    from analysis.encodings import encodings
+    from analysis.figures import encoding_figure, training_figure
+
+    model, guide = tiny_vae()
+    encoding_figure(encodings(model, guide, OneBit(5), samples=100), tmp_path / "enc.png")
+    history = [{"step": s, "lr": 1e-3, "loss": 2.0 / s + 0.7, "recon": 1.0 / s, "kl_z1": -0.1, "kl_z2": 0.5}
+               for s in range(1, 21)]
+    training_figure(history, tmp_path / "train.png", floor=math.log(2))
+    for name in ("enc.png", "train.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+# --- sweep summaries ---------------------------------------------------------------------------------------------
+
+def fake_job(sweep, n, seed, loss=None, model="vae"):
+    job = sweep / f"data.n={n},model={model},seed={seed}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- data.n={n}\n- seed={seed}\n")
+    (job / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\ndata:\n  n: {n}\nmodel:\n  name: {model}\nguide:\n  name: gaussian\n")
+    if loss is not None:
+        (job / "metrics.json").write_text(json.dumps({
+            "model": model, "guide": "gaussian", "n": n, "seed": seed, "steps": 10, "wall_seconds": 1.0,
+            "loss": loss, "loss_se": 0.01, "recon": 0.1, "recon_per_dim": 0.1 / n, "kl": {"z": loss - 0.1},
+            "estimator": "Monte Carlo", "khat": [0.2, 0.3]}))
+    return job
+
+
+def test_summarize_lists_a_failed_job(tmp_path):
+    from analysis.sweep import summarize
+
+    fake_job(tmp_path, 5, 0, loss=1.1)
+    fake_job(tmp_path, 5, 1)  # no metrics.json: failed
+    result = summarize(tmp_path, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "FAILED `data.n=5,model=vae,seed=1`" in md
+    assert result["failed"] == ["data.n=5,model=vae,seed=1"]
+    import pandas as pd
+
+    jobs = pd.read_csv(tmp_path / "summary.csv")
+    assert sorted(jobs["status"]) == ["failed", "ok"]
+
+
+def test_summarize_aggregates_seeds_as_mean_and_sd(tmp_path):
+    from analysis.sweep import summarize
+
+    fake_job(tmp_path, 5, 0, loss=1.0)
+    fake_job(tmp_path, 5, 1, loss=1.2)
+    agg = summarize(tmp_path, figures=False)["aggregated"]
+    row = agg.iloc[0]
+    assert len(agg) == 1 and row["seeds"] == 2
+    assert row["loss_mean"] == pytest.approx(1.1) and row["loss_sd"] == pytest.approx(math.sqrt(0.02))
+    assert "1.1000 ± 0.1414" in (tmp_path / "summary.md").read_text()
+
+
+def test_summarize_lists_jobs_of_multirun_yaml_without_a_directory(tmp_path):
+    from analysis.sweep import summarize
+
+    fake_job(tmp_path, 5, 0, loss=1.0)
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      seed: 0,1\n  overrides:\n    task:\n    - model=vae\n    - data.n=5\n")
+    result = summarize(tmp_path, figures=False)
+    assert result["missing"] == ["seed=1 model=vae data.n=5"]
+    assert "MISSING seed=1 model=vae data.n=5" in (tmp_path / "summary.md").read_text()
+
+
+def test_summarize_writes_the_sweep_figures(tmp_path):
+    from analysis.encodings import encodings, save
+    from analysis.sweep import summarize
+
+    model, guide = tiny_vae(5)
+    job = fake_job(tmp_path, 5, 0, loss=1.1)
+    save(encodings(model, guide, OneBit(5), samples=100), job / "encodings.nc")
+    fake_job(tmp_path, 10, 0, loss=1.2)
+    summarize(tmp_path)
+    for name in ("loss_vs_n.png", "recon_per_dim_vs_n.png", "encodings_grid.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+# --- Hydra wiring ------------------------------------------------------------------------------------------------
+
+def test_callback_module_imports_nothing_heavy():
+    code = ("import sys, analysis.callbacks; heavy = {'torch', 'pyro', 'matplotlib', 'arviz', 'pandas', 'scipy'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_study_experiment_sweeps_models_n_and_seeds():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=study"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["model"] == "vae,dlgm"
+    assert params["data.n"] == "1,5,10,100,1000"
+    assert params["seed"] == "0,1,2"
