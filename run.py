@@ -49,10 +49,12 @@ RULES = {
     "optim.lr_final": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "optim.schedule": (lambda v: v in ("exponential", "cosine", "constant"), "exponential, cosine or constant"),
     "optim.betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "objective.noise": (lambda v: v in ("mc", "qmc"), "mc or qmc"),
+    "objective.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
     "objective.closed_form": (lambda v: isinstance(v, bool), "true or false"),
     "eval.samples": (lambda v: is_int(v) and v >= 10000, "an integer >= 10000 (final numbers need 10^4 draws)"),
     "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "eval.tol": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "eval.iwae_k": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval.noise": (lambda v: v in ("mc", "qmc"), "mc or qmc"),
     "model.latent_dim": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "model.depth": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
@@ -139,8 +141,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False, threads=None) -> dic
                  beta=cfg.train.beta, warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
                  seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                  resume=resume, checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.train.checkpoint_every)
-    metrics = evaluate_run(model, guide, data, cfg, result)
-    write_run(out, model, guide, data, cfg, result, metrics)
+    metrics, grids = evaluate_run(model, guide, data, cfg, result)
+    write_run(out, model, guide, data, cfg, result, metrics, grids)
     return metrics
 
 

@@ -19,6 +19,6 @@ class MeanFieldGuide(nn.Module):
     def forward(self, x: torch.Tensor):
         pyro.module("guide", self)
         with pyro.plate("data", x.shape[-2]):
-            for site, net in zip(self.sites, self.encoders):
+            for site, net in reversed(list(zip(self.sites, self.encoders))):
                 loc, scale = net(x)
                 pyro.sample(site, dist.Normal(loc, scale).to_event(1))

@@ -10,7 +10,8 @@ from torch.distributions import kl_divergence
 
 from .noise import SobolNoise
 
-NOISE = ("mc", "qmc")
+NOISE = ("mc", "qmc", "lattice")
+LATTICE_HALF_WIDTH = 8.0  # the lattice covers eps in [-8, 8]: the mass outside is 1e-15
 
 
 def _per_particle(term: torch.Tensor, dims: int) -> torch.Tensor:
@@ -30,7 +31,9 @@ class ClosedFormELBO(ELBO):
     * otherwise (no closed-form entropy, e.g. a flow) sampled log q(s|.) - log p(s|parents).
 
     noise="qmc" draws the noise of Gaussian guide sites from a freshly scrambled Sobol sequence per step
-    (randomised quasi-Monte Carlo: unbiased, lower variance); "mc" uses plain pseudo-random draws.
+    (randomised quasi-Monte Carlo: unbiased, lower variance); "lattice" does the same but spreads the first
+    Gaussian site's particles on a randomly shifted grid over [-8, 8] sigma with weights phi (a randomised
+    quadrature rule that sees the tails every step); "mc" uses plain pseudo-random draws.
 
     Observed sites give recon = -log p(x|.), always sampled. Scales set by poutine.scale (data weights,
     beta) weight every term. Particles are vectorised. With closed_form=False every term is sampled,
@@ -43,15 +46,18 @@ class ClosedFormELBO(ELBO):
                          vectorize_particles=vectorize_particles)
         if noise not in NOISE:
             raise ValueError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
-        if noise == "qmc" and not (vectorize_particles and num_particles > 1):
-            raise ValueError("noise='qmc' needs vectorised particles with num_particles > 1")
+        if noise != "mc" and not (vectorize_particles and num_particles > 1):
+            raise ValueError(f"noise={noise!r} needs vectorised particles with num_particles > 1")
         self.closed_form, self.noise = closed_form, noise
         self._dims = max_plate_nesting + 1  # the data plates plus the particle dim left of them
         self._parents = {}
 
     def _get_trace(self, model, guide, args, kwargs):
-        if self.noise == "qmc":
-            guide = SobolNoise(self.num_particles, -self._dims)(guide)
+        self._noise = None
+        if self.noise != "mc":
+            self._noise = SobolNoise(self.num_particles, -self._dims,
+                                     lattice=LATTICE_HALF_WIDTH if self.noise == "lattice" else 0.0)
+            guide = self._noise(guide)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         return model_trace, guide_trace
@@ -70,6 +76,10 @@ class ClosedFormELBO(ELBO):
         terms = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             terms.append(self._terms(model_trace, guide_trace, parents))
+            if self._noise is not None and self._noise.log_weights is not None:
+                # weighted particles: rescale so that the plain mean over particles is the weighted mean
+                factor = self.num_particles * self._noise.log_weights.exp()
+                terms[-1] = OrderedDict((k, v * factor) for k, v in terms[-1].items())
         return OrderedDict((k, torch.cat([t[k] for t in terms])) for k in terms[0])
 
     def _terms(self, model_trace, guide_trace, parents):

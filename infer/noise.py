@@ -17,17 +17,33 @@ class SobolNoise(Messenger):
     """Within this handler each Gaussian sample site draws z = loc + scale * eps with eps = Phi^-1(u), where
     u are the points of one freshly scrambled Sobol sequence over `num_particles` particles (dim `particle_dim`).
     Each scalar of noise per particle gets its own Sobol coordinate, shared by the data points. Every point is
-    uniform, so estimates stay unbiased, but the particles cover the noise space evenly (lower variance)."""
+    uniform, so estimates stay unbiased, but the particles cover the noise space evenly (lower variance).
 
-    def __init__(self, num_particles: int, particle_dim: int, dimension: int = 16):
+    With lattice = L > 0 the first noise coordinate is instead a randomly shifted uniform grid on [-L, L] and
+    particle j carries the normalised weight phi(eps_j) / sum phi (`log_weights`): a randomised quadrature rule
+    that puts particles in the tails every step (where a rare z near a decision boundary costs hundreds of nats)
+    with the small weight they deserve, instead of hitting them rarely with full weight."""
+
+    def __init__(self, num_particles: int, particle_dim: int, dimension: int = 16, lattice: float = 0.0):
         super().__init__()
         self.num_particles, self.particle_dim, self.dimension = num_particles, particle_dim, dimension
+        self.lattice = lattice
+        self.log_weights = None
 
     def __enter__(self):
         seed = int(torch.randint(0, 2**31 - 1, ()))
         engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
         u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
-        self._eps, self._used = torch.special.ndtri(u.double()).float(), 0
+        self._eps, self._used = torch.special.ndtri(u.double()), 0
+        self.log_weights = None
+        if self.lattice:  # first coordinate: a randomly shifted uniform grid on [-L, L] with weights phi(eps) h
+            P, L = self.num_particles, self.lattice
+            h = 2 * L / P
+            eps = -L + (torch.arange(P, dtype=torch.float64) + float(torch.rand(()))) * h
+            log_w = -0.5 * eps**2
+            self._eps[:, 0] = eps
+            self.log_weights = (log_w - torch.logsumexp(log_w, 0)).float()
+        self._eps = self._eps.float()
         return super().__enter__()
 
     def _pyro_sample(self, msg):

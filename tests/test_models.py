@@ -42,7 +42,7 @@ def test_models_broadcast_over_leading_batch_dims():
 
 @pytest.mark.parametrize("make, sites", [(lambda m: GaussianGuide(m), ["z"]),
                                          (lambda m: StructuredGuide(m), ["z1", "z2"]),
-                                         (lambda m: MeanFieldGuide(m), ["z1", "z2"])])
+                                         (lambda m: MeanFieldGuide(m), ["z2", "z1"])])
 def test_guides_sample_their_sites_with_the_models_shapes(make, sites):
     model = VAE(4) if sites == ["z"] else DLGM(4)
     got = sample_sites(make(model), OneBit(4).x)
