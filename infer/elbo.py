@@ -35,20 +35,24 @@ class ClosedFormELBO(ELBO):
     Gaussian site's particles on a randomly shifted grid over [-8, 8] sigma with weights phi (a randomised
     quadrature rule that sees the tails every step); "mc" uses plain pseudo-random draws.
 
+    free_bits > 0 floors each site's KL term in the objective (not in the reported terms).
+
     Observed sites give recon = -log p(x|.), always sampled. Scales set by poutine.scale (data weights,
     beta) weight every term. Particles are vectorised. With closed_form=False every term is sampled,
     which is Trace_ELBO for a reparameterised guide.
     """
 
     def __init__(self, num_particles: int = 1, closed_form: bool = True, max_plate_nesting: int = 1,
-                 vectorize_particles: bool = True, noise: str = "mc"):
+                 vectorize_particles: bool = True, noise: str = "mc", free_bits: float = 0.0):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=vectorize_particles)
         if noise not in NOISE:
             raise ValueError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
         if noise != "mc" and not (vectorize_particles and num_particles > 1):
             raise ValueError(f"noise={noise!r} needs vectorised particles with num_particles > 1")
-        self.closed_form, self.noise = closed_form, noise
+        if not free_bits >= 0:
+            raise ValueError(f"free_bits must be >= 0, got {free_bits!r}")
+        self.closed_form, self.noise, self.free_bits = closed_form, noise, free_bits
         self._dims = max_plate_nesting + 1  # the data plates plus the particle dim left of them
         self._parents = {}
 
@@ -115,9 +119,18 @@ class ClosedFormELBO(ELBO):
         out["recon"] = out["recon"] if torch.is_tensor(out["recon"]) else torch.zeros(1)
         return out
 
+    def objective(self, terms) -> torch.Tensor:
+        """The training objective from particle_terms: recon + sum over sites of max(KL_site, free_bits)
+        (free bits: a per-site KL floor; with free_bits = 0 this is -ELBO)."""
+        total = 0.0
+        for name, value in terms.items():
+            value = value.mean()
+            total = total + (value.clamp_min(self.free_bits) if self.free_bits and name.startswith("kl_") else value)
+        return total
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The loss -ELBO averaged over particles, differentiable by reparameterisation."""
-        return sum(t.mean() for t in self.particle_terms(model, guide, *args, **kwargs).values())
+        """The objective averaged over particles (-ELBO without free bits), differentiable by reparameterisation."""
+        return self.objective(self.particle_terms(model, guide, *args, **kwargs))
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

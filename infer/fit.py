@@ -58,6 +58,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def _reporter(model, guide, x, log_every):
+    """For ELBOs without per-term output: a closure giving the loss terms (one 64-particle closed-form estimate,
+    recomputed once per logging window) to log beside Pyro's own gradient steps."""
+    probe, cache = ClosedFormELBO(num_particles=64), {}
+
+    def terms_of(step):
+        window = step // log_every
+        if cache.get("window") != window:
+            with torch.no_grad():
+                cache.update(window=window, terms=probe.particle_terms(model, guide, x))
+        return cache["terms"]
+
+    return terms_of
+
+
 def start_step(resume) -> int:
     return 0 if resume is None else int(resume["step"])
 
@@ -91,7 +106,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     model_w, guide_w, x = scale(weighted(model, data)), scale(weighted(guide, data)), data.x
 
     with poutine.trace(param_only=True) as captured:
-        elbo.differentiable_loss(model_w, guide_w, x)
+        elbo.loss(model_w, guide_w, x)
     store = pyro.get_param_store()
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
     params = [store.get_param(name).unconstrained() for name in names]
@@ -108,6 +123,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         set_rng_state(resume["rng"])
         start, result.history = resume["step"], list(resume.get("history", []))
 
+    terms_of = None if isinstance(elbo, ClosedFormELBO) else _reporter(model_w, guide_w, x, log_every)
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), disable=not progress, desc="fit", dynamic_ncols=True, mininterval=0.5)
     window = {}
@@ -117,10 +133,14 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
             scale.beta = kl_weight(step, beta, warmup, warmup_start)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            terms = elbo.particle_terms(model_w, guide_w, x)
-            loss = sum(t.mean() for t in terms.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if terms_of is None:  # a ClosedFormELBO: one pass gives the loss and its terms
+                terms = elbo.particle_terms(model_w, guide_w, x)
+                loss = elbo.objective(terms)
+                loss.backward()
+            else:  # any other Pyro ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...) trains as Pyro defines it
+                loss = torch.as_tensor(elbo.loss_and_grads(model_w, guide_w, x))
+                terms = terms_of(step)
             optimizer.step()
             for k, v in terms.items():  # report KL terms unweighted
                 weight = scale.beta if k.startswith("kl_") and scale.beta > 0 else 1.0
