@@ -51,6 +51,8 @@ RULES = {
     "optim.betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "objective.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
     "objective.closed_form": (lambda v: isinstance(v, bool), "true or false"),
+    "objective.free_bits": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "objective.K": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval.samples": (lambda v: is_int(v) and v >= 10000, "an integer >= 10000 (final numbers need 10^4 draws)"),
     "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "eval.tol": (lambda v: is_number(v) and v > 0, "a number > 0"),
@@ -110,6 +112,19 @@ def build(cfg: DictConfig):
     return data, model, guide
 
 
+def build_objective(cfg: DictConfig):
+    """The Pyro ELBO cfg.objective names (infer.objectives.make_objective); its other keys are its options.
+    K (iwae) is the particle count in place of train.num_particles."""
+    from infer.objectives import ObjectiveError, make_objective
+
+    options = {k: v for k, v in OmegaConf.to_container(cfg.objective).items() if k not in ("name", "K")}
+    particles = cfg.objective.K if "K" in cfg.objective else cfg.train.num_particles
+    try:
+        return make_objective(cfg.objective.name, particles, **options)
+    except ObjectiveError as err:
+        raise ConfigError(f"objective.{err}") from None
+
+
 def progress_enabled(cfg, multirun: bool) -> bool:
     if cfg.train.progress == "auto":
         return sys.stderr.isatty() and not multirun
@@ -127,15 +142,14 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False, threads=None) -> dic
     import pyro
 
     from analysis.report import evaluate_run, write_run
-    from infer import ClosedFormELBO, fit
+    from infer import fit
     from infer.checkpoint import load_checkpoint
 
     pyro.set_rng_seed(cfg.seed)
     data, model, guide = build(cfg)
+    elbo = build_objective(cfg)  # fit() refuses an objective that is invalid for the guide, before training
     resume = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
     out.mkdir(parents=True, exist_ok=True)
-    elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, closed_form=cfg.objective.closed_form,
-                          noise=cfg.objective.noise)
     result = fit(model, guide, data, elbo=elbo, steps=cfg.train.steps, lr=cfg.optim.lr,
                  lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                  beta=cfg.train.beta, warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,

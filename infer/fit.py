@@ -2,6 +2,7 @@
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from guides.check import check_guide
 from .elbo import ClosedFormELBO
+from .objectives import check_objective
 from .weights import LatentScale, kl_weight
 
 SCHEDULES = ("exponential", "cosine", "constant")
@@ -88,6 +90,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     `elbo` defaults to ClosedFormELBO(num_particles=128). `resume` is a checkpoint dict (see checkpoint.py):
     training continues from its step with its params, optimiser and RNG states. Every `log_every` steps
     the window mean of each loss term is appended to the history, with the KL terms unweighted.
+    Any Pyro ELBO works as `elbo` (see infer.objectives); the guide and the objective are checked against the
+    model before training (check_guide, check_objective).
     With checkpoint_path and checkpoint_every > 0, a checkpoint is written every checkpoint_every steps.
     The KL terms are weighted by `beta` through LatentScale (poutine-style scaling of the latent sites of model
     and guide); with `warmup` > 0 the weight rises linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
@@ -102,10 +106,13 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     check_guide(model, guide, data.x)
+    check_objective(elbo, model, guide, data.x)
     scale = LatentScale(kl_weight(start_step(resume), beta, warmup, warmup_start))
     model_w, guide_w, x = scale(weighted(model, data)), scale(weighted(guide, data)), data.x
 
-    with poutine.trace(param_only=True) as captured:
+    with poutine.trace(param_only=True) as captured, warnings.catch_warnings():
+        # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
+        warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
         elbo.loss(model_w, guide_w, x)
     store = pyro.get_param_store()
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
