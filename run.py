@@ -36,7 +36,7 @@ RULES = {
     "data.weights": (lambda v: len(v) == 2 and all(is_number(w) and w > 0 for w in v) and abs(sum(v) - 1) < 1e-9,
                      "two positive numbers that sum to 1"),
     "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "threads": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "train.steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "train.log_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -131,14 +131,13 @@ def progress_enabled(cfg, multirun: bool) -> bool:
     return bool(cfg.train.progress)
 
 
-def run(cfg: DictConfig, out: Path, multirun: bool = False, threads=None) -> dict:
+def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     """Train the configured model/guide pair, evaluate it, write its outputs into `out`; return the metrics.
     Raises ConfigError (or another ValueError naming the problem) before training on any bad input."""
     validate(cfg)
     import torch
 
-    if cfg.threads or threads:
-        torch.set_num_threads(cfg.threads or threads)
+    torch.set_num_threads(cfg.threads)
     import pyro
 
     from analysis.report import evaluate_run, write_run
@@ -167,9 +166,8 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
-    joblib = multirun and "joblib" in str(OmegaConf.select(hc, "launcher._target_", default=""))
     try:
-        metrics = run(cfg, Path(hc.runtime.output_dir), multirun=multirun, threads=1 if joblib else None)
+        metrics = run(cfg, Path(hc.runtime.output_dir), multirun=multirun)
     except ValueError as err:  # ConfigError, GuideMismatchError, CheckpointError, bad library arguments
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
