@@ -3,6 +3,7 @@ from .check import GuideMismatchError, check_guide
 from .flow import FlowGuide
 from .gaussian import GaussianGuide
 from .meanfield import MeanFieldGuide
+from .mixture import MixtureGuide, NormalMixture1D
 from .structured import StructuredGuide
 
-__all__ = ["GaussianGuide", "FlowGuide", "StructuredGuide", "MeanFieldGuide", "check_guide", "GuideMismatchError"]
+__all__ = ["GaussianGuide", "FlowGuide", "StructuredGuide", "MeanFieldGuide", "MixtureGuide", "NormalMixture1D", "check_guide", "GuideMismatchError"]

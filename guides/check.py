@@ -15,12 +15,26 @@ def latent_sites(trace):
             and not site["infer"].get("is_auxiliary")]
 
 
+def _trace(fn, x, role):
+    try:
+        return poutine.trace(fn).get_trace(x)
+    except Exception as err:  # noqa: BLE001  any failure of a user's callable is reported in one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise GuideMismatchError(f"{role}(x) failed on data of shape {tuple(x.shape)}: "
+                                 f"{type(err).__name__}: {first}") from err
+
+
+def _plates(site):
+    """The names of the plates a site sits in (vectorised-particle plates left out)."""
+    return sorted(f.name for f in site["cond_indep_stack"] if f.vectorized and not f.name.startswith("num_particles"))
+
+
 def check_guide(model, guide, x) -> None:
-    """Raise GuideMismatchError with a one-line message unless guide(x) samples exactly model(x)'s latent sites,
-    with the same shapes, each reparameterisable."""
+    """Raise GuideMismatchError with a one-line message unless guide(x) runs and samples exactly model(x)'s latent
+    sites, in the same plates, with the same shapes, inside the model's support, each reparameterisable."""
     with pyro.validation_enabled(True), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(model).get_trace(x)
+        guide_trace = _trace(guide, x, "guide")
+        model_trace = _trace(model, x, "model")
     want, have = latent_sites(model_trace), latent_sites(guide_trace)
     missing, extra = [s for s in want if s not in have], [s for s in have if s not in want]
     if missing or extra:
@@ -29,10 +43,17 @@ def check_guide(model, guide, x) -> None:
                                  f"(model latent sites: {', '.join(want)}; guide: {', '.join(have) or 'none'})")
     for name in want:
         p, q = model_trace.nodes[name], guide_trace.nodes[name]
-        if p["fn"].event_shape != q["fn"].event_shape or q["value"].shape[-len(p["value"].shape):] != p["value"].shape:
+        if p["fn"].event_shape != q["fn"].event_shape or q["value"].shape != p["value"].shape:
             raise GuideMismatchError(f"guide site '{name}' has shape {tuple(q['value'].shape)} and event shape "
                                      f"{tuple(q['fn'].event_shape)}; the model's is {tuple(p['value'].shape)} "
                                      f"with event shape {tuple(p['fn'].event_shape)}")
+        if _plates(q) != _plates(p):
+            raise GuideMismatchError(f"guide site '{name}' is in plates {_plates(q) or 'none'}; the model samples it "
+                                     f"in plates {_plates(p) or 'none'} (use the same pyro.plate names)")
+        inside = p["fn"].support.check(q["value"])
+        if not bool(inside.all()):
+            raise GuideMismatchError(f"guide site '{name}' drew a value outside the model's support "
+                                     f"{p['fn'].support} (guide: {type(q['fn']).__name__} with support {q['fn'].support})")
     for name, site in guide_trace.nodes.items():
         if name in have and not site["fn"].has_rsample:
             raise GuideMismatchError(f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "

@@ -3,6 +3,7 @@ from collections import OrderedDict
 
 import torch
 from pyro import poutine
+from pyro.distributions import Delta
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
 from pyro.poutine.util import site_is_subsample
@@ -36,6 +37,10 @@ class ClosedFormELBO(ELBO):
     quadrature rule that sees the tails every step); "mc" uses plain pseudo-random draws.
 
     free_bits > 0 floors each site's KL term in the objective (not in the reported terms).
+
+    Auxiliary guide sites (an autoguide's unconstrained or joint latent) give kl_<aux> = log q(aux), folded into
+    kl_<site> when the auxiliary is '<site>_unconstrained' (AutoNormal); a Delta guide site (an autoguide's model
+    site) gives -log p(site|.) plus its log-density.
 
     Observed sites give recon = -log p(x|.), always sampled. Scales set by poutine.scale (data weights,
     beta) weight every term. Particles are vectorised. With closed_form=False every term is sampled,
@@ -102,7 +107,7 @@ class ClosedFormELBO(ELBO):
                 continue
             before = set(order[:order.index(name)])
             term = None
-            if self.closed_form and parents.get(name, set()) <= before:
+            if self.closed_form and parents.get(name, set()) <= before and not isinstance(q["fn"], Delta):
                 try:
                     term = kl_divergence(q["fn"], p["fn"]) * q["scale"]
                 except NotImplementedError:
@@ -117,6 +122,10 @@ class ClosedFormELBO(ELBO):
                     term = q["fn"].log_prob(q["value"]) * q["scale"] - log_p
             out[f"kl_{name}"] = _per_particle(term, dims)
         out["recon"] = out["recon"] if torch.is_tensor(out["recon"]) else torch.zeros(1)
+        for name in order:  # an AutoNormal-style auxiliary '<site>_unconstrained' belongs to its site's KL
+            aux = f"kl_{name}_unconstrained"
+            if aux in out and f"kl_{name}" in out:
+                out[f"kl_{name}"] = out[f"kl_{name}"] + out.pop(aux)
         return out
 
     def objective(self, terms) -> torch.Tensor:

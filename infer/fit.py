@@ -14,14 +14,15 @@ from tqdm.auto import tqdm
 from guides.check import check_guide
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
-from .weights import LatentScale, kl_weight
+from .weights import DataWeights, LatentScale, kl_weight
 
 SCHEDULES = ("exponential", "cosine", "constant")
 
 
 def weighted(fn, data):
-    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k))."""
-    return poutine.scale(fn, scale=data.w)
+    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k)). Sites outside the
+    data plate (a joint guide's auxiliary site) get weight 1/N for equal weights (see DataWeights)."""
+    return DataWeights(data.w)(fn)
 
 
 def learning_rate(step: int, steps: int, lr: float, lr_final: float, schedule: str) -> float:
@@ -116,7 +117,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
         elbo.loss(model_w, guide_w, x)
     store = pyro.get_param_store()
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
-    params = [store.get_param(name).unconstrained() for name in names]
+    params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in names)}.values())
     optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(adam_betas))
     start, result = 0, FitResult(optimizer=optimizer)
     if resume is not None:

@@ -28,6 +28,7 @@ from .elbo import NOISE, ClosedFormELBO
 
 OBJECTIVES = ("closed_form", "elbo", "meanfield_elbo", "iwae")
 MAX_PLATE_NESTING = 1  # the data plate; vectorised particles sit left of it
+DATA_PLATE = "data"
 
 
 class ObjectiveError(ValueError):
@@ -190,8 +191,18 @@ def _closed_form_kl(q, p) -> bool:
 
 def check_objective(name, model, guide, x) -> None:
     """Raise ObjectiveError with a one-line reason if objective `name` (or an ELBO instance) is not valid for this
-    model and guide on data x; currently this refuses meanfield_elbo where Pyro's mean-field condition fails."""
+    model and guide on data x: it refuses meanfield_elbo where Pyro's mean-field condition fails, and iwae for a
+    guide with a site outside the data plate (a joint guide such as AutoIAFNormal has no per-point weights)."""
     name = objective_name(name)
+    if name == "iwae":
+        with poutine.block(), pyro.validation_enabled(False):
+            trace = poutine.trace(guide).get_trace(x)
+        joint = [site for site, node in trace.nodes.items() if node["type"] == "sample" and not site_is_subsample(node)
+                 and not any(f.name == DATA_PLATE for f in node["cond_indep_stack"])]
+        if joint:
+            raise ObjectiveError(
+                f"objective iwae needs a guide that factorises over the '{DATA_PLATE}' plate (one importance "
+                f"weight per data point), but guide site '{joint[0]}' lies outside it (use closed_form or elbo)")
     if name == "meanfield_elbo":
         bad = meanfield_violations(model, guide, x)
         if bad:
