@@ -62,6 +62,11 @@ RULES = {
     "model.depth": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "model.activation": (lambda v: v in ("elu", "relu", "tanh", "silu", "softplus"), "elu, relu, tanh, silu or softplus"),
     "guide.activation": (lambda v: v in ("elu", "relu", "tanh", "silu", "softplus"), "elu, relu, tanh, silu or softplus"),
+    "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "guide.flows": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "guide.count_bins": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "guide.bound": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
     **{f"{g}.{k}": (lambda v: is_int(v) and v >= 1, "an integer >= 1")
        for g in ("model", "guide") for k in ("hidden", "prior_hidden", "upper_hidden")},
     **{f"{g}.{k}": (lambda v: is_int(v) and v >= 0, "an integer >= 0")
