@@ -41,6 +41,7 @@ def evaluate_run(model, guide, data, cfg, result, exact_eval: bool = True) -> tu
         metrics["exact"] = exact(model, guide, data, tol=cfg.eval.tol)
         metrics["surgery"] = surgery(model, guide, data, tol=cfg.eval.tol)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
+        grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
     elif exact_eval:
         from .iwae import iwae
 
