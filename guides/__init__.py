@@ -6,4 +6,5 @@ from .meanfield import MeanFieldGuide
 from .mixture import MixtureGuide, NormalMixture1D
 from .structured import StructuredGuide
 
-__all__ = ["GaussianGuide", "FlowGuide", "StructuredGuide", "MeanFieldGuide", "MixtureGuide", "NormalMixture1D", "check_guide", "GuideMismatchError"]
+__all__ = ["GaussianGuide", "FlowGuide", "StructuredGuide", "MeanFieldGuide", "MixtureGuide", "NormalMixture1D",
+           "check_guide", "GuideMismatchError"]

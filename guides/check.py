@@ -53,7 +53,8 @@ def check_guide(model, guide, x) -> None:
         inside = p["fn"].support.check(q["value"])
         if not bool(inside.all()):
             raise GuideMismatchError(f"guide site '{name}' drew a value outside the model's support "
-                                     f"{p['fn'].support} (guide: {type(q['fn']).__name__} with support {q['fn'].support})")
+                                     f"{p['fn'].support} (guide: {type(q['fn']).__name__} with support "
+                                     f"{q['fn'].support})")
     for name, site in guide_trace.nodes.items():
         if name in have and not site["fn"].has_rsample:
             raise GuideMismatchError(f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "

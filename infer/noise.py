@@ -24,8 +24,8 @@ class SobolNoise(Messenger):
     """Within this handler each Gaussian sample site draws z = loc + scale * eps with eps = Phi^-1(u), where
     u are the points of one freshly scrambled Sobol sequence over `num_particles` particles (dim `particle_dim`).
     A flow site (a TransformedDistribution over a Gaussian base) draws its base this way and pushes it through its
-    transforms. Each scalar of noise per particle gets its own Sobol coordinate, shared by the data points. Every point is
-    uniform, so estimates stay unbiased, but the particles cover the noise space evenly (lower variance).
+    transforms. Each scalar of noise per particle gets its own Sobol coordinate, shared by the data points. Every
+    point is uniform, so estimates stay unbiased, but the particles cover the noise space evenly (lower variance).
 
     With lattice = L > 0 the first noise coordinate is instead a randomly shifted uniform grid on [-L, L] and
     particle j carries the normalised weight phi(eps_j) / sum phi (`log_weights`): a randomised quadrature rule
