@@ -10,7 +10,7 @@ Every objective trains with infer.fit, with beta / warm-up (LatentScale) on top.
 need per-site KL terms, which only closed_form computes; the others refuse free_bits > 0.
 
 JitTraceMeanField_ELBO is not offered: in pyro 1.9.2 it re-traces on every step (it caches
-`_differentiable_loss` but checks `_loss_and_surrogate_loss`); scripts/bench_meanfield_jit.py measures it.
+`_differentiable_loss` but checks `_loss_and_surrogate_loss`); tests/bench_meanfield_jit.py measures it.
 """
 import math
 

@@ -1,6 +1,6 @@
 """Step time of JitTraceMeanField_ELBO against TraceMeanField_ELBO on the 1-layer VAE (pyro 1.9.2).
 
-    python scripts/bench_meanfield_jit.py [n] [steps]
+    python tests/bench_meanfield_jit.py [n] [steps]
 
 Pyro 1.9.2's JitTraceMeanField_ELBO caches its traced loss as `_differentiable_loss` but checks
 `_loss_and_surrogate_loss`, so it re-traces on every step. This prints the measured ratio; infer/objectives.py
