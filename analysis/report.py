@@ -34,11 +34,15 @@ def evaluate_run(model, guide, data, cfg, result, exact_eval: bool = True) -> tu
         **monte_carlo(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
                       noise=cfg.eval.noise),
     }
-    grids = None
-    if exact_eval and scalar_latents(guide, data) <= EXACT_MAX_SCALARS:
+    grids, quadrature = None, exact_eval and scalar_latents(guide, data) <= EXACT_MAX_SCALARS
+    if quadrature:
         from .exact import exact, posterior_grid, surgery
 
-        metrics["exact"] = exact(model, guide, data, tol=cfg.eval.tol)
+        try:
+            metrics["exact"] = exact(model, guide, data, tol=cfg.eval.tol)
+        except ValueError as err:  # e.g. an autoguide with an auxiliary joint latent: no per-point density
+            metrics["exact_skipped"], quadrature = str(err), False
+    if quadrature:
         metrics["surgery"] = surgery(model, guide, data, tol=cfg.eval.tol)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
         grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
