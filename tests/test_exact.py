@@ -1,0 +1,202 @@
+"""Exact quadrature (analysis.exact), ELBO surgery and the IWAE bounds (analysis.iwae)."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.exact import exact, posterior_grid, surgery
+from analysis.iwae import iwae
+from analysis.montecarlo import monte_carlo
+from guides import GaussianGuide, StructuredGuide
+from infer import ClosedFormELBO, fit
+from models import DLGM, VAE, OneBit
+
+torch.set_num_threads(1)
+N = 5
+
+
+@pytest.fixture(scope="module")
+def data():
+    return OneBit(N)
+
+
+@pytest.fixture(scope="module")
+def dlgm_pair(data):
+    pyro.set_rng_seed(3)
+    model = DLGM(N)
+    guide = StructuredGuide(model)
+    fit(model, guide, data, elbo=ClosedFormELBO(num_particles=16), steps=200, lr=1e-2, lr_final=1e-3)
+    return model, guide
+
+
+@pytest.fixture(scope="module")
+def dlgm_exact(dlgm_pair, data):
+    return exact(*dlgm_pair, data)
+
+
+def collapsed_vae(logit: float):
+    """p(z) = N(0, 1), p(x|z) = Bernoulli(logits = logit) for every bit, whatever z is."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[-2]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            logits = torch.full(z.shape[:-1] + x.shape[-1:], logit)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def prior_guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+
+    return model, prior_guide
+
+
+def linear_dlgm(a: float, b: float, s: float):
+    """z2 ~ N(0, 1), z1 | z2 ~ N(a z2 + b, s^2), x ignores z1 (logits 0); and the guide equal to that prior,
+    written the other way round: q(z1) = N(b, a^2 + s^2), q(z2|z1) the Gaussian conditional of z2 given z1."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[-2]):
+            z2 = pyro.sample("z2", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(a * z2 + b, s).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=torch.zeros(z1.shape[:-1] + x.shape[-1:])).to_event(1), obs=x)
+
+    var = a * a + s * s
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_full((1,), b), math.sqrt(var)).to_event(1))
+            pyro.sample("z2", dist.Normal(a * (z1 - b) / var, s / math.sqrt(var)).to_event(1))
+
+    return model, guide
+
+
+def test_vae_exact_matches_monte_carlo(data):
+    model = VAE(N)
+    guide = GaussianGuide(model)
+    r = exact(model, guide, data)
+    mc = monte_carlo(model, guide, data, samples=32768)
+    assert abs(r["loss"] - mc["loss"]) < 4 * mc["loss_se"] + 1e-6
+    assert r["kl"]["z"] == pytest.approx(mc["kl"]["z"], abs=1e-5)  # closed-form KL in the Monte Carlo estimate
+    assert r["recon_per_dim"] == pytest.approx(r["recon"] / N)
+
+
+def test_dlgm_exact_matches_monte_carlo(dlgm_pair, dlgm_exact, data):
+    mc = monte_carlo(*dlgm_pair, data, samples=65536)
+    assert abs(dlgm_exact["loss"] - mc["loss"]) < 4 * mc["loss_se"]
+    assert dlgm_exact["loss"] == pytest.approx(dlgm_exact["recon"] + sum(dlgm_exact["kl"].values()))
+
+
+def test_refinement_error_below_tolerance(dlgm_exact):
+    assert dlgm_exact["error"] < 1e-4
+    assert dlgm_exact["estimator"].startswith("exact quadrature")
+    assert all(m == pytest.approx(1.0, abs=1e-6) for m in dlgm_exact["per_point"]["q_mass"])
+
+
+def test_nll_is_below_loss(dlgm_exact):
+    assert dlgm_exact["nll"] <= dlgm_exact["loss"]
+    assert dlgm_exact["gap"] == pytest.approx(dlgm_exact["loss"] - dlgm_exact["nll"])
+    assert dlgm_exact["nll"] >= OneBit(N).entropy - 1e-9
+
+
+@pytest.mark.parametrize("logit", [0.0, 1.3])
+def test_collapsed_model_has_closed_form_values(logit, data):
+    model, guide = collapsed_vae(logit)
+    r = exact(model, guide, data)
+    log_px = [N * F.logsigmoid(torch.tensor(-logit)).item(), N * F.logsigmoid(torch.tensor(logit)).item()]
+    assert r["log_px"] == pytest.approx(log_px, abs=1e-6)
+    assert r["kl"]["z"] == pytest.approx(0.0, abs=1e-6)
+    assert r["loss"] == pytest.approx(r["nll"], abs=1e-6)
+    assert r["gap"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_steep_linear_dlgm_has_closed_form_kl_split(data):
+    a, b, s = 80.0, 3.0, 0.05  # p(z1|z2) is a needle of width s / a = 6e-4 in z2
+    model, guide = linear_dlgm(a, b, s)
+    r = exact(model, guide, data)
+    info = 0.5 * math.log((a * a + s * s) / (s * s))  # I(z1; z2) under the prior (= the guide)
+    assert r["kl"]["z2"] == pytest.approx(info, abs=1e-4)
+    assert r["kl"]["z1"] == pytest.approx(-info, abs=1e-4)
+    assert r["log_px"] == pytest.approx([N * math.log(0.5)] * 2, abs=1e-4)
+    assert r["gap"] == pytest.approx(0.0, abs=1e-4)
+    assert r["error"] < 1e-4
+
+
+def test_user_written_guide(data):
+    model = VAE(N)
+
+    def my_guide(x):
+        loc = pyro.param("my_loc", torch.tensor([[-0.5], [0.7]]))
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(loc, 0.8).to_event(1))
+
+    r = exact(model, my_guide, data)
+    kl = [0.5 * (m * m + 0.64 - 1) - math.log(0.8) for m in (-0.5, 0.7)]
+    assert r["kl"]["z"] == pytest.approx(0.5 * sum(kl), abs=1e-6)
+    assert r["per_point"]["kl"]["z"] == pytest.approx(kl, abs=1e-6)
+
+
+def test_user_guide_sampling_the_top_latent_first(dlgm_pair, data):
+    model, _ = dlgm_pair
+
+    def top_first(x):  # q(z2|x) q(z1|z2, x): the reverse of the structured guide
+        with pyro.plate("data", x.shape[-2]):
+            z2 = pyro.sample("z2", dist.Normal(0.3 * (2 * x[..., :1] - 1), 0.9).to_event(1))
+            pyro.sample("z1", dist.Normal(2.0 * z2 + (2 * x[..., :1] - 1), 0.7).to_event(1))
+
+    r = exact(model, top_first, data)
+    mc = monte_carlo(model, top_first, data, samples=65536)
+    assert abs(r["loss"] - mc["loss"]) < 4 * mc["loss_se"]
+    assert r["error"] < 1e-4
+
+
+def test_surgery_identity_dlgm(dlgm_pair, dlgm_exact, data):
+    s = surgery(*dlgm_pair, data)
+    assert s["site"] == "z2"
+    assert s["avg_kl"] == pytest.approx(s["mutual_info"] + s["marginal_kl"], abs=1e-4)
+    assert abs(s["residual"]) < 1e-4
+    assert -1e-4 <= s["mutual_info"] <= math.log(2) + 1e-4
+    assert s["marginal_kl"] >= -1e-4
+    # marginalising z1 can only lower the KL: KL(q(z2|x) || p) <= E_q(z1|x) KL(q(z2|z1) || p)
+    assert s["avg_kl"] <= dlgm_exact["kl"]["z2"] + 1e-4
+
+
+def test_surgery_average_kl_is_the_vae_kl(data):
+    model = VAE(N)
+    guide = GaussianGuide(model)
+    s = surgery(model, guide, data)
+    assert s["avg_kl"] == pytest.approx(exact(model, guide, data)["kl"]["z"], abs=1e-5)
+    assert s["avg_kl"] == pytest.approx(s["mutual_info"] + s["marginal_kl"], abs=1e-4)
+
+
+def test_posterior_grid_densities_integrate_to_one(dlgm_pair, dlgm_exact, data):
+    g = posterior_grid(*dlgm_pair, data, points=161, log_px=dlgm_exact["log_px"])
+    for site in ("z1", "z2"):
+        d = g[site]
+        step = d["grid"][1] - d["grid"][0]
+        assert d["q"].shape == d["posterior"].shape == (2, 161)
+        for dens in (d["prior"], d["q_aggregate"], *d["q"], *d["posterior"]):
+            assert dens.sum() * step == pytest.approx(1.0, abs=2e-3)
+
+
+def test_too_many_latents_raise(data):
+    model = VAE(N, latent_dim=2)
+    with pytest.raises(ValueError, match="iwae"):
+        exact(model, GaussianGuide(model), data)
+
+
+def test_iwae_bound_tightens_with_K_and_stays_above_nll(dlgm_pair, dlgm_exact, data):
+    r = iwae(*dlgm_pair, data, K=(1, 16, 256), samples=8192, nll_samples=65536, seed=0)
+    losses = [r["bounds"][k]["loss"] for k in (1, 16, 256)]
+    assert losses[0] > losses[1] > losses[2]
+    assert losses[0] == pytest.approx(dlgm_exact["loss"], abs=4 * r["bounds"][1]["se"])
+    assert losses[2] >= dlgm_exact["nll"] - 4 * r["bounds"][256]["se"]
+    assert r["nll"] == pytest.approx(dlgm_exact["nll"], abs=4 * r["nll_se"] + 1e-3)
+
+
+def test_iwae_handles_more_latents(data):
+    model = VAE(N, latent_dim=3)
+    r = iwae(model, GaussianGuide(model), data, K=(1, 8), samples=1024, nll_samples=4096, seed=0)
+    assert r["bounds"][1]["loss"] > r["bounds"][8]["loss"] > r["nll"] - 4 * r["nll_se"]
