@@ -22,6 +22,14 @@ def _per_particle(term: torch.Tensor, dims: int) -> torch.Tensor:
     return term.reshape(term.shape[:-dims + 1] + (-1,)).sum(-1) if dims > 1 else term.reshape(1)
 
 
+def _closed_form(fn, *args):
+    """fn(*args), or None where torch/Pyro has no closed form for it (NotImplementedError)."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        return None
+
+
 class ClosedFormELBO(ELBO):
     """-ELBO = recon + sum over latent sites of KL_site, estimated per latent site s as follows:
 
@@ -108,18 +116,13 @@ class ClosedFormELBO(ELBO):
             before = set(order[:order.index(name)])
             term = None
             if self.closed_form and parents.get(name, set()) <= before and not isinstance(q["fn"], Delta):
-                try:
-                    term = kl_divergence(q["fn"], p["fn"]) * q["scale"]
-                except NotImplementedError:
-                    pass
-            if term is None:
-                log_p = p["fn"].log_prob(q["value"]) * p["scale"]
-                try:
-                    if not self.closed_form:
-                        raise NotImplementedError
-                    term = -q["fn"].entropy() * q["scale"] - log_p
-                except NotImplementedError:
-                    term = q["fn"].log_prob(q["value"]) * q["scale"] - log_p
+                term = _closed_form(kl_divergence, q["fn"], p["fn"])
+            if term is not None:
+                term = term * q["scale"]
+            else:
+                entropy = _closed_form(q["fn"].entropy) if self.closed_form else None
+                log_q = -entropy if entropy is not None else q["fn"].log_prob(q["value"])
+                term = log_q * q["scale"] - p["fn"].log_prob(q["value"]) * p["scale"]
             out[f"kl_{name}"] = _per_particle(term, dims)
         out["recon"] = out["recon"] if torch.is_tensor(out["recon"]) else torch.zeros(1)
         for name in order:  # an AutoNormal-style auxiliary '<site>_unconstrained' belongs to its site's KL
