@@ -105,8 +105,8 @@ def summary_lines(m: dict) -> list:
                      f"KL(q(z)||p(z)) {s['marginal_kl']:.4f} [exact]")
     if "iwae" in m:
         i = m["iwae"]
-        lines.append(f"  IWAE-{i.get('K')} bound {i.get('iwae', float('nan')):.4f}   NLL {i.get('nll', float('nan')):.4f}"
-                     f" ± {i.get('nll_se', float('nan')):.4f} [importance sampling]")
+        lines.append(f"  IWAE-{i['K']} loss {i['loss']:.4f} ± {i['loss_se']:.4f}   NLL {i['nll']:.4f} ± {i['nll_se']:.4f}"
+                     f" [importance sampling] ({i['note']})")
     if "gap_to_gaussian_optimum" in m:
         lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is "
                      f"{m['gap_to_gaussian_optimum']:+.4f} above it")
