@@ -1,17 +1,22 @@
 """Exact evaluation by deterministic quadrature for models with at most two scalar latents (VAE d=1, DLGM 2x1).
 
+Public: exact() (loss terms, log p(x_k), NLL, gap), surgery() (ELBO surgery of the top latent) and posterior_grid()
+(prior, q, aggregate q and true posterior marginals on regular grids, for plots).
+
 Every density comes from tracing the model and the guide under `poutine.condition` on grids of latent values, so
 any guide that samples the model's latent sites works. Names: u is the model's bottom latent (the parent of x: z
 of the VAE, z1 of the DLGM) and v the other one (z2). Integrals run over u outside and v inside:
 
-* outside, globally adaptive Gauss-Kronrod (7, 15) panels in u, split where the G7/K15 difference is largest;
-* inside, per u node and data point, a v grid built around the features of q(u, v|x) and p(x, u, v) as functions of
-  v: their local maxima are found on a dense grid, zoomed in on, and their widths measured on each side; panel
-  breakpoints are laid at multiples of those widths (plus a uniform background), each panel gets Gauss-Legendre
-  nodes. A steep prior map z2 -> z1 makes p(z1|z2) a needle in z2; this puts the nodes on it.
+* outside, globally adaptive Gauss-Kronrod (7, 15) panels in u, split where the G7/K15 difference is largest, and
+  extended until the integrands vanish at both ends;
+* inside, per u node and data point, Gauss-Kronrod panels in v seeded around the features of q(u, v|x) and
+  p(x, u, v) as functions of v (local maxima found on a dense grid, zoomed in on, widths measured on each side;
+  breakpoints at multiples of the widths plus a uniform background), then split adaptively where the G7/K15
+  difference is largest. A steep prior map z2 -> z1 makes p(z1|z2) a needle in z2; the seeding finds it.
 
-Everything is summed in log space. Accuracy is proven by refinement: the result is recomputed with every u panel
-split in two and twice the v nodes per panel, and the change is reported as the error.
+Everything is summed in log space with per-row shifts. Accuracy is proven by refinement: the result is recomputed
+with every u panel split in two and a 10x tighter inner tolerance, and the largest change among the reported numbers
+is the error (repeated, up to 3 times, until it is below tol). The refined numbers are returned.
 """
 import math
 
@@ -39,11 +44,11 @@ _g = np.zeros(15)
 _g[[1, 3, 5]], _g[7], _g[[9, 11, 13]] = _WG[:3], _WG[3], _WG[:3][::-1]
 GAUSS7_W = torch.tensor(_g, dtype=torch.float64)  # zero on the Kronrod-only nodes
 
-LADDER = (0.0, 1.0, 2.2, 3.6, 5.4, 8.0, 12.0)  # breakpoints at m +- c * width
+LADDER = (0.0, 1.5, 3.5, 6.5, 12.0)  # breakpoints at m +- c * width
 LOCATE_POINTS = 2049  # dense grid that finds the features of the inner integrand
 CANDIDATES = 2  # features kept per density (q, p) per row
-INNER_NODES = 8  # Gauss-Legendre nodes per inner panel (times 2**level)
-BACKGROUND = 16  # uniform inner breakpoints that cover what no feature claims
+INNER_TOL = 1e-5  # relative error target of each inner integral (times 10**-level)
+BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation
 
@@ -88,7 +93,6 @@ class Densities:
             raise ValueError(f"exact quadrature handles at most 2 scalar latents, one per site; this model has "
                              f"{', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data point; "
                              "use analysis.iwae.iwae instead")
-        self.guide_order = guide_sites
         self.bottom = self.latents[-1]  # the parent of x (z, z1)
         self.top = self.latents[0]  # the latent whose prior has no parents (z, z2)
         self.other = self.latents[0] if len(self.latents) == 2 else None
@@ -137,12 +141,14 @@ def sample_range(draws: torch.Tensor, pad: float = 10.0) -> tuple:
 
 
 def _gauss_legendre(m: int):
+    """Gauss-Legendre nodes and weights on [-1, 1], float64 tensors."""
     x, w = np.polynomial.legendre.leggauss(m)
     return torch.tensor(x), torch.tensor(w)
 
 
 class Inner:
-    """The inner integral over v at given u values (one per row and data point), by feature-adapted panels."""
+    """The inner integral over v at given u values (one per row and data point), by adaptive Gauss-Kronrod panels
+    seeded at the features of the integrands; `parts` selects the densities integrated: q, p or both."""
 
     def __init__(self, dens: Densities, outer: str, inner: str, lo: float, hi: float, parts=("q", "p")):
         self.d, self.outer, self.inner, self.lo, self.hi, self.parts = dens, outer, inner, lo, hi, parts
@@ -161,74 +167,73 @@ class Inner:
         """{J: log joint} for J in the parts: log q(u, v|x) and log p(x, u, v)."""
         return {J: sum(val for key, val in logs.items() if key.startswith(J + ":")) for J in self.parts}
 
-    def features(self, u):
-        """Panels (a, b), each (A, 2, P), between breakpoints laid around the modes of q(u, .) and p(x, u, .) in v, for rows u (A, 2)."""
-        A = u.shape[0]
+    def _candidates(self, u):
+        """Starting points (A, 2, F) of the features and the density (q or p) each belongs to, from a dense grid:
+        per density the CANDIDATES highest local maxima, and the most under-resolved local maxima (a needle between
+        grid points shows far below its height, with a steep drop to a neighbour: a peak of width w drops about
+        h^2 / 2w^2, so a drop above 0.5 nats means narrower than a cell). Returns (centres, kinds, cell)."""
         grid = torch.linspace(self.lo, self.hi, LOCATE_POINTS, dtype=torch.float64)
-        h = float(grid[1] - grid[0])
         ell = self._joint(self._eval(u, grid[None, :, None].expand(1, -1, 2)))
-        centres = []
+        centres, kinds = [], []
         for J in self.parts:
-            e = ell[J].transpose(1, 2)  # (A, 2, L)
-            e = torch.nan_to_num(e, nan=-math.inf)
+            e = torch.nan_to_num(ell[J].transpose(1, 2), nan=-math.inf)  # (A, 2, L)
             pooled = torch.nn.functional.max_pool1d(e.reshape(-1, 1, e.shape[-1]), 7, 1, 3).reshape(e.shape)
-            peak = e >= pooled
-            score = torch.where(peak, e, torch.full_like(e, -math.inf))
-            idx = score.topk(CANDIDATES, dim=-1).indices  # (A, 2, C): the highest local maxima
-            # and the most under-resolved ones: a needle between grid points shows as a local maximum far below
-            # its true height with a steep drop to a neighbour (a peak of width w drops ~h^2 / 2w^2: more than 0.5 nats means narrower than a cell)
+            idx = torch.where(e >= pooled, e, torch.full_like(e, -math.inf)).topk(CANDIDATES, dim=-1).indices
             pad = torch.full_like(e[..., :1], -math.inf)
             left, right = torch.cat([pad, e[..., :-1]], -1), torch.cat([e[..., 1:], pad], -1)
-            strict = (e >= left) & (e >= right)
             deficit = torch.maximum(e - left, e - right).nan_to_num(0.0, posinf=1e300)
-            sharp = torch.where(strict & (deficit > 0.5) & torch.isfinite(e), deficit, torch.zeros_like(e))
-            top_sharp = sharp.topk(CANDIDATES, dim=-1)
-            idx_sharp = torch.where(top_sharp.values > 0, top_sharp.indices, idx[..., :1])
-            centres.append(grid[torch.cat([idx, idx_sharp], -1)])
-        c = torch.cat(centres, -1)  # (A, 2, F)
+            sharp = torch.where((e >= left) & (e >= right) & (deficit > 0.5) & torch.isfinite(e), deficit,
+                                torch.zeros_like(e)).topk(CANDIDATES, dim=-1)
+            used = sharp.values.gt(0).flatten(0, 1).any(0)  # sharp slots that some row needs
+            idx_sharp = torch.where(sharp.values > 0, sharp.indices, idx[..., :1])[..., used]
+            both = torch.cat([idx, idx_sharp], -1)
+            centres.append(grid[both])
+            kinds += [J] * both.shape[-1]
+        return torch.cat(centres, -1), kinds, float(grid[1] - grid[0])
+
+    def _values(self, u, points, kinds):
+        """Each feature's own log-density (q or p) at points (A, 2, F, S): a tensor of that shape."""
+        A, _, F, S = points.shape
+        lj = self._joint(self._eval(u, points.permute(0, 2, 3, 1).reshape(A, F * S, 2)))
+        lj = {J: v.reshape(A, F, S, 2).permute(0, 3, 1, 2) for J, v in lj.items()}
+        out = torch.stack([lj[J][:, :, f] for f, J in enumerate(kinds)], 2)
+        return torch.nan_to_num(out, nan=-math.inf)
+
+    def features(self, u):
+        """Panels (a, b), each (A, 2, P), between breakpoints laid around the modes of q(u, .) and p(x, u, .) in v,
+        at multiples (LADDER) of each mode's width on either side, plus a uniform background, for rows u (A, 2)."""
+        A = u.shape[0]
+        c, kinds, h = self._candidates(u)
         F = c.shape[-1]
-        per = 2 * CANDIDATES
-        which = {J: slice(i * per, (i + 1) * per) for i, J in enumerate(self.parts)}
-
-        def values_at(points):  # points (A, 2, F, S) -> per-feature own-density values (A, 2, F, S)
-            S = points.shape[-1]
-            v = points.permute(0, 2, 3, 1).reshape(A, F * S, 2)
-            lj = self._joint(self._eval(u, v))
-            out = torch.empty(A, 2, F, S, dtype=torch.float64)
-            for J, sl in which.items():
-                out[:, :, sl] = lj[J].reshape(A, F, S, 2).permute(0, 3, 1, 2)[:, :, sl]
-            return torch.nan_to_num(out, nan=-math.inf)
-
-        # zoom: 17 points over the bracket, keep the best, shrink by 8, until the bracket is flat to 0.05 nats
+        # zoom: 9 points over the bracket, keep the best, shrink by 4, until the bracket is flat to 0.05 nats
         half = torch.full_like(c, h)
-        steps = torch.linspace(-1, 1, 17, dtype=torch.float64)
-        best = None
-        for _ in range(14):
-            pts = c[..., None] + half[..., None] * steps
-            val = values_at(pts)
+        best = torch.full_like(c, -math.inf)
+        steps = torch.linspace(-1, 1, 9, dtype=torch.float64)
+        rows = torch.arange(A)
+        for _ in range(24):
+            pts = c[rows, ..., None] + half[rows, ..., None] * steps
+            val = self._values(u[rows], pts, kinds)
             arg = val.argmax(-1, keepdim=True)
-            best = val.gather(-1, arg).squeeze(-1)
-            c = pts.gather(-1, arg).squeeze(-1)
-            spread = best - val.amin(-1)
-            busy = ~(spread < 0.05) & torch.isfinite(best)
-            if not bool(busy.any()):
+            best[rows] = val.gather(-1, arg).squeeze(-1)
+            c[rows] = pts.gather(-1, arg).squeeze(-1)
+            busy = ~(best[rows] - val.amin(-1) < 0.05) & torch.isfinite(best[rows])
+            half[rows] = torch.where(busy, half[rows] / 4, half[rows])
+            rows = rows[busy.flatten(1).any(1)]
+            if rows.numel() == 0:
                 break
-            half = torch.where(busy, half / 8, half)
         # widths: on each side, the first offset of a geometric ladder where the density drops by 1 nat
         span = self.hi - self.lo
-        deltas = torch.logspace(-10, math.log10(span), 72, dtype=torch.float64)
-        side = torch.cat([-deltas, deltas])
-        val = values_at(c[..., None] + side)
+        deltas = span * 2.0 ** -torch.arange(36, -1, -1, dtype=torch.float64)
+        D = len(deltas)
+        val = self._values(u, c[..., None] + torch.cat([-deltas, deltas]), kinds)
         top = torch.maximum(best, val.amax(-1))
         drop = top[..., None] - val >= 1.0
-        width = []
-        for part in (drop[..., :72], drop[..., 72:]):
-            first = torch.where(part.any(-1), part.float().argmax(-1), torch.full_like(top, 71, dtype=torch.long))
-            width.append(deltas[first] / math.sqrt(2))
-        wl, wr = width
+        wl, wr = [deltas[torch.where(d.any(-1), d.float().argmax(-1), torch.full_like(top, D - 1, dtype=torch.long))]
+                  / math.sqrt(2) for d in (drop[..., :D], drop[..., D:])]
         mass = top + torch.log(wl + wr)
         keep = torch.zeros_like(mass, dtype=torch.bool)
-        for J, sl in which.items():
+        for J in self.parts:
+            sl = torch.tensor([k == J for k in kinds])
             m = mass[..., sl]
             keep[..., sl] = torch.isfinite(m) & (m >= m.amax(-1, keepdim=True) - MASS_WINDOW)
         # drop a feature that repeats a kept one (same mode within a quarter width, width within a factor 2)
@@ -264,31 +269,88 @@ class Inner:
             out[k] = {name: torch.cat([p[k][name] for p in parts]) for name in parts[0][k]}
         return out
 
-    def _block(self, u, level):
-        a, b = self.features(u)
-        pieces = 2 ** level
-        t = torch.arange(pieces + 1, dtype=torch.float64) / pieces
-        edges = a[..., None] + (b - a)[..., None] * t  # (A, 2, P, pieces + 1)
-        lo_e, hi_e = edges[..., :-1], edges[..., 1:]
-        x, w = _gauss_legendre(INNER_NODES)
-        nodes = (lo_e + hi_e)[..., None] / 2 + (hi_e - lo_e)[..., None] / 2 * x
-        weights = (hi_e - lo_e)[..., None] / 2 * w
-        A = u.shape[0]
-        nodes, weights = nodes.reshape(A, 2, -1).transpose(1, 2), weights.reshape(A, 2, -1).transpose(1, 2)
-        logs = self._eval(u, nodes)
-        lw = weights.log()
-        out = {"mean": {}}
+    def _panels(self, u, a, b):
+        """Kronrod and Gauss estimates, per panel (A, 2, P), of the q mass, of q times each site log-density and
+        of the p mass, relative to the per-row shifts self.shift (set at the first call)."""
+        A, _, P = a.shape
+        half = (b - a) / 2
+        nodes = (a + b)[..., None] / 2 + half[..., None] * KRONROD_X  # (A, 2, P, 15)
+        logs = self._eval(u, nodes.permute(0, 2, 3, 1).reshape(A, P * 15, 2))
+        logs = {k: v.reshape(A, P, 15, 2).permute(0, 3, 1, 2) for k, v in logs.items()}
         joint = self._joint(logs)
-        if "q" in joint:
-            lq = _lse(lw + joint["q"], 1)
-            out["lq"] = lq
-            pw = (lw + joint["q"] - lq[:, None]).exp()
-            pw = torch.nan_to_num(pw)
+        if self.shift is None:
+            self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
+            self.at = {k: v[:, :, 0, 7] for k, v in logs.items()}
+        f = {}
+        for J, val in joint.items():
+            f[J] = torch.nan_to_num((val - self.shift[J][..., None, None]).exp())
+        if "q" in f:
             for k, val in logs.items():
-                out["mean"][k] = (pw * torch.where(pw > 0, val, torch.zeros_like(val))).sum(1)
-        if "p" in joint:
-            out["lp"] = _lse(lw + joint["p"], 1)
-        out["at"] = {k: val[:, 0] for k, val in logs.items()}  # values at the first node (for v-free terms)
+                f["qh:" + k] = torch.where(f["q"] > 0, f["q"] * val, torch.zeros_like(val))
+        return {k: ((half[..., None] * KRONROD_W * v).sum(-1), (half[..., None] * GAUSS7_W * v).sum(-1))
+                for k, v in f.items()}
+
+    def _row_errors(self, est):
+        """Per panel (A, 2, P), the largest |K15 - G7| among the row's integrals, relative to the row's size."""
+        errs = []
+        if "q" in est:
+            zq = est["q"][0].sum(-1, keepdim=True).clamp_min(1e-300)
+            errs.append((est["q"][0] - est["q"][1]).abs() / zq)
+            for k, (K, G) in est.items():
+                if k.startswith("qh:"):
+                    scale = zq * (K.sum(-1, keepdim=True) / zq).abs().clamp_min(1.0)
+                    errs.append((K - G).abs() / scale)
+        if "p" in est:
+            errs.append((est["p"][0] - est["p"][1]).abs() / est["p"][0].sum(-1, keepdim=True).clamp_min(1e-300))
+        return torch.stack(errs).amax(0)
+
+    def _block(self, u, level, splits=8, rounds=16):
+        """Adaptive inner integration for one block of rows: start from the feature panels, then split the `splits`
+        worst panels of every row whose relative error sum exceeds INNER_TOL * 10**-level, for up to `rounds`."""
+        tol = INNER_TOL * 10.0 ** (-level)
+        a, b = self.features(u)
+        self.shift = None
+        est = self._panels(u, a, b)
+        for _ in range(rounds):
+            err = self._row_errors(est)
+            err = torch.where(b - a > 1e-12 * (self.hi - self.lo), err, torch.zeros_like(err))
+            busy = (err.sum(-1) > tol).any(-1)  # rows (A,)
+            if not bool(busy.any()):
+                break
+            rows = busy.nonzero().squeeze(-1)
+            pick = err[rows].topk(min(splits, err.shape[-1]), dim=-1).indices  # (R, 2, S)
+            ra, rb = a[rows].gather(-1, pick), b[rows].gather(-1, pick)
+            mid = (ra + rb) / 2
+            na, nb = torch.cat([ra, mid], -1), torch.cat([mid, rb], -1)  # (R, 2, 2S)
+            shift = self.shift
+            self.shift = {J: v[rows] for J, v in shift.items()}
+            new = self._panels(u[rows], na, nb)
+            self.shift = shift
+            # the picked panels are replaced by their left halves; the right halves are appended (other rows pad)
+            S = pick.shape[-1]
+            a[rows] = a[rows].scatter(-1, pick, na[..., :S])
+            b[rows] = b[rows].scatter(-1, pick, nb[..., :S])
+            pad = torch.full(a.shape[:2] + (S,), self.lo, dtype=torch.float64)
+            ea, eb = pad.clone(), pad.clone()
+            ea[rows], eb[rows] = na[..., S:], nb[..., S:]
+            a, b = torch.cat([a, ea], -1), torch.cat([b, eb], -1)
+            for k, (K, G) in est.items():
+                out = []
+                for old, fresh in ((K, new[k][0]), (G, new[k][1])):
+                    old = old.clone()
+                    old[rows] = old[rows].scatter(-1, pick, fresh[..., :S])
+                    extra = torch.zeros(old.shape[:2] + (S,), dtype=torch.float64)
+                    extra[rows] = fresh[..., S:]
+                    out.append(torch.cat([old, extra], -1))
+                est[k] = tuple(out)
+        total = {k: K.sum(-1) for k, (K, G) in est.items()}
+        out = {"mean": {}, "at": self.at}
+        if "q" in total:
+            out["lq"] = total["q"].log() + self.shift["q"]
+            for k in self.at:
+                out["mean"][k] = total["qh:" + k] / total["q"].clamp_min(1e-300)
+        if "p" in total:
+            out["lp"] = total["p"].log() + self.shift["p"]
         return out
 
 
@@ -299,6 +361,7 @@ class Direct:
         self.d, self.outer, self.parts = dens, outer, parts
 
     def __call__(self, u, level: int = 0) -> dict:
+        """Like Inner.__call__ for rows u (A, 2): 'lq', 'lp', and the site log-densities as 'mean' and 'at'."""
         logs = self.d.logs({self.outer: u}, self.parts)
         logs = {k: v.expand(u.shape) for k, v in logs.items()}
         out = {"mean": logs, "at": logs}
@@ -331,10 +394,13 @@ class Outer:
         return {k: ((half * KRONROD_W[None, :, None] * v).sum(1), (half * GAUSS7_W[None, :, None] * v).sum(1))
                 for k, v in res.items()}
 
-    def run(self, breaks, level=0, max_panels=600):
-        """Adapt panels starting from sorted breakpoints (NB, 2); returns (panels, per-panel estimates)."""
-        panels = torch.stack([breaks[:-1], breaks[1:]], 1)
-        est = self.evaluate(panels, level)
+    def run(self, breaks=None, level=0, max_panels=600, panels=None, est=None):
+        """Adapt panels starting from sorted breakpoints (NB, 2), or continue from panels (P, 2, 2) with their
+        estimates; returns (panels, per-panel estimates)."""
+        if panels is None:
+            panels = torch.stack([breaks[:-1], breaks[1:]], 1)
+            est = self.evaluate(panels, level)
+        history = []
         for _ in range(60):
             err = self.quantities.errors(est)  # (P, 2)
             if self.shared:
@@ -343,6 +409,9 @@ class Outer:
             target = self.tol / 4
             if bool((total < target).all()) or panels.shape[0] >= max_panels:
                 break
+            history.append(float((total / target).max()))
+            if len(history) > 4 and history[-1] > 0.5 * history[-5]:
+                break  # stagnating: the inner integrals' noise floor; the refinement check reports the error
             order = err.argsort(0, descending=True)
             cum = err.gather(0, order).cumsum(0)
             need = int(((total[None] - cum) >= target / 2).sum(0).max()) + 1
@@ -368,6 +437,7 @@ class Outer:
 
 
 def _split_all(panels):
+    """Every panel (P, 2, 2) split at its midpoint: (2P, 2, 2)."""
     mid = panels.mean(1, keepdim=True)
     return torch.cat([torch.cat([panels[:, :1], mid], 1), torch.cat([mid, panels[:, 1:]], 1)])
 
@@ -420,6 +490,7 @@ def _summarise(dens: Densities, est, ref) -> dict:
 
 
 def _numbers(r: dict) -> list:
+    """The numbers whose change under refinement is the reported error."""
     return [r["loss"], r["recon"], *r["kl"].values(), *r["log_px"]]
 
 
@@ -432,21 +503,53 @@ def _initial_breaks(draws: list, lo, hi, extra=12):
     return torch.maximum(torch.minimum(b, hi), lo).sort(0).values
 
 
-def _edge_ok(panels, est, quantity="Zq", margin=30.0):
-    """Whether the integrand density at both ends of the range is below exp(-margin) of its peak."""
+def _edge_panels(panels, est, quantities, margin=20.0, count=6):
+    """Panels (M, 2, 2) that extend the range by half its width on each side where some integrand's density in the
+    end panel is above exp(-margin) of its peak (for any data point); None when both ends are negligible."""
     width = panels[:, 1] - panels[:, 0]
-    dens = est[quantity][0] / width.clamp_min(1e-300)
     inf = torch.full_like(width, math.inf)
-    first = dens.gather(0, torch.where(width > 0, panels[:, 0], inf).argmin(0, keepdim=True))
-    last = dens.gather(0, torch.where(width > 0, panels[:, 1], -inf).argmax(0, keepdim=True))
-    peak = dens.amax(0, keepdim=True)
-    return bool(((first <= peak * math.exp(-margin)) & (last <= peak * math.exp(-margin))).all())
+    i0 = torch.where(width > 0, panels[:, 0], inf).argmin(0, keepdim=True)
+    i1 = torch.where(width > 0, panels[:, 1], -inf).argmax(0, keepdim=True)
+    lo, hi = panels[:, 0].gather(0, i0)[0], panels[:, 1].gather(0, i1)[0]
+    grow_lo = grow_hi = False
+    for q in quantities:
+        dens = est[q][0] / width.clamp_min(1e-300)
+        peak = dens.amax(0, keepdim=True) * math.exp(-margin)
+        grow_lo |= bool((dens.gather(0, i0) > peak).any())
+        grow_hi |= bool((dens.gather(0, i1) > peak).any())
+    if not (grow_lo or grow_hi):
+        return None
+    span, out = (hi - lo) / 2, []
+    t = torch.linspace(0, 1, count + 1, dtype=torch.float64)[:, None]
+    for grow, start in ((grow_lo, lo - span), (grow_hi, hi)):
+        if grow:
+            edges = start + t * span
+            out.append(torch.stack([edges[:-1], edges[1:]], 1))
+    return torch.cat(out)
+
+
+def _adapt(outer, breaks, quantities):
+    """outer.run from breaks, extending the range (up to 4 times) until the integrands vanish at both ends."""
+    panels, est = outer.run(breaks)
+    for _ in range(4):
+        extra = _edge_panels(panels, est, quantities)
+        if extra is None:
+            break
+        more = outer.evaluate(extra, 0)
+        panels = torch.cat([panels, extra])
+        est = {k: tuple(torch.cat([a, b]) for a, b in zip(est[k], more[k])) for k in est}
+        panels, est = outer.run(panels=panels, est=est)
+    return panels, est
 
 
 def exact(model, guide, data, tol: float = 1e-4) -> dict:
-    """Loss, recon, recon_per_dim, kl per site, log p(x_k), nll, gap, error and estimator by quadrature (nats).
+    """The loss terms and the evidence by quadrature, in nats per data point: a dict with loss, recon,
+    recon_per_dim, kl {site: E_q[log q(site|.) - log p(site|.)]}, log_px [log p(x_k)], nll = -sum_k w_k log p(x_k),
+    gap = loss - nll, error (largest change of loss, recon, kl, log_px under refinement), estimator, and per_point
+    {loss, recon, kl, q_mass} per data point.
 
-    Raises ValueError for more than two scalar latents (use analysis.iwae)."""
+    Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
+    scalar latents (use analysis.iwae.iwae then)."""
     dens = Densities(model, guide, data)
     draws = dens.samples()
     u_name, v_name = dens.bottom, dens.other
@@ -465,13 +568,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     ref = ll.amax(0)
     quant = LossQuantities(dens, inner, ref)
     outer = Outer(dens, quant, quant, tol)
-    for attempt in range(4):
-        panels, est = outer.run(_initial_breaks([u_q, u_p], lo, hi), level=0)
-        ok = _edge_ok(panels, est, "Zq") and _edge_ok(panels, est, "Zp")
-        if ok or attempt == 3:
-            break
-        width = hi - lo
-        lo, hi = lo - width, hi + width
+    panels, est = _adapt(outer, _initial_breaks([u_q, u_p], lo, hi), ("Zq", "Zp"))
     result = _summarise(dens, est, ref)
     level, error = 0, math.inf
     for _ in range(3):
@@ -482,15 +579,14 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
         panels, est, result, level = fine_panels, fine, fine_result, level + 1
         if error < tol:
             break
-    w = dens.w
     nodes = panels.shape[0] * 15
     result.update({
         "recon_per_dim": result["recon"] / data.n,
         "gap": result["loss"] - result["nll"],
         "error": error,
         "estimator": (f"exact quadrature ({describe}: adaptive Gauss-Kronrod 15 in {u_name}, {nodes} nodes per data "
-                      "point" + (f"; per node, feature-adapted Gauss-Legendre in {v_name}" if v_name else "")
-                      + f"; error = change under refinement, {error:.1e})"),
+                      "point" + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
+                                 if v_name else "") + f"; error = change under refinement, {error:.1e})"),
     })
     return result
 
@@ -517,12 +613,14 @@ class SurgeryQuantities:
         return {"Zq": q, "KL": xlog(q, lq - lp), "MI": xlog(q, lq - lagg), "KLagg": xlog(agg, lagg - lp)}
 
     def errors(self, est):
+        """Per panel and data point, the largest |K15 - G7| difference of the surgery integrals (nats)."""
         w = self.d.w
         d = {k: (K - G).abs() for k, (K, G) in est.items()}
         return torch.stack([d["Zq"], w * d["KL"], w * d["MI"], d["KLagg"]]).amax(0)
 
 
 def _surgery_numbers(dens, est):
+    """avg_kl, mutual_info, marginal_kl, residual and per-point KL and q mass from per-panel Kronrod estimates."""
     tot = {k: K.sum(0) for k, (K, G) in est.items()}
     w = dens.w
     avg, mi, agg = float((w * tot["KL"]).sum()), float((w * tot["MI"]).sum()), float(tot["KLagg"][0])
@@ -549,7 +647,7 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     outer = Outer(dens, quant, quant, tol, shared=True)
     lo_t, hi_t = torch.tensor([lo, lo], dtype=torch.float64), torch.tensor([hi, hi], dtype=torch.float64)
     every = torch.cat([draws["q:" + top], draws["p:" + top]]).reshape(-1, 1).expand(-1, 2)
-    panels, est = outer.run(_initial_breaks([every], lo_t, hi_t), level=0)
+    panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t), ("Zq", "KLagg"))
     result, level, error = _surgery_numbers(dens, est), 0, math.inf
     for _ in range(3):
         fine_panels = _split_all(panels)
@@ -561,7 +659,7 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
             break
     result.update({"site": top, "entropy": data.entropy, "error": error,
                    "estimator": f"exact quadrature (adaptive Gauss-Kronrod 15 in {top}, {panels.shape[0] * 15} nodes"
-                                + (f"; q({top}|x) by feature-adapted Gauss-Legendre over {other}" if other else "")
+                                + (f"; q({top}|x) by adaptive Gauss-Kronrod 15 over {other}" if other else "")
                                 + f"; error = change under refinement, {error:.1e})"})
     return result
 
@@ -610,11 +708,12 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
             ulo, uhi = sample_range(torch.cat([draws["q:" + other], draws["p:" + other]]))
             lq = Inner(dens, site, other, ulo, uhi, ("q",))(rows)["lq"]
             lp, lprior, mass = _top_joint(dens, site, other, grid, ulo, uhi)
-            out["checks"][f"p({other}|{site}) mass on the {other} grid (min, max)"] = (mass.min(), mass.max())
+            out["checks"][f"p({other}|{site}) mass on the {other} grid (min, max)"] = (float(mass.min()),
+                                                                                       float(mass.max()))
         post = (lp - log_px).exp()
         step = float(grid[1] - grid[0])
         out["checks"][f"{site}: trapezoid mass of q(.|x_k), posterior"] = (
-            (lq.exp().sum(0) * step).numpy(), (post.sum(0) * step).numpy())
+            (lq.exp().sum(0) * step).tolist(), (post.sum(0) * step).tolist())
         out[site] = {"grid": grid.numpy(), "prior": lprior[:, 0].exp().numpy(), "q": lq.exp().T.numpy(),
                      "q_aggregate": (lq.exp() * w).sum(1).numpy(), "posterior": post.T.numpy()}
     return out
