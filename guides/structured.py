@@ -12,11 +12,11 @@ class StructuredGuide(nn.Module):
 
     def __init__(self, model, hidden: int = 64, layers: int = 2, upper_hidden: int = 64, upper_layers: int = 2,
                  activation: str = "elu", min_scale: float = 1e-5,
-                 skip: bool = False, gain: bool = False):
+                 gain: bool = False):
         super().__init__()
         self.sites, d = tuple(model.latent_sites), model.latent_dim
         self.encoder = GaussianNet(model.n, d, hidden, layers, activation, min_scale)
-        self.upper = nn.ModuleList(GaussianNet(d, d, upper_hidden, upper_layers, activation, min_scale, skip, gain)
+        self.upper = nn.ModuleList(GaussianNet(d, d, upper_hidden, upper_layers, activation, min_scale, gain)
                                    for _ in self.sites[1:])
 
     def forward(self, x: torch.Tensor):

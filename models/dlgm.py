@@ -12,7 +12,7 @@ class DLGM(nn.Module):
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
-                 skip: bool = False, gain: bool = False, prior_gain: bool = False):
+                 gain: bool = False, prior_gain: bool = False):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
@@ -21,7 +21,7 @@ class DLGM(nn.Module):
         self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)
         # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
         self.priors = nn.ModuleList(
-            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, skip, prior_gain)
+            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, prior_gain)
             for _ in range(depth - 1))
 
     def forward(self, x: torch.Tensor):

@@ -35,17 +35,11 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "
 class GaussianNet(nn.Module):
     """Maps an input h to the (loc, scale) of a diagonal Gaussian N(loc(h), scale(h)^2)."""
 
-    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, skip=False, gain=False):
+    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, gain=False):
         super().__init__()
         self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation, gain)
         self.min_scale = min_scale
-        # skip: loc gets a linear path from the input, initialised to the identity (in_dim == out_dim)
-        self.skip = nn.Linear(in_dim, out_dim, bias=False) if skip else None
-        if skip:
-            nn.init.eye_(self.skip.weight)
 
     def forward(self, h: torch.Tensor):
         loc, raw = self.body(h).chunk(2, dim=-1)
-        if self.skip is not None:
-            loc = loc + self.skip(h)
         return loc, F.softplus(raw) + self.min_scale
