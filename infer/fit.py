@@ -76,10 +76,6 @@ def _reporter(model, guide, x, log_every):
     return terms_of
 
 
-def start_step(resume) -> int:
-    return 0 if resume is None else int(resume["step"])
-
-
 def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, lr_final: float = 3e-5,
         schedule: str = "exponential", adam_betas=(0.9, 0.999), beta: float = 1.0, warmup: int = 0,
         warmup_start: float = 0.0, seed=None, log_every: int = 100,
@@ -108,7 +104,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     pyro.clear_param_store()
     check_guide(model, guide, data.x)
     check_objective(elbo, model, guide, data.x)
-    scale = LatentScale(kl_weight(start_step(resume), beta, warmup, warmup_start))
+    start = 0 if resume is None else int(resume["step"])
+    scale = LatentScale(kl_weight(start, beta, warmup, warmup_start))
     model_w, guide_w, x = scale(weighted(model, data)), scale(weighted(guide, data)), data.x
 
     with poutine.trace(param_only=True) as captured, warnings.catch_warnings():
@@ -119,17 +116,17 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
     params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in names)}.values())
     optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(adam_betas))
-    start, result = 0, FitResult(optimizer=optimizer)
+    result = FitResult(optimizer=optimizer)
     if resume is not None:
         missing = sorted(set(names) - set(resume["params"]))
         if missing:
             raise ValueError(f"checkpoint has no params {', '.join(missing)}; it was written for another model or guide")
-        with torch.no_grad():
-            for name, p in zip(names, params):
-                p.copy_(resume["params"][name])
+        with torch.no_grad():  # by name: params is deduplicated, so it need not line up with names
+            for name in names:
+                store.get_param(name).unconstrained().copy_(resume["params"][name])
         optimizer.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"])
-        start, result.history = resume["step"], list(resume.get("history", []))
+        result.history = list(resume.get("history", []))
 
     terms_of = None if isinstance(elbo, ClosedFormELBO) else _reporter(model_w, guide_w, x, log_every)
     t0 = time.perf_counter()
@@ -170,7 +167,6 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
                 result.steps = step + 1
                 save_checkpoint(checkpoint_path, result)
     result.steps, result.wall_seconds = steps, time.perf_counter() - t0
-    result.param_names = names
     return result
 
 
