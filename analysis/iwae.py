@@ -5,12 +5,10 @@ plate (dim -2, left of the model's "data" plate) and replaying the model, so any
 """
 import math
 
-import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-PARTICLES = "_iwae_particles"
+from .psis import log_weights_from_traces, sample_traces
 
 
 def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:
@@ -18,19 +16,9 @@ def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tenso
     out = []
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
-        with torch.no_grad(), poutine.block(), pyro.plate(PARTICLES, size, dim=-2):
-            guide_trace = poutine.trace(guide).get_trace(x)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-        lw = torch.zeros(size, x.shape[-2], dtype=torch.float64)
-        for trace, sign, observed in ((model_trace, 1, None), (guide_trace, -1, False)):
-            for site in trace.nodes.values():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if observed is not None and site["is_observed"] != observed:
-                    continue
-                lp = site["fn"].log_prob(site["value"]).double()
-                lw = lw + sign * torch.broadcast_to(lp, (size, x.shape[-2]))
-        out.append(lw)
+        with poutine.block():
+            guide_trace, model_trace = sample_traces(model, guide, x, size)
+        out.append(torch.from_numpy(log_weights_from_traces(guide_trace, model_trace, size, x.shape[-2]).T))
     return torch.cat(out)
 
 

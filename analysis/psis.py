@@ -43,12 +43,9 @@ def _batched(t: torch.Tensor, samples: int, points: int) -> torch.Tensor:
 
 def log_weights(model, guide, data, samples: int = 10000, chunk: int = 5000) -> np.ndarray:
     """log p(x_k, z) - log q(z|x_k) with z ~ q(.|x_k), unweighted by the data weights: an array (N, samples)."""
-    x, points, out = data.x, data.x.shape[-2], []
-    for start in range(0, samples, chunk):
-        size = min(chunk, samples - start)
-        guide_trace, model_trace = sample_traces(model, guide, x, size)
-        out.append(log_weights_from_traces(guide_trace, model_trace, size, points))
-    return np.concatenate(out, axis=1)
+    from .iwae import log_weights as draws
+
+    return draws(model, guide, data.x, samples, chunk).T.numpy()
 
 
 def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int) -> np.ndarray:
