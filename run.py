@@ -160,7 +160,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                  seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                  resume=resume, checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.train.checkpoint_every)
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
-    write_run(out, model, guide, data, cfg, result, metrics, grids)
+    write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures,
+              title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
     return metrics
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 from pyro import poutine
 
-from .psis import log_weights_from_traces, sample_traces
+from .psis import is_joint, log_weights_from_traces, sample_traces
 
 
 def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:
@@ -34,11 +34,20 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
 
     Returns {'bounds': {K: {'loss', 'se', 'log_px': per point, 'repeats'}}, 'loss', 'loss_se', 'K' (the largest K),
     'nll', 'nll_se', 'log_px', 'log_px_se', 'estimator'}. The IWAE loss decreases towards the NLL as K grows;
-    the NLL estimate is consistent but, like any importance sampler, biased low when q misses posterior mass."""
+    the NLL estimate is consistent but, like any importance sampler, biased low when q misses posterior mass.
+
+    A joint guide (one density over both data points, e.g. AutoIAFNormal) has only joint weights: the bounds and
+    the NLL are then those of log p(x_0, x_1) / N (equal data weights only), every 'log_px' entry holds that
+    value, and 'joint' is True."""
     Ks = sorted({int(K)} if isinstance(K, int) else {int(k) for k in K})
     if Ks[0] < 1:
         raise ValueError(f"K must be integers >= 1, got {K!r}")
     w = data.w.double()
+    with poutine.block():
+        joint = is_joint(*sample_traces(model, guide, data.x, 1))
+    if joint and not bool(torch.allclose(w, w.mean())):
+        raise ValueError("a joint guide couples the data points: its bounds need equal data weights")
+    per = data.x.shape[-2] if joint else 1  # a joint weight counts every point's log p(x_k) once
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
@@ -49,7 +58,7 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
             for start in range(0, repeats, max(1, chunk // k)):
                 r = min(max(1, chunk // k), repeats - start)
                 lw = log_weights(model, guide, data.x, r * k, chunk=chunk).reshape(r, k, -1)
-                est.append(_logmeanexp(lw, 1))  # (r, N)
+                est.append(_logmeanexp(lw, 1) / per)  # (r, N)
             est = torch.cat(est)  # (repeats, N)
             loss = -(est * w).sum(1)
             bounds[k] = {"loss": float(loss.mean()), "se": float(loss.std() / math.sqrt(repeats)),
@@ -57,12 +66,14 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
         lw = log_weights(model, guide, data.x, nll_samples, chunk=chunk)  # (S, N)
     log_px = _logmeanexp(lw, 0)
     ratio = (lw - log_px).exp()  # w / mean(w)
-    log_px_se = ratio.std(0) / math.sqrt(lw.shape[0])
+    log_px, log_px_se = log_px / per, ratio.std(0) / math.sqrt(lw.shape[0]) / per
     top = bounds[Ks[-1]]
     return {
         "bounds": bounds, "K": Ks[-1], "loss": top["loss"], "loss_se": top["se"],
         "log_px": [float(v) for v in log_px], "log_px_se": [float(v) for v in log_px_se],
-        "nll": float(-(w * log_px).sum()), "nll_se": float(((w * log_px_se) ** 2).sum().sqrt()),
+        "nll": float(-(w * log_px).sum()), "nll_se": float((w * log_px_se).sum() if joint else ((w * log_px_se) ** 2).sum().sqrt()),
+        "joint": joint,
         "estimator": f"importance sampling from the guide: IWAE bounds K={Ks} averaged over repeats; "
-                     f"NLL from {nll_samples} draws per data point (delta-method standard error)",
+                     f"NLL from {nll_samples} draws per data point (delta-method standard error)"
+                     + ("; joint guide: joint weights, log p(x_0, x_1) / N per point" if joint else ""),
     }

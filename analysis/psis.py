@@ -48,15 +48,31 @@ def log_weights(model, guide, data, samples: int = 10000, chunk: int = 5000) -> 
     return draws(model, guide, data.x, samples, chunk).T.numpy()
 
 
+def is_joint(guide_trace, model_trace, plate: str = "data") -> bool:
+    """True for a joint guide: one that samples an auxiliary site (not a model site) outside the data plate, such
+    as an AutoContinuous guide's packed latent, so q couples the data points and has no per-point density."""
+    return any(name not in model_trace.nodes and plate not in {f.name for f in site["cond_indep_stack"]}
+               for name, site in _sample_sites(guide_trace, observed=False))
+
+
 def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int) -> np.ndarray:
-    """log p(x, z) - log q(z|x) per data point from a pair of vectorised traces: an array (points, samples)."""
-    lw = torch.zeros(samples, points, dtype=torch.float64)
+    """log p(x, z) - log q(z|x) per data point from a pair of vectorised traces: an array (points, samples).
+
+    For a joint guide (is_joint) every row holds the joint weight log p(x_0, z_0) p(x_1, z_1) - log q(z_0, z_1):
+    an importance weight for log p(x_0, x_1), and, self-normalised, for each point's posterior p(z_k|x_k)."""
+    per_point = torch.zeros(samples, points, dtype=torch.float64)
+    shared = torch.zeros(samples, 1, dtype=torch.float64)  # sites outside the data plate
     with torch.no_grad():
-        for _, site in _sample_sites(model_trace):
-            lw = lw + _batched(site["fn"].log_prob(site["value"]).double(), samples, points)
-        for _, site in _sample_sites(guide_trace, observed=False):
-            lw = lw - _batched(site["fn"].log_prob(site["value"]).double(), samples, points)
-    return lw.T.numpy()
+        for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
+            for _, site in _sample_sites(trace, observed):
+                lp = site["fn"].log_prob(site["value"]).double()
+                if "data" in {f.name for f in site["cond_indep_stack"]}:
+                    per_point = per_point + sign * _batched(lp, samples, points)
+                else:
+                    shared = shared + sign * torch.broadcast_to(lp, (samples, 1))
+    if is_joint(guide_trace, model_trace):
+        return (per_point.sum(1, keepdim=True) + shared).expand(samples, points).T.numpy()
+    return (per_point + shared).T.numpy()
 
 
 def khat(model, guide, data, samples: int = 10000) -> list:

@@ -9,6 +9,7 @@ from pyro import poutine
 
 from guides.check import latent_sites
 from infer.checkpoint import save_checkpoint
+from models import VAE
 from .montecarlo import monte_carlo
 
 log = logging.getLogger("onebit")
@@ -21,63 +22,76 @@ def scalar_latents(guide, data) -> int:
     return sum(trace.nodes[name]["fn"].event_shape.numel() for name in latent_sites(trace))
 
 
-def evaluate_run(model, guide, data, cfg, result, exact_eval: bool = True) -> tuple:
-    """(metrics, grids): the config summary, the RQMC numbers, and either an `exact` block with ELBO `surgery`
-    (at most 2 scalar latents) or an `iwae` block, plus PSIS k-hat and the 1-D VAE's Gaussian-family optimum.
-    grids are the exact densities for the figures (None without quadrature)."""
-    from .psis import khat
+def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "qmc", tol: float = 1e-4,
+             iwae_k: int = 1000, exact: bool = True) -> tuple:
+    """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point: the RQMC
+    loss terms; an `exact` block (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2
+    scalar latents, or a joint guide over more than one latent site), an `iwae` block whose `note` says why; PSIS
+    `khat`; and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact densities for
+    the figures (None without quadrature). exact=False skips quadrature and IWAE."""
+    from .psis import is_joint, khat, sample_traces
 
     t0 = time.perf_counter()
-    metrics = {
-        "model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name,
-        "n": data.n, "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds,
-        **monte_carlo(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
-                      noise=cfg.eval.noise),
-    }
-    grids, quadrature = None, exact_eval and scalar_latents(guide, data) <= EXACT_MAX_SCALARS
-    if quadrature:
-        from .exact import exact, posterior_grid, surgery
+    metrics = monte_carlo(model, guide, data, samples=samples, replicates=replicates, noise=noise)
+    grids, skipped = None, None
+    if exact and scalar_latents(guide, data) > EXACT_MAX_SCALARS:
+        skipped = f"more than {EXACT_MAX_SCALARS} scalar latents per data point: no quadrature"
+    elif exact:
+        from .exact import exact as quadrature, posterior_grid, surgery
 
         try:
-            metrics["exact"] = exact(model, guide, data, tol=cfg.eval.tol)
-        except ValueError as err:  # e.g. an autoguide with an auxiliary joint latent: no per-point density
-            metrics["exact_skipped"], quadrature = str(err), False
-    if quadrature:
-        metrics["surgery"] = surgery(model, guide, data, tol=cfg.eval.tol)
+            metrics["exact"] = quadrature(model, guide, data, tol=tol)
+        except ValueError as err:  # e.g. a joint guide over two latent sites: a 4-D integral
+            skipped = str(err)
+    if "exact" in metrics:
+        metrics["surgery"] = surgery(model, guide, data, tol=tol)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
         grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
-    elif exact_eval:
+    elif skipped:
         from .iwae import iwae
 
-        metrics["iwae"] = iwae(model, guide, data, K=cfg.eval.iwae_k)
-        metrics["iwae"]["note"] = (f"more than {EXACT_MAX_SCALARS} scalar latents: no quadrature; "
-                                   "importance-sampled bounds instead")
-    metrics["khat"] = khat(model, guide, data, samples=cfg.eval.samples)
-    if cfg.model.name == "vae" and model.latent_dim == 1 and data.weights == (0.5, 0.5):
+        metrics["exact_skipped"] = skipped
+        metrics["iwae"] = iwae(model, guide, data, K=iwae_k)
+        metrics["iwae"]["note"] = f"{skipped}; importance-sampled bounds instead"
+    metrics["khat"] = khat(model, guide, data, samples=samples)
+    with poutine.block():
+        if is_joint(*sample_traces(model, guide, data.x, 1)):
+            metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
+    if isinstance(model, VAE) and model.latent_dim == 1 and data.weights == (0.5, 0.5):
         from .optimum import gaussian_optimum
 
         best = gaussian_optimum(data.n)["loss"]
-        reference = metrics.get("exact", metrics)["loss"]
         metrics["gaussian_optimum"] = best
-        metrics["gap_to_gaussian_optimum"] = reference - best
+        metrics["gap_to_gaussian_optimum"] = metrics.get("exact", metrics)["loss"] - best
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics, grids
 
 
-def write_run(out: Path, model, guide, data, cfg, result, metrics: dict, grids=None) -> None:
-    """Write metrics.json, history.csv, checkpoint.pt, encodings.nc, encodings.png and training.png into out."""
+def evaluate_run(model, guide, data, cfg, result) -> tuple:
+    """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time)."""
+    head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
+            "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
+    metrics, grids = evaluate(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
+                              noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k)
+    return {**head, **metrics}, grids
+
+
+def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
+              title: str = None) -> None:
+    """Write metrics.json, history.csv, checkpoint.pt, encodings.nc, and (figures=True) encodings.png and
+    training.png into out. result is fit()'s return value; grids come from evaluate()."""
     from . import encodings as enc
     from .figures import encoding_figure, training_figure
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-    save_checkpoint(out / "checkpoint.pt", result, extra={"model": cfg.model.name, "guide": cfg.guide.name})
+    save_checkpoint(out / "checkpoint.pt", result, extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids)
     enc.save(idata, out / "encodings.nc")
     log.info("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
-    if cfg.eval.figures:
-        title = f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}"
+    if figures:
         encoding_figure(idata, out / "encodings.png", title=title)
         training_figure(result.history, out / "training.png", floor=data.entropy,
                         optimum=metrics.get("gaussian_optimum"), title=title)
@@ -88,8 +102,9 @@ def summary_lines(m: dict) -> list:
     from .psis import BAD, GOOD
 
     tag = "[MC]" if m["estimator"].startswith("Monte") else "[RQMC]"
-    lines = [f"{m['model']} + {m['guide']} guide, n={m['n']}, seed={m['seed']}: {m['steps']} steps in "
-             f"{m['wall_seconds']:.1f} s, evaluation {m.get('eval_seconds', 0):.1f} s (nats per data point)",
+    lines = [f"{m.get('model', 'model')} + {m.get('guide', 'a')} guide, n={m.get('n', '?')}, seed={m.get('seed', '?')}: "
+             f"{m.get('steps', '?')} steps in {m.get('wall_seconds', 0):.1f} s, evaluation {m.get('eval_seconds', 0):.1f} s "
+             "(nats per data point)",
              f"  loss       {m['loss']:.4f} ± {m['loss_se']:.4f} {tag}",
              f"  recon      {m['recon']:.4f} {tag}",
              f"  recon/dim  {m['recon_per_dim']:.3e} {tag}"]
@@ -99,6 +114,9 @@ def summary_lines(m: dict) -> list:
         lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   ELBO gap {e['gap']:.4f} [exact]",
                   f"  recon      {e['recon']:.4f} [exact]   recon/dim {e['recon_per_dim']:.3e} [exact]   "
                   + "   ".join(f"KL[{s}] {v:.4f}" for s, v in e["kl"].items()) + " [exact]"]
+        if "total_correlation" in e:
+            lines.append(f"  joint guide: the rate includes its total correlation over the points "
+                         f"{e['total_correlation']:.4f} [exact]")
     if "surgery" in m:
         s = m["surgery"]
         lines.append(f"  surgery    avg KL {s['avg_kl']:.4f} = I_q(x;z) {s['mutual_info']:.4f} + "
@@ -110,7 +128,9 @@ def summary_lines(m: dict) -> list:
     if "gap_to_gaussian_optimum" in m:
         lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is "
                      f"{m['gap_to_gaussian_optimum']:+.4f} above it")
-    if "khat" in m:
+    if "khat_note" in m:
+        lines.append(f"  PSIS k-hat {m['khat'][0]:.2f} ({m['khat_note']}; good < {GOOD}, bad > {BAD})")
+    elif "khat" in m:
         lines.append("  PSIS k-hat " + ", ".join(f"x{k}: {v:.2f}" for k, v in enumerate(m["khat"]))
                      + f" (good < {GOOD}, bad > {BAD})")
     lines.append(f"  {tag} = {m['estimator']}")

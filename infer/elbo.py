@@ -47,7 +47,8 @@ class ClosedFormELBO(ELBO):
     free_bits > 0 floors each site's KL term in the objective (not in the reported terms).
 
     Auxiliary guide sites (an autoguide's unconstrained or joint latent) give kl_<aux> = log q(aux), folded into
-    kl_<site> when the auxiliary is '<site>_unconstrained' (AutoNormal); a Delta guide site (an autoguide's model
+    kl_<site> when the auxiliary is '<site>_unconstrained' (AutoNormal) or the model has one latent site; a Delta
+    guide site (an autoguide's model
     site) gives -log p(site|.) plus its log-density.
 
     Observed sites give recon = -log p(x|.), always sampled. Scales set by poutine.scale (data weights,
@@ -129,6 +130,10 @@ class ClosedFormELBO(ELBO):
             aux = f"kl_{name}_unconstrained"
             if aux in out and f"kl_{name}" in out:
                 out[f"kl_{name}"] = out[f"kl_{name}"] + out.pop(aux)
+        sites = [k for k in out if k.startswith("kl_") and k[3:] in model_trace.nodes]
+        if len(sites) == 1:  # with one latent site, any other auxiliary (a joint AutoContinuous latent) is its KL
+            for k in [k for k in out if k.startswith("kl_") and k not in sites]:
+                out[sites[0]] = out[sites[0]] + out.pop(k)
         return out
 
     def objective(self, terms) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""log q(z|x) of a guide at given values of the model's latent sites, read through poutine.condition.
+
+Three kinds of guide, told apart from one trace:
+
+* ``direct``: the guide samples the model's latent sites themselves (our guides, a user's guide); condition them.
+* ``per_site``: every latent site ``s`` is a Delta of an auxiliary ``s_unconstrained`` in the same plates
+  (Pyro's AutoNormal); condition the auxiliary at biject_to(support).inv(value). q factorises over data points.
+* ``joint``: one auxiliary latent outside the data plate packs every site of every data point (Pyro's
+  AutoContinuous guides: AutoIAFNormal, AutoMultivariateNormal, ...); condition it at the packed unconstrained
+  values. q couples the data points, so it has a joint density only: q(z|x_k) is a marginal of it.
+
+Every conditioned trace is checked: the latent sites must come out at the requested values, or the guide is not
+one of these kinds and ValueError says so.
+"""
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import AutoContinuous
+from pyro.poutine.util import site_is_subsample
+
+KINDS = ("direct", "per_site", "joint")
+
+
+def _sample_sites(trace):
+    return {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)}
+
+
+def _plates(site):
+    return {f.name for f in site["cond_indep_stack"] if f.vectorized}
+
+
+class GuideDensity:
+    """The density of `guide` over the latent sites of `model` at data x, for any of the KINDS of guide."""
+
+    def __init__(self, model, guide, x, plate: str = "data"):
+        self.guide, self.x, self.plate = guide, x, plate
+        with torch.no_grad(), poutine.block():
+            mt = poutine.trace(model).get_trace(x)
+            gt = poutine.trace(guide).get_trace(x)
+        self.latents = [n for n, s in _sample_sites(mt).items() if not s["is_observed"]]
+        self.supports = {n: mt.nodes[n]["fn"].support for n in self.latents}
+        self.event_dims = {n: mt.nodes[n]["fn"].event_dim for n in self.latents}
+        sites = _sample_sites(gt)
+        self.aux = [n for n in sites if n not in self.latents]
+        missing = [n for n in self.latents if n not in sites]
+        if missing:
+            raise ValueError(f"the guide does not sample {', '.join(missing)}; its sites are {list(sites)}")
+        if not self.aux:
+            self.kind = "direct"
+        elif all(a.endswith("_unconstrained") and a[:-len("_unconstrained")] in self.latents
+                 and _plates(sites[a]) == _plates(sites[a[:-len("_unconstrained")]]) for a in self.aux) \
+                and len(self.aux) == len(self.latents):
+            self.kind = "per_site"
+        elif isinstance(guide, AutoContinuous) and len(self.aux) == 1 and plate not in _plates(sites[self.aux[0]]):
+            self.kind = "joint"
+        else:
+            raise ValueError(f"the guide samples auxiliary sites {self.aux} that are neither one "
+                             "'<site>_unconstrained' per latent site (AutoNormal) nor one joint AutoContinuous latent; "
+                             "its density at given latent values cannot be read")
+
+    def _conditioned(self, values: dict):
+        """A trace of the guide with its sites conditioned so that the latent sites take `values`."""
+        if self.kind == "direct":
+            data = values
+        elif self.kind == "per_site":
+            data = {n + "_unconstrained": biject_to(self.supports[n]).inv(v) for n, v in values.items()}
+        else:
+            data = {self.aux[0]: self._pack(values)}
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(poutine.condition(self.guide, data=data)).get_trace(self.x)
+        for n, v in values.items():
+            got = trace.nodes[n]["value"]
+            if got.shape != torch.broadcast_shapes(got.shape, v.shape) or not torch.allclose(
+                    got, v.to(got.dtype).expand_as(got), rtol=1e-4, atol=1e-5):
+                raise ValueError(f"conditioning the guide did not put site '{n}' at the requested values "
+                                 f"({self.kind} guide); its density cannot be read this way")
+        return trace
+
+    def _pack(self, values: dict) -> torch.Tensor:
+        """The AutoContinuous latent (batch..., 1, D) that unpacks to `values` (each (batch..., N, *event))."""
+        parts = []
+        for name, site in self.guide.prototype_trace.iter_stochastic_nodes():
+            v = values[name]
+            u = biject_to(site["fn"].support).inv(v)
+            shape = self.guide._unconstrained_shapes[name]
+            plate_dims = site["value"].dim() - site["fn"].event_dim  # Pyro's latent keeps a 1 for each plate dim
+            parts.append(u.reshape(u.shape[:u.dim() - len(shape)] + (1,) * plate_dims + (-1,)))
+        batch = torch.broadcast_shapes(*[p.shape[:-1] for p in parts])
+        return torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
+
+    def log_prob(self, values: dict) -> dict:
+        """{site: log q(site|.) per data point (batch..., N)} at `values` {site: (batch..., N, *event)}: the
+        guide's own factor for each site (an AutoNormal's auxiliary factor included). Not for joint guides."""
+        if self.kind == "joint":
+            raise ValueError("a joint guide has no per-site, per-point density; use log_joint")
+        trace, out = self._conditioned(values), {}
+        for n in self.latents:
+            lp = trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]).detach()
+            if self.kind == "per_site":
+                a = trace.nodes[n + "_unconstrained"]
+                lp = lp + a["fn"].log_prob(a["value"]).detach()
+            out[n] = lp
+        return out
+
+    def log_joint(self, values: dict) -> torch.Tensor:
+        """log q(z) summed over all sites and data points (batch...) at `values` {site: (batch..., N, *event)}."""
+        trace = self._conditioned(values)
+        total = 0.0
+        for n, site in _sample_sites(trace).items():
+            if n in self.latents or n in self.aux:
+                # the data plate is the rightmost batch dim of a latent site; a joint latent keeps a 1 there
+                total = total + site["fn"].log_prob(site["value"]).sum(-1)
+        return total.detach()

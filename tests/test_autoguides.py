@@ -1,0 +1,124 @@
+"""Pyro autoguides get the same evaluation as our guides: exact quadrature, surgery, IWAE and k-hat.
+
+AutoNormal factorises over the data points; AutoContinuous guides (AutoMultivariateNormal, AutoIAFNormal) are one
+joint density over both points, evaluated through its marginals plus its total correlation."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+
+from analysis.exact import exact, surgery
+from analysis.iwae import iwae
+from analysis.qdensity import GuideDensity
+from analysis.report import evaluate
+from models import DLGM, VAE, OneBit
+
+torch.set_num_threads(1)
+N = 5
+LOC, SCALE, R = torch.tensor([-0.7, 0.9]), torch.tensor([0.5, 0.3]), 0.75
+
+
+@pytest.fixture(scope="module")
+def data():
+    return OneBit(N)
+
+
+@pytest.fixture(scope="module")
+def model():
+    pyro.set_rng_seed(0)
+    return VAE(N, hidden=8)
+
+
+def independent_guide(loc, scale):
+    """q(z|x_k) = N(loc_k, scale_k^2), written by hand."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(loc[:, None], scale[:, None]).to_event(1))
+
+    return guide
+
+
+def joint_gaussian(model, data):
+    """AutoMultivariateNormal with covariance diag(s) [[1, r], [r, 1 + r^2]] diag(s) over (z_0, z_1); returns it,
+    its marginal scales and the total correlation of (z_0, z_1) in nats."""
+    guide = AutoMultivariateNormal(model)
+    guide(data.x)
+    with torch.no_grad():
+        guide.loc.copy_(LOC)
+    guide.scale = SCALE.clone()
+    guide.scale_tril = torch.tensor([[1.0, 0.0], [R, 1.0]])  # unit lower Cholesky factor
+    marginal = SCALE * torch.tensor([1.0, math.sqrt(1 + R ** 2)])
+    rho2 = R ** 2 / (1 + R ** 2)
+    return guide, marginal, -0.5 * math.log(1 - rho2)
+
+
+def test_autonormal_is_evaluated_exactly_like_the_same_hand_written_gaussian(model, data):
+    guide = AutoNormal(model)
+    guide(data.x)
+    with torch.no_grad():
+        guide.locs.z.copy_(LOC[:, None])
+    guide.scales.z = SCALE[:, None].clone()
+    auto, hand = exact(model, guide, data), exact(model, independent_guide(LOC, SCALE), data)
+    for key in ("loss", "recon", "nll"):
+        assert auto[key] == pytest.approx(hand[key], abs=1e-5)
+
+
+def test_a_joint_guide_is_read_through_its_packed_latent(model, data):
+    guide, _, _ = joint_gaussian(model, data)
+    density = GuideDensity(model, guide, data.x)
+    z = torch.tensor([[[0.1], [-0.4]], [[1.0], [2.0]]])  # two values of (z_0, z_1)
+    want = guide.get_posterior().log_prob(z.squeeze(-1))
+    assert density.kind == "joint"
+    assert torch.allclose(density.log_joint({"z": z}), want, atol=1e-5)
+
+
+def test_a_joint_guide_pays_its_total_correlation_on_top_of_its_marginals(model, data):
+    guide, marginal, tc = joint_gaussian(model, data)
+    joint, apart = exact(model, guide, data), exact(model, independent_guide(LOC, marginal), data)
+    assert joint["total_correlation"] == pytest.approx(tc / 2, abs=2e-5)
+    assert joint["loss"] == pytest.approx(apart["loss"] + tc / 2, abs=5e-5)
+    assert joint["recon"] == pytest.approx(apart["recon"], abs=5e-5)
+    assert joint["nll"] == pytest.approx(apart["nll"], abs=1e-6)  # the model alone decides log p(x)
+
+
+def test_surgery_of_a_joint_guide_uses_its_marginals(model, data):
+    guide, marginal, _ = joint_gaussian(model, data)
+    joint, apart = surgery(model, guide, data), surgery(model, independent_guide(LOC, marginal), data)
+    for key in ("avg_kl", "mutual_info", "marginal_kl"):
+        assert joint[key] == pytest.approx(apart[key], abs=5e-5)
+
+
+def test_joint_importance_weights_count_the_guide_density_once(model, data):
+    guide, _, _ = joint_gaussian(model, data)
+    bound = iwae(model, guide, data, K=1, samples=20000, nll_samples=2000, seed=0)
+    assert bound["joint"]
+    assert abs(bound["loss"] - exact(model, guide, data)["loss"]) < 4 * bound["loss_se"] + 1e-3
+
+
+def test_a_joint_guide_over_two_latent_sites_is_refused_by_quadrature_with_the_dimension(data):
+    model = DLGM(N, hidden=8, prior_hidden=8)
+    with pytest.raises(ValueError, match="4-D"):
+        exact(model, AutoIAFNormal(model, hidden_dim=[8]), data)
+
+
+@pytest.mark.parametrize("make", [AutoNormal, lambda m: AutoIAFNormal(m, hidden_dim=[8])], ids=["normal", "iaf"])
+def test_an_autoguide_on_the_vae_gets_exact_numbers_surgery_and_khat(model, data, make):
+    pyro.set_rng_seed(1)
+    metrics, grids = evaluate(model, make(model), data, samples=2048, replicates=4)
+    assert {"exact", "surgery", "khat"} <= set(metrics)
+    assert abs(metrics["exact"]["loss"] - metrics["loss"]) < 5 * metrics["loss_se"] + 1e-3
+    assert set(grids) == {"z"}
+
+
+def test_a_joint_autoguide_on_the_dlgm_falls_back_to_iwae_with_the_reason(data):
+    pyro.set_rng_seed(1)
+    model = DLGM(N, hidden=8, prior_hidden=8)
+    metrics, grids = evaluate(model, AutoIAFNormal(model, hidden_dim=[8]), data, samples=512, replicates=4,
+                              iwae_k=8)
+    assert "exact" not in metrics and grids is None
+    assert "4-D" in metrics["exact_skipped"] and metrics["iwae"]["joint"]
+    assert "joint" in metrics["khat_note"]
