@@ -96,7 +96,7 @@ class Densities:
             raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "
                              f"latents x {points} data points; q({', '.join(self.latents)}|x_k) is its marginal, an "
                              f"integral over the other point's {len(self.latents)} latents at every node, so the "
-                             f"quadrature would be {len(self.latents) * points}-D; use analysis.iwae.iwae instead")
+                             f"quadrature would be {len(self.latents) * points}-D")
         self.bottom = self.latents[-1]  # the parent of x (z, z1)
         self.top = self.latents[0]  # the latent whose prior has no parents (z, z2)
         self.other = self.latents[0] if len(self.latents) == 2 else None
@@ -141,8 +141,8 @@ class Densities:
                 gt = poutine.trace(self.guide).get_trace(self.x)
                 mt = poutine.trace(self.model).get_trace(self.x)
         for n in self.latents:
-            out["q:" + n] = gt.nodes[n]["value"].reshape(count, 2).double()
-            out["p:" + n] = mt.nodes[n]["value"].reshape(count, -1).double().expand(count, 2)
+            out["q:" + n] = gt.nodes[n]["value"].detach().reshape(count, 2).double()  # AutoDelta's is a param
+            out["p:" + n] = mt.nodes[n]["value"].detach().reshape(count, -1).double().expand(count, 2)
         out["p:loglik"] = sum(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"]).double() for n in self.observed)
         return out
 
@@ -168,16 +168,13 @@ MARGINAL_PANELS = 128  # Gauss-Kronrod panels per point for the marginals of a j
 class JointMarginal:
     """The marginals q(z|x_k) = integral of q(z_0, z_1) over the other point's z, and the joint entropy, of a joint
     guide (one density over both data points, e.g. AutoIAFNormal) with one scalar latent per point: Gauss-Kronrod 15
-    on MARGINAL_PANELS uniform panels over each point's range (10 robust standard deviations beyond its draws).
-
-    `error` is the largest |log K15 - log G7| of the marginals evaluated so far (where they are within 20 nats of
-    their peak); entropy() returns its own K15 - G7 difference."""
+    on MARGINAL_PANELS uniform panels over each point's range (10 robust standard deviations beyond its draws)."""
 
     def __init__(self, density: GuideDensity, site: str, draws: torch.Tensor):
         if draws.shape[1] != 2:
             raise ValueError(f"joint-guide marginals are implemented for 2 data points, got {draws.shape[1]}")
-        self.q, self.site, self.error = density, site, 0.0
-        self.nodes, self.logw = [], []
+        self.q, self.site = density, site
+        self.nodes, self.logw = [], []  # per point: nodes (M,), log weights (2, M): Kronrod, Gauss
         for k in range(2):
             lo, hi = sample_range(draws[:, k])
             edges = torch.linspace(lo, hi, MARGINAL_PANELS + 1, dtype=torch.float64)
@@ -198,25 +195,28 @@ class JointMarginal:
             b = self.nodes[1 - k]
             z = torch.empty(flat.shape[0], len(b), 2, dtype=torch.float64)
             z[..., k], z[..., 1 - k] = flat[:, k:k + 1], b
-            lj = self.log_joint(z)
-            K, G = _lse(lj + self.logw[1 - k][0], -1), _lse(lj + self.logw[1 - k][1], -1)
-            seen = torch.isfinite(K) & (K > K.max() - 20)
-            if bool(seen.any()):
-                self.error = max(self.error, float((K - G)[seen].abs().max()))
-            out.append(K)
+            out.append(_lse(self.log_joint(z) + self.logw[1 - k][0], -1))
         return torch.stack(out, -1).reshape(v.shape)
 
-    def entropy(self) -> tuple:
-        """(H[q(z_0, z_1)], |K15 - G7|) by the tensor product of the two points' rules."""
+    def check(self) -> dict:
+        """On the tensor product of the two points' rules: 'entropy' H[q(z_0, z_1)] and its K15 - G7 difference
+        'entropy_error'; 'mass' (should be 1: a deficit means q reaches beyond the ranges); 'marginal_error', the
+        q-weighted mean |log K15 - log G7| of each marginal (the larger of the two), i.e. the relative error of the
+        marginal densities where they matter."""
         a, b = self.nodes
-        z = torch.stack(torch.meshgrid(a, b, indexing="ij"), -1)  # (Ma, Mb, 2)
-        lj = self.log_joint(z)
-        est = []
+        lj = self.log_joint(torch.stack(torch.meshgrid(a, b, indexing="ij"), -1))  # (Ma, Mb)
+        entropy = []
         for i in range(2):
-            lw = self.logw[0][i][:, None] + self.logw[1][i][None, :]
-            f = (lj + lw).exp()
-            est.append(-float(torch.where(f > 0, f * lj, torch.zeros_like(f)).sum()))
-        return est[0], abs(est[0] - est[1])
+            f = (lj + self.logw[0][i][:, None] + self.logw[1][i][None, :]).exp()
+            entropy.append(-float(torch.where(f > 0, f * lj, torch.zeros_like(f)).sum()))
+        marginal_error = 0.0
+        for k, rows in ((0, lj), (1, lj.T)):  # rows: this point's nodes x the other point's nodes
+            K, G = (_lse(rows + self.logw[1 - k][i], -1) for i in range(2))
+            weight = (K + self.logw[k][0]).exp()
+            marginal_error = max(marginal_error, float((weight * (K - G).abs().nan_to_num(0.0)).sum()))
+        mass = float((lj + self.logw[0][0][:, None] + self.logw[1][0][None, :]).exp().sum())
+        return {"entropy": entropy[0], "entropy_error": abs(entropy[0] - entropy[1]), "mass": mass,
+                "marginal_error": marginal_error}
 
 
 class Inner:
@@ -622,8 +622,12 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     {loss, recon, kl, q_mass} per data point.
 
     A joint guide (one density over both data points, e.g. Pyro's AutoIAFNormal on the VAE) is evaluated through its
-    marginals q(z|x_k), and its rate gets the extra total_correlation = KL(q(z_0, z_1) || q(z_0|x_0) q(z_1|x_1)) / N
-    (per_point then holds the marginal terms); marginal_error is the marginals' own quadrature error (log-density).
+    marginals q(z|x_k), and its rate gets the extra total_correlation_per_point = KL(q(z_0, z_1) || q(z_0|x_0)
+    q(z_1|x_1)) / N (per_point then holds the marginal terms); marginal_error is the marginals' own quadrature
+    error (q-weighted relative error, included in error).
+
+    Raises ValueError when q(z|x_k) does not integrate to 1 on the grid (a point mass such as AutoDelta has no
+    density to integrate).
 
     Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
     scalar latents (use analysis.iwae.iwae then)."""
@@ -647,6 +651,10 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     outer = Outer(dens, quant, quant, tol)
     panels, est = _adapt(outer, _initial_breaks([u_q, u_p], lo, hi), ("Zq", "Zp"))
     result = _summarise(dens, est, ref)
+    mass = result["per_point"]["q_mass"]
+    if any(abs(m - 1) > 1e-3 for m in mass):
+        raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
+                         "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
     level, error = 0, math.inf
     for _ in range(3):
         fine_panels = _split_all(panels)
@@ -658,15 +666,14 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
             break
     nodes, joint_note = panels.shape[0] * 15, ""
     if dens.joint:  # the joint guide's rate exceeds the marginals' by the total correlation of q over the points
-        h_joint, h_err = dens._marginal().entropy()
+        check = dens._marginal().check()
         h_marginals = -est["T:q:" + u_name][0].sum(0)  # H[q(z|x_k)], k = 0, 1
-        tc = float(h_marginals.sum()) - h_joint
-        extra = tc / len(h_marginals)
+        extra = (float(h_marginals.sum()) - check["entropy"]) / len(h_marginals)
         result["kl"][u_name] += extra
         result["loss"] += extra
-        result["total_correlation"] = extra
-        result["marginal_error"] = dens.marginal.error
-        error = max(error, h_err / len(h_marginals))
+        result["total_correlation_per_point"] = extra
+        result["marginal_error"] = check["marginal_error"]
+        error = max(error, check["entropy_error"] / 2, abs(1 - check["mass"]), check["marginal_error"])
         joint_note = (f"; joint guide: q({u_name}|x_k) is its marginal and its entropy a 2-D integral, by "
                       f"Gauss-Kronrod 15 on {MARGINAL_PANELS} panels per point")
     result.update({

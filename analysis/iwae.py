@@ -8,7 +8,8 @@ import math
 import torch
 from pyro import poutine
 
-from .psis import is_joint, log_weights_from_traces, sample_traces
+from .psis import log_weights_from_traces, sample_traces
+from .qdensity import is_joint
 
 
 def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:

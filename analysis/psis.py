@@ -12,6 +12,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .qdensity import PLATE, is_joint
+
 GOOD = 0.5
 BAD = 0.7
 PARTICLE_PLATE = "_psis_particles"
@@ -48,13 +50,6 @@ def log_weights(model, guide, data, samples: int = 10000, chunk: int = 5000) -> 
     return draws(model, guide, data.x, samples, chunk).T.numpy()
 
 
-def is_joint(guide_trace, model_trace, plate: str = "data") -> bool:
-    """True for a joint guide: one that samples an auxiliary site (not a model site) outside the data plate, such
-    as an AutoContinuous guide's packed latent, so q couples the data points and has no per-point density."""
-    return any(name not in model_trace.nodes and plate not in {f.name for f in site["cond_indep_stack"]}
-               for name, site in _sample_sites(guide_trace, observed=False))
-
-
 def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int) -> np.ndarray:
     """log p(x, z) - log q(z|x) per data point from a pair of vectorised traces: an array (points, samples).
 
@@ -66,7 +61,7 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
         for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
             for _, site in _sample_sites(trace, observed):
                 lp = site["fn"].log_prob(site["value"]).double()
-                if "data" in {f.name for f in site["cond_indep_stack"]}:
+                if PLATE in {f.name for f in site["cond_indep_stack"]}:
                     per_point = per_point + sign * _batched(lp, samples, points)
                 else:
                     shared = shared + sign * torch.broadcast_to(lp, (samples, 1))

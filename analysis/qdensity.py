@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 
 KINDS = ("direct", "per_site", "joint")
+PLATE = "data"  # the models' data plate
 
 
 def _sample_sites(trace):
@@ -29,10 +30,17 @@ def _plates(site):
     return {f.name for f in site["cond_indep_stack"] if f.vectorized}
 
 
+def is_joint(guide_trace, model_trace, plate: str = PLATE) -> bool:
+    """True for a joint guide: one that samples an auxiliary site (not a model site) outside the data plate, such
+    as an AutoContinuous guide's packed latent, so q couples the data points and has no per-point density."""
+    return any(name not in model_trace.nodes and plate not in _plates(site)
+               for name, site in _sample_sites(guide_trace).items() if not site["is_observed"])
+
+
 class GuideDensity:
     """The density of `guide` over the latent sites of `model` at data x, for any of the KINDS of guide."""
 
-    def __init__(self, model, guide, x, plate: str = "data"):
+    def __init__(self, model, guide, x, plate: str = PLATE):
         self.guide, self.x, self.plate = guide, x, plate
         with torch.no_grad(), poutine.block():
             mt = poutine.trace(model).get_trace(x)
@@ -51,7 +59,7 @@ class GuideDensity:
                  and _plates(sites[a]) == _plates(sites[a[:-len("_unconstrained")]]) for a in self.aux) \
                 and len(self.aux) == len(self.latents):
             self.kind = "per_site"
-        elif isinstance(guide, AutoContinuous) and len(self.aux) == 1 and plate not in _plates(sites[self.aux[0]]):
+        elif is_joint(gt, mt, plate) and isinstance(guide, AutoContinuous) and len(self.aux) == 1:
             self.kind = "joint"
         else:
             raise ValueError(f"the guide samples auxiliary sites {self.aux} that are neither one "

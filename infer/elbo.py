@@ -47,9 +47,8 @@ class ClosedFormELBO(ELBO):
     free_bits > 0 floors each site's KL term in the objective (not in the reported terms).
 
     Auxiliary guide sites (an autoguide's unconstrained or joint latent) give kl_<aux> = log q(aux), folded into
-    kl_<site> when the auxiliary is '<site>_unconstrained' (AutoNormal) or the model has one latent site; a Delta
-    guide site (an autoguide's model
-    site) gives -log p(site|.) plus its log-density.
+    kl_<site> when the auxiliary is '<site>_unconstrained' (AutoNormal) or the model has one latent site. A
+    Delta guide site (an autoguide's model site) gives -log p(site|.) plus its log-density.
 
     Observed sites give recon = -log p(x|.), always sampled. Scales set by poutine.scale (data weights,
     beta) weight every term. Particles are vectorised. With closed_form=False every term is sampled,
@@ -69,6 +68,7 @@ class ClosedFormELBO(ELBO):
         self.closed_form, self.noise, self.free_bits = closed_form, noise, free_bits
         self._dims = max_plate_nesting + 1  # the data plates plus the particle dim left of them
         self._parents = {}
+        self._sites = set()  # the kl_<site> terms of model sites: the ones free bits floors
 
     def _get_trace(self, model, guide, args, kwargs):
         self._noise = None
@@ -131,6 +131,7 @@ class ClosedFormELBO(ELBO):
             if aux in out and f"kl_{name}" in out:
                 out[f"kl_{name}"] = out[f"kl_{name}"] + out.pop(aux)
         sites = [k for k in out if k.startswith("kl_") and k[3:] in model_trace.nodes]
+        self._sites = set(sites)
         if len(sites) == 1:  # with one latent site, any other auxiliary (a joint AutoContinuous latent) is its KL
             for k in [k for k in out if k.startswith("kl_") and k not in sites]:
                 out[sites[0]] = out[sites[0]] + out.pop(k)
@@ -142,7 +143,8 @@ class ClosedFormELBO(ELBO):
         total = 0.0
         for name, value in terms.items():
             value = value.mean()
-            total = total + (value.clamp_min(self.free_bits) if self.free_bits and name.startswith("kl_") else value)
+            floor = self.free_bits and name in self._sites  # not an auxiliary's term (no KL of its own)
+            total = total + (value.clamp_min(self.free_bits) if floor else value)
         return total
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:

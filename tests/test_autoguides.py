@@ -79,7 +79,7 @@ def test_a_joint_guide_is_read_through_its_packed_latent(model, data):
 def test_a_joint_guide_pays_its_total_correlation_on_top_of_its_marginals(model, data):
     guide, marginal, tc = joint_gaussian(model, data)
     joint, apart = exact(model, guide, data), exact(model, independent_guide(LOC, marginal), data)
-    assert joint["total_correlation"] == pytest.approx(tc / 2, abs=2e-5)
+    assert joint["total_correlation_per_point"] == pytest.approx(tc / 2, abs=2e-5)
     assert joint["loss"] == pytest.approx(apart["loss"] + tc / 2, abs=5e-5)
     assert joint["recon"] == pytest.approx(apart["recon"], abs=5e-5)
     assert joint["nll"] == pytest.approx(apart["nll"], abs=1e-6)  # the model alone decides log p(x)
@@ -122,3 +122,26 @@ def test_a_joint_autoguide_on_the_dlgm_falls_back_to_iwae_with_the_reason(data):
     assert "exact" not in metrics and grids is None
     assert "4-D" in metrics["exact_skipped"] and metrics["iwae"]["joint"]
     assert "joint" in metrics["khat_note"]
+
+
+def test_a_point_mass_guide_is_refused_by_quadrature_instead_of_scoring_zero(model, data):
+    from pyro.infer.autoguide import AutoDelta
+
+    with pytest.raises(ValueError, match="integrates to"):
+        exact(model, AutoDelta(model), data)
+
+
+def test_free_bits_floor_the_model_sites_but_not_a_joint_auxiliary(data):
+    from infer.elbo import ClosedFormELBO
+    from infer.fit import weighted
+
+    pyro.set_rng_seed(0)
+    model = DLGM(N, hidden=8, prior_hidden=8)
+    guide = AutoIAFNormal(model, hidden_dim=[8])
+    elbo = ClosedFormELBO(num_particles=4, free_bits=50.0)
+    terms = elbo.particle_terms(weighted(model, data), weighted(guide, data), data.x)
+    aux = [k for k in terms if k not in ("recon", "kl_z1", "kl_z2")]
+    assert aux == ["kl__AutoIAFNormal_latent"]
+    want = terms["recon"].mean() + sum(terms[k].mean().clamp_min(50.0) for k in ("kl_z1", "kl_z2")) \
+        + terms[aux[0]].mean()
+    assert float(elbo.objective(terms)) == pytest.approx(float(want))
