@@ -15,12 +15,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, result, extra=None) -> None:
-    """Write the current param store values, result.optimizer's state, the RNG states and result.steps to path.
+    """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
+    states and result.steps to path.
     The file is written beside path and renamed into place, so an interrupted save never corrupts it."""
     store = pyro.get_param_store()
     state = {"params": {name: store.get_param(name).unconstrained().detach().clone() for name in store.keys()},
              "optimizer": result.optimizer.state_dict(), "rng": rng_state(), "step": result.steps,
-             "history": result.history, **(extra or {})}
+             "history": result.history, "buffers": {k: v.detach().clone() for k, v in result.buffers.items()},
+             **(extra or {})}
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
         torch.save(state, tmp)

@@ -45,10 +45,19 @@ class FitResult:
     steps: int = 0
     wall_seconds: float = 0.0
     optimizer: object = None
+    buffers: dict = field(default_factory=dict)  # non-parameter module state, e.g. an IAF's random permutation
 
     @property
     def last(self) -> dict:
         return self.history[-1] if self.history else {}
+
+
+def module_buffers(model, guide) -> dict:
+    """{'model.<name>' | 'guide.<name>': tensor}: the buffers of model and guide (those that are nn.Modules). They
+    are state that is not a param, e.g. the random permutation and masks of an AutoIAFNormal, drawn when the guide
+    is first run, so a resumed run must restore them."""
+    return {f"{role}.{name}": buf for role, module in (("model", model), ("guide", guide))
+            if isinstance(module, torch.nn.Module) for name, buf in module.named_buffers()}
 
 
 def rng_state() -> dict:
@@ -116,14 +125,20 @@ def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, 
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
     params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in names)}.values())
     optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(adam_betas))
-    result = FitResult(optimizer=optimizer)
+    result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide))
     if resume is not None:
         missing = sorted(set(names) - set(resume["params"]))
         if missing:
             raise ValueError(f"checkpoint has no params {', '.join(missing)}; it was written for another model or guide")
+        saved = resume.get("buffers", {})
+        odd = sorted(k for k, v in saved.items() if k not in result.buffers or v.shape != result.buffers[k].shape)
+        if odd:
+            raise ValueError(f"checkpoint buffers {', '.join(odd)} do not match this model and guide")
         with torch.no_grad():  # by name: params is deduplicated, so it need not line up with names
             for name in names:
                 store.get_param(name).unconstrained().copy_(resume["params"][name])
+            for name, value in saved.items():
+                result.buffers[name].copy_(value)
         optimizer.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"])
         result.history = list(resume.get("history", []))

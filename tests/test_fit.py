@@ -57,6 +57,26 @@ def test_resuming_after_a_crash_continues_exactly(tmp_path):
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full], rel=1e-6)
 
 
+def test_resuming_restores_a_guides_buffers_such_as_an_iaf_permutation(tmp_path):
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    from infer.checkpoint import save_checkpoint
+
+    def run(seed, resume=None):
+        pyro.set_rng_seed(seed)
+        model = VAE(5, hidden=8)
+        guide = AutoIAFNormal(model, hidden_dim=[16], num_transforms=2)  # random permutations, drawn at first run
+        result = fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=8), steps=20, seed=seed,
+                     resume=resume)
+        return guide, result
+
+    guide, result = run(seed=0)
+    save_checkpoint(tmp_path / "c.pt", result)
+    resumed, _ = run(seed=7, resume=load_checkpoint(tmp_path / "c.pt"))
+    for (name, want), (_, got) in zip(guide.named_buffers(), resumed.named_buffers()):
+        assert torch.equal(want, got), name
+
+
 def test_a_corrupt_checkpoint_is_refused_with_one_line(tmp_path):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
