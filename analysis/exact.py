@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import GuideDensity
+from .qdensity import GuideDensity, log_prob64
 
 # Gauss-Kronrod (7, 15) on [-1, 1] (QUADPACK qk15): Kronrod nodes x >= 0, Kronrod weights, Gauss weights of the
 # odd-indexed nodes (x[1], x[3], x[5], x[7] = 0).
@@ -60,15 +60,6 @@ def _lse(t, dim):
     m = t.amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return (t - m).exp().sum(dim).log() + m.squeeze(dim)
-
-
-def _log_prob64(site):
-    """A site's log-density at its value, evaluated in float64 (the parameters stay float32) when the
-    distribution allows it: log p(z1|z2) reaches 1e4 nats in the tails, where float32 keeps only ~1e-3."""
-    try:
-        return site["fn"].log_prob(site["value"].double()).double()
-    except (RuntimeError, TypeError, ValueError):
-        return site["fn"].log_prob(site["value"]).double()
 
 
 class Densities:
@@ -114,16 +105,12 @@ class Densities:
         with torch.no_grad(), poutine.block():
             if "q" in parts and self.joint:
                 out["q:" + self.bottom] = self._marginal()(values[self.bottom])
-            elif "q" in parts and self.q.kind == "per_site":
-                out.update({"q:" + n: v.double() for n, v in self.q.log_prob(vals).items()})
             elif "q" in parts:
-                tr = poutine.trace(poutine.condition(self.guide, data=vals)).get_trace(self.x)
-                for n in self.latents:
-                    out["q:" + n] = _log_prob64(tr.nodes[n])
+                out.update({"q:" + n: v for n, v in self.q.log_prob(vals).items()})
             if "p" in parts:
                 tr = poutine.trace(poutine.condition(self.model, data=vals)).get_trace(self.x)
                 for n in self.latents + self.observed:
-                    out["p:" + n] = _log_prob64(tr.nodes[n])
+                    out["p:" + n] = log_prob64(tr.nodes[n])
         return out
 
     def _marginal(self) -> "JointMarginal":

@@ -30,6 +30,15 @@ def _plates(site):
     return {f.name for f in site["cond_indep_stack"] if f.vectorized}
 
 
+def log_prob64(site):
+    """A site's log-density at its value, evaluated in float64 (the parameters stay float32) when the
+    distribution allows it: log p(z1|z2) reaches 1e4 nats in the tails, where float32 keeps only ~1e-3."""
+    try:
+        return site["fn"].log_prob(site["value"].double()).double()
+    except (RuntimeError, TypeError, ValueError):
+        return site["fn"].log_prob(site["value"]).double()
+
+
 def is_joint(guide_trace, model_trace, plate: str = PLATE) -> bool:
     """True for a joint guide: one that samples an auxiliary site (not a model site) outside the data plate, such
     as an AutoContinuous guide's packed latent, so q couples the data points and has no per-point density."""
@@ -47,7 +56,6 @@ class GuideDensity:
             gt = poutine.trace(guide).get_trace(x)
         self.latents = [n for n, s in _sample_sites(mt).items() if not s["is_observed"]]
         self.supports = {n: mt.nodes[n]["fn"].support for n in self.latents}
-        self.event_dims = {n: mt.nodes[n]["fn"].event_dim for n in self.latents}
         sites = _sample_sites(gt)
         self.aux = [n for n in sites if n not in self.latents]
         missing = [n for n in self.latents if n not in sites]
@@ -97,17 +105,16 @@ class GuideDensity:
         return torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
 
     def log_prob(self, values: dict) -> dict:
-        """{site: log q(site|.) per data point (batch..., N)} at `values` {site: (batch..., N, *event)}: the
-        guide's own factor for each site (an AutoNormal's auxiliary factor included). Not for joint guides."""
+        """{site: log q(site|.) per data point (batch..., N), float64} at `values` {site: (batch..., N, *event)}:
+        the guide's own factor for each site (an AutoNormal's auxiliary factor included). Not for joint guides."""
         if self.kind == "joint":
             raise ValueError("a joint guide has no per-site, per-point density; use log_joint")
         trace, out = self._conditioned(values), {}
         for n in self.latents:
-            lp = trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]).detach()
+            lp = log_prob64(trace.nodes[n])
             if self.kind == "per_site":
-                a = trace.nodes[n + "_unconstrained"]
-                lp = lp + a["fn"].log_prob(a["value"]).detach()
-            out[n] = lp
+                lp = lp + log_prob64(trace.nodes[n + "_unconstrained"])
+            out[n] = lp.detach()
         return out
 
     def log_joint(self, values: dict) -> torch.Tensor:
