@@ -65,7 +65,7 @@ def _lse(t, dim):
 class Densities:
     """Site log-densities of a model and guide on grids of latent values, read through poutine.condition/trace."""
 
-    def __init__(self, model, guide, data):
+    def __init__(self, model, guide, data, need_q: bool = True):
         self.model, self.guide, self.data, self.x = model, guide, data, data.x
         with torch.no_grad(), poutine.block():
             mt = poutine.trace(model).get_trace(self.x)
@@ -75,14 +75,15 @@ class Densities:
                     and bool(s["is_observed"]) == observed]
 
         self.latents, self.observed = sample_sites(mt, False), sample_sites(mt, True)
-        self.q = GuideDensity(model, guide, self.x)  # raises ValueError for a guide whose density cannot be read
+        # raises ValueError for a guide whose density cannot be read; need_q=False: only the guide's draws are used
+        self.q = GuideDensity(model, guide, self.x) if need_q else None
         points = self.x.shape[-2]
         sizes = {n: mt.nodes[n]["value"].numel() // points for n in self.latents}
         if sum(sizes.values()) > 2 or any(s != 1 for s in sizes.values()):
             raise ValueError(f"exact quadrature handles at most 2 scalar latents, one per site; this model has "
                              f"{', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data point; "
                              "use analysis.iwae.iwae instead")
-        self.joint = self.q.kind == "joint"
+        self.joint = need_q and self.q.kind == "joint"
         if self.joint and len(self.latents) > 1:
             raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "
                              f"latents x {points} data points; q({', '.join(self.latents)}|x_k) is its marginal, an "
@@ -602,6 +603,38 @@ def _adapt(outer, breaks, quantities):
     return panels, est
 
 
+def _evidence_setup(dens: Densities, parts) -> tuple:
+    """(inner, initial breakpoints, ref, '1-D' | '2-D') for integrals over the bottom latent u of a model, with
+    the other latent integrated inside; ranges from guide and prior draws; ref = the largest log-likelihood among
+    the prior draws per data point (the shift of the evidence integrand)."""
+    draws = dens.samples()
+    u_name, v_name = dens.bottom, dens.other
+    u_q, u_p = draws["q:" + u_name], draws["p:" + u_name]
+    lo, hi = zip(*[sample_range(torch.stack([u_q[:, k], u_p[:, k]], 1)) for k in range(2)])
+    lo, hi = torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
+    if v_name is None:
+        inner, describe = Direct(dens, u_name, parts), "1-D"
+    else:
+        vlo, vhi = sample_range(torch.cat([draws["q:" + v_name], draws["p:" + v_name]]))
+        inner, describe = Inner(dens, u_name, v_name, vlo, vhi, parts), "2-D"
+    return inner, _initial_breaks([u_q, u_p], lo, hi), draws["p:loglik"].reshape(-1, 2).amax(0), describe
+
+
+def _refine(outer, panels, result, summarise, numbers, tol) -> tuple:
+    """Split every panel in two and tighten the inner tolerance tenfold, up to 3 times, until the reported numbers
+    change by less than tol: (panels, estimates, result, error = the last change)."""
+    level, error = 0, math.inf
+    for _ in range(3):
+        fine_panels = _split_all(panels)
+        fine = outer.evaluate(fine_panels, level + 1)
+        fine_result = summarise(fine)
+        error = max(abs(a - b) for a, b in zip(numbers(result), numbers(fine_result)))
+        panels, est, result, level = fine_panels, fine, fine_result, level + 1
+        if error < tol:
+            break
+    return panels, est, result, error
+
+
 def exact(model, guide, data, tol: float = 1e-4) -> dict:
     """The loss terms and the evidence by quadrature, in nats per data point: a dict with loss, recon,
     recon_per_dim, kl {site: E_q[log q(site|.) - log p(site|.)]}, log_px [log p(x_k)], nll = -sum_k w_k log p(x_k),
@@ -619,38 +652,17 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
     scalar latents (use analysis.iwae.iwae then)."""
     dens = Densities(model, guide, data)
-    draws = dens.samples()
     u_name, v_name = dens.bottom, dens.other
-    u_q, u_p = draws["q:" + u_name], draws["p:" + u_name]
-    lo, hi = zip(*[sample_range(torch.stack([u_q[:, k], u_p[:, k]], 1)) for k in range(2)])
-    lo, hi = torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
-    if v_name is None:
-        inner = Direct(dens, u_name)
-        describe = "1-D"
-    else:
-        vlo, vhi = sample_range(torch.cat([draws["q:" + v_name], draws["p:" + v_name]]))
-        inner = Inner(dens, u_name, v_name, vlo, vhi)
-        describe = "2-D"
-    # the evidence shift: the largest log joint among the prior draws, per data point
-    ll = draws["p:loglik"].reshape(-1, 2)
-    ref = ll.amax(0)
+    inner, breaks, ref, describe = _evidence_setup(dens, ("q", "p"))
     quant = LossQuantities(dens, inner, ref)
     outer = Outer(dens, quant, quant, tol)
-    panels, est = _adapt(outer, _initial_breaks([u_q, u_p], lo, hi), ("Zq", "Zp"))
+    panels, est = _adapt(outer, breaks, ("Zq", "Zp"))
     result = _summarise(dens, est, ref)
     mass = result["per_point"]["q_mass"]
     if any(abs(m - 1) > 1e-3 for m in mass):
         raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
                          "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
-    level, error = 0, math.inf
-    for _ in range(3):
-        fine_panels = _split_all(panels)
-        fine = outer.evaluate(fine_panels, level + 1)
-        fine_result = _summarise(dens, fine, ref)
-        error = max(abs(a - b) for a, b in zip(_numbers(result), _numbers(fine_result)))
-        panels, est, result, level = fine_panels, fine, fine_result, level + 1
-        if error < tol:
-            break
+    panels, est, result, error = _refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol)
     nodes, joint_note = panels.shape[0] * 15, ""
     if dens.joint:  # the joint guide's rate exceeds the marginals' by the total correlation of q over the points
         check = dens._marginal().check()
@@ -671,6 +683,42 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
                       "point" + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
                                  if v_name else "") + joint_note + f"; error = change under refinement, {error:.1e})"),
     })
+    return result
+
+
+class EvidenceQuantities:
+    """The integrand of the evidence alone: 'Zp' = p(x_k, u) exp(-ref) per u node (the guide is not read)."""
+
+    def __init__(self, dens: Densities, inner, ref):
+        self.d, self.inner, self.ref = dens, inner, ref
+
+    def __call__(self, u, level):
+        return {"Zp": (self.inner(u, level)["lp"] - self.ref).exp()}
+
+    def errors(self, est):
+        """Per panel and data point, |K15 - G7| of the evidence relative to its total (nats of log p(x_k))."""
+        K, G = est["Zp"]
+        return (K - G).abs() / K.sum(0).clamp_min(1e-300)
+
+
+def evidence(model, guide, data, tol: float = 1e-4) -> dict:
+    """log p(x_k) and the NLL by quadrature of the model alone, in nats per data point: {log_px, nll, error,
+    estimator}. The guide only places the first breakpoints (its draws sit near the posterior), so this works for
+    any guide, also one whose own density quadrature cannot integrate (a joint guide on the DLGM)."""
+    dens = Densities(model, guide, data, need_q=False)
+    inner, breaks, ref, describe = _evidence_setup(dens, ("p",))
+    quant = EvidenceQuantities(dens, inner, ref)
+    outer = Outer(dens, quant, quant, tol)
+    panels, est = _adapt(outer, breaks, ("Zp",))
+
+    def summarise(e):
+        log_px = e["Zp"][0].sum(0).log() + ref
+        return {"log_px": [float(v) for v in log_px], "nll": float(-(dens.w * log_px).sum())}
+
+    panels, est, result, error = _refine(outer, panels, summarise(est), summarise, lambda r: r["log_px"], tol)
+    result.update({"error": error, "estimator": f"exact quadrature of the model alone ({describe} in "
+                   f"{', '.join(dens.latents)}, {panels.shape[0] * 15} nodes per data point in {dens.bottom}; "
+                   f"error = change under refinement, {error:.1e})"})
     return result
 
 
@@ -731,15 +779,9 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     lo_t, hi_t = torch.tensor([lo, lo], dtype=torch.float64), torch.tensor([hi, hi], dtype=torch.float64)
     every = torch.cat([draws["q:" + top], draws["p:" + top]]).reshape(-1, 1).expand(-1, 2)
     panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t), ("Zq", "KLagg"))
-    result, level, error = _surgery_numbers(dens, est), 0, math.inf
-    for _ in range(3):
-        fine_panels = _split_all(panels)
-        fine = outer.evaluate(fine_panels, level + 1)
-        fine_result = _surgery_numbers(dens, fine)
-        error = max(abs(fine_result[k] - result[k]) for k in ("avg_kl", "mutual_info", "marginal_kl"))
-        panels, est, result, level = fine_panels, fine, fine_result, level + 1
-        if error < tol:
-            break
+    keys = ("avg_kl", "mutual_info", "marginal_kl")
+    panels, est, result, error = _refine(outer, panels, _surgery_numbers(dens, est),
+                                         lambda e: _surgery_numbers(dens, e), lambda r: [r[k] for k in keys], tol)
     result.update({"site": top, "entropy": data.entropy, "error": error,
                    "estimator": f"exact quadrature (adaptive Gauss-Kronrod 15 in {top}, {panels.shape[0] * 15} nodes"
                                 + (f"; q({top}|x) by adaptive Gauss-Kronrod 15 over {other}" if other else "")

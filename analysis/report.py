@@ -26,7 +26,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
              iwae_k: int = 1000, exact: bool = True) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point: the RQMC
     loss terms; an `exact` block (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2
-    scalar latents, or a joint guide over more than one latent site), an `iwae` block whose `note` says why; PSIS
+    scalar latents, or a guide whose density it cannot integrate, such as a joint guide over two latent sites), an
+    `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
     `khat`; and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact densities for
     the figures (None without quadrature). exact=False skips quadrature and IWAE."""
     from .psis import khat, sample_traces
@@ -38,12 +39,13 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     if exact and scalar_latents(guide, data) > EXACT_MAX_SCALARS:
         skipped = f"more than {EXACT_MAX_SCALARS} scalar latents per data point: no quadrature"
     elif exact:
-        from .exact import exact as quadrature, posterior_grid, surgery
+        from .exact import evidence, exact as quadrature, posterior_grid, surgery
 
         try:
             metrics["exact"] = quadrature(model, guide, data, tol=tol)
         except ValueError as err:  # e.g. a joint guide over two latent sites: a 4-D integral
             skipped = str(err)
+            metrics["exact_nll"] = evidence(model, guide, data, tol=tol)  # the model alone still integrates
     if "exact" in metrics:
         metrics["surgery"] = surgery(model, guide, data, tol=tol)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
@@ -122,6 +124,8 @@ def summary_lines(m: dict) -> list:
         s = m["surgery"]
         lines.append(f"  surgery    avg KL {s['avg_kl']:.4f} = I_q(x;z) {s['mutual_info']:.4f} + "
                      f"KL(q(z)||p(z)) {s['marginal_kl']:.4f} [exact]")
+    if "exact_nll" in m:
+        lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} [exact, the model alone: the guide's loss has no quadrature]")
     if "iwae" in m:
         i = m["iwae"]
         lines.append(f"  IWAE-{i['K']} loss {i['loss']:.4f} ± {i['loss_se']:.4f}   NLL {i['nll']:.4f} ± {i['nll_se']:.4f}"

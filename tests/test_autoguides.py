@@ -10,10 +10,11 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 
-from analysis.exact import exact, surgery
+from analysis.exact import evidence, exact, surgery
 from analysis.iwae import iwae
 from analysis.qdensity import GuideDensity
 from analysis.report import evaluate
+from guides import StructuredGuide
 from models import DLGM, VAE, OneBit
 
 torch.set_num_threads(1)
@@ -122,6 +123,15 @@ def test_a_joint_autoguide_on_the_dlgm_falls_back_to_iwae_with_the_reason(data):
     assert "exact" not in metrics and grids is None
     assert "4-D" in metrics["exact_skipped"] and metrics["iwae"]["joint"]
     assert "joint" in metrics["khat_note"]
+    assert metrics["exact_nll"]["nll"] == pytest.approx(evidence(model, StructuredGuide(model), data)["nll"], abs=1e-5)
+
+
+def test_the_evidence_alone_equals_the_nll_of_full_quadrature(data):
+    pyro.set_rng_seed(2)
+    model = DLGM(N, hidden=8, prior_hidden=8)
+    guide = StructuredGuide(model)
+    full, alone = exact(model, guide, data), evidence(model, guide, data)
+    assert alone["log_px"] == pytest.approx(full["log_px"], abs=1e-5)
 
 
 def test_a_point_mass_guide_is_refused_by_quadrature_instead_of_scoring_zero(model, data):
