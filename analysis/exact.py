@@ -67,7 +67,7 @@ class Densities:
 
     def __init__(self, model, guide, data, need_q: bool = True):
         self.model, self.guide, self.data, self.x = model, guide, data, data.x
-        with torch.no_grad(), poutine.block():
+        with torch.no_grad(), torch.random.fork_rng(), poutine.block():
             mt = poutine.trace(model).get_trace(self.x)
 
         def sample_sites(tr, observed):

@@ -44,7 +44,7 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
     if Ks[0] < 1:
         raise ValueError(f"K must be integers >= 1, got {K!r}")
     w = data.w.double()
-    with poutine.block():
+    with torch.random.fork_rng(), poutine.block():
         joint = is_joint(*sample_traces(model, guide, data.x, 1))
     if joint and not bool(torch.allclose(w, w.mean())):
         raise ValueError("a joint guide couples the data points: its bounds need equal data weights")

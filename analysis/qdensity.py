@@ -51,7 +51,7 @@ class GuideDensity:
 
     def __init__(self, model, guide, x, plate: str = PLATE):
         self.guide, self.x, self.plate = guide, x, plate
-        with torch.no_grad(), poutine.block():
+        with torch.no_grad(), torch.random.fork_rng(), poutine.block():  # reading q leaves the RNG as it was
             mt = poutine.trace(model).get_trace(x)
             gt = poutine.trace(guide).get_trace(x)
         self.latents = [n for n, s in _sample_sites(mt).items() if not s["is_observed"]]

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from pyro import poutine
 
 from guides.check import latent_sites
@@ -23,13 +24,15 @@ def scalar_latents(guide, data) -> int:
 
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "qmc", tol: float = 1e-4,
-             iwae_k: int = 1000, exact: bool = True) -> tuple:
+             iwae_k: int = 1000, exact: bool = True, seed: int = 0) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point: the RQMC
     loss terms; an `exact` block (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2
     scalar latents, or a guide whose density it cannot integrate, such as a joint guide over two latent sites), an
     `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
     `khat`; and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact densities for
-    the figures (None without quadrature). exact=False skips quadrature and IWAE."""
+    the figures (None without quadrature). exact=False skips quadrature and IWAE. The IWAE and k-hat draws come from
+    torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched), so they do not depend on what ran
+    before them."""
     from .psis import khat, sample_traces
     from .qdensity import is_joint
 
@@ -54,10 +57,12 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         from .iwae import iwae
 
         metrics["exact_skipped"] = skipped
-        metrics["iwae"] = iwae(model, guide, data, K=iwae_k)
+        metrics["iwae"] = iwae(model, guide, data, K=iwae_k, seed=seed)
         metrics["iwae"]["note"] = f"{skipped}; importance-sampled bounds instead"
-    metrics["khat"] = khat(model, guide, data, samples=samples)
-    with poutine.block():
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        metrics["khat"] = khat(model, guide, data, samples=samples)
+    with torch.random.fork_rng(), poutine.block():
         if is_joint(*sample_traces(model, guide, data.x, 1)):
             metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
     if isinstance(model, VAE) and model.latent_dim == 1 and data.weights == (0.5, 0.5):
@@ -75,7 +80,7 @@ def evaluate_run(model, guide, data, cfg, result) -> tuple:
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
     metrics, grids = evaluate(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
-                              noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k)
+                              noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k, seed=cfg.seed)
     return {**head, **metrics}, grids
 
 

@@ -156,3 +156,10 @@ def test_free_bits_floor_the_model_sites_but_not_a_joint_auxiliary(data):
     want = terms["recon"].mean() + sum(terms[k].mean().clamp_min(50.0) for k in ("kl_z1", "kl_z2")) \
         + terms[aux[0]].mean()
     assert float(elbo.objective(terms)) == pytest.approx(float(want))
+
+
+def test_khat_depends_on_the_seed_only_not_on_which_blocks_ran_before_it(model, data):
+    guide = independent_guide(LOC, SCALE)
+    with_exact, _ = evaluate(model, guide, data, samples=512, replicates=4, seed=3)
+    without, _ = evaluate(model, guide, data, samples=512, replicates=4, seed=3, exact=False)
+    assert with_exact["khat"] == without["khat"]
