@@ -764,7 +764,9 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     into mutual_info I_q(x; t) plus marginal_kl KL(q(t) || p(t)); also residual, entropy H(w), error, estimator.
 
     q(t|x_k) is the guide's marginal (for the DLGM with the structured guide, the integral of q(z1|x) q(z2|z1) over
-    z1), computed on a grid of t shared by both data points, so the identity holds node by node."""
+    z1), computed on a grid of t shared by both data points, so the identity holds node by node. For a joint guide
+    q(t|x_k) is its marginal, so avg_kl is the marginals' average KL: exact()'s KL is larger by its
+    total_correlation_per_point."""
     dens = Densities(model, guide, data)
     draws = dens.samples()
     top, other = dens.top, (dens.bottom if dens.other is not None else None)
