@@ -12,7 +12,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import PLATE, is_joint
+from guides.check import DATA_PLATE, plates
+
+from .qdensity import is_joint
 
 GOOD = 0.5
 BAD = 0.7
@@ -61,7 +63,7 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
         for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
             for _, site in _sample_sites(trace, observed):
                 lp = site["fn"].log_prob(site["value"]).double()
-                if PLATE in {f.name for f in site["cond_indep_stack"]}:
+                if DATA_PLATE in plates(site):
                     per_point = per_point + sign * _batched(lp, samples, points)
                 else:
                     shared = shared + sign * torch.broadcast_to(lp, (samples, 1))

@@ -18,16 +18,13 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 
+from guides.check import DATA_PLATE, plates
+
 KINDS = ("direct", "per_site", "joint")
-PLATE = "data"  # the models' data plate
 
 
 def _sample_sites(trace):
     return {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)}
-
-
-def _plates(site):
-    return {f.name for f in site["cond_indep_stack"] if f.vectorized}
 
 
 def log_prob64(site):
@@ -39,17 +36,17 @@ def log_prob64(site):
         return site["fn"].log_prob(site["value"]).double()
 
 
-def is_joint(guide_trace, model_trace, plate: str = PLATE) -> bool:
+def is_joint(guide_trace, model_trace, plate: str = DATA_PLATE) -> bool:
     """True for a joint guide: one that samples an auxiliary site (not a model site) outside the data plate, such
     as an AutoContinuous guide's packed latent, so q couples the data points and has no per-point density."""
-    return any(name not in model_trace.nodes and plate not in _plates(site)
+    return any(name not in model_trace.nodes and plate not in plates(site)
                for name, site in _sample_sites(guide_trace).items() if not site["is_observed"])
 
 
 class GuideDensity:
     """The density of `guide` over the latent sites of `model` at data x, for any of the KINDS of guide."""
 
-    def __init__(self, model, guide, x, plate: str = PLATE):
+    def __init__(self, model, guide, x, plate: str = DATA_PLATE):
         self.guide, self.x, self.plate = guide, x, plate
         with torch.no_grad(), torch.random.fork_rng(), poutine.block():  # reading q leaves the RNG as it was
             mt = poutine.trace(model).get_trace(x)
@@ -64,7 +61,7 @@ class GuideDensity:
         if not self.aux:
             self.kind = "direct"
         elif all(a.endswith("_unconstrained") and a[:-len("_unconstrained")] in self.latents
-                 and _plates(sites[a]) == _plates(sites[a[:-len("_unconstrained")]]) for a in self.aux) \
+                 and plates(sites[a]) == plates(sites[a[:-len("_unconstrained")]]) for a in self.aux) \
                 and len(self.aux) == len(self.latents):
             self.kind = "per_site"
         elif is_joint(gt, mt, plate) and isinstance(guide, AutoContinuous) and len(self.aux) == 1:

@@ -24,8 +24,11 @@ def _trace(fn, x, role):
                                  f"{type(err).__name__}: {first}") from err
 
 
-def _plates(site):
-    """The names of the plates a site sits in (vectorised-particle plates left out)."""
+DATA_PLATE = "data"  # the plate every model and guide samples its per-point sites in
+
+
+def plates(site):
+    """The sorted names of the plates a site sits in (vectorised-particle plates left out)."""
     return sorted(f.name for f in site["cond_indep_stack"] if f.vectorized and not f.name.startswith("num_particles"))
 
 
@@ -47,9 +50,9 @@ def check_guide(model, guide, x) -> None:
             raise GuideMismatchError(f"guide site '{name}' has shape {tuple(q['value'].shape)} and event shape "
                                      f"{tuple(q['fn'].event_shape)}; the model's is {tuple(p['value'].shape)} "
                                      f"with event shape {tuple(p['fn'].event_shape)}")
-        if _plates(q) != _plates(p):
-            raise GuideMismatchError(f"guide site '{name}' is in plates {_plates(q) or 'none'}; the model samples it "
-                                     f"in plates {_plates(p) or 'none'} (use the same pyro.plate names)")
+        if plates(q) != plates(p):
+            raise GuideMismatchError(f"guide site '{name}' is in plates {plates(q) or 'none'}; the model samples it "
+                                     f"in plates {plates(p) or 'none'} (use the same pyro.plate names)")
         inside = p["fn"].support.check(q["value"])
         if not bool(inside.all()):
             raise GuideMismatchError(f"guide site '{name}' drew a value outside the model's support "

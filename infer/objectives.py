@@ -24,11 +24,12 @@ from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from guides.check import DATA_PLATE, plates
+
 from .elbo import NOISE, ClosedFormELBO
 
 OBJECTIVES = ("closed_form", "elbo", "meanfield_elbo", "iwae")
 MAX_PLATE_NESTING = 1  # the data plate; vectorised particles sit left of it
-DATA_PLATE = "data"
 
 
 class ObjectiveError(ValueError):
@@ -198,7 +199,7 @@ def check_objective(name, model, guide, x) -> None:
         with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(guide).get_trace(x)
         joint = [site for site, node in trace.nodes.items() if node["type"] == "sample" and not site_is_subsample(node)
-                 and not any(f.name == DATA_PLATE for f in node["cond_indep_stack"])]
+                 and DATA_PLATE not in plates(node)]
         if joint:
             raise ObjectiveError(
                 f"objective iwae needs a guide that factorises over the '{DATA_PLATE}' plate (one importance "
