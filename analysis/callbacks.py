@@ -14,6 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("onebit.sweep")
+LAST = {}  # the last sweep's outcome in this process: {"failed": [(job, reason), ...]}; run.py's exit code reads it
 
 
 class SweepSummary(Callback):
@@ -55,7 +56,12 @@ class SweepSummary(Callback):
             from analysis.sweep import summarize
 
             result = summarize(sweep_dir, figures=self.figures)
+            jobs = result["jobs"]
+            bad = jobs[jobs["status"] != "ok"]
+            LAST["failed"] = [(r["job"], f"{r['status']}: {r.get('error') or ''}") for _, r in bad.iterrows()]
+            LAST["failed"] += [(m, "missing: no job directory") for m in result["missing"]]
             log.info("sweep summary: %d jobs (%d failed, %d missing) in %s", len(result["jobs"]),
                      len(result["failed"]), len(result["missing"]), sweep_dir / "summary.md")
         except Exception as err:  # the sweep's own results stay on disk; say why the summary is absent
             log.error("sweep summary of %s failed: %s: %s", sweep_dir, type(err).__name__, err)
+            LAST.setdefault("failed", [(str(sweep_dir), f"the sweep summary failed: {type(err).__name__}: {err}")])

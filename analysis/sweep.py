@@ -91,10 +91,18 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     row.update({"model": _select(cfg, "model.name"), "guide": _select(cfg, "guide.name"),
                 "n": _select(cfg, "data.n"), "seed": _select(cfg, "seed")})
+    from .rundir import read_status
+
+    status = read_status(job)
+    if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
+        row["status"] = status["status"]
+        row["error"] = status.get("reason") or ("killed or still running" if status["status"] == "running" else "")
+        if status["status"] != "diverged" or not (job / "metrics.json").exists():
+            return row
     metrics_path = job / "metrics.json"
     if not metrics_path.exists():
         row["status"] = "failed"
-        row["error"] = row.get("error") or "no metrics.json"
+        row["error"] = row.get("error") or "no metrics.json (and no status.json: killed before it started?)"
         return row
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -104,7 +112,7 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
-    row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed")})
+    row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")})
     if (job / "encodings.nc").exists():
         row["encodings"] = str(job / "encodings.nc")
     return row
@@ -227,7 +235,8 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
     """summary.md: aggregated table, per-job table, failed and missing jobs."""
     failed = jobs[jobs["status"] != "ok"]
     parts = [f"# Sweep summary: {sweep_dir}", "",
-             f"{len(jobs)} job directories: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} failed; "
+             f"{len(jobs)} job directories: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
+             f"({', '.join(f'{v} {k}' for k, v in failed['status'].value_counts().items()) or 'none'}); "
              f"{len(missing)} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
     if not agg.empty:
         loss_col, loss_est = _metric(agg, "loss")
@@ -265,7 +274,8 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
     if failed.empty and not missing:
         parts.append("None.")
     for _, r in failed.iterrows():
-        parts.append(f"- FAILED `{r['job']}` ({r['overrides'] or 'no overrides'}): {r.get('error', 'no metrics.json')}")
+        parts.append(f"- {str(r['status']).upper()} `{r['job']}` ({r['overrides'] or 'no overrides'}): "
+                     f"{r.get('error') or 'no reason recorded'}")
     for m in missing:
         parts.append(f"- MISSING {m} (no job directory)")
     return "\n".join(parts) + "\n"
