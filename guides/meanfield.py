@@ -4,6 +4,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from infer.validate import check
 from models.nets import GaussianNet
 
 
@@ -12,6 +13,9 @@ class MeanFieldGuide(nn.Module):
 
     def __init__(self, model, hidden: int = 64, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
+        for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation), ("min_scale", min_scale)):
+            check(name, value)
+        self.n = model.n  # the data dimension the encoder is built for
         self.sites, d = tuple(model.latent_sites), model.latent_dim
         self.encoders = nn.ModuleList(GaussianNet(model.n, d, hidden, layers, activation, min_scale)
                                       for _ in self.sites)

@@ -4,6 +4,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from infer.validate import check
 from models.nets import GaussianNet
 
 
@@ -14,6 +15,9 @@ class StructuredGuide(nn.Module):
                  activation: str = "elu", min_scale: float = 1e-5,
                  gain: bool = False):
         super().__init__()
+        for name, value in (("hidden", hidden), ("layers", layers), ("upper_hidden", upper_hidden), ("upper_layers", upper_layers), ("activation", activation), ("min_scale", min_scale), ("gain", gain)):
+            check(name, value)
+        self.n = model.n  # the data dimension the encoder is built for
         self.sites, d = tuple(model.latent_sites), model.latent_dim
         self.encoder = GaussianNet(model.n, d, hidden, layers, activation, min_scale)
         self.upper = nn.ModuleList(GaussianNet(d, d, upper_hidden, upper_layers, activation, min_scale, gain)

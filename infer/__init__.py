@@ -1,7 +1,8 @@
-"""Inference: the objectives and the SVI training loop."""
+"""Inference: the objectives, the training recipes and the SVI training loop."""
+from . import validate  # noqa: F401  (first: models and guides import it, and it imports nothing of ours)
 from .elbo import ClosedFormELBO
-from .fit import FitResult, fit, weighted
+from .fit import DivergenceError, FitResult, Recipe, fit, recipe, weighted
 from .objectives import IWAE, OBJECTIVES, check_objective, make_objective
 
-__all__ = ["ClosedFormELBO", "fit", "FitResult", "weighted", "make_objective", "check_objective", "IWAE",
-           "OBJECTIVES"]
+__all__ = ["ClosedFormELBO", "fit", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted",
+           "make_objective", "check_objective", "IWAE", "OBJECTIVES"]

@@ -1,11 +1,11 @@
-"""Checkpoints: params, optimiser state, RNG states and step, saved with torch.save and checked on load."""
+"""Checkpoints: params, optimiser state, RNG states, step, history and the partial logging window, saved with
+torch.save (atomically, with the file mode of any other output) and checked on load."""
+import glob
 import os
 import tempfile
 
 import pyro
 import torch
-
-from .fit import rng_state
 
 KEYS = ("params", "optimizer", "rng", "step")
 
@@ -14,19 +14,51 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or lacks what resuming needs."""
 
 
-def save_checkpoint(path, result, extra=None) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_pattern(path) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.*.tmp")
+
+
+def save_checkpoint(path, result, extra=None, rng=None, window=None) -> None:
     """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
-    states and result.steps to path.
-    The file is written beside path and renamed into place, so an interrupted save never corrupts it."""
+    states (or `rng`, a state from infer.fit.rng_state), result.steps, result.history, the partial logging window
+    (`window`, else result.window) and result.initial_loss to path, plus the entries of `extra` (e.g. the config).
+
+    The file is written to a temporary file beside path and renamed into place, so an interrupted save never
+    corrupts it; temporary files that an earlier killed save left behind are removed first. The file gets the mode
+    any other new file gets (0666 less the umask), not tempfile's 0600."""
+    from .fit import rng_state
+
     store = pyro.get_param_store()
-    state = {"params": {name: store.get_param(name).unconstrained().detach().clone() for name in store.keys()},
-             "optimizer": result.optimizer.state_dict(), "rng": rng_state(), "step": result.steps,
-             "history": result.history, "buffers": {k: v.detach().clone() for k, v in result.buffers.items()},
+    state = {"params": {name: store.get_param(name).unconstrained().detach().cpu().clone() for name in store.keys()},
+             "optimizer": result.optimizer.state_dict(), "rng": rng if rng is not None else rng_state(),
+             "step": result.steps, "history": list(result.history),
+             "window": window if window is not None else getattr(result, "window", None),
+             "initial_loss": getattr(result, "initial_loss", None),
+             "buffers": {k: v.detach().cpu().clone() for k, v in result.buffers.items()},
              **(extra or {})}
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
-        torch.save(state, tmp)
-    os.replace(tmp.name, path)
+    for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
+        try:
+            os.remove(orphan)
+        except OSError:
+            pass
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path) -> dict:
@@ -39,5 +71,6 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a readable torch file ({type(err).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(k for k in KEYS if not isinstance(state, dict) or k not in state)} (has {have})")
+        lacks = ", ".join(k for k in KEYS if not isinstance(state, dict) or k not in state)
+        raise CheckpointError(f"checkpoint {path} lacks {lacks} (has {have})")
     return state

@@ -10,8 +10,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from .noise import SobolNoise
-
-NOISE = ("mc", "qmc", "lattice")
+from .validate import NOISE, check
 LATTICE_HALF_WIDTH = 8.0  # the lattice covers eps in [-8, 8]: the mass outside is 1e-15
 
 
@@ -57,14 +56,15 @@ class ClosedFormELBO(ELBO):
 
     def __init__(self, num_particles: int = 1, closed_form: bool = True, max_plate_nesting: int = 1,
                  vectorize_particles: bool = True, noise: str = "mc", free_bits: float = 0.0):
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize_particles)
+        check("num_particles", num_particles)
         if noise not in NOISE:
-            raise ValueError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
+            raise ValueError(f"noise={noise!r} is not allowed: noise must be one of {', '.join(NOISE)}")
         if noise != "mc" and not (vectorize_particles and num_particles > 1):
             raise ValueError(f"noise={noise!r} needs vectorised particles with num_particles > 1")
-        if not free_bits >= 0:
-            raise ValueError(f"free_bits must be >= 0, got {free_bits!r}")
+        check("free_bits", free_bits)
+        check("closed_form", closed_form)
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=vectorize_particles)
         self.closed_form, self.noise, self.free_bits = closed_form, noise, free_bits
         self._dims = max_plate_nesting + 1  # the data plates plus the particle dim left of them
         self._parents = {}
@@ -96,7 +96,7 @@ class ClosedFormELBO(ELBO):
             terms.append(self._terms(model_trace, guide_trace, parents))
             if self._noise is not None and self._noise.log_weights is not None:
                 # weighted particles: rescale so that the plain mean over particles is the weighted mean
-                factor = self.num_particles * self._noise.log_weights.exp()
+                factor = self.num_particles * self._noise.log_weights.exp().to(terms[-1]["recon"])
                 terms[-1] = OrderedDict((k, v * factor) for k, v in terms[-1].items())
         return OrderedDict((k, torch.cat([t[k] for t in terms])) for k in terms[0])
 
@@ -125,7 +125,9 @@ class ClosedFormELBO(ELBO):
                 log_q = -entropy if entropy is not None else q["fn"].log_prob(q["value"])
                 term = log_q * q["scale"] - p["fn"].log_prob(q["value"]) * p["scale"]
             out[f"kl_{name}"] = _per_particle(term, dims)
-        out["recon"] = out["recon"] if torch.is_tensor(out["recon"]) else torch.zeros(1)
+        if not torch.is_tensor(out["recon"]):  # no observed site: a zero on the device and dtype of the latents
+            ref = next(guide_trace.nodes[name]["value"] for name in order) if order else torch.zeros(())
+            out["recon"] = ref.new_zeros(1)
         for name in order:  # an AutoNormal-style auxiliary '<site>_unconstrained' belongs to its site's KL
             aux = f"kl_{name}_unconstrained"
             if aux in out and f"kl_{name}" in out:
@@ -140,12 +142,14 @@ class ClosedFormELBO(ELBO):
     def objective(self, terms) -> torch.Tensor:
         """The training objective from particle_terms: recon + sum over sites of max(KL_site, free_bits)
         (free bits: a per-site KL floor; with free_bits = 0 this is -ELBO)."""
-        total = 0.0
-        for name, value in terms.items():
-            value = value.mean()
-            floor = self.free_bits and name in self._sites  # not an auxiliary's term (no KL of its own)
-            total = total + (value.clamp_min(self.free_bits) if floor else value)
-        return total
+        return self.objective_of_means(list(terms), torch.stack([v.mean() for v in terms.values()]))
+
+    def objective_of_means(self, names, means: torch.Tensor) -> torch.Tensor:
+        """The objective from the particle means of the terms (a (T,) tensor, in the order of `names`)."""
+        if not self.free_bits:
+            return means.sum()
+        floor = torch.tensor([name in self._sites for name in names], device=means.device)  # not an auxiliary
+        return torch.where(floor, means.clamp_min(self.free_bits), means).sum()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The objective averaged over particles (-ELBO without free bits), differentiable by reparameterisation."""

@@ -1,8 +1,13 @@
-"""fit(): stochastic variational inference as a plain loop over a Pyro ELBO, callable without Hydra."""
+"""fit(): stochastic variational inference as a plain loop over a Pyro ELBO, callable without Hydra.
+
+One recipe per model (recipe()) gives fit's defaults and the command line's (conf/model/*.yaml, conf/optim/adam.yaml
+must agree with it; tests/test_fit.py checks that).
+"""
 import math
 import random
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,15 +19,62 @@ from tqdm.auto import tqdm
 from guides.check import check_guide
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
+from .validate import SCHEDULES, check, is_int
 from .weights import DataWeights, LatentScale, kl_weight
 
-SCHEDULES = ("exponential", "cosine", "constant")
+
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss or gradient. `step` is the first bad step (1-based), `cause` the likely
+    cause in words; `result` is the FitResult up to the last good log (its params were never checkpointed)."""
+
+    def __init__(self, message, step=None, cause=None, result=None):
+        super().__init__(message)
+        self.step, self.cause, self.result = step, cause, result
 
 
-def weighted(fn, data):
+@dataclass(frozen=True)
+class Recipe:
+    """A model's training recipe: the settings fit uses for every argument left unspecified, and the command
+    line's defaults for the model (conf/model/<model>.yaml, conf/optim/adam.yaml)."""
+
+    steps: int
+    num_particles: int
+    noise: str
+    lr: float
+    lr_final: float
+    schedule: str
+    betas: tuple
+
+
+# 1-layer VAE: many cheap steps with few lattice particles (lattice noise: a randomised quadrature rule over the
+# first Gaussian coordinate, which sees the costly tails every step)
+VAE_RECIPE = Recipe(steps=8000, num_particles=32, noise="lattice", lr=3e-3, lr_final=3e-5, schedule="exponential",
+                    betas=(0.9, 0.99))
+# DLGM: more particles, and a higher final learning rate (measured in the README)
+DLGM_RECIPE = Recipe(steps=10000, num_particles=128, noise="lattice", lr=3e-3, lr_final=1e-4,
+                     schedule="exponential", betas=(0.9, 0.99))
+# any other model
+DEFAULT_RECIPE = Recipe(steps=10000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
+                        schedule="exponential", betas=(0.9, 0.99))
+
+
+def recipe(model) -> Recipe:
+    """The training recipe of a model (an instance or a class): VAE_RECIPE, DLGM_RECIPE, else DEFAULT_RECIPE."""
+    from models import DLGM, VAE
+
+    cls = model if isinstance(model, type) else type(model)
+    if issubclass(cls, DLGM):
+        return DLGM_RECIPE
+    if issubclass(cls, VAE):
+        return VAE_RECIPE
+    return DEFAULT_RECIPE
+
+
+def weighted(fn, data, device=None):
     """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k)). Sites outside the
     data plate (a joint guide's auxiliary site) get weight 1/N for equal weights (see DataWeights)."""
-    return DataWeights(data.w)(fn)
+    w = data.w if device is None else data.w.to(device)
+    return DataWeights(w)(fn)
 
 
 def learning_rate(step: int, steps: int, lr: float, lr_final: float, schedule: str) -> float:
@@ -34,18 +86,25 @@ def learning_rate(step: int, steps: int, lr: float, lr_final: float, schedule: s
         return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * t))
     if schedule == "constant":
         return lr
-    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    raise ValueError(f"schedule={schedule!r} is not allowed: schedule must be one of {', '.join(SCHEDULES)}")
 
 
 @dataclass
 class FitResult:
-    """What training produced: the logged history and the state needed to resume."""
+    """What training produced: the logged history and the state needed to resume.
+
+    initial_loss: the objective at the first step of a fresh run (before any update): a run that ends above it
+    got worse. window: the partial logging window at `steps` (a checkpoint carries it, so a resumed history is the
+    same as an uninterrupted one)."""
 
     history: list = field(default_factory=list)
     steps: int = 0
     wall_seconds: float = 0.0
     optimizer: object = None
     buffers: dict = field(default_factory=dict)  # non-parameter module state, e.g. an IAF's random permutation
+    initial_loss: float = None
+    window: dict = None
+    recipe: dict = None  # the settings this run used (fit's arguments after the recipe filled them in)
 
     @property
     def last(self) -> dict:
@@ -61,13 +120,50 @@ def module_buffers(model, guide) -> dict:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else {})}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_INITIAL = weakref.WeakKeyDictionary()  # module -> {name: value at the first fit} for params nothing can re-draw
+
+
+def reset_parameters(*modules) -> None:
+    """Re-initialise the parameters of each nn.Module from torch's RNG, as if it were built now: every submodule's
+    own reset_parameters() (nn.Linear, models.nets.LogGain, ...); a Pyro autoguide sets itself up afresh at its
+    next call (its prototype trace is dropped, so its params and random buffers are drawn again); any other
+    parameter (no reset_parameters() owns it) is put back to its value when fit first saw the module. Callables
+    that are not modules keep their pyro.param sites, which restart from their init values when the param store
+    is cleared."""
+    from pyro.infer.autoguide import AutoGuide
+
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        covered = set()
+        for sub in module.modules():
+            if isinstance(sub, AutoGuide):  # set up afresh, params and all, at its next call
+                sub.prototype_trace = None
+                covered |= {id(p) for p in sub.parameters()}
+            if callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+                covered |= {id(p) for p in sub.parameters(recurse=False)}
+        rest = {name: p for name, p in module.named_parameters() if id(p) not in covered}
+        first = _INITIAL.setdefault(module, {name: p.detach().clone() for name, p in rest.items()})
+        with torch.no_grad():
+            for name, p in rest.items():
+                if name in first and first[name].shape == p.shape:
+                    p.copy_(first[name])
+                else:
+                    first[name] = p.detach().clone()
 
 
 def _reporter(model, guide, x, log_every):
@@ -85,104 +181,397 @@ def _reporter(model, guide, x, log_every):
     return terms_of
 
 
-def fit(model, guide, data, *, elbo=None, steps: int = 10000, lr: float = 3e-3, lr_final: float = 3e-5,
-        schedule: str = "exponential", adam_betas=(0.9, 0.999), beta: float = 1.0, warmup: int = 0,
-        warmup_start: float = 0.0, seed=None, log_every: int = 100,
-        progress: bool = False, resume: dict = None, callback=None, checkpoint_path=None,
-        checkpoint_every: int = 0) -> FitResult:
-    """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam.
+def _device(device):
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not allowed: device must be a torch device such as 'cpu' or "
+                         "'cuda'") from None
 
-    The param store is cleared first, so params come from the model and guide as they are now.
-    `elbo` defaults to ClosedFormELBO(num_particles=128). `resume` is a checkpoint dict (see checkpoint.py):
-    training continues from its step with its params, optimiser and RNG states. Every `log_every` steps
-    the window mean of each loss term is appended to the history, with the KL terms unweighted.
-    Any Pyro ELBO works as `elbo` (see infer.objectives); the guide and the objective are checked against the
-    model before training (check_guide, check_objective).
-    With checkpoint_path and checkpoint_every > 0, a checkpoint is written every checkpoint_every steps.
-    The KL terms are weighted by `beta` through LatentScale (poutine-style scaling of the latent sites of model
-    and guide); with `warmup` > 0 the weight rises linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
+
+def _check_arguments(model, guide, data, elbo, steps, resume, values):
+    for name, value in values.items():
+        check(name, value)
+    needs_guide = getattr(elbo, "needs_guide", True)
+    if needs_guide and guide is None:
+        raise ValueError("guide=None is not allowed: this objective needs a guide (only an objective with "
+                         "needs_guide = False, such as the exact marginal likelihood, trains without one)")
+    if not needs_guide:
+        for name, default in (("beta", 1.0), ("warmup", 0), ("freeze_model", False)):
+            if values[name] != default:
+                raise ValueError(f"{name}={values[name]!r} is not allowed with objective {type(elbo).__name__}: it "
+                                 f"trains the model alone by its marginal likelihood ({name} must be {default!r})")
+    for role, fn in (("model", model), ("guide", guide if needs_guide else None)):
+        n = getattr(fn, "n", None)
+        if is_int(n) and n != data.n:
+            raise ValueError(f"{role} was built for n={n} but the data have n={data.n}: build the {role} with "
+                             f"n={data.n}")
+    if resume is not None:
+        start = int(resume["step"])
+        if steps < start:
+            raise ValueError(f"steps={steps} is not allowed: the checkpoint is at step {start}, and steps must be at "
+                             f"least that (it is the total step budget, not the steps still to run)")
+
+
+def _final_check(compute, start, steps):
+    """One more evaluation of the objective at the final parameters (no gradients, the RNG untouched): an update
+    that made the parameters produce a non-finite loss is caught here, not in evaluation."""
+    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
+        try:
+            loss, vec = compute(steps - 1 if steps > start else start)
+        except (ValueError, RuntimeError):  # a model or guide that refuses non-finite inputs itself
+            return False
+    return bool(torch.isfinite(vec).all()) and bool(torch.isfinite(loss).all())
+
+
+def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, lr_final: float = None,
+        schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
+        seed=None, log_every: int = 100, progress: bool = False, resume: dict = None, callback=None,
+        checkpoint_path=None, checkpoint_every: int = 0, checkpoint_extra: dict = None, threads=1,
+        init: str = "reset", freeze_model: bool = False, device="cpu") -> FitResult:
+    """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam (fused).
+
+    Defaults: every argument left None comes from the model's recipe (recipe(model)): steps, lr, lr_final,
+    schedule, adam_betas, and elbo = ClosedFormELBO(num_particles, noise) of the recipe. These are the command
+    line's defaults too. Any Pyro ELBO works as `elbo` (see infer.objectives); the guide and the objective are
+    checked against the model before training (check_guide, check_objective). Every argument is checked first
+    (infer.validate): a bad one raises ValueError in one line before any work.
+
+    Reproducibility: with `seed`, torch's, numpy's and Python's RNGs are seeded, and with init="reset" (default)
+    the parameters of model and guide are drawn again from that seed (reset_parameters), so a script gives the same
+    numbers although its networks were built before fit seeded; calling fit twice starts afresh both times.
+    init="keep" warm-starts from the current values (nn.Module params and pyro.param values alike).
+    threads: torch's thread count during fit (restored afterwards); 1 is much faster for these small networks
+    (2 threads measured 5-8x slower); None leaves it.
+    device: model and guide (nn.Modules) are moved there, and the data; pyro.param sites a user's function creates
+    must be created on it by the user.
+
+    freeze_model=True trains only the guide's params (those not touched by the model alone), the model is frozen.
+    An objective with `needs_guide = False` (e.g. infer.marginal.MarginalLikelihood) trains the model alone by
+    `elbo.marginal_terms(model, data)['nll']`; guide may then be None, and rows hold step, lr, nll and loss (= nll).
+
+    Divergence: every step's loss, loss terms and gradients are checked for finiteness on the device (no host
+    sync); a non-finite step is skipped by the optimizer, and the next log (or checkpoint) raises DivergenceError
+    (one line: the first bad step and the likely cause). The final parameters are checked by one more evaluation.
+    A checkpoint is written only of parameters whose loss and gradients were finite, so the last good one survives.
+
+    `resume` is a checkpoint dict (see checkpoint.py): training continues from its step with its params (checked
+    by name and shape), optimiser, RNG states, history and partial logging window, and gives the same history as
+    an uninterrupted run. Every `log_every` steps the window mean of each loss term is appended to the history, with
+    the KL terms unweighted. With checkpoint_path and checkpoint_every > 0, a checkpoint (with checkpoint_extra's
+    entries) is written every checkpoint_every steps and at the end. The KL terms are weighted by `beta` through
+    LatentScale (poutine-style scaling of the latent sites of model and guide); with `warmup` > 0 the weight rises
+    linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not lr > 0 or not lr_final > 0:
-        raise ValueError(f"lr and lr_final must be > 0, got {lr!r} and {lr_final!r}")
-    learning_rate(0, steps, lr, lr_final, schedule)
-    elbo = elbo if elbo is not None else ClosedFormELBO(num_particles=128)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    check_guide(model, guide, data.x)
-    check_objective(elbo, model, guide, data.x)
-    start = 0 if resume is None else int(resume["step"])
-    scale = LatentScale(kl_weight(start, beta, warmup, warmup_start))
-    model_w, guide_w, x = scale(weighted(model, data)), scale(weighted(guide, data)), data.x
+    plan = recipe(model)
+    steps = plan.steps if steps is None else steps
+    lr = plan.lr if lr is None else lr
+    lr_final = plan.lr_final if lr_final is None else lr_final
+    schedule = plan.schedule if schedule is None else schedule
+    adam_betas = plan.betas if adam_betas is None else adam_betas
+    values = dict(steps=steps, lr=lr, lr_final=lr_final, schedule=schedule, adam_betas=adam_betas, beta=beta,
+                  warmup=warmup, warmup_start=warmup_start, seed=seed, log_every=log_every,
+                  checkpoint_every=checkpoint_every, threads=threads, init=init, progress=progress,
+                  freeze_model=freeze_model)
+    if elbo is None:
+        elbo = ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
+    _check_arguments(model, guide, data, elbo, steps, resume, values)
+    device = _device(device)
+    old_threads = torch.get_num_threads()
+    if threads is not None and threads != old_threads:
+        torch.set_num_threads(threads)
+    try:
+        return _fit(model, guide, data, elbo, values, resume, callback, checkpoint_path, checkpoint_extra, device)
+    finally:
+        if threads is not None and threads != old_threads:
+            torch.set_num_threads(old_threads)
 
+
+def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device):
+    needs_guide = getattr(elbo, "needs_guide", True)
+    guide = guide if needs_guide else None
+    for module in (model, guide):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+    x = data.x.to(device)
+    if v["seed"] is not None:
+        pyro.set_rng_seed(v["seed"])
+    store = pyro.get_param_store()
+    kept = ({name: store.get_param(name).unconstrained().detach().clone() for name in store.keys()}
+            if v["init"] == "keep" else {})
+    pyro.clear_param_store()
+    if v["init"] == "reset":
+        reset_parameters(model, guide)
+    if needs_guide:
+        check_guide(model, guide, x)
+        check_objective(elbo, model, guide, x)
+    start = 0 if resume is None else int(resume["step"])
+    scale = LatentScale(kl_weight(start, v["beta"], v["warmup"], v["warmup_start"]))
+    if needs_guide:
+        model_w, guide_w = scale(weighted(model, data, device)), scale(weighted(guide, data, device))
     with poutine.trace(param_only=True) as captured, warnings.catch_warnings():
         # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
         warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
-        elbo.loss(model_w, guide_w, x)
-    store = pyro.get_param_store()
+        if needs_guide:
+            elbo.loss(model_w, guide_w, x)
+        else:
+            with torch.no_grad():
+                elbo.marginal_terms(model, data)
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
-    params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in names)}.values())
-    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(adam_betas))
-    result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide))
-    if resume is not None:
-        missing = sorted(set(names) - set(resume["params"]))
-        if missing:
-            raise ValueError(f"checkpoint has no params {', '.join(missing)}; it was written for another model or guide")
-        saved = resume.get("buffers", {})
-        odd = sorted(k for k, v in saved.items() if k not in result.buffers or v.shape != result.buffers[k].shape)
-        if odd:
-            raise ValueError(f"checkpoint buffers {', '.join(odd)} do not match this model and guide")
-        with torch.no_grad():  # by name: params is deduplicated, so it need not line up with names
+    if kept:
+        with torch.no_grad():
             for name in names:
-                store.get_param(name).unconstrained().copy_(resume["params"][name])
-            for name, value in saved.items():
-                result.buffers[name].copy_(value)
-        optimizer.load_state_dict(resume["optimizer"])
-        set_rng_state(resume["rng"])
-        result.history = list(resume.get("history", []))
+                value = store.get_param(name).unconstrained()
+                if name in kept and kept[name].shape == value.shape:
+                    value.copy_(kept[name])
+    trained = names
+    if v["freeze_model"]:
+        with poutine.trace(param_only=True) as alone, torch.random.fork_rng(), torch.no_grad():
+            model(x)
+        trained = [name for name in names if name not in alone.trace.nodes]
+        if not trained:
+            raise ValueError("freeze_model=True is not allowed here: the guide has no params of its own to train")
+    params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in trained)}.values())
+    for p in params:
+        p.requires_grad_(True)
+    fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
+    betas = tuple(float(b) for b in v["adam_betas"])
+    try:
+        optimizer = torch.optim.Adam(params, lr=v["lr"], betas=betas, fused=fused or None)
+    except RuntimeError:  # a device or dtype the fused kernel does not cover
+        fused = False
+        optimizer = torch.optim.Adam(params, lr=v["lr"], betas=betas)
+    frozen = [store.get_param(name).unconstrained() for name in names if name not in trained]
+    frozen = [p for p in frozen if p.requires_grad and all(p is not q for q in params)]
+    for p in frozen:  # no gradients for the frozen model during fit; restored on the way out
+        p.requires_grad_(False)
+    try:
+        return _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device,
+                      names, store, params, fused, optimizer, x, needs_guide, scale,
+                      model_w if needs_guide else None, guide_w if needs_guide else None)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
-    terms_of = None if isinstance(elbo, ClosedFormELBO) else _reporter(model_w, guide_w, x, log_every)
+
+def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device, names, store,
+           params, fused, optimizer, x, needs_guide, scale, model_w, guide_w):
+    steps, log_every, checkpoint_every = v["steps"], v["log_every"], v["checkpoint_every"]
+    start = 0 if resume is None else int(resume["step"])
+    result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide),
+                       recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
+                                                    "warmup_start", "seed")},
+                               "adam_betas": tuple(v["adam_betas"]),
+                               "num_particles": getattr(elbo, "num_particles", None),
+                               "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__})
+    window = _Window()
+    if resume is not None:
+        _restore(resume, names, store, result, window, device)
+        for group in optimizer.param_groups:  # a checkpoint of another Adam variant: same state, our kernel
+            group["fused"] = fused or None
+
+    if not needs_guide:
+        def compute(step):
+            terms = elbo.marginal_terms(model, data)
+            loss = terms["nll"].mean()
+            return loss, torch.stack([loss, loss]).detach()
+        term_names = ["nll"]
+    elif isinstance(elbo, ClosedFormELBO):  # one pass gives the loss and its terms
+        term_names = []
+
+        def compute(step):
+            terms = elbo.particle_terms(model_w, guide_w, x)
+            keys = list(terms)
+            if not term_names:
+                term_names.extend(keys)
+            elif keys != term_names:
+                raise RuntimeError(f"the loss terms changed from {term_names} to {keys} during training")
+            means = torch.stack([t.mean() for t in terms.values()])
+            loss = elbo.objective_of_means(keys, means)
+            return loss, torch.cat([means, loss.reshape(1)]).detach()
+    else:  # any other Pyro ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...) trains as Pyro defines it
+        terms_of = _reporter(model_w, guide_w, x, log_every)
+        term_names = []
+
+        def compute(step):
+            if torch.is_grad_enabled():
+                loss = torch.as_tensor(elbo.loss_and_grads(model_w, guide_w, x), device=x.device)
+            else:
+                loss = torch.as_tensor(elbo.loss(model_w, guide_w, x), device=x.device)
+            terms = terms_of(step)
+            if not term_names:
+                term_names.extend(terms)
+            means = torch.stack([t.mean() for t in terms.values()])
+            return loss, torch.cat([means, loss.reshape(1).to(means)]).detach()
+        compute.backward_done = True
+
+    backward_done = getattr(compute, "backward_done", False)
+    found_inf = torch.zeros((), device=device)  # sticky: 1 from the first non-finite step on
+    bad = torch.zeros((), device=device)  # how many steps since (and with) the first non-finite one
+    one = torch.ones((), device=device)
+
+    def first_bad(done):  # done: steps completed; the first bad step, 1-based, or None
+        count = int(bad.item())
+        return None if count == 0 else done - count + 1
+
+    def diverged(step, at_start):
+        return _divergence(step, at_start, start, v, result, needs_guide)
+
+    def write_checkpoint(at, rng, window_state):
+        result.steps = at
+        if torch.is_tensor(result.initial_loss):
+            result.initial_loss = float(result.initial_loss)
+        save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state)
+
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), disable=not progress, desc="fit", dynamic_ncols=True, mininterval=0.5)
-    window = {}
+    bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
     with pyro.validation_enabled(False):  # the fit check ran with validation; the hot loop skips arg checks
         for step in bar:
-            rate = learning_rate(step, steps, lr, lr_final, schedule)
-            scale.beta = kl_weight(step, beta, warmup, warmup_start)
+            pending = None
+            if checkpoint_path and checkpoint_every and step % checkpoint_every == 0 and step > start:
+                pending = (rng_state(), window.state())  # the state at `step`, written once its loss is finite
+            rate = learning_rate(step, steps, v["lr"], v["lr_final"], v["schedule"])
+            scale.beta = kl_weight(step, v["beta"], v["warmup"], v["warmup_start"])
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad(set_to_none=True)
-            if terms_of is None:  # a ClosedFormELBO: one pass gives the loss and its terms
-                terms = elbo.particle_terms(model_w, guide_w, x)
-                loss = elbo.objective(terms)
-                loss.backward()
-            else:  # any other Pyro ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...) trains as Pyro defines it
-                loss = torch.as_tensor(elbo.loss_and_grads(model_w, guide_w, x))
-                terms = terms_of(step)
+            try:
+                loss, vec = compute(step)
+                if not backward_done:
+                    loss.backward()
+            except (ValueError, RuntimeError) as err:
+                if all(bool(torch.isfinite(p).all()) for p in params):
+                    raise
+                raise diverged(first_bad(step) or step + 1, False) from err  # a NaN in the params broke the code
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._amp_foreach_non_finite_check_and_unscale_(grads + [vec.clone()], found_inf, one)
+            bad.add_(found_inf)
+            if step == 0:
+                result.initial_loss = vec[-1]
+            if pending is not None:
+                if first_bad(step + 1) is not None:
+                    raise diverged(first_bad(step + 1), first_bad(step + 1) == start + 1)
+                write_checkpoint(step, *pending)
+            if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
+                optimizer.found_inf, optimizer.grad_scale = found_inf, None
             optimizer.step()
-            for k, v in terms.items():  # report KL terms unweighted
-                weight = scale.beta if k.startswith("kl_") and scale.beta > 0 else 1.0
-                window[k] = window.get(k, 0.0) + float(v.detach().mean()) / weight
-            window["objective"] = window.get("objective", 0.0) + float(loss.detach())
-            window["beta"] = window.get("beta", 0.0) + scale.beta
+            window.add(vec, scale.beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                count = (step + 1) - (result.history[-1]["step"] if result.history else start)
-                row = {"step": step + 1, "lr": rate, **{k: v / count for k, v in window.items()}}
-                row["loss"] = row["recon"] + sum(v for k, v in row.items() if k.startswith("kl_"))
+                if first_bad(step + 1) is not None:
+                    raise diverged(first_bad(step + 1), first_bad(step + 1) == start + 1)
+                row = window.row(step + 1, rate, term_names, needs_guide)
                 result.history.append(row)
-                window = {}
+                if torch.is_tensor(result.initial_loss):
+                    result.initial_loss = float(result.initial_loss)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 if callback is not None:
                     callback(step + 1, row)
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; lower optim.lr")
-            if checkpoint_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                result.steps = step + 1
-                save_checkpoint(checkpoint_path, result)
+    if start < steps and not _final_check(compute, start, steps):
+        raise _last_update(steps, v, result)
     result.steps, result.wall_seconds = steps, time.perf_counter() - t0
+    result.window = window.state()
+    if torch.is_tensor(result.initial_loss):
+        result.initial_loss = float(result.initial_loss)
+    if checkpoint_path and checkpoint_every and start < steps:
+        write_checkpoint(steps, rng_state(), result.window)
     return result
 
 
+def _last_update(steps, v, result):
+    return DivergenceError(f"training diverged at step {steps}: the last update made the loss non-finite (nan or "
+                           f"inf); the learning rate is the likely cause: lower lr (optim.lr={v['lr']:g})",
+                           step=steps, cause="lr", result=result)
+
+
+def _divergence(step, at_start, start, v, result, needs_guide):
+    """The DivergenceError for a first non-finite step `step` (1-based); at_start: before any update of this run."""
+    if at_start and start == 0:
+        cause = "init"
+        what = ("the loss or its gradients were non-finite at the initial parameters, before any update, so not "
+                "the learning rate: check " + ("beta (train.beta), the data weights, the model and the guide"
+                                               if needs_guide else "the model and the objective"))
+    elif needs_guide and v["beta"] > 1e3:
+        cause = "beta"
+        what = (f"the loss or its gradients became non-finite (nan or inf); beta={v['beta']:g} weights the KL "
+                "terms so much that they overflow: lower beta (train.beta)")
+    else:
+        cause = "lr"
+        what = ("the loss or its gradients became non-finite (nan or inf); the learning rate is the likely cause: "
+                f"lower lr (optim.lr={v['lr']:g})")
+    return DivergenceError(f"training diverged at step {step}: {what}", step=step, cause=cause, result=result)
+
+
+def _restore(resume, names, store, result, window, device):
+    """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place."""
+    missing = sorted(set(names) - set(resume["params"]))
+    if missing:
+        raise ValueError(f"resume: the checkpoint has no params {', '.join(missing)}; it was written for another "
+                         "model or guide")
+    for name in names:
+        want, have = tuple(store.get_param(name).unconstrained().shape), tuple(resume["params"][name].shape)
+        if want != have:
+            raise ValueError(f"resume: the checkpoint's param {name} has shape {have} but this model/guide's has "
+                             f"shape {want}; it was written for another model, guide or data.n")
+    saved = resume.get("buffers", {})
+    odd = sorted(k for k, b in saved.items() if k not in result.buffers or b.shape != result.buffers[k].shape)
+    if odd:
+        raise ValueError(f"resume: the checkpoint's buffers {', '.join(odd)} do not match this model and guide")
+    with torch.no_grad():  # by name: params is deduplicated, so it need not line up with names
+        for name in names:
+            store.get_param(name).unconstrained().copy_(resume["params"][name])
+        for name, value in saved.items():
+            result.buffers[name].copy_(value)
+    try:
+        result.optimizer.load_state_dict(resume["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"resume: the checkpoint's optimizer state does not fit these params ({err})") from None
+    set_rng_state(resume["rng"])
+    result.history = list(resume.get("history", []))
+    result.initial_loss = resume.get("initial_loss")
+    window.load(resume.get("window"), device)
+
+
+class _Window:
+    """The per-step loss terms since the last log, kept on the device until the log step (no sync per step)."""
+
+    def __init__(self):
+        self.values, self.betas = [], []
+
+    def add(self, vec, beta):
+        self.values.append(vec)
+        self.betas.append(beta)
+
+    def state(self):
+        """A checkpointable copy: {'values': (k, T) tensor on the CPU, 'betas': [k floats]} (None when empty)."""
+        if not self.values:
+            return None
+        return {"values": torch.stack(self.values).cpu(), "betas": list(self.betas)}
+
+    def load(self, state, device):
+        self.values, self.betas = [], []
+        if state:
+            self.values = list(state["values"].to(device).unbind(0))
+            self.betas = list(state["betas"])
+
+    def row(self, step, rate, names, needs_guide) -> dict:
+        """The window means: each term (KL terms unweighted: divided by each step's beta), the objective, beta."""
+        values = torch.stack(self.values).double()  # (k, T+1): the terms, then the objective
+        betas = torch.tensor(self.betas, dtype=torch.float64, device=values.device)
+        if needs_guide:
+            kl = torch.tensor([k.startswith("kl_") for k in names] + [False], device=values.device)
+            divisor = torch.where(kl & (betas > 0).unsqueeze(1), betas.unsqueeze(1), torch.ones_like(values))
+            means = (values / divisor).mean(0).tolist()
+            row = {"step": step, "lr": rate, **dict(zip(names, means[:-1])), "objective": means[-1],
+                   "beta": float(sum(self.betas) / len(self.betas))}
+            row["loss"] = row["recon"] + sum(val for k, val in row.items() if k.startswith("kl_"))
+        else:
+            means = values.mean(0).tolist()
+            row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0]}
+        self.values, self.betas = [], []
+        return row
+
+
 from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)
+
+__all__ = ["fit", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
+           "reset_parameters", "rng_state", "set_rng_state", "VAE_RECIPE", "DLGM_RECIPE", "DEFAULT_RECIPE"]

@@ -66,9 +66,10 @@ class SobolNoise(Messenger):
             return
         eps = self._eps[:, self._used:self._used + width].reshape((self.num_particles,) + tuple(event))
         if self._used == 0 and self._lattice_weights is not None:
-            self.log_weights = self._lattice_weights  # this site takes the lattice coordinate
+            self.log_weights = self._lattice_weights.to(normal.loc.device)  # this site takes the lattice coordinate
         self._used += width
         eps = eps.reshape((self.num_particles,) + (1,) * (-self.particle_dim - 1) + tuple(event))
+        eps = eps.to(dtype=normal.loc.dtype, device=normal.loc.device)  # a no-op on the CPU in float32
         value = normal.loc + normal.scale * eps
         for t in transforms:  # cached by transforms with cache_size=1, so log_prob(value) reuses the inverse
             value = t(value)

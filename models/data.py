@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from infer.validate import check
+
 
 @dataclass(frozen=True)
 class OneBit:
@@ -13,12 +15,11 @@ class OneBit:
     weights: tuple = (0.5, 0.5)
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        w = tuple(float(v) for v in self.weights)
-        if len(w) != 2 or min(w) <= 0 or abs(sum(w) - 1) > 1e-9:
-            raise ValueError(f"weights must be two positive numbers that sum to 1, got {list(self.weights)!r}")
-        object.__setattr__(self, "weights", w)
+        check("n", self.n)
+        weights = self.weights if isinstance(self.weights, (str, bytes)) else tuple(self.weights)
+        check("weights", weights)
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "weights", tuple(float(v) for v in weights))
 
     @property
     def x(self) -> torch.Tensor:

@@ -4,6 +4,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from infer.validate import check
+
 from .nets import GaussianNet, mlp
 
 
@@ -14,8 +16,11 @@ class DLGM(nn.Module):
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
                  gain: bool = False, prior_gain: bool = False):
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
+        for name, value in (("n", n), ("depth", depth), ("latent_dim", latent_dim), ("hidden", hidden),
+                            ("layers", layers), ("prior_hidden", prior_hidden), ("prior_layers", prior_layers),
+                            ("activation", activation), ("min_scale", min_scale), ("gain", gain),
+                            ("prior_gain", prior_gain)):
+            check(name, value)
         self.n, self.depth, self.latent_dim = n, depth, latent_dim
         self.latent_sites = tuple(f"z{l}" for l in range(1, depth + 1))
         self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)

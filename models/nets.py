@@ -3,6 +3,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from infer.validate import check
+
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus}
 
 
@@ -14,6 +16,11 @@ class LogGain(nn.Module):
         super().__init__()
         self.log_gain = nn.Parameter(torch.zeros(dim))
 
+    def reset_parameters(self):
+        """Back to gain 1 (log-gain 0), as built."""
+        with torch.no_grad():
+            self.log_gain.zero_()
+
     def forward(self, h):
         return h * self.log_gain.exp()
 
@@ -22,8 +29,11 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "
         ) -> nn.Sequential:
     """A dense network with `layers` hidden layers of width `hidden` and a linear output; `gain` puts a LogGain
     on its input."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation)):
+        check(name, value)
+    for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name}={value!r} is not allowed: {name} must be an integer >= 1")
     blocks, width = ([LogGain(in_dim)] if gain else []), in_dim
     for _ in range(layers):
         blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
@@ -37,6 +47,7 @@ class GaussianNet(nn.Module):
 
     def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, gain=False):
         super().__init__()
+        check("min_scale", min_scale)
         self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation, gain)
         self.min_scale = min_scale
 

@@ -4,6 +4,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from infer.validate import check
+
 from .nets import mlp
 
 
@@ -15,6 +17,9 @@ class VAE(nn.Module):
     def __init__(self, n: int, latent_dim: int = 1, hidden: int = 64, layers: int = 2, activation: str = "elu",
                  gain: bool = False):
         super().__init__()
+        for name, value in (("n", n), ("latent_dim", latent_dim), ("hidden", hidden), ("layers", layers),
+                            ("activation", activation), ("gain", gain)):
+            check(name, value)
         self.n, self.latent_dim = n, latent_dim
         self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)
 

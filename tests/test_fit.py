@@ -7,7 +7,7 @@ import torch
 
 from analysis.montecarlo import monte_carlo
 from guides import GaussianGuide
-from infer import ClosedFormELBO, fit
+from infer import ClosedFormELBO, DivergenceError, fit
 from infer.checkpoint import CheckpointError, load_checkpoint
 from models import VAE, OneBit
 
@@ -91,7 +91,7 @@ def test_a_checkpoint_without_optimizer_state_is_refused(tmp_path):
         load_checkpoint(tmp_path / "partial.pt")
 
 
-@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps must be"), ({"lr": 0.0}, "lr and lr_final"),
+@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps must be"), ({"lr": 0.0}, "lr must be a finite number > 0"),
                                              ({"schedule": "linear"}, "schedule must be")])
 def test_bad_training_arguments_fail_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -113,3 +113,110 @@ def test_a_guide_written_in_a_few_lines_trains_through_the_python_api():
     assert set(metrics["kl"]) == {"z"}
     assert metrics["loss"] < 1.5 and math.isfinite(result.history[-1]["loss"])
     assert pyro.param("m")[1, 0] - pyro.param("m")[0, 0] > 1.0  # the encoder separates the two points
+
+
+# --- divergence -------------------------------------------------------------------------------------------------
+
+def vae_run(n=5, **kwargs):
+    model = VAE(n, hidden=16)
+    guide = GaussianGuide(model, hidden=16)
+    return fit(model, guide, OneBit(n), elbo=ClosedFormELBO(num_particles=16), log_every=10, seed=0, **kwargs)
+
+
+def test_a_nan_made_by_the_last_update_is_caught_as_divergence():
+    with pytest.raises(DivergenceError, match="diverged at step 1: the last update") as err:
+        vae_run(n=1000, lr=1e30, steps=1)
+    assert "\n" not in str(err.value) and err.value.cause == "lr"
+
+
+def test_a_divergence_names_its_first_bad_step_and_the_learning_rate():
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*lower lr") as err:
+        vae_run(n=1000, lr=1e30, steps=300)
+    assert err.value.step == 2 and "\n" not in str(err.value)
+
+
+def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_learning_rate():
+    with pytest.raises(DivergenceError, match="before any update, so not the learning rate") as err:
+        vae_run(steps=20, beta=1e38 * 3)  # finite, but the weighted KL overflows float32
+    assert err.value.cause == "init"
+
+
+def test_a_checkpoint_is_never_written_from_parameters_that_diverged(tmp_path):
+    path = tmp_path / "c.pt"
+    vae_run(steps=50, lr=1e-3, checkpoint_path=path, checkpoint_every=25)  # a good checkpoint at step 50
+    good = load_checkpoint(path)
+    with pytest.raises(DivergenceError):
+        vae_run(steps=300, lr=1e30, checkpoint_path=path, checkpoint_every=25, resume=good)
+    kept = load_checkpoint(path)
+    assert all(bool(torch.isfinite(v).all()) for v in kept["params"].values())
+
+
+def test_a_non_finite_step_leaves_the_parameters_of_the_last_good_step():
+    from infer.fit import DivergenceError as Err
+
+    model = VAE(5, hidden=16)
+    guide = GaussianGuide(model, hidden=16)
+    with pytest.raises(Err):
+        fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=16), log_every=50, seed=0, steps=50,
+            lr=1e30)
+    assert all(bool(torch.isfinite(p).all()) for p in [*model.parameters(), *guide.parameters()])
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("checkpoint_every, log_every", [(50, 30), (30, 10), (25, 100)])
+def test_resuming_gives_the_same_history_as_an_uninterrupted_run_to_the_last_digit(tmp_path, checkpoint_every,
+                                                                                   log_every):
+    def run(**kwargs):
+        model = VAE(5, hidden=16)
+        guide = GaussianGuide(model, hidden=16)
+        return fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=16, noise="lattice"), steps=120,
+                   log_every=log_every, seed=0, warmup=40, **kwargs)
+
+    full = run().history
+
+    def crash(step, row):
+        if step >= 70:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(callback=crash, checkpoint_path=tmp_path / "c.pt", checkpoint_every=checkpoint_every)
+    pyro.set_rng_seed(99)  # resume must restore every state itself
+    resumed = run(resume=load_checkpoint(tmp_path / "c.pt")).history
+    assert resumed == full
+
+
+def test_resuming_an_n5_checkpoint_with_n10_data_is_refused_in_one_line(tmp_path):
+    vae_run(steps=20, checkpoint_path=tmp_path / "c.pt", checkpoint_every=20)
+    with pytest.raises(ValueError, match="param .* has shape .* another model, guide or data.n") as err:
+        vae_run(n=10, steps=40, resume=load_checkpoint(tmp_path / "c.pt"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_step_budget_below_the_checkpoints_step_is_refused(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt", checkpoint_every=30)
+    with pytest.raises(ValueError, match="steps=20 is not allowed: the checkpoint is at step 30"):
+        vae_run(steps=20, resume=load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_a_checkpoint_gets_the_file_mode_of_other_outputs(tmp_path):
+    import os
+
+    vae_run(steps=10, checkpoint_path=tmp_path / "c.pt", checkpoint_every=10)
+    (tmp_path / "other").write_text("x")
+    assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == os.stat(tmp_path / "other").st_mode & 0o777
+
+
+def test_temporary_files_of_a_killed_checkpoint_write_are_removed_at_the_next_write(tmp_path):
+    orphan = tmp_path / ".c.pt.abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    vae_run(steps=10, checkpoint_path=tmp_path / "c.pt", checkpoint_every=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_a_checkpoint_carries_the_extra_entries_it_is_given(tmp_path):
+    from infer.checkpoint import save_checkpoint
+
+    result = vae_run(steps=10)
+    save_checkpoint(tmp_path / "c.pt", result, extra={"config": {"seed": 0}})
+    assert load_checkpoint(tmp_path / "c.pt")["config"] == {"seed": 0}
