@@ -12,7 +12,8 @@ Groups of the InferenceData that encodings() returns:
 * exact_densities (only when `grids` is given): per scalar latent site a grid <site>_grid and the densities
   <site>_prior, <site>_aggregate (on the grid), <site>_q and <site>_posterior (per x).
 
-attrs: n, weights, latent_sites (model order, top latent first), estimator.
+attrs: n, weights, latent_sites (model order, top latent first), estimator; and, when the run's PSIS diagnostics are
+given, khat (one per data point) and khat_samples, so figures show the run's one k-hat, not one of their own.
 """
 import warnings
 
@@ -81,13 +82,18 @@ def densities_dataset(grids: dict, labels=None):
     return xr.Dataset(data_vars, coords=coords)
 
 
-def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk: int = 5000):
+def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk: int = 5000, khat: dict = None):
     """Guide and prior samples of every latent (and the exact densities when `grids` is given) as InferenceData.
 
-    samples: draws per data point (one chain). grids: the output of exact.posterior_grid(model, guide, data)."""
+    samples: draws per data point (one chain). grids: the output of exact.posterior_grid(model, guide, data).
+    khat: the run's PSIS diagnostics (evaluate()'s metrics['psis']), kept in attrs for the figures. Draws are
+    traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n."""
     import arviz as az
 
+    from .montecarlo import particles_per_chunk
+
     x, points = data.x, data.x.shape[-2]
+    chunk = min(chunk, particles_per_chunk(data.n, points))
     labels = point_labels(points)
     post, prior, lw = {}, {}, []
     for start in range(0, samples, chunk):
@@ -117,6 +123,8 @@ def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk
     idata.attrs.update({"n": int(data.n), "weights": list(map(float, data.weights)), "latent_sites": order,
                         "estimator": f"guide and prior samples, {samples} per data point"
                                      + ("; exact densities by quadrature" if grids else "")})
+    if khat:
+        idata.attrs.update({"khat": [float(k) for k in khat["khat"]], "khat_samples": int(khat["samples"])})
     return idata
 
 

@@ -75,7 +75,9 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
     """p(site), the aggregate q(site), q(site|x_k) and p(site|x_k) on a common grid.
 
     Returns dict(grid, prior, aggregate, q (K, G), posterior (K, G) or None, labels, source, khat). source is
-    "exact" when the encodings hold exact densities of the site, else "kde" (posterior by PSIS-weighted KDE)."""
+    "exact" when the encodings hold exact densities of the site, else "kde" (posterior by PSIS-weighted KDE).
+    khat is the run's k-hat per data point (the encodings' attrs, evaluate()'s value) or None: the k-hat of the
+    figure's own few draws would be another, noisier number than the run's."""
     labels = [str(v) for v in idata.posterior["x"].values]
     w = (np.asarray(idata.constant_data["w"].values, dtype=float) if "constant_data" in idata.groups()
          else np.full(len(labels), 1.0 / len(labels)))
@@ -88,7 +90,7 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
         prior = np.asarray(ex[f"{site}_prior"].values, dtype=float) if f"{site}_prior" in ex else None
         post = np.asarray(ex[f"{site}_posterior"].values, dtype=float) if f"{site}_posterior" in ex else None
         return {"grid": grid, "prior": prior, "aggregate": agg, "q": q, "posterior": post, "labels": labels,
-                "source": "exact", "khat": None}
+                "source": "exact", "khat": _run_khat(idata)}
 
     qs = idata.posterior[site].values[..., component]          # (chain, draw, K)
     qs = qs.reshape(-1, qs.shape[-1])
@@ -100,17 +102,18 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
     grid = np.linspace(lo - pad, hi + pad, points)
     q = np.stack([_kde(qs[:, k], grid) for k in range(qs.shape[1])])
     prior = _kde(ps, grid) if ps is not None else None
-    post, khat = None, None
+    post = None
     if "sample_stats" in idata.groups() and "log_weight" in idata.sample_stats:
         lw = idata.sample_stats["log_weight"].values.reshape(-1, qs.shape[1])
-        rows, khat = [], []
-        for k in range(qs.shape[1]):
-            wk, kk = _smoothed_weights(lw[:, k])
-            rows.append(_kde(qs[:, k], grid, weights=wk))
-            khat.append(kk)
-        post = np.stack(rows)
+        post = np.stack([_kde(qs[:, k], grid, weights=_smoothed_weights(lw[:, k])[0]) for k in range(qs.shape[1])])
     return {"grid": grid, "prior": prior, "aggregate": (w[:, None] * q).sum(0), "q": q, "posterior": post,
-            "labels": labels, "source": "kde", "khat": khat}
+            "labels": labels, "source": "kde", "khat": _run_khat(idata)}
+
+
+def _run_khat(idata):
+    """The run's k-hat per data point from the encodings' attrs (None when they carry none)."""
+    k = idata.attrs.get("khat")
+    return [float(v) for v in k] if k else None
 
 
 def total_variation(grid, p, q) -> float:
@@ -152,7 +155,7 @@ def _draw_conditionals(ax, d, site, legend=True):
             p = post[k]
             ax.fill_between(g, q, p, color=col, alpha=0.3, lw=0)
             name = "p" if d["source"] == "exact" else "~p"
-            extra = f", k-hat {d['khat'][k]:.2f}" if d.get("khat") else ""
+            extra = f", k-hat {d['khat'][k]:.2f} [PSIS]" if d.get("khat") else ""
             ax.plot(g, p, color=col, lw=1.5, ls="--", dashes=(4, 2),
                     label=f"{name}({site}|{lab}) true{extra}")
             tv.append(total_variation(g, p, q))

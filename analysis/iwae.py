@@ -13,7 +13,11 @@ from .qdensity import is_joint
 
 
 def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:
-    """log p(x_k, z) - log q(z|x_k) for `samples` guide draws per data point: a float64 tensor (samples, N)."""
+    """log p(x_k, z) - log q(z|x_k) for `samples` guide draws per data point: a float64 tensor (samples, N).
+    Draws are traced at most min(chunk, particles_per_chunk(n)) at a time: bounded memory for any n."""
+    from .montecarlo import particles_per_chunk
+
+    chunk = max(1, min(chunk, particles_per_chunk(x.shape[-1], x.shape[-2])))
     out = []
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)

@@ -1,9 +1,19 @@
-"""Pareto k-hat (PSIS, Yao et al. 2018) of the importance weights p(x_k, z) / q(z|x_k), per data point.
+"""Pareto k-hat diagnostics (Vehtari et al. 2024, "Pareto smoothed importance sampling", JMLR 25(72)).
 
-k-hat is the estimated shape of the generalised Pareto tail of the weights: below GOOD = 0.5 the guide covers
-the posterior well and importance-weighted estimates are reliable; above BAD = 0.7 the guide misses posterior
-mass and estimates built on its samples (IWAE bounds, the ELBO itself) are not to be trusted.
+Two uses:
+
+* importance weights p(x_k, z) / q(z|x_k), z ~ q(.|x_k), per data point (`diagnose`, `khat`): k-hat is the
+  estimated shape of the generalised Pareto tail of the weights. It is reported with the effective sample size
+  (ESS, of the Pareto-smoothed weights) and the sample-size-dependent threshold min(1 - 1/log10 S, 0.7): below
+  GOOD = 0.5 the weights have finite variance; below the threshold Pareto-smoothed estimates are reliable; above it
+  q misses posterior mass. k-hat is scale-free, so when the weights are nearly constant (ESS/S >= CONSTANT_ESS) it
+  fits a shape to noise and says nothing: that case is named instead. k-hat is itself an estimate from the
+  M = min(S/5, 3 sqrt(S)) largest weights, with standard deviation about (1 + k) / sqrt(M) (the GPD maximum
+  likelihood rate), reported as `sd`.
+* per-sample values of a plain (or randomised quasi-) Monte Carlo mean (`tail_khat`): k-hat of the largest and of
+  the smallest values. A CLT standard error needs finite variance, i.e. k < 1/2 for both tails.
 """
+import math
 import warnings
 
 import numpy as np
@@ -14,10 +24,11 @@ from pyro.poutine.util import site_is_subsample
 
 from guides.check import DATA_PLATE, plates
 
-from .qdensity import is_joint
+from .qdensity import is_joint, log_prob64
 
 GOOD = 0.5
-BAD = 0.7
+BAD = 0.7        # the threshold for large S: min(1 - 1/log10 S, 0.7)
+CONSTANT_ESS = 0.99  # ESS/S at or above this: the weights are nearly constant, k-hat is not informative
 PARTICLE_PLATE = "_psis_particles"
 
 
@@ -62,7 +73,7 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
     with torch.no_grad():
         for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
             for _, site in _sample_sites(trace, observed):
-                lp = site["fn"].log_prob(site["value"]).double()
+                lp = log_prob64(site)
                 if DATA_PLATE in plates(site):
                     per_point = per_point + sign * _batched(lp, samples, points)
                 else:
@@ -72,30 +83,93 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
     return (per_point + shared).T.numpy()
 
 
+def threshold(samples: int) -> float:
+    """The sample-size-dependent k-hat threshold min(1 - 1/log10 S, 0.7) (Vehtari et al. 2024): above it even
+    Pareto-smoothed estimates from S draws are unreliable."""
+    return float(min(1.0 - 1.0 / math.log10(samples), BAD)) if samples > 10 else 0.0
+
+
+def tail_length(samples: int) -> int:
+    """M, the number of largest values the Pareto tail is fitted to: ceil(min(S/5, 3 sqrt(S))) (as arviz.psislw)."""
+    return int(math.ceil(min(samples / 5.0, 3.0 * math.sqrt(samples))))
+
+
+def khat_sd(k: float, samples: int) -> float:
+    """Approximate sampling standard deviation of k-hat: (1 + k) / sqrt(M) (M = tail_length(S))."""
+    return float((1.0 + max(k, -0.5)) / math.sqrt(tail_length(samples))) if np.isfinite(k) else float("nan")
+
+
+def _upper_khat(v: np.ndarray) -> float:
+    """k-hat of the upper tail of v (arviz.psislw on log(v - min v)); 0 where fewer than 5 values exceed the
+    tail's cutoff (bounded, e.g. constant values)."""
+    import arviz as az
+
+    m = tail_length(v.size)
+    top = np.sort(v)[-(m + 1):]
+    if v.size < 10 or np.count_nonzero(top > top[0]) < 5:
+        return 0.0
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, k = az.psislw(np.log(v - v.min()))
+    return float(k)
+
+
+def tail_khat(values) -> float:
+    """The Pareto k-hat of the heavier tail (largest or smallest values) of per-sample values of a Monte Carlo mean
+    (Vehtari et al. 2024, sec. on plain Monte Carlo): < 0.5 finite variance, so a CLT standard error holds;
+    0.5..1 infinite variance (the mean converges, slowly; no standard error); >= 1 the mean may not exist.
+    inf where a value is not finite."""
+    v = np.asarray(values, dtype=float).reshape(-1)
+    if not np.all(np.isfinite(v)):
+        return float("inf")
+    return max(_upper_khat(v), _upper_khat(-v))
+
+
+def diagnose(lw) -> list:
+    """Per row of log weights lw (N, S): {'khat', 'sd', 'ess', 'ess_fraction', 'threshold', 'samples', 'verdict'}.
+
+    khat from arviz.psislw; ess = 1 / sum of the squared normalised Pareto-smoothed weights; constant weights
+    (spread below 1e-9 nats: q is the exact posterior) get khat 0; verdict is interpret()'s phrase."""
+    import arviz as az
+
+    lw = np.atleast_2d(np.asarray(lw, dtype=float))
+    samples = lw.shape[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arviz warns on k > 0.7; interpret() says it in words
+        slw, k = az.psislw(lw)
+    k = np.atleast_1d(np.asarray(k, dtype=float)).copy()
+    k[np.ptp(lw, axis=-1) < 1e-9] = 0.0
+    ess = 1.0 / np.exp(2 * np.asarray(slw)).sum(-1)
+    ess[~np.isfinite(ess)] = 0.0
+    out = []
+    for kk, e in zip(k, ess):
+        d = {"khat": float(kk), "sd": khat_sd(kk, samples), "ess": float(e), "ess_fraction": float(e / samples),
+             "threshold": threshold(samples), "samples": samples}
+        d["verdict"] = interpret(kk, d["ess_fraction"], samples)
+        out.append(d)
+    return out
+
+
 def khat(model, guide, data, samples: int = 10000) -> list:
     """Pareto k-hat per data point (arviz.psislw) of log p(x_k, z) - log q(z|x_k), z ~ q(.|x_k).
 
     Weights that are constant (spread below 1e-9 nats) mean q(z|x_k) is the exact posterior; psislw cannot fit a
     tail to them (it returns inf), so k-hat is reported as 0 there."""
-    import arviz as az
-
-    lw = log_weights(model, guide, data, samples)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz warns on k > 0.7; interpret() says it in words
-        _, k = az.psislw(lw)
-    k = np.atleast_1d(np.asarray(k, dtype=float)).copy()
-    k[np.ptp(lw, axis=-1) < 1e-9] = 0.0
-    return [float(v) for v in k]
+    return [d["khat"] for d in diagnose(log_weights(model, guide, data, samples))]
 
 
-def interpret(k: float) -> str:
-    """One phrase for a k-hat value."""
+def interpret(k: float, ess_fraction: float = None, samples: int = None) -> str:
+    """One phrase for a k-hat value (with ESS/S and S, when known, for the near-constant case and the threshold)."""
+    limit = threshold(samples) if samples else BAD
+    if ess_fraction is not None and ess_fraction >= CONSTANT_ESS:
+        return (f"weights nearly constant (ESS/S = {ess_fraction:.5f}): q matches the posterior up to sampling noise, "
+                "k-hat fits a shape to that noise and is not informative")
     if not np.isfinite(k):
         return "undefined (non-finite weights)"
     if k < GOOD:
-        return "good: q covers the posterior"
-    if k <= BAD:
-        return "ok: q covers the posterior, importance weighting converges slowly"
+        return "good: q covers the posterior, the weights have finite variance"
+    if k <= limit:
+        return "ok: q covers the posterior; importance weighting converges slowly (infinite variance)"
     return "bad: q misses posterior mass; importance-weighted estimates are unreliable"
 
 

@@ -1,6 +1,7 @@
 """A run's evaluation and outputs: metrics.json, history.csv, checkpoint.pt, encodings.nc and figures."""
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -23,21 +24,33 @@ def scalar_latents(guide, data) -> int:
     return sum(trace.nodes[name]["fn"].event_shape.numel() for name in latent_sites(trace))
 
 
-def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "qmc", tol: float = 1e-4,
-             iwae_k: int = 1000, exact: bool = True, seed: int = 0) -> tuple:
-    """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point: the RQMC
-    loss terms; an `exact` block (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2
-    scalar latents, or a guide whose density it cannot integrate, such as a joint guide over two latent sites), an
+def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
+             iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None) -> tuple:
+    """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
+
+    The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
+    "exact" (quadrature; 'loss_se' None, 'loss_error' the quadrature's error) where quadrature runs, else the
+    Monte Carlo estimate ('RQMC lattice', 'RQMC' or 'MC') with 'loss_se', or 'loss_se' None and a 'loss_note'
+    where the tail of the per-sample losses says the variance may be infinite. 'recon', 'recon_per_dim', 'kl'
+    (per site) and 'estimator' belong to that same estimator. The Monte Carlo numbers are always kept in the
+    'montecarlo' block (see montecarlo.monte_carlo).
+
+    Other blocks: `exact` (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2 scalar
+    latents, or a guide whose density it cannot integrate, such as a joint guide over two latent sites), an
     `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
-    `khat`; and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact densities for
-    the figures (None without quadrature). exact=False skips quadrature and IWAE. The IWAE and k-hat draws come from
-    torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched), so they do not depend on what ran
-    before them."""
-    from .psis import khat, sample_traces
+    `khat` (one per data point; the same value twice for a joint guide) with `psis` (ESS, threshold, verdict;
+    psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact
+    densities for the figures (None without quadrature). exact=False skips quadrature and IWAE. The Monte Carlo,
+    IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
+    so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default: samples)."""
+    from .psis import diagnose, log_weights, sample_traces
     from .qdensity import is_joint
 
     t0 = time.perf_counter()
-    metrics = monte_carlo(model, guide, data, samples=samples, replicates=replicates, noise=noise)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mc = monte_carlo(model, guide, data, samples=samples, replicates=replicates, noise=noise)
+    metrics = {}
     grids, skipped = None, None
     if exact and scalar_latents(guide, data) > EXACT_MAX_SCALARS:
         skipped = f"more than {EXACT_MAX_SCALARS} scalar latents per data point: no quadrature"
@@ -49,6 +62,7 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         except ValueError as err:  # e.g. a joint guide over two latent sites: a 4-D integral
             skipped = str(err)
             metrics["exact_nll"] = evidence(model, guide, data, tol=tol)  # the model alone still integrates
+    metrics = {**headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
     if "exact" in metrics:
         metrics["surgery"] = surgery(model, guide, data, tol=tol)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
@@ -61,18 +75,39 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         metrics["iwae"]["note"] = f"{skipped}; importance-sampled bounds instead"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        metrics["khat"] = khat(model, guide, data, samples=samples)
+        psis = diagnose(log_weights(model, guide, data, khat_samples or samples))
     with torch.random.fork_rng(), poutine.block():
-        if is_joint(*sample_traces(model, guide, data.x, 1)):
-            metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
+        joint = is_joint(*sample_traces(model, guide, data.x, 1))
+    metrics["khat"] = [d["khat"] for d in psis]
+    metrics["psis"] = {key: ([d[key] for d in psis] if key in ("khat", "sd", "ess", "ess_fraction", "verdict")
+                             else psis[0][key]) for key in psis[0]}
+    metrics["psis"]["joint"] = joint
+    if joint:
+        metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
     if isinstance(model, VAE) and model.latent_dim == 1 and data.weights == (0.5, 0.5):
         from .optimum import gaussian_optimum
 
         best = gaussian_optimum(data.n)["loss"]
         metrics["gaussian_optimum"] = best
-        metrics["gap_to_gaussian_optimum"] = metrics.get("exact", metrics)["loss"] - best
+        metrics["gap_to_gaussian_optimum"] = metrics["loss"] - best
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics, grids
+
+
+def headline(mc: dict, exact: dict = None) -> dict:
+    """The headline keys of metrics.json from the Monte Carlo block and, where quadrature ran, the exact block:
+    loss, loss_estimator, loss_se (None where no reliable standard error exists), loss_note (why, when withheld),
+    loss_error (the quadrature's error, exact only), recon, recon_per_dim, kl, kl_total and estimator."""
+    if exact is not None:
+        return {"loss": exact["loss"], "loss_estimator": "exact", "loss_se": None, "loss_error": exact.get("error"),
+                "recon": exact["recon"], "recon_per_dim": exact["recon_per_dim"], "kl": dict(exact["kl"]),
+                "kl_total": sum(exact["kl"].values()), "estimator": exact["estimator"]}
+    out = {"loss": mc["loss"], "loss_estimator": mc["kind"], "loss_se": mc["loss_se"], "recon": mc["recon"],
+           "recon_per_dim": mc["recon_per_dim"], "kl": dict(mc["kl"]), "kl_total": mc["kl_total"],
+           "estimator": mc["estimator"]}
+    if "loss_note" in mc:
+        out["loss_note"] = mc["loss_note"]
+    return out
 
 
 def evaluate_run(model, guide, data, cfg, result) -> tuple:
@@ -84,19 +119,34 @@ def evaluate_run(model, guide, data, cfg, result) -> tuple:
     return {**head, **metrics}, grids
 
 
+def describe(model, guide, data, result) -> dict:
+    """What metrics.json's head says when no config does: model and guide names (their class or function
+    names), n, and fit()'s steps and wall_seconds (and its seed where the result records one)."""
+    def name(obj):
+        return getattr(obj, "__name__", None) or type(obj).__name__
+
+    head = {"model": name(model), "guide": name(guide), "n": data.n}
+    for key in ("seed", "steps", "wall_seconds"):
+        if getattr(result, key, None) is not None:
+            head[key] = getattr(result, key)
+    return head
+
+
 def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
               title: str = None) -> None:
     """Write metrics.json, history.csv, checkpoint.pt, encodings.nc, and (figures=True) encodings.png and
-    training.png into out. result is fit()'s return value; grids come from evaluate()."""
+    training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
+    model and guide names, n, seed, steps and wall_seconds from `describe` where metrics lacks them."""
     from . import encodings as enc
     from .figures import encoding_figure, training_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
     save_checkpoint(out / "checkpoint.pt", result, extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    idata = enc.encodings(model, guide, data, grids=grids)
+    idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
     log.info("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
     if figures:
@@ -105,26 +155,58 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
                         optimum=metrics.get("gaussian_optimum"), title=title)
 
 
-def summary_lines(m: dict) -> list:
-    """A short human summary of a run's metrics, every number tagged with its estimator."""
-    from .psis import BAD, GOOD
+def _pm(value: float, se) -> str:
+    """value ± se with the digits the standard error supports (at least 4 decimals)."""
+    if se is None or not se > 0:
+        return f"{value:.4f}" if se is None else f"{value:.6f} ± 0"
+    digits = max(4, min(10, 1 - math.floor(math.log10(se))))
+    return f"{value:.{digits}f} ± {se:.1e}" if se < 1e-4 else f"{value:.{digits}f} ± {se:.{digits}f}"
 
-    tag = "[MC]" if m["estimator"].startswith("Monte") else "[RQMC]"
-    lines = [f"{m.get('model', 'model')} + {m.get('guide', 'a')} guide, n={m.get('n', '?')}, seed={m.get('seed', '?')}: "
-             f"{m.get('steps', '?')} steps in {m.get('wall_seconds', 0):.1f} s, evaluation {m.get('eval_seconds', 0):.1f} s "
-             "(nats per data point)",
-             f"  loss       {m['loss']:.4f} ± {m['loss_se']:.4f} {tag}",
-             f"  recon      {m['recon']:.4f} {tag}",
-             f"  recon/dim  {m['recon_per_dim']:.3e} {tag}"]
-    lines += [f"  KL[{site}]{' ' * max(1, 7 - len(site))}{v:.4f} {tag}" for site, v in m["kl"].items()]
-    if "exact" in m:
-        e = m["exact"]
+
+def _header(m: dict) -> str:
+    """'vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)', with
+    only the parts that are known."""
+    who = " + ".join(p for p in (m.get("model"), f"{m['guide']} guide" if m.get("guide") else None) if p)
+    facts = ", ".join(f"{k}={m[k]}" for k in ("n", "seed") if m.get(k) is not None)
+    head = ", ".join(p for p in (who, facts) if p) or "run"
+    timing = []
+    if m.get("steps") is not None:
+        timing.append(f"{m['steps']} steps" + (f" in {m['wall_seconds']:.1f} s" if m.get("wall_seconds") else ""))
+    if m.get("eval_seconds") is not None:
+        timing.append(f"evaluation {m['eval_seconds']:.1f} s")
+    return head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"
+
+
+def _kl_text(kl: dict, tag: str) -> str:
+    return "   ".join(f"KL[{s}] {v:.4f}" for s, v in kl.items()) + f" {tag}"
+
+
+def summary_lines(m: dict) -> list:
+    """A short human summary of a run's metrics (evaluate()'s, or metrics.json's), every number tagged with its
+    estimator. The first number is the headline loss."""
+    lines = [_header(m)]
+    e, mc = m.get("exact"), m.get("montecarlo")
+    if e is not None:
         lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   ELBO gap {e['gap']:.4f} [exact]",
                   f"  recon      {e['recon']:.4f} [exact]   recon/dim {e['recon_per_dim']:.3e} [exact]   "
-                  + "   ".join(f"KL[{s}] {v:.4f}" for s, v in e["kl"].items()) + " [exact]"]
+                  + _kl_text(e["kl"], "[exact]")]
         if "total_correlation_per_point" in e:
-            lines.append(f"  joint guide: KL[z] = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
+            lines.append(f"  joint guide: KL = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
                          f"{e['total_correlation_per_point']:.4f} [exact]")
+    if mc is None and "estimator" in m and e is None:  # an old metrics.json: the Monte Carlo numbers at top level
+        mc = {**m, "kind": "MC" if m["estimator"].startswith("Monte") else "RQMC"}
+    if mc is not None:
+        tag = f"[{mc['kind']}]"
+        if mc.get("loss_se") is not None:
+            loss = f"{_pm(mc['loss'], mc['loss_se'])} {tag}"
+        else:
+            loss = f"{mc['loss']:.4f} {tag}, no error bar: {mc.get('loss_note', 'no reliable standard error')}"
+        if e is not None:
+            lines.append(f"  loss       {loss}   (check of the exact loss: {mc['loss'] - e['loss']:+.2e})")
+        else:
+            lines.append(f"  loss       {loss}")
+        lines.append(f"  recon      {mc['recon']:.4f} {tag}   recon/dim {mc['recon_per_dim']:.3e} {tag}   "
+                     + _kl_text(mc["kl"], tag))
     if "surgery" in m:
         s = m["surgery"]
         lines.append(f"  surgery    avg KL {s['avg_kl']:.4f} = I_q(x;z) {s['mutual_info']:.4f} + "
@@ -132,18 +214,47 @@ def summary_lines(m: dict) -> list:
     if "exact_nll" in m:
         lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} [exact, the model alone: the guide's loss has no quadrature]")
     if "iwae" in m:
-        i = m["iwae"]
-        lines.append(f"  IWAE-{i['K']} loss {i['loss']:.4f} ± {i['loss_se']:.4f}   NLL {i['nll']:.4f} ± {i['nll_se']:.4f}"
-                     f" [importance sampling] ({i['note']})")
+        lines += _iwae_lines(m["iwae"])
     if "gap_to_gaussian_optimum" in m:
-        lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is "
-                     f"{m['gap_to_gaussian_optimum']:+.4f} above it")
-    if "khat_note" in m:
-        lines.append(f"  PSIS k-hat {m['khat'][0]:.2f} ({m['khat_note']}; good < {GOOD}, bad > {BAD})")
-    elif "khat" in m:
-        lines.append("  PSIS k-hat " + ", ".join(f"x{k}: {v:.2f}" for k, v in enumerate(m["khat"]))
-                     + f" (good < {GOOD}, bad > {BAD})")
-    lines.append(f"  {tag} = {m['estimator']}")
-    if "exact" in m:
-        lines.append(f"  [exact] = {m['exact']['estimator']}")
+        gap = m["gap_to_gaussian_optimum"]
+        where = f"{gap:.4f} above it" if gap >= 0 else f"{-gap:.4f} below it (the optimum bounds Gaussian encoders only)"
+        lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is {where}")
+    lines += _khat_lines(m)
+    if e is not None:
+        lines.append(f"  [exact] = {e['estimator']}")
+    if mc is not None:
+        lines.append(f"  [{mc['kind']}] = {mc['estimator']}")
+    return lines
+
+
+def _iwae_lines(i: dict) -> list:
+    def pm(v, se, note):
+        return _pm(v, se) if se is not None else f"{v:.4f} (no error bar: {note})"
+
+    return [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))}   "
+            f"NLL {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling] ({i['note']})"]
+
+
+def _khat_lines(m: dict) -> list:
+    """The PSIS k-hat line: value ± its sampling sd, ESS/S, and the threshold for S draws; near-constant weights
+    said in words."""
+    from .psis import GOOD, interpret
+
+    if "khat" not in m:
+        return []
+    p = m.get("psis")
+    if p is None:  # an old metrics.json
+        return ["  PSIS k-hat " + ", ".join(f"x{k}: {v:.2f}" for k, v in enumerate(m["khat"]))]
+    points = [0] if p.get("joint") else range(len(m["khat"]))
+    parts = []
+    for k in points:
+        label = "joint" if p.get("joint") else f"x{k}"
+        if p["ess_fraction"][k] >= 0.99:
+            parts.append(f"{label}: {interpret(p['khat'][k], p['ess_fraction'][k], p['samples'])}")
+        else:
+            parts.append(f"{label}: {p['khat'][k]:.2f} ± {p['sd'][k]:.2f} (ESS/S {p['ess_fraction'][k]:.3f}; "
+                         f"{interpret(p['khat'][k], p['ess_fraction'][k], p['samples']).split(':')[0]})")
+    lines = [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: " + "; ".join(parts)]
+    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}"
+                 + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
     return lines
