@@ -143,7 +143,7 @@ def reset_parameters(*modules) -> None:
     parameter (no reset_parameters() owns it) is put back to its value when fit first saw the module. Callables
     that are not modules keep their pyro.param sites, which restart from their init values when the param store
     is cleared."""
-    from pyro.infer.autoguide import AutoGuide
+    from pyro.infer.autoguide import AutoGuide, AutoNormalizingFlow
 
     for module in modules:
         if not isinstance(module, torch.nn.Module):
@@ -152,6 +152,8 @@ def reset_parameters(*modules) -> None:
         for sub in module.modules():
             if isinstance(sub, AutoGuide):  # set up afresh, params and all, at its next call
                 sub.prototype_trace = None
+                if isinstance(sub, AutoNormalizingFlow):  # its flow is built lazily, and only once
+                    sub.transform = None
                 covered |= {id(p) for p in sub.parameters()}
             if callable(getattr(sub, "reset_parameters", None)):
                 sub.reset_parameters()
@@ -314,9 +316,9 @@ def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpo
         warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
         if needs_guide:
             elbo.loss(model_w, guide_w, x)
-        else:
-            with torch.no_grad():
-                elbo.marginal_terms(model, data)
+        else:  # the model's own params (an objective may hide them from outer handlers, e.g. by poutine.block)
+            with torch.no_grad(), torch.random.fork_rng():
+                model(x)
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
     if kept:
         with torch.no_grad():
@@ -341,21 +343,21 @@ def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpo
     except RuntimeError:  # a device or dtype the fused kernel does not cover
         fused = False
         optimizer = torch.optim.Adam(params, lr=v["lr"], betas=betas)
-    frozen = [store.get_param(name).unconstrained() for name in names if name not in trained]
-    frozen = [p for p in frozen if p.requires_grad and all(p is not q for q in params)]
-    for p in frozen:  # no gradients for the frozen model during fit; restored on the way out
-        p.requires_grad_(False)
+    # a frozen model's params keep requires_grad (pyro.module would drop them from the param store otherwise):
+    # they are left out of the optimizer, and their gradients are dropped every step
+    frozen = [p for p in (store.get_param(name).unconstrained() for name in names if name not in trained)
+              if all(p is not q for q in params)]
     try:
         return _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device,
                       names, store, params, fused, optimizer, x, needs_guide, scale,
-                      model_w if needs_guide else None, guide_w if needs_guide else None)
+                      model_w if needs_guide else None, guide_w if needs_guide else None, frozen)
     finally:
         for p in frozen:
-            p.requires_grad_(True)
+            p.grad = None
 
 
 def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device, names, store,
-           params, fused, optimizer, x, needs_guide, scale, model_w, guide_w):
+           params, fused, optimizer, x, needs_guide, scale, model_w, guide_w, frozen):
     steps, log_every, checkpoint_every = v["steps"], v["log_every"], v["checkpoint_every"]
     start = 0 if resume is None else int(resume["step"])
     result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide),
@@ -435,6 +437,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad(set_to_none=True)
+            for p in frozen:
+                p.grad = None
             try:
                 loss, vec = compute(step)
                 if not backward_done:

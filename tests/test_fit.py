@@ -9,7 +9,7 @@ from analysis.montecarlo import monte_carlo
 from guides import GaussianGuide
 from infer import ClosedFormELBO, DivergenceError, fit
 from infer.checkpoint import CheckpointError, load_checkpoint
-from models import VAE, OneBit
+from models import DLGM, VAE, OneBit
 
 
 def train(steps=60, seed=0, **kwargs):
@@ -220,3 +220,111 @@ def test_a_checkpoint_carries_the_extra_entries_it_is_given(tmp_path):
     result = vae_run(steps=10)
     save_checkpoint(tmp_path / "c.pt", result, extra={"config": {"seed": 0}})
     assert load_checkpoint(tmp_path / "c.pt")["config"] == {"seed": 0}
+
+
+# --- the Python API: threads, seeds, one recipe ------------------------------------------------------------------
+
+def test_fit_trains_on_one_thread_and_restores_the_callers_setting():
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        vae_run(steps=10, callback=lambda step, row: seen.append(torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_seed_makes_a_script_reproducible_although_the_networks_were_built_before_it():
+    def script(draw_before):
+        torch.manual_seed(draw_before)  # a fresh process starts from a random seed
+        model = VAE(5, hidden=8)
+        return fit(model, GaussianGuide(model, hidden=8), OneBit(5), steps=20, log_every=20, seed=0).history
+
+    assert script(1) == script(2)
+
+
+def test_calling_fit_twice_starts_afresh_unless_told_to_keep_the_parameters():
+    model = VAE(5, hidden=8)
+    guide = GaussianGuide(model, hidden=8)
+    first = fit(model, guide, OneBit(5), steps=20, log_every=20, seed=0).history
+    again = fit(model, guide, OneBit(5), steps=20, log_every=20, seed=0).history
+    warm = fit(model, guide, OneBit(5), steps=20, log_every=20, seed=0, init="keep").history
+    assert again == first and warm != first
+
+
+def test_an_autoguide_is_set_up_afresh_by_each_fit():
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    model = VAE(5, hidden=8)
+    guide = AutoIAFNormal(model, hidden_dim=[8], num_transforms=2)
+    runs = [fit(model, guide, OneBit(5), steps=10, log_every=10, seed=0).history for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_fits_defaults_are_the_models_recipe():
+    from infer import recipe
+
+    model = VAE(5, hidden=8)
+    result = fit(model, GaussianGuide(model, hidden=8), OneBit(5), steps=2, log_every=2)
+    plan = recipe(model)
+    assert result.recipe["num_particles"] == plan.num_particles == 32 and result.recipe["noise"] == "lattice"
+    assert result.recipe["adam_betas"] == plan.betas and result.recipe["lr_final"] == plan.lr_final
+    assert recipe(DLGM).lr_final == 1e-4 and recipe(DLGM).num_particles == 128
+
+
+@pytest.mark.parametrize("name", ["vae", "dlgm"])
+def test_the_command_lines_recipe_is_the_recipe_fit_uses(name):
+    from pathlib import Path
+
+    import yaml
+
+    from infer import recipe
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    base, optim = (yaml.safe_load((conf / f).read_text()) for f in ("config.yaml", "optim/adam.yaml"))
+    model = yaml.safe_load((conf / "model" / f"{name}.yaml").read_text())
+    objective = yaml.safe_load((conf / "objective" / "closed_form.yaml").read_text())
+    train, optim = {**base["train"], **model.get("train", {})}, {**optim, **model.get("optim", {})}
+    plan = recipe({"vae": VAE, "dlgm": DLGM}[name])
+    assert (train["steps"], train["num_particles"], objective["noise"]) == (plan.steps, plan.num_particles,
+                                                                             plan.noise)
+    assert (optim["lr"], optim["lr_final"], optim["schedule"], tuple(optim["betas"])) == (
+        plan.lr, plan.lr_final, plan.schedule, plan.betas)
+
+
+# --- frozen model, and objectives without a guide -----------------------------------------------------------------
+
+def test_freeze_model_trains_the_guide_alone():
+    model = VAE(5, hidden=8)
+    guide = GaussianGuide(model, hidden=8)
+    fit(model, guide, OneBit(5), steps=5, log_every=5, seed=0)
+    before_model = [p.detach().clone() for p in model.parameters()]
+    before_guide = [p.detach().clone() for p in guide.parameters()]
+    fit(model, guide, OneBit(5), steps=20, log_every=20, seed=1, init="keep", freeze_model=True)
+    assert all(torch.equal(a, b) for a, b in zip(before_model, model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_guide, guide.parameters()))
+
+
+def test_an_objective_without_a_guide_trains_the_model_by_its_nll():
+    from collections import OrderedDict
+
+    class MeanLogLikelihood:  # a stand-in for infer.marginal: -E_p(z) log p(x|z), one prior sample per point
+        needs_guide = False
+
+        def marginal_terms(self, model, data):
+            from pyro import poutine
+            trace = poutine.trace(model).get_trace(data.x)
+            nll = -(data.w * trace.nodes["x"]["fn"].log_prob(data.x)).sum()
+            return OrderedDict(nll=nll.reshape(1))
+
+    model = VAE(5, hidden=8)
+    result = fit(model, None, OneBit(5), elbo=MeanLogLikelihood(), steps=60, log_every=20, lr=1e-2, seed=0)
+    assert list(result.history[0]) == ["step", "lr", "nll", "loss"]
+    assert result.history[-1]["loss"] == result.history[-1]["nll"] < result.history[0]["nll"]
+    with pytest.raises(ValueError, match="beta=0.5 is not allowed with objective MeanLogLikelihood"):
+        fit(model, None, OneBit(5), elbo=MeanLogLikelihood(), steps=5, beta=0.5)
+
+
+def test_a_missing_guide_is_refused_for_an_objective_that_needs_one():
+    with pytest.raises(ValueError, match="guide=None is not allowed"):
+        fit(VAE(5, hidden=8), None, OneBit(5), steps=5)
