@@ -124,7 +124,7 @@ def beta_point(n, beta) -> dict:
 
     Returns dict(n, beta, a, rate, distortion, loss = R + D, objective = D + beta R, collapsed, estimator), nats
     per data point. For beta >= n it is the collapsed code a = 0, R = 0, D = n ln 2, exactly (proof in the module
-    docstring); for 0 < beta < n it has a > 0 (the slope argument), found by a log grid over a and bounded Brent,
+    docstring); for 0 < beta < n it has a > 0 (the slope argument), found by a log grid over a and bounded Brent in log a,
     the objective accurate to ~1e-12 (a itself only as well as the flat minimum allows). beta must be > 0: at
     beta = 0 the infimum is at R = infinity."""
     n = _check_n(n)
@@ -139,14 +139,14 @@ def beta_point(n, beta) -> dict:
         def objective(x):
             return n * expected_softplus(x) + beta * 0.5 * math.log1p(x / 2.0)
 
-        grid = np.logspace(-8, 6, 141)
+        grid = np.logspace(-8, 6, 29)  # bracket on a log grid (the objective is unimodal in R: D(R) is convex)
         values = np.array([objective(x) for x in grid])
         i = int(np.argmin(values))
-        lo = 0.0 if i == 0 else grid[i - 1]
-        hi = grid[min(i + 1, len(grid) - 1)]
-        res = optimize.minimize_scalar(objective, bounds=(lo, hi), method="bounded",
-                                       options={"xatol": 1e-13 * max(1.0, hi), "maxiter": 1000})
-        a = float(res.x) if res.fun <= values[i] and res.x > 0 else float(grid[i])
+        lo = math.log(grid[i - 1]) if i > 0 else math.log(1e-12)
+        hi = math.log(grid[min(i + 1, len(grid) - 1)])
+        res = optimize.minimize_scalar(lambda t: objective(math.exp(t)), bounds=(lo, hi), method="bounded",
+                                       options={"xatol": 1e-11, "maxiter": 500})
+        a = math.exp(res.x) if res.fun <= values[i] else float(grid[i])
     R = float(rate(a))
     D = n * LN2 if a == 0.0 else float(distortion(n, a))
     return {"n": n, "beta": beta, "a": a, "rate": R, "distortion": D, "loss": R + D,
@@ -225,11 +225,12 @@ def rd_plane(points, path=None, ns=None, title: str = None):
         axes = np.atleast_1d(fig.subplots(1, len(ns), squeeze=False)[0])
         for ax, n in zip(axes, ns):
             mine = [p for p in points if float(p["n"]) == n]
-            top_rate = max([1.25 * beta_point(n, 0.1)["rate"], 1.0] + [1.1 * float(p["rate"]) for p in mine])
-            R = np.linspace(0.0, top_rate, 241)
+            far = beta_point(n, 0.1)
+            top_rate = max([1.25 * far["rate"], 1.0] + [1.1 * float(p["rate"]) for p in mine])
+            R = np.linspace(0.0, top_rate, 161)
             D = distortion_at_rate(n, R)
             positive = [float(p["distortion"]) for p in mine if p["distortion"] > 0]
-            floor = max(1e-5, 0.5 * min(positive + [float(beta_point(n, 0.1)["distortion"])]))
+            floor = max(1e-5, 0.5 * min(positive + [far["distortion"]]))
             top = 1.6 * max([n * LN2] + positive)
             ax.plot(R, np.where(D >= floor, D, np.nan), color="0.25", lw=2, zorder=2,
                     label=f"Gaussian-encoder frontier, n = {n:g} [exact]")
