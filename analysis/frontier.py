@@ -25,10 +25,12 @@ The absolute bound R + D >= H(w) = ln 2 holds for every model and every family (
 whose least value is the data's entropy); the frontier lies above it.
 
 A beta-VAE minimises D + beta R. On this data, for any encoder, D + beta R - n ln 2 >= (beta - n) R +
-n KL(q(z) || p(z)) (using D >= n H_q(X|Z) = n (ln 2 - I_q) and R = I_q + KL(q(z) || p(z))), so for beta >= n the
-collapsed code R = 0, D = n ln 2 is the unique optimum; for beta < n the curve's slope at R = 0 is dD/dR = -n < -beta
-(D(a) = n (ln 2 - a/4 + O(a^2)), R(a) = a/4 + O(a^2)), so the optimum leaves collapse. At n = 1: z is used exactly
-when beta < 1.
+n KL(q(z) || p(z)) (using D >= n H_q(X|Z) = n (ln 2 - I_q) and R = I_q + KL(q(z) || p(z))), so for beta >= n no
+encoder of any family gets D + beta R below n ln 2, the collapsed code R = 0, D = n ln 2 reaches it, and it is the
+only optimum for beta > n (for Gaussian encoders also at beta = n: their q(z) is N(0, 1) only when collapsed; at
+n = beta = 1 a richer family can reach it anywhere on the line R + D = ln 2); for beta < n the curve's slope at
+R = 0 is dD/dR = -n < -beta (D(a) = n (ln 2 - a/4 + O(a^2)), R(a) = a/4 + O(a^2)), so the optimum leaves collapse.
+At n = 1: z is used exactly when beta < 1.
 
 Every number here is exact (deterministic quadrature, analysis.optimum.expected_softplus, ~1e-13 relative), tag
 [exact], in nats per data point.
