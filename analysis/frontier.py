@@ -126,8 +126,8 @@ def beta_point(n, beta) -> dict:
 
     Returns dict(n, beta, a, rate, distortion, loss = R + D, objective = D + beta R, collapsed, estimator), nats
     per data point. For beta >= n it is the collapsed code a = 0, R = 0, D = n ln 2, exactly (proof in the module
-    docstring); for 0 < beta < n it has a > 0 (the slope argument), found by a log grid over a and bounded Brent in log a,
-    the objective accurate to ~1e-12 (a itself only as well as the flat minimum allows). beta must be > 0: at
+    docstring); for 0 < beta < n it has a > 0 (the slope argument), found by a log grid over a and bounded Brent in
+    log a, the objective accurate to ~1e-12 (a itself only as well as the flat minimum allows). beta must be > 0: at
     beta = 0 the infimum is at R = infinity."""
     n = _check_n(n)
     if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)) or not (
@@ -249,8 +249,9 @@ def rd_plane(points, path=None, ns=None, title: str = None):
                 ax.annotate(text, (g[0]["rate"], max(float(g[0]["distortion"]), floor)), xytext=(4, 3),
                             textcoords="offset points", fontsize=7, color="0.15", zorder=5)
             handles, _ = ax.get_legend_handles_labels()
+            present = [f for f in families if any(_family(p) == f for p in mine)]
             handles += [Line2D([], [], ls="", marker="o", markersize=7, color=colors[f], markeredgecolor="black",
-                               label=f"{f} run (\u03b2 labelled)") for f in families if any(_family(p) == f for p in mine)]
+                               label=f"{f} run (\u03b2 labelled)") for f in present]
             ax.legend(handles=handles, fontsize=7.5, loc="lower left", frameon=True, framealpha=0.9)
             ax.set_yscale("log")
             ax.set_xlim(0.0, top_rate)
