@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import GuideDensity, log_prob64
+from .qdensity import BaseNoise, GuideDensity, log_prob64
 
 # Gauss-Kronrod (7, 15) on [-1, 1] (QUADPACK qk15): Kronrod nodes x >= 0, Kronrod weights, Gauss weights of the
 # odd-indexed nodes (x[1], x[3], x[5], x[7] = 0).
@@ -52,7 +52,9 @@ CANDIDATES = 2  # features kept per density (q, p) per row
 INNER_TOL = 1e-5  # relative error target of each inner integral (times 10**-level)
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
-CHUNK = 400_000  # latent points per model/guide evaluation
+CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
+MAX_ELEMENTS = 2 ** 25  # elements of the largest per-bit tensor of one model evaluation (points x n): memory is
+#                          bounded for any n (a float64 tensor of this size is 256 MiB)
 
 
 def _lse(t, dim):
@@ -96,6 +98,19 @@ class Densities:
         if self.joint and not bool(torch.allclose(self.w, self.w.mean())):
             raise ValueError("a joint guide couples the data points: its loss is defined for equal data weights only")
         self.marginal = None
+        # elements of the observed sites per latent point (n for the one-bit data): the width of the model's largest
+        # tensors, which bounds how many latent points one evaluation may hold
+        self.width = max(1, sum(mt.nodes[n]["value"].numel() for n in self.observed) // points)
+        self.base = None  # the bottom site's base noise, when the guide samples it from a flow (see qdensity)
+        if need_q and self.q.kind == "direct":
+            with torch.no_grad(), torch.random.fork_rng(), poutine.block():
+                gt = poutine.trace(guide).get_trace(self.x)
+            self.base = BaseNoise.of(gt, self.bottom, self.latents)
+
+    def rows(self, per_row: int = 1) -> int:
+        """How many values of the bottom latent (each with per_row values of the others) one model evaluation may
+        take: at most CHUNK latent points, and at most MAX_ELEMENTS elements in the per-bit tensors."""
+        return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
 
     def logs(self, values: dict, parts=("q", "p")) -> dict:
         """{'q:site' | 'p:site': float64 log-density} for every guide/model site at the given latent values.
@@ -123,15 +138,23 @@ class Densities:
         """Draws of every latent from the guide ('q:site', shape (count, 2)) and the model prior ('p:site'), plus the
         log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic."""
         out = {}
+        step = self.rows(2)  # model draws per evaluation (all of them unless the data are wide)
         with torch.no_grad(), torch.random.fork_rng(), poutine.block():
             torch.manual_seed(seed)
             with pyro.plate("_exact_particles", count, dim=-2):
                 gt = poutine.trace(self.guide).get_trace(self.x)
-                mt = poutine.trace(self.model).get_trace(self.x)
+            prior, loglik = {n: [] for n in self.latents}, []
+            for start in range(0, count, step):
+                with pyro.plate("_exact_particles", min(step, count - start), dim=-2):
+                    mt = poutine.trace(self.model).get_trace(self.x)
+                for n in self.latents:
+                    value = mt.nodes[n]["value"].detach()
+                    prior[n].append(value.reshape(value.shape[0], -1))
+                loglik.append(sum(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"]).double() for n in self.observed))
         for n in self.latents:
             out["q:" + n] = gt.nodes[n]["value"].detach().reshape(count, 2).double()  # AutoDelta's is a param
-            out["p:" + n] = mt.nodes[n]["value"].detach().reshape(count, -1).double().expand(count, 2)
-        out["p:loglik"] = sum(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"]).double() for n in self.observed)
+            out["p:" + n] = torch.cat(prior[n]).reshape(count, -1).double().expand(count, 2)
+        out["p:loglik"] = torch.cat(loglik)
         return out
 
 
@@ -216,7 +239,7 @@ class Inner:
 
     def _eval(self, u, v):
         """Site log-densities at u (A, 2) against v (A, B, 2) or (1, B, 2), chunked over rows: dict of (A, B, 2)."""
-        rows = max(1, CHUNK // (2 * v.shape[1]))
+        rows = self.d.rows(2 * v.shape[1])
         pieces = []
         for s in range(0, u.shape[0], rows):
             vs = v[s:s + rows] if v.shape[0] > 1 else v
@@ -423,8 +446,10 @@ class Direct:
 
     def __call__(self, u, level: int = 0) -> dict:
         """Like Inner.__call__ for rows u (A, 2): 'lq', 'lp', and the site log-densities as 'mean' and 'at'."""
-        logs = self.d.logs({self.outer: u}, self.parts)
-        logs = {k: v.expand(u.shape) for k, v in logs.items()}
+        step = self.d.rows(2)
+        pieces = [self.d.logs({self.outer: u[s:s + step]}, self.parts) for s in range(0, u.shape[0], step)]
+        logs = {k: torch.cat([p[k].expand(min(step, u.shape[0] - i * step), 2) for i, p in enumerate(pieces)])
+                for k in pieces[0]}
         out = {"mean": logs, "at": logs}
         if "q" in self.parts:
             out["lq"] = sum(v for k, v in logs.items() if k.startswith("q:"))
@@ -498,7 +523,9 @@ class Outer:
 
 
 def _split_all(panels):
-    """Every panel (P, 2, 2) split at its midpoint: (2P, 2, 2)."""
+    """Every panel (P, 2, 2) split at its midpoint: (2P, 2, 2); a tuple of panel sets: each one."""
+    if isinstance(panels, tuple):
+        return tuple(_split_all(p) for p in panels)
     mid = panels.mean(1, keepdim=True)
     return torch.cat([torch.cat([panels[:, :1], mid], 1), torch.cat([mid, panels[:, 1:]], 1)])
 
@@ -507,16 +534,30 @@ class LossQuantities:
     """The quantities of exact(): the q mass, every site's E_q[log-density] and the model evidence, per data point.
 
     Per u node, fn returns 'lq' (log q-marginal), 'mean' (conditional E_q of each site log-density) and 'lp'
-    (log p(x, u)); they become the integrands 'Zq' = q, 'T:<site key>' = q * mean and 'Zp' = p * exp(-ref)."""
+    (log p(x, u)); they become the integrands 'Zq' = q, 'T:<site key>' = q * mean and 'Zp' = p * exp(-ref).
 
-    def __init__(self, dens: Densities, inner, ref):
-        self.d, self.inner, self.ref = dens, inner, ref  # ref (2,): log-shift of p(x, u)
+    With `base` (a qdensity.BaseNoise of u) the nodes are the base noise eps of u = T(eps) instead, and the integrands
+    are those of the expectations under q in eps, where q(u) du = base(eps) d eps: 'Zq' = base(eps) times the inner
+    mass of q(v|u), 'T:<site key>' = that times the conditional mean, with log q(u|x) from the forward map. The
+    evidence is not among them (p(x, u) du/d eps is as narrow in eps as q is in u where the map is steep)."""
 
-    def __call__(self, u, level):
-        r = self.inner(u, level)
-        q = r["lq"].exp()
-        out = {"Zq": q, "Zp": (r["lp"] - self.ref).exp()}
-        for k, m in r["mean"].items():
+    def __init__(self, dens: Densities, inner, ref, base: BaseNoise = None):
+        self.d, self.inner, self.ref, self.base = dens, inner, ref, base  # ref (2,): log-shift of p(x, u)
+
+    def __call__(self, nodes, level):
+        if self.base is None:
+            r = self.inner(nodes, level)
+            q, mean = r["lq"].exp(), r["mean"]
+            out = {"Zq": q, "Zp": (r["lp"] - self.ref).exp()}
+        else:
+            u, lq_u, lbase = self.base(nodes)
+            r = self.inner(u, level)
+            key = "q:" + self.d.bottom
+            # log of the integral of q(v|u) over v (0 up to the inner rule; no v: 0)
+            lmass = r["lq"] - r["mean"][key] if "lq" in r else torch.zeros_like(lbase)
+            q, mean = (lbase + lmass).exp(), {**r["mean"], key: lq_u}
+            out = {"Zq": q}
+        for k, m in mean.items():
             out["T:" + k] = torch.where(q > 0, q * m, torch.zeros_like(q))
         return out
 
@@ -524,10 +565,25 @@ class LossQuantities:
         """Per panel and data point, the largest |K15 - G7| difference among the reported numbers (nats)."""
         w = self.d.w
         diff = {k: (K - G).abs() for k, (K, G) in est.items()}
-        zp = est["Zp"][0].sum(0).clamp_min(1e-300)
         loss = sum((est[k][0] - est[k][1]) * (1 if k.startswith("T:q:") else -1) for k in est if k.startswith("T:"))
-        cands = [w * loss.abs(), diff["Zq"], diff["Zp"] / zp] + [w * v for k, v in diff.items() if k.startswith("T:")]
+        cands = [w * loss.abs(), diff["Zq"]] + [w * v for k, v in diff.items() if k.startswith("T:")]
+        if "Zp" in est:
+            cands.append(diff["Zp"] / est["Zp"][0].sum(0).clamp_min(1e-300))
         return torch.stack(cands).amax(0)
+
+
+class Joined:
+    """Outer integrations refined together (exact() with a flow guide: the expectations under q in the base noise,
+    the evidence in u): panels are a tuple, one per outer, and their estimates are merged into one dict."""
+
+    def __init__(self, *outers):
+        self.outers = outers
+
+    def evaluate(self, panels, level):
+        est = {}
+        for outer, p in zip(self.outers, panels):
+            est.update(outer.evaluate(p, level))
+        return est
 
 
 def _summarise(dens: Densities, est, ref) -> dict:
@@ -551,8 +607,11 @@ def _summarise(dens: Densities, est, ref) -> dict:
 
 
 def _numbers(r: dict) -> list:
-    """The numbers whose change under refinement is the reported error."""
-    return [r["loss"], r["recon"], *r["kl"].values(), *r["log_px"]]
+    """The numbers whose change under refinement is the reported error: every number exact() reports, per data
+    point as well."""
+    per = r["per_point"]
+    return [r["loss"], r["recon"], *r["kl"].values(), *r["log_px"], *per["loss"], *per["recon"],
+            *(v for values in per["kl"].values() for v in values)]
 
 
 def _initial_breaks(draws: list, lo, hi, extra=12):
@@ -574,7 +633,7 @@ def _edge_panels(panels, est, quantities, margin=20.0, count=6):
     lo, hi = panels[:, 0].gather(0, i0)[0], panels[:, 1].gather(0, i1)[0]
     grow_lo = grow_hi = False
     for q in quantities:
-        dens = est[q][0] / width.clamp_min(1e-300)
+        dens = est[q][0].abs() / width.clamp_min(1e-300)
         peak = dens.amax(0, keepdim=True) * math.exp(-margin)
         grow_lo |= bool((dens.gather(0, i0) > peak).any())
         grow_hi |= bool((dens.gather(0, i1) > peak).any())
@@ -589,11 +648,12 @@ def _edge_panels(panels, est, quantities, margin=20.0, count=6):
     return torch.cat(out)
 
 
-def _adapt(outer, breaks, quantities):
-    """outer.run from breaks, extending the range (up to 4 times) until the integrands vanish at both ends."""
+def _adapt(outer, breaks, quantities=None):
+    """outer.run from breaks, extending the range (up to 4 times) until the integrands (`quantities`; None: all of
+    them) vanish at both ends."""
     panels, est = outer.run(breaks)
     for _ in range(4):
-        extra = _edge_panels(panels, est, quantities)
+        extra = _edge_panels(panels, est, quantities or list(est))
         if extra is None:
             break
         more = outer.evaluate(extra, 0)
@@ -618,6 +678,26 @@ def _evidence_setup(dens: Densities, parts) -> tuple:
         vlo, vhi = sample_range(torch.cat([draws["q:" + v_name], draws["p:" + v_name]]))
         inner, describe = Inner(dens, u_name, v_name, vlo, vhi, parts), "2-D"
     return inner, _initial_breaks([u_q, u_p], lo, hi), draws["p:loglik"].reshape(-1, 2).amax(0), describe
+
+
+def _base_setup(dens: Densities) -> tuple:
+    """The inner integral at given u for the expectations under q in the base noise of u: the densities at u alone
+    (one latent: the guide's log q(u|x) comes from the forward map, so the guide is not conditioned), or the adaptive
+    integral over v (two latents; its q integrand supplies q(v|u))."""
+    if dens.other is None:
+        return (Direct(dens, dens.bottom, ("p",)),)
+    draws = dens.samples()
+    vlo, vhi = sample_range(torch.cat([draws["q:" + dens.other], draws["p:" + dens.other]]))
+    return (Inner(dens, dens.bottom, dens.other, vlo, vhi, ("q", "p")),)
+
+
+def _base_breaks(dens: Densities, count: int = 4096, seed: int = 0):
+    """Initial breakpoints (NB, 2) in the base noise of the bottom site, from quantiles of its draws (fixed seed)."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        eps = dens.base.sample(count, 2)
+    lo, hi = zip(*[sample_range(eps[:, k]) for k in range(2)])
+    return _initial_breaks([eps], torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
 
 
 def _refine(outer, panels, result, summarise, numbers, tol) -> tuple:
@@ -653,17 +733,33 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     scalar latents (use analysis.iwae.iwae then)."""
     dens = Densities(model, guide, data)
     u_name, v_name = dens.bottom, dens.other
-    inner, breaks, ref, describe = _evidence_setup(dens, ("q", "p"))
-    quant = LossQuantities(dens, inner, ref)
-    outer = Outer(dens, quant, quant, tol)
-    panels, est = _adapt(outer, breaks, ("Zq", "Zp"))
+    if dens.base is None:
+        inner, breaks, ref, describe = _evidence_setup(dens, ("q", "p"))
+        quant = LossQuantities(dens, inner, ref)
+        outer = Outer(dens, quant, quant, tol)
+        panels, est = _adapt(outer, breaks)
+    else:  # a flow guide: the expectations under q in its base noise, the evidence in u
+        inner_p, breaks_p, ref, describe = _evidence_setup(dens, ("p",))
+        evidence_quant = EvidenceQuantities(dens, inner_p, ref)
+        evidence_outer = Outer(dens, evidence_quant, evidence_quant, tol)
+        q_quant = LossQuantities(dens, *_base_setup(dens), ref, dens.base)
+        q_outer = Outer(dens, q_quant, q_quant, tol)
+        panels_q, est = _adapt(q_outer, _base_breaks(dens))
+        panels_p, est_p = _adapt(evidence_outer, breaks_p)
+        outer, panels = Joined(q_outer, evidence_outer), (panels_q, panels_p)
+        est.update(est_p)
     result = _summarise(dens, est, ref)
     mass = result["per_point"]["q_mass"]
     if any(abs(m - 1) > 1e-3 for m in mass):
         raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
                          "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
     panels, est, result, error = _refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol)
-    nodes, joint_note = panels.shape[0] * 15, ""
+    if dens.base is None:
+        nodes, joint_note = f"{panels.shape[0] * 15} nodes per data point", ""
+    else:
+        nodes, joint_note = (f"{panels[1].shape[0] * 15} nodes per data point for the evidence; the expectations "
+                             f"under q in the base noise eps of the guide's flow, {u_name} = T(eps), by adaptive "
+                             f"Gauss-Kronrod 15 on {panels[0].shape[0] * 15} nodes"), ""
     if dens.joint:  # the joint guide's rate exceeds the marginals' by the total correlation of q over the points
         check = dens._marginal().check()
         h_marginals = -est["T:q:" + u_name][0].sum(0)  # H[q(z|x_k)], k = 0, 1
@@ -679,8 +775,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
         "recon_per_dim": result["recon"] / data.n,
         "gap": result["loss"] - result["nll"],
         "error": error,
-        "estimator": (f"exact quadrature ({describe}: adaptive Gauss-Kronrod 15 in {u_name}, {nodes} nodes per data "
-                      "point" + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
+        "estimator": (f"exact quadrature ({describe}: adaptive Gauss-Kronrod 15 in {u_name}, {nodes}" + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
                                  if v_name else "") + joint_note + f"; error = change under refinement, {error:.1e})"),
     })
     return result
@@ -868,10 +963,14 @@ def _top_joint(dens, top, bottom, grid, ulo, uhi, max_nodes=20000):
     half = (edges[1:] - edges[:-1])[:, None] / 2
     nodes = ((edges[1:] + edges[:-1])[:, None] / 2 + half * x).reshape(-1)
     lw = (half * wgl).reshape(-1).log()
-    logs = dens.logs({bottom: nodes[:, None, None].expand(-1, 1, 2), top: t[None]}, ("p",))
-    lcond = logs["p:" + bottom].expand(len(nodes), len(grid), 2)
-    llik = sum(logs["p:" + n] for n in dens.observed).expand_as(lcond)
-    lprior = logs["p:" + top].expand_as(lcond)[0]
+    step, lcond, llik = dens.rows(2), [], []
+    for s in range(0, len(nodes), step):
+        u = nodes[s:s + step]
+        logs = dens.logs({bottom: u[:, None, None].expand(-1, 1, 2), top: t[None]}, ("p",))
+        lcond.append(logs["p:" + bottom].expand(len(u), len(grid), 2))
+        llik.append(sum(logs["p:" + n] for n in dens.observed).expand(len(u), len(grid), 2))
+        lprior = logs["p:" + top].expand(len(u), len(grid), 2)[0]
+    lcond, llik = torch.cat(lcond), torch.cat(llik)
     lp = lprior + _lse(lw[:, None, None] + lcond + llik, 0)
     mass = _lse(lw[:, None, None] + lcond, 0).exp()[:, 0]
     return lp, lprior, mass

@@ -12,7 +12,11 @@ Three kinds of guide, told apart from one trace:
 Every conditioned trace is checked: the latent sites must come out at the requested values, or the guide is not
 one of these kinds and ValueError says so.
 """
+import math
+
+import pyro.distributions
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
@@ -27,9 +31,34 @@ def _sample_sites(trace):
     return {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)}
 
 
+def _log_prob_float64(fn, value):
+    """log fn(value) with fn's parameters in float64, for (Independent wrappers of) the Bernoulli and Normal families;
+    None for any other distribution. In float32, torch computes a Bernoulli 0-bit as f + softplus(-f), which cancels
+    to exactly 0 for logits f <= -15 (true value -e^f), and a Normal's log(scale) keeps ~1e-7; here log Bernoulli =
+    -y softplus(-f) - (1 - y) softplus(f) and log Normal = -(v - m)^2 / 2s^2 - log s - log sqrt(2 pi), in float64."""
+    reinterpreted = 0
+    while isinstance(fn, torch.distributions.Independent):
+        reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if type(fn) in (torch.distributions.Bernoulli, pyro.distributions.Bernoulli):
+        f, y = torch.broadcast_tensors(fn.logits.double(), value.double())
+        lp = -(y * F.softplus(-f) + (1 - y) * F.softplus(f))
+    elif type(fn) in (torch.distributions.Normal, pyro.distributions.Normal):
+        loc, scale = fn.loc.double(), fn.scale.double()
+        lp = -0.5 * ((value.double() - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
+    else:
+        return None
+    return lp.sum(tuple(range(-reinterpreted, 0))) if reinterpreted else lp
+
+
 def log_prob64(site):
     """A site's log-density at its value, evaluated in float64 (the parameters stay float32) when the
-    distribution allows it: log p(z1|z2) reaches 1e4 nats in the tails, where float32 keeps only ~1e-3."""
+    distribution allows it: log p(z1|z2) reaches 1e4 nats in the tails, where float32 keeps only ~1e-3. Bernoulli and
+    Normal sites (possibly Independent) are evaluated from float64 parameters, the Bernoulli in the form that does
+    not cancel (see _log_prob_float64)."""
+    lp = _log_prob_float64(site["fn"], site["value"])
+    if lp is not None:
+        return lp
     try:
         return site["fn"].log_prob(site["value"].double()).double()
     except (RuntimeError, TypeError, ValueError):
@@ -123,3 +152,69 @@ class GuideDensity:
                 # the data plate is the rightmost batch dim of a latent site; a joint latent keeps a 1 there
                 total = total + site["fn"].log_prob(site["value"]).sum(-1)
         return total.detach()
+
+
+class BaseNoise:
+    """The change of variables u = T(eps) of a guide site sampled from a transformed distribution (a flow): eps ~ the
+    base distribution, T the composition of its transforms, read from the guide's trace (forward maps and their
+    log-Jacobians only, never an inverse).
+
+    Called on eps (..., N) (one scalar per data point, float64) it returns u = T(eps), log q(u|x) = log base(eps) -
+    log|dT/deps| and log base(eps), each float64 (..., N); the transforms run in float64 where they accept it. So
+    E_q[g(u)] = integral of base(eps) g(T(eps)) d eps: a q that, as a function of u, has spikes narrower than any
+    u grid (a spline's steep bins) is a smooth weight in eps."""
+
+    def __init__(self, fn, site: str):
+        self.site, self.reinterpreted = site, 0
+        while isinstance(fn, torch.distributions.Independent):
+            self.reinterpreted += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        self.fn = fn
+        dims = [len(fn.event_shape)]  # event dim at the input of each transform, then at the output
+        for t in reversed(fn.transforms):
+            dims.insert(0, dims[0] + t.domain.event_dim - t.codomain.event_dim)
+        self.dims = dims
+
+    @staticmethod
+    def of(guide_trace, site: str, latents) -> "BaseNoise | None":
+        """The BaseNoise of `site` when the guide samples it from a (possibly Independent) TransformedDistribution
+        before every other latent in `latents` (so its map depends on x alone), with one scalar per data point;
+        else None."""
+        names = [n for n in guide_trace.nodes if n in latents]
+        if not names or names[0] != site:
+            return None
+        fn = guide_trace.nodes[site]["fn"]
+        while isinstance(fn, torch.distributions.Independent):
+            fn = fn.base_dist
+        if not isinstance(fn, torch.distributions.TransformedDistribution) or fn.event_shape.numel() != 1:
+            return None
+        return BaseNoise(guide_trace.nodes[site]["fn"], site)
+
+    def _forward(self, eps, dtype):
+        from torch.distributions.utils import _sum_rightmost
+
+        x = eps.to(dtype)
+        base = self.fn.base_dist
+        lq = _sum_rightmost(base.log_prob(x), self.dims[0] - len(base.event_shape)).double()
+        lbase = lq
+        for i, t in enumerate(self.fn.transforms):
+            y = t(x)
+            lq = lq - _sum_rightmost(t.log_abs_det_jacobian(x, y), self.dims[i] - t.domain.event_dim).double()
+            x = y
+        if self.reinterpreted:
+            lq, lbase = (_sum_rightmost(v, self.reinterpreted) for v in (lq, lbase))
+        return x.double(), lq, lbase
+
+    def sample(self, count: int, points: int) -> torch.Tensor:
+        """count draws of the base noise per data point: (count, points) float64 (RNG: the caller's)."""
+        return self.fn.base_dist.sample((count,)).reshape(count, points).double()
+
+    def __call__(self, eps: torch.Tensor) -> tuple:
+        """(u, log q(u|x_k), log base(eps)) for eps (..., N): float64 tensors (..., N)."""
+        e = eps[..., None]  # the site's event dim
+        with torch.no_grad():
+            try:
+                u, lq, lbase = self._forward(e, torch.float64)
+            except (RuntimeError, TypeError):  # a transform with float32 parameters that refuses float64 input
+                u, lq, lbase = self._forward(e, torch.float32)
+        return u.reshape(eps.shape), lq.reshape(eps.shape), lbase.reshape(eps.shape)
