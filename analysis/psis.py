@@ -37,7 +37,7 @@ def sample_traces(model, guide, x, samples: int, particle_dim: int = -2):
 
     Sites get shape (samples, N, *event) (the particle plate sits left of the model's "data" plate). Only Pyro
     handlers touch model and guide, so any guide that samples the model's latent sites works."""
-    with torch.no_grad(), pyro.plate(PARTICLE_PLATE, samples, dim=particle_dim):
+    with torch.no_grad(), pyro.validation_enabled(False), pyro.plate(PARTICLE_PLATE, samples, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     return guide_trace, model_trace
@@ -70,7 +70,7 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
     an importance weight for log p(x_0, x_1), and, self-normalised, for each point's posterior p(z_k|x_k)."""
     per_point = torch.zeros(samples, points, dtype=torch.float64)
     shared = torch.zeros(samples, 1, dtype=torch.float64)  # sites outside the data plate
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):
         for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
             for _, site in _sample_sites(trace, observed):
                 lp = log_prob64(site)

@@ -1,0 +1,220 @@
+"""The headline a user sees first: metrics['loss'] is the most accurate estimate the run has and names it; a Monte
+Carlo number carries an error bar only where the tail of its per-sample values allows one; summaries print only what
+is known."""
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from analysis.exact import exact
+from analysis.montecarlo import MAX_ELEMENTS, monte_carlo, particles_per_chunk
+from analysis.report import evaluate, summary_lines, write_run
+from guides import GaussianGuide, StructuredGuide
+from models import DLGM, VAE, OneBit
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vae5():
+    pyro.set_rng_seed(0)
+    model = VAE(5, hidden=8, layers=1)
+    return model, GaussianGuide(model, hidden=8, layers=1), OneBit(5)
+
+
+@pytest.fixture(scope="module")
+def dlgm5():
+    pyro.set_rng_seed(3)
+    model = DLGM(5, hidden=8, prior_hidden=8)
+    return model, StructuredGuide(model), OneBit(5)
+
+
+@pytest.fixture(scope="module")
+def exact_of(vae5, dlgm5):
+    return {"vae5": exact(*vae5), "dlgm5": exact(*dlgm5)}
+
+
+@pytest.fixture(scope="module")
+def vae5_metrics(vae5):
+    return evaluate(*vae5, samples=2048, replicates=4)[0]
+
+
+# --- the headline ------------------------------------------------------------------------------------------------
+
+def test_the_headline_is_the_exact_loss_where_quadrature_runs(vae5_metrics):
+    m = vae5_metrics
+    assert m["loss"] == m["exact"]["loss"] and m["loss_estimator"] == "exact"
+    assert m["loss_se"] is None and m["loss_error"] == m["exact"]["error"]
+    assert m["recon"] == m["exact"]["recon"] and m["kl"] == m["exact"]["kl"]
+    assert m["estimator"] == m["exact"]["estimator"]
+
+
+def test_the_monte_carlo_numbers_stay_in_their_own_block(vae5_metrics):
+    mc = vae5_metrics["montecarlo"]
+    assert mc["kind"] == "RQMC lattice" and {"loss", "recon", "kl", "tail_khat", "estimator"} <= set(mc)
+    assert mc["loss"] != vae5_metrics["loss"]
+
+
+def test_the_headline_is_monte_carlo_where_quadrature_does_not_run(vae5):
+    m, _ = evaluate(*vae5, samples=2048, replicates=4, exact=False)
+    assert m["loss"] == m["montecarlo"]["loss"] and m["loss_estimator"] == "RQMC lattice"
+    assert m["loss_se"] == m["montecarlo"]["loss_se"]
+
+
+def test_metrics_survive_json(vae5_metrics):
+    assert json.loads(json.dumps(vae5_metrics)) == vae5_metrics
+
+
+# --- Monte Carlo error bars against the exact value -------------------------------------------------------------
+
+def within_error_or_flagged(mc, ex):
+    """The Monte Carlo loss is within 4 reported standard errors (plus the quadrature's own error) of the exact
+    loss, or it carries no standard error and says why."""
+    if mc["loss_se"] is None:
+        return "heavy tail" in mc["loss_note"]
+    return abs(mc["loss"] - ex["loss"]) < 4 * mc["loss_se"] + ex["error"]
+
+
+@pytest.mark.parametrize("noise", ["lattice", "qmc", "mc"])
+@pytest.mark.parametrize("pair", ["vae5", "dlgm5"])
+def test_a_monte_carlo_loss_is_within_four_se_of_the_exact_one_or_flagged(pair, noise, request, exact_of):
+    model, guide, data = request.getfixturevalue(pair)
+    ex = exact_of[pair]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        mc = monte_carlo(model, guide, data, samples=4096, replicates=16, noise=noise)
+        assert within_error_or_flagged(mc, ex), (seed, mc["loss"], mc["loss_se"], ex["loss"])
+
+
+def test_the_lattice_rule_reaches_the_costly_tail_at_n1000():
+    """At n = 1000 a steep decoder makes rare z near the decision boundary cost hundreds of nats: the lattice puts
+    particles there every replicate and matches quadrature to its stated error."""
+    pyro.set_rng_seed(0)
+    data = OneBit(1000)
+    model = VAE(data.n, hidden=8, layers=1)
+    guide = GaussianGuide(model, hidden=8, layers=1)
+    ex = exact(model, guide, data)
+    mc = monte_carlo(model, guide, data, samples=4096, replicates=8, noise="lattice")
+    assert mc["loss_se"] is not None and within_error_or_flagged(mc, ex)
+
+
+class Cliff(nn.Module):
+    """A toy whose recon grows like exp(a z^2 / 2) under q = N(0, 1): the per-sample loss has a Pareto tail of
+    shape a (infinite variance for a > 1/2), the regime where a CLT standard error does not hold."""
+
+    def __init__(self, a=0.8, n=4):
+        super().__init__()
+        self.a, self.n = a, n
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-2]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            logits = -torch.exp(self.a * z ** 2 / 2) * (2 * x - 1)  # each bit pays about exp(a z^2 / 2)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def standard_normal_guide(x):
+    with pyro.plate("data", x.shape[-2]):
+        pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("noise", ["qmc", "mc"])
+def test_a_heavy_tailed_per_sample_loss_gets_no_standard_error_but_a_note(noise):
+    torch.manual_seed(0)
+    mc = monte_carlo(Cliff(0.8), standard_normal_guide, OneBit(4), samples=8192, replicates=8, noise=noise)
+    assert mc["loss_se"] is None and mc["recon_se"] is None
+    assert mc["tail_khat"] > 0.5 and "variance may be infinite" in mc["loss_note"]
+
+
+def test_a_light_tailed_per_sample_loss_keeps_its_standard_error():
+    torch.manual_seed(0)
+    mc = monte_carlo(Cliff(0.1), standard_normal_guide, OneBit(4), samples=8192, replicates=8, noise="qmc")
+    assert mc["tail_khat"] < 0.5 and mc["loss_se"] > 0 and "loss_note" not in mc
+
+
+# --- bounded memory ----------------------------------------------------------------------------------------------
+
+def test_a_chunk_holds_at_most_max_elements_values_for_any_n():
+    for n in (1, 1000, 10 ** 6, 10 ** 8):
+        assert particles_per_chunk(n) >= 1
+        assert particles_per_chunk(n) * 2 * n <= MAX_ELEMENTS or particles_per_chunk(n) == 1
+    assert particles_per_chunk(10 ** 6) == 16
+
+
+@pytest.mark.parametrize("noise", ["lattice", "qmc"])
+def test_chunking_does_not_change_the_estimate(vae5, noise):
+    model, guide, data = vae5
+    results = []
+    for max_elements in (MAX_ELEMENTS, 2 * 5 * 7):  # one chunk per replicate, then 7 particles per chunk
+        torch.manual_seed(1)
+        results.append(monte_carlo(model, guide, data, samples=256, replicates=4, noise=noise,
+                                   max_elements=max_elements))
+    # the same draws: equal up to float32 rounding (a matmul's blocking depends on the batch size)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-7)
+    assert results[0]["loss_se"] == pytest.approx(results[1]["loss_se"], rel=1e-3)
+
+
+# --- summaries ---------------------------------------------------------------------------------------------------
+
+def test_a_summary_of_evaluate_alone_prints_no_unknowns(vae5_metrics):
+    head = summary_lines(vae5_metrics)[0]
+    assert "?" not in head and "steps" not in head and "evaluation" in head
+
+
+def test_the_first_number_of_a_summary_is_the_headline_loss_and_names_it(vae5_metrics):
+    line = summary_lines(vae5_metrics)[1]
+    assert line.split()[:3] == ["loss", f"{vae5_metrics['loss']:.4f}", "[exact]"]
+
+
+def test_a_run_below_the_gaussian_optimum_is_said_to_be_below_it(vae5_metrics):
+    m = {**vae5_metrics, "gaussian_optimum": 1.2, "gap_to_gaussian_optimum": -0.2}
+    line = next(s for s in summary_lines(m) if "optimum" in s)
+    assert "0.2000 below it" in line and "-0.2" not in line
+
+
+def test_a_withheld_error_bar_is_said_beside_the_number(vae5_metrics):
+    mc = {**vae5_metrics["montecarlo"], "loss_se": None, "loss_note": "heavy tail: Pareto k-hat 0.83"}
+    m = {k: v for k, v in vae5_metrics.items() if k not in ("exact", "surgery")}
+    line = next(s for s in summary_lines({**m, "montecarlo": mc}) if s.strip().startswith("loss"))
+    assert "±" not in line and "heavy tail: Pareto k-hat 0.83" in line
+
+
+def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
+    from infer import fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, seed=0)
+    metrics, grids = evaluate(model, guide, data, samples=512, replicates=4)
+    write_run(tmp_path, model, guide, data, result, metrics, grids, figures=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert (saved["model"], saved["guide"], saved["n"], saved["steps"]) == ("VAE", "GaussianGuide", 5, 3)
+    assert saved["wall_seconds"] > 0
+    assert "?" not in summary_lines(saved)[0]
+
+
+def test_the_figure_shows_the_runs_khat(vae5, vae5_metrics):
+    from analysis.encodings import encodings
+    from analysis.figures import site_densities
+
+    idata = encodings(*vae5, samples=100, khat=vae5_metrics["psis"])
+    assert site_densities(idata, "z")["khat"] == vae5_metrics["khat"]
+
+
+@pytest.mark.slow
+def test_the_default_vae_at_n1000_headline_is_exact_and_its_check_agrees():
+    from infer import fit
+    from infer.elbo import ClosedFormELBO
+
+    data = OneBit(1000)
+    pyro.set_rng_seed(0)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    fit(model, guide, data, elbo=ClosedFormELBO(num_particles=32, noise="lattice"), steps=8000,
+        adam_betas=(0.9, 0.99), seed=0)
+    m, _ = evaluate(model, guide, data)
+    assert m["loss_estimator"] == "exact" and math.isfinite(m["loss"])
+    assert within_error_or_flagged(m["montecarlo"], m["exact"])
