@@ -227,3 +227,78 @@ def test_study_experiment_sweeps_models_n_and_seeds():
     assert params["model"] == "vae,dlgm"
     assert params["data.n"] == "1,5,10,100,1000"
     assert params["seed"] == "0,1,2"
+
+
+# --- k-hat with its meaning --------------------------------------------------------------------------------------
+
+def test_the_khat_threshold_depends_on_the_sample_size():
+    from analysis.psis import threshold
+
+    assert threshold(100) == pytest.approx(0.5)
+    assert threshold(2000) == pytest.approx(1 - 1 / math.log10(2000))
+    assert threshold(10 ** 6) == 0.7
+
+
+def test_nearly_constant_weights_are_named_instead_of_judged_by_khat():
+    from analysis.psis import diagnose
+
+    lw = np.random.default_rng(0).normal(scale=0.004, size=(1, 16384))  # the vae at n = 1: ESS/S = 0.99998
+    d = diagnose(lw)[0]
+    assert d["ess_fraction"] > 0.999 and "nearly constant" in d["verdict"]
+
+
+def test_khat_comes_with_its_ess_and_sampling_sd():
+    from analysis.psis import diagnose
+
+    lw = np.random.default_rng(0).normal(scale=2.0, size=(2, 16384))
+    for d in diagnose(lw):
+        assert 0 < d["ess"] < 16384 and 0.05 < d["sd"] < 0.15 and d["threshold"] == 0.7
+
+
+def test_tail_khat_tells_finite_from_infinite_variance():
+    from analysis.psis import tail_khat
+
+    rng = np.random.default_rng(1)
+    assert tail_khat(rng.normal(size=16384)) < 0.5
+    assert tail_khat(rng.pareto(1 / 0.8, size=16384)) > 0.5  # shape 0.8: infinite variance
+    assert tail_khat(-rng.pareto(1 / 0.8, size=16384)) > 0.5  # a heavy lower tail counts too
+    assert tail_khat(np.ones(100)) == 0.0
+
+
+# --- importance sampling for joint guides ------------------------------------------------------------------------
+
+def wide_joint_guide(model, data, scale=1.5):
+    """AutoDiagonalNormal over both points' latents, centred at 0 and wider than the (near-prior) posterior: light
+    tailed importance weights."""
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    guide = AutoDiagonalNormal(model)
+    guide(data.x)
+    with torch.no_grad():
+        guide.loc.zero_()
+    guide.scale = torch.full_like(guide.scale, scale)
+    return guide
+
+
+def test_joint_importance_weights_estimate_the_exact_evidence():
+    from analysis.exact import evidence
+    from analysis.iwae import iwae
+    from guides import StructuredGuide
+    from models import DLGM
+
+    pyro.set_rng_seed(0)
+    data = OneBit(5)
+    model = DLGM(5, hidden=8, prior_hidden=8)
+    truth = evidence(model, StructuredGuide(model), data)["nll"]
+    r = iwae(model, wide_joint_guide(model, data), data, K=(1, 64), samples=8192, nll_samples=32768, seed=0)
+    assert r["joint"] and r["nll_se"] is not None
+    assert abs(r["nll"] - truth) < 4 * r["nll_se"] + 1e-4
+    assert r["bounds"][1]["loss"] > r["bounds"][64]["loss"] > truth - 4 * r["bounds"][64]["se"]
+
+
+def test_heavy_tailed_importance_weights_get_no_standard_error_but_a_note():
+    from analysis.iwae import iwae
+
+    r = iwae(Collapsed(4), normal_guide(0.3), OneBit(4), K=(1, 16), samples=4096, nll_samples=16384, seed=0)
+    assert r["nll_se"] is None and r["log_px_se"] is None
+    assert "heavy tail" in r["nll_note"] and "unreliable" in r["nll_note"]
