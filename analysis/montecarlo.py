@@ -17,7 +17,7 @@ from pyro.poutine.util import site_is_subsample
 from infer.elbo import ClosedFormELBO
 from infer.fit import weighted
 
-from .psis import tail_khat
+from .psis import khat_sd, tail_khat
 
 MAX_ELEMENTS = 2 ** 25  # particles x data points x n per chunk: the largest tensor evaluation builds
 NOISE_DIMENSION = 16    # Sobol coordinates per replicate: scalars of Gaussian noise beyond these are drawn i.i.d.
@@ -174,7 +174,8 @@ KHAT_CLT = 0.5 the
     terms = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}  # (replicates, size)
     loss = sum(terms.values())
     khat = tail_khat(loss.reshape(-1).numpy())
-    finite = bool(khat < KHAT_CLT)
+    khat_upper = khat + 2 * khat_sd(khat, loss.numel())
+    finite = bool(khat_upper < KHAT_CLT)  # finite variance supported by the data, not just not excluded
 
     def se(t):
         if not finite:
@@ -200,12 +201,13 @@ KHAT_CLT = 0.5 the
         "samples": replicates * size,
         "kind": kind,
         "tail_khat": khat,
+        "tail_khat_sd": khat_sd(khat, loss.numel()),
         "tail_khat_limit": KHAT_CLT,
         "estimator": f"{what}, {replicates} x {size} samples per data point"
                      + (", closed-form entropy/KL where valid" if closed_form else ""),
     }
     if not finite:
-        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} of the per-sample losses (>= {KHAT_CLT}), "
-                            "the variance may be infinite: no standard error")
+        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {khat_sd(khat, loss.numel()):.2f} of the per-sample "
+                            f"losses (not below {KHAT_CLT} by 2 sd), the variance may be infinite: no standard error")
     return out
 

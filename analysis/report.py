@@ -133,8 +133,9 @@ def describe(model, guide, data, result) -> dict:
 
 
 def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
-              title: str = None) -> None:
-    """Write metrics.json, history.csv, checkpoint.pt, encodings.nc, and (figures=True) encodings.png and
+              title: str = None, checkpoint: bool = True) -> None:
+    """Write metrics.json, history.csv, checkpoint.pt (unless checkpoint=False: run.py writes it, with its config,
+    before evaluating), encodings.nc, and (figures=True) encodings.png and
     training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
     model and guide names, n, seed, steps and wall_seconds from `describe` where metrics lacks them."""
     from . import encodings as enc
@@ -144,7 +145,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-    save_checkpoint(out / "checkpoint.pt", result, extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
+    if checkpoint:
+        save_checkpoint(out / "checkpoint.pt", result, extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
@@ -214,7 +216,7 @@ def summary_lines(m: dict) -> list:
     if "exact_nll" in m:
         lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} [exact, the model alone: the guide's loss has no quadrature]")
     if "iwae" in m:
-        lines += _iwae_lines(m["iwae"])
+        lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
     if "gap_to_gaussian_optimum" in m:
         gap = m["gap_to_gaussian_optimum"]
         where = f"{gap:.4f} above it" if gap >= 0 else f"{-gap:.4f} below it (the optimum bounds Gaussian encoders only)"
@@ -227,12 +229,18 @@ def summary_lines(m: dict) -> list:
     return lines
 
 
-def _iwae_lines(i: dict) -> list:
+def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     def pm(v, se, note):
         return _pm(v, se) if se is not None else f"{v:.4f} (no error bar: {note})"
 
-    return [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))}   "
-            f"NLL {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling] ({i['note']})"]
+    lines = [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))} [importance sampling]",
+             f"  NLL        {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling]"]
+    if exact_nll is not None:
+        gap = i["nll"] - exact_nll["nll"]
+        lines[-1] += (f"; {abs(gap):.4f} {'above' if gap >= 0 else 'below'} the exact NLL"
+                      + (": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
+    lines.append(f"             ({i['note']})")
+    return lines
 
 
 def _khat_lines(m: dict) -> list:
