@@ -252,7 +252,7 @@ def rd_plane(points, path=None, ns=None, title: str = None):
             present = [f for f in families if any(_family(p) == f for p in mine)]
             handles += [Line2D([], [], ls="", marker="o", markersize=7, color=colors[f], markeredgecolor="black",
                                label=f"{f} run (\u03b2 labelled)") for f in present]
-            ax.legend(handles=handles, fontsize=7.5, loc="lower left", frameon=True, framealpha=0.9)
+            ax.legend(handles=handles, fontsize=7.5, loc="upper right", frameon=True, framealpha=0.9)
             ax.set_yscale("log")
             ax.set_xlim(0.0, top_rate)
             ax.set_ylim(floor, top)
