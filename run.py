@@ -125,7 +125,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     reason = cli.divergence(result.history, data, final=metrics.get("loss"))
     if reason:
         metrics.update(status="diverged", reason=reason)
-    write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures,
+    write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
               title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
     if reason:
         raise Diverged(reason)

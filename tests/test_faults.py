@@ -1,0 +1,317 @@
+"""The fault and bad-input catalogue of the command line: every failure is one line and a status, sweeps survive
+failing jobs, results are never overwritten, mixed or mislabelled, resumes check what they resume."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
+        "optim.lr=0.02", "eval.figures=false"]
+
+
+def error_lines(proc) -> list:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def one_line_error(proc, *words) -> str:
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def run_dirs(root: Path) -> list:
+    return sorted(p.parent for p in root.rglob("status.json"))
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. a sweep survives any failing job
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_a_sweep_runs_every_job_when_one_is_refused(tmp_path, launcher):
+    proc = run_cli("-m", *FAST[:4], *FAST[5:], "data.n=0,3", *launcher, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    statuses = {json.loads((d / "status.json").read_text())["status"]: d for d in run_dirs(tmp_path)}
+    assert set(statuses) == {"ok", "refused"}
+    assert (statuses["ok"] / "metrics.json").exists() and not (statuses["refused"] / "metrics.json").exists()
+    summary = next(tmp_path.rglob("summary.md")).read_text()
+    assert "REFUSED" in summary and "data.n=0 is not allowed" in summary
+    assert [line for line in proc.stderr.splitlines() if line.startswith("failed: ")][0].endswith(
+        "data.n must be an integer >= 1")
+
+
+def test_a_sweep_job_that_diverges_is_recorded_and_the_others_finish(tmp_path):
+    proc = run_cli("-m", *FAST, "optim.lr=1e30,0.02", cwd=tmp_path)
+    assert proc.returncode == 1
+    csv = next(tmp_path.rglob("summary.csv")).read_text()
+    assert "diverged" in csv and ",ok," in csv
+
+
+def test_a_refused_sweep_job_says_why_in_its_run_log(tmp_path):
+    run_cli("-m", *FAST, "train.beta=-1,1", cwd=tmp_path)
+    refused = [d for d in run_dirs(tmp_path) if json.loads((d / "status.json").read_text())["status"] == "refused"]
+    assert len(refused) == 1 and "train.beta" in (refused[0] / "run.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. divergence
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr_final=inf", "train.beta=inf", "optim.lr=nan",
+                                      "train.warmup_start=nan", "objective.free_bits=inf"])
+def test_a_value_that_can_only_diverge_is_refused_up_front(tmp_path, override):
+    proc = run_cli(*FAST, override, cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, override.split("=")[0])
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_nan_from_the_last_update_stops_the_run_with_one_line(tmp_path):
+    proc = run_cli(*FAST, "optim.lr=1e30", "train.steps=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "diverged")
+    assert not list(tmp_path.rglob("metrics.json")) or json.loads(next(tmp_path.rglob("metrics.json")).read_text())["status"] == "diverged"
+
+
+def test_a_checkpoint_is_only_written_from_finite_params(tmp_path):
+    proc = run_cli(*FAST, "optim.lr=1e30", "train.steps=200", "train.checkpoint_every=50", "train.log_every=100",
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    for path in tmp_path.rglob("checkpoint.pt"):
+        state = torch.load(path, weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_a_finite_divergence_is_marked_and_returns_no_normal_number(tmp_path):
+    proc = run_cli("optim.lr=1000", "train.steps=300", "eval.figures=false", "train.num_particles=8",
+                   "data.n=1000", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "diverged", "optim.lr")
+    (folder,) = run_dirs(tmp_path)
+    assert json.loads((folder / "status.json").read_text())["status"] == "diverged"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["loss"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. results are never overwritten, mixed or mislabelled
+
+
+def test_runs_started_together_get_their_own_dirs_named_for_the_guide(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *FAST], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2 and all("_vae_gaussian_n3_s0" in d.name for d in dirs)
+
+
+def test_the_last_line_of_a_run_names_its_output_dir(tmp_path):
+    proc = run_cli(*FAST, cwd=tmp_path)
+    (folder,) = run_dirs(tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == f"outputs: {folder}"
+
+
+def test_a_run_refuses_a_dir_that_holds_a_finished_run_and_changes_nothing_there(tmp_path):
+    run_cli(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    before = snapshot(tmp_path / "run")
+    proc = run_cli(*FAST, "seed=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "already holds", "overwrite=true")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_overwrite_true_replaces_a_finished_run(tmp_path):
+    run_cli(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_cli(*FAST, "seed=1", "overwrite=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["seed"] == 1
+    assert "seed: 1" in (tmp_path / "run/.hydra/config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override", ["data.n=0", "model=dlgm guide=gaussian", "+foo=1", "data.n=1000000"])
+def test_a_refused_run_leaves_no_trace_in_outputs(tmp_path, override):
+    proc = run_cli(*FAST, *override.split(), cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_refused_run_changes_nothing_in_an_existing_dir(tmp_path):
+    run_cli(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    before = snapshot(tmp_path / "run")
+    proc = run_cli(*FAST, "data.n=0", "overwrite=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and snapshot(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. resume checks what it resumes
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    proc = run_cli(*FAST, "train.steps=40", f"hydra.run.dir={folder / 'run'}", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    return folder / "run" / "checkpoint.pt"
+
+
+def test_the_checkpoint_carries_the_config_that_produced_it(finished):
+    config = torch.load(finished, weights_only=False)["config"]
+    assert config["data"]["n"] == 3 and config["seed"] == 0 and config["train.steps"] == 40
+
+
+@pytest.mark.parametrize("override, key", [("seed=7", "seed"), ("data.n=10", "data.n"), ("model=dlgm", "model"),
+                                           ("guide=flow", "guide"), ("optim.lr=0.01", "optim.lr"),
+                                           ("train.num_particles=16", "train.num_particles"),
+                                           ("train.beta=0.5", "train.beta")])
+def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_key(tmp_path, finished, override, key):
+    proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", override, cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, key)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, finished):
+    proc = run_cli(*FAST, "train.steps=20", f"train.resume={finished}", cwd=tmp_path)
+    one_line_error(proc, "train.steps")
+
+
+def test_a_resume_may_extend_the_step_budget(tmp_path, finished):
+    proc = run_cli(*FAST, "train.steps=60", f"train.resume={finished}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = run_dirs(tmp_path)
+    assert json.loads((folder / "metrics.json").read_text())["steps"] == 60
+
+
+def _timing_free(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("wall_seconds", "eval_seconds")}
+
+
+def kill_and_resume(tmp_path, args, at_step):
+    """Run args uninterrupted; run them again, kill -9 once the checkpoint of `at_step` appears, and resume it."""
+    whole = tmp_path / "whole"
+    assert run_cli(*args, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = tmp_path / "at_kill.pt"
+    while proc.poll() is None and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (killed / "checkpoint.pt").rename(saved)
+    step = torch.load(saved, weights_only=False)["step"]
+    if step != at_step:
+        pytest.skip(f"the run reached step {step} before it was killed")
+    resumed = tmp_path / "resumed"
+    proc = run_cli(*args, f"train.resume={saved}", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return whole, resumed
+
+
+@pytest.mark.parametrize("log_every", [100, 300])
+def test_kill_and_resume_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path, log_every):
+    args = ["data.n=100", "train.steps=1000", "train.checkpoint_every=500", f"train.log_every={log_every}",
+            "eval.samples=10000", "eval.replicates=4", "eval.figures=false"]
+    whole, resumed = kill_and_resume(tmp_path, args, 500)
+    assert (whole / "history.csv").read_bytes() == (resumed / "history.csv").read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
+    assert _timing_free(a) == _timing_free(b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_every", [100, 300])
+def test_kill_and_resume_reproduce_an_uninterrupted_dlgm_run_byte_for_byte(tmp_path, log_every):
+    args = ["model=dlgm", "data.n=1000", "train.steps=1000", "train.checkpoint_every=500",
+            f"train.log_every={log_every}", "eval.figures=false"]
+    whole, resumed = kill_and_resume(tmp_path, args, 500)
+    assert (whole / "history.csv").read_bytes() == (resumed / "history.csv").read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
+    assert _timing_free(a) == _timing_free(b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. memory
+
+
+def test_a_run_too_large_for_memory_is_refused_up_front_saying_what_fits(tmp_path):
+    proc = run_cli("data.n=1000000", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "data.n", "memory_gb", "fits data.n <=")
+
+
+def test_the_checkpoint_is_written_before_evaluation(tmp_path, monkeypatch):
+    import run as entry
+    from analysis import report
+    from infer import checkpoint
+    from test_cli import compose_config
+
+    calls = []
+    for module, name, tag in ((report, "evaluate_run", "evaluate"), (checkpoint, "save_checkpoint", "checkpoint")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _tag=tag, **k: calls.append(_tag) or _real(*a, **k))
+    entry.run(compose_config(*FAST), tmp_path / "run")
+    assert calls.index("checkpoint") < calls.index("evaluate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. unknown keys and Hydra's own errors
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("+foo=1", "foo", ""), ("+train.step=100", "train.step", "train.steps"), ("data.nn=3", "data.nn", "data.n"),
+    ("lr=1e-3", "lr", "optim.lr"), ("model.depth=1", "model.depth", "model=dlgm"),
+    ("++train.stepz=3", "train.stepz", "train.steps"), ("eval.sample=10000", "eval.sample", "eval.samples"),
+])
+def test_an_unknown_key_is_refused_naming_the_closest_known_keys(tmp_path, override, key, hint):
+    proc = run_cli(*FAST, override, cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, key, hint)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unknown_key_in_a_multirun_refuses_the_whole_sweep(tmp_path):
+    proc = run_cli("-m", *FAST, "data.n=1,3", "+train.step=5", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "train.step")
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("override", ["data.n=[1,2", "model=", "data.n=1,2"])
+def test_a_malformed_command_line_is_one_line(tmp_path, override):
+    proc = run_cli(*FAST, override, cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc)
+
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'file' / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "output dir")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'file'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "is a file")
