@@ -405,20 +405,24 @@ def check_memory(cfg, data, model, guide) -> None:
                           "settings: lower data.n or train.num_particles, or raise memory_gb")
 
 
-def divergence(history, data, final=None) -> str:
+def divergence(result, data, final=None) -> str:
     """Why a run counts as diverged ('' if it does not): its loss is not finite, or it ends worse than the trivial
-    solution, the no-latent loss n H(w) (a decoder that ignores z and outputs each bit's marginal), by more than
-    1% + 0.01 nats. `final` is the evaluated headline loss; without it, the last logged training window's."""
+    solution, the no-latent loss n H(w) (a decoder that ignores z and outputs each bit's marginal), and worse than its
+    own initial loss, by more than 1% + 0.01 nats. `final` is the evaluated headline loss; without it, the last
+    logged training window's. (A short run that improved on its start but not yet on n H(w) is not diverged.)"""
+    history = result.history
     if not history:
         return ""
     trivial = data.n * data.entropy
     last = history[-1]["loss"] if final is None else final
     if last is None or not math.isfinite(last):
         return f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
-    if last > trivial + 0.01 * trivial + 0.01:
-        return (f"training diverged: the final loss {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}, so "
-                f"the run learned less than a decoder that ignores z; lower optim.lr (or, if it only stopped too "
-                f"early, raise train.steps)")
+    start = getattr(result, "initial_loss", None)
+    worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
+    if last > worst + 0.01 * worst + 0.01:
+        return (f"training diverged: the final loss {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
+                + (f" and the initial loss {start:.4g}" if start is not None else "")
+                + ": the run learned less than a decoder that ignores z; lower optim.lr")
     return ""
 
 

@@ -96,13 +96,14 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             raise Refused(str(cause).splitlines()[0]) from None
         raise
     out.mkdir(parents=True, exist_ok=True)
+    extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     try:
         result = fit(model, guide, data, elbo=elbo, steps=cfg.train.steps, lr=cfg.optim.lr,
                      lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                      beta=cfg.train.beta, warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
                      seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
-                     resume=resume, checkpoint_path=out / "checkpoint.pt",
-                     checkpoint_every=cfg.train.checkpoint_every)
+                     resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads,
+                     checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra)
     except FloatingPointError as err:
         raise Diverged(str(err)) from None
     except ValueError as err:
@@ -111,7 +112,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         raise Refused(str(err)) from None
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
-    reason = cli.divergence(result.history, data)
+    reason = cli.divergence(result, data)
     if reason:
         import pandas as pd
 
@@ -119,10 +120,11 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         metrics = {**head, "status": "diverged", "reason": reason, "loss": None}
         cli.write_json(out / "metrics.json", metrics)
         raise Diverged(reason)
-    save_checkpoint(out / "checkpoint.pt", result, extra={"config": cli.trajectory_config(cfg)})
+    if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
+        save_checkpoint(out / "checkpoint.pt", result, extra=extra)
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
-    reason = cli.divergence(result.history, data, final=metrics.get("loss"))
+    reason = cli.divergence(result, data, final=metrics.get("loss"))
     if reason:
         metrics.update(status="diverged", reason=reason)
     write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
