@@ -187,8 +187,8 @@ KHAT_CLT = 0.5 the
     kl = {k[3:]: float(v.mean()) for k, v in terms.items() if k.startswith("kl_")}
     recon = float(terms["recon"].mean())
     kind = {"lattice": "RQMC lattice", "qmc": "RQMC", "mc": "MC"}[noise]
-    what = {"lattice": "randomised lattice rule (shifted grid on [-8, 8] in the first noise coordinate, weights "
-                       "phi; scrambled Sobol in the others)",
+    what = {"lattice": "randomised quasi-Monte Carlo, lattice rule (a randomly shifted grid on [-8, 8] in the first "
+                       "noise coordinate, weights phi; scrambled Sobol in the others)",
             "qmc": "randomised quasi-Monte Carlo (scrambled Sobol)", "mc": "Monte Carlo"}[noise]
     out = {
         "loss": float(loss.mean()),
