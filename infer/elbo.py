@@ -1,11 +1,13 @@
 """ClosedFormELBO: the ELBO over traced model and guide, with every valid closed form taken exactly."""
 from collections import OrderedDict
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
@@ -27,6 +29,62 @@ def _closed_form(fn, *args):
         return fn(*args)
     except NotImplementedError:
         return None
+
+
+class _Sites:
+    """The sample sites of one run, in order, as a trace's `nodes` (what ClosedFormELBO._terms reads)."""
+
+    def __init__(self):
+        self.nodes = OrderedDict()
+
+
+def _summary(weights) -> tuple:
+    """(mean weight, whether all weights are equal) of the data weights."""
+    return float(weights.mean()), bool(torch.allclose(weights, weights.mean()))
+
+
+class _Step(Messenger):
+    """The fast path's one handler for one step, in place of trace, replay, DataWeights, LatentScale and the noise
+    handler: in the guide run (`guide` None) it scales every sample site by its data weight (and latent sites by
+    beta), draws Gaussian noise through `noise` and records the sites; in the model run (`guide` = the guide's
+    sites) it scales the same way, replays the guide's latent values and records the sites. The scales, values and
+    draws are those of the general path (same handlers' arithmetic, same RNG calls in the same order)."""
+
+    def __init__(self, weights, beta, noise, guide=None, plate="data", summary=None):
+        super().__init__()
+        self.w, self.beta, self.noise, self.guide, self.plate = weights, beta, noise, guide, plate
+        self.mean_w, self.equal = summary if summary is not None else _summary(weights)
+        self._w_at = {}
+        self.sites = _Sites()
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg):
+            return
+        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
+        if frame is not None:
+            w = self._w_at.get(frame.dim)
+            if w is None:
+                w = self._w_at[frame.dim] = (self.w.reshape((-1,) + (1,) * (-frame.dim - 1))
+                                              if frame.dim is not None else self.w)
+            msg["scale"] = msg["scale"] * w
+        elif self.equal:
+            msg["scale"] = msg["scale"] * self.mean_w
+        else:
+            raise ValueError(f"site '{msg['name']}' lies outside the '{self.plate}' plate, so it couples the data "
+                             "points; that needs equal data weights")
+        if (torch.is_tensor(self.beta) or self.beta != 1.0) and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.beta
+        if self.guide is None:
+            if self.noise is not None:
+                self.noise._pyro_sample(msg)
+        elif not msg["is_observed"]:
+            guide_msg = self.guide.nodes.get(msg["name"])
+            if guide_msg is not None:
+                msg["done"], msg["value"], msg["infer"] = True, guide_msg["value"], guide_msg["infer"]
+
+    def _pyro_post_sample(self, msg):
+        if not site_is_subsample(msg):
+            self.sites.nodes[msg["name"]] = msg
 
 
 class ClosedFormELBO(ELBO):
@@ -99,6 +157,97 @@ class ClosedFormELBO(ELBO):
                 factor = self.num_particles * self._noise.log_weights.exp().to(terms[-1]["recon"])
                 terms[-1] = OrderedDict((k, v * factor) for k, v in terms[-1].items())
         return OrderedDict((k, torch.cat([t[k] for t in terms])) for k in terms[0])
+
+    def fast_terms(self, model, guide, x, weights, beta: float = 1.0) -> "OrderedDict[str, torch.Tensor]":
+        """particle_terms of DataWeights(weights)- and LatentScale(beta)-scaled model and guide on x, through one light
+        handler per run (_Step) instead of Pyro's trace and replay: the same terms, the same draws, less Python per
+        step. Needs vectorised particles (num_particles > 1); infer.fit checks it against particle_terms once (a
+        golden-value check) and falls back to the general path where they differ."""
+        noise = None
+        if self.noise != "mc":
+            noise = getattr(self, "_fast_noise", None)
+            if noise is None:
+                noise = self._fast_noise = self._new_noise()
+            noise.draw()  # this step's noise; its _pyro_sample is called by _Step, not by the stack
+        return self._fast_terms(model, guide, x, weights, beta, noise)
+
+    def _new_noise(self):
+        return SobolNoise(self.num_particles, -self._dims,
+                          lattice=LATTICE_HALF_WIDTH if self.noise == "lattice" else 0.0)
+
+    def _fast_terms(self, model, guide, x, weights, beta, noise):
+        """fast_terms with the step's noise already drawn into `noise` (None for plain Monte Carlo draws)."""
+        args = (x,)
+        parents = self.model_parents(model, args, {}) if self.closed_form else {}
+        particles = pyro.plate("num_particles_vectorized", self.num_particles, dim=-self.max_plate_nesting)
+        cached = getattr(self, "_weights_summary", None)
+        if cached is None or cached[0] is not weights:
+            cached = self._weights_summary = (weights, _summary(weights))
+        summary = cached[1]
+        with _Step(weights, beta, noise, summary=summary) as guide_run, particles:
+            guide(x)
+        with _Step(weights, beta, None, guide=guide_run.sites, summary=summary) as model_run, particles:
+            model(x)
+        terms = self._terms(model_run.sites, guide_run.sites, parents)
+        self._noise = noise
+        if noise is not None and noise.log_weights is not None:
+            factor = self.num_particles * noise.log_weights.exp().to(terms["recon"])
+            terms = OrderedDict((k, v * factor) for k, v in terms.items())
+        return terms
+
+    def traced_step(self, model, guide, x, weights):
+        """The fast path's forward pass traced once into a graph of tensor ops (torch.fx make_fx, tracing mode
+        'real'), for a structure that does not change between steps: a function beta -> (names, means, loss) that
+        draws this step's noise (as fast_terms does) and returns the particle means of the terms (a (T,) tensor in
+        the order of `names`) and the objective. Params enter the graph as the live tensors, so optimizer updates
+        are seen; gradients come from autograd over the graph's ops. Python control flow that depends on values is
+        frozen at its traced branch, so infer.fit checks the graph against the eager fast path (loss and
+        gradients) before it uses it, and again at every log step."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        noise = self._new_noise() if self.noise != "mc" else None
+        dummy = torch.zeros(self.num_particles, device=x.device)
+        self._weights_summary = (weights, _summary(weights))  # Python numbers: computed before tracing
+        if self.closed_form:  # the dependency analysis runs the model: once, before tracing, not inside the graph
+            with torch.random.fork_rng():
+                self.model_parents(model, (x,), {})
+        names = []
+
+        def forward(eps, lattice_weights, beta):
+            if noise is not None:
+                noise.set(eps, lattice_weights if noise.lattice else None)
+            terms = self._fast_terms(model, guide, x, weights, beta, noise)
+            names[:] = list(terms)
+            means = torch.stack([t.mean() for t in terms.values()])
+            return means, self.objective_of_means(list(terms), means)
+
+        def inputs(beta):
+            if noise is None:
+                return dummy, dummy, beta
+            noise.draw()
+            return (noise._eps.to(x.device),
+                    noise._lattice_weights.to(x.device) if noise.lattice else dummy, beta)
+
+        one = torch.ones((), device=x.device)
+        with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
+            graph = make_fx(forward)(*inputs(one))
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+
+        random = any(any(word in str(node.target) for word in ("rand", "normal", "bernoulli", "multinomial",
+                                                                 "poisson", "exponential", "uniform"))
+                     for node in graph.graph.nodes if node.op == "call_function")
+
+        def step(beta):
+            beta = torch.as_tensor(beta, dtype=one.dtype, device=one.device)
+            args = inputs(beta)
+            step.last_rng = torch.get_rng_state() if random else None  # for re-running this step eagerly
+            means, loss = graph(*args)
+            step.last_args, step.last_means = args, means.detach()
+            return names, means, loss
+
+        step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None
+        return step
 
     def _terms(self, model_trace, guide_trace, parents):
         dims = self._dims

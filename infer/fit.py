@@ -99,11 +99,13 @@ class FitResult:
 
     history: list = field(default_factory=list)
     steps: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the training loop and its setup (choosing and tracing the engine)
+    setup_seconds: float = 0.0  # of which the setup
     optimizer: object = None
     buffers: dict = field(default_factory=dict)  # non-parameter module state, e.g. an IAF's random permutation
     initial_loss: float = None
     window: dict = None
+    engine: str = None  # the path that trained: graph (traced plan), fast (eager fast path) or general
     recipe: dict = None  # the settings this run used (fit's arguments after the recipe filled them in)
 
     @property
@@ -215,6 +217,87 @@ def _check_arguments(model, guide, data, elbo, steps, resume, values):
                              f"least that (it is the total step budget, not the steps still to run)")
 
 
+GRAPH_MIN_STEPS = 200  # the traced plan costs a second or two to trace: worth it from this many steps on
+
+
+def _engine(elbo, model, guide, model_w, guide_w, x, weights, beta, params, steps_left):
+    """('graph', plan) | ('fast', None) | ('general', None): the fastest path that gives the general path's
+    numbers here. The eager fast path (ClosedFormELBO.fast_terms) is checked against particle_terms once; for runs
+    of GRAPH_MIN_STEPS steps or more, the traced plan (ClosedFormELBO.traced_step) is checked against the eager fast
+    path, loss and gradients, on the same noise. Every check runs on a forked RNG: the caller's is untouched."""
+    if not _fast_path_applies(elbo, model, guide, model_w, guide_w, x, weights, beta):
+        return "general", None
+    if steps_left < GRAPH_MIN_STEPS:
+        return "fast", None
+    reason = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = elbo.traced_step(model, guide, x, weights)
+            with torch.random.fork_rng():
+                beta_t = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
+                args = plan.inputs(beta_t)
+                state = torch.get_rng_state()
+                want = plan.forward(*args)
+                torch.set_rng_state(state)
+                got = plan.graph(*args)
+            grads = [torch.autograd.grad(out[1], params, allow_unused=True) for out in (want, got)]
+    except Exception as err:  # noqa: BLE001  any failure keeps the eager fast path
+        reason = f"tracing failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+    else:
+        if not torch.allclose(want[0], got[0], rtol=1e-5, atol=1e-6):
+            reason = "the traced loss terms differ from the eager ones"
+        for a, b in zip(*grads):
+            if (a is None) != (b is None) or a is not None and not torch.allclose(
+                    a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(a.abs().max()))):
+                reason = "the traced gradients differ from the eager ones (e.g. torch.no_grad or a custom autograd " \
+                         "function in the model or guide)"
+                break
+    if reason is not None:
+        warnings.warn(f"fit: the traced plan does not apply to this model and guide ({reason}); training on the "
+                      "eager fast path", stacklevel=4)
+        return "fast", None
+    return "graph", plan
+
+
+def _check_plan(plan, step):
+    """Re-run the traced plan's last step eagerly (same noise, same RNG state, no gradients) and raise
+    RuntimeError if its loss terms differ: value-dependent Python control flow left the traced branch."""
+    with torch.random.fork_rng(), torch.no_grad():
+        if plan.last_rng is not None:
+            torch.set_rng_state(plan.last_rng)
+        eager = plan.forward(*plan.last_args)[0]
+    if not torch.allclose(eager, plan.last_means, rtol=1e-5, atol=1e-6, equal_nan=True):
+        raise RuntimeError(f"the traced plan's loss terms differ from the eager ones at step {step} (a model or "
+                           "guide whose Python control flow depends on values); rerun fit with engine='general'")
+
+
+def _fast_path_applies(elbo, model, guide, model_w, guide_w, x, weights, beta) -> bool:
+    """Whether ClosedFormELBO.fast_terms gives particle_terms' values here: both are run once on the same RNG state
+    (forked: the caller's is untouched) and compared. Where not, fit trains on the general path and says so once."""
+    reason = None
+    if not (elbo.vectorize_particles and elbo.num_particles > 1):
+        reason = "it needs vectorised particles with num_particles > 1"
+    else:
+        with torch.random.fork_rng(), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
+            state = torch.get_rng_state()
+            general = elbo.particle_terms(model_w, guide_w, x)
+            torch.set_rng_state(state)
+            try:
+                fast = elbo.fast_terms(model, guide, x, weights, beta)
+            except Exception as err:  # noqa: BLE001  any failure sends training down the general path
+                reason = f"it failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+            else:
+                if list(fast) != list(general) or not all(
+                        torch.allclose(fast[k], general[k], rtol=1e-6, atol=1e-6, equal_nan=True) for k in general):
+                    reason = "its loss terms differ from the general path's"
+    if reason is not None:
+        warnings.warn(f"fit: the fast path does not apply to this model and guide ({reason}); training on the "
+                      "general path (Pyro's trace and replay)", stacklevel=4)
+    return reason is None
+
+
 def _final_check(compute, start, steps):
     """One more evaluation of the objective at the final parameters (no gradients, the RNG untouched): an update
     that made the parameters produce a non-finite loss is caught here, not in evaluation."""
@@ -230,7 +313,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
         schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
         seed=None, log_every: int = 100, progress: bool = False, resume: dict = None, callback=None,
         checkpoint_path=None, checkpoint_every: int = 0, checkpoint_extra: dict = None, threads=1,
-        init: str = "reset", freeze_model: bool = False, device="cpu") -> FitResult:
+        init: str = "reset", freeze_model: bool = False, device="cpu", engine: str = "auto") -> FitResult:
     """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam (fused).
 
     Defaults: every argument left None comes from the model's recipe (recipe(model)): steps, lr, lr_final,
@@ -248,9 +331,14 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     device: model and guide (nn.Modules) are moved there, and the data; pyro.param sites a user's function creates
     must be created on it by the user.
 
+    engine: "auto" trains a ClosedFormELBO through its fast path (ClosedFormELBO.fast_terms: one light handler per
+    run instead of Pyro's trace and replay), after checking once that it gives the general path's terms; where it
+    does not apply, a warning says so and the general path runs. "general" always runs Pyro's trace and replay.
+
     freeze_model=True trains only the guide's params (those not touched by the model alone), the model is frozen.
     An objective with `needs_guide = False` (e.g. infer.marginal.MarginalLikelihood) trains the model alone by
-    `elbo.marginal_terms(model, data)['nll']`; guide may then be None, and rows hold step, lr, nll and loss (= nll).
+    `elbo.marginal_terms(model, data)['nll']`; guide may then be None, and rows hold step, lr, nll, loss (= nll)
+    and objective (= nll).
 
     Divergence: every step's loss, loss terms and gradients are checked for finiteness on the device (no host
     sync); a non-finite step is skipped by the optimizer, and the next log (or checkpoint) raises DivergenceError
@@ -274,7 +362,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     values = dict(steps=steps, lr=lr, lr_final=lr_final, schedule=schedule, adam_betas=adam_betas, beta=beta,
                   warmup=warmup, warmup_start=warmup_start, seed=seed, log_every=log_every,
                   checkpoint_every=checkpoint_every, threads=threads, init=init, progress=progress,
-                  freeze_model=freeze_model)
+                  freeze_model=freeze_model, engine=engine)
     if elbo is None:
         elbo = ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
     _check_arguments(model, guide, data, elbo, steps, resume, values)
@@ -372,6 +460,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         for group in optimizer.param_groups:  # a checkpoint of another Adam variant: same state, our kernel
             group["fused"] = fused or None
 
+    setup = time.perf_counter()
+    plan, result.engine = None, "general"
     if not needs_guide:
         def compute(step):
             terms = elbo.marginal_terms(model, data)
@@ -380,16 +470,27 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         term_names = ["nll"]
     elif isinstance(elbo, ClosedFormELBO):  # one pass gives the loss and its terms
         term_names = []
+        level, plan = "general", None
+        if v["engine"] == "auto":
+            level, plan = _engine(elbo, model, guide, model_w, guide_w, x, data.w.to(device), scale.beta, params,
+                                  steps - start)
+        result.engine = level
 
         def compute(step):
-            terms = elbo.particle_terms(model_w, guide_w, x)
-            keys = list(terms)
+            if plan is not None:
+                keys, means, loss = plan(scale.beta)
+            else:
+                if level == "fast":
+                    terms = elbo.fast_terms(model, guide, x, weights, scale.beta)
+                else:
+                    terms = elbo.particle_terms(model_w, guide_w, x)
+                keys = list(terms)
+                means = torch.stack([t.mean() for t in terms.values()])
+                loss = elbo.objective_of_means(keys, means)
             if not term_names:
                 term_names.extend(keys)
             elif keys != term_names:
                 raise RuntimeError(f"the loss terms changed from {term_names} to {keys} during training")
-            means = torch.stack([t.mean() for t in terms.values()])
-            loss = elbo.objective_of_means(keys, means)
             return loss, torch.cat([means, loss.reshape(1)]).detach()
     else:  # any other Pyro ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...) trains as Pyro defines it
         terms_of = _reporter(model_w, guide_w, x, log_every)
@@ -407,6 +508,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
             return loss, torch.cat([means, loss.reshape(1).to(means)]).detach()
         compute.backward_done = True
 
+    weights = data.w.to(device)
     backward_done = getattr(compute, "backward_done", False)
     found_inf = torch.zeros((), device=device)  # sticky: 1 from the first non-finite step on
     bad = torch.zeros((), device=device)  # how many steps since (and with) the first non-finite one
@@ -426,6 +528,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state)
 
     t0 = time.perf_counter()
+    result.setup_seconds = t0 - setup
     bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
     with pyro.validation_enabled(False):  # the fit check ran with validation; the hot loop skips arg checks
         for step in bar:
@@ -456,6 +559,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 if first_bad(step + 1) is not None:
                     raise diverged(first_bad(step + 1), first_bad(step + 1) == start + 1)
                 write_checkpoint(step, *pending)
+            if plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+                _check_plan(plan, step + 1)  # before the update: the same params as the traced call
             if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
             optimizer.step()
@@ -472,7 +577,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                     callback(step + 1, row)
     if start < steps and not _final_check(compute, start, steps):
         raise _last_update(steps, v, result)
-    result.steps, result.wall_seconds = steps, time.perf_counter() - t0
+    result.steps, result.wall_seconds = steps, time.perf_counter() - setup
     result.window = window.state()
     if torch.is_tensor(result.initial_loss):
         result.initial_loss = float(result.initial_loss)
@@ -570,7 +675,7 @@ class _Window:
             row["loss"] = row["recon"] + sum(val for k, val in row.items() if k.startswith("kl_"))
         else:
             means = values.mean(0).tolist()
-            row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0]}
+            row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0], "objective": means[1]}
         self.values, self.betas = [], []
         return row
 

@@ -1,4 +1,6 @@
 """Randomised quasi-Monte Carlo noise for reparameterised Gaussian guide sites."""
+import math
+
 import torch
 from pyro.distributions import Independent, Normal, TransformedDistribution
 from pyro.poutine.messenger import Messenger
@@ -20,6 +22,16 @@ def _flow(fn):
     return (), fn
 
 
+def korobov_generators(points: int, dimension: int) -> torch.Tensor:
+    """(dimension,) integer generators 1, a, a^2, ... mod `points` of a rank-1 (Korobov) lattice, with a the integer
+    coprime to `points` nearest to points / golden ratio (for two coordinates this is close to the Fibonacci lattice,
+    the best 2-D rank-1 rule). Each coordinate j * a^k mod points / points is a permutation of the grid k / points."""
+    a = max(1, round(points / ((1 + 5 ** 0.5) / 2)))
+    while math.gcd(a, points) != 1:
+        a += 1
+    return torch.tensor([pow(a, k, points) for k in range(dimension)], dtype=torch.float64)
+
+
 class SobolNoise(Messenger):
     """Within this handler each Gaussian sample site draws z = loc + scale * eps with eps = Phi^-1(u), where
     u are the points of one freshly scrambled Sobol sequence over `num_particles` particles (dim `particle_dim`).
@@ -27,33 +39,55 @@ class SobolNoise(Messenger):
     transforms. Each scalar of noise per particle gets its own Sobol coordinate, shared by the data points. Every
     point is uniform, so estimates stay unbiased, but the particles cover the noise space evenly (lower variance).
 
-    With lattice = L > 0 the first noise coordinate is instead a randomly shifted uniform grid on [-L, L] and
+    With lattice = L > 0 the noise is a randomly shifted rank-1 lattice instead (a randomised lattice rule, cheaper
+    than a fresh Sobol scramble): the first noise coordinate is a randomly shifted uniform grid on [-L, L], and
     particle j carries the normalised weight phi(eps_j) / sum phi (`log_weights`): a randomised quadrature rule
     that puts particles in the tails every step (where a rare z near a decision boundary costs hundreds of nats)
-    with the small weight they deserve, instead of hitting them rarely with full weight. If no site takes the
-    lattice coordinate (no Gaussian or flow site), `log_weights` stays None: the particles are unweighted."""
+    with the small weight they deserve, instead of hitting them rarely with full weight. Coordinate k >= 1 is
+    u = frac(j a^k / P + s_k), eps = Phi^-1(u), with a uniform random shift s_k (korobov_generators): every u is
+    uniform given the first coordinate, so the estimate stays unbiased. If no site takes the lattice coordinate (no
+    Gaussian or flow site), `log_weights` stays None: the particles are unweighted."""
 
     def __init__(self, num_particles: int, particle_dim: int, dimension: int = 16, lattice: float = 0.0):
         super().__init__()
         self.num_particles, self.particle_dim, self.dimension = num_particles, particle_dim, dimension
         self.lattice = lattice
         self.log_weights = None
+        if lattice:
+            j = torch.arange(num_particles, dtype=torch.float64)
+            self._grid = j  # the first coordinate's points before the shift
+            self._rank1 = (j.unsqueeze(1) * korobov_generators(num_particles, dimension)) % num_particles
+            self._rank1 = self._rank1 / num_particles  # (P, dimension) in [0, 1)
 
     def __enter__(self):
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
-        u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
-        self._eps, self._used = torch.special.ndtri(u.double()), 0
-        self.log_weights, self._lattice_weights = None, None
-        if self.lattice:  # first coordinate: a randomly shifted uniform grid on [-L, L] with weights phi(eps) h
-            P, L = self.num_particles, self.lattice
-            h = 2 * L / P
-            eps = -L + (torch.arange(P, dtype=torch.float64) + float(torch.rand(()))) * h
-            log_w = -0.5 * eps**2
-            self._eps[:, 0] = eps
-            self._lattice_weights = (log_w - torch.logsumexp(log_w, 0)).float()
-        self._eps = self._eps.float()
+        self.draw()
         return super().__enter__()
+
+    def draw(self):
+        """Draw this step's noise (a fresh scramble, or fresh lattice shifts) from torch's RNG."""
+        self._used, self.log_weights, self._lattice_weights = 0, None, None
+        if not self.lattice:
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+            engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
+            u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
+            self._eps = torch.special.ndtri(u.double()).float()
+            return
+        P, L = self.num_particles, self.lattice
+        shift = torch.rand(self.dimension, dtype=torch.float64)
+        h = 2 * L / P
+        eps = -L + (self._grid + shift[0]) * h  # first coordinate: a shifted uniform grid on [-L, L], weights phi h
+        u = ((self._rank1 + shift) % 1.0).clamp(1e-7, 1 - 1e-7)
+        self._eps = torch.special.ndtri(u)
+        self._eps[:, 0] = eps
+        log_w = -0.5 * eps**2
+        self._lattice_weights = (log_w - torch.logsumexp(log_w, 0)).float()
+        self._eps = self._eps.float()
+
+    def set(self, eps, lattice_weights=None):
+        """Use given noise (eps: (num_particles, dimension); lattice_weights: (num_particles,) log weights of the
+        lattice coordinate, or None) for the next run, in place of draw()."""
+        self._used, self.log_weights = 0, None
+        self._eps, self._lattice_weights = eps, lattice_weights
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):

@@ -15,6 +15,7 @@ SCHEDULES = ("exponential", "cosine", "constant")
 NOISE = ("mc", "qmc", "lattice")
 ACTIVATIONS = ("elu", "relu", "tanh", "silu", "softplus")
 INITS = ("reset", "keep")
+ENGINES = ("auto", "general")
 
 
 def is_int(v) -> bool:
@@ -68,6 +69,7 @@ RULES = {
     "init": (lambda v: v in INITS, " or ".join(INITS)),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "freeze_model": (lambda v: isinstance(v, bool), "true or false"),
+    "engine": (lambda v: v in ENGINES, " or ".join(ENGINES)),
     # objectives (infer.elbo)
     "num_particles": (_int_at_least(1), "an integer >= 1"),
     "noise": (lambda v: v in NOISE, " or ".join(NOISE)),
@@ -137,4 +139,5 @@ def check_all(**values) -> None:
 
 
 __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "allowed", "is_allowed", "is_int",
-           "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS"]
+           "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS",
+           "ENGINES"]

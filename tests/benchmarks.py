@@ -1,63 +1,133 @@
-"""Speed benchmarks, printed as ratios measured in one run (not a test: `python tests/benchmarks.py`).
+"""Speed benchmarks, printed as ratios measured in one run (not a test: `python tests/benchmarks.py [rounds]`).
 
-1. fit()'s loop against Pyro's SVI.step on the same ClosedFormELBO (the same gradients).
-2. The noise schemes: mc, qmc (scrambled Sobol) and lattice, per step.
-3. Two torch threads against one.
-Model: the DLGM at n = 1000 with 128 particles (the acceptance recipe), and the VAE with 32.
+The ratio of fit()'s step time to a plain-torch step over the same networks (models.nets), the same particles, the
+same closed-form terms and the same lattice noise, for the vae (32 particles) and the dlgm (128 particles) at
+n = 1000: fit with engine="auto" (the fast path) and engine="general" (Pyro's trace and replay). The plain loop is
+timed with torch's default Adam and with fused Adam (fit uses fused Adam). Rounds are interleaved, and the median
+per-round ratio is printed, because the machine is shared: ratios, not absolute times.
 """
+import math
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import torch
+from torch.nn import functional as F
 
-from guides import GaussianGuide, StructuredGuide
-from infer import ClosedFormELBO, fit, weighted
-from models import DLGM, VAE, OneBit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STEPS = 200
+from guides import GaussianGuide, StructuredGuide  # noqa: E402
+import importlib  # noqa: E402
+from infer import ClosedFormELBO, fit  # noqa: E402
+from models import DLGM, VAE, OneBit  # noqa: E402
+
+N, STEPS = 1000, 150
+SETUP, ENGINE = {"vae": [], "dlgm": []}, {}
+importlib.import_module("infer.fit").GRAPH_MIN_STEPS = 0  # the traced plan even for these short timing runs
+L = 8.0  # the lattice half width, as infer.elbo.LATTICE_HALF_WIDTH
 
 
-def pair(name, n):
+def pair(name):
     pyro.set_rng_seed(0)
     if name == "vae":
-        model = VAE(n, hidden=32, gain=True)
-        return model, GaussianGuide(model, hidden=32)
-    model = DLGM(n, prior_gain=True)
-    return model, StructuredGuide(model, gain=True)
+        model = VAE(N, hidden=32, gain=True)
+        return model, GaussianGuide(model, hidden=32), 32
+    model = DLGM(N, prior_gain=True)
+    return model, StructuredGuide(model, gain=True), 128
 
 
-def fit_ms(name, particles, noise="lattice", threads=1):
-    torch.set_num_threads(threads)
-    model, guide = pair(name, 1000)
-    result = fit(model, guide, OneBit(1000), elbo=ClosedFormELBO(num_particles=particles, noise=noise), steps=STEPS)
-    return 1e3 * result.wall_seconds / STEPS
+def lattice(P):
+    """A randomly shifted grid on [-L, L] with normalised weights phi(eps): the first noise coordinate."""
+    h = 2 * L / P
+    eps = -L + (torch.arange(P, dtype=torch.float64) + torch.rand((), dtype=torch.float64)) * h
+    log_w = -0.5 * eps**2
+    return eps.float().reshape(P, 1, 1), (log_w - torch.logsumexp(log_w, 0)).exp().float()
 
 
-def svi_ms(name, particles, noise="lattice"):
-    torch.set_num_threads(1)
-    model, guide = pair(name, 1000)
-    data = OneBit(1000)
-    pyro.clear_param_store()
-    svi = pyro.infer.SVI(weighted(model, data), weighted(guide, data), pyro.optim.Adam({"lr": 3e-3}),
-                         ClosedFormELBO(num_particles=particles, noise=noise))
-    svi.step(data.x)
+def recon(logits, x):
+    """-log p(x|logits) summed over the n bits: (P, 2)."""
+    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def plain_loss(name, model, guide, x, w, P):
+    """The same objective as ClosedFormELBO(noise='lattice') in plain torch: sum_k w_k -ELBO(x_k), lattice-weighted
+    over the first Gaussian coordinate; KL(q(z)||p(z)) closed form (vae); for the dlgm, -H[q(z1|x)] - log p(z1|z2)
+    sampled (z2 from a second noise coordinate, plain normal draws here) and KL(q(z2|z1)||N(0,1)) closed form."""
+    eps, lw = lattice(P)
+    if name == "vae":
+        loc, scale = guide.encoder(x)
+        z = loc + scale * eps
+        kl = (0.5 * (loc**2 + scale**2 - 1) - scale.log()).sum(-1)
+        per_particle = (recon(model.decoder(z), x) * w).sum(-1) + (kl * w).sum()
+        return (per_particle * lw).sum()
+    loc1, scale1 = guide.encoder(x)
+    z1 = loc1 + scale1 * eps
+    loc2, scale2 = guide.upper[0](z1)
+    z2 = loc2 + scale2 * torch.randn(P, 1, 1)
+    prior_loc, prior_scale = model.priors[0](z2)
+    entropy = (scale1.log() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+    log_p1 = (-0.5 * ((z1 - prior_loc) / prior_scale) ** 2 - prior_scale.log()
+              - 0.5 * math.log(2 * math.pi)).sum(-1)
+    kl2 = (0.5 * (loc2**2 + scale2**2 - 1) - scale2.log()).sum(-1)
+    per_particle = ((recon(model.decoder(z1), x) - entropy - log_p1 + kl2) * w).sum(-1)
+    return (per_particle * lw).sum()
+
+
+def plain_ms(name, fused):
+    model, guide, P = pair(name)
+    data = OneBit(N)
+    x, w = data.x, data.w
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.99), fused=fused or None)
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        plain_loss(name, model, guide, x, w, P).backward()
+        optimizer.step()
     t0 = time.perf_counter()
-    with pyro.validation_enabled(False):
-        for _ in range(STEPS):
-            svi.step(data.x)
+    for _ in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        plain_loss(name, model, guide, x, w, P).backward()
+        optimizer.step()
     return 1e3 * (time.perf_counter() - t0) / STEPS
 
 
-def main():
-    for name, particles in (("vae", 32), ("dlgm", 128)):
-        ours, svi = fit_ms(name, particles), svi_ms(name, particles)
-        print(f"{name} (P={particles}): fit {ours:.2f} ms/step, SVI.step {svi:.2f} ms/step, ratio SVI/fit {svi / ours:.2f}")
-        times = {noise: fit_ms(name, particles, noise) for noise in ("mc", "qmc", "lattice")}
-        print(f"{name}: per-step time relative to mc: "
-              + ", ".join(f"{k} {v / times['mc']:.2f}" for k, v in times.items()))
-        two = fit_ms(name, particles, threads=2)
-        print(f"{name}: 2 threads / 1 thread step time: {two / times['lattice']:.2f}")
+def fit_ms(name, engine):
+    """fit's time per step without its one-time setup (choosing the engine, tracing the plan: in setup_seconds)."""
+    model, guide, P = pair(name)
+    result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=P, noise="lattice"), steps=STEPS,
+                 seed=0, engine=engine)
+    SETUP[name].append(result.setup_seconds)
+    ENGINE[(name, engine)] = result.engine
+    return 1e3 * (result.wall_seconds - result.setup_seconds) / STEPS
+
+
+def main(rounds=5):
+    torch.set_num_threads(1)
+    for name in ("vae", "dlgm"):
+        times = {k: [] for k in ("plain", "plain_fused", "auto", "general")}
+        for _ in range(rounds):  # interleaved, so a busy spell of the machine hits every variant alike
+            times["plain"].append(plain_ms(name, fused=False))
+            times["plain_fused"].append(plain_ms(name, fused=True))
+            times["auto"].append(fit_ms(name, "auto"))
+            times["general"].append(fit_ms(name, "general"))
+
+        def ratio(a, b):
+            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+        particles = 32 if name == "vae" else 128
+        print(f"{name} (n={N}, {particles} lattice particles), median of {rounds} interleaved rounds of {STEPS} steps:")
+        print(f"  ms/step (median): fit {statistics.median(times['auto']):.2f}, fit general path "
+              f"{statistics.median(times['general']):.2f}, plain torch {statistics.median(times['plain']):.2f}, "
+              f"plain torch with fused Adam {statistics.median(times['plain_fused']):.2f}")
+        print(f"  fit / plain torch:                 {ratio('auto', 'plain'):.2f}x"
+              f"   (general path {ratio('general', 'plain'):.2f}x)")
+        print(f"  fit / plain torch with fused Adam: {ratio('auto', 'plain_fused'):.2f}x"
+              f"   (general path {ratio('general', 'plain_fused'):.2f}x)")
+        print(f"  fit's engine: {ENGINE[(name, 'auto')]}; one-time setup (engine check and trace) "
+              f"{statistics.median(SETUP[name]):.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

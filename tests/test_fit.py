@@ -319,7 +319,7 @@ def test_an_objective_without_a_guide_trains_the_model_by_its_nll():
 
     model = VAE(5, hidden=8)
     result = fit(model, None, OneBit(5), elbo=MeanLogLikelihood(), steps=60, log_every=20, lr=1e-2, seed=0)
-    assert list(result.history[0]) == ["step", "lr", "nll", "loss"]
+    assert list(result.history[0]) == ["step", "lr", "nll", "loss", "objective"]
     assert result.history[-1]["loss"] == result.history[-1]["nll"] < result.history[0]["nll"]
     with pytest.raises(ValueError, match="beta=0.5 is not allowed with objective MeanLogLikelihood"):
         fit(model, None, OneBit(5), elbo=MeanLogLikelihood(), steps=5, beta=0.5)

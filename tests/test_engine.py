@@ -1,0 +1,136 @@
+"""The training engine: the fast path (one light handler per run) and the traced plan (the fast path's forward
+traced once into a graph of tensor ops) give the general path's loss and gradients (golden values), for the built-in
+models and guides and for a guide a user writes; where they cannot apply, the general path runs and says so."""
+import importlib
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from guides import FlowGuide, GaussianGuide, MixtureGuide, StructuredGuide
+from infer import ClosedFormELBO, fit, weighted
+from infer.weights import LatentScale
+from models import DLGM, VAE, OneBit
+
+N = 20
+PAIRS = {"vae": lambda: (VAE(N, hidden=16, gain=True), GaussianGuide),
+         "dlgm": lambda: (DLGM(N, hidden=16, prior_hidden=16, prior_gain=True), StructuredGuide),
+         "flow": lambda: (VAE(N, hidden=16), FlowGuide),
+         "mixture": lambda: (DLGM(N, hidden=16, prior_hidden=16), MixtureGuide)}
+
+
+def build(name):
+    pyro.set_rng_seed(0)
+    model, make = PAIRS[name]()
+    return model, make(model)
+
+
+def general_loss_and_grads(elbo, model, guide, data, beta, params):
+    terms = elbo.particle_terms(LatentScale(beta)(weighted(model, data)), LatentScale(beta)(weighted(guide, data)),
+                                data.x)
+    loss = elbo.objective(terms)
+    return terms, loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def same_grads(a, b, exact):
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("noise", ["lattice", "qmc", "mc"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_the_fast_path_gives_the_general_paths_loss_and_gradients_to_the_bit(name, noise):
+    model, guide = build(name)
+    data, elbo = OneBit(N), ClosedFormELBO(num_particles=16, noise=noise)
+    params = [*model.parameters(), *guide.parameters()]
+    pyro.set_rng_seed(1)
+    terms, loss, grads = general_loss_and_grads(elbo, model, guide, data, 0.7, params)
+    pyro.set_rng_seed(1)
+    fast = elbo.fast_terms(model, guide, data.x, data.w, 0.7)
+    fast_loss = elbo.objective(fast)
+    assert list(fast) == list(terms) and torch.equal(fast_loss, loss)
+    same_grads(grads, torch.autograd.grad(fast_loss, params, allow_unused=True), exact=True)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
+    model, guide = build(name)
+    data, elbo = OneBit(N), ClosedFormELBO(num_particles=16, noise="lattice")
+    params = [*model.parameters(), *guide.parameters()]
+    with pyro.validation_enabled(False):
+        plan = elbo.traced_step(model, guide, data.x, data.w)
+        pyro.set_rng_seed(2)
+        terms, loss, grads = general_loss_and_grads(elbo, model, guide, data, 0.5, params)
+        pyro.set_rng_seed(2)
+        names, means, traced_loss = plan(0.5)
+    assert names == list(terms)
+    assert torch.allclose(means, torch.stack([t.mean() for t in terms.values()]), rtol=1e-6)
+    assert torch.allclose(traced_loss, loss, rtol=1e-6)
+    same_grads(grads, torch.autograd.grad(traced_loss, params, allow_unused=True), exact=False)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_fit_on_the_traced_plan_gives_the_general_paths_history(name, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    runs = {}
+    for engine in ("auto", "general"):
+        model, guide = build(name)
+        result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=8, noise="lattice"), steps=40,
+                     log_every=20, seed=0, warmup=10, engine=engine)
+        runs[engine] = result
+    assert runs["auto"].engine == "graph" and runs["general"].engine == "general"
+    assert [r["loss"] for r in runs["auto"].history] == pytest.approx([r["loss"] for r in runs["general"].history],
+                                                                      rel=1e-5)
+
+
+def test_a_short_run_uses_the_eager_fast_path_with_the_general_paths_numbers_to_the_bit():
+    runs = {}
+    for engine in ("auto", "general"):
+        model, guide = build("dlgm")
+        runs[engine] = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=8, noise="lattice"), steps=30,
+                           log_every=10, seed=0, engine=engine)
+    assert runs["auto"].engine == "fast" and runs["auto"].history == runs["general"].history
+
+
+def test_a_guide_written_by_a_user_trains_through_the_fast_path(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    model = VAE(N, hidden=16)
+
+    def guide(x):  # q(z|x_k) = N(m_k, s_k^2), one free Gaussian per data point
+        m = pyro.param("m", torch.tensor([[-1.0], [1.0]]))
+        s = pyro.param("s", torch.ones(2, 1), constraint=dist.constraints.positive)
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(m, s).to_event(1))
+
+    result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=16, noise="lattice"), steps=300,
+                 lr=2e-2, lr_final=1e-3, log_every=100, seed=0)
+    assert result.engine == "graph"
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 1.0
+    assert pyro.param("m")[1, 0] - pyro.param("m")[0, 0] > 1.0
+
+
+def test_a_guide_with_value_dependent_control_flow_is_caught_by_the_log_step_check(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    model = VAE(N, hidden=16)
+    calls = {"n": 0}
+
+    def guide(x):  # its branch changes after the trace: the traced plan would keep the first one
+        calls["n"] += 1
+        m = pyro.param("m", torch.tensor([[-1.0], [1.0]]))
+        shift = 0.0 if calls["n"] < 8 else 5.0
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(m + shift, 1.0).to_event(1))
+
+    with pytest.raises(RuntimeError, match="traced plan's loss terms differ from the eager ones"):
+        fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=8, noise="lattice"), steps=40, log_every=20,
+            seed=0)
+
+
+def test_without_vectorised_particles_the_general_path_runs_and_says_so():
+    model, guide = build("vae")
+    with pytest.warns(UserWarning, match="fast path does not apply"):
+        result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=1), steps=3, log_every=3)
+    assert result.engine == "general"
