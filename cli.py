@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parent / "conf"
-GROUPS = ("data", "model", "guide", "objective", "optim", "experiment")
+GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
 # Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
@@ -405,23 +405,29 @@ def check_memory(cfg, data, model, guide) -> None:
                           "settings: lower data.n or train.num_particles, or raise memory_gb")
 
 
-def divergence(result, data, final=None) -> str:
-    """Why a run counts as diverged ('' if it does not): its loss is not finite, or it ends worse than the trivial
-    solution, the no-latent loss n H(w) (a decoder that ignores z and outputs each bit's marginal), and worse than its
-    own initial loss, by more than 1% + 0.01 nats. `final` is the evaluated headline loss; without it, the last
-    logged training window's. (A short run that improved on its start but not yet on n H(w) is not diverged.)"""
+def divergence(result, data, beta: float = 1.0, final=None) -> str:
+    """Why a run counts as diverged ('' if it does not): its objective is not finite, or it ends worse than the
+    trivial solution, the collapsed code that ignores z (objective n H(w) at every beta: recon n H(w), KL 0), and
+    worse than its own initial objective, by more than 1% + 0.01 nats. The objective is recon + beta KL; `final` is
+    the evaluated (headline) metrics, else the last logged training window is used. (A short run that improved on
+    its start but not yet on n H(w) is not diverged.)"""
     history = result.history
     if not history:
         return ""
     trivial = data.n * data.entropy
-    last = history[-1]["loss"] if final is None else final
+    if final is None:
+        last = history[-1].get("objective", history[-1]["loss"])
+    else:
+        loss, kl = final.get("loss"), final.get("kl")
+        kl_total = sum(kl.values()) if isinstance(kl, dict) else 0.0
+        last = None if loss is None else loss + (beta - 1.0) * kl_total
     if last is None or not math.isfinite(last):
         return f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
     start = getattr(result, "initial_loss", None)
     worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
     if last > worst + 0.01 * worst + 0.01:
-        return (f"training diverged: the final loss {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
-                + (f" and the initial loss {start:.4g}" if start is not None else "")
+        return (f"training diverged: the final objective {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
+                + (f" and the initial objective {start:.4g}" if start is not None else "")
                 + ": the run learned less than a decoder that ignores z; lower optim.lr")
     return ""
 

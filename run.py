@@ -112,7 +112,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         raise Refused(str(err)) from None
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
-    reason = cli.divergence(result, data)
+    reason = cli.divergence(result, data, beta=cfg.train.beta)
     if reason:
         import pandas as pd
 
@@ -124,7 +124,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         save_checkpoint(out / "checkpoint.pt", result, extra=extra)
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
-    reason = cli.divergence(result, data, final=metrics.get("loss"))
+    reason = cli.divergence(result, data, beta=cfg.train.beta, final=metrics)
     if reason:
         metrics.update(status="diverged", reason=reason)
     write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,

@@ -123,6 +123,8 @@ class Claim:
                 else:
                     target.unlink(missing_ok=True)
         for folder in reversed(self.created):
+            if not folder.exists():
+                continue
             try:
                 folder.rmdir()  # only if empty: another run may be using it
             except OSError:

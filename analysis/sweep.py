@@ -24,7 +24,7 @@ import numpy as np
 
 log = logging.getLogger("onebit.sweep")
 LN2 = math.log(2.0)
-ID_COLUMNS = ("job", "status", "model", "guide", "n", "seed", "overrides")
+ID_COLUMNS = ("job", "status", "model", "guide", "n", "seed", "beta", "overrides")
 # The original study's numbers (RuiShu/one-bit-vae; Monte Carlo, one draw per row), see seed/REFERENCE.md
 ORIGINAL = {"vae": {1: (0.69315, 0.69254), 5: (1.06633, 2.788e-2), 10: (1.14074, 9.561e-3),
                     100: (1.42624, 1.476e-3), 1000: (1.48595, 4.282e-5)},
@@ -90,7 +90,7 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     row["overrides"] = " ".join(overrides)
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     row.update({"model": _select(cfg, "model.name"), "guide": _select(cfg, "guide.name"),
-                "n": _select(cfg, "data.n"), "seed": _select(cfg, "seed")})
+                "n": _select(cfg, "data.n"), "seed": _select(cfg, "seed"), "beta": _select(cfg, "train.beta")})
     from .rundir import read_status
 
     status = read_status(job)
@@ -388,6 +388,40 @@ def encodings_figure(jobs, out: Path):
     return out / "encodings_grid.png"
 
 
+def _rd_value(row, key):
+    """A run's exact rate or distortion, else its Monte Carlo one (None when neither is known)."""
+    for col in (f"exact.{key}", key, f"montecarlo.{key}"):
+        value = row.get(col)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+    return None
+
+
+def rate_distortion_figure(jobs, out: Path):
+    """rate_distortion.png (analysis.frontier.rd_plane) when the ok runs span more than one beta or more than one
+    model/guide family; None otherwise."""
+    from .frontier import rd_plane
+
+    ok = jobs[jobs["status"] == "ok"] if "status" in jobs else jobs
+    if ok.empty:
+        return None
+    betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
+    families = {(m, g) for m, g in zip(ok["model"], ok["guide"])}
+    if len(betas) < 2 and len(families) < 2:
+        return None
+    points = []
+    for _, r in ok.iterrows():
+        rate, dist = _rd_value(r, "rate"), _rd_value(r, "distortion")
+        if rate is None or dist is None:
+            continue
+        points.append({"rate": rate, "distortion": dist, "model": r["model"], "guide": r["guide"],
+                       "beta": float(r["beta"]) if r.get("beta") is not None else 1.0, "n": int(r["n"])})
+    if not points:
+        return None
+    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}))
+    return out / "rate_distortion.png"
+
+
 def summarize(sweep_dir, figures: bool = True) -> dict:
     """Read every job of a sweep and write summary.csv, summary_by_config.csv, summary.md and the sweep figures.
 
@@ -403,7 +437,8 @@ def summarize(sweep_dir, figures: bool = True) -> dict:
     agg.to_csv(files[1], index=False)
     files[2].write_text(markdown(jobs, agg, missing, sweep_dir))
     if figures:
-        for step in (lambda: sweep_figures(agg, jobs, sweep_dir), lambda: [encodings_figure(jobs, sweep_dir)]):
+        for step in (lambda: sweep_figures(agg, jobs, sweep_dir), lambda: [encodings_figure(jobs, sweep_dir)],
+                     lambda: [rate_distortion_figure(jobs, sweep_dir)]):
             try:
                 files += [p for p in step() if p is not None]
             except Exception as err:  # a broken figure must not hide the tables
