@@ -10,7 +10,7 @@ import math
 
 import pyro
 import torch
-from pyro.distributions import Bernoulli, Independent, Normal, TransformedDistribution
+from pyro.distributions import Bernoulli, Delta, Independent, Normal, TransformedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -48,10 +48,10 @@ class PresetNoise(Messenger):
 
     def __init__(self, eps: torch.Tensor):
         super().__init__()
-        self.eps, self.used = eps, 0
+        self.eps, self.used, self.others = eps, 0, 0
 
     def __enter__(self):
-        self.used = 0
+        self.used, self.others = 0, 0  # columns taken; random sites left to Pyro
         return super().__enter__()
 
     def _pyro_sample(self, msg):
@@ -61,10 +61,12 @@ class PresetNoise(Messenger):
         transforms, base = (tuple(fn.transforms), fn.base_dist) if isinstance(fn, TransformedDistribution) else ((), fn)
         normal, dims = _gaussian(base)
         if normal is None:
+            self.others += not isinstance(fn, Delta)  # a Delta (an autoguide's model site) is not random
             return
         event = tuple(normal.batch_shape[len(normal.batch_shape) - dims:])
         width = math.prod(event)
         if self.used + width > self.eps.shape[1]:
+            self.others += 1
             return
         particles = self.eps.shape[0]
         eps = self.eps[:, self.used:self.used + width].reshape((particles, 1) + event)
@@ -115,12 +117,13 @@ def replicate_noise(particles: int, noise: str, dimension: int = NOISE_DIMENSION
 
 
 def particle_values(model, guide, data, particles: int, noise: str = "qmc", closed_form: bool = True,
-                    max_elements: int = MAX_ELEMENTS, elbos: dict = None) -> dict:
+                    max_elements: int = MAX_ELEMENTS, elbos: dict = None, info: dict = None) -> dict:
     """{'recon': (particles,), 'kl_<site>': (particles,), ...} in float64: each loss term per particle of one
     replicate (one noise draw for all its particles, see replicate_noise), evaluated particles_per_chunk at a time.
     Weighted particles (the lattice, where a guide site takes its first coordinate) come multiplied by
     particles x weight, so the plain mean over the replicate is its weighted mean. `elbos` caches the
-    ClosedFormELBO per chunk size (and its model-dependency analysis) across calls."""
+    ClosedFormELBO per chunk size (and its model-dependency analysis) across calls. `info`, if given, gets
+    'lattice_only': True when the noise is the lattice and its one coordinate is all the randomness there is."""
     model_w, guide_w = weighted(Float64Likelihood()(model), data), weighted(guide, data)
     eps, log_w = replicate_noise(particles, noise)
     chunk = particles_per_chunk(data.n, data.x.shape[-2], max_elements)
@@ -136,6 +139,8 @@ def particle_values(model, guide, data, particles: int, noise: str = "qmc", clos
             factor = 1.0
             if log_w is not None and preset.used > 0:  # a site took the lattice coordinate
                 factor = particles * log_w[start:start + size].exp()
+            if info is not None:
+                info["lattice_only"] = bool(log_w is not None and preset.used == 1 and preset.others == 0)
             parts.append({k: v.double().expand(size) * factor for k, v in terms.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -153,12 +158,14 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     rarely reach that mass and understate both the loss and its error. Terms with a valid closed form
     (see ClosedFormELBO) are exact given the sampled parents. Nats per data point.
 
-    A standard error assumes finite variance. It is diagnosed from the tails of the per-sample loss (the weighted
-    per-particle values the replicate means average): tail_khat, the Pareto k-hat of its largest and smallest
-    values (Vehtari et al. 2024): where k-hat >= FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
-KHAT_CLT = 0.5 the
-    variance may be infinite and the replicate means need not follow the CLT, so `loss_se` and `recon_se` are None
-    and `loss_note` says why. Beware: no tail diagnostic sees mass that no draw reached.
+    A standard error assumes finite variance. Where the lattice coordinate is the only randomness (one scalar of
+    Gaussian noise per point, e.g. the 1-D vae with a Gaussian or flow guide) the estimator is a randomised
+    quadrature rule whose variance is finite (bounded weights on a bounded grid; 'tail_khat' None, 'tail_note').
+    Otherwise it is diagnosed from the tails of the per-sample loss (the weighted per-particle values the
+    replicate means average): tail_khat, the Pareto k-hat of its largest and smallest values (Vehtari et al. 2024).
+    Unless the data put k-hat below KHAT_CLT = 0.5 by 2 of its sd, the variance may be infinite and the replicate
+    means need not follow the CLT, so `loss_se` and `recon_se` are None and `loss_note` says why. Beware: no tail
+    diagnostic sees mass that no draw reached.
     The standard error also carries a rounding floor, float32 eps x mean |per-sample value| (the networks compute
     in float32): the lattice's statistical error alone reaches 1e-10, far below what float32 networks resolve.
     Memory stays bounded for any n (see particles_per_chunk)."""
@@ -168,14 +175,17 @@ KHAT_CLT = 0.5 the
         raise ValueError(f"samples and replicates must be integers with replicates >= 2 and samples >= 2 x replicates, "
                          f"got samples={samples!r}, replicates={replicates!r}")
     size = samples // replicates
-    elbos = {}
-    batches = [particle_values(model, guide, data, size, noise, closed_form, max_elements, elbos)
+    elbos, info = {}, {}
+    batches = [particle_values(model, guide, data, size, noise, closed_form, max_elements, elbos, info)
                for _ in range(replicates)]
     terms = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}  # (replicates, size)
     loss = sum(terms.values())
-    khat = tail_khat(loss.reshape(-1).numpy())
-    khat_upper = khat + 2 * khat_sd(khat, loss.numel())
-    finite = bool(khat_upper < KHAT_CLT)  # finite variance supported by the data, not just not excluded
+    if info.get("lattice_only"):  # a 1-D randomised quadrature: bounded weights on a bounded grid
+        khat = None
+        finite = bool(torch.isfinite(loss).all())
+    else:
+        khat = tail_khat(loss.reshape(-1).numpy())
+        finite = bool(khat + 2 * khat_sd(khat, loss.numel()) < KHAT_CLT)  # finite variance supported by the data
 
     def se(t):
         if not finite:
@@ -201,12 +211,17 @@ KHAT_CLT = 0.5 the
         "samples": replicates * size,
         "kind": kind,
         "tail_khat": khat,
-        "tail_khat_sd": khat_sd(khat, loss.numel()),
+        "tail_khat_sd": None if khat is None else khat_sd(khat, loss.numel()),
         "tail_khat_limit": KHAT_CLT,
         "estimator": f"{what}, {replicates} x {size} samples per data point"
                      + (", closed-form entropy/KL where valid" if closed_form else ""),
     }
-    if not finite:
+    if khat is None:
+        out["tail_note"] = ("one noise coordinate, all on the lattice: a randomised quadrature rule with bounded "
+                            "weights over a bounded grid, so the variance is finite (no tail to diagnose)")
+    if not finite and khat is None:
+        out["loss_note"] = "a per-sample loss is not finite: no standard error"
+    elif not finite:
         out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {khat_sd(khat, loss.numel()):.2f} of the per-sample "
                             f"losses (not below {KHAT_CLT} by 2 sd), the variance may be infinite: no standard error")
     return out

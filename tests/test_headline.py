@@ -102,6 +102,14 @@ def test_the_lattice_rule_reaches_the_costly_tail_at_n1000():
     assert mc["loss_se"] is not None and within_error_or_flagged(mc, ex)
 
 
+def test_a_one_dimensional_lattice_is_a_quadrature_rule_with_no_tail_to_diagnose(vae5, dlgm5):
+    torch.manual_seed(0)
+    one = monte_carlo(*vae5, samples=1024, replicates=4)
+    two = monte_carlo(*dlgm5, samples=1024, replicates=4)
+    assert one["tail_khat"] is None and "bounded weights" in one["tail_note"] and one["loss_se"] > 0
+    assert two["tail_khat"] is not None and "tail_note" not in two  # z2's noise is Sobol: its tail is diagnosed
+
+
 class Cliff(nn.Module):
     """A toy whose recon grows like exp(a z^2 / 2) under q = N(0, 1): the per-sample loss has a Pareto tail of
     shape a (infinite variance for a > 1/2), the regime where a CLT standard error does not hold."""
