@@ -253,6 +253,10 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     lines = [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))} [importance sampling]",
              f"  NLL        {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling]"]
     if exact_nll is not None:
+        below = exact_nll["nll"] - i["loss"]
+        if below > 0:  # an upper bound of the NLL in expectation: its estimate is below only by sampling error
+            lines[0] += (f"; {below:.4f} below the exact NLL, a bound's sampling error"
+                         + (f" ({below / i['loss_se']:.1f} SE)" if i.get("loss_se") else ""))
         gap = i["nll"] - exact_nll["nll"]
         lines[-1] += (f"; {abs(gap):.4f} {'above' if gap >= 0 else 'below'} the exact NLL"
                       + (": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
