@@ -226,3 +226,35 @@ def test_the_default_vae_at_n1000_headline_is_exact_and_its_check_agrees():
     m, _ = evaluate(model, guide, data)
     assert m["loss_estimator"] == "exact" and math.isfinite(m["loss"])
     assert within_error_or_flagged(m["montecarlo"], m["exact"])
+
+
+def test_importance_sampled_numbers_are_compared_with_the_exact_nll_when_it_exists(vae5_metrics):
+    iw = {"K": 1000, "loss": 0.7248, "loss_se": 0.003, "nll": 0.7409, "nll_se": None,
+          "nll_note": "heavy tail: PSIS k-hat 0.52", "note": "no quadrature"}
+    m = {k: v for k, v in vae5_metrics.items() if k not in ("exact", "surgery")}
+    lines = summary_lines({**m, "iwae": iw, "exact_nll": {"nll": 0.7322}})
+    bound = next(s for s in lines if "IWAE-1000" in s)
+    nll = next(s for s in lines if "NLL" in s and "importance" in s and "IWAE" not in s)
+    assert "0.0074 below the exact NLL, a bound's sampling error (2.5 SE)" in bound
+    assert "no error bar: heavy tail" in nll and "0.0087 above the exact NLL" in nll
+
+
+@pytest.mark.slow
+def test_evaluation_at_n_one_million_stays_within_2_gb():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import resource, torch, pyro; torch.set_num_threads(1)\n"
+        "from models import VAE, OneBit; from guides import GaussianGuide\n"
+        "from analysis.montecarlo import monte_carlo; from analysis.psis import log_weights\n"
+        "from analysis.encodings import encodings\n"
+        "data = OneBit(10**6); model = VAE(data.n, hidden=32); guide = GaussianGuide(model, hidden=32)\n"
+        "monte_carlo(model, guide, data, samples=128, replicates=4); log_weights(model, guide, data, 128)\n"
+        "encodings(model, guide, data, samples=64)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 2.0  # GB of peak RSS
