@@ -11,7 +11,10 @@ Two uses:
   M = min(S/5, 3 sqrt(S)) largest weights, with standard deviation about (1 + k) / sqrt(M) (the GPD maximum
   likelihood rate), reported as `sd`.
 * per-sample values of a plain (or randomised quasi-) Monte Carlo mean (`tail_khat`): k-hat of the largest and of
-  the smallest values. A CLT standard error needs finite variance, i.e. k < 1/2 for both tails.
+  the smallest values. Which threshold: the S-dependent one (<= 0.7) says when a *Pareto-smoothed* estimate is
+  reliable; a plain mean with a CLT standard error needs finite variance, i.e. k < 1/2. Since k-hat is itself
+  noisy (sd above), callers show a standard error only where k-hat + 2 sd < 1/2: finite variance supported by
+  the draws, not merely not excluded (montecarlo.monte_carlo, iwae.iwae).
 """
 import math
 import warnings
