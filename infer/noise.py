@@ -64,30 +64,49 @@ class SobolNoise(Messenger):
         return super().__enter__()
 
     def draw(self):
-        """Draw this step's noise (a fresh scramble, or fresh lattice shifts) from torch's RNG."""
-        self._used, self.log_weights, self._lattice_weights = 0, None, None
+        """Draw this step's noise from torch's RNG: a fresh Sobol scramble, or (lattice) fresh shifts, from which
+        each site computes only the coordinates it takes."""
+        self._used, self.log_weights = 0, None
         if not self.lattice:
             seed = int(torch.randint(0, 2**31 - 1, ()))
             engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
             u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
             self._eps = torch.special.ndtri(u.double()).float()
             return
-        P, L = self.num_particles, self.lattice
-        shift = torch.rand(self.dimension, dtype=torch.float64)
-        h = 2 * L / P
-        eps = -L + (self._grid + shift[0]) * h  # first coordinate: a shifted uniform grid on [-L, L], weights phi h
-        u = ((self._rank1 + shift) % 1.0).clamp(1e-7, 1 - 1e-7)
-        self._eps = torch.special.ndtri(u)
-        self._eps[:, 0] = eps
-        log_w = -0.5 * eps**2
-        self._lattice_weights = (log_w - torch.logsumexp(log_w, 0)).float()
-        self._eps = self._eps.float()
+        self._shift = torch.rand(self.dimension, dtype=torch.float64)
 
-    def set(self, eps, lattice_weights=None):
-        """Use given noise (eps: (num_particles, dimension); lattice_weights: (num_particles,) log weights of the
-        lattice coordinate, or None) for the next run, in place of draw()."""
+    def set(self, noise):
+        """Use given noise for the next run, in place of draw(): the lattice shifts ((dimension,) in [0, 1),
+        float64) with lattice > 0, else eps ((num_particles, dimension), as draw() makes it)."""
         self._used, self.log_weights = 0, None
-        self._eps, self._lattice_weights = eps, lattice_weights
+        if self.lattice:
+            self._shift = noise
+        else:
+            self._eps = noise
+
+    def noise(self):
+        """This step's noise as set() takes it."""
+        return self._shift if self.lattice else self._eps
+
+    def _columns(self, start, width):
+        """eps of noise coordinates start .. start + width - 1: (num_particles, width), float32; with lattice > 0
+        (computed here, from the shifts) coordinate 0 is the shifted grid on [-L, L], and taking it sets
+        log_weights (the normalised log phi(eps) of the quadrature rule)."""
+        if not self.lattice:
+            return self._eps[:, start:start + width]
+        shift = self._shift.to(self._rank1.device)
+        first = 1 if start == 0 else start  # coordinate 0 is the grid, not the rank-1 lattice
+        eps = None
+        if start + width > first:
+            u = ((self._rank1[:, first:start + width] + shift[first:start + width]) % 1.0).clamp(1e-7, 1 - 1e-7)
+            eps = torch.special.ndtri(u)
+        if start == 0:
+            P, L = self.num_particles, self.lattice
+            grid = -L + (self._grid + shift[0]) * (2 * L / P)  # a shifted uniform grid on [-L, L]
+            eps = grid.unsqueeze(1) if eps is None else torch.cat([grid.unsqueeze(1), eps], 1)
+            log_w = -0.5 * grid**2
+            self.log_weights = (log_w - torch.logsumexp(log_w, 0)).float()
+        return eps.float()
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
@@ -98,9 +117,9 @@ class SobolNoise(Messenger):
         width = int(torch.Size(event).numel()) if event is not None else 0
         if normal is None or self._used + width > self.dimension:
             return
-        eps = self._eps[:, self._used:self._used + width].reshape((self.num_particles,) + tuple(event))
-        if self._used == 0 and self._lattice_weights is not None:
-            self.log_weights = self._lattice_weights.to(normal.loc.device)  # this site takes the lattice coordinate
+        eps = self._columns(self._used, width).reshape((self.num_particles,) + tuple(event))
+        if self.log_weights is not None:
+            self.log_weights = self.log_weights.to(normal.loc.device)  # this site took the lattice coordinate
         self._used += width
         eps = eps.reshape((self.num_particles,) + (1,) * (-self.particle_dim - 1) + tuple(event))
         eps = eps.to(dtype=normal.loc.dtype, device=normal.loc.device)  # a no-op on the CPU in float32

@@ -77,3 +77,11 @@ def test_every_config_key_has_the_rule_of_its_argument():
     assert CONFIG_RULES["optim.lr"] is RULES["lr"] and CONFIG_RULES["data.n"] is RULES["n"]
     with pytest.raises(ValueError, match=r"^optim.lr=inf is not allowed: optim.lr must be a finite number > 0$"):
         check("lr", math.inf, label="optim.lr")
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    one_line_value_error(lambda: fit_with(device="cuda"), "device='cuda' is not available on this machine")

@@ -134,3 +134,25 @@ def test_without_vectorised_particles_the_general_path_runs_and_says_so():
     with pytest.warns(UserWarning, match="fast path does not apply"):
         result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=1), steps=3, log_every=3)
     assert result.engine == "general"
+
+
+def test_resuming_on_the_traced_plan_gives_the_uninterrupted_history(tmp_path, monkeypatch):
+    from infer.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+
+    def run(**kwargs):
+        model, guide = build("dlgm")
+        return fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=8, noise="lattice"), steps=90,
+                   log_every=20, seed=0, **kwargs)
+
+    full = run()
+
+    def crash(step, row):
+        if step >= 60:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(callback=crash, checkpoint_path=tmp_path / "c.pt", checkpoint_every=25)
+    resumed = run(resume=load_checkpoint(tmp_path / "c.pt"))
+    assert full.engine == resumed.engine == "graph" and resumed.history == full.history
