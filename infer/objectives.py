@@ -5,8 +5,12 @@
     meanfield_elbo  pyro.infer.TraceMeanField_ELBO: analytic KL(q(s|.) || p(s|.)) for every latent site; valid only
                     when no model parent of a latent is a guide descendant of it (check_objective refuses otherwise)
     iwae            IWAE: pyro.infer.RenyiELBO(alpha=0) with K = num_particles importance samples per data point
+    exact           MarginalLikelihood (infer.marginal): the model's own NLL -sum_k w_k log p(x_k) by a randomised,
+                    differentiable quadrature over z (models with at most 2 scalar latents); no guide
+                    (needs_guide = False), the model's params only; options nodes (the top latent's lattice, default
+                    num_particles) and inner_nodes (the second latent's lattice per top node)
 
-Every objective trains with infer.fit, with beta / warm-up (LatentScale) on top. Free bits (a per-site KL floor)
+Every ELBO objective trains with infer.fit, with beta / warm-up (LatentScale) on top. Free bits (a per-site KL floor)
 need per-site KL terms, which only closed_form computes; the others refuse free_bits > 0.
 
 JitTraceMeanField_ELBO is not offered: in pyro 1.9.2 it re-traces on every step (it caches
@@ -27,8 +31,9 @@ from torch.distributions import kl_divergence
 from guides.check import DATA_PLATE, plates
 
 from .elbo import NOISE, ClosedFormELBO
+from .marginal import MarginalLikelihood, check_marginal
 
-OBJECTIVES = ("closed_form", "elbo", "meanfield_elbo", "iwae")
+OBJECTIVES = ("closed_form", "elbo", "meanfield_elbo", "iwae", "exact")
 MAX_PLATE_NESTING = 1  # the data plate; vectorised particles sit left of it
 
 
@@ -89,16 +94,25 @@ def make_objective(name: str, num_particles: int, **options):
 
     options: for closed_form, `closed_form` (bool), `noise` (mc | qmc | lattice) and `free_bits` (>= 0); the Pyro
     objectives draw plain Monte Carlo noise and have no per-site KL terms, so they accept only noise='mc' and
-    free_bits=0. Raises ObjectiveError (one line, naming the option) otherwise."""
+    free_bits=0; exact takes `nodes` (lattice size of the top latent, default num_particles) and `inner_nodes`
+    (of the second latent, per top node; default 1) and returns a MarginalLikelihood (no guide).
+    Raises ObjectiveError (one line, naming the option) otherwise."""
     if name not in OBJECTIVES:
         raise ObjectiveError(f"name={name!r} is not allowed: the objective must be one of {', '.join(OBJECTIVES)}")
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ObjectiveError(f"num_particles={num_particles!r} is not allowed: it must be an integer >= 1")
-    allowed = {"closed_form": {"closed_form", "noise", "free_bits"}}.get(name, {"noise", "free_bits"})
+    allowed = {"closed_form": {"closed_form", "noise", "free_bits"},
+               "exact": {"nodes", "inner_nodes"}}.get(name, {"noise", "free_bits"})
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ObjectiveError(f"{unknown[0]}={options[unknown[0]]!r} is not allowed with objective {name}: "
                              f"its options are {', '.join(sorted(allowed))}")
+    if name == "exact":
+        try:
+            return MarginalLikelihood(nodes=options.get("nodes", num_particles),
+                                      inner_nodes=options.get("inner_nodes", 1))
+        except ValueError as err:
+            raise ObjectiveError(str(err)) from None
     free_bits, noise = options.get("free_bits", 0.0) or 0.0, options.get("noise", "mc")
     if not isinstance(free_bits, (int, float)) or isinstance(free_bits, bool) or not free_bits >= 0:
         raise ObjectiveError(f"free_bits={free_bits!r} is not allowed: it must be a number >= 0")
@@ -125,7 +139,7 @@ def objective_name(elbo) -> str:
     """The OBJECTIVES name of an ELBO instance (or the name itself); None for other ELBOs."""
     if isinstance(elbo, str):
         return elbo
-    for cls, name in ((ClosedFormELBO, "closed_form"), (IWAE, "iwae"), (TraceMeanField_ELBO, "meanfield_elbo"),
+    for cls, name in ((MarginalLikelihood, "exact"), (ClosedFormELBO, "closed_form"), (IWAE, "iwae"), (TraceMeanField_ELBO, "meanfield_elbo"),
                       (RenyiELBO, "renyi"), (Trace_ELBO, "elbo")):
         if isinstance(elbo, cls):
             return name
@@ -193,8 +207,15 @@ def _closed_form_kl(q, p) -> bool:
 def check_objective(name, model, guide, x) -> None:
     """Raise ObjectiveError with a one-line reason if objective `name` (or an ELBO instance) is not valid for this
     model and guide on data x: it refuses meanfield_elbo where Pyro's mean-field condition fails, and iwae for a
-    guide with a site outside the data plate (a joint guide such as AutoIAFNormal has no per-point weights)."""
+    guide with a site outside the data plate (a joint guide such as AutoIAFNormal has no per-point weights), and
+    exact for a model beyond 2 scalar latents (infer.marginal.check_marginal; the guide is not used and may be None)."""
     name = objective_name(name)
+    if name == "exact":
+        try:
+            check_marginal(model, x)
+        except ValueError as err:
+            raise ObjectiveError(str(err)) from None
+        return
     if name == "iwae":
         with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(guide).get_trace(x)
@@ -214,5 +235,5 @@ def check_objective(name, model, guide, x) -> None:
                 "be biased (use closed_form or elbo)")
 
 
-__all__ = ["OBJECTIVES", "IWAE", "ObjectiveError", "make_objective", "check_objective", "meanfield_violations",
+__all__ = ["OBJECTIVES", "IWAE", "MarginalLikelihood", "ObjectiveError", "make_objective", "check_objective", "meanfield_violations",
            "objective_name"]
