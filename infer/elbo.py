@@ -273,12 +273,18 @@ class ClosedFormELBO(ELBO):
                                                                  "poisson", "exponential", "uniform"))
                      for node in graph.graph.nodes if node.op == "call_function")
 
+        betas = {}  # beta -> its tensor, made once per value
+
         def step(beta):
-            beta = torch.as_tensor(beta, dtype=one.dtype, device=one.device)
-            args = inputs(beta)
+            beta_t = betas.get(beta)
+            if beta_t is None:
+                if len(betas) > 1:  # a warm-up: a new beta every step
+                    betas.clear()
+                beta_t = betas[beta] = torch.as_tensor(beta, dtype=one.dtype, device=one.device)
+            args = inputs(beta_t)
             step.last_rng = torch.get_rng_state() if random else None  # for re-running this step eagerly
             means, loss = graph(*args)
-            step.last_args, step.last_means = args, means.detach()
+            step.last_args, step.last_means = args, means
             return names, means, loss
 
         step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None

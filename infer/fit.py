@@ -275,7 +275,7 @@ def _check_plan(plan, step):
         if plan.last_rng is not None:
             torch.set_rng_state(plan.last_rng)
         eager = plan.forward(*plan.last_args)[0]
-    if not torch.allclose(eager, plan.last_means, rtol=1e-5, atol=1e-6, equal_nan=True):
+    if not torch.allclose(eager, plan.last_means.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
         raise RuntimeError(f"the traced plan's loss terms differ from the eager ones at step {step} (a model or "
                            "guide whose Python control flow depends on values); rerun fit with engine='general'")
 
@@ -561,7 +561,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                     raise
                 raise diverged(first_bad(step) or step + 1, False) from err  # a NaN in the params broke the code
             grads = [p.grad for p in params if p.grad is not None]
-            torch._amp_foreach_non_finite_check_and_unscale_(grads + [vec.clone()], found_inf, one)
+            # vec is a fresh detached tensor that autograd does not hold: unscaling it in place by 1 changes nothing
+            torch._amp_foreach_non_finite_check_and_unscale_(grads + [vec], found_inf, one)
             bad.add_(found_inf)
             if step == 0:
                 result.initial_loss = vec[-1]
