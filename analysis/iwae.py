@@ -112,7 +112,8 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
         "bounds": bounds, "K": Ks[-1], "loss": top["loss"], "loss_se": top["se"],
         "log_px": [float(v) for v in log_px], "log_px_se": [float(v) for v in log_px_se],
         "nll": float(-(w * log_px).sum()), "nll_se": float((w * log_px_se).sum() if joint else ((w * log_px_se) ** 2).sum().sqrt()),
-        "nll_khat": [d["khat"] for d in diag], "nll_ess": [d["ess"] for d in diag], "nll_khat_block": diag[0]["samples"],
+        "nll_khat": [d["khat"] for d in diag], "nll_ess": [d["ess"] for d in diag],
+        "nll_khat_block": diag[0]["samples"],
         "joint": joint,
         "estimator": f"importance sampling from the guide: IWAE bounds K={Ks} averaged over repeats; "
                      f"NLL from {nll_samples} draws per data point (delta-method standard error)"
@@ -120,9 +121,9 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
     }
     if worst["khat"] + 2 * worst["sd"] >= KHAT_CLT and worst["ess_fraction"] < CONSTANT_ESS:
         out["nll_se"], out["log_px_se"] = None, None
-        out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights (mean "
-                           f"over blocks of {worst['samples']} draws; not below {KHAT_CLT} by 2 sd), their variance may be "
-                           "infinite: no standard error"
+        out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights "
+                           f"(mean over blocks of {worst['samples']} draws; not below {KHAT_CLT} by 2 sd), their "
+                           "variance may be infinite: no standard error"
                            + ("; above min(1 - 1/log10 S, 0.7), so the estimate itself is unreliable (biased high)"
                               if worst["khat"] > worst["threshold"] else ""))
     return out

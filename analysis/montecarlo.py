@@ -190,7 +190,10 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     def se(t):
         if not finite:
             return None
-        stat = float(t.mean(1).std() / math.sqrt(replicates)) if noise != "mc" else float(t.std() / math.sqrt(t.numel()))
+        if noise == "mc":
+            stat = float(t.std() / math.sqrt(t.numel()))
+        else:  # the replicate means are the samples
+            stat = float(t.mean(1).std() / math.sqrt(replicates))
         rounding = FLOAT32_EPS * float(t.abs().mean())  # the networks compute in float32
         return math.hypot(stat, rounding)
 
@@ -222,7 +225,8 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     if not finite and khat is None:
         out["loss_note"] = "a per-sample loss is not finite: no standard error"
     elif not finite:
-        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {khat_sd(khat, loss.numel()):.2f} of the per-sample "
+        sd = khat_sd(khat, loss.numel())
+        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {sd:.2f} of the per-sample "
                             f"losses (not below {KHAT_CLT} by 2 sd), the variance may be infinite: no standard error")
     return out
 

@@ -206,7 +206,8 @@ def summary_lines(m: dict) -> list:
     lines = [_header(m)]
     e, mc = m.get("exact"), m.get("montecarlo")
     if e is not None:
-        lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   ELBO gap {e['gap']:.4f} [exact]",
+        lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   "
+                  f"ELBO gap {e['gap']:.4f} [exact]",
                   f"  recon      {e['recon']:.4f} [exact]   recon/dim {e['recon_per_dim']:.3e} [exact]   "
                   + _kl_text(e["kl"], "[exact]")]
         if "total_correlation_per_point" in e:
@@ -231,12 +232,14 @@ def summary_lines(m: dict) -> list:
         lines.append(f"  surgery    avg KL {s['avg_kl']:.4f} = I_q(x;z) {s['mutual_info']:.4f} + "
                      f"KL(q(z)||p(z)) {s['marginal_kl']:.4f} [exact]")
     if "exact_nll" in m:
-        lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} [exact, the model alone: the guide's loss has no quadrature]")
+        lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} "
+                     "[exact, the model alone: the guide's loss has no quadrature]")
     if "iwae" in m:
         lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
     if "gap_to_gaussian_optimum" in m:
         gap = m["gap_to_gaussian_optimum"]
-        where = f"{gap:.4f} above it" if gap >= 0 else f"{-gap:.4f} below it (the optimum bounds Gaussian encoders only)"
+        where = (f"{gap:.4f} above it" if gap >= 0
+                 else f"{-gap:.4f} below it (the optimum bounds Gaussian encoders only)")
         lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is {where}")
     lines += _khat_lines(m)
     if e is not None:
