@@ -53,8 +53,8 @@ INNER_TOL = 1e-5  # relative error target of each inner integral (times 10**-lev
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
-MAX_ELEMENTS = 2 ** 25  # elements of the largest per-bit tensor of one model evaluation (points x n): memory is
-#                          bounded for any n (a float64 tensor of this size is 256 MiB)
+MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model evaluation (latent values x N x n):
+#                          memory is bounded for any n (a float64 tensor of this size is 128 MiB)
 
 
 def _lse(t, dim):
@@ -98,18 +98,19 @@ class Densities:
         if self.joint and not bool(torch.allclose(self.w, self.w.mean())):
             raise ValueError("a joint guide couples the data points: its loss is defined for equal data weights only")
         self.marginal = None
-        # elements of the observed sites per latent point (n for the one-bit data): the width of the model's largest
-        # tensors, which bounds how many latent points one evaluation may hold
-        self.width = max(1, sum(mt.nodes[n]["value"].numel() for n in self.observed) // points)
+        # elements of the observed sites for one value of the latents per data point (N x n for the one-bit data):
+        # the width of the model's per-bit tensors, which bounds how many latent values one evaluation may hold
+        self.width = max(1, sum(mt.nodes[n]["value"].numel() for n in self.observed))
         self.base = None  # the bottom site's base noise, when the guide samples it from a flow (see qdensity)
         if need_q and self.q.kind == "direct":
             with torch.no_grad(), torch.random.fork_rng(), poutine.block():
                 gt = poutine.trace(guide).get_trace(self.x)
             self.base = BaseNoise.of(gt, self.bottom, self.latents)
 
-    def rows(self, per_row: int = 1) -> int:
-        """How many values of the bottom latent (each with per_row values of the others) one model evaluation may
-        take: at most CHUNK latent points, and at most MAX_ELEMENTS elements in the per-bit tensors."""
+    def rows(self, per_row: int = 2) -> int:
+        """How many rows of latent values (one per data point for the parent of x, with per_row latent points in all)
+        one model evaluation may take: at most CHUNK latent points, and at most MAX_ELEMENTS elements in the per-bit
+        tensors (rows x width)."""
         return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
 
     def logs(self, values: dict, parts=("q", "p")) -> dict:

@@ -41,8 +41,11 @@ def _log_prob_float64(fn, value):
         reinterpreted += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
     if type(fn) in (torch.distributions.Bernoulli, pyro.distributions.Bernoulli):
-        f, y = torch.broadcast_tensors(fn.logits.double(), value.double())
-        lp = -(y * F.softplus(-f) + (1 - y) * F.softplus(f))
+        f, y = fn.logits.to(torch.float64, copy=True), value.double()
+        if bool(((y == 0) | (y == 1)).all()):  # -softplus(-+f), with one temporary of the logits' size
+            lp = F.softplus(f.mul_(1 - 2 * y)).neg_()
+        else:
+            lp = -(y * F.softplus(-f) + (1 - y) * F.softplus(f))
     elif type(fn) in (torch.distributions.Normal, pyro.distributions.Normal):
         loc, scale = fn.loc.double(), fn.scale.double()
         lp = -0.5 * ((value.double() - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
