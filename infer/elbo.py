@@ -132,9 +132,14 @@ class ClosedFormELBO(ELBO):
     * otherwise (no closed-form entropy, e.g. a flow) sampled log q(s|.) - log p(s|parents).
 
     noise="qmc" draws the noise of Gaussian guide sites from a freshly scrambled Sobol sequence per step
-    (randomised quasi-Monte Carlo: unbiased, lower variance); "lattice" does the same but spreads the first
-    Gaussian site's particles on a randomly shifted grid over [-8, 8] sigma with weights phi (a randomised
-    quadrature rule that sees the tails every step); "mc" uses plain pseudo-random draws.
+    (randomised quasi-Monte Carlo: unbiased, lower variance); "lattice" spreads the first Gaussian coordinate's
+    particles on a randomly shifted grid over [-8, 8] sigma with weights phi (a randomised quadrature rule that
+    sees the tails every step) and draws later coordinates from a randomly shifted rank-1 lattice (see
+    infer.noise.SobolNoise); "mc" uses plain pseudo-random draws.
+
+    Three ways to compute the same terms: particle_terms (Pyro's trace and replay, any guide), fast_terms (one
+    light handler per run; the same draws and arithmetic) and traced_step (fast_terms' forward traced once into a
+    graph of tensor ops); infer.fit checks the faster ones against the slower before it trains with them.
 
     free_bits > 0 floors each site's KL term in the objective (not in the reported terms).
 
