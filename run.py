@@ -57,6 +57,21 @@ def progress_enabled(cfg, multirun: bool) -> bool:
     return bool(cfg.train.progress)
 
 
+def heartbeat(steps: int, every: float = 15.0):
+    """A fit callback that logs one line at most every `every` seconds (where no progress bar shows)."""
+    import time
+
+    last = [time.perf_counter()]
+
+    def beat(step, row):
+        now = time.perf_counter()
+        if now - last[0] >= every:
+            last[0] = now
+            log.info(f"  step {step}/{steps}: training loss {row['loss']:.4f} (window mean, lattice/MC estimate)")
+
+    return beat
+
+
 class Refused(ValueError):
     """Bad input found before training started: the run leaves no trace (a multirun job records it)."""
 
@@ -103,7 +118,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                      beta=cfg.train.beta, warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
                      seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                      resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads,
-                     checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra)
+                     checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra,
+                     callback=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     except FloatingPointError as err:
         raise Diverged(str(err)) from None
     except ValueError as err:
@@ -122,6 +138,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         raise Diverged(reason)
     if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
         save_checkpoint(out / "checkpoint.pt", result, extra=extra)
+    log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s; evaluating (exact quadrature where it "
+             "runs, Monte Carlo, PSIS k-hat) ...")
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
     reason = cli.divergence(result, data, beta=cfg.train.beta, final=metrics)
