@@ -122,6 +122,21 @@ def _fuse_linear(graph) -> None:
         out.replace_all_uses_with(fused)
 
 
+def _collapse_chains(graph) -> None:
+    """expand(expand(x, a), b) -> expand(x, b) and view(view(x, a), b) -> view(x, b) where the inner node has no
+    other user: the same tensor, fewer ops per step (and fewer backward nodes)."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.expand.default, aten.view.default) or node.kwargs:
+            continue
+        inner = node.args[0]
+        if node.target == aten.expand.default and -1 in list(node.args[1]):
+            continue  # -1 keeps the inner expand's size, which may not be x's
+        if (getattr(inner, "op", None) == "call_function" and inner.target == node.target and not inner.kwargs
+                and len(inner.users) == 1):
+            node.args = (inner.args[0],) + tuple(node.args[1:])
+
+
 class ClosedFormELBO(ELBO):
     """-ELBO = recon + sum over latent sites of KL_site, estimated per latent site s as follows:
 
@@ -271,6 +286,7 @@ class ClosedFormELBO(ELBO):
         with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
             graph = make_fx(forward)(*inputs(one))
         _fuse_linear(graph.graph)
+        _collapse_chains(graph.graph)
         graph.graph.eliminate_dead_code()
         graph.recompile()
 
