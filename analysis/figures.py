@@ -286,7 +286,9 @@ def encoding_grid(cells: dict, path=None, title: str = None):
     models = sorted({m for m, _ in cells}, key=lambda m: (m != "vae", m))
     ns = sorted({n for _, n in cells})
     with _style():
-        fig = _new_figure(2.9 * len(ns) + 0.6, 2.6 * len(models) + 0.8)
+        # at least ~8.5 in wide so the title and a legend of up to 7 entries fit with 1-2 columns
+        columns = 4 if len(ns) < 3 else 7
+        fig = _new_figure(max(2.9 * len(ns) + 0.6, 8.5), 2.6 * len(models) + 0.8 + (0.4 if len(ns) < 3 else 0))
         axes = np.atleast_2d(fig.subplots(len(models), len(ns), squeeze=False))
         for i, m in enumerate(models):
             for j, n in enumerate(ns):
@@ -328,9 +330,13 @@ def encoding_grid(cells: dict, path=None, title: str = None):
                     handles.append(hh)
                     labels.append(key)
         if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 7), fontsize=8)
-        fig.suptitle(title or "Encodings of the top latent: p(z) vs aggregate q(z), q(z|x_k) vs p(z|x_k)",
-                     fontsize=11)
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), columns), fontsize=8)
+        text = title or "Encodings of the top latent: p(z) vs aggregate q(z), q(z|x_k) vs p(z|x_k)"
+        if len(ns) < 3:  # a narrow grid: break the title into lines of ~70 characters
+            import textwrap
+
+            text = "\n".join(textwrap.wrap(text, 70))
+        fig.suptitle(text, fontsize=10 if len(ns) < 3 else 11)
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig

@@ -203,9 +203,9 @@ def tables(rows) -> tuple:
     agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
     agg.insert(0, "seeds", grouped.size())
     agg = agg.reset_index()
-    estim = grouped["estimator"].first().reset_index(drop=True) if "estimator" in ok else None
-    if estim is not None:
-        agg["estimator"] = estim
+    for col in ("estimator", "loss_estimator"):  # text columns: the first run's, per configuration
+        if col in ok:
+            agg[col] = grouped[col].first().reset_index(drop=True)
     return jobs, agg
 
 
@@ -225,10 +225,12 @@ def _md_table(header, body) -> str:
 
 
 def _metric(df, base, prefer_exact=True):
-    """The column name of a metric, the exact value when the runs carry one."""
-    if prefer_exact and f"exact.{base}_mean" in df and df[f"exact.{base}_mean"].notna().any():
+    """(column, estimator tag) of a metric: the exact value when every run carries one, else the headline column
+    (metrics.json's top level, labelled by its loss_estimator: exact where quadrature ran, Monte Carlo elsewhere)."""
+    if prefer_exact and f"exact.{base}_mean" in df and df[f"exact.{base}_mean"].notna().all():
         return f"exact.{base}", "exact"
-    return base, "MC"
+    tags = sorted({str(t) for t in df.get("loss_estimator", [])} - {"nan", "None"}) or ["MC"]
+    return base, "/".join(tags) + " (per run: loss_estimator)" if len(tags) > 1 else tags[0]
 
 
 def markdown(jobs, agg, missing, sweep_dir) -> str:
@@ -288,7 +290,7 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
 def _optimum_curve(ns):
     from .optimum import gaussian_optimum
 
-    lo, hi = max(min(ns), 1.0), max(max(ns), 2.0)
+    lo, hi = max(min(ns), 1.0), max(ns)
     grid = np.unique(np.concatenate([np.geomspace(lo, hi, 12), np.asarray(ns, dtype=float)]))
     opt = [gaussian_optimum(float(n)) for n in grid]
     return grid, np.array([o["loss"] for o in opt]), np.array([o["recon_per_dim"] for o in opt])
@@ -322,6 +324,10 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
             for model, df in _per_model(agg, col):
                 color = palette.get(model)
                 label = f"{model} ({', '.join(sorted(df['guide'].astype(str).unique()))} guide) [{est}]"
+                if df["n"].duplicated().any():  # several configurations per n (other overrides, optuna trials):
+                    ax.scatter(df["n"].astype(float), df[f"{col}_mean"], color=color, s=18,  # points, not a curve
+                               label=f"{label}, {len(df)} configurations")
+                    continue
                 sd = df[f"{col}_sd"].fillna(0) if f"{col}_sd" in df else None
                 ax.errorbar(df["n"].astype(float), df[f"{col}_mean"], yerr=sd, color=color, marker="o", ms=5,
                             capsize=3, lw=1.5, label=label)
@@ -330,10 +336,9 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                     ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)
             if base == "loss":
                 ax.axhline(LN2, color="0.4", ls=":", lw=1.3, label="entropy ln 2 (floor of every loss)")
-                ax.plot(opt_n, opt_loss, color="#d62728", ls="--", lw=1.3,
-                        label="Gaussian-encoder optimum of the 1-layer VAE")
-            else:
-                ax.plot(opt_n, opt_rec, color="#d62728", ls="--", lw=1.3,
+            if "vae" in palette:  # the optimum bounds the 1-layer vae only; a marker where one n is swept
+                ax.plot(opt_n, opt_loss if base == "loss" else opt_rec, color="#d62728", ls="--", lw=1.3,
+                        marker="_" if len(set(opt_n)) == 1 else None, ms=14,
                         label="Gaussian-encoder optimum of the 1-layer VAE")
             if reference:
                 for model, table in ORIGINAL.items():
