@@ -14,9 +14,20 @@ of the VAE, z1 of the DLGM) and v the other one (z2). Integrals run over u outsi
   breakpoints at multiples of the widths plus a uniform background), then split adaptively where the G7/K15
   difference is largest. A steep prior map z2 -> z1 makes p(z1|z2) a needle in z2; the seeding finds it.
 
+When the guide samples u from a flow (a TransformedDistribution: u = T(eps), eps from its base distribution), the
+expectations under q run over eps instead (qdensity.BaseNoise: forward map and log-Jacobian only): q(u) du =
+base(eps) d eps is smooth in eps, while as a function of u a spline's steep bins make spikes narrower than any u
+grid. The evidence p(x, u) is integrated in u, where it is smooth.
+
+Densities are float64 where it matters: the model's Bernoulli likelihood and the Normal sites are evaluated from
+float64 parameters (qdensity.log_prob64; float32 cancels a 0-bit's log-probability to 0 for logits <= -15). Model
+evaluations are chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n.
+
 Everything is summed in log space with per-row shifts. Accuracy is proven by refinement: the result is recomputed
 with every u panel split in two and a 10x tighter inner tolerance, and the largest change among the reported numbers
-is the error (repeated, up to 3 times, until it is below tol). The refined numbers are returned.
+is the error (repeated, up to 3 times, until it is below tol); every reported number counts, per data point as
+well. The refined numbers are returned. tests/test_quadrature_accuracy.py checks the error against an independent
+float64 evaluation of trained runs at n = 1000.
 """
 import math
 

@@ -200,3 +200,49 @@ def test_iwae_handles_more_latents(data):
     model = VAE(N, latent_dim=3)
     r = iwae(model, GaussianGuide(model), data, K=(1, 8), samples=1024, nll_samples=4096, seed=0)
     assert r["bounds"][1]["loss"] > r["bounds"][8]["loss"] > r["nll"] - 4 * r["nll_se"]
+
+
+def test_a_zero_bit_with_very_negative_logit_keeps_its_log_probability():
+    """float32 Bernoulli(logits).log_prob cancels a 0-bit to exactly 0 for logits <= -15; log p(x0) = -n e^f."""
+    n, logit = 1000, -16.0
+    model, guide = collapsed_vae(logit)
+    r = exact(model, guide, OneBit(n))
+    assert r["log_px"][0] == pytest.approx(-n * math.log1p(math.exp(logit)), abs=1e-8)  # float32: exactly 0
+    assert r["per_point"]["recon"][0] == pytest.approx(n * math.log1p(math.exp(logit)), abs=1e-8)
+
+
+def test_a_flow_guide_is_integrated_in_its_base_noise_and_agrees_with_the_same_gaussian(data):
+    """q(z|x_k) = N(m_k, s_k^2) written as an affine flow of N(0, 1) gives the numbers of the Gaussian guide."""
+    from torch.distributions.transforms import AffineTransform
+
+    model = VAE(N)
+    m, s = torch.tensor([[-1.2], [0.9]]), torch.tensor([[0.4], [0.6]])
+
+    def gaussian(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(m, s).to_event(1))
+
+    def flow(x):
+        with pyro.plate("data", x.shape[-2]):
+            base = dist.Normal(torch.zeros(2, 1), 1.0).to_event(1)
+            pyro.sample("z", dist.TransformedDistribution(base, [AffineTransform(m, s, event_dim=1)]))
+
+    a, b = exact(model, gaussian, data), exact(model, flow, data)
+    assert "base noise" in b["estimator"] and "base noise" not in a["estimator"]
+    for key in ("loss", "recon", "nll"):
+        assert b[key] == pytest.approx(a[key], abs=a["error"] + b["error"])
+
+
+def test_model_evaluations_stay_within_the_element_budget(data, monkeypatch):
+    """With a tiny budget every decoder output holds at most MAX_ELEMENTS elements, and the numbers stay put."""
+    import analysis.exact as quadrature
+
+    model, guide = VAE(N), GaussianGuide(VAE(N))
+    full = exact(model, guide, data)
+    sizes = []
+    model.decoder.register_forward_hook(lambda module, inputs, output: sizes.append(output.numel()))
+    monkeypatch.setattr(quadrature, "MAX_ELEMENTS", 2 * N * 8)  # 8 rows of latent values per evaluation
+    small = exact(model, guide, data)
+    assert max(sizes) <= 2 * N * 8
+    for key in ("loss", "recon", "nll"):
+        assert small[key] == pytest.approx(full[key], abs=full["error"] + small["error"])
