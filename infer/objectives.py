@@ -139,7 +139,8 @@ def objective_name(elbo) -> str:
     """The OBJECTIVES name of an ELBO instance (or the name itself); None for other ELBOs."""
     if isinstance(elbo, str):
         return elbo
-    for cls, name in ((MarginalLikelihood, "exact"), (ClosedFormELBO, "closed_form"), (IWAE, "iwae"), (TraceMeanField_ELBO, "meanfield_elbo"),
+    for cls, name in ((MarginalLikelihood, "exact"), (ClosedFormELBO, "closed_form"), (IWAE, "iwae"),
+                      (TraceMeanField_ELBO, "meanfield_elbo"),
                       (RenyiELBO, "renyi"), (Trace_ELBO, "elbo")):
         if isinstance(elbo, cls):
             return name
@@ -235,5 +236,6 @@ def check_objective(name, model, guide, x) -> None:
                 "be biased (use closed_form or elbo)")
 
 
-__all__ = ["OBJECTIVES", "IWAE", "MarginalLikelihood", "ObjectiveError", "make_objective", "check_objective", "meanfield_violations",
+__all__ = ["OBJECTIVES", "IWAE", "MarginalLikelihood", "ObjectiveError", "make_objective", "check_objective",
+           "meanfield_violations",
            "objective_name"]
