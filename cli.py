@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from infer.validate import CONFIG_RULES, is_finite, is_int
+
 CONF = Path(__file__).resolve().parent / "conf"
 GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
 # Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
@@ -39,64 +41,33 @@ class ConfigError(ValueError):
     """A config value or key outside what is allowed; its message names the key."""
 
 
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _bool(v) -> bool:
+    return isinstance(v, bool)
 
 
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# key -> (test, what is allowed); keys absent from the config are skipped
-RULES = {
-    "data.n": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "data.weights": (lambda v: len(v) == 2 and all(is_number(w) and w > 0 for w in v) and abs(sum(v) - 1) < 1e-9,
-                     "two positive numbers that sum to 1"),
-    "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "overwrite": (lambda v: isinstance(v, bool), "true or false"),
-    "memory_gb": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "train.steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "train.log_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+# The allowed values of every config key: the library's own table (infer.validate: the bounds fit, the models and
+# the objectives check again when called from Python), plus the keys only the command line has.
+COMMAND_LINE_RULES = {
+    "overwrite": (_bool, "true or false"),
+    "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
     "train.progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a path to a checkpoint.pt"),
-    "train.beta": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
-    "train.checkpoint_every": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
-    "train.warmup": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "train.warmup_start": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "optim.lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "optim.lr_final": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "optim.schedule": (lambda v: v in ("exponential", "cosine", "constant"), "exponential, cosine or constant"),
-    "optim.betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "objective.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
-    "objective.closed_form": (lambda v: isinstance(v, bool), "true or false"),
-    "objective.free_bits": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
-    "objective.K": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval.samples": (lambda v: is_int(v) and v >= 10000, "an integer >= 10000 (final numbers need 10^4 draws)"),
     "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "eval.tol": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "eval.tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "eval.iwae_k": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
-    "eval.figures": (lambda v: isinstance(v, bool), "true or false"),
-    "model.latent_dim": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "model.depth": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "model.activation": (lambda v: v in ("elu", "relu", "tanh", "silu", "softplus"), "elu, relu, tanh, silu or softplus"),
-    "guide.activation": (lambda v: v in ("elu", "relu", "tanh", "silu", "softplus"), "elu, relu, tanh, silu or softplus"),
+    "eval.figures": (_bool, "true or false"),
     "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "guide.flows": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "guide.count_bins": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "guide.bound": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
-    "model.min_scale": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "guide.min_scale": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    **{f"{g}.{k}": (lambda v: isinstance(v, bool), "true or false")
-       for g in ("model", "guide") for k in ("gain", "prior_gain")},
-    **{f"{g}.{k}": (lambda v: is_int(v) and v >= 1, "an integer >= 1")
-       for g in ("model", "guide") for k in ("hidden", "prior_hidden", "upper_hidden")},
-    **{f"{g}.{k}": (lambda v: is_int(v) and v >= 0, "an integer >= 0")
-       for g in ("model", "guide") for k in ("layers", "prior_layers", "upper_layers")},
+    "guide.gain": (_bool, "true or false"),
+    "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
 }
+RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}
 
 
 def validate(cfg: DictConfig) -> None:

@@ -117,7 +117,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                      lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                      beta=cfg.train.beta, warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
                      seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
-                     resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads,
+                     resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads, device=cfg.device,
+                     freeze_model=cfg.train.freeze_model,
                      checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra,
                      callback=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     except FloatingPointError as err:
