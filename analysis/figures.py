@@ -230,7 +230,8 @@ def _yscale(ax, values, linthresh=1e-2):
 
 
 def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None):
-    """Loss, recon and KL per site against step. history: FitResult.history (list of dicts) or a DataFrame.
+    """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step. history:
+    FitResult.history (list of dicts) or a DataFrame.
 
     floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
     A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
@@ -238,7 +239,7 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
     import pandas as pd
 
     df = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
-    kls = [c for c in df.columns if c.startswith("kl_")]
+    kls = [c for c in df.columns if c.startswith("rate_") or c.startswith("kl_")]  # kl_: histories before rate_
     with _style():
         fig = _new_figure(13, 3.6)
         ax_l, ax_r, ax_k = fig.subplots(1, 3)
@@ -261,13 +262,20 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         _yscale(ax_r, df["recon"].values)
         ax_r.set_title("recon = -E log p(x|z)", fontsize=10)
         cols = _palette(len(kls))
-        for c, col in zip(kls, cols):
-            ax_k.plot(df["step"], df[c], color=col, lw=1.5, label=f"KL[{c[3:]}]")
-        if len(kls) > 1:
-            ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1, ls="--", label="KL total")
-        scale = _yscale(ax_k, df[kls].values.reshape(-1) if kls else [])
-        ax_k.set_title("KL per latent site" + (" (symlog: a term is <= 0)" if scale == "symlog" else ""),
-                       fontsize=10)
+        sites = [c.split("_", 1)[1] for c in kls]
+        if not kls:  # trained without a guide (objective=exact): no rate
+            title = "no rate: the model was trained by its exact likelihood"
+        elif len(kls) == 1:  # one latent site: its term is the KL
+            ax_k.plot(df["step"], df[kls[0]], color=cols[0], lw=1.5, label=f"KL[{sites[0]}] = rate")
+            title = f"KL(q({sites[0]}|x) || p({sites[0]}))"
+        else:  # several: each term is E[log q(s|.) - log p(s|parents)], only their sum is a KL
+            for c, site, col in zip(kls, sites, cols):
+                ax_k.plot(df["step"], df[c], color=col, lw=1.2, label=f"rate[{site}]")
+            ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1.5, label="rate = KL(q || p) total")
+            title = "rate = KL total; rate[s] = E[log q(s|.) - log p(s|parents)]"
+        scale = _yscale(ax_k, df[kls].sum(axis=1).values if len(kls) > 1 else df[kls].values.reshape(-1)) \
+            if kls else "linear"
+        ax_k.set_title(title + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
         for ax in (ax_l, ax_r, ax_k):
             ax.set_xlabel("step")
             ax.legend(fontsize=8)

@@ -86,10 +86,18 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     metrics["psis"]["joint"] = joint
     if joint:
         metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
+    for block in (metrics, metrics.get("exact"), metrics["montecarlo"]):  # the rate-distortion plane's coordinates
+        if block is not None and "kl" in block:
+            block["rate"], block["distortion"] = sum(block["kl"].values()), block["recon"]
     if isinstance(model, VAE) and model.latent_dim == 1 and data.weights == (0.5, 0.5):
         best = _gaussian_optimum_loss(data.n)
         metrics["gaussian_optimum"] = best
         metrics["gap_to_gaussian_optimum"] = metrics["loss"] - best
+        if "exact" in metrics and gaussian_encoder(guide, data):
+            from .frontier import distortion_above_frontier
+
+            metrics["distortion_above_frontier"] = distortion_above_frontier(
+                data.n, metrics["exact"]["rate"], metrics["exact"]["distortion"])
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics, grids
 
@@ -109,6 +117,22 @@ def _gaussian_optimum_loss(n: int) -> float:
     from .optimum import gaussian_optimum
 
     return gaussian_optimum(n)["loss"]
+
+
+def gaussian_encoder(guide, data) -> bool:
+    """Whether q(z|x) is a Gaussian (Normal, possibly Independent) at the model's only latent site: the family the
+    rate-distortion frontier (analysis.frontier) bounds."""
+    from pyro.distributions import Independent, Normal
+
+    with torch.no_grad(), torch.random.fork_rng(), poutine.block():
+        trace = poutine.trace(guide).get_trace(data.x)
+    sites = latent_sites(trace)
+    if len(sites) != 1:
+        return False
+    fn = trace.nodes[sites[0]]["fn"]
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return type(fn) is Normal
 
 
 def headline(mc: dict, exact: dict = None) -> dict:
@@ -167,7 +191,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
-    log.info("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
+    log.debug("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
     if figures:
         encoding_figure(idata, out / "encodings.png", title=title)
         training_figure(result.history, out / "training.png", floor=data.entropy,
@@ -196,8 +220,18 @@ def _header(m: dict) -> str:
     return head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"
 
 
+def _site(name: str) -> str:
+    """A latent site's printed name: a joint autoguide's auxiliary ('_AutoIAFNormal_latent') is 'joint'."""
+    return "joint" if name.startswith("_") else name
+
+
 def _kl_text(kl: dict, tag: str) -> str:
-    return "   ".join(f"KL[{s}] {v:.4f}" for s, v in kl.items()) + f" {tag}"
+    """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)]."""
+    if len(kl) == 1:
+        (site, value), = kl.items()
+        return f"KL[{_site(site)}] {value:.4f} {tag}"
+    terms = " + ".join(f"rate[{_site(s)}] {v:.4f}" for s, v in kl.items())
+    return f"rate (= KL) {sum(kl.values()):.4f} = {terms} {tag}"
 
 
 def summary_lines(m: dict) -> list:
@@ -227,10 +261,17 @@ def summary_lines(m: dict) -> list:
             lines.append(f"  loss       {loss}")
         lines.append(f"  recon      {mc['recon']:.4f} {tag}   recon/dim {mc['recon_per_dim']:.3e} {tag}   "
                      + _kl_text(mc["kl"], tag))
+    kl = (e or mc or {}).get("kl") or {}
+    if len(kl) > 1:
+        lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "
+                     "only their sum, the rate, is the KL of q to the model's prior)")
     if "surgery" in m:
         s = m["surgery"]
-        lines.append(f"  surgery    avg KL {s['avg_kl']:.4f} = I_q(x;z) {s['mutual_info']:.4f} + "
-                     f"KL(q(z)||p(z)) {s['marginal_kl']:.4f} [exact]")
+        t = s.get("site", "z")
+        marginal = (f", q({t}|x) the guide's marginal" if len(kl) > 1 and not any(k.startswith("_") for k in kl)
+                    else "")
+        lines.append(f"  surgery    of {t}{marginal}: avg KL(q({t}|x)||p({t})) {s['avg_kl']:.4f} = I_q(x;{t}) "
+                     f"{s['mutual_info']:.4f} + KL(q({t})||p({t})) {s['marginal_kl']:.4f} [exact]")
     if "exact_nll" in m:
         lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} "
                      "[exact, the model alone: the guide's loss has no quadrature]")

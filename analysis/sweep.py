@@ -244,12 +244,15 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
         loss_col, loss_est = _metric(agg, "loss")
         rec_col, rec_est = _metric(agg, "recon_per_dim")
         sites = sorted({c[3:-5] for c in agg if c.startswith("kl.") and c.endswith("_mean")})
+        sites = [] if sites == ["z"] else sites  # one latent site: its term is the rate column itself
+        rate_col = "exact.rate" if loss_est == "exact" and "exact.rate_mean" in agg else "rate"
         extra = [c for c in ("exact.nll", "exact.gap", "gap_to_gaussian_optimum", "khat.max", "surgery.mutual_info",
                              "surgery.marginal_kl") if f"{c}_mean" in agg]
         okeys = [c for c in agg if c.startswith("override:")]
         header = (["model", "guide", "n"] + [c.split(":", 1)[1] for c in okeys] + ["seeds", f"loss [{loss_est}]"]
                   + ([] if loss_est == "exact" else ["loss SE [MC]"]) + [f"recon/dim [{rec_est}]"]
-                  + [f"KL[{s}]" for s in sites] + extra)
+                  + ([f"rate (= KL) [{loss_est.split(' ')[0]}]"] if f"{rate_col}_mean" in agg else [])
+                  + [f"rate[{s}]" for s in sites] + extra)
         body = []
         for _, r in agg.iterrows():
             row = [r["model"], r["guide"], r["n"]] + [r[c] for c in okeys] + [int(r["seeds"])]
@@ -257,10 +260,15 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
             if loss_est != "exact":
                 row.append(_pm(r.get("loss_se_mean"), None))
             row.append(_pm(r.get(f"{rec_col}_mean"), r.get(f"{rec_col}_sd"), digits=3, sci=True))
+            if f"{rate_col}_mean" in agg:
+                row.append(_pm(r.get(f"{rate_col}_mean"), r.get(f"{rate_col}_sd")))
             row += [_pm(r.get(f"kl.{s}_mean"), r.get(f"kl.{s}_sd")) for s in sites]
             row += [_pm(r.get(f"{c}_mean"), r.get(f"{c}_sd")) for c in extra]
             body.append(row)
         parts += ["## By configuration", "", _md_table(header, body), ""]
+        if sites:
+            parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it can "
+                      "be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
         if "estimator" in agg:
             parts += ["Estimators: " + "; ".join(sorted({str(e) for e in agg["estimator"].dropna()}))
                       + (". [exact] columns come from quadrature (metrics.json 'exact' block)."

@@ -681,9 +681,15 @@ class _Window:
             kl = torch.tensor([k.startswith("kl_") for k in names] + [False], device=values.device)
             divisor = torch.where(kl & (betas > 0).unsqueeze(1), betas.unsqueeze(1), torch.ones_like(values))
             means = (values / divisor).mean(0).tolist()
-            row = {"step": step, "lr": rate, **dict(zip(names, means[:-1])), "objective": means[-1],
-                   "beta": float(sum(self.betas) / len(self.betas))}
-            row["loss"] = row["recon"] + sum(val for k, val in row.items() if k.startswith("kl_"))
+            terms = dict(zip(names, means[:-1]))
+            row = {"step": step, "lr": rate, "recon": terms.pop("recon")}
+            # the loss terms of the latent sites, E_q[log q(s|.) - log p(s|parents)]: only their sum, the rate, is a
+            # KL (the DLGM's z1 term is often negative), so they are named rate_<site>, not KL
+            # (a joint autoguide's auxiliary site, Pyro's '_Auto..._latent', is its log q: named rate_joint)
+            row.update({f"rate_{'joint' if k[3:].startswith('_') else k[3:]}": val for k, val in terms.items()})
+            row["rate"] = sum(val for k, val in row.items() if k.startswith("rate_"))
+            row.update(objective=means[-1], beta=float(sum(self.betas) / len(self.betas)))
+            row["loss"] = row["recon"] + row["rate"]
         else:
             means = values.mean(0).tolist()
             row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0], "objective": means[1]}

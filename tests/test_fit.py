@@ -29,7 +29,7 @@ def test_training_lowers_the_loss():
 def test_history_has_one_row_per_logged_step_with_every_term():
     _, _, result = train(steps=60)
     assert [row["step"] for row in result.history] == [10, 20, 30, 40, 50, 60]
-    assert {"loss", "recon", "kl_z", "lr"} <= set(result.history[0])
+    assert {"loss", "recon", "rate_z", "rate", "lr"} <= set(result.history[0])
 
 
 def test_the_same_seed_gives_the_same_numbers():
