@@ -6,8 +6,8 @@ import torch
 from pyro import poutine
 
 from analysis.exact import evidence
-from infer.marginal import (MarginalLikelihood, QuantileMessenger, check_marginal, log_evidence, log_likelihood,
-                            prior_guide)
+from infer.marginal import (MarginalLikelihood, QuantileMessenger, check_marginal, lattice_evidence, log_evidence,
+                            log_likelihood, prior_guide)
 from infer.objectives import ObjectiveError, check_objective, make_objective
 from models import DLGM, VAE, OneBit
 
@@ -50,6 +50,13 @@ def test_nll_estimate_lies_within_its_spread_of_the_exact_nll(make):
     with torch.no_grad():
         nll = torch.stack([objective.marginal_terms(model, data)["nll"] for _ in range(50)]).squeeze(1)
     assert abs(float(nll.mean()) - exact_nll) < max(4 * float(nll.std()) / math.sqrt(50), 1e-6)
+
+
+def test_lattice_evidence_agrees_with_adaptive_quadrature_within_its_standard_error():
+    data, model = OneBit(5), small_dlgm()
+    exact_nll = evidence(model, prior_guide(model), data)["nll"]
+    fine = lattice_evidence(model, data, nodes=256, inner_nodes=4, replicates=10)
+    assert 0 < fine["nll_se"] < 1e-3 and abs(fine["nll"] - exact_nll) < 4 * fine["nll_se"]
 
 
 def test_nodes_are_a_lattice_in_the_prior_cdf_with_a_new_shift_every_call():
