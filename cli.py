@@ -65,6 +65,10 @@ COMMAND_LINE_RULES = {
     "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
     "guide.gain": (_bool, "true or false"),
+    "objective.nodes": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "objective.inner_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "objective.steps.vae": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "objective.steps.dlgm": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
 }
 RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}

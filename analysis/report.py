@@ -261,6 +261,10 @@ def summary_lines(m: dict) -> list:
             lines.append(f"  loss       {loss}")
         lines.append(f"  recon      {mc['recon']:.4f} {tag}   recon/dim {mc['recon_per_dim']:.3e} {tag}   "
                      + _kl_text(mc["kl"], tag))
+    if "model_phase" in m and e is not None:
+        lines.append(f"  the model was trained by its exact likelihood ({m['model_phase']['steps']} steps), then the guide "
+                     f"against it, frozen: NLL {e['nll']:.4f} [exact] is the model's, the ELBO gap {e['gap']:.4f} "
+                     "[exact] the guide family's price")
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
         lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "
