@@ -838,10 +838,13 @@ class SurgeryQuantities:
 
     def __call__(self, t, level):
         lq = self.inner(t, level)["lq"]  # log q(t|x_k)
-        vals = {self.top: t[:, :1].expand(-1, 2)}
-        if self.other is not None:
-            vals[self.other] = torch.zeros(1, 2, dtype=torch.float64)
-        lp = self.d.logs(vals, ("p",))["p:" + self.top].expand_as(lq)
+        step, lp = self.d.rows(2), []  # chunked: without another latent the prior's trace runs the decoder on t
+        for s in range(0, t.shape[0], step):
+            vals = {self.top: t[s:s + step, :1].expand(-1, 2)}
+            if self.other is not None:
+                vals[self.other] = torch.zeros(1, 2, dtype=torch.float64)
+            lp.append(self.d.logs(vals, ("p",))["p:" + self.top].expand(vals[self.top].shape))
+        lp = torch.cat(lp)
         lagg = _lse(lq + self.d.w.log(), 1)[:, None].expand_as(lq)
         q, agg = lq.exp(), lagg.exp()
 
