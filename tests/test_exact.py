@@ -202,7 +202,11 @@ def test_iwae_bound_tightens_with_K_and_stays_above_nll(dlgm_pair, dlgm_exact, d
 def test_iwae_handles_more_latents(data):
     model = VAE(N, latent_dim=3)
     r = iwae(model, GaussianGuide(model), data, K=(1, 8), samples=1024, nll_samples=4096, seed=0)
-    assert r["bounds"][1]["loss"] > r["bounds"][8]["loss"] > r["nll"] - 4 * r["nll_se"]
+    assert r["bounds"][1]["loss"] > r["bounds"][8]["loss"]
+    if r["nll_se"] is None:  # heavy-tailed weights: the SE is withheld, and the note says why
+        assert r["nll_note"]
+    else:
+        assert r["bounds"][8]["loss"] > r["nll"] - 4 * r["nll_se"]
 
 
 def test_a_zero_bit_with_very_negative_logit_keeps_its_log_probability():
