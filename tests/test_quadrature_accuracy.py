@@ -88,27 +88,27 @@ def evidence_1d(log_joint, lo=-30.0, hi=30.0):
     return total.log() + shift, err / float(total.min())
 
 
+@torch.no_grad()
 def vae_reference(model, guide, data, flow: bool) -> dict:
     """Loss terms per data point and log p(x_k) of a 1-latent VAE with a Gaussian or a flow guide."""
     ll = lambda z: log_likelihoods(model.decoder, z)  # noqa: E731
     log_px, errors = evidence_1d(lambda z: ll(z) + log_normal(z)[:, None])
     errors = [errors]
-    with torch.no_grad():
-        if flow:
-            fn = poutine.trace(guide).get_trace(data.x).nodes["z"]["fn"]  # TransformedDistribution, batch (2,)
+    if flow:
+        fn = poutine.trace(guide).get_trace(data.x).nodes["z"]["fn"]  # TransformedDistribution, batch (2,)
 
-            def forward(eps, k):  # z = T_k(eps), log |dT_k/d eps|
-                y, ladj = eps[:, None, None].expand(-1, 2, 1), 0.0
-                for t in fn.transforms:
-                    y_next = t(y)
-                    j = t.log_abs_det_jacobian(y, y_next)
-                    ladj, y = ladj + (j.sum(-1) if t.event_dim == 0 else j), y_next
-                return y[:, k, 0].double(), ladj[:, k].double()
-        else:
-            loc, scale = gaussian(guide.encoder, data.x.double())
+        def forward(eps, k):  # z = T_k(eps), log |dT_k/d eps|
+            y, ladj = eps[:, None, None].expand(-1, 2, 1), 0.0
+            for t in fn.transforms:
+                y_next = t(y)
+                j = t.log_abs_det_jacobian(y, y_next)
+                ladj, y = ladj + (j.sum(-1) if t.event_dim == 0 else j), y_next
+            return y[:, k, 0].double(), ladj[:, k].double()
+    else:
+        loc, scale = gaussian(guide.encoder, data.x.double())
 
-            def forward(eps, k):
-                return loc[k] + scale[k] * eps, scale[k].log().expand_as(eps)
+        def forward(eps, k):
+            return loc[k] + scale[k] * eps, scale[k].log().expand_as(eps)
     out = {"recon": [], "kl": []}
     for k in range(2):
         def integrand(eps):
@@ -127,6 +127,7 @@ def vae_reference(model, guide, data, flow: bool) -> dict:
     return out
 
 
+@torch.no_grad()
 def dlgm_reference(model, guide, data, z2_panels: int = 1000, eps2_panels: int = 32) -> dict:
     """Loss terms per data point and log p(x_k) of the 2-layer DLGM with the structured guide
     q(z1|x) q(z2|z1), z1 = m + s eps1, z2 = m2(z1) + s2(z1) eps2."""
@@ -140,7 +141,7 @@ def dlgm_reference(model, guide, data, z2_panels: int = 1000, eps2_panels: int =
     mu, sd = gaussian(prior, z2[:, None])
 
     def log_p_z1(z1):
-        return torch.logsumexp(log_w2 + log_normal(z1[:, None], mu, sd), -1)
+        return torch.cat([torch.logsumexp(log_w2 + log_normal(c[:, None], mu, sd), -1) for c in z1.split(1024)])
 
     # p(z1) reaches mu(z2) +- 12 sd(z2) for z2 within 8 prior sd (early in training sd(z2) can exceed 10)
     inside = z2.abs() <= 8
