@@ -787,8 +787,9 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
         "recon_per_dim": result["recon"] / data.n,
         "gap": result["loss"] - result["nll"],
         "error": error,
-        "estimator": (f"exact quadrature ({describe}: adaptive Gauss-Kronrod 15 in {u_name}, {nodes}" + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
-                                 if v_name else "") + joint_note + f"; error = change under refinement, {error:.1e})"),
+        "estimator": (f"exact quadrature ({describe}: adaptive Gauss-Kronrod 15 in {u_name}, {nodes}"
+                      + (f"; per node, adaptive Gauss-Kronrod 15 in {v_name} seeded at the features of q and p"
+                         if v_name else "") + joint_note + f"; error = change under refinement, {error:.1e})"),
     })
     return result
 

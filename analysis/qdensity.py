@@ -28,7 +28,8 @@ KINDS = ("direct", "per_site", "joint")
 
 
 def _sample_sites(trace):
-    return {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)}
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
 
 
 def _log_prob_float64(fn, value):

@@ -223,7 +223,7 @@ def check(kind: str, steps: int):
         f"(+ the reference's own {ref['error']:.1e})")
 
 
-FAST_STEPS = {"vae": 2000, "dlgm": 400, "flow": 2000}  # enough for the features; the old quadrature fails vae and flow here
+FAST_STEPS = {"vae": 2000, "dlgm": 400, "flow": 2000}  # enough for the features: the old quadrature fails all three
 
 
 @pytest.mark.parametrize("kind", ["vae", "dlgm", "flow"])
