@@ -121,13 +121,14 @@ def leaf_keys(node, prefix="") -> list:
     return out
 
 
+_ABSENT = object()
+
+
 def has_key(cfg: dict, key: str) -> bool:
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    """Whether a dotted key path exists in a container config (its value may be None)."""
+    from analysis.sweep import select
+
+    return select(cfg, key, _ABSENT) is not _ABSENT
 
 
 def suggest(key: str, known: list) -> str:

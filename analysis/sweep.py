@@ -42,7 +42,8 @@ def _yaml(path: Path):
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
-def _select(cfg: dict, key: str, default=None):
+def select(cfg: dict, key: str, default=None):
+    """The value at a dotted key path of a container config, or default where the path does not exist."""
     node = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -89,8 +90,8 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
             row["error"] = f"config.yaml unreadable: {err}"
     row["overrides"] = " ".join(overrides)
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-    row.update({"model": _select(cfg, "model.name"), "guide": _select(cfg, "guide.name"),
-                "n": _select(cfg, "data.n"), "seed": _select(cfg, "seed"), "beta": _select(cfg, "train.beta")})
+    row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
+                "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
     from .rundir import read_status
 
     status = read_status(job)
@@ -127,8 +128,8 @@ def expected_jobs(sweep_dir: Path) -> list:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         cfg = _yaml(path)
-        task = list(_select(cfg, "hydra.overrides.task", []) or [])
-        params = _select(cfg, "hydra.sweeper.params", {}) or {}
+        task = list(select(cfg, "hydra.overrides.task", []) or [])
+        params = select(cfg, "hydra.sweeper.params", {}) or {}
         args = [f"{k}={v}" for k, v in params.items()] + task
         parsed = OverridesParser.create().parse_overrides(args)
         keys, axes, seen = [], [], {}

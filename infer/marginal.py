@@ -68,13 +68,14 @@ class QuantileMessenger(Messenger):
         j = torch.arange(count, dtype=torch.float64).reshape(count, *([1] * (level + 2)))
         u = ((j + shift) / count).clamp(1e-300, 1.0)  # shift in [0, 1): u in (0, 1]; u = 0 has prob 0
         base = fn.base_dist if isinstance(fn, Independent) else fn
+        refusal = ValueError(f"model latent site '{name}' has a {type(base).__name__} distribution without an "
+                             "inverse CDF; objective exact needs one (Normal, Uniform, ...)")
+        if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims != 1:
+            raise refusal
         try:
-            if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims != 1:
-                raise NotImplementedError
             value = _icdf(base, u)
-        except NotImplementedError:
-            raise ValueError(f"model latent site '{name}' has a {type(base).__name__} distribution without an "
-                             "inverse CDF; objective exact needs one (Normal, Uniform, ...)") from None
+        except NotImplementedError:  # torch's Distribution.icdf where a family has none
+            raise refusal from None
         msg["value"] = value
         msg["is_observed"] = True  # as poutine.condition does: the value is given, not drawn
         self.sites.append(name)
