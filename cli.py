@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -304,7 +303,8 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
     after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
     line = " ".join(str(err).split())
     print(f"error: {line}", file=sys.stderr)
-    log.error(line) if multirun else None
+    if multirun:  # a sweep job's run.log says why it failed
+        log.error(line)
     if claim is not None:
         if status == "refused" and not multirun:
             claim.release()

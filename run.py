@@ -210,8 +210,10 @@ def main(cfg: DictConfig) -> float:
     except OSError as err:
         return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
     except Exception as err:  # noqa: BLE001  a crash: one line here, the traceback in run.log
-        log.debug("traceback:\n%s", traceback.format_exc())
-        (out / "traceback.txt").write_text(traceback.format_exc())
+        try:
+            (out / "traceback.txt").write_text(traceback.format_exc())
+        except OSError:
+            pass
         return cli.fail(claim, "failed", f"crashed: {type(err).__name__}: {err} (traceback in {out}/traceback.txt)",
                         multirun, code=1)
     from analysis.report import summary_lines
