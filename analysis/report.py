@@ -48,6 +48,12 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     from .psis import diagnose, log_weights, sample_traces
     from .qdensity import is_joint
 
+    from guides.check import check_guide
+    from infer.fit import check_sizes
+
+    check_sizes(data, model=model, guide=guide)  # one-line ValueErrors before any work
+    with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
+        check_guide(model, guide, data.x)
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -201,6 +201,15 @@ def _device(device):
     return device
 
 
+def check_sizes(data, **roles) -> None:
+    """Raise ValueError (one line) if a model or guide (keyword: its role) was built for another n than the data."""
+    for role, fn in roles.items():
+        n = getattr(fn, "n", None)
+        if is_int(n) and n != data.n:
+            raise ValueError(f"{role} was built for n={n} but the data have n={data.n}: build the {role} with "
+                             f"n={data.n}")
+
+
 def _check_arguments(model, guide, data, elbo, steps, resume, values):
     for name, value in values.items():
         check(name, value)
@@ -213,11 +222,7 @@ def _check_arguments(model, guide, data, elbo, steps, resume, values):
             if values[name] != default:
                 raise ValueError(f"{name}={values[name]!r} is not allowed with objective {type(elbo).__name__}: it "
                                  f"trains the model alone by its marginal likelihood ({name} must be {default!r})")
-    for role, fn in (("model", model), ("guide", guide if needs_guide else None)):
-        n = getattr(fn, "n", None)
-        if is_int(n) and n != data.n:
-            raise ValueError(f"{role} was built for n={n} but the data have n={data.n}: build the {role} with "
-                             f"n={data.n}")
+    check_sizes(data, model=model, guide=guide if needs_guide else None)
     if resume is not None:
         start = int(resume["step"])
         if steps < start:
@@ -699,5 +704,5 @@ class _Window:
 
 from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)
 
-__all__ = ["fit", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
+__all__ = ["fit", "check_sizes", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
            "reset_parameters", "rng_state", "set_rng_state", "VAE_RECIPE", "DLGM_RECIPE", "DEFAULT_RECIPE"]

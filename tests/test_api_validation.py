@@ -85,3 +85,20 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     one_line_value_error(lambda: fit_with(device="cuda"), "device='cuda' is not available on this machine")
+
+
+def test_evaluate_refuses_a_guide_that_does_not_fit_in_one_line():
+    from analysis.report import evaluate
+    from guides import StructuredGuide
+
+    model = VAE(3, hidden=4)
+    one_line_value_error(lambda: evaluate(model, StructuredGuide(DLGM(3, hidden=4, prior_hidden=4)), OneBit(3)),
+                         "guide does not fit the model: missing z")
+
+
+def test_evaluate_refuses_a_model_built_for_another_n_in_one_line():
+    from analysis.report import evaluate
+
+    model = VAE(5, hidden=4)
+    one_line_value_error(lambda: evaluate(model, GaussianGuide(model, hidden=4), OneBit(3)),
+                         "model was built for n=5 but the data have n=3")
