@@ -10,12 +10,13 @@ import math
 
 import pyro
 import torch
-from pyro.distributions import Bernoulli, Delta, Independent, Normal, TransformedDistribution
+from pyro.distributions import Bernoulli, Delta, Independent, TransformedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from infer.elbo import ClosedFormELBO
 from infer.fit import weighted
+from infer.noise import gaussian_base
 
 from .psis import khat_sd, tail_khat
 
@@ -30,14 +31,6 @@ NOISES = ("lattice", "qmc", "mc")
 def particles_per_chunk(n: int, points: int = 2, max_elements: int = MAX_ELEMENTS) -> int:
     """How many particles one chunk may evaluate so that particles x points x n <= max_elements (at least 1)."""
     return max(1, max_elements // (points * max(int(n), 1)))
-
-
-def _gaussian(fn):
-    """The Normal inside fn (possibly wrapped in Independent) and its reinterpreted batch dims, else (None, 0)."""
-    dims = 0
-    while isinstance(fn, Independent):
-        dims, fn = dims + fn.reinterpreted_batch_ndims, fn.base_dist
-    return (fn, dims) if type(fn) is Normal else (None, 0)
 
 
 class PresetNoise(Messenger):
@@ -59,7 +52,7 @@ class PresetNoise(Messenger):
             return
         fn = msg["fn"]
         transforms, base = (tuple(fn.transforms), fn.base_dist) if isinstance(fn, TransformedDistribution) else ((), fn)
-        normal, dims = _gaussian(base)
+        normal, dims = gaussian_base(base)
         if normal is None:
             self.others += not isinstance(fn, Delta)  # a Delta (an autoguide's model site) is not random
             return

@@ -128,17 +128,12 @@ def _gaussian_optimum_loss(n: int) -> float:
 def gaussian_encoder(guide, data) -> bool:
     """Whether q(z|x) is a Gaussian (Normal, possibly Independent) at the model's only latent site: the family the
     rate-distortion frontier (analysis.frontier) bounds."""
-    from pyro.distributions import Independent, Normal
+    from infer.noise import gaussian_base
 
     with torch.no_grad(), torch.random.fork_rng(), poutine.block():
         trace = poutine.trace(guide).get_trace(data.x)
     sites = latent_sites(trace)
-    if len(sites) != 1:
-        return False
-    fn = trace.nodes[sites[0]]["fn"]
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return type(fn) is Normal
+    return len(sites) == 1 and gaussian_base(trace.nodes[sites[0]]["fn"])[0] is not None
 
 
 def headline(mc: dict, exact: dict = None) -> dict:

@@ -7,7 +7,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 
-def _gaussian(fn):
+def gaussian_base(fn):
     """The Normal inside fn (possibly wrapped in Independent) and how many event dims were reinterpreted."""
     dims = 0
     while isinstance(fn, Independent):
@@ -112,7 +112,7 @@ class SobolNoise(Messenger):
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         transforms, base = _flow(msg["fn"])
-        normal, dims = _gaussian(base)
+        normal, dims = gaussian_base(base)
         event = normal.batch_shape[len(normal.batch_shape) - dims:] if normal is not None else None
         width = int(torch.Size(event).numel()) if event is not None else 0
         if normal is None or self._used + width > self.dimension:
