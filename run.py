@@ -114,6 +114,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         cli.check_memory(cfg, data, model, guide)
         elbo = build_objective(cfg)  # fit() refuses an objective that is invalid for the guide, before training
         exact_phase = not getattr(elbo, "needs_guide", True)
+        marginal = elbo if exact_phase else None  # objective=exact: the model phase's objective
         if exact_phase:
             model_steps = exact_model_steps(cfg)
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
@@ -130,7 +131,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
-            first = fit(model, None, data, elbo=build_objective(cfg), steps=model_steps, lr=cfg.optim.lr,
+            first = fit(model, None, data, elbo=marginal, steps=model_steps, lr=cfg.optim.lr,
                         lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                         seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                         threads=cfg.threads, device=cfg.device,
