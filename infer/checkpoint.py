@@ -25,19 +25,23 @@ def _temp_pattern(path) -> str:
     return os.path.join(folder, f".{name}.*.tmp")
 
 
-def save_checkpoint(path, result, extra=None, rng=None, window=None) -> None:
+def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None, optimizer_state=None) -> None:
     """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
     states (or `rng`, a state from infer.fit.rng_state), result.steps, result.history, the partial logging window
     (`window`, else result.window) and result.initial_loss to path, plus the entries of `extra` (e.g. the config).
 
     The file is written to a temporary file beside path and renamed into place, so an interrupted save never
     corrupts it; temporary files that an earlier killed save left behind are removed first. The file gets the mode
-    any other new file gets (0666 less the umask), not tempfile's 0600."""
+    any other new file gets (0666 less the umask), not tempfile's 0600. `params` ({name: tensor}) and
+    `optimizer_state` (a state_dict) replace the param store's values and result.optimizer's state (a replica's
+    checkpoint: infer.fit_replicas writes what a single run with its seed would)."""
     from .fit import rng_state
 
     store = pyro.get_param_store()
-    state = {"params": {name: store.get_param(name).unconstrained().detach().cpu().clone() for name in store.keys()},
-             "optimizer": result.optimizer.state_dict(), "rng": rng if rng is not None else rng_state(),
+    if params is None:
+        params = {name: store.get_param(name).unconstrained() for name in store.keys()}
+    state = {"params": {name: value.detach().cpu().clone() for name, value in params.items()},
+             "optimizer": optimizer_state if optimizer_state is not None else result.optimizer.state_dict(), "rng": rng if rng is not None else rng_state(),
              "step": result.steps, "history": list(result.history),
              "window": window if window is not None else getattr(result, "window", None),
              "initial_loss": getattr(result, "initial_loss", None),

@@ -273,7 +273,7 @@ class ClosedFormELBO(ELBO):
                 noise.set(step_noise)
             terms = self._fast_terms(model, guide, x, weights, beta, noise)
             names[:] = list(terms)
-            means = torch.stack([t.mean() for t in terms.values()])
+            means = self.means(terms)
             return means, self.objective_of_means(list(terms), means)
 
         def inputs(beta):
@@ -355,12 +355,18 @@ class ClosedFormELBO(ELBO):
         (free bits: a per-site KL floor; with free_bits = 0 this is -ELBO)."""
         return self.objective_of_means(list(terms), torch.stack([v.mean() for v in terms.values()]))
 
+    def means(self, terms) -> torch.Tensor:
+        """The particle means of the terms: a (T,) tensor in the order of `terms` (infer.replicas.ReplicaELBO: (T, R))."""
+        return torch.stack([t.mean() for t in terms.values()])
+
     def objective_of_means(self, names, means: torch.Tensor) -> torch.Tensor:
-        """The objective from the particle means of the terms (a (T,) tensor, in the order of `names`)."""
+        """The objective from the particle means of the terms (a (T, ...) tensor, in the order of `names`): a
+        scalar, or one per replica for (T, R) means."""
         if not self.free_bits:
-            return means.sum()
+            return means.sum(0)
         floor = torch.tensor([name in self._sites for name in names], device=means.device)  # not an auxiliary
-        return torch.where(floor, means.clamp_min(self.free_bits), means).sum()
+        floor = floor.reshape((-1,) + (1,) * (means.dim() - 1))
+        return torch.where(floor, means.clamp_min(self.free_bits), means).sum(0)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The objective averaged over particles (-ELBO without free bits), differentiable by reparameterisation."""

@@ -391,6 +391,39 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
 
 
 def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device):
+    s = _prepare(model, guide, data, elbo, v, device, start=0 if resume is None else int(resume["step"]))
+    guide, x, needs_guide, names, store, trained, params, scale = (
+        s.guide, s.x, s.needs_guide, s.names, s.store, s.trained, s.params, s.scale)
+    fused, optimizer = _adam(params, v, device)
+    # a frozen model's params keep requires_grad (pyro.module would drop them from the param store otherwise):
+    # they are left out of the optimizer, and their gradients are dropped every step
+    frozen = [p for p in (store.get_param(name).unconstrained() for name in names if name not in trained)
+              if all(p is not q for q in params)]
+    try:
+        return _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device,
+                      names, store, params, fused, optimizer, x, needs_guide, scale, s.model_w, s.guide_w, frozen)
+    finally:
+        for p in frozen:
+            p.grad = None
+
+
+def _adam(params, v, device):
+    """(fused, optimizer): torch's Adam over params with v's lr and betas, fused where the kernel covers them."""
+    fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
+    betas = tuple(float(b) for b in v["adam_betas"])
+    try:
+        return fused, torch.optim.Adam(params, lr=v["lr"], betas=betas, fused=fused or None)
+    except RuntimeError:  # a device or dtype the fused kernel does not cover
+        return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
+
+
+def _prepare(model, guide, data, elbo, v, device, start=0):
+    """Everything before the first step, in the order that decides the RNG stream: move to the device, seed, reset
+    (or keep) the params, check guide and objective, collect the params to train. Returns a namespace with guide, x,
+    needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
+    (the LatentScale), model_w and guide_w (the weighted model and guide, None without a guide)."""
+    from types import SimpleNamespace
+
     needs_guide = getattr(elbo, "needs_guide", True)
     guide = guide if needs_guide else None
     for module in (model, guide):
@@ -408,7 +441,6 @@ def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpo
     if needs_guide:
         check_guide(model, guide, x)
         check_objective(elbo, model, guide, x)
-    start = 0 if resume is None else int(resume["step"])
     scale = LatentScale(kl_weight(start, v["beta"], v["warmup"], v["warmup_start"]))
     if needs_guide:
         model_w, guide_w = scale(weighted(model, data, device)), scale(weighted(guide, data, device))
@@ -437,24 +469,9 @@ def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpo
     params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in trained)}.values())
     for p in params:
         p.requires_grad_(True)
-    fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
-    betas = tuple(float(b) for b in v["adam_betas"])
-    try:
-        optimizer = torch.optim.Adam(params, lr=v["lr"], betas=betas, fused=fused or None)
-    except RuntimeError:  # a device or dtype the fused kernel does not cover
-        fused = False
-        optimizer = torch.optim.Adam(params, lr=v["lr"], betas=betas)
-    # a frozen model's params keep requires_grad (pyro.module would drop them from the param store otherwise):
-    # they are left out of the optimizer, and their gradients are dropped every step
-    frozen = [p for p in (store.get_param(name).unconstrained() for name in names if name not in trained)
-              if all(p is not q for q in params)]
-    try:
-        return _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device,
-                      names, store, params, fused, optimizer, x, needs_guide, scale,
-                      model_w if needs_guide else None, guide_w if needs_guide else None, frozen)
-    finally:
-        for p in frozen:
-            p.grad = None
+    return SimpleNamespace(guide=guide, x=x, needs_guide=needs_guide, names=names, store=store, trained=trained,
+                           params=params, scale=scale, model_w=model_w if needs_guide else None,
+                           guide_w=guide_w if needs_guide else None)
 
 
 def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device, names, store,

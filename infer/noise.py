@@ -48,11 +48,16 @@ class SobolNoise(Messenger):
     uniform given the first coordinate, so the estimate stays unbiased. If no site takes the lattice coordinate (no
     Gaussian or flow site), `log_weights` stays None: the particles are unweighted."""
 
-    def __init__(self, num_particles: int, particle_dim: int, dimension: int = 16, lattice: float = 0.0):
+    def __init__(self, num_particles: int, particle_dim: int, dimension: int = 16, lattice: float = 0.0,
+                 replicas: int = 0):
         super().__init__()
         self.num_particles, self.particle_dim, self.dimension = num_particles, particle_dim, dimension
         self.lattice = lattice
         self.log_weights = None
+        # replicas = R > 0: a leading replica dim left of the particles, each replica with its own draws from its own
+        # torch.Generator (`generators`, set by the caller): replica r's noise is what a single run's draw() gives
+        # from the global RNG in the state of generator r (infer.replicas)
+        self.replicas, self.generators = replicas, None
         if lattice:
             j = torch.arange(num_particles, dtype=torch.float64)
             self._grid = j  # the first coordinate's points before the shift
@@ -67,13 +72,20 @@ class SobolNoise(Messenger):
         """Draw this step's noise from torch's RNG: a fresh Sobol scramble, or (lattice) fresh shifts, from which
         each site computes only the coordinates it takes."""
         self._used, self.log_weights = 0, None
+        generators = self.generators if self.replicas else [None]
+        if self.replicas and (generators is None or len(generators) != self.replicas):
+            raise ValueError(f"SobolNoise with replicas={self.replicas} needs one torch.Generator per replica")
         if not self.lattice:
-            seed = int(torch.randint(0, 2**31 - 1, ()))
-            engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
-            u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
-            self._eps = torch.special.ndtri(u.double()).float()
+            eps = []
+            for g in generators:
+                seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
+                engine = torch.quasirandom.SobolEngine(self.dimension, scramble=True, seed=seed)
+                u = engine.draw(self.num_particles).clamp(1e-7, 1 - 1e-7)
+                eps.append(torch.special.ndtri(u.double()).float())
+            self._eps = torch.stack(eps) if self.replicas else eps[0]
             return
-        self._shift = torch.rand(self.dimension, dtype=torch.float64)
+        shifts = [torch.rand(self.dimension, dtype=torch.float64, generator=g) for g in generators]
+        self._shift = torch.stack(shifts) if self.replicas else shifts[0]
 
     def set(self, noise):
         """Use given noise for the next run, in place of draw(): the lattice shifts ((dimension,) in [0, 1),
@@ -93,19 +105,19 @@ class SobolNoise(Messenger):
         (computed here, from the shifts) coordinate 0 is the shifted grid on [-L, L], and taking it sets
         log_weights (the normalised log phi(eps) of the quadrature rule)."""
         if not self.lattice:
-            return self._eps[:, start:start + width]
-        shift = self._shift.to(self._rank1.device)
+            return self._eps[..., start:start + width]
+        shift = self._shift.to(self._rank1.device).unsqueeze(-2)  # (1, D), or (R, 1, D) with replicas
         first = 1 if start == 0 else start  # coordinate 0 is the grid, not the rank-1 lattice
         eps = None
         if start + width > first:
-            u = ((self._rank1[:, first:start + width] + shift[first:start + width]) % 1.0).clamp(1e-7, 1 - 1e-7)
+            u = ((self._rank1[:, first:start + width] + shift[..., first:start + width]) % 1.0).clamp(1e-7, 1 - 1e-7)
             eps = torch.special.ndtri(u)
         if start == 0:
             P, L = self.num_particles, self.lattice
-            grid = -L + (self._grid + shift[0]) * (2 * L / P)  # a shifted uniform grid on [-L, L]
-            eps = grid.unsqueeze(1) if eps is None else torch.cat([grid.unsqueeze(1), eps], 1)
+            grid = -L + (self._grid + shift[..., 0]) * (2 * L / P)  # a shifted uniform grid on [-L, L]: (P,), (R, P)
+            eps = grid.unsqueeze(-1) if eps is None else torch.cat([grid.unsqueeze(-1), eps], -1)
             log_w = -0.5 * grid**2
-            self.log_weights = (log_w - torch.logsumexp(log_w, 0)).float()
+            self.log_weights = (log_w - torch.logsumexp(log_w, -1, keepdim=True)).float()
         return eps.float()
 
     def _pyro_sample(self, msg):
@@ -117,11 +129,12 @@ class SobolNoise(Messenger):
         width = int(torch.Size(event).numel()) if event is not None else 0
         if normal is None or self._used + width > self.dimension:
             return
-        eps = self._columns(self._used, width).reshape((self.num_particles,) + tuple(event))
+        lead = (self.replicas,) if self.replicas else ()
+        eps = self._columns(self._used, width).reshape(lead + (self.num_particles,) + tuple(event))
         if self.log_weights is not None:
             self.log_weights = self.log_weights.to(normal.loc.device)  # this site took the lattice coordinate
         self._used += width
-        eps = eps.reshape((self.num_particles,) + (1,) * (-self.particle_dim - 1) + tuple(event))
+        eps = eps.reshape(lead + (self.num_particles,) + (1,) * (-self.particle_dim - 1) + tuple(event))
         eps = eps.to(dtype=normal.loc.dtype, device=normal.loc.device)  # a no-op on the CPU in float32
         value = normal.loc + normal.scale * eps
         for t in transforms:  # cached by transforms with cache_size=1, so log_prob(value) reuses the inverse
