@@ -48,6 +48,7 @@ def _bool(v) -> bool:
 # the objectives check again when called from Python), plus the keys only the command line has.
 COMMAND_LINE_RULES = {
     "overwrite": (_bool, "true or false"),
+    "replicas": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
     "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
     "train.progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
@@ -269,13 +270,14 @@ def _first_values(overrides) -> list:
 def claim_for(cfg, out: Path):
     """The Claim on `out` for this run: the one preflight made, or a new one (a sweep job, a run without the CLI).
     A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it."""
-    from analysis.rundir import Claim, OUTPUTS
+    from analysis.rundir import OUTPUTS, Claim, read_status
 
     held = STATE.get("claim")
     if held is not None and Path(held.path) == Path(out).absolute():
         return held
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
+    replicas = read_status(out).get("replicas", []) if Path(out).is_dir() else []
     claim = Claim(out, allow_existing=bool(cfg.get("overwrite", False)) or in_place)
     if cfg.get("overwrite", False) and not in_place:  # replace: the old run's outputs go, nothing is mixed
         import shutil
@@ -283,6 +285,8 @@ def claim_for(cfg, out: Path):
         for name in list(OUTPUTS[1:]) + [p.name for p in Path(out).glob("*.png")] + ["traceback.txt"]:
             (Path(out) / name).unlink(missing_ok=True)
         shutil.rmtree(Path(out) / ".hydra", ignore_errors=True)
+        for name in replicas:  # the replica runs of a job that trained several seeds
+            shutil.rmtree(Path(out) / name, ignore_errors=True)
     STATE["claim"] = claim
     return claim
 
@@ -296,6 +300,22 @@ def save_hydra_files(claim, cfg, hc) -> None:
     OmegaConf.save(cfg, folder / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": hc}), folder / "hydra.yaml")
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")
+
+
+def replica_dir(path: Path, cfg) -> Path:
+    """Create a replica's run directory (path, inside its job's) holding .hydra/config.yaml (the replica's config:
+    that of the single run with its seed) and overrides.yaml (the job's, with seed=<its seed>), marked running."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from analysis.rundir import write_status
+
+    folder = Path(path) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("seed=")]
+    OmegaConf.save(OmegaConf.create(task + [f"seed={cfg.seed}"]), folder / "overrides.yaml")
+    write_status(path, "running")
+    return Path(path)
 
 
 def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
@@ -375,6 +395,11 @@ def check_memory(cfg, data, model, guide) -> None:
 
     params = sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters())
     particles = cfg.objective.K if "K" in cfg.objective else cfg.train.num_particles
+    replicas = cfg.get("replicas", 1)
+    if replicas > 1:  # every replica's own networks and their stacked copies; one stack's particles at a time
+        from infer.fit_replicas import stack_size
+
+        params, particles = 2 * replicas * params, stack_size(replicas, particles, data) * particles
     per_n = (MEMORY_PER_PARAM * params + MEMORY_PER_PARTICLE_BIT * particles * 2 * data.n) / data.n
     need, budget = MEMORY_BASE + per_n * data.n, cfg.memory_gb * 2**30
     if need > budget:

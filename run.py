@@ -104,10 +104,11 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     torch.set_num_threads(cfg.threads)
     import pyro
 
-    from analysis.report import evaluate_run, write_run
     from infer import ClosedFormELBO, fit
     from infer.checkpoint import save_checkpoint
 
+    if cfg.replicas > 1:
+        return run_replicas(cfg, out, multirun)
     try:
         pyro.set_rng_seed(cfg.seed)
         data, model, guide = build(cfg)
@@ -162,16 +163,23 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         head["guide_phase"] = "the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's price"
         result.history = [{"phase": "model", **row} for row in first.history] + [
             {"phase": "guide", **row, "step": first.steps + row["step"]} for row in result.history]
+    if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
+        save_checkpoint(out / "checkpoint.pt", result, extra=extra)
+    return finish(cfg, out, model, guide, data, result, head)
+
+
+def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
+    """After training: refuse a diverged result (history and a metrics.json saying so), else evaluate and write
+    the run's outputs into `out`; return the metrics. Raises Diverged."""
+    from analysis.report import evaluate_run, write_run
+
     reason = cli.divergence(result, data, beta=cfg.train.beta)
     if reason:
         import pandas as pd
 
         pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-        metrics = {**head, "status": "diverged", "reason": reason, "loss": None}
-        cli.write_json(out / "metrics.json", metrics)
+        cli.write_json(out / "metrics.json", {**head, "status": "diverged", "reason": reason, "loss": None})
         raise Diverged(reason)
-    if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
-        save_checkpoint(out / "checkpoint.pt", result, extra=extra)
     log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s; evaluating (exact quadrature where it "
              "runs, Monte Carlo, PSIS k-hat) ...")
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
@@ -184,6 +192,81 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     if reason:
         raise Diverged(reason)
     return metrics
+
+
+def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
+    """cfg.replicas > 1: the runs of seeds seed .. seed + replicas - 1, trained together (infer.fit_replicas), each
+    evaluated and written into its own directory out/seed<s> (what its single run would write there, with the
+    config of that run: seed=<s>); out gets status.json listing them. Returns the first replica's metrics (and the
+    mean headline loss under 'loss'). Raises Refused before training, Diverged if any replica diverged."""
+    import pyro
+
+    from analysis.report import summary_lines
+    from analysis.rundir import write_status
+    from infer import DivergenceError
+    from infer.fit_replicas import fit_replicas
+
+    seeds = [cfg.seed + r for r in range(cfg.replicas)]
+    try:
+        if OmegaConf.select(cfg, "train.resume"):
+            raise ConfigError("train.resume is not allowed with replicas > 1: resume one replica as a single run "
+                              "(seed=<its seed> train.resume=<its dir>/checkpoint.pt)")
+        if cfg.objective.name != "closed_form":
+            raise ConfigError(f"replicas={cfg.replicas} is not allowed with objective={cfg.objective.name}: replicas "
+                              "train the closed-form ELBO (objective=closed_form)")
+        pairs = []
+        for seed in seeds:
+            pyro.set_rng_seed(seed)
+            data, model, guide = build(cfg)
+            pairs.append((model, guide))
+        cli.check_memory(cfg, data, model, guide)
+        elbo = build_objective(cfg)
+    except ValueError as err:
+        raise Refused(str(err)) from None
+    except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ValueError):
+            raise Refused(str(cause).splitlines()[0]) from None
+        raise
+    configs = [OmegaConf.merge(cfg, {"seed": seed}) for seed in seeds]
+    dirs = [out / f"seed{seed}" for seed in seeds]
+    try:
+        results = fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], data, seeds, elbo=elbo,
+                               steps=cfg.train.steps, lr=cfg.optim.lr, lr_final=cfg.optim.lr_final,
+                               schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas), beta=cfg.train.beta,
+                               warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
+                               log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
+                               threads=cfg.threads, device=cfg.device, checkpoint_every=cfg.train.checkpoint_every,
+                               checkpoint_paths=[cli.replica_dir(d, c) / "checkpoint.pt" for d, c in zip(dirs, configs)],
+                               checkpoint_extras=[{"config": cli.trajectory_config(c)} for c in configs])
+    except ValueError as err:
+        if type(err).__name__ == "DivergenceError":
+            raise Diverged(str(err)) from None
+        raise Refused(str(err)) from None
+    write_status(out, "running", replicas=[d.name for d in dirs])
+    first, failed, losses = None, [], []
+    for model_guide, result, c, d in zip(pairs, results, configs, dirs):
+        head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
+                "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
+        try:
+            if isinstance(result, DivergenceError):
+                raise Diverged(str(result))
+            head["wall_seconds"] = result.wall_seconds
+            metrics = finish(c, d, *model_guide, data, result, head)
+        except Diverged as err:
+            write_status(d, "diverged", str(err))
+            failed.append(f"{d.name}: {err}")
+            continue
+        write_status(d, "ok", "finished", loss=metrics.get("loss"))
+        for line in summary_lines(metrics):
+            log.info(f"{d.name}: {line}")
+        first = first or metrics
+        losses.append(metrics.get("loss"))
+    if failed:
+        write_status(out, "diverged", f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed),
+                     replicas=[d.name for d in dirs])
+        raise Diverged(f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed))
+    return {**first, "loss": sum(losses) / len(losses) if None not in losses else None, "replica_losses": losses}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -51,8 +51,10 @@ def write_status(path, status: str, reason: str = "", **extra) -> None:
     if status not in STATES:
         raise ValueError(f"status must be one of {', '.join(STATES)}, got {status!r}")
     old = read_status(path)
+    # a replica group's members stay listed as it ends (a new run in the dir starts without them)
+    kept = {k: old[k] for k in ("replicas",) if k in old and status != "running"}
     record = {"status": status, "reason": " ".join(str(reason).split()),
-              "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(), **extra}
+              "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(), **kept, **extra}
     if status != "running":
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_atomic(Path(path) / STATUS, json.dumps(record, indent=2) + "\n")

@@ -71,10 +71,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def job_dirs(sweep_dir: Path) -> list:
-    """Every job directory below sweep_dir (holding .hydra/ or metrics.json), sorted."""
+    """Every job directory below sweep_dir (holding .hydra/ or metrics.json), sorted. A job that trained replicas
+    (status.json lists them) is not a row itself: each replica's directory is, one seed each."""
+    from .rundir import read_status
+
     found = {p.parent for p in sweep_dir.rglob("metrics.json")}
     found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir() and p.parent != sweep_dir}
-    return sorted(found)
+    return sorted(job for job in found if not read_status(job).get("replicas"))
 
 
 def read_job(job: Path, sweep_dir: Path) -> dict:
