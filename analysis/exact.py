@@ -60,8 +60,10 @@ GAUSS7_W = torch.tensor(_g, dtype=torch.float64)  # zero on the Kronrod-only nod
 LADDER = (0.0, 1.5, 3.5, 6.5, 12.0)  # breakpoints at m +- c * width
 LOCATE_POINTS = 2049  # dense grid that finds the features of the inner integrand
 CANDIDATES = 2  # features kept per density (q, p) per row
-INNER_TOL = 1e-5  # relative error target of each inner integral (times 10**-level)
+INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-level)
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
+LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
+STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
 MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model evaluation (latent values x N x n):
@@ -274,7 +276,9 @@ class Inner:
         for J in self.parts:
             e = torch.nan_to_num(ell[J].transpose(1, 2), nan=-math.inf)  # (A, 2, L)
             pooled = torch.nn.functional.max_pool1d(e.reshape(-1, 1, e.shape[-1]), 7, 1, 3).reshape(e.shape)
-            idx = torch.where(e >= pooled, e, torch.full_like(e, -math.inf)).topk(CANDIDATES, dim=-1).indices
+            maxima = torch.where(e >= pooled, e, torch.full_like(e, -math.inf)).topk(CANDIDATES, dim=-1)
+            # a row with fewer finite local maxima than CANDIDATES repeats its highest one (dropped as a repeat below)
+            idx = torch.where(torch.isfinite(maxima.values), maxima.indices, maxima.indices[..., :1])
             pad = torch.full_like(e[..., :1], -math.inf)
             left, right = torch.cat([pad, e[..., :-1]], -1), torch.cat([e[..., 1:], pad], -1)
             deficit = torch.maximum(e - left, e - right).nan_to_num(0.0, posinf=1e300)
@@ -301,31 +305,57 @@ class Inner:
         A = u.shape[0]
         c, kinds, h = self._candidates(u)
         F = c.shape[-1]
-        # zoom: 9 points over the bracket, keep the best, shrink by 4, until the bracket is flat to 0.05 nats
+        # zoom: 9 points over the bracket, keep the best, shrink by 4, until the bracket is flat to 0.05 nats. Where
+        # the best point is interior and the log-density is concave there, the parabola through it and its two
+        # neighbours gives the peak (its vertex: the new centre) and its width sigma (from the curvature): the
+        # bracket then shrinks to sigma / 4 (flat to about 0.03 nats for a Gaussian peak), by at most 64 at a time
         half = torch.full_like(c, h)
         best = torch.full_like(c, -math.inf)
         steps = torch.linspace(-1, 1, 9, dtype=torch.float64)
         rows = torch.arange(A)
+        # a candidate that repeats an earlier one of its density (same start) is not zoomed: it copies the result
+        first = torch.arange(F).expand(c.shape).clone()
+        for j in range(F):
+            for i in range(j - 1, -1, -1):
+                if kinds[i] == kinds[j]:
+                    first[..., j] = torch.where(c[..., i] == c[..., j], first[..., i], first[..., j])
+        repeat = first != torch.arange(F)
         for _ in range(24):
             pts = c[rows, ..., None] + half[rows, ..., None] * steps
             val = self._values(u[rows], pts, kinds)
             arg = val.argmax(-1, keepdim=True)
-            best[rows] = val.gather(-1, arg).squeeze(-1)
-            c[rows] = pts.gather(-1, arg).squeeze(-1)
-            busy = ~(best[rows] - val.amin(-1) < 0.05) & torch.isfinite(best[rows])
-            half[rows] = torch.where(busy, half[rows] / 4, half[rows])
+            top = val.gather(-1, arg).squeeze(-1)
+            best[rows] = top
+            at = pts.gather(-1, arg).squeeze(-1)
+            busy = ~(top - val.amin(-1) < 0.05) & torch.isfinite(top) & ~repeat[rows]
+            left = val.gather(-1, (arg - 1).clamp(min=0)).squeeze(-1)
+            right = val.gather(-1, (arg + 1).clamp(max=8)).squeeze(-1)
+            curv = left - 2 * top + right  # second difference at the best point (< 0: a concave peak)
+            arg = arg.squeeze(-1)
+            peak = (arg > 0) & (arg < 8) & (curv < 0) & torch.isfinite(curv)
+            spacing = half[rows] / 4
+            curv = torch.where(peak, curv, -torch.ones_like(curv))
+            vertex = at + spacing * (left - right).nan_to_num(0.0) / (2 * curv)
+            sigma = spacing / (-curv).sqrt()
+            c[rows] = torch.where(peak, vertex, at)
+            shrunk = torch.where(peak, torch.minimum(torch.maximum(sigma / 4, half[rows] / 64), half[rows] / 4),
+                                 half[rows] / 4)
+            half[rows] = torch.where(busy, shrunk, half[rows])
             rows = rows[busy.flatten(1).any(1)]
             if rows.numel() == 0:
                 break
-        # widths: on each side, the first offset of a geometric ladder where the density drops by 1 nat
+        c, half, best = (t.gather(-1, first) for t in (c, half, best))
+        # widths: on each side, the first offset of a geometric ladder (factor 2) where the density drops by 1 nat;
+        # the ladder starts at an eighth of the zoom's last half-width (the density is flat to 0.05 nats within it)
+        # and runs up to the span (no drop within: the span)
         span = self.hi - self.lo
-        deltas = span * 2.0 ** -torch.arange(36, -1, -1, dtype=torch.float64)
-        D = len(deltas)
-        val = self._values(u, c[..., None] + torch.cat([-deltas, deltas]), kinds)
+        deltas = ((half / 8)[..., None] * 2.0 ** torch.arange(LADDER_STEPS, dtype=torch.float64)).clamp(max=span)
+        val = self._values(u, c[..., None] + torch.cat([-deltas, deltas], -1), kinds)
         top = torch.maximum(best, val.amax(-1))
         drop = top[..., None] - val >= 1.0
-        wl, wr = [deltas[torch.where(d.any(-1), d.float().argmax(-1), torch.full_like(top, D - 1, dtype=torch.long))]
-                  / math.sqrt(2) for d in (drop[..., :D], drop[..., D:])]
+        D = LADDER_STEPS
+        wl, wr = [torch.where(d.any(-1), deltas.gather(-1, d.float().argmax(-1, keepdim=True)).squeeze(-1),
+                              torch.full_like(top, span)) / math.sqrt(2) for d in (drop[..., :D], drop[..., D:])]
         mass = top + torch.log(wl + wr)
         keep = torch.zeros_like(mass, dtype=torch.bool)
         for J in self.parts:
@@ -401,20 +431,33 @@ class Inner:
         return torch.stack(errs).amax(0)
 
     def _block(self, u, level, splits=8, rounds=16):
-        """Adaptive inner integration for one block of rows: start from the feature panels, then split the `splits`
-        worst panels of every row whose relative error sum exceeds INNER_TOL * 10**-level, for up to `rounds`."""
+        """Adaptive inner integration for one block of rows: start from the feature panels, then, for up to `rounds`,
+        split the worst panels (as many as the neediest row needs, at most `splits`) of every row whose relative error
+        sum exceeds INNER_TOL * 10**-level, until it does not or its error stalls (STALL_ROUNDS: the float32 noise
+        floor of the model's outputs; the refinement check in _refine measures what is left)."""
         tol = INNER_TOL * 10.0 ** (-level)
         a, b = self.features(u)
         self.shift = None
         est = self._panels(u, a, b)
+        history = []  # per round, each row's error relative to tol (the worse data point)
         for _ in range(rounds):
             err = self._row_errors(est)
             err = torch.where(b - a > 1e-12 * (self.hi - self.lo), err, torch.zeros_like(err))
-            busy = (err.sum(-1) > tol).any(-1)  # rows (A,)
+            ratio = (err.sum(-1) / tol).amax(-1)
+            history.append(ratio)
+            busy = ratio > 1  # rows (A,)
+            if len(history) > STALL_ROUNDS:  # a row whose error has not halved in STALL_ROUNDS rounds of splits sits
+                #                              on its noise floor (float32 model outputs): more splits do not help
+                busy &= ratio <= 0.5 * history[-1 - STALL_ROUNDS]
             if not bool(busy.any()):
                 break
             rows = busy.nonzero().squeeze(-1)
-            pick = err[rows].topk(min(splits, err.shape[-1]), dim=-1).indices  # (R, 2, S)
+            # split as many panels as the neediest row needs (at most `splits`): per row and data point, the worst
+            # panels until the error left in the others is below tol / 2 (every row evaluates S panels)
+            worst = err[rows].sort(-1, descending=True).values
+            left = err[rows].sum(-1, keepdim=True) - worst.cumsum(-1)
+            need = int((left >= tol / 2).sum(-1).amax()) + 1
+            pick = err[rows].topk(min(splits, need, err.shape[-1]), dim=-1).indices  # (R, 2, S)
             ra, rb = a[rows].gather(-1, pick), b[rows].gather(-1, pick)
             mid = (ra + rb) / 2
             na, nb = torch.cat([ra, mid], -1), torch.cat([mid, rb], -1)  # (R, 2, 2S)
