@@ -87,6 +87,17 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}")
+    replicas = cfg.get("replicas", 1)
+    if replicas > 1:  # what replicas can train (infer.fit_replicas): the closed-form ELBO on lattice or qmc noise
+        if OmegaConf.select(cfg, "train.resume"):
+            raise ConfigError(f"train.resume is not allowed with replicas={replicas}: resume one replica as a single "
+                              "run (seed=<its seed> train.resume=<its dir>/checkpoint.pt)")
+        if cfg.objective.name != "closed_form":
+            raise ConfigError(f"replicas={replicas} is not allowed with objective={cfg.objective.name}: replicas train "
+                              "the closed-form ELBO (objective=closed_form)")
+        if OmegaConf.select(cfg, "objective.noise") not in ("lattice", "qmc"):
+            raise ConfigError(f"replicas={replicas} is not allowed with objective.noise={cfg.objective.noise}: "
+                              "replicas need noise drawn outside the model and guide (lattice or qmc)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

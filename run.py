@@ -208,12 +208,6 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
 
     seeds = [cfg.seed + r for r in range(cfg.replicas)]
     try:
-        if OmegaConf.select(cfg, "train.resume"):
-            raise ConfigError("train.resume is not allowed with replicas > 1: resume one replica as a single run "
-                              "(seed=<its seed> train.resume=<its dir>/checkpoint.pt)")
-        if cfg.objective.name != "closed_form":
-            raise ConfigError(f"replicas={cfg.replicas} is not allowed with objective={cfg.objective.name}: replicas "
-                              "train the closed-form ELBO (objective=closed_form)")
         pairs = []
         for seed in seeds:
             pyro.set_rng_seed(seed)
@@ -237,8 +231,9 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
                                log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                                threads=cfg.threads, device=cfg.device, checkpoint_every=cfg.train.checkpoint_every,
-                               checkpoint_paths=[cli.replica_dir(d, c) / "checkpoint.pt" for d, c in zip(dirs, configs)],
-                               checkpoint_extras=[{"config": cli.trajectory_config(c)} for c in configs])
+                               checkpoint_paths=[d / "checkpoint.pt" for d in dirs],
+                               checkpoint_extras=[{"config": cli.trajectory_config(c)} for c in configs],
+                               on_start=lambda: [cli.replica_dir(d, c) for d, c in zip(dirs, configs)])
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":
             raise Diverged(str(err)) from None

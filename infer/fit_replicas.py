@@ -28,7 +28,7 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
                  lr_final: float = None, schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0,
                  warmup_start: float = 0.0, log_every: int = 100, progress: bool = False, callback=None,
                  checkpoint_paths=None, checkpoint_every: int = 0, checkpoint_extras=None, threads=1,
-                 device="cpu") -> list:
+                 device="cpu", on_start=None) -> list:
     """Train models[r] and guides[r] with seed seeds[r], for every r at once; return one entry per replica: its
     FitResult, or the DivergenceError that ended it (its .result holds the history up to the last good log).
 
@@ -38,6 +38,7 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     other module is refused in one line (ValueError) before training, as is a step whose stacked terms differ from
     the replicas' own. After training each replica's parameters are in its own model and guide.
 
+    on_start() runs once, after every check and before the first step (e.g. to create the checkpoints' dirs).
     callback(r, step, row) runs at each log of replica r. With checkpoint_paths (one path per replica), replica
     r's checkpoint is written every checkpoint_every steps (if > 0) and at the end, holding what a single run's
     would (params under the single run's names, its own Adam moments, its generator's state as the torch RNG
@@ -78,6 +79,8 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
             part = slice(lo, min(lo + size, R))
             group = _Replicas(models[part], guides[part], data, seeds[part], single, v, device,
                               paths[part] if paths else None, extras[part])
+            if lo == 0 and on_start is not None:
+                on_start()
 
             def relay(r, step, row, lo=lo):
                 callback(lo + r, step, row)

@@ -81,8 +81,10 @@ def stack(modules):
     shapes = [[(name, tuple(p.shape)) for name, p in m.named_parameters()] for m in modules]
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"the {len(modules)} copies of {type(first).__name__} differ in architecture")
-    for name, buf in first.named_buffers():
-        raise ValueError(f"{type(first).__name__} cannot take a replica dimension: it holds the buffer {name}")
+    for name, buf in first.named_buffers():  # constants shared by every copy are fine; random ones are not
+        if not all(torch.equal(buf, m.get_buffer(name)) for m in modules[1:]):
+            raise ValueError(f"{type(first).__name__} cannot take a replica dimension: its buffer {name} differs "
+                             "between the copies")
     stacked = copy.deepcopy(first)
     for name, sub in list(first.named_modules()):
         kind = next((k for k in REPLICATED if type(sub) is k), None)

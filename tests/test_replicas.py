@@ -1,0 +1,174 @@
+"""Replicas: R seeds of one configuration trained together in one process (infer.fit_replicas, replicas=R).
+
+Each replica is its single run (same init, noise, schedule; the same trajectory up to the rounding of the batched
+matmuls); it does not depend on how many replicas share the process or which; a guide that cannot take the replica
+dim is refused in one line; from the command line each replica writes a single run's outputs into its own dir."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import run_cli
+from guides import FlowGuide, GaussianGuide, MeanFieldGuide, MixtureGuide, StructuredGuide
+from infer import ClosedFormELBO, fit
+from infer.fit_replicas import fit_replicas, stack_size
+from infer.replicas import stack, unstack
+from models import DLGM, VAE, OneBit
+
+PAIRS = {
+    "vae+gaussian": (lambda n: VAE(n, hidden=16, gain=True), GaussianGuide),
+    "dlgm+structured": (lambda n: DLGM(n, hidden=16, prior_hidden=16, prior_gain=True), StructuredGuide),
+    "dlgm+meanfield": (lambda n: DLGM(n, hidden=16, prior_hidden=16), MeanFieldGuide),
+    "vae+flow": (lambda n: VAE(n, hidden=16), FlowGuide),
+}
+
+
+def build(name, n):
+    make_model, make_guide = PAIRS[name]
+    model = make_model(n)
+    return model, make_guide(model)
+
+
+def losses(result):
+    return np.array([row["loss"] for row in result.history])
+
+
+def train_group(name, seeds, n=5, steps=60, **kw):
+    pairs = [build(name, n) for _ in seeds]
+    kw.setdefault("elbo", ClosedFormELBO(num_particles=16, noise="lattice"))
+    return fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), list(seeds), steps=steps,
+                        log_every=10, **kw), pairs
+
+
+def train_single(name, seed, n=5, steps=60, **kw):
+    model, guide = build(name, n)
+    kw.setdefault("elbo", ClosedFormELBO(num_particles=16, noise="lattice"))
+    return fit(model, guide, OneBit(n), seed=seed, steps=steps, log_every=10, **kw), (model, guide)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_each_replica_trains_as_the_single_run_of_its_seed(name):
+    group, _ = train_group(name, [0, 1, 2])
+    for seed, result in zip([0, 1, 2], group):
+        single, _ = train_single(name, seed)
+        np.testing.assert_allclose(losses(result), losses(single), rtol=1e-4, atol=1e-5)
+
+
+def test_a_replica_does_not_depend_on_its_neighbours():
+    alone, _ = train_group("vae+gaussian", [7])
+    crowded, _ = train_group("vae+gaussian", [3, 9, 7, 11])
+    np.testing.assert_allclose(losses(crowded[2]), losses(alone[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_replicas_train_on_the_traced_plan_like_single_runs():
+    group, _ = train_group("dlgm+structured", [0, 1], steps=220)
+    single, _ = train_single("dlgm+structured", 1, steps=220)
+    assert group[1].engine.startswith("graph") and single.engine == "graph"
+    np.testing.assert_allclose(losses(group[1]), losses(single), rtol=1e-3, atol=1e-4)
+
+
+def test_the_trained_parameters_land_in_each_replicas_own_model_and_guide():
+    group, pairs = train_group("vae+gaussian", [0, 1], steps=30)
+    single, (model, guide) = train_single("vae+gaussian", 1, steps=30)
+    for mine, theirs in ((pairs[1][0], model), (pairs[1][1], guide)):
+        for (name, a), (_, b) in zip(mine.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(pairs[0][0].decoder[1].weight, pairs[1][0].decoder[1].weight)
+
+
+def test_changing_the_number_of_replicas_leaves_the_distribution_of_a_replicas_result_unchanged():
+    """40 seeds trained one per process-call and 40 other seeds trained as one group of 40: the final training
+    losses come from the same distribution (two-sample Kolmogorov-Smirnov), and the group's replicas are not
+    copies of one another (shared noise or a shared seed would make them collapse)."""
+    singles = [losses(train_single("vae+gaussian", seed, steps=20)[0])[-1] for seed in range(100, 140)]
+    group, _ = train_group("vae+gaussian", range(200, 240), steps=20)
+    grouped = [losses(r)[-1] for r in group]
+    assert stats.ks_2samp(singles, grouped).pvalue > 0.01
+    assert len(set(np.round(grouped, 6))) == len(grouped)
+
+
+def test_stack_and_unstack_round_trip_every_replicas_parameters():
+    torch.manual_seed(0)
+    copies = [build("dlgm+structured", 4)[1] for _ in range(3)]
+    stacked = stack(copies)
+    fresh = [build("dlgm+structured", 4)[1] for _ in range(3)]
+    unstack(stacked, fresh)
+    for a, b in zip(copies, fresh):
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q), name
+
+
+def test_a_guide_that_cannot_take_a_replica_dimension_is_refused_in_one_line():
+    model = VAE(5)
+    guides = [MixtureGuide(model), MixtureGuide(model)]
+    with pytest.raises(ValueError, match="cannot take a replica dimension") as err:
+        fit_replicas([model, VAE(5)], guides, OneBit(5), [0, 1], steps=5)
+    assert "\n" not in str(err.value)
+
+
+def test_replicas_refuse_plain_monte_carlo_noise_and_other_objectives():
+    pairs = [build("vae+gaussian", 5) for _ in range(2)]
+    with pytest.raises(ValueError, match="noise='mc' is not allowed with replicas"):
+        fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(5), [0, 1], steps=5,
+                     elbo=ClosedFormELBO(num_particles=8, noise="mc"))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(5), [3, 3], steps=5)
+
+
+def test_a_stack_holds_as_many_replicas_as_keep_its_logits_small():
+    assert stack_size(3, 32, OneBit(1000)) == 3
+    assert stack_size(3, 128, OneBit(1000)) == 1
+    assert stack_size(16, 128, OneBit(5)) == 16
+
+
+def test_a_replicas_checkpoint_resumes_as_its_single_run(tmp_path):
+    kw = dict(elbo=ClosedFormELBO(num_particles=16, noise="lattice"))
+    pairs = [build("vae+gaussian", 5) for _ in range(2)]
+    fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(5), [0, 1], steps=30, log_every=10,
+                 checkpoint_paths=[tmp_path / "a.pt", tmp_path / "b.pt"], **kw)
+    _, (model, guide) = train_single("vae+gaussian", 1, steps=30, checkpoint_path=tmp_path / "single.pt",
+                                     checkpoint_every=30)
+    from infer.checkpoint import load_checkpoint
+
+    ours, theirs = load_checkpoint(tmp_path / "b.pt"), load_checkpoint(tmp_path / "single.pt")
+    assert sorted(ours["params"]) == sorted(theirs["params"])
+    assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
+    resumed = [fit(*build("vae+gaussian", 5), OneBit(5), seed=1, steps=40, log_every=10, resume=state, **kw)
+               for state in (ours, theirs)]
+    np.testing.assert_allclose(losses(resumed[0]), losses(resumed[1]), rtol=1e-4, atol=1e-5)
+
+
+FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
+        "optim.lr=0.02", "eval.figures=false"]
+
+
+def test_each_replica_of_a_command_line_run_writes_a_single_runs_outputs_into_its_own_dir(tmp_path):
+    proc = run_cli(*FAST, "replicas=2", "seed=4", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert json.loads((out / "status.json").read_text())["replicas"] == ["seed4", "seed5"]
+    single = run_cli(*FAST, "seed=5", "hydra.run.dir=single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    for name in ("metrics.json", "history.csv", "checkpoint.pt", "encodings.nc", ".hydra/config.yaml"):
+        assert (out / "seed5" / name).exists(), name
+    ours = json.loads((out / "seed5" / "metrics.json").read_text())
+    theirs = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert ours["seed"] == 5 and ours["replicas"] == 2
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
+def test_a_sweep_of_replicas_counts_each_replica_as_a_seed(tmp_path):
+    proc = run_cli("-m", *FAST, "replicas=3", "data.n=2,3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = next(tmp_path.rglob("summary.csv"))
+    import pandas as pd
+
+    jobs = pd.read_csv(summary)
+    assert len(jobs) == 6 and sorted(jobs["seed"]) == [0, 0, 1, 1, 2, 2] and set(jobs["status"]) == {"ok"}
+
+
+def test_replicas_with_a_resume_are_refused_in_one_line(tmp_path):
+    proc = run_cli(*FAST, "replicas=2", "train.resume=x.pt", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: train.resume is not allowed with")
