@@ -409,10 +409,14 @@ def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpo
 
 def _adam(params, v, device):
     """(fused, optimizer): torch's Adam over params with v's lr and betas, fused where the kernel covers them."""
+    from .adam import LeanAdam
+
     fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
     betas = tuple(float(b) for b in v["adam_betas"])
     try:
-        return fused, torch.optim.Adam(params, lr=v["lr"], betas=betas, fused=fused or None)
+        if fused:
+            return True, LeanAdam(params, lr=v["lr"], betas=betas)
+        return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
     except RuntimeError:  # a device or dtype the fused kernel does not cover
         return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
 

@@ -156,3 +156,40 @@ def test_resuming_on_the_traced_plan_gives_the_uninterrupted_history(tmp_path, m
         run(callback=crash, checkpoint_path=tmp_path / "c.pt", checkpoint_every=25)
     resumed = run(resume=load_checkpoint(tmp_path / "c.pt"))
     assert full.engine == resumed.engine == "graph" and resumed.history == full.history
+
+
+def test_lean_adam_steps_exactly_as_torchs_fused_adam_including_a_skipped_step():
+    from infer.adam import LeanAdam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    lean = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.99))
+    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    for i in range(30):
+        for optimizer, params in ((lean, ours), (torch_adam, theirs)):
+            optimizer.zero_grad()
+            ((params[0] ** 2).sum() + params[1].sin().sum()).backward()
+            optimizer.param_groups[0]["lr"] = 1e-2 * 0.97 ** i
+            optimizer.found_inf, optimizer.grad_scale = torch.tensor(float(i == 12)), None
+            optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert float(lean.state[ours[0]]["step"]) == 29.0
+
+
+def test_moving_a_negation_after_its_sum_leaves_the_traced_graph_bit_for_bit_equal():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from infer.elbo import _negate_after_sums
+
+    x = torch.randn(4, 2, 50)
+
+    def f(x):
+        return (-torch.nn.functional.softplus(x)).view(4, 2, -1).sum(-1) * 3.0
+
+    graph = make_fx(f)(x)
+    _negate_after_sums(graph.graph)
+    graph.recompile()
+    negations = [n for n in graph.graph.nodes if n.target == torch.ops.aten.neg.default]
+    assert len(negations) == 1 and negations[0].args[0].target == torch.ops.aten.sum.dim_IntList
+    assert torch.equal(graph(x), f(x))
