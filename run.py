@@ -197,8 +197,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
 def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     """cfg.replicas > 1: the runs of seeds seed .. seed + replicas - 1, trained together (infer.fit_replicas), each
     evaluated and written into its own directory out/seed<s> (what its single run would write there, with the
-    config of that run: seed=<s>); out gets status.json listing them. Returns the first replica's metrics (and the
-    mean headline loss under 'loss'). Raises Refused before training, Diverged if any replica diverged."""
+    config of that run: seed=<s>); out gets status.json listing them. Returns {'replicas': [each replica's metrics],
+    'loss': their mean headline loss}. Raises Refused before training, Diverged if any replica diverged."""
     import pyro
 
     from analysis.report import summary_lines
@@ -239,7 +239,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             raise Diverged(str(err)) from None
         raise Refused(str(err)) from None
     write_status(out, "running", replicas=[d.name for d in dirs])
-    first, failed, losses = None, [], []
+    done, failed = [], []
     for model_guide, result, c, d in zip(pairs, results, configs, dirs):
         head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
                 "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
@@ -255,13 +255,17 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         write_status(d, "ok", "finished", loss=metrics.get("loss"))
         for line in summary_lines(metrics):
             log.info(f"{d.name}: {line}")
-        first = first or metrics
-        losses.append(metrics.get("loss"))
+        done.append(metrics)
     if failed:
         write_status(out, "diverged", f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed),
                      replicas=[d.name for d in dirs])
         raise Diverged(f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed))
-    return {**first, "loss": sum(losses) / len(losses) if None not in losses else None, "replica_losses": losses}
+    losses = [m.get("loss") for m in done]
+    mean = sum(losses) / len(losses) if None not in losses else None
+    labels = sorted({str(m.get("loss_estimator")) for m in done})
+    log.info(f"{len(done)} replicas (seeds {seeds[0]}..{seeds[-1]}), headline loss [{', '.join(labels)}]: "
+             + ", ".join(f"{v:.4f}" for v in losses) + (f"; mean {mean:.4f}" if mean is not None else ""))
+    return {"replicas": done, "loss": mean}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -297,7 +301,7 @@ def main(cfg: DictConfig) -> float:
                         multirun, code=1)
     from analysis.report import summary_lines
 
-    for line in summary_lines(metrics):
+    for line in (summary_lines(metrics) if "replicas" not in metrics else []):  # a replica group logged its own
         log.info(line)
     claim.status("ok", "finished", loss=metrics.get("loss"))
     log.info(f"outputs: {out}")

@@ -1,10 +1,17 @@
-"""Speed benchmarks, printed as ratios measured in one run (not a test: `python tests/benchmarks.py [rounds]`).
+"""Speed benchmarks, printed as ratios measured in one run (not a test: `python tests/benchmarks.py [rounds]
+[--no-study]`).
 
 The ratio of fit()'s step time to a plain-torch step over the same networks (models.nets), the same particles, the
 same closed-form terms and the same lattice noise, for the vae (32 particles) and the dlgm (128 particles) at
 n = 1000: fit with engine="auto" (the fast path) and engine="general" (Pyro's trace and replay). The plain loop is
 timed with torch's default Adam and with fused Adam (fit uses fused Adam). Rounds are interleaved, and the median
 per-round ratio is printed, because the machine is shared: ratios, not absolute times.
+
+Replicas: the training time (setup included) of three seeds trained together (infer.fit_replicas) against the
+three single fits, for the vae and the dlgm at n = 10, 100 and 1000, with their recipes' particles.
+
+The study: the wall time of `python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2`
+(30 runs as 10 jobs of 3 replicas), run in a temporary directory, with its job count and failures.
 """
 import math
 import statistics
@@ -29,12 +36,13 @@ importlib.import_module("infer.fit").GRAPH_MIN_STEPS = 0  # the traced plan even
 L = 8.0  # the lattice half width, as infer.elbo.LATTICE_HALF_WIDTH
 
 
-def pair(name):
+def pair(name, n=N):
+    """The recipe's networks (conf/model/*.yaml) and particles, at n."""
     pyro.set_rng_seed(0)
     if name == "vae":
-        model = VAE(N, hidden=32, gain=True)
+        model = VAE(n, hidden=32, gain=True)
         return model, GaussianGuide(model, hidden=32), 32
-    model = DLGM(N, prior_gain=True)
+    model = DLGM(n, prior_gain=True)
     return model, StructuredGuide(model, gain=True), 128
 
 
@@ -103,7 +111,48 @@ def fit_ms(name, engine):
     return 1e3 * (result.wall_seconds - result.setup_seconds) / STEPS
 
 
-def main(rounds=5):
+def replica_ratio(name, n, steps, rounds):
+    """Median over interleaved rounds of (three replicas together) / (three single fits), training seconds."""
+    from infer.fit_replicas import fit_replicas
+
+    ratios = []
+    for _ in range(rounds):
+        pairs = [pair(name, n) for _ in range(3)]
+        P = pairs[0][2]
+        t0 = time.perf_counter()
+        fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), [0, 1, 2], steps=steps,
+                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"))
+        together = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for seed, (model, guide, P) in enumerate(pairs):
+            fit(model, guide, OneBit(n), elbo=ClosedFormELBO(num_particles=P, noise="lattice"), steps=steps,
+                seed=seed)
+        ratios.append(together / (time.perf_counter() - t0))
+    return statistics.median(ratios)
+
+
+def study_seconds():
+    """(wall seconds, summary line) of the study sweep, run from a temporary directory."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(root / "run.py"), "-m", "+experiment=study",
+                               "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], cwd=tmp, capture_output=True,
+                              text=True)
+        wall = time.perf_counter() - t0
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "sweep summary" in line]
+        table = next(Path(tmp).rglob("summary.md"), None)
+        by_config = ""
+        if table is not None:
+            text = table.read_text()
+            by_config = text.split("## By configuration")[1].split("\n\n")[1] if "## By configuration" in text else ""
+    return wall, proc.returncode, (lines[-1] if lines else proc.stderr[-500:]), by_config
+
+
+def main(rounds=5, study=True):
     torch.set_num_threads(1)
     for name in ("vae", "dlgm"):
         times = {k: [] for k in ("plain", "plain_fused", "auto", "general")}
@@ -127,7 +176,18 @@ def main(rounds=5):
               f"   (general path {ratio('general', 'plain_fused'):.2f}x)")
         print(f"  fit's engine: {ENGINE[(name, 'auto')]}; one-time setup (engine check and trace) "
               f"{statistics.median(SETUP[name]):.1f} s")
+    print(f"replicas: training seconds of 3 seeds together / 3 single fits (setup included), median of "
+          f"{max(1, rounds // 2)} interleaved rounds:")
+    for name in ("vae", "dlgm"):
+        for n, steps in ((10, 1000), (100, 600), (1000, 400)):
+            print(f"  {name} n={n:<5} ({steps} steps): {replica_ratio(name, n, steps, max(1, rounds // 2)):.2f}x")
+    if study:
+        wall, code, line, table = study_seconds()
+        print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "
+              f"{wall:.0f} s wall ({wall / 60:.1f} min), exit {code}; {line.strip()}")
+        print(table)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(int(args[0]) if args else 5, study="--no-study" not in sys.argv)
