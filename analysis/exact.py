@@ -63,6 +63,8 @@ CANDIDATES = 2  # features kept per density (q, p) per row
 INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-level)
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
+RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 model inputs cannot resolve
+RESHIFT = 300.0  # nats: a split panel's peak this far above a row's shift raises the shift (exp overflows at 709)
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
@@ -328,11 +330,19 @@ class Inner:
             best[rows] = top
             at = pts.gather(-1, arg).squeeze(-1)
             busy = ~(top - val.amin(-1) < 0.05) & torch.isfinite(top) & ~repeat[rows]
+            busy &= half[rows] > RESOLUTION * at.abs().clamp_min(1.0)  # finer than the float32 inputs resolve: stop
             left = val.gather(-1, (arg - 1).clamp(min=0)).squeeze(-1)
             right = val.gather(-1, (arg + 1).clamp(max=8)).squeeze(-1)
             curv = left - 2 * top + right  # second difference at the best point (< 0: a concave peak)
             arg = arg.squeeze(-1)
             peak = (arg > 0) & (arg < 8) & (curv < 0) & torch.isfinite(curv)
+            # trusted only where the parabola also predicts the points two steps out (where they exist) to 5% of
+            # their drop: the log-density is quadratic over the bracket
+            for k in (-2, 2):
+                far = val.gather(-1, (arg + k).clamp(0, 8)[..., None]).squeeze(-1)
+                guess = top + (k / 2) * (right - left) + 2 * curv
+                inside = (arg + k >= 0) & (arg + k <= 8)
+                peak &= ~inside | ((guess - far).abs() <= 0.05 * (top - far) + 0.05)
             spacing = half[rows] / 4
             curv = torch.where(peak, curv, -torch.ones_like(curv))
             vertex = at + spacing * (left - right).nan_to_num(0.0) / (2 * curv)
@@ -407,6 +417,9 @@ class Inner:
         if self.shift is None:
             self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
             self.at = {k: v[:, :, 0, 7] for k, v in logs.items()}
+        else:  # a split found a peak far above the first panels' (exp would overflow): raise that row's shift
+            self.shift = {J: torch.where(joint[J].amax((2, 3)).nan_to_num(-math.inf) > self.shift[J] + RESHIFT,
+                                         joint[J].amax((2, 3)), self.shift[J]) for J in joint}
         f = {}
         for J, val in joint.items():
             f[J] = torch.nan_to_num((val - self.shift[J][..., None, None]).exp())
@@ -464,6 +477,12 @@ class Inner:
             shift = self.shift
             self.shift = {J: v[rows] for J, v in shift.items()}
             new = self._panels(u[rows], na, nb)
+            for J in shift:  # rescale the row's earlier estimates where _panels raised its shift
+                factor = (shift[J][rows] - self.shift[J]).exp()  # (R, 2), 1 where unchanged
+                for k in est:
+                    if k == J or (J == "q" and k.startswith("qh:")):
+                        est[k] = tuple(torch.index_put(e, (rows,), e[rows] * factor[..., None]) for e in est[k])
+                shift[J] = torch.index_put(shift[J], (rows,), self.shift[J])
             self.shift = shift
             # the picked panels are replaced by their left halves; the right halves are appended (other rows pad)
             S = pick.shape[-1]
