@@ -218,7 +218,7 @@ def test_callback_module_imports_nothing_heavy():
     assert out.stdout.strip() == "[]"
 
 
-def test_study_experiment_sweeps_models_n_and_seeds():
+def test_study_experiment_sweeps_models_and_n_with_three_seeds_as_replicas():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -226,7 +226,7 @@ def test_study_experiment_sweeps_models_n_and_seeds():
     params = cfg.hydra.sweeper.params
     assert params["model"] == "vae,dlgm"
     assert params["data.n"] == "1,5,10,100,1000"
-    assert params["seed"] == "0,1,2"
+    assert "seed" not in params and cfg.seed == 0 and cfg.replicas == 3
 
 
 # --- k-hat with its meaning --------------------------------------------------------------------------------------
