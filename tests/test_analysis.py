@@ -224,8 +224,8 @@ def test_study_experiment_sweeps_models_and_n_with_three_seeds_as_replicas():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["+experiment=study"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert params["model"] == "vae,dlgm"
-    assert params["data.n"] == "1,5,10,100,1000"
+    assert sorted(params["model"].split(",")) == ["dlgm", "vae"]
+    assert sorted(int(n) for n in params["data.n"].split(",")) == [1, 5, 10, 100, 1000]
     assert "seed" not in params and cfg.seed == 0 and cfg.replicas == 3
 
 
