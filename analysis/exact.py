@@ -24,7 +24,8 @@ float64 parameters (qdensity.log_prob64; float32 cancels a 0-bit's log-probabili
 evaluations are chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n.
 
 Everything is summed in log space with per-row shifts. Accuracy is proven by refinement: the result is recomputed
-with every u panel split in two and a 10x tighter inner tolerance, and the largest change among the reported numbers
+with every u panel split in two (end panels where every integrand is below 1e-30 of its total are dropped first)
+and a 10x tighter inner tolerance, and the largest change among the reported numbers
 is the error (repeated, up to 3 times, until it is below tol); every reported number counts, per data point as
 well. The refined numbers are returned. tests/test_quadrature_accuracy.py checks the error against an independent
 float64 evaluation of trained runs at n = 1000.
@@ -65,6 +66,7 @@ BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
 RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 model inputs cannot resolve
 RESHIFT = 300.0  # nats: a split panel's peak this far above a row's shift raises the shift (exp overflows at 709)
+TAIL_NEGLIGIBLE = 1e-30  # end panels whose every integral is below this fraction of its total are not refined
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
@@ -774,11 +776,39 @@ def _base_breaks(dens: Densities, count: int = 4096, seed: int = 0):
     return _initial_breaks([eps], torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
 
 
-def _refine(outer, panels, result, summarise, numbers, tol) -> tuple:
+def _trim_tails(panels, est, shared: bool = False):
+    """The panels (P, 2, 2) without the runs of end panels (per data point) where every quantity's Kronrod and
+    Gauss estimates are below TAIL_NEGLIGIBLE of its total |integral| there: numerically zero tails, which the range
+    extension (_edge_panels, margin e^-20) overshot. The data point with fewer panels is padded with zero-width
+    panels (they contribute exactly 0). With `shared` (one grid for both points) a panel goes only where it is
+    negligible for both."""
+    rel = torch.stack([torch.maximum(K.abs(), G.abs()) / K.abs().sum(0).clamp_min(1e-300)
+                       for K, G in est.values()]).amax(0)  # (P, 2)
+    small = rel < TAIL_NEGLIGIBLE
+    if shared:
+        small = small.all(1, keepdim=True).expand_as(small)
+    kept = []
+    for k in range(2):
+        order = panels[:, 0, k].argsort()
+        keep = (~small[order, k]).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            return panels
+        kept.append(panels[order[int(keep[0]):int(keep[-1]) + 1], :, k])
+    count = max(len(p) for p in kept)
+    for k, p in enumerate(kept):
+        mid = p[len(p) // 2].mean()
+        kept[k] = torch.cat([p, mid.expand(count - len(p), 2)])
+    return torch.stack(kept, -1)
+
+
+def _refine(outer, panels, result, summarise, numbers, tol, est=None) -> tuple:
     """Split every panel in two and tighten the inner tolerance tenfold, up to 3 times, until the reported numbers
-    change by less than tol: (panels, estimates, result, error = the last change)."""
+    change by less than tol: (panels, estimates, result, error = the last change). Given the panels' estimates
+    `est`, numerically zero end panels are dropped first (_trim_tails)."""
     level, error = 0, math.inf
     for _ in range(3):
+        if est is not None and not isinstance(panels, tuple):
+            panels = _trim_tails(panels, est, getattr(outer, "shared", False))
         fine_panels = _split_all(panels)
         fine = outer.evaluate(fine_panels, level + 1)
         fine_result = summarise(fine)
@@ -827,7 +857,8 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     if any(abs(m - 1) > 1e-3 for m in mass):
         raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
                          "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
-    panels, est, result, error = _refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol)
+    panels, est, result, error = _refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol,
+                                         est)
     if dens.base is None:
         nodes, joint_note = f"{panels.shape[0] * 15} nodes per data point", ""
     else:
@@ -885,7 +916,7 @@ def evidence(model, guide, data, tol: float = 1e-4) -> dict:
         log_px = e["Zp"][0].sum(0).log() + ref
         return {"log_px": [float(v) for v in log_px], "nll": float(-(dens.w * log_px).sum())}
 
-    panels, est, result, error = _refine(outer, panels, summarise(est), summarise, lambda r: r["log_px"], tol)
+    panels, est, result, error = _refine(outer, panels, summarise(est), summarise, lambda r: r["log_px"], tol, est)
     result.update({"error": error, "estimator": f"exact quadrature of the model alone ({describe} in "
                    f"{', '.join(dens.latents)}, {panels.shape[0] * 15} nodes per data point in {dens.bottom}; "
                    f"error = change under refinement, {error:.1e})"})
@@ -956,7 +987,8 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t), ("Zq", "KLagg"))
     keys = ("avg_kl", "mutual_info", "marginal_kl")
     panels, est, result, error = _refine(outer, panels, _surgery_numbers(dens, est),
-                                         lambda e: _surgery_numbers(dens, e), lambda r: [r[k] for k in keys], tol)
+                                         lambda e: _surgery_numbers(dens, e), lambda r: [r[k] for k in keys], tol,
+                                         est)
     result.update({"site": top, "entropy": data.entropy, "error": error,
                    "estimator": f"exact quadrature (adaptive Gauss-Kronrod 15 in {top}, {panels.shape[0] * 15} nodes"
                                 + (f"; q({top}|x) by adaptive Gauss-Kronrod 15 over {other}" if other else "")
