@@ -65,7 +65,7 @@ INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-lev
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
 RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 model inputs cannot resolve
-RESHIFT = 300.0  # nats: a split panel's peak this far above a row's shift raises the shift (exp overflows at 709)
+ZOOM_SHRINK = 64.0  # the most the feature zoom's bracket shrinks in one step (4 where no parabola fits)
 TAIL_NEGLIGIBLE = 1e-30  # end panels whose every integral is below this fraction of its total are not refined
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
@@ -312,7 +312,7 @@ class Inner:
         # zoom: 9 points over the bracket, keep the best, shrink by 4, until the bracket is flat to 0.05 nats. Where
         # the best point is interior and the log-density is concave there, the parabola through it and its two
         # neighbours gives the peak (its vertex: the new centre) and its width sigma (from the curvature): the
-        # bracket then shrinks to sigma / 4 (flat to about 0.03 nats for a Gaussian peak), by at most 64 at a time
+        # bracket then shrinks to sigma / 4 (flat to about 0.03 nats for a Gaussian peak), by at most ZOOM_SHRINK
         half = torch.full_like(c, h)
         best = torch.full_like(c, -math.inf)
         steps = torch.linspace(-1, 1, 9, dtype=torch.float64)
@@ -350,8 +350,9 @@ class Inner:
             vertex = at + spacing * (left - right).nan_to_num(0.0) / (2 * curv)
             sigma = spacing / (-curv).sqrt()
             c[rows] = torch.where(peak, vertex, at)
-            shrunk = torch.where(peak, torch.minimum(torch.maximum(sigma / 4, half[rows] / 64), half[rows] / 4),
-                                 half[rows] / 4)
+            quarter = half[rows] / 4
+            fast = torch.minimum(torch.maximum(sigma / 4, half[rows] / ZOOM_SHRINK), quarter)
+            shrunk = torch.where(peak, fast, quarter)
             half[rows] = torch.where(busy, shrunk, half[rows])
             rows = rows[busy.flatten(1).any(1)]
             if rows.numel() == 0:
@@ -359,7 +360,7 @@ class Inner:
         c, half, best = (t.gather(-1, first) for t in (c, half, best))
         # widths: on each side, the first offset of a geometric ladder (factor 2) where the density drops by 1 nat;
         # the ladder starts at an eighth of the zoom's last half-width (the density is flat to 0.05 nats within it)
-        # and runs up to the span (no drop within: the span)
+        # and runs up to 2**15 times that or the span (no drop within: its last offset)
         span = self.hi - self.lo
         deltas = ((half / 8)[..., None] * 2.0 ** torch.arange(LADDER_STEPS, dtype=torch.float64)).clamp(max=span)
         val = self._values(u, c[..., None] + torch.cat([-deltas, deltas], -1), kinds)
@@ -367,7 +368,7 @@ class Inner:
         drop = top[..., None] - val >= 1.0
         D = LADDER_STEPS
         wl, wr = [torch.where(d.any(-1), deltas.gather(-1, d.float().argmax(-1, keepdim=True)).squeeze(-1),
-                              torch.full_like(top, span)) / math.sqrt(2) for d in (drop[..., :D], drop[..., D:])]
+                              deltas[..., -1]) / math.sqrt(2) for d in (drop[..., :D], drop[..., D:])]
         mass = top + torch.log(wl + wr)
         keep = torch.zeros_like(mass, dtype=torch.bool)
         for J in self.parts:
@@ -419,9 +420,6 @@ class Inner:
         if self.shift is None:
             self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
             self.at = {k: v[:, :, 0, 7] for k, v in logs.items()}
-        else:  # a split found a peak far above the first panels' (exp would overflow): raise that row's shift
-            self.shift = {J: torch.where(joint[J].amax((2, 3)).nan_to_num(-math.inf) > self.shift[J] + RESHIFT,
-                                         joint[J].amax((2, 3)), self.shift[J]) for J in joint}
         f = {}
         for J, val in joint.items():
             f[J] = torch.nan_to_num((val - self.shift[J][..., None, None]).exp())
@@ -479,12 +477,6 @@ class Inner:
             shift = self.shift
             self.shift = {J: v[rows] for J, v in shift.items()}
             new = self._panels(u[rows], na, nb)
-            for J in shift:  # rescale the row's earlier estimates where _panels raised its shift
-                factor = (shift[J][rows] - self.shift[J]).exp()  # (R, 2), 1 where unchanged
-                for k in est:
-                    if k == J or (J == "q" and k.startswith("qh:")):
-                        est[k] = tuple(torch.index_put(e, (rows,), e[rows] * factor[..., None]) for e in est[k])
-                shift[J] = torch.index_put(shift[J], (rows,), self.shift[J])
             self.shift = shift
             # the picked panels are replaced by their left halves; the right halves are appended (other rows pad)
             S = pick.shape[-1]

@@ -1,0 +1,97 @@
+"""The evaluation's cheap paths give the thorough paths' numbers (analysis.exact): the refinement that skips
+numerically zero tail panels, and the inner integral's shortcuts (a row stops splitting when its error stalls, splits
+only the panels it needs, a zoom that jumps to a parabola's peak, a short width ladder). Behaviour only, no timings."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import analysis.exact as ex
+from guides import StructuredGuide
+from infer import ClosedFormELBO, fit
+from models import DLGM, OneBit
+
+torch.set_num_threads(1)
+N = 5
+
+
+@pytest.fixture(scope="module")
+def data():
+    return OneBit(N)
+
+
+@pytest.fixture(scope="module")
+def dlgm_pair(data):
+    pyro.set_rng_seed(3)
+    model = DLGM(N)
+    guide = StructuredGuide(model)
+    fit(model, guide, data, elbo=ClosedFormELBO(num_particles=16), steps=200, lr=1e-2, lr_final=1e-3)
+    return model, guide
+
+
+@pytest.fixture(scope="module")
+def fast(dlgm_pair, data):
+    return ex.exact(*dlgm_pair, data)
+
+
+def numbers(result) -> list:
+    return [result["loss"], result["nll"], result["recon"], *result["kl"].values(), *result["log_px"],
+            *result["per_point"]["loss"]]
+
+
+def nodes(result) -> int:
+    return int(result["estimator"].split(" nodes per data point")[0].split()[-1])
+
+
+def test_refinement_without_the_zero_tails_gives_the_numbers_of_refining_every_panel(dlgm_pair, data, fast,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(ex, "TAIL_NEGLIGIBLE", 0.0)  # no panel is negligible: every one is split and re-evaluated
+    thorough = ex.exact(*dlgm_pair, data)
+    assert nodes(fast) < nodes(thorough), "the trained dlgm's range has zero tails: the cheap path must drop some"
+    bound = max(fast["error"], thorough["error"])
+    assert max(abs(a - b) for a, b in zip(numbers(fast), numbers(thorough))) <= bound
+
+
+def test_inner_shortcuts_give_the_numbers_of_the_thorough_inner_integral(dlgm_pair, data, fast, monkeypatch):
+    monkeypatch.setattr(ex, "STALL_ROUNDS", 10 ** 6)  # rows split until tolerance or the round limit
+    monkeypatch.setattr(ex, "ZOOM_SHRINK", 4.0)  # the plain zoom: shrink by 4 per step
+    monkeypatch.setattr(ex, "LADDER_STEPS", 40)  # the width ladder reaches the span from any bracket
+    monkeypatch.setattr(ex, "INNER_TOL", 1e-6)  # 100 x tighter inner integrals
+    thorough = ex.exact(*dlgm_pair, data)
+    bound = max(fast["error"], thorough["error"])
+    assert bound <= 1e-4
+    assert max(abs(a - b) for a, b in zip(numbers(fast), numbers(thorough))) <= bound
+
+
+def linear_model(a: float, s: float):
+    """z2 ~ N(0, 1), z1 | z2 ~ N(a z2, s^2), x ignores z1 (logits 0): p(x, z1) = N(z1; 0, a^2 + s^2) 2^-N."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[-2]):
+            z2 = pyro.sample("z2", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(a * z2, s).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=torch.zeros(z1.shape[:-1] + x.shape[-1:])).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(1), math.hypot(a, s)).to_event(1))
+            pyro.sample("z2", dist.Normal(a * z1 / (a * a + s * s), s / math.hypot(a, s)).to_event(1))
+
+    return model, guide
+
+
+def test_the_zoom_lands_on_a_needle_and_the_inner_integral_is_exact(data):
+    """p(z1 = u|z2) p(z2) is a needle in z2 of width s / a = 3.3e-5 at z2 = a u / (a^2 + s^2): a breakpoint sits
+    within one width of it, and the inner integral at level 2 (relative tolerance 1e-6) is
+    log N(u; 0, a^2 + s^2) - N log 2 to 1e-5 (float32 model outputs limit it, not the rule)."""
+    a, s = 300.0, 1e-2
+    model, guide = linear_model(a, s)
+    inner = ex.Inner(ex.Densities(model, guide, data), "z1", "z2", -8.0, 8.0, ("p",))
+    u = torch.tensor([[-70.0, -3.0], [0.5, 25.0], [110.0, 230.0]], dtype=torch.float64)
+    lo, hi = inner.features(u)
+    mode, width = a * u / (a * a + s * s), s / math.hypot(a, s)
+    assert bool(((lo - mode[..., None]).abs().amin(-1) < width).all())
+    closed = torch.distributions.Normal(0.0, math.hypot(a, s)).log_prob(u) - N * math.log(2)
+    assert torch.allclose(inner(u, level=2)["lp"], closed, rtol=0, atol=1e-5)
