@@ -263,6 +263,8 @@ class Inner:
             vs = v[s:s + rows] if v.shape[0] > 1 else v
             pieces.append(self.d.logs({self.outer: u[s:s + rows, None, :], self.inner: vs}, self.parts))
         sizes = [min(rows, u.shape[0] - s) for s in range(0, u.shape[0], rows)]
+        if len(pieces) == 1:  # one evaluation: broadcast views, no copies
+            return {k: t.expand(sizes[0], v.shape[1], 2) for k, t in pieces[0].items()}
         return {k: torch.cat([p[k].expand(n, v.shape[1], 2) for p, n in zip(pieces, sizes)]) for k in pieces[0]}
 
     def _joint(self, logs):
@@ -278,16 +280,17 @@ class Inner:
         ell = self._joint(self._eval(u, grid[None, :, None].expand(1, -1, 2)))
         centres, kinds = [], []
         for J in self.parts:
-            e = torch.nan_to_num(ell[J].transpose(1, 2), nan=-math.inf)  # (A, 2, L)
-            pooled = torch.nn.functional.max_pool1d(e.reshape(-1, 1, e.shape[-1]), 7, 1, 3).reshape(e.shape)
-            maxima = torch.where(e >= pooled, e, torch.full_like(e, -math.inf)).topk(CANDIDATES, dim=-1)
+            e = torch.nan_to_num(ell[J].transpose(1, 2).contiguous(), nan=-math.inf)  # (A, 2, L)
+            pooled = torch.nn.functional.max_pool1d(e.view(-1, 1, e.shape[-1]), 7, 1, 3).view(e.shape)
+            maxima = torch.where(e >= pooled, e, -math.inf).topk(CANDIDATES, dim=-1)
             # a row with fewer finite local maxima than CANDIDATES repeats its highest one (dropped as a repeat below)
             idx = torch.where(torch.isfinite(maxima.values), maxima.indices, maxima.indices[..., :1])
-            pad = torch.full_like(e[..., :1], -math.inf)
-            left, right = torch.cat([pad, e[..., :-1]], -1), torch.cat([e[..., 1:], pad], -1)
-            deficit = torch.maximum(e - left, e - right).nan_to_num(0.0, posinf=1e300)
-            sharp = torch.where((e >= left) & (e >= right) & (deficit > 0.5) & torch.isfinite(e), deficit,
-                                torch.zeros_like(e)).topk(CANDIDATES, dim=-1)
+            step = e[..., 1:] - e[..., :-1]
+            edge = torch.full_like(e[..., :1], math.inf)
+            rise, fall = torch.cat([edge, step], -1), torch.cat([-step, edge], -1)  # e - left, e - right neighbour
+            deficit = torch.maximum(rise, fall).nan_to_num(0.0, posinf=1e300)
+            peak = (torch.minimum(rise, fall) >= 0) & (deficit > 0.5) & torch.isfinite(e)
+            sharp = torch.where(peak, deficit, 0.0).topk(CANDIDATES, dim=-1)
             used = sharp.values.gt(0).flatten(0, 1).any(0)  # sharp slots that some row needs
             idx_sharp = torch.where(sharp.values > 0, sharp.indices, idx[..., :1])[..., used]
             both = torch.cat([idx, idx_sharp], -1)
