@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .elbo import ClosedFormELBO
 from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _device, _divergence,
-                  _last_update, _prepare, _Window, learning_rate, recipe)
+                  _last_update, _prepare, _Window, learning_rate, recipe, training_settings)
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
 from .weights import kl_weight
 
@@ -68,12 +68,9 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     if checkpoint_paths is not None and len(checkpoint_paths) != R:
         raise ValueError(f"checkpoint_paths: give one path per replica ({R}), got {len(checkpoint_paths)}")
     device = _device(device)
-    old_threads = torch.get_num_threads()
-    if threads is not None and threads != old_threads:
-        torch.set_num_threads(threads)
     size = stack_size(R, single.num_particles, data)
     paths, extras = checkpoint_paths, checkpoint_extras or [None] * R
-    try:
+    with training_settings(threads):
         out = []
         for lo in range(0, R, size):  # each stack trains all its steps, then the next (the same results as lockstep)
             part = slice(lo, min(lo + size, R))
@@ -87,9 +84,6 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
 
             out += group.train(relay if callback is not None else None)
         return out
-    finally:
-        if threads is not None and threads != old_threads:
-            torch.set_num_threads(old_threads)
 
 
 STACK_FLOATS = 2**18  # the largest activation of one stack (replicas x particles x data points x n floats, 1 MB)
