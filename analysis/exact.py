@@ -38,7 +38,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import BaseNoise, GuideDensity, log_prob64
+from .qdensity import BaseNoise, GuideDensity, flush_denormals, log_prob64
 
 # Gauss-Kronrod (7, 15) on [-1, 1] (QUADPACK qk15): Kronrod nodes x >= 0, Kronrod weights, Gauss weights of the
 # odd-indexed nodes (x[1], x[3], x[5], x[7] = 0).
@@ -814,6 +814,7 @@ def _refine(outer, panels, result, summarise, numbers, tol, est=None) -> tuple:
     return panels, est, result, error
 
 
+@flush_denormals()
 def exact(model, guide, data, tol: float = 1e-4) -> dict:
     """The loss terms and the evidence by quadrature, in nats per data point: a dict with loss, recon,
     recon_per_dim, kl {site: E_q[log q(site|.) - log p(site|.)]}, log_px [log p(x_k)], nll = -sum_k w_k log p(x_k),
@@ -897,6 +898,7 @@ class EvidenceQuantities:
         return (K - G).abs() / K.sum(0).clamp_min(1e-300)
 
 
+@flush_denormals()
 def evidence(model, guide, data, tol: float = 1e-4) -> dict:
     """log p(x_k) and the NLL by quadrature of the model alone, in nats per data point: {log_px, nll, error,
     estimator}. The guide only places the first breakpoints (its draws sit near the posterior), so this works for
@@ -958,6 +960,7 @@ def _surgery_numbers(dens, est):
             "kl_per_point": [float(v) for v in tot["KL"]], "q_mass": [float(v) for v in tot["Zq"]]}
 
 
+@flush_denormals()
 def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     """ELBO surgery for the top latent t (z, or z2 of the DLGM): avg_kl = sum_k w_k KL(q(t|x_k) || p(t)) splits
     into mutual_info I_q(x; t) plus marginal_kl KL(q(t) || p(t)); also residual, entropy H(w), error, estimator.
@@ -1000,6 +1003,7 @@ def _weighted_quantiles(values, logw, probs):
     return v[idx]
 
 
+@flush_denormals()
 def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     """Per latent site, numpy arrays on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the
     learned marginal), 'q' q(site|x_k) (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior'

@@ -10,11 +10,12 @@ import torch
 from pyro import poutine
 
 from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, sample_traces
-from .qdensity import is_joint
+from .qdensity import flush_denormals, is_joint
 
 KHAT_CLT = 0.5  # a CLT standard error needs finite variance: k-hat < 1/2
 
 
+@flush_denormals()
 def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:
     """log p(x_k, z) - log q(z|x_k) for `samples` guide draws per data point: a float64 tensor (samples, N).
     Draws are traced at most min(chunk, particles_per_chunk(n)) at a time: bounded memory for any n."""

@@ -19,6 +19,7 @@ from infer.fit import weighted
 from infer.noise import gaussian_base
 
 from .psis import khat_sd, tail_khat
+from .qdensity import flush_denormals
 
 MAX_ELEMENTS = 2 ** 25  # particles x data points x n per chunk: the largest tensor evaluation builds
 NOISE_DIMENSION = 16    # Sobol coordinates per replicate: scalars of Gaussian noise beyond these are drawn i.i.d.
@@ -138,6 +139,7 @@ def particle_values(model, guide, data, particles: int, noise: str = "qmc", clos
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+@flush_denormals()
 def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice",
                 closed_form: bool = True, max_elements: int = MAX_ELEMENTS) -> dict:
     """Estimate loss, recon, recon/dim and the KL per latent site from `samples` draws per data point.
