@@ -46,6 +46,18 @@ def flush_denormals():
             torch.set_flush_denormal(False)
 
 
+def _broadcast_shape(*shapes) -> torch.Size:
+    """The broadcast of shapes (torch.broadcast_shapes without its first call's 0.25 s import of torch._refs); a
+    ValueError where they do not broadcast."""
+    out = []
+    for dims in zip(*(tuple(reversed(s)) + (1,) * (max(map(len, shapes)) - len(s)) for s in shapes)):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return torch.Size(reversed(out))
+
+
 def _sample_sites(trace):
     return {name: site for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site_is_subsample(site)}
@@ -135,7 +147,11 @@ class GuideDensity:
             trace = poutine.trace(poutine.condition(self.guide, data=data)).get_trace(self.x)
         for n, v in values.items():
             got = trace.nodes[n]["value"]
-            if got.shape != torch.broadcast_shapes(got.shape, v.shape) or not torch.allclose(
+            try:
+                fits = _broadcast_shape(got.shape, v.shape) == got.shape
+            except ValueError:
+                fits = False
+            if not fits or not torch.allclose(
                     got, v.to(got.dtype).expand_as(got), rtol=1e-4, atol=1e-5):
                 raise ValueError(f"conditioning the guide did not put site '{n}' at the requested values "
                                  f"({self.kind} guide); its density cannot be read this way")
@@ -150,7 +166,7 @@ class GuideDensity:
             shape = self.guide._unconstrained_shapes[name]
             plate_dims = site["value"].dim() - site["fn"].event_dim  # Pyro's latent keeps a 1 for each plate dim
             parts.append(u.reshape(u.shape[:u.dim() - len(shape)] + (1,) * plate_dims + (-1,)))
-        batch = torch.broadcast_shapes(*[p.shape[:-1] for p in parts])
+        batch = _broadcast_shape(*[p.shape[:-1] for p in parts])
         return torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
 
     def log_prob(self, values: dict) -> dict:
