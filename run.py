@@ -102,7 +102,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(cfg.threads)
-    import pyro
+    import arviz  # noqa: F401  a process's fixed cost (1-2 s, with scipy.stats), paid here with torch's and pyro's,
+    import pyro  # not inside the first evaluation's clock (PSIS k-hat and encodings.nc need it)
 
     from infer import ClosedFormELBO, fit
     from infer.checkpoint import save_checkpoint

@@ -154,6 +154,7 @@ def study_seconds():
 
 def main(rounds=5, study=True):
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # the plain loop runs with fit's setting (fit flushes denormals while it trains)
     for name in ("vae", "dlgm"):
         times = {k: [] for k in ("plain", "plain_fused", "auto", "general")}
         for _ in range(rounds):  # interleaved, so a busy spell of the machine hits every variant alike
