@@ -59,10 +59,11 @@ class ReplicaLogGain(nn.Module):
     def __init__(self, layers):
         super().__init__()
         self.log_gain = nn.Parameter(torch.stack([layer.log_gain.detach() for layer in layers]).clone())
+        self.rate = layers[0].rate  # copies of one architecture: one rate
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         R, dim = self.log_gain.shape
-        return h * self.log_gain.exp().reshape((R,) + (1,) * (h.dim() - 2) + (dim,))
+        return h * (self.rate * self.log_gain).exp().reshape((R,) + (1,) * (h.dim() - 2) + (dim,))
 
     def parts(self, r: int, of=None) -> dict:
         return {"log_gain": (of if of is not None else {self.log_gain: self.log_gain})[self.log_gain][r]}

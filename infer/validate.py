@@ -92,6 +92,8 @@ RULES = {
     "min_scale": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "gain": (lambda v: isinstance(v, bool), "true or false"),
     "prior_gain": (lambda v: isinstance(v, bool), "true or false"),
+    "gain_rate": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "prior_gain_rate": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
 }
 
 # config key -> argument name (run.py's keys; the guide's network keys share the model's rules)
@@ -107,6 +109,7 @@ CONFIG_KEYS = {
        for key in ("latent_dim", "hidden", "layers", "prior_hidden", "prior_layers", "upper_hidden", "upper_layers",
                    "activation", "min_scale")},
     "model.depth": "depth", "model.gain": "gain", "model.prior_gain": "prior_gain",
+    "model.prior_gain_rate": "prior_gain_rate",
 }
 CONFIG_RULES = {key: RULES[name] for key, name in CONFIG_KEYS.items()}
 

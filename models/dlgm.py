@@ -10,23 +10,28 @@ from .nets import GaussianNet, mlp
 
 
 class DLGM(nn.Module):
-    """p(z_L) = N(0, I), p(z_l|z_{l+1}) = N(mu_l(z_{l+1}), sigma_l(z_{l+1})^2), p(x|z_1) = Bernoulli(logits f(z_1))."""
+    """p(z_L) = N(0, I), p(z_l|z_{l+1}) = N(mu_l(z_{l+1}), sigma_l(z_{l+1})^2), p(x|z_1) = Bernoulli(logits f(z_1)).
+
+    prior_gain puts a learnable log-gain on the prior nets' input, moved prior_gain_rate times faster than the
+    other parameters (models.nets.LogGain): at n = 1000 and 8000 steps, rate 30 gave exact loss 0.723-0.724 where
+    rate 1 gave 0.745-0.753 (seeds 0, 1)."""
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
-                 gain: bool = False, prior_gain: bool = False):
+                 gain: bool = False, prior_gain: bool = False, prior_gain_rate: float = 30.0):
         super().__init__()
         for name, value in (("n", n), ("depth", depth), ("latent_dim", latent_dim), ("hidden", hidden),
                             ("layers", layers), ("prior_hidden", prior_hidden), ("prior_layers", prior_layers),
                             ("activation", activation), ("min_scale", min_scale), ("gain", gain),
-                            ("prior_gain", prior_gain)):
+                            ("prior_gain", prior_gain), ("prior_gain_rate", prior_gain_rate)):
             check(name, value)
         self.n, self.depth, self.latent_dim = n, depth, latent_dim
         self.latent_sites = tuple(f"z{l}" for l in range(1, depth + 1))
         self.decoder = mlp(latent_dim, n, hidden, layers, activation, gain)
         # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
         self.priors = nn.ModuleList(
-            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, prior_gain)
+            GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, prior_gain,
+                        prior_gain_rate)
             for _ in range(depth - 1))
 
     def forward(self, x: torch.Tensor):

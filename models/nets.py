@@ -9,11 +9,15 @@ ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU,
 
 
 class LogGain(nn.Module):
-    """h -> h * exp(g), with one learnable log-gain g per input (initialised to 0): Adam then changes the scale of
-    the input multiplicatively, so a network can become steep (slopes in the hundreds) in a few thousand steps."""
+    """h -> h * exp(rate * g), with one learnable g per input (initialised to 0, gain 1): Adam then changes the
+    scale of the input multiplicatively, so a network can become steep (slopes in the hundreds) in a few thousand
+    steps. rate multiplies the speed at which Adam moves the log-gain (Adam's step in g is about lr whatever the
+    gradient's size, so the log-gain moves about rate * lr per step)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, rate: float = 1.0):
         super().__init__()
+        check("gain_rate", rate)
+        self.rate = float(rate)
         self.log_gain = nn.Parameter(torch.zeros(dim))
 
     def reset_parameters(self):
@@ -22,19 +26,19 @@ class LogGain(nn.Module):
             self.log_gain.zero_()
 
     def forward(self, h):
-        return h * self.log_gain.exp()
+        return h * (self.rate * self.log_gain).exp()
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "elu", gain: bool = False
-        ) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "elu", gain: bool = False,
+        gain_rate: float = 1.0) -> nn.Sequential:
     """A dense network with `layers` hidden layers of width `hidden` and a linear output; `gain` puts a LogGain
-    on its input."""
+    (of rate gain_rate) on its input."""
     for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation)):
         check(name, value)
     for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name}={value!r} is not allowed: {name} must be an integer >= 1")
-    blocks, width = ([LogGain(in_dim)] if gain else []), in_dim
+    blocks, width = ([LogGain(in_dim, gain_rate)] if gain else []), in_dim
     for _ in range(layers):
         blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
@@ -45,10 +49,10 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "
 class GaussianNet(nn.Module):
     """Maps an input h to the (loc, scale) of a diagonal Gaussian N(loc(h), scale(h)^2)."""
 
-    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, gain=False):
+    def __init__(self, in_dim, out_dim, hidden, layers, activation="elu", min_scale=1e-5, gain=False, gain_rate=1.0):
         super().__init__()
         check("min_scale", min_scale)
-        self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation, gain)
+        self.body = mlp(in_dim, 2 * out_dim, hidden, layers, activation, gain, gain_rate)
         self.min_scale = min_scale
 
     def forward(self, h: torch.Tensor):

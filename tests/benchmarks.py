@@ -42,8 +42,8 @@ def pair(name, n=N):
     if name == "vae":
         model = VAE(n, hidden=32, gain=True)
         return model, GaussianGuide(model, hidden=32), 32
-    model = DLGM(n, prior_gain=True)
-    return model, StructuredGuide(model, gain=True), 128
+    model = DLGM(n, prior_hidden=32, prior_gain=True)
+    return model, StructuredGuide(model), 128
 
 
 def lattice(P):

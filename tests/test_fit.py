@@ -269,7 +269,7 @@ def test_fits_defaults_are_the_models_recipe():
     plan = recipe(model)
     assert result.recipe["num_particles"] == plan.num_particles == 32 and result.recipe["noise"] == "lattice"
     assert result.recipe["adam_betas"] == plan.betas and result.recipe["lr_final"] == plan.lr_final
-    assert recipe(DLGM).lr_final == 1e-4 and recipe(DLGM).num_particles == 128
+    assert recipe(DLGM).lr_final == 3e-5 and recipe(DLGM).num_particles == 128 and recipe(DLGM).steps == 14000
 
 
 @pytest.mark.parametrize("name", ["vae", "dlgm"])
