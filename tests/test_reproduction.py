@@ -46,6 +46,6 @@ def test_at_n1000_the_dlgm_beats_the_vae_in_loss_and_recon(tmp_path):
     assert dlgm["recon_per_dim"] < vae["recon_per_dim"]
 
 
-def test_with_twice_the_budget_the_dlgm_nll_is_within_0_01_of_ln2(tmp_path):
-    # the default 10k steps give NLL 0.705-0.708 (README); the loss keeps creeping down with training
-    assert abs(train(tmp_path, "model=dlgm", "data.n=1000", "train.steps=20000")["exact"]["nll"] - math.log(2)) < 0.01
+def test_at_n1000_the_dlgm_nll_is_within_0_01_of_ln2_at_the_default_budget(tmp_path):
+    # the recipe's 14000 steps give NLL 0.701-0.703 over seeds 0-4 (README); the loss keeps creeping down with training
+    assert abs(train(tmp_path, "model=dlgm", "data.n=1000")["exact"]["nll"] - math.log(2)) < 0.01
