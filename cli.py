@@ -323,7 +323,10 @@ def replica_dir(path: Path, cfg) -> Path:
     folder = Path(path) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")
-    task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("seed=")]
+    try:
+        task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("seed=")]
+    except ValueError:  # run.run called without Hydra's app (a test, a notebook)
+        task = []
     OmegaConf.save(OmegaConf.create(task + [f"seed={cfg.seed}"]), folder / "overrides.yaml")
     write_status(path, "running")
     return Path(path)
