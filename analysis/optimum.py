@@ -33,6 +33,16 @@ def _log_softplus_neg(u):
     return np.where(u <= 30.0, direct, tail)
 
 
+def _log_softplus_neg_scalar(u: float) -> float:
+    """_log_softplus_neg for one Python float, with the math module's functions (the integrand is called a million
+    times by a sweep's figures; numpy's per-call overhead was 6.5 of their 11 s)."""
+    if u > 30.0:
+        y = math.exp(-u)
+        return -u + math.log1p(-y / 2 + y * y / 3)
+    x = -u  # logaddexp(0, x), as numpy computes it
+    return math.log(x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x)))
+
+
 def expected_softplus(a: float) -> float:
     """E[softplus(-u)] for u ~ N(a, 2a), to ~1e-13 absolute; ln 2 at a = 0.
 
@@ -49,7 +59,7 @@ def expected_softplus(a: float) -> float:
     log_norm = -0.5 * math.log(2 * math.pi) - math.log(sd)
 
     def integrand(u):
-        return math.exp(log_norm - 0.5 * ((u - a) / sd) ** 2 + float(_log_softplus_neg(u)))
+        return math.exp(log_norm - 0.5 * ((u - a) / sd) ** 2 + _log_softplus_neg_scalar(u))
 
     lo, hi = a - 40 * sd, a + 40 * sd
     total = 0.0
