@@ -8,6 +8,7 @@ Every run leaves status.json (ok, refused, diverged, failed, with a one-line rea
 writes into another run's. A single run that fails prints one line on stderr and exits 2 (1 for a crash); a
 multirun records each failed job and runs the others, then exits 1 if any job failed (see cli.py).
 """
+import contextlib
 import logging
 import math
 import sys
@@ -87,6 +88,21 @@ class Refused(ValueError):
     """Bad input found before training started: the run leaves no trace (a multirun job records it)."""
 
 
+@contextlib.contextmanager
+def refusals():
+    """Bad input found while building a run (a ValueError, or hydra's InstantiationException around one) raised as
+    Refused, in one line."""
+    try:
+        yield
+    except ValueError as err:
+        raise Refused(str(err)) from None
+    except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ValueError):
+            raise Refused(str(cause).splitlines()[0]) from None
+        raise
+
+
 class Diverged(ValueError):
     """Training diverged: the last good checkpoint is kept, no normal-looking result is written."""
 
@@ -110,7 +126,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
 
     if cfg.replicas > 1:
         return run_replicas(cfg, out, multirun)
-    try:
+    with refusals():
         pyro.set_rng_seed(cfg.seed)
         data, model, guide = build(cfg)
         cli.check_memory(cfg, data, model, guide)
@@ -121,13 +137,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             model_steps = exact_model_steps(cfg)
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
         resume = cli.load_resume(cfg)
-    except ValueError as err:
-        raise Refused(str(err)) from None
-    except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ValueError):
-            raise Refused(str(cause).splitlines()[0]) from None
-        raise
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     try:
@@ -208,7 +217,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     from infer.fit_replicas import fit_replicas
 
     seeds = [cfg.seed + r for r in range(cfg.replicas)]
-    try:
+    with refusals():
         pairs = []
         for seed in seeds:
             pyro.set_rng_seed(seed)
@@ -216,13 +225,6 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             pairs.append((model, guide))
         cli.check_memory(cfg, data, model, guide)
         elbo = build_objective(cfg)
-    except ValueError as err:
-        raise Refused(str(err)) from None
-    except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ValueError):
-            raise Refused(str(cause).splitlines()[0]) from None
-        raise
     configs = [OmegaConf.merge(cfg, {"seed": seed}) for seed in seeds]
     dirs = [out / f"seed{seed}" for seed in seeds]
     try:
