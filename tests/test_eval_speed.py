@@ -9,26 +9,9 @@ import pytest
 import torch
 
 import analysis.exact as ex
-from guides import StructuredGuide
-from infer import ClosedFormELBO, fit
-from models import DLGM, OneBit
+from test_exact import N, data, dlgm_pair  # noqa: F401  the same trained dlgm (n = 5) as the exact tests
 
 torch.set_num_threads(1)
-N = 5
-
-
-@pytest.fixture(scope="module")
-def data():
-    return OneBit(N)
-
-
-@pytest.fixture(scope="module")
-def dlgm_pair(data):
-    pyro.set_rng_seed(3)
-    model = DLGM(N)
-    guide = StructuredGuide(model)
-    fit(model, guide, data, elbo=ClosedFormELBO(num_particles=16), steps=200, lr=1e-2, lr_final=1e-3)
-    return model, guide
 
 
 @pytest.fixture(scope="module")
