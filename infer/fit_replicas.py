@@ -260,9 +260,6 @@ class _Replicas:
                 return None
             return {"values": torch.stack([vec[:, r] for vec in values]).cpu(), "betas": list(betas)}
 
-        def fail(r, first, done):
-            errors[r] = _divergence(first, first == 1, 0, v, results[r], True)
-
         bar = tqdm(range(steps), disable=not v["progress"], desc=f"fit x{R}", dynamic_ncols=True, mininterval=0.5)
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
@@ -303,7 +300,8 @@ class _Replicas:
                         if errors[r] is not None:
                             continue
                         if counts[r] > 0:
-                            fail(r, step + 1 - int(counts[r]) + 1, step + 1)
+                            first = step + 1 - int(counts[r]) + 1  # replica r's first non-finite step
+                            errors[r] = _divergence(first, first == 1, 0, v, results[r], True)
                             continue
                         window = _Window()
                         window.values, window.betas = list(stacked[..., r].unbind(0)), list(betas)

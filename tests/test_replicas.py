@@ -172,3 +172,11 @@ def test_a_sweep_of_replicas_counts_each_replica_as_a_seed(tmp_path):
 def test_replicas_with_a_resume_are_refused_in_one_line(tmp_path):
     proc = run_cli(*FAST, "replicas=2", "train.resume=x.pt", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: train.resume is not allowed with")
+
+
+def test_a_replica_that_diverges_ends_with_its_own_divergence_error():
+    from infer import DivergenceError
+
+    group, _ = train_group("vae+gaussian", [0, 1], steps=40, lr=1e30)
+    assert all(isinstance(r, DivergenceError) for r in group)
+    assert all(r.step is not None and r.step <= 40 and "diverged at step" in str(r) for r in group)
