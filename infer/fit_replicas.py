@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .elbo import ClosedFormELBO
-from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _device, _divergence,
+from .fit import (GRAPH_MIN_STEPS, FitResult, fit, _adam, _check_arguments, _device, _divergence,
                   _last_update, _prepare, _Window, learning_rate, recipe, training_settings)
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
 from .weights import kl_weight
@@ -70,6 +70,8 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     device = _device(device)
     size = stack_size(R, single.num_particles, data)
     paths, extras = checkpoint_paths, checkpoint_extras or [None] * R
+    if size == 1:  # no stacking pays here: each replica is its single run, by fit itself
+        return _one_by_one(models, guides, data, seeds, single, v, device, paths, extras, callback, on_start)
     with training_settings(threads):
         out = []
         for lo in range(0, R, size):  # each stack trains all its steps, then the next (the same results as lockstep)
@@ -84,6 +86,33 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
 
             out += group.train(relay if callback is not None else None)
         return out
+
+
+def _one_by_one(models, guides, data, seeds, elbo, v, device, paths, extras, callback, on_start) -> list:
+    """Each replica trained by fit() with its seed, one after another (a stack of one through the stacked
+    machinery measured 10% slower than fit: 70.8 against 64.0 s for the dlgm at n = 1000)."""
+    from .checkpoint import save_checkpoint
+    from .fit import DivergenceError
+
+    if on_start is not None:
+        on_start()
+    out = []
+    for r, seed in enumerate(seeds):
+        kw = {k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "adam_betas", "beta", "warmup",
+                                "warmup_start", "log_every", "progress", "threads")}
+        try:
+            result = fit(models[r], guides[r], data, elbo=elbo, seed=seed, device=device,
+                         checkpoint_path=paths[r] if paths else None, checkpoint_every=v["checkpoint_every"],
+                         checkpoint_extra=extras[r],
+                         callback=(lambda step, row, r=r: callback(r, step, row)) if callback else None, **kw)
+        except DivergenceError as err:
+            out.append(err)
+            continue
+        result.recipe["replicas"] = len(seeds)
+        if paths and not v["checkpoint_every"]:  # fit wrote the final one otherwise
+            save_checkpoint(paths[r], result, extra=extras[r])
+        out.append(result)
+    return out
 
 
 STACK_FLOATS = 2**18  # the largest activation of one stack (replicas x particles x data points x n floats, 1 MB)

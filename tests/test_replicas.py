@@ -180,3 +180,14 @@ def test_a_replica_that_diverges_ends_with_its_own_divergence_error():
     group, _ = train_group("vae+gaussian", [0, 1], steps=40, lr=1e30)
     assert all(isinstance(r, DivergenceError) for r in group)
     assert all(r.step is not None and r.step <= 40 and "diverged at step" in str(r) for r in group)
+
+
+def test_replicas_too_large_to_stack_are_their_single_runs_exactly(monkeypatch, tmp_path):
+    import infer.fit_replicas as module
+
+    monkeypatch.setattr(module, "STACK_FLOATS", 1)  # every stack of one: the dlgm at n = 1000 with 128 particles
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    group, _ = train_group("dlgm+structured", [3, 4], steps=30, checkpoint_paths=paths)
+    single, _ = train_single("dlgm+structured", 4, steps=30)
+    assert losses(group[1]).tolist() == losses(single).tolist()
+    assert all(p.exists() for p in paths) and group[1].recipe["replicas"] == 2
