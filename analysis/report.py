@@ -70,6 +70,13 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         except ValueError as err:  # e.g. a joint guide over two latent sites: a 4-D integral
             skipped = str(err)
             metrics["exact_nll"] = evidence(model, guide, data, tol=tol)  # the model alone still integrates
+        else:
+            bad = non_finite(metrics["exact"])
+            if bad:  # a quadrature that failed is no headline: Monte Carlo and IWAE stand in, and say why
+                failed = metrics.pop("exact")
+                skipped = f"the exact quadrature returned non-finite {bad}"
+                if math.isfinite(failed.get("nll", math.nan)):
+                    metrics["exact_nll"] = failed["nll"]
     metrics = {"n": data.n, **headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
     if "exact" in metrics:
         metrics["surgery"] = surgery(model, guide, data, tol=tol)
@@ -134,6 +141,13 @@ def gaussian_encoder(guide, data) -> bool:
         trace = poutine.trace(guide).get_trace(data.x)
     sites = latent_sites(trace)
     return len(sites) == 1 and gaussian_base(trace.nodes[sites[0]]["fn"])[0] is not None
+
+
+def non_finite(exact: dict) -> str:
+    """The exact block's numbers that are not finite ('' if none), e.g. 'loss, kl[z1], kl[z2]'."""
+    values = {"loss": exact.get("loss"), "recon": exact.get("recon"),
+              **{f"kl[{k}]": v for k, v in (exact.get("kl") or {}).items()}}
+    return ", ".join(k for k, v in values.items() if v is None or not math.isfinite(v))
 
 
 def headline(mc: dict, exact: dict = None) -> dict:

@@ -258,3 +258,31 @@ def test_evaluation_at_n_one_million_stays_within_2_gb():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 2.0  # GB of peak RSS
+
+
+def test_a_quadrature_that_returns_nan_is_no_headline_monte_carlo_and_iwae_stand_in(monkeypatch):
+    """A trained dlgm (n = 1000, seed 2 of the study) once made exact() return a NaN KL for one data point: the
+    headline must then be the Monte Carlo estimate, labelled, with the reason kept, never a NaN labelled exact."""
+    import math
+
+    import analysis.exact as exact_module
+    from analysis.report import evaluate
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(5)
+    model = VAE(5, hidden=8)
+    guide = GaussianGuide(model, hidden=8)
+    fit(model, guide, data, steps=30, seed=0)
+    real = exact_module.exact
+
+    def broken(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "loss": math.nan, "kl": {site: math.nan for site in out["kl"]}}
+
+    monkeypatch.setattr(exact_module, "exact", broken)
+    metrics, _ = evaluate(model, guide, data, samples=2048, replicates=4, iwae_k=64)
+    assert metrics["loss_estimator"] != "exact" and math.isfinite(metrics["loss"])
+    assert "exact" not in metrics and "non-finite loss, kl[z]" in metrics["exact_skipped"]
+    assert math.isfinite(metrics["exact_nll"]) and "iwae" in metrics
