@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .elbo import ClosedFormELBO
-from .fit import (GRAPH_MIN_STEPS, FitResult, fit, _adam, _check_arguments, _device, _divergence,
-                  _last_update, _prepare, _Window, learning_rate, recipe, training_settings)
+from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _check_plan, _device, _divergence,
+                  _last_update, _prepare, _Window, fit, learning_rate, recipe, training_settings)
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
 from .weights import kl_weight
 
@@ -97,9 +97,9 @@ def _one_by_one(models, guides, data, seeds, elbo, v, device, paths, extras, cal
     if on_start is not None:
         on_start()
     out = []
+    kw = {k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "adam_betas", "beta", "warmup", "warmup_start",
+                            "log_every", "progress", "threads")}
     for r, seed in enumerate(seeds):
-        kw = {k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "adam_betas", "beta", "warmup",
-                                "warmup_start", "log_every", "progress", "threads")}
         try:
             result = fit(models[r], guides[r], data, elbo=elbo, seed=seed, device=device,
                          checkpoint_path=paths[r] if paths else None, checkpoint_every=v["checkpoint_every"],
@@ -318,7 +318,7 @@ class _Replicas:
                         if errors[r] is None and counts[r] == 0:
                             self.checkpoint(r, results[r], step, *pending[r])
                 if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                    self._check_plan(step + 1)
+                    _check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
                 self.optimizer.step()
                 values.append(vec)
                 betas.append(beta)
@@ -353,13 +353,6 @@ class _Replicas:
                 self.checkpoint(r, results[r], steps, self._rng(r), results[r].window)
             out.append(errors[r] if errors[r] is not None else results[r])
         return out
-
-    def _check_plan(self, step):
-        """Re-run the traced plan's last step eagerly (same noise, no gradients): RuntimeError if it differs."""
-        with torch.no_grad():
-            eager = self.plan.forward(*self.plan.last_args)[0]
-        if not torch.allclose(eager, self.plan.last_means.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
-            raise RuntimeError(f"the traced plan's loss terms differ from the eager ones at step {step}")
 
     def _final_check(self, errors, results, steps):
         """One more evaluation at the final parameters (no gradients, generators untouched): a replica whose last
