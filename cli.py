@@ -48,7 +48,8 @@ def _bool(v) -> bool:
 # the objectives check again when called from Python), plus the keys only the command line has.
 COMMAND_LINE_RULES = {
     "overwrite": (_bool, "true or false"),
-    "replicas": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
+    "replicas": (lambda v: is_int(v) and v >= 1,
+                 "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
     "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
     "train.progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
