@@ -25,6 +25,18 @@ def scalar_latents(guide, data) -> int:
     return sum(trace.nodes[name]["fn"].event_shape.numel() for name in latent_sites(trace))
 
 
+def on_cpu(*modules) -> bool:
+    """Move the nn.Modules among `modules` to the CPU, in place, where any of their params or buffers lies
+    elsewhere; True if anything moved. Evaluation (float64 quadrature, Monte Carlo, ArviZ) runs on the CPU."""
+    moved = False
+    for module in modules:
+        if isinstance(module, torch.nn.Module) and any(
+                t.device.type != "cpu" for t in (*module.parameters(), *module.buffers())):
+            module.cpu()
+            moved = True
+    return moved
+
+
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
              iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
@@ -44,13 +56,16 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     densities for the figures (None without quadrature). exact=False skips quadrature and IWAE. The Monte Carlo,
     IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
     so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default khat_draws:
-    up to 4 x samples where that is cheap, i.e. small n)."""
+    up to 4 x samples where that is cheap, i.e. small n). It runs on the CPU: a model or guide trained on another
+    device (fit(device='cuda')) is moved to the CPU first, in place."""
     from .psis import diagnose, log_weights, sample_traces
     from .qdensity import is_joint
 
     from guides.check import check_guide
     from infer.fit import check_sizes
 
+    if on_cpu(model, guide):
+        log.info("evaluation runs on the CPU: model and guide were moved there")
     check_sizes(data, model=model, guide=guide)  # one-line ValueErrors before any work
     with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
         check_guide(model, guide, data.x)

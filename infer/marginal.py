@@ -86,9 +86,9 @@ def _icdf(base, u: torch.Tensor) -> torch.Tensor:
     """base.icdf(u) for u in (0, 1] float64: a Normal's quantile is taken as loc + scale * Phi^-1(u) with Phi^-1 in
     float64 (float32 u rounds to 1 above 1 - 6e-8, which would cut the upper tail at 5.3 sigma); others as they are."""
     if hasattr(base, "loc") and hasattr(base, "scale") and type(base).__name__ == "Normal":
-        eps = (math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)).clamp(-38.0, 38.0).to(base.loc.dtype)
+        eps = (math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)).clamp(-38.0, 38.0).to(base.loc)
         return base.loc + base.scale * eps
-    return base.icdf(u.to(base.mean.dtype))
+    return base.icdf(u.to(base.mean))
 
 
 def log_likelihood(fn, value: torch.Tensor) -> torch.Tensor:
