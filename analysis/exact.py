@@ -66,6 +66,7 @@ BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
 RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 model inputs cannot resolve
 ZOOM_SHRINK = 64.0  # the most the feature zoom's bracket shrinks in one step (4 where no parabola fits)
+RESHIFT = 300.0  # nats: a split panel's peak this far above its row's shift raises the shift (exp overflows at 709)
 TAIL_NEGLIGIBLE = 1e-30  # end panels whose every integral is below this fraction of its total are not refined
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
@@ -423,6 +424,9 @@ class Inner:
         if self.shift is None:
             self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
             self.at = {k: v[:, :, 0, 7] for k, v in logs.items()}
+        else:  # a split found a peak far above the first panels' (exp would overflow): raise that row's shift
+            self.shift = {J: torch.where(joint[J].amax((2, 3)).nan_to_num(-math.inf) > self.shift[J] + RESHIFT,
+                                         joint[J].amax((2, 3)), self.shift[J]) for J in joint}
         f = {}
         for J, val in joint.items():
             f[J] = torch.nan_to_num((val - self.shift[J][..., None, None]).exp())
@@ -480,6 +484,12 @@ class Inner:
             shift = self.shift
             self.shift = {J: v[rows] for J, v in shift.items()}
             new = self._panels(u[rows], na, nb)
+            for J in shift:  # rescale the rows' earlier estimates where _panels raised their shift
+                factor = (shift[J][rows] - self.shift[J]).exp()  # (R, 2), 1 where unchanged
+                for k in est:
+                    if k == J or (J == "q" and k.startswith("qh:")):
+                        est[k] = tuple(torch.index_put(e, (rows,), e[rows] * factor[..., None]) for e in est[k])
+                shift[J] = torch.index_put(shift[J], (rows,), self.shift[J])
             self.shift = shift
             # the picked panels are replaced by their left halves; the right halves are appended (other rows pad)
             S = pick.shape[-1]
