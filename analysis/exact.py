@@ -12,7 +12,11 @@ of the VAE, z1 of the DLGM) and v the other one (z2). Integrals run over u outsi
 * inside, per u node and data point, Gauss-Kronrod panels in v seeded around the features of q(u, v|x) and
   p(x, u, v) as functions of v (local maxima found on a dense grid, zoomed in on, widths measured on each side;
   breakpoints at multiples of the widths plus a uniform background), then split adaptively where the G7/K15
-  difference is largest. A steep prior map z2 -> z1 makes p(z1|z2) a needle in z2; the seeding finds it.
+  difference is largest. A steep prior map z2 -> z1 makes p(z1|z2) a needle in z2; the seeding finds it. A density
+  still rising at an end of the dense grid peaks beyond it (far out in u, a structured guide's needle q(z2|z1) can
+  sit outside the z2 range of the draws): its peak is extrapolated by a parabola and seeded too. Each row's
+  integrands are exp(log-density - shift) with a per-row shift; a split that finds a peak far above it raises the
+  shift and rescales the row's earlier estimates, so exp never overflows.
 
 When the guide samples u from a flow (a TransformedDistribution: u = T(eps), eps from its base distribution), the
 expectations under q run over eps instead (qdensity.BaseNoise: forward map and log-Jacobian only): q(u) du =
@@ -60,6 +64,7 @@ GAUSS7_W = torch.tensor(_g, dtype=torch.float64)  # zero on the Kronrod-only nod
 
 LADDER = (0.0, 1.5, 3.5, 6.5, 12.0)  # breakpoints at m +- c * width
 LOCATE_POINTS = 2049  # dense grid that finds the features of the inner integrand
+BEYOND_STENCIL = 64  # cells between the grid points that extrapolate a peak beyond the grid's end
 CANDIDATES = 2  # features kept per density (q, p) per row
 INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-level)
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
@@ -276,7 +281,8 @@ class Inner:
         """Starting points (A, 2, F) of the features and the density (q or p) each belongs to, from a dense grid:
         per density the CANDIDATES highest local maxima, and the most under-resolved local maxima (a needle between
         grid points shows far below its height, with a steep drop to a neighbour: a peak of width w drops about
-        h^2 / 2w^2, so a drop above 0.5 nats means narrower than a cell). Returns (centres, kinds, cell)."""
+        h^2 / 2w^2, so a drop above 0.5 nats means narrower than a cell), and a peak beyond an end of the grid where
+        the density still rises there (_beyond). Returns (centres, kinds, cell)."""
         grid = torch.linspace(self.lo, self.hi, LOCATE_POINTS, dtype=torch.float64)
         ell = self._joint(self._eval(u, grid[None, :, None].expand(1, -1, 2)))
         centres, kinds = [], []
@@ -297,7 +303,31 @@ class Inner:
             both = torch.cat([idx, idx_sharp], -1)
             centres.append(grid[both])
             kinds += [J] * both.shape[-1]
+            beyond = self._beyond(e, grid)
+            if bool(torch.isfinite(beyond).any()):  # a slot only where some row needs it
+                centres.append(torch.where(torch.isfinite(beyond), beyond, grid[idx[..., 0]])[..., None])
+                kinds.append(J)
         return torch.cat(centres, -1), kinds, float(grid[1] - grid[0])
+
+    def _beyond(self, e, grid):
+        """Where a log-density e (A, 2, L) on the grid still rises at an end of it, concave there, its peak lies
+        beyond the located range (e.g. the needle q(z2|z1) of a structured guide far out in z1): the vertex of the
+        parabola through the end point and the points BEYOND_STENCIL and 2 BEYOND_STENCIL cells inwards, at most one
+        span beyond (the panels reach that far); nan elsewhere. Exact for a log-density quadratic in v (a Gaussian),
+        whatever its width; the wide stencil keeps the float32 rounding of the model's inputs out of the curvature."""
+        m = BEYOND_STENCIL
+        step, span = m * float(grid[1] - grid[0]), self.hi - self.lo
+        out = torch.full(e.shape[:-1], math.nan, dtype=torch.float64)
+        ends = ((float(grid[0]), (0, m, 2 * m), -1.0), (float(grid[-1]), (-1, -1 - m, -1 - 2 * m), 1.0))
+        for end, inward, sign in ends:
+            e0, e1, e2 = (e[..., i] for i in inward)  # the end point and two inwards
+            curv = (e0 - 2 * e1 + e2) / 2  # f(t) = e0 + slope t + curv t^2, t in stencil steps inwards from the end
+            slope = e1 - e0 - curv
+            rising = (e[..., inward[0]] > e[..., inward[0] + (1 if sign < 0 else -1)]) & (curv < 0) & (slope < 0)
+            rising &= torch.isfinite(e0 + e1 + e2)
+            reach = (slope / (2 * curv)).clamp(max=span / step) * step  # how far beyond the end the vertex lies
+            out = torch.where(rising, end + sign * reach, out)
+        return out
 
     def _values(self, u, points, kinds):
         """Each feature's own log-density (q or p) at points (A, 2, F, S): a tensor of that shape."""
@@ -414,7 +444,8 @@ class Inner:
 
     def _panels(self, u, a, b):
         """Kronrod and Gauss estimates, per panel (A, 2, P), of the q mass, of q times each site log-density and
-        of the p mass, relative to the per-row shifts self.shift (set at the first call)."""
+        of the p mass, relative to the per-row shifts self.shift (set at the first call; raised where these panels
+        peak more than RESHIFT nats above it, and _block then rescales the row's earlier estimates)."""
         A, _, P = a.shape
         half = (b - a) / 2
         nodes = (a + b)[..., None] / 2 + half[..., None] * KRONROD_X  # (A, 2, P, 15)

@@ -5,7 +5,8 @@ in the tail of q(z1|x) (q about e^-420 there, negligible but not zero in float64
 q(z2|z1) is a needle (scale 1e-3) centred beyond the z2 range the inner quadrature locates features on. The inner
 integral's first panels missed it, so the row's log-shift was set far below the needle's height; the later panel
 splits found the needle more than 709 nats above that shift, exp overflowed, and inf / inf gave a NaN conditional
-mean. Here the same situation is built by hand: every network is affine in its input (one hidden ELU unit kept in
+mean. Now the features extrapolate a peak beyond the range, and a split that finds one anyway raises the shift.
+Here the same situation is built by hand: every network is affine in its input (one hidden ELU unit kept in
 its linear range), so the loss terms are Gaussian expectations in closed form and log p(x_k) a 1-D integral, the
 reference below (float64, no code shared with analysis.exact).
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import analysis.exact as ex
 from analysis.exact import exact
 from guides import StructuredGuide
 from models import DLGM, OneBit
@@ -104,8 +106,7 @@ def test_the_networks_are_the_affine_maps_the_reference_assumes(needle_dlgm):
         assert torch.allclose(model.decoder(z), GAIN * z.expand(-1, N), atol=1e-4)
 
 
-def test_a_needle_beyond_the_located_range_gives_finite_numbers_equal_to_the_closed_form(needle_dlgm):
-    result = exact(*needle_dlgm)
+def check_against_reference(result):
     numbers = [result["loss"], result["recon"], *result["kl"].values(), *result["log_px"]]
     assert all(math.isfinite(v) for v in numbers), f"exact() returned non-finite numbers: {numbers}"
     assert math.isfinite(result["error"]) and result["error"] < 1e-4
@@ -118,3 +119,29 @@ def test_a_needle_beyond_the_located_range_gives_finite_numbers_equal_to_the_clo
         assert per["kl"]["z2"][k] == pytest.approx(ref["z2"][k], abs=TOL)
         assert result["log_px"][k] == pytest.approx(ref["log_px"][k], abs=TOL)
     assert result["loss"] == pytest.approx(float(np.mean(ref["loss"])), abs=TOL)
+
+
+def test_a_needle_beyond_the_located_range_gives_finite_numbers_equal_to_the_closed_form(needle_dlgm):
+    check_against_reference(exact(*needle_dlgm))
+
+
+def test_a_needle_that_the_features_miss_and_a_split_finds_does_not_overflow(needle_dlgm, monkeypatch):
+    """Without the extrapolated features the inner splits find the needle up to thousands of nats above the first
+    panels' peak: the row's log-shift is raised (no exp overflow) and the numbers still equal the closed form."""
+    monkeypatch.setattr(ex.Inner, "_beyond", lambda self, e, grid: torch.full(e.shape[:-1], math.nan,
+                                                                                   dtype=torch.float64))
+    check_against_reference(exact(*needle_dlgm))
+
+
+def test_far_out_in_z1_the_inner_integral_finds_the_needle_beyond_the_range(needle_dlgm):
+    """At z1 = u with SLOPE u outside the located z2 range, the inner integral of q(z1 = u, z2|x_k) over z2 is
+    q(u|x_k) (q(z2|z1) has mass 1) and the conditional mean of log q(z2|z1) is minus its entropy."""
+    model, guide, data = needle_dlgm
+    inner = ex.Inner(ex.Densities(model, guide, data), "z1", "z2", -8.0, 8.0)
+    u = torch.tensor([[-44.0, -44.0], [-40.0, 35.0], [40.0, 44.0]], dtype=torch.float64)
+    assert bool(((SLOPE * u).abs() > 8.0 + 1.0).all())
+    result = inner(u)
+    log_q = torch.distributions.Normal(torch.tensor(LOCS, dtype=torch.float64), SCALE).log_prob(u)
+    assert torch.allclose(result["lq"], log_q, rtol=0, atol=1e-3)
+    entropy = 0.5 * math.log(2 * math.pi * math.e * NEEDLE ** 2)
+    assert torch.allclose(result["mean"]["q:z2"], torch.full_like(u, -entropy), rtol=0, atol=1e-3)
