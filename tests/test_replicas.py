@@ -119,7 +119,9 @@ def test_replicas_refuse_plain_monte_carlo_noise_and_other_objectives():
 
 def test_a_stack_holds_as_many_replicas_as_keep_its_logits_small():
     assert stack_size(3, 32, OneBit(1000)) == 3
-    assert stack_size(3, 128, OneBit(1000)) == 1
+    assert stack_size(3, 128, OneBit(1000)) == 3
+    assert stack_size(5, 128, OneBit(1000)) == 4
+    assert stack_size(3, 128, OneBit(10000)) == 1
     assert stack_size(16, 128, OneBit(5)) == 16
 
 
@@ -180,6 +182,16 @@ def test_a_replica_that_diverges_ends_with_its_own_divergence_error():
     group, _ = train_group("vae+gaussian", [0, 1], steps=40, lr=1e30)
     assert all(isinstance(r, DivergenceError) for r in group)
     assert all(r.step is not None and r.step <= 40 and "diverged at step" in str(r) for r in group)
+
+
+def test_a_last_stack_of_one_is_its_single_run_exactly(monkeypatch):
+    import infer.fit_replicas as module
+
+    monkeypatch.setattr(module, "STACK_FLOATS", 2 * 16 * 2 * 5)  # two replicas per stack: stacks [3, 4], [5]
+    group, _ = train_group("dlgm+structured", [3, 4, 5], steps=30)
+    single, _ = train_single("dlgm+structured", 5, steps=30)
+    assert losses(group[2]).tolist() == losses(single).tolist()
+    assert [r.recipe["replicas"] for r in group] == [3, 3, 3]
 
 
 def test_replicas_too_large_to_stack_are_their_single_runs_exactly(monkeypatch, tmp_path):
