@@ -56,7 +56,8 @@ class NormalMixture1D(TorchDistribution):
         with torch.no_grad():
             k = torch.distributions.Categorical(logits=self.logits.expand(shape + self.logits.shape[-1:])).sample()
             pick = lambda t: t.expand(shape + t.shape[-1:]).gather(-1, k.unsqueeze(-1))  # noqa: E731
-            z0 = pick(self.locs) + pick(self.scales) * torch.randn(shape + (1,), dtype=self.locs.dtype, device=self.locs.device)
+            eps = torch.randn(shape + (1,), dtype=self.locs.dtype, device=self.locs.device)
+            z0 = pick(self.locs) + pick(self.scales) * eps
         # implicit reparameterisation: the value is z0, the gradient is -(dF/dtheta)(z0) / q(z0)
         zd = z0.double()
         locs, scales, logits = self.locs.double(), self.scales.double(), self.logits.double()
