@@ -42,7 +42,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import BaseNoise, GuideDensity, flush_denormals, log_prob64
+from infer.fit import flush_denormals
+
+from .qdensity import BaseNoise, GuideDensity, log_prob64
 
 # Gauss-Kronrod (7, 15) on [-1, 1] (QUADPACK qk15): Kronrod nodes x >= 0, Kronrod weights, Gauss weights of the
 # odd-indexed nodes (x[1], x[3], x[5], x[7] = 0).
@@ -456,8 +458,9 @@ class Inner:
             self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
             self.at = {k: v[:, :, 0, 7] for k, v in logs.items()}
         else:  # a split found a peak far above the first panels' (exp would overflow): raise that row's shift
-            self.shift = {J: torch.where(joint[J].amax((2, 3)).nan_to_num(-math.inf) > self.shift[J] + RESHIFT,
-                                         joint[J].amax((2, 3)), self.shift[J]) for J in joint}
+            peaks = {J: joint[J].amax((2, 3)) for J in joint}
+            self.shift = {J: torch.where(peaks[J].nan_to_num(-math.inf) > self.shift[J] + RESHIFT, peaks[J],
+                                         self.shift[J]) for J in joint}
         f = {}
         for J, val in joint.items():
             f[J] = torch.nan_to_num((val - self.shift[J][..., None, None]).exp())

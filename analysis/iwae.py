@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from pyro import poutine
 
+from infer.fit import flush_denormals
+
 from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, sample_traces
-from .qdensity import flush_denormals, is_joint
+from .qdensity import is_joint
 
 KHAT_CLT = 0.5  # a CLT standard error needs finite variance: k-hat < 1/2
 

@@ -15,11 +15,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from infer.elbo import ClosedFormELBO
-from infer.fit import weighted
+from infer.fit import flush_denormals, weighted
 from infer.noise import gaussian_base
 
 from .psis import khat_sd, tail_khat
-from .qdensity import flush_denormals
 
 MAX_ELEMENTS = 2 ** 25  # particles x data points x n per chunk: the largest tensor evaluation builds
 NOISE_DIMENSION = 16    # Sobol coordinates per replicate: scalars of Gaussian noise beyond these are drawn i.i.d.

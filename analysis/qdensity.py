@@ -12,7 +12,6 @@ Three kinds of guide, told apart from one trace:
 Every conditioned trace is checked: the latent sites must come out at the requested values, or the guide is not
 one of these kinds and ValueError says so.
 """
-import contextlib
 import math
 
 import pyro.distributions
@@ -26,26 +25,6 @@ from pyro.poutine.util import site_is_subsample
 from guides.check import DATA_PLATE, plates
 
 KINDS = ("direct", "per_site", "joint")
-_FLUSHING = [0]  # depth of nested flush_denormals blocks
-
-
-@contextlib.contextmanager
-def flush_denormals():
-    """Denormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) are flushed to zero while the block runs, and
-    the mode is restored afterwards (as infer.fit does during training; nested blocks restore it at the outermost).
-    A trained network that has become steep makes them (an ELU of a pre-activation of -90, the probability of a
-    far-off bit), and each costs the CPU a slow microcode path: a trained dlgm's quadrature ran 15-25% faster. A
-    value that small changes no reported number (exact() on trained dlgms: bit-identical). Usable as a decorator."""
-    flushed = _FLUSHING[0] == 0 and torch.set_flush_denormal(True)
-    _FLUSHING[0] += 1
-    try:
-        yield
-    finally:
-        _FLUSHING[0] -= 1
-        if flushed:
-            torch.set_flush_denormal(False)
-
-
 def _broadcast_shape(*shapes) -> torch.Size:
     """The broadcast of shapes (torch.broadcast_shapes without its first call's 0.25 s import of torch._refs); a
     ValueError where they do not broadcast."""
