@@ -42,7 +42,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from infer.fit import flush_denormals
+from infer.runtime import flush_denormals
 
 from .qdensity import BaseNoise, GuideDensity, log_prob64
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pyro import poutine
 
-from infer.fit import flush_denormals
+from infer.runtime import flush_denormals
 
 from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, sample_traces
 from .qdensity import is_joint

@@ -15,7 +15,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from infer.elbo import ClosedFormELBO
-from infer.fit import flush_denormals, weighted
+from infer.fit import weighted
+from infer.runtime import flush_denormals
 from infer.noise import gaussian_base
 
 from .psis import khat_sd, tail_khat

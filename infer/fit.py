@@ -3,7 +3,6 @@
 One recipe per model (recipe()) gives fit's defaults and the command line's (conf/model/*.yaml, conf/optim/adam.yaml
 must agree with it; tests/test_fit.py checks that).
 """
-import contextlib
 import math
 import random
 import time
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from guides.check import check_guide
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
+from .runtime import flush_denormals, training_settings  # noqa: F401  (re-exported: infer.fit.flush_denormals)
 from .validate import SCHEDULES, check, is_int
 from .weights import DataWeights, LatentScale, kl_weight
 
@@ -384,43 +384,6 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     device = _device(device)
     with training_settings(threads):
         return _fit(model, guide, data, elbo, values, resume, callback, checkpoint_path, checkpoint_extra, device)
-
-
-_FLUSHING = [0]  # depth of nested flush_denormals blocks
-
-
-@contextlib.contextmanager
-def flush_denormals():
-    """Denormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) are flushed to zero while the block runs, and
-    the mode is restored afterwards (nested blocks restore it at the outermost). Usable as a decorator.
-
-    A network that has become steep makes them (sigmoid of a logit of -90 in the gradient of every far-off bit, an
-    ELU of a pre-activation of -90), and each costs the CPU a slow microcode path: flushing halved a trained dlgm's
-    training step at n = 1000 (82 s -> 42 s for 11000 steps, the same exact loss to 1e-16) and made its quadrature
-    15-25% faster (bit-identical numbers). A value that small changes no update and no reported number."""
-    flushed = _FLUSHING[0] == 0 and torch.set_flush_denormal(True)
-    _FLUSHING[0] += 1
-    try:
-        yield
-    finally:
-        _FLUSHING[0] -= 1
-        if flushed:
-            torch.set_flush_denormal(False)
-
-
-@contextlib.contextmanager
-def training_settings(threads):
-    """torch's thread count (None leaves it) and flush-denormal mode (flush_denormals) during training, restored
-    afterwards."""
-    old_threads = torch.get_num_threads()
-    if threads is not None and threads != old_threads:
-        torch.set_num_threads(threads)
-    try:
-        with flush_denormals():
-            yield
-    finally:
-        if threads is not None and threads != old_threads:
-            torch.set_num_threads(old_threads)
 
 
 def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device):

@@ -1,0 +1,76 @@
+"""The process settings training runs under: torch's thread count, denormal flushing, TorchScript's plain executor
+and a heap that keeps freed memory. None of them changes a number; each was measured to make a step faster."""
+import contextlib
+import ctypes
+import ctypes.util
+
+import torch
+
+_FLUSHING = [0]  # depth of nested flush_denormals blocks
+# glibc's mallopt parameters (malloc.h) and the values held_heap sets: freed memory is trimmed back to the OS only
+# above 1 GiB free at the heap's top, and only allocations above 32 MiB (the most glibc documents for 64-bit) get
+# their own mmap
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_BYTES, MMAP_BYTES = 1 << 30, 32 << 20
+_HEAP = []  # [True] once held_heap has run in this process (whether or not this libc has mallopt)
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Denormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) are flushed to zero while the block runs, and
+    the mode is restored afterwards (nested blocks restore it at the outermost). Usable as a decorator.
+
+    A network that has become steep makes them (sigmoid of a logit of -90 in the gradient of every far-off bit, an
+    ELU of a pre-activation of -90), and each costs the CPU a slow microcode path: flushing halved a trained dlgm's
+    training step at n = 1000 (82 s -> 42 s for 11000 steps, the same exact loss to 1e-16) and made its quadrature
+    15-25% faster (bit-identical numbers). A value that small changes no update and no reported number."""
+    flushed = _FLUSHING[0] == 0 and torch.set_flush_denormal(True)
+    _FLUSHING[0] += 1
+    try:
+        yield
+    finally:
+        _FLUSHING[0] -= 1
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def held_heap() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (process-wide, once; a no-op where the C library has no
+    mallopt). Returns whether the thresholds are set.
+
+    By default glibc gives the free memory at the top of its heap back to the OS once it exceeds a threshold that
+    follows the largest recent free (a few MiB), so a training step whose temporaries are several 1-3 MB tensors
+    (the logits of the decoder at n = 1000: particles x 2 x n floats per replica) can hand them back at the end of
+    each step and take fresh, zero-filled pages at the start of the next: measured 1100 minor page faults per
+    step for three stacked dlgm replicas at n = 1000 (12.7 ms a step; 11.2 ms with the thresholds raised, no
+    faults) and up to 300 per step for one (5.8 against 5.5 ms). The cost is a resident size that stays at its
+    peak instead of shrinking between steps."""
+    if not _HEAP:
+        _HEAP.append(False)
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+        except OSError:
+            mallopt = None
+        if mallopt is not None:
+            _HEAP[0] = bool(mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)) & bool(mallopt(M_MMAP_THRESHOLD, MMAP_BYTES))
+    return _HEAP[0]
+
+
+@contextlib.contextmanager
+def training_settings(threads):
+    """While training: torch's thread count (None leaves it), denormals flushed (flush_denormals) and TorchScript's
+    executor without its profiling optimisation (torch.jit.optimized_execution(False): the traced plan's ops run as
+    traced; measured 3-10% faster per step on the dlgm, with bit-identical losses), each restored afterwards; and
+    the heap held (held_heap, once per process)."""
+    held_heap()
+    old_threads = torch.get_num_threads()
+    if threads is not None and threads != old_threads:
+        torch.set_num_threads(threads)
+    try:
+        with flush_denormals(), torch.jit.optimized_execution(False):
+            yield
+    finally:
+        if threads is not None and threads != old_threads:
+            torch.set_num_threads(old_threads)
