@@ -52,7 +52,8 @@ class Recipe:
 VAE_RECIPE = Recipe(steps=8000, num_particles=32, noise="lattice", lr=3e-3, lr_final=3e-5, schedule="exponential",
                     betas=(0.9, 0.99))
 # DLGM: more particles and more steps, a low final rate and Adam's long second-moment memory; with its prior gain at
-# rate 10 (models.DLGM) and denormals flushed, 14000 steps take 64-72 s at n = 1000 (README, "The DLGM at n = 1000")
+# rate 10 (models.DLGM) and infer.runtime's settings, 14000 steps take 58-62 s at n = 1000 (README, "The DLGM at
+# n = 1000")
 DLGM_RECIPE = Recipe(steps=14000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
                      schedule="exponential", betas=(0.9, 0.999))
 # any other model

@@ -129,8 +129,8 @@ STACK_FLOATS = 2**20  # the largest activation of one stack (replicas x particle
 def stack_size(replicas: int, particles: int, data) -> int:
     """How many replicas one stack holds: as many as keep its largest activation, the decoder's logits, within
     STACK_FLOATS, so that memory stays bounded as n grows. Measured on this 2-core machine (one thread, n = 1000,
-    14000 steps): three dlgm replicas (128 particles, 3 MB of logits) stacked trained in 195 s against 241 s for
-    the three one after another (0.81x); three vae replicas (32 particles) in 0.4-0.6x. A rule of sizes, not a
+    14000 steps): three dlgm replicas (128 particles, 3 MB of logits) stacked trained in 133 s against 178 s for
+    the three one after another (0.75x); three vae replicas (32 particles) in 0.4-0.6x. A rule of sizes, not a
     timing, so that the same config always stacks (and rounds) the same way."""
     per_replica = particles * len(data.weights) * data.n
     return max(1, min(replicas, STACK_FLOATS // per_replica))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guides import GaussianGuide, StructuredGuide  # noqa: E402
 import importlib  # noqa: E402
 from infer import ClosedFormELBO, fit  # noqa: E402
+from infer.runtime import held_heap  # noqa: E402
 from models import DLGM, VAE, OneBit  # noqa: E402
 
 N, STEPS = 1000, 150  # STEPS: a multiple of WARMUP
@@ -163,7 +164,8 @@ def study_seconds():
 
 def main(rounds=5, study=True):
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)  # the plain loop runs with fit's setting (fit flushes denormals while it trains)
+    torch.set_flush_denormal(True)  # the plain loop runs with fit's settings (infer.runtime.training_settings):
+    held_heap()  # denormals flushed, and the heap held from the first round on (process-wide, as after any fit)
     for name in ("vae", "dlgm"):
         times = {k: [] for k in ("plain", "plain_fused", "auto", "general")}
         for _ in range(rounds):  # interleaved, so a busy spell of the machine hits every variant alike
