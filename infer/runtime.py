@@ -1,5 +1,6 @@
 """The process settings training runs under: torch's thread count, denormal flushing, TorchScript's plain executor
-and a heap that keeps freed memory. None of them changes a number; each was measured to make a step faster."""
+and a heap that keeps freed memory. Each was measured to make a step faster; none changes what is computed (the
+executor's only effect on numbers is its rounding, see training_settings)."""
 import contextlib
 import ctypes
 import ctypes.util
@@ -12,7 +13,7 @@ _FLUSHING = [0]  # depth of nested flush_denormals blocks
 # their own mmap
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_BYTES, MMAP_BYTES = 1 << 30, 32 << 20
-_HEAP = []  # [True] once held_heap has run in this process (whether or not this libc has mallopt)
+_HEAP = []  # [whether the thresholds are set] once held_heap has run in this process
 
 
 @contextlib.contextmanager
@@ -62,8 +63,9 @@ def held_heap() -> bool:
 def training_settings(threads):
     """While training: torch's thread count (None leaves it), denormals flushed (flush_denormals) and TorchScript's
     executor without its profiling optimisation (torch.jit.optimized_execution(False): the traced plan's ops run as
-    traced; measured 3-10% faster per step on the dlgm, with bit-identical losses), each restored afterwards; and
-    the heap held (held_heap, once per process)."""
+    traced; measured 3-10% faster per step on the dlgm; the profiling pass had rounded differently, so losses moved
+    in the 7th-8th significant digit, the same in every process), each restored afterwards; and the heap held
+    (held_heap, once per process)."""
     held_heap()
     old_threads = torch.get_num_threads()
     if threads is not None and threads != old_threads:
