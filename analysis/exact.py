@@ -729,12 +729,33 @@ def _numbers(r: dict) -> list:
             *(v for values in per["kl"].values() for v in values)]
 
 
-def _initial_breaks(draws: list, lo, hi, extra=12):
-    """Sorted breakpoints (NB, 2) from quantiles of each (count, 2) draw set, plus a uniform set over [lo, hi]."""
+TAIL_LADDER = (1.0, 3.0, 9.0)  # breakpoints beyond a narrow draw set's extreme quantiles, in its robust sds
+
+
+def _initial_breaks(draws: list, lo, hi, extra=12, narrow: list = ()):
+    """Sorted breakpoints (NB, 2) from quantiles of each (count, 2) draw set, plus a uniform set over [lo, hi].
+
+    A draw set narrower than the uniform spacing (16 robust sds, half its 16-84% range each, within one uniform
+    panel; e.g. a guide's scale of 1e-5 in a range of tens) also gets breakpoints beyond its 0.1% and 99.9%
+    quantiles at TAIL_LADDER multiples of its robust sd, so that its outer 0.2% lies in panels of its own width,
+    where Gauss-Kronrod sees it. Without them that mass sat at the end of a panel as wide as the uniform spacing,
+    missed by the K15 and G7 nodes alike (so no error estimate flagged it): q(z|x_k) integrated to 0.998. Wider
+    sets get none (their breakpoints, and numbers, are as before). The sets in `narrow` (e.g. each data point's
+    own draws, where `draws` pools them) add their quantiles and tails only where they are narrow."""
     probs = torch.tensor([0.001, 0.02, 0.16, 0.5, 0.84, 0.98, 0.999], dtype=torch.float64)
-    qs = [torch.quantile(d, probs, dim=0) for d in draws]
+    spacing = (hi - lo) / (extra - 1)
+    ladder = torch.tensor(TAIL_LADDER, dtype=torch.float64)[:, None]
+    breaks = []
+    for d, always in [(d, True) for d in draws] + [(d, False) for d in narrow]:
+        q = torch.quantile(d, probs, dim=0)
+        sd = ((q[4] - q[2]) / 2).clamp_min(1e-12)
+        is_narrow = bool((16 * sd < spacing).any())
+        if always or is_narrow:
+            breaks.append(q)
+        if is_narrow:
+            breaks += [q[0] - ladder * sd, q[-1] + ladder * sd]
     uni = torch.stack([torch.linspace(float(lo[k]), float(hi[k]), extra, dtype=torch.float64) for k in range(2)], -1)
-    b = torch.cat(qs + [uni])
+    b = torch.cat(breaks + [uni])
     return torch.maximum(torch.minimum(b, hi), lo).sort(0).values
 
 
@@ -1010,7 +1031,8 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     into mutual_info I_q(x; t) plus marginal_kl KL(q(t) || p(t)); also residual, entropy H(w), error, estimator.
 
     q(t|x_k) is the guide's marginal (for the DLGM with the structured guide, the integral of q(z1|x) q(z2|z1) over
-    z1), computed on a grid of t shared by both data points, so the identity holds node by node. For a joint guide
+    z1), computed on a grid of t shared by both data points, so the identity holds node by node. Raises ValueError
+    where q(t|x_k) does not integrate to 1 on that grid (its numbers would mean nothing). For a joint guide
     q(t|x_k) is its marginal, so avg_kl is the marginals' average KL: exact()'s KL is larger by its
     total_correlation_per_point."""
     dens = Densities(model, guide, data)
@@ -1026,8 +1048,13 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     outer = Outer(dens, quant, quant, tol, shared=True)
     lo_t, hi_t = torch.tensor([lo, lo], dtype=torch.float64), torch.tensor([hi, hi], dtype=torch.float64)
     every = torch.cat([draws["q:" + top], draws["p:" + top]]).reshape(-1, 1).expand(-1, 2)
-    panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t), ("Zq", "KLagg"))
+    own = [draws["q:" + top][:, k:k + 1].expand(-1, 2) for k in range(2)]  # each point's q(t|x_k): a needle?
+    panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t, narrow=own), ("Zq", "KLagg"))
     keys = ("avg_kl", "mutual_info", "marginal_kl")
+    mass = _surgery_numbers(dens, est)["q_mass"]
+    if any(abs(m - 1) > 1e-3 for m in mass):
+        raise ValueError(f"q({top}|x_k) integrates to {[round(m, 4) for m in mass]} on the surgery's grid of {top}, "
+                         "not 1: no ELBO surgery")
     panels, est, result, error = _refine(outer, panels, _surgery_numbers(dens, est),
                                          lambda e: _surgery_numbers(dens, e), lambda r: [r[k] for k in keys], tol,
                                          est)

@@ -48,8 +48,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     (per site) and 'estimator' belong to that same estimator. The Monte Carlo numbers are always kept in the
     'montecarlo' block (see montecarlo.monte_carlo).
 
-    Other blocks: `exact` (quadrature) with ELBO `surgery`, or, where quadrature cannot run (more than 2 scalar
-    latents, or a guide whose density it cannot integrate, such as a joint guide over two latent sites), an
+    Other blocks: `exact` (quadrature) with ELBO `surgery` (or `surgery_skipped`: why not), or, where quadrature
+    cannot run (more than 2 scalar latents, or a guide whose density it cannot integrate, such as a joint guide
+    over two latent sites), an
     `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
     `khat` (one per data point; the same value twice for a joint guide) with `psis` (ESS, threshold, verdict;
     psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact
@@ -94,7 +95,10 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
                     metrics["exact_nll"] = failed["nll"]
     metrics = {"n": data.n, **headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
     if "exact" in metrics:
-        metrics["surgery"] = surgery(model, guide, data, tol=tol)
+        try:
+            metrics["surgery"] = surgery(model, guide, data, tol=tol)
+        except ValueError as err:  # q(t|x_k) not integrable on the surgery's grid: say so, report the rest
+            metrics["surgery_skipped"] = str(err)
         grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
         grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
     elif skipped:
@@ -306,6 +310,8 @@ def summary_lines(m: dict) -> list:
                     else "")
         lines.append(f"  surgery    of {t}{marginal}: avg KL(q({t}|x)||p({t})) {s['avg_kl']:.4f} = I_q(x;{t}) "
                      f"{s['mutual_info']:.4f} + KL(q({t})||p({t})) {s['marginal_kl']:.4f} [exact]")
+    if "surgery_skipped" in m:
+        lines.append(f"  surgery    skipped: {m['surgery_skipped']}")
     if "exact_nll" in m:
         lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} "
                      "[exact, the model alone: the guide's loss has no quadrature]")

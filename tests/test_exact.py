@@ -256,3 +256,44 @@ def test_model_evaluations_stay_within_the_element_budget(data, monkeypatch):
     for key in ("loss", "recon", "nll"):
         assert small[key] == pytest.approx(full[key], abs=full["error"] + small["error"])
     assert split["avg_kl"] == pytest.approx(full["kl"]["z"], abs=full["error"] + split["error"])
+
+
+def test_a_guide_far_narrower_than_the_range_integrates_to_one_with_its_closed_form_kl():
+    """q(z|x) = N(0.3, 1e-5^2) for both points, in a range of tens set by the prior: its outer 0.2% must not sit
+    unseen at the end of one wide panel (q used to integrate to 0.998 there, and exact() refused the guide)."""
+    data = OneBit(5)
+    torch.manual_seed(0)
+    model = VAE(5)
+    guide = GaussianGuide(model)
+    loc, scale = 0.3, 1e-5
+    with torch.no_grad():
+        last = guide.encoder.body[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([loc, -40.0]))  # softplus(-40) + min_scale = 1e-5
+    r = exact(model, guide, data)
+    assert all(abs(m - 1) < 1e-4 for m in r["per_point"]["q_mass"])
+    closed_kl = 0.5 * (loc**2 + scale**2 - 1) - math.log(scale)  # KL(N(loc, scale^2) || N(0, 1))
+    assert abs(r["kl"]["z"] - closed_kl) <= max(r["error"], 1e-6)
+
+
+def test_surgery_integrates_needle_guides_at_different_places_for_the_two_points():
+    """q(z|x_0) = N(4, 1e-5^2) and q(z|x_1) = N(-4, 1e-5^2) on surgery's grid shared by both points: each must
+    integrate to one, and the average KL must equal the closed form (surgery used to report 0.64 of the mass,
+    and numbers from it)."""
+    data = OneBit(5)
+    torch.manual_seed(0)
+    model = VAE(5)
+    guide = GaussianGuide(model)
+    body = guide.encoder.body
+    with torch.no_grad():  # loc = 4 - 8 x.sum() / 5: 4 at x_0 = 0^5, -4 at x_1 = 1^5; scale = 1e-5
+        for layer in (body[0], body[2], body[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        body[0].weight[0].fill_(1.0)  # h = x.sum(), through the ELU (>= 0) unchanged
+        body[2].weight[0, 0] = 1.0
+        body[-1].weight[0, 0] = -8.0 / 5
+        body[-1].bias.copy_(torch.tensor([4.0, -40.0]))
+    r = surgery(model, guide, data)
+    assert all(abs(m - 1) < 1e-4 for m in r["q_mass"])
+    closed_kl = 0.5 * (16.0 + 1e-10 - 1) - math.log(1e-5)  # KL(N(+-4, 1e-10) || N(0, 1)), the same for both
+    assert abs(r["avg_kl"] - closed_kl) <= max(r["error"], 1e-6)

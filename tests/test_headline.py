@@ -286,3 +286,18 @@ def test_a_quadrature_that_returns_nan_is_no_headline_monte_carlo_and_iwae_stand
     assert metrics["loss_estimator"] != "exact" and math.isfinite(metrics["loss"])
     assert "exact" not in metrics and "non-finite loss, kl[z]" in metrics["exact_skipped"]
     assert math.isfinite(metrics["exact_nll"]) and "iwae" in metrics
+
+
+def test_a_surgery_that_cannot_integrate_q_is_skipped_with_its_reason_and_the_rest_is_reported(vae5, monkeypatch):
+    import analysis.exact as exact_module
+
+    model, guide, data = vae5
+
+    def refused(*args, **kwargs):
+        raise ValueError("q(z|x_k) integrates to [0.6364, 0.6359] on the surgery's grid of z, not 1: no ELBO surgery")
+
+    monkeypatch.setattr(exact_module, "surgery", refused)
+    metrics, _ = evaluate(model, guide, data, samples=2048, replicates=4)
+    assert "surgery" not in metrics and "no ELBO surgery" in metrics["surgery_skipped"]
+    assert metrics["loss_estimator"] == "exact"
+    assert any("surgery    skipped: q(z|x_k) integrates" in line for line in summary_lines(metrics))
