@@ -75,6 +75,7 @@ RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 
 ZOOM_SHRINK = 64.0  # the most the feature zoom's bracket shrinks in one step (4 where no parabola fits)
 RESHIFT = 300.0  # nats: a split panel's peak this far above its row's shift raises the shift (exp overflows at 709)
 TAIL_NEGLIGIBLE = 1e-30  # end panels whose every integral is below this fraction of its total are not refined
+MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or exact() and surgery() refuse it
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
@@ -915,7 +916,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
         est.update(est_p)
     result = _summarise(dens, est, ref)
     mass = result["per_point"]["q_mass"]
-    if any(abs(m - 1) > 1e-3 for m in mass):
+    if any(abs(m - 1) > MASS_TOLERANCE for m in mass):
         raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
                          "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
     panels, est, result, error = _refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol,
@@ -1052,7 +1053,7 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     panels, est = _adapt(outer, _initial_breaks([every], lo_t, hi_t, narrow=own), ("Zq", "KLagg"))
     keys = ("avg_kl", "mutual_info", "marginal_kl")
     mass = _surgery_numbers(dens, est)["q_mass"]
-    if any(abs(m - 1) > 1e-3 for m in mass):
+    if any(abs(m - 1) > MASS_TOLERANCE for m in mass):
         raise ValueError(f"q({top}|x_k) integrates to {[round(m, 4) for m in mass]} on the surgery's grid of {top}, "
                          "not 1: no ELBO surgery")
     panels, est, result, error = _refine(outer, panels, _surgery_numbers(dens, est),
