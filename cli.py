@@ -27,7 +27,7 @@ HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
                "--config-dir", "-cd", "--experimental-rerun")
 # keys that decide a training trajectory: a resume must not change them (train.steps may grow)
 TRAJECTORY = ("data", "model", "guide", "objective", "optim", "seed", "train.num_particles", "train.beta",
-              "train.warmup", "train.warmup_start")
+              "train.warmup", "train.warmup_start", "train.average")
 # peak memory of a training step, measured (vae, n = 3e5 and 1e6, 32 particles: 0.85 and 2.05 GB peak RSS):
 MEMORY_BASE = 256 * 2**20  # the interpreter, torch and pyro
 MEMORY_PER_PARAM = 16  # a param, its grad and Adam's two moments, float32

@@ -25,7 +25,8 @@ def _temp_pattern(path) -> str:
     return os.path.join(folder, f".{name}.*.tmp")
 
 
-def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None, optimizer_state=None) -> None:
+def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None, optimizer_state=None,
+                    average=None) -> None:
     """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
     states (or `rng`, a state from infer.fit.rng_state), result.steps, result.history, the partial logging window
     (`window`, else result.window) and result.initial_loss to path, plus the entries of `extra` (e.g. the config).
@@ -34,7 +35,8 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
     corrupts it; temporary files that an earlier killed save left behind are removed first. The file gets the mode
     any other new file gets (0666 less the umask), not tempfile's 0600. `params` ({name: tensor}) and
     `optimizer_state` (a state_dict) replace the param store's values and result.optimizer's state (a replica's
-    checkpoint: infer.fit_replicas writes what a single run with its seed would)."""
+    checkpoint: infer.fit_replicas writes what a single run with its seed would). `average` is the running
+    parameter average inside an averaging window (infer.average.ParameterAverage.state())."""
     from .fit import rng_state
 
     store = pyro.get_param_store()
@@ -46,6 +48,7 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
              "window": window if window is not None else getattr(result, "window", None),
              "initial_loss": getattr(result, "initial_loss", None),
              "buffers": {k: v.detach().cpu().clone() for k, v in result.buffers.items()},
+             **({"average": average} if average is not None else {}),
              **(extra or {})}
     for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
         try:

@@ -17,6 +17,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from guides.check import check_guide
+from .average import ParameterAverage, average_start
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
 from .runtime import flush_denormals, training_settings  # noqa: F401  (re-exported: infer.fit.flush_denormals)
@@ -45,6 +46,7 @@ class Recipe:
     lr_final: float
     schedule: str
     betas: tuple
+    average: float = 0.0  # the final parameters are the mean of the iterates over this last fraction of the steps
 
 
 # 1-layer VAE: many cheap steps with few lattice particles (lattice noise: a randomised quadrature rule over the
@@ -55,7 +57,7 @@ VAE_RECIPE = Recipe(steps=8000, num_particles=32, noise="lattice", lr=3e-3, lr_f
 # rate 10 (models.DLGM) and infer.runtime's settings, 14000 steps take 58-62 s at n = 1000 (README, "The DLGM at
 # n = 1000")
 DLGM_RECIPE = Recipe(steps=14000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
-                     schedule="exponential", betas=(0.9, 0.999))
+                     schedule="exponential", betas=(0.9, 0.999), average=0.1)
 # any other model
 DEFAULT_RECIPE = Recipe(steps=10000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
                         schedule="exponential", betas=(0.9, 0.99))
@@ -329,7 +331,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
         schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
         seed=None, log_every: int = 100, progress: bool = False, resume: dict = None, callback=None,
         checkpoint_path=None, checkpoint_every: int = 0, checkpoint_extra: dict = None, threads=1,
-        init: str = "reset", freeze_model: bool = False, device="cpu", engine: str = "auto") -> FitResult:
+        init: str = "reset", freeze_model: bool = False, device="cpu", engine: str = "auto",
+        average: float = None) -> FitResult:
     """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam (fused).
 
     Defaults: every argument left None comes from the model's recipe (recipe(model)): steps, lr, lr_final,
@@ -368,6 +371,11 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     entries) is written every checkpoint_every steps and at the end. The KL terms are weighted by `beta` through
     LatentScale (poutine-style scaling of the latent sites of model and guide); with `warmup` > 0 the weight rises
     linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
+
+    average: the parameters fit ends with are the mean of the iterates over the last ceil(average * steps) steps
+    (Polyak-Ruppert averaging, infer.average; 0: the last iterate). The history logs the iterates' losses; the
+    final check and the final checkpoint hold the averaged parameters, and every checkpoint inside the averaging
+    window carries the running mean, so a resumed run averages as an uninterrupted one.
     """
     plan = recipe(model)
     steps = plan.steps if steps is None else steps
@@ -375,10 +383,11 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     lr_final = plan.lr_final if lr_final is None else lr_final
     schedule = plan.schedule if schedule is None else schedule
     adam_betas = plan.betas if adam_betas is None else adam_betas
+    average = plan.average if average is None else average
     values = dict(steps=steps, lr=lr, lr_final=lr_final, schedule=schedule, adam_betas=adam_betas, beta=beta,
                   warmup=warmup, warmup_start=warmup_start, seed=seed, log_every=log_every,
                   checkpoint_every=checkpoint_every, threads=threads, init=init, progress=progress,
-                  freeze_model=freeze_model, engine=engine)
+                  freeze_model=freeze_model, engine=engine, average=average)
     if elbo is None:
         elbo = ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
     _check_arguments(model, guide, data, elbo, steps, resume, values)
@@ -481,13 +490,15 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     start = 0 if resume is None else int(resume["step"])
     result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide),
                        recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
-                                                    "warmup_start", "seed")},
+                                                    "warmup_start", "seed", "average")},
                                "adam_betas": tuple(v["adam_betas"]),
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__})
     window = _Window()
+    averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:
         _restore(resume, names, store, result, window, device)
+        averaged.load(resume.get("average"), device, int(resume["step"]))
         for group in optimizer.param_groups:  # a checkpoint of another Adam variant: same state, our kernel
             group["fused"] = fused or None
 
@@ -552,11 +563,12 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     def diverged(step, at_start):
         return _divergence(step, at_start, start, v, result, needs_guide)
 
-    def write_checkpoint(at, rng, window_state):
+    def write_checkpoint(at, rng, window_state, average_state):
         result.steps = at
         if torch.is_tensor(result.initial_loss):
             result.initial_loss = float(result.initial_loss)
-        save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state)
+        save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state,
+                        average=average_state)
 
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
@@ -567,7 +579,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         for step in bar:
             pending = None
             if checkpoint_path and checkpoint_every and step % checkpoint_every == 0 and step > start:
-                pending = (rng_state(), window.state())  # the state at `step`, written once its loss is finite
+                pending = (rng_state(), window.state(), averaged.state())  # the state at `step`, written once
+                # its loss is finite
             rate = learning_rate(step, steps, v["lr"], v["lr_final"], v["schedule"])
             scale.beta = kl_weight(step, v["beta"], v["warmup"], v["warmup_start"])
             for group in optimizer.param_groups:
@@ -598,6 +611,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
             if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
             optimizer.step()
+            averaged.update(step + 1)
             window.add(vec, scale.beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 if first_bad(step + 1) is not None:
@@ -609,6 +623,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 if callback is not None:
                     callback(step + 1, row)
+    averaged.apply()
     if start < steps and not _final_check(compute, start, steps):
         raise _last_update(steps, v, result)
     result.steps, result.wall_seconds = steps, time.perf_counter() - setup
@@ -616,7 +631,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     if torch.is_tensor(result.initial_loss):
         result.initial_loss = float(result.initial_loss)
     if checkpoint_path and checkpoint_every and start < steps:
-        write_checkpoint(steps, rng_state(), result.window)
+        write_checkpoint(steps, rng_state(), result.window, None)  # its params are the average
     return result
 
 

@@ -17,6 +17,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .average import ParameterAverage, average_start
 from .elbo import ClosedFormELBO
 from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _check_plan, _device, _divergence,
                   _last_update, _prepare, _Window, fit, learning_rate, recipe, training_settings)
@@ -28,7 +29,7 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
                  lr_final: float = None, schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0,
                  warmup_start: float = 0.0, log_every: int = 100, progress: bool = False, callback=None,
                  checkpoint_paths=None, checkpoint_every: int = 0, checkpoint_extras=None, threads=1,
-                 device="cpu", on_start=None) -> list:
+                 device="cpu", on_start=None, average: float = None) -> list:
     """Train models[r] and guides[r] with seed seeds[r], for every r at once; return one entry per replica: its
     FitResult, or the DivergenceError that ended it (its .result holds the history up to the last good log).
 
@@ -55,7 +56,8 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
              schedule=plan.schedule if schedule is None else schedule,
              adam_betas=plan.betas if adam_betas is None else adam_betas, beta=beta, warmup=warmup,
              warmup_start=warmup_start, seed=seeds[0], log_every=log_every, checkpoint_every=checkpoint_every,
-             threads=threads, init="reset", progress=progress, freeze_model=False, engine="auto")
+             threads=threads, init="reset", progress=progress, freeze_model=False, engine="auto",
+             average=plan.average if average is None else average)
     single = elbo if elbo is not None else ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
     if type(single) is not ClosedFormELBO:
         raise ValueError(f"elbo={type(single).__name__} is not allowed with replicas: replicas train the closed-form "
@@ -106,7 +108,7 @@ def _one_by_one(models, guides, data, seeds, elbo, v, device, paths, extras, cal
 
     out = []
     kw = {k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "adam_betas", "beta", "warmup", "warmup_start",
-                            "log_every", "progress", "threads")}
+                            "log_every", "progress", "threads", "average")}
     for r, seed in enumerate(seeds):
         try:
             result = fit(models[r], guides[r], data, elbo=elbo, seed=seed, device=device,
@@ -265,13 +267,24 @@ class _Replicas:
         group = {k: val for k, val in opt.state_dict()["param_groups"][0].items() if k != "params"}
         return params, {"state": state, "param_groups": [{**group, "params": list(range(len(self.names)))}]}
 
-    def checkpoint(self, r, result, step, rng, window):
+    def replica_average(self, r, averaged):
+        """Replica r's running parameter average as its single run's (infer.average.ParameterAverage.state(), the
+        means in the order of its params); None before the averaging starts."""
+        state = averaged.state()
+        if state is None:
+            return None
+        of = dict(zip(self.params, averaged.means))
+        views = {role: replica_parameters(module, r, of) for role, module in (("model", self.model),
+                                                                               ("guide", self.guide))}
+        return {**state, "means": [views[role][attr].detach().cpu().clone() for _, role, attr in self.names]}
+
+    def checkpoint(self, r, result, step, rng, window, average=None):
         from .checkpoint import save_checkpoint
 
         params, optimizer_state = self.replica_state(r)
         result.steps = step
         save_checkpoint(self.paths[r], result, extra=self.extras[r], rng=rng, window=window, params=params,
-                        optimizer_state=optimizer_state)
+                        optimizer_state=optimizer_state, average=average)
 
     def _rng(self, r):
         """Replica r's RNG state as a single run's checkpoint holds it (its generator is its torch RNG)."""
@@ -283,7 +296,7 @@ class _Replicas:
         results = [FitResult(optimizer=self.optimizer, buffers={}, engine=f"{self.engine}, {R} replicas stacked",
                              setup_seconds=self.setup_seconds,
                              recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
-                                                          "warmup_start")},
+                                                          "warmup_start", "average")},
                                      "seed": seed, "replicas": self.group, "adam_betas": tuple(v["adam_betas"]),
                                      "num_particles": self.elbo.num_particles, "noise": self.elbo.noise,
                                      "objective": "ClosedFormELBO"}) for seed in self.seeds]
@@ -291,6 +304,7 @@ class _Replicas:
         found = torch.zeros(R, dtype=torch.bool, device=self.x.device)  # sticky: from a replica's first bad step on
         bad = torch.zeros(R, device=self.x.device)  # how many steps since (and with) its first non-finite one
         values, betas, names = [], [], None
+        averaged = ParameterAverage(self.params, average_start(steps, v["average"]))  # elementwise: per replica
         t0 = time.perf_counter()
 
         def window_of(r):
@@ -304,7 +318,7 @@ class _Replicas:
             for step in bar:
                 pending = None
                 if self.paths and every and step % every == 0 and step > 0:
-                    pending = [(self._rng(r), window_of(r)) for r in range(R)]
+                    pending = [(self._rng(r), window_of(r), self.replica_average(r, averaged)) for r in range(R)]
                 rate = learning_rate(step, steps, v["lr"], v["lr_final"], v["schedule"])
                 beta = kl_weight(step, v["beta"], v["warmup"], v["warmup_start"])
                 for group in self.optimizer.param_groups:
@@ -329,6 +343,7 @@ class _Replicas:
                 if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                     _check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
                 self.optimizer.step()
+                averaged.update(step + 1)
                 values.append(vec)
                 betas.append(beta)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -351,6 +366,7 @@ class _Replicas:
                     if all(e is not None for e in errors):
                         break
         wall = time.perf_counter() - t0 + self.setup_seconds
+        averaged.apply()
         self._final_check(errors, results, steps)
         unstack(self.model, self.models)
         unstack(self.guide, self.guides)

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from models.nets import LogGain
+from models.nets import LogGain, floored
 
 from .elbo import LATTICE_HALF_WIDTH, ClosedFormELBO
 from .noise import SobolNoise
@@ -54,16 +54,16 @@ class ReplicaLinear(nn.Module):
 
 
 class ReplicaLogGain(nn.Module):
-    """R independent log-gains: h_r -> h_r * exp(g_r), applied to h of shape (R, ..., dim)."""
+    """R independent log-gains: h_r -> h_r * exp(max(rate * g_r, floor)), applied to h of shape (R, ..., dim)."""
 
     def __init__(self, layers):
         super().__init__()
         self.log_gain = nn.Parameter(torch.stack([layer.log_gain.detach() for layer in layers]).clone())
-        self.rate = layers[0].rate  # copies of one architecture: one rate
+        self.rate, self.floor = layers[0].rate, layers[0].floor  # copies of one architecture: one rate, one floor
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         R, dim = self.log_gain.shape
-        return h * (self.rate * self.log_gain).exp().reshape((R,) + (1,) * (h.dim() - 2) + (dim,))
+        return h * floored(self.rate * self.log_gain, self.floor).exp().reshape((R,) + (1,) * (h.dim() - 2) + (dim,))
 
     def parts(self, r: int, of=None) -> dict:
         return {"log_gain": (of if of is not None else {self.log_gain: self.log_gain})[self.log_gain][r]}

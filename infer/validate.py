@@ -94,6 +94,10 @@ RULES = {
     "prior_gain": (lambda v: isinstance(v, bool), "true or false"),
     "gain_rate": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "prior_gain_rate": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "average": (lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1): the fraction of the last steps whose "
+                "iterates are averaged (0: none)"),
+    "gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
+    "prior_gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
 }
 
 # config key -> argument name (run.py's keys; the guide's network keys share the model's rules)
@@ -101,7 +105,7 @@ CONFIG_KEYS = {
     "data.n": "n", "data.weights": "weights", "seed": "seed", "threads": "threads",
     "train.steps": "steps", "train.num_particles": "num_particles", "train.log_every": "log_every",
     "train.beta": "beta", "train.checkpoint_every": "checkpoint_every", "train.warmup": "warmup",
-    "train.warmup_start": "warmup_start", "train.freeze_model": "freeze_model",
+    "train.warmup_start": "warmup_start", "train.freeze_model": "freeze_model", "train.average": "average",
     "optim.lr": "lr", "optim.lr_final": "lr_final", "optim.schedule": "schedule", "optim.betas": "adam_betas",
     "objective.noise": "noise", "objective.closed_form": "closed_form", "objective.free_bits": "free_bits",
     "objective.K": "K",
@@ -109,7 +113,7 @@ CONFIG_KEYS = {
        for key in ("latent_dim", "hidden", "layers", "prior_hidden", "prior_layers", "upper_hidden", "upper_layers",
                    "activation", "min_scale")},
     "model.depth": "depth", "model.gain": "gain", "model.prior_gain": "prior_gain",
-    "model.prior_gain_rate": "prior_gain_rate",
+    "model.prior_gain_rate": "prior_gain_rate", "model.prior_gain_floor": "prior_gain_floor",
 }
 CONFIG_RULES = {key: RULES[name] for key, name in CONFIG_KEYS.items()}
 

@@ -19,12 +19,14 @@ class DLGM(nn.Module):
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
-                 gain: bool = False, prior_gain: bool = False, prior_gain_rate: float = 10.0):
+                 gain: bool = False, prior_gain: bool = False, prior_gain_rate: float = 10.0,
+                 prior_gain_floor: float = None):
         super().__init__()
         for name, value in (("n", n), ("depth", depth), ("latent_dim", latent_dim), ("hidden", hidden),
                             ("layers", layers), ("prior_hidden", prior_hidden), ("prior_layers", prior_layers),
                             ("activation", activation), ("min_scale", min_scale), ("gain", gain),
-                            ("prior_gain", prior_gain), ("prior_gain_rate", prior_gain_rate)):
+                            ("prior_gain", prior_gain), ("prior_gain_rate", prior_gain_rate),
+                            ("prior_gain_floor", prior_gain_floor)):
             check(name, value)
         self.n, self.depth, self.latent_dim = n, depth, latent_dim
         self.latent_sites = tuple(f"z{l}" for l in range(1, depth + 1))
@@ -32,7 +34,7 @@ class DLGM(nn.Module):
         # priors[l - 1] is p(z_l | z_{l+1}) for l = 1 .. L-1
         self.priors = nn.ModuleList(
             GaussianNet(latent_dim, latent_dim, prior_hidden, prior_layers, activation, min_scale, prior_gain,
-                        prior_gain_rate)
+                        prior_gain_rate, prior_gain_floor)
             for _ in range(depth - 1))
 
     def forward(self, x: torch.Tensor):

@@ -43,7 +43,7 @@ def pair(name, n=N):
     if name == "vae":
         model = VAE(n, hidden=32, gain=True)
         return model, GaussianGuide(model, hidden=32), 32
-    model = DLGM(n, prior_hidden=32, prior_gain=True)
+    model = DLGM(n, prior_hidden=32, prior_layers=3, prior_gain=True, prior_gain_floor=0.0)
     return model, StructuredGuide(model), 128
 
 
