@@ -286,8 +286,8 @@ def test_the_command_lines_recipe_is_the_recipe_fit_uses(name):
     objective = yaml.safe_load((conf / "objective" / "closed_form.yaml").read_text())
     train, optim = {**base["train"], **model.get("train", {})}, {**optim, **model.get("optim", {})}
     plan = recipe({"vae": VAE, "dlgm": DLGM}[name])
-    assert (train["steps"], train["num_particles"], objective["noise"]) == (plan.steps, plan.num_particles,
-                                                                             plan.noise)
+    assert (train["steps"], train["num_particles"], objective["noise"], train["average"]) == (
+        plan.steps, plan.num_particles, plan.noise, plan.average)
     assert (optim["lr"], optim["lr_final"], optim["schedule"], tuple(optim["betas"])) == (
         plan.lr, plan.lr_final, plan.schedule, plan.betas)
 
