@@ -191,8 +191,12 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
         pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
         cli.write_json(out / "metrics.json", {**head, "status": "diverged", "reason": reason, "loss": None})
         raise Diverged(reason)
-    log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s; evaluating (exact quadrature where it "
-             "runs, Monte Carlo, PSIS k-hat) ...")
+    from infer.average import average_start
+
+    averaged = f" (final parameters: the mean of the last {result.steps - average_start(result.steps, cfg.train.average)} " \
+        "iterates)" if cfg.train.average else ""
+    log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s{averaged}; evaluating (exact quadrature "
+             "where it runs, Monte Carlo, PSIS k-hat) ...")
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
     reason = cli.divergence(result, data, beta=cfg.train.beta, final=metrics)
