@@ -72,13 +72,34 @@ def test_a_run_resumed_inside_the_averaging_window_ends_as_the_uninterrupted_run
     torch.testing.assert_close(flat(resumed_model, resumed_guide), flat(model, guide), rtol=1e-6, atol=1e-7)
 
 
-def test_a_replicas_averaged_parameters_are_its_single_runs(tmp_path):
+def test_a_replicas_averaged_parameters_are_its_single_runs():
     pairs = [vae() for _ in range(2)]
     fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(5), [4, 5], steps=20, log_every=5,
-                 average=0.5, checkpoint_paths=[tmp_path / "a.pt", tmp_path / "b.pt"], checkpoint_every=15, **ELBO)
+                 average=0.5, **ELBO)
     model, guide = vae()
     fit(model, guide, OneBit(5), seed=5, steps=20, log_every=5, average=0.5, **ELBO)
     torch.testing.assert_close(flat(*pairs[1]), flat(model, guide), rtol=1e-4, atol=1e-5)
+
+
+def test_a_replicas_checkpoint_inside_the_window_holds_its_single_runs_average(tmp_path):
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "single.pt"]
+    copies = [tmp_path / "b15.pt", tmp_path / "single15.pt"]
+
+    def keep(source, copy):  # the final checkpoint replaces the step-15 one after the last log
+        return lambda step, row: copy.write_bytes(source.read_bytes()) if step == 20 else None
+
+    pairs = [vae() for _ in range(2)]
+    keep_replica = keep(paths[1], copies[0])
+    fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(5), [4, 5], steps=20, log_every=5,
+                 average=0.5, checkpoint_paths=paths[:2], checkpoint_every=15,
+                 callback=lambda r, step, row: keep_replica(step, row) if r == 1 else None, **ELBO)
+    fit(*vae(), OneBit(5), seed=5, steps=20, log_every=5, average=0.5, checkpoint_path=paths[2], checkpoint_every=15,
+        callback=keep(paths[2], copies[1]), **ELBO)
+    ours, theirs = (load_checkpoint(c)["average"] for c in copies)
+    assert (ours["start"], ours["count"]) == (theirs["start"], theirs["count"]) == (10, 5)
+    assert [m.shape for m in ours["means"]] == [m.shape for m in theirs["means"]]
+    for a, b in zip(ours["means"], theirs["means"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("average", [-0.1, 1.0, float("nan"), "0.1"])
