@@ -15,7 +15,9 @@ class DLGM(nn.Module):
     prior_gain puts a learnable log-gain on the prior nets' input, moved prior_gain_rate times faster than the
     other parameters (models.nets.LogGain): at n = 1000 and 8000 steps, rate 10 gave exact loss 0.729 (seeds 0, 1)
     and rate 30 0.723-0.724, where rate 1 gave 0.745-0.753; but at n = 5 rates 20 and 30 collapsed 2 of 8 seeds
-    (the prior map went flat and z2 unused: loss 1.0658, the vae's), rate 10 none of 8 (n = 5 and n = 10)."""
+    (the prior map went flat and z2 unused: loss 1.0658, the vae's), rate 10 none of 8 (n = 5 and n = 10).
+    prior_gain_floor (None: none) is the lowest log-gain the prior nets' input gain acts with (models.nets.floored);
+    the recipe's 0.0 keeps a 3-layer prior net from flattening in its first steps (README, "The DLGM at n = 1000")."""
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
