@@ -53,9 +53,10 @@ class Recipe:
 # first Gaussian coordinate, which sees the costly tails every step)
 VAE_RECIPE = Recipe(steps=8000, num_particles=32, noise="lattice", lr=3e-3, lr_final=3e-5, schedule="exponential",
                     betas=(0.9, 0.99))
-# DLGM: more particles and more steps, a low final rate and Adam's long second-moment memory; with its prior gain at
-# rate 10 (models.DLGM) and infer.runtime's settings, 14000 steps take 58-62 s at n = 1000 (README, "The DLGM at
-# n = 1000")
+# DLGM: more particles and more steps, a low final rate, Adam's long second-moment memory, and the mean of the last
+# 10% of the iterates (infer.average); with its 3-layer prior net (models.DLGM) and infer.runtime's settings, 14000
+# steps at n = 1000 took 81-86 s on a day this machine ran ~35% slower than the day the previous recipe took 58-62 s
+# (README, "The DLGM at n = 1000")
 DLGM_RECIPE = Recipe(steps=14000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
                      schedule="exponential", betas=(0.9, 0.999), average=0.1)
 # any other model
