@@ -31,6 +31,7 @@ class ParameterAverage:
 
     def __init__(self, params, start: int):
         self.params, self.start = list(params), int(start)
+        self._values = [p.detach() for p in self.params]  # views that follow the in-place updates
         self.means, self.count = None, 0
 
     def update(self, step: int) -> None:
@@ -40,9 +41,9 @@ class ParameterAverage:
         self.count += 1
         with torch.no_grad():
             if self.means is None:
-                self.means = [p.detach().clone() for p in self.params]
+                self.means = [v.clone() for v in self._values]
             else:
-                torch._foreach_lerp_(self.means, [p.detach() for p in self.params], 1.0 / self.count)
+                torch._foreach_lerp_(self.means, self._values, 1.0 / self.count)
 
     def apply(self) -> bool:
         """Put the mean into the params (in place); False (params untouched) where nothing was averaged."""
