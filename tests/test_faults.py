@@ -181,7 +181,8 @@ def test_the_checkpoint_carries_the_config_that_produced_it(finished):
 @pytest.mark.parametrize("override, key", [("seed=7", "seed"), ("data.n=10", "data.n"), ("model=dlgm", "model"),
                                            ("guide=flow", "guide"), ("optim.lr=0.01", "optim.lr"),
                                            ("train.num_particles=16", "train.num_particles"),
-                                           ("train.beta=0.5", "train.beta")])
+                                           ("train.beta=0.5", "train.beta"),
+                                           ("train.average=0.5", "train.average")])
 def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_key(tmp_path, finished, override, key):
     proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", override, cwd=tmp_path)
     assert proc.returncode == 2
@@ -233,6 +234,17 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path, 
     args = ["data.n=100", "train.steps=1000", "train.checkpoint_every=500", f"train.log_every={log_every}",
             "eval.samples=10000", "eval.replicates=4", "eval.figures=false"]
     whole, resumed = kill_and_resume(tmp_path, args, 500)
+    assert (whole / "history.csv").read_bytes() == (resumed / "history.csv").read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
+    assert _timing_free(a) == _timing_free(b)
+
+
+def test_kill_and_resume_inside_the_averaging_window_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path):
+    """The checkpoint at step 500 lies inside the window of the last 600 steps: it carries the running mean."""
+    args = ["data.n=100", "train.steps=1000", "train.checkpoint_every=500", "train.average=0.6",
+            "eval.samples=10000", "eval.replicates=4", "eval.figures=false"]
+    whole, resumed = kill_and_resume(tmp_path, args, 500)
+    assert torch.load(resumed.parent / "at_kill.pt", weights_only=False)["average"]["count"] == 100
     assert (whole / "history.csv").read_bytes() == (resumed / "history.csv").read_bytes()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
     assert _timing_free(a) == _timing_free(b)
