@@ -193,8 +193,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
         raise Diverged(reason)
     from infer.average import average_start
 
-    averaged = f" (final parameters: the mean of the last {result.steps - average_start(result.steps, cfg.train.average)} " \
-        "iterates)" if cfg.train.average else ""
+    window = result.steps - average_start(result.steps, cfg.train.average)
+    averaged = f" (final parameters: the mean of the last {window} iterates)" if window else ""
     log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s{averaged}; evaluating (exact quadrature "
              "where it runs, Monte Carlo, PSIS k-hat) ...")
     metrics, grids = evaluate_run(model, guide, data, cfg, result)
@@ -237,7 +237,8 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                steps=cfg.train.steps, lr=cfg.optim.lr, lr_final=cfg.optim.lr_final,
                                schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas), beta=cfg.train.beta,
                                warmup=cfg.train.warmup, warmup_start=cfg.train.warmup_start,
-                               average=cfg.train.average, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
+                               average=cfg.train.average, log_every=cfg.train.log_every,
+                               progress=progress_enabled(cfg, multirun),
                                threads=cfg.threads, device=cfg.device, checkpoint_every=cfg.train.checkpoint_every,
                                checkpoint_paths=[d / "checkpoint.pt" for d in dirs],
                                checkpoint_extras=[{"config": cli.trajectory_config(c)} for c in configs],

@@ -54,12 +54,13 @@ class ParameterAverage:
                 p.copy_(m)
         return True
 
-    def state(self):
+    def state(self, means=None):
         """A checkpointable copy: {'start', 'count', 'means': [tensors on the CPU]}, or None before the averaging
-        starts."""
+        starts. `means` (a function of the list of running means) lays them out otherwise, e.g. as one replica's."""
         if self.means is None:
             return None
-        return {"start": self.start, "count": self.count, "means": [m.detach().cpu().clone() for m in self.means]}
+        laid_out = means(self.means) if means is not None else self.means
+        return {"start": self.start, "count": self.count, "means": [m.detach().cpu().clone() for m in laid_out]}
 
     def load(self, state, device, step: int) -> None:
         """Restore state() for a run resumed at `step` (None: nothing averaged yet). A mean that started elsewhere

@@ -270,13 +270,13 @@ class _Replicas:
     def replica_average(self, r, averaged):
         """Replica r's running parameter average as its single run's (infer.average.ParameterAverage.state(), the
         means in the order of its params); None before the averaging starts."""
-        state = averaged.state()
-        if state is None:
-            return None
-        of = dict(zip(self.params, averaged.means))
-        views = {role: replica_parameters(module, r, of) for role, module in (("model", self.model),
-                                                                               ("guide", self.guide))}
-        return {**state, "means": [views[role][attr].detach().cpu().clone() for _, role, attr in self.names]}
+        def own(means):
+            of = dict(zip(self.params, means))
+            views = {role: replica_parameters(module, r, of) for role, module in (("model", self.model),
+                                                                                   ("guide", self.guide))}
+            return [views[role][attr] for _, role, attr in self.names]
+
+        return averaged.state(own)
 
     def checkpoint(self, r, result, step, rng, window, average=None):
         from .checkpoint import save_checkpoint

@@ -97,8 +97,8 @@ RULES = {
     "average": (lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1): the fraction of the last steps whose "
                 "iterates are averaged (0: none)"),
     "gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
-    "prior_gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
 }
+RULES["prior_gain_floor"] = RULES["gain_floor"]  # the DLGM's name for its prior nets' gain floor
 
 # config key -> argument name (run.py's keys; the guide's network keys share the model's rules)
 CONFIG_KEYS = {
