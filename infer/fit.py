@@ -611,7 +611,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 _check_plan(plan, step + 1)  # before the update: the same params as the traced call
             if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
-            optimizer.step()
+            optimizer.update() if fused else optimizer.step()
             averaged.update(step + 1)
             window.add(vec, scale.beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:

@@ -342,7 +342,7 @@ class _Replicas:
                             self.checkpoint(r, results[r], step, *pending[r])
                 if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                     _check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
-                self.optimizer.step()
+                self.optimizer.update() if self.fused else self.optimizer.step()
                 averaged.update(step + 1)
                 values.append(vec)
                 betas.append(beta)

@@ -1,6 +1,7 @@
 """The training engine: the fast path (one light handler per run) and the traced plan (the fast path's forward
 traced once into a graph of tensor ops) give the general path's loss and gradients (golden values), for the built-in
 models and guides and for a guide a user writes; where they cannot apply, the general path runs and says so."""
+import copy
 import importlib
 
 import pyro
@@ -175,6 +176,49 @@ def test_lean_adam_steps_exactly_as_torchs_fused_adam_including_a_skipped_step()
             optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
     assert float(lean.state[ours[0]]["step"]) == 29.0
+
+
+def test_lean_adams_unwrapped_update_counts_each_param_as_torch_does_when_a_grad_is_missing():
+    from infer.adam import LeanAdam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    lean = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.99))
+    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    for i in range(12):
+        for optimizer, params in ((lean, ours), (torch_adam, theirs)):
+            optimizer.zero_grad(set_to_none=True)
+            loss = (params[0] ** 2).sum() + (params[1].sin().sum() if i not in (4, 5) else 0.0)
+            loss.backward()  # steps 4 and 5: the second param has no grad, so torch leaves it (and its count)
+            optimizer.update() if optimizer is lean else optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert [float(lean.state[p]["step"]) for p in ours] == [12.0, 10.0]
+
+
+def test_lean_adam_resumes_from_its_state_dict_as_torchs_fused_adam_does():
+    from infer.adam import LeanAdam
+
+    torch.manual_seed(1)
+    ours = [torch.randn(4, requires_grad=True), torch.randn(2, 3, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    first = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.999))
+    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.999), fused=True)
+
+    def steps(optimizer, params, k):
+        for _ in range(k):
+            optimizer.zero_grad(set_to_none=True)
+            (params[0].exp().sum() + (params[1] ** 3).sum()).backward()
+            optimizer.step()
+
+    steps(first, ours, 7)
+    saved = copy.deepcopy(first.state_dict())
+    again = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.999))
+    again.load_state_dict(saved)
+    steps(again, ours, 6)
+    steps(torch_adam, theirs, 13)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert [float(again.state[p]["step"]) for p in ours] == [13.0, 13.0]
 
 
 def test_moving_a_negation_after_its_sum_leaves_the_traced_graph_bit_for_bit_equal():
