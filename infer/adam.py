@@ -55,10 +55,8 @@ class LeanAdam(torch.optim.Adam):
             return
         params, exp_avgs, exp_avg_sqs, steps, counts = self._lists
         grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self._lists = None  # torch's step counts each param's own view; the lists are rebuilt after it
+        if any(g is None for g in grads):  # torch's step; it counts each param's own view of `counts` in place
             super().step()
-            self._lists = self._cache()
             return
         group = self.param_groups[0]
         found_inf = getattr(self, "found_inf", None)

@@ -159,14 +159,19 @@ def test_resuming_on_the_traced_plan_gives_the_uninterrupted_history(tmp_path, m
     assert full.engine == resumed.engine == "graph" and resumed.history == full.history
 
 
-def test_lean_adam_steps_exactly_as_torchs_fused_adam_including_a_skipped_step():
+def _lean_and_torch_adam(*shapes, seed=0, betas=(0.9, 0.99)):
+    """(ours, theirs, LeanAdam over ours, torch's fused Adam over theirs): two copies of the same random params."""
     from infer.adam import LeanAdam
 
-    torch.manual_seed(0)
-    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    torch.manual_seed(seed)
+    ours = [torch.randn(*shape, requires_grad=True) for shape in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    lean = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.99))
-    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    return (ours, theirs, LeanAdam(ours, lr=1e-2, betas=betas),
+            torch.optim.Adam(theirs, lr=1e-2, betas=betas, fused=True))
+
+
+def test_lean_adam_steps_exactly_as_torchs_fused_adam_including_a_skipped_step():
+    ours, theirs, lean, torch_adam = _lean_and_torch_adam((5, 3), (7,))
     for i in range(30):
         for optimizer, params in ((lean, ours), (torch_adam, theirs)):
             optimizer.zero_grad()
@@ -179,13 +184,7 @@ def test_lean_adam_steps_exactly_as_torchs_fused_adam_including_a_skipped_step()
 
 
 def test_lean_adams_unwrapped_update_counts_each_param_as_torch_does_when_a_grad_is_missing():
-    from infer.adam import LeanAdam
-
-    torch.manual_seed(0)
-    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
-    theirs = [p.detach().clone().requires_grad_() for p in ours]
-    lean = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.99))
-    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    ours, theirs, lean, torch_adam = _lean_and_torch_adam((5, 3), (7,))
     for i in range(12):
         for optimizer, params in ((lean, ours), (torch_adam, theirs)):
             optimizer.zero_grad(set_to_none=True)
@@ -199,11 +198,7 @@ def test_lean_adams_unwrapped_update_counts_each_param_as_torch_does_when_a_grad
 def test_lean_adam_resumes_from_its_state_dict_as_torchs_fused_adam_does():
     from infer.adam import LeanAdam
 
-    torch.manual_seed(1)
-    ours = [torch.randn(4, requires_grad=True), torch.randn(2, 3, requires_grad=True)]
-    theirs = [p.detach().clone().requires_grad_() for p in ours]
-    first = LeanAdam(ours, lr=1e-2, betas=(0.9, 0.999))
-    torch_adam = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.999), fused=True)
+    ours, theirs, first, torch_adam = _lean_and_torch_adam((4,), (2, 3), seed=1, betas=(0.9, 0.999))
 
     def steps(optimizer, params, k):
         for _ in range(k):
