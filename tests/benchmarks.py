@@ -188,6 +188,10 @@ def main(rounds=5, study=True):
               f"   (general path {ratio('general', 'plain_fused'):.2f}x)")
         print(f"  fit's engine: {ENGINE[(name, 'auto')]}; one-time setup (engine check and trace) "
               f"{statistics.median(SETUP[name]):.1f} s")
+        steps = importlib.import_module("infer.fit").recipe(VAE if name == "vae" else DLGM).steps
+        fit_s, plain_s = (steps * statistics.median(times[k]) / 1e3 for k in ("auto", "plain_fused"))
+        print(f"  the recipe's {steps} steps at these step times: fit {fit_s:.0f} s, plain torch with fused Adam "
+              f"{plain_s:.0f} s")
     print(f"replicas: training seconds of 3 seeds together / 3 single fits (setup included), median of "
           f"{max(1, rounds // 2)} interleaved rounds:")
     for name in ("vae", "dlgm"):
