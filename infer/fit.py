@@ -574,6 +574,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
     bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
+    optimizer_step = optimizer.update if fused else optimizer.step  # LeanAdam's step without torch's per-call wrapper
     with pyro.validation_enabled(False), warnings.catch_warnings():  # the fit check ran with validation
         # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
         warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
@@ -611,7 +612,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 _check_plan(plan, step + 1)  # before the update: the same params as the traced call
             if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
-            optimizer.update() if fused else optimizer.step()
+            optimizer_step()
             averaged.update(step + 1)
             window.add(vec, scale.beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:

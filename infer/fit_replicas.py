@@ -313,6 +313,7 @@ class _Replicas:
             return {"values": torch.stack([vec[:, r] for vec in values]).cpu(), "betas": list(betas)}
 
         bar = tqdm(range(steps), disable=not v["progress"], desc=f"fit x{R}", dynamic_ncols=True, mininterval=0.5)
+        optimizer_step = self.optimizer.update if self.fused else self.optimizer.step  # as in infer.fit
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
             for step in bar:
@@ -342,7 +343,7 @@ class _Replicas:
                             self.checkpoint(r, results[r], step, *pending[r])
                 if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                     _check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
-                self.optimizer.update() if self.fused else self.optimizer.step()
+                optimizer_step()
                 averaged.update(step + 1)
                 values.append(vec)
                 betas.append(beta)
