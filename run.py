@@ -277,6 +277,20 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     return {"replicas": done, "loss": mean}
 
 
+def parallel_jobs(hc) -> int:
+    """How many of a sweep's jobs run at once: the joblib launcher's n_jobs (negative as joblib reads it: -1 is
+    every core), else 1 (the basic launcher runs them one after another)."""
+    launcher = hc.launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = launcher.get("n_jobs") or 1
+    if n_jobs < 0:
+        from infer.runtime import available_cores
+
+        n_jobs = max(1, available_cores() + 1 + n_jobs)
+    return int(n_jobs)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra task: run() into Hydra's output dir and record how it ended (status.json); log the summary; return the
@@ -287,6 +301,11 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
+    from infer.runtime import oversubscription
+
+    crowded = oversubscription(cfg.get("threads"), parallel_jobs(hc) if multirun else 1)
+    if crowded:
+        log.warning(crowded)
     out = Path(hc.runtime.output_dir)
     try:
         claim = cli.claim_for(cfg, out)

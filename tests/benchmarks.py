@@ -10,6 +10,9 @@ per-round ratio is printed, because the machine is shared: ratios, not absolute 
 Replicas: the training time (setup included) of three seeds trained together (infer.fit_replicas) against the
 three single fits, for the vae and the dlgm at n = 10, 100 and 1000, with their recipes' particles.
 
+Both cores: the dlgm at n = 1000 with threads=2 against threads=1 (a fit step), and its three replicas against three
+single fits with 2 threads each. Meaningful only on an otherwise idle machine (infer.runtime.oversubscription).
+
 The study: the wall time of `python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2`
 (30 runs as 10 jobs of 3 replicas), run in a temporary directory, with its job count and failures.
 """
@@ -107,13 +110,13 @@ WARMUP = 75  # steps left out of the timing, in fit as in the plain loop: the tr
 # checks its plan) every WARMUP steps, about as often as a run's every 100
 
 
-def fit_ms(name, engine):
+def fit_ms(name, engine, threads=1):
     """fit's time per step after its one-time setup (choosing the engine, tracing the plan: in setup_seconds) and
     its first WARMUP steps: the time between the log at step WARMUP and the log at step WARMUP + STEPS."""
     model, guide, P = pair(name)
     stamps = {}
     result = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=P, noise="lattice"),
-                 steps=WARMUP + STEPS, seed=0, engine=engine, log_every=WARMUP,
+                 steps=WARMUP + STEPS, seed=0, engine=engine, log_every=WARMUP, threads=threads,
                  callback=lambda step, row: stamps.setdefault(step, time.perf_counter()))
     SETUP[name].append(result.setup_seconds)
     ENGINE[(name, engine)] = result.engine
@@ -121,8 +124,9 @@ def fit_ms(name, engine):
     return 1e3 * (stamps[last] - stamps[first]) / (last - first)
 
 
-def replica_ratio(name, n, steps, rounds):
-    """Median over interleaved rounds of (three replicas together) / (three single fits), training seconds."""
+def replica_ratio(name, n, steps, rounds, threads=1):
+    """Median over interleaved rounds of (three replicas together) / (three single fits), training seconds, each
+    with `threads` torch threads."""
     from infer.fit_replicas import fit_replicas
 
     ratios = []
@@ -131,12 +135,12 @@ def replica_ratio(name, n, steps, rounds):
         P = pairs[0][2]
         t0 = time.perf_counter()
         fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), [0, 1, 2], steps=steps,
-                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"))
+                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"), threads=threads)
         together = time.perf_counter() - t0
         t0 = time.perf_counter()
         for seed, (model, guide, P) in enumerate(pairs):
             fit(model, guide, OneBit(n), elbo=ClosedFormELBO(num_particles=P, noise="lattice"), steps=steps,
-                seed=seed)
+                seed=seed, threads=threads)
         ratios.append(together / (time.perf_counter() - t0))
     return statistics.median(ratios)
 
@@ -197,6 +201,12 @@ def main(rounds=5, study=True):
     for name in ("vae", "dlgm"):
         for n, steps in ((10, 1000), (100, 600), (1000, 400)):
             print(f"  {name} n={n:<5} ({steps} steps): {replica_ratio(name, n, steps, max(1, rounds // 2)):.2f}x")
+    both = [(fit_ms("dlgm", "auto", threads=2), fit_ms("dlgm", "auto", threads=1)) for _ in range(rounds)]
+    print(f"both cores (an idle machine only; threads=2 rounds differently from 1): dlgm n={N}, fit step at 2 threads "
+          f"/ at 1 thread {statistics.median(a / b for a, b in both):.2f}x (ms/step "
+          f"{statistics.median(a for a, _ in both):.2f} / {statistics.median(b for _, b in both):.2f}, median of "
+          f"{rounds}); 3 replicas together / 3 single fits, 2 threads each: "
+          f"{replica_ratio('dlgm', 1000, 400, max(1, rounds // 2), threads=2):.2f}x")
     if study:
         wall, code, line, table = study_seconds()
         print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "

@@ -1,5 +1,6 @@
 """The process settings training runs under (infer.runtime): each is on while fit trains and restored after, and
-the held heap stops the page faults that freed megabyte tensors cost each step."""
+the held heap stops the page faults that freed megabyte tensors cost each step; more threads than cores are
+warned of."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer.runtime import held_heap, training_settings
+from infer.runtime import available_cores, held_heap, oversubscription, training_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +72,29 @@ def test_training_sets_the_thread_count_and_restores_it():
     with training_settings(threads=1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_more_parallel_threads_than_cores_get_a_one_line_warning_naming_the_fix():
+    message = oversubscription(2, jobs=2, cores=2)
+    assert message is not None and "\n" not in message
+    assert "2 parallel jobs x threads=2" in message and "4 threads on 2 cores" in message
+    assert message.endswith("use threads=1")
+    assert "threads=3 asks for 3 threads on 2 cores" in oversubscription(3, cores=2)
+
+
+def test_threads_that_fit_the_cores_get_no_warning():
+    assert oversubscription(1, jobs=10, cores=2) is None  # one thread per process never waits for another
+    assert oversubscription(2, jobs=1, cores=2) is None
+    assert oversubscription(None, jobs=4, cores=2) is None  # torch's own setting
+
+
+def test_a_sweeps_parallel_jobs_are_the_joblib_launchers_n_jobs():
+    from omegaconf import OmegaConf
+
+    from run import parallel_jobs
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": joblib, "n_jobs": 2}})) == 2
+    assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": joblib, "n_jobs": -1}})) == available_cores()
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": basic}})) == 1
