@@ -55,7 +55,7 @@ VAE_RECIPE = Recipe(steps=8000, num_particles=32, noise="lattice", lr=3e-3, lr_f
                     betas=(0.9, 0.99))
 # DLGM: more particles and more steps, a low final rate, Adam's long second-moment memory, and the mean of the last
 # 10% of the iterates (infer.average); with its 3-layer prior net (models.DLGM) and infer.runtime's settings, 14000
-# steps at n = 1000 took 81-86 s on a day this machine ran ~35% slower than the day the previous recipe took 58-62 s
+# steps at n = 1000 took 55.8-59.9 s in this 2-core machine's fastest spell and up to 108 s in its slow ones
 # (README, "The DLGM at n = 1000")
 DLGM_RECIPE = Recipe(steps=14000, num_particles=128, noise="lattice", lr=3e-3, lr_final=3e-5,
                      schedule="exponential", betas=(0.9, 0.999), average=0.1)
@@ -346,8 +346,10 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     the parameters of model and guide are drawn again from that seed (reset_parameters), so a script gives the same
     numbers although its networks were built before fit seeded; calling fit twice starts afresh both times.
     init="keep" warm-starts from the current values (nn.Module params and pyro.param values alike).
-    threads: torch's thread count during fit (restored afterwards); 1 is much faster for these small networks
-    (2 threads measured 5-8x slower); None leaves it.
+    threads: torch's thread count during fit (restored afterwards); None leaves it. 1 is fastest for small n (2
+    measured 3-6% slower at n <= 100); at n = 1000, on an otherwise idle machine, 2 train 12-20% faster, with other
+    rounding (the decoder's input gradient is split over the threads); where another process holds the second core
+    they wait on it at every op (two such runs on 2 cores measured 7x slower: infer.runtime.oversubscription).
     device: model and guide (nn.Modules) are moved there, and the data; pyro.param sites a user's function creates
     must be created on it by the user.
 
