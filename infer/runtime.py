@@ -4,6 +4,7 @@ executor's only effect on numbers is its rounding, see training_settings)."""
 import contextlib
 import ctypes
 import ctypes.util
+import os
 
 import torch
 
@@ -80,8 +81,6 @@ def training_settings(threads):
 
 def available_cores() -> int:
     """The number of CPUs this process may run on (its affinity mask; os.cpu_count where the OS keeps none)."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
