@@ -1,6 +1,7 @@
 """The process settings training runs under: torch's thread count, denormal flushing, TorchScript's plain executor
 and a heap that keeps freed memory. Each was measured to make a step faster; none changes what is computed (the
-executor's only effect on numbers is its rounding, see training_settings)."""
+executor's only effect on numbers is its rounding, see training_settings). And the check that parallel jobs do not
+ask for more threads than there are cores (oversubscription)."""
 import contextlib
 import ctypes
 import ctypes.util
