@@ -7,8 +7,9 @@ n = 1000: fit with engine="auto" (the fast path) and engine="general" (Pyro's tr
 timed with torch's default Adam and with fused Adam (fit uses fused Adam). Rounds are interleaved, and the median
 per-round ratio is printed, because the machine is shared: ratios, not absolute times.
 
-Replicas: the training time (setup included) of three seeds trained together (infer.fit_replicas) against the
-three single fits, for the vae and the dlgm at n = 10, 100 and 1000, with their recipes' particles.
+Replicas: three seeds trained together (infer.fit_replicas) against the three single fits, for the vae and the dlgm
+at n = 10, 100 and 1000, with their recipes' particles: the training time of a short run (setup included), the
+steady step, and both extrapolated to the recipe's steps, the cost of three full runs' training.
 
 Both cores: the dlgm at n = 1000 with threads=2 against threads=1 (a fit step), and its three replicas against three
 single fits with 2 threads each. Meaningful only on an otherwise idle machine (infer.runtime.oversubscription).
@@ -125,24 +126,39 @@ def fit_ms(name, engine, threads=1):
 
 
 def replica_ratio(name, n, steps, rounds, threads=1):
-    """Median over interleaved rounds of (three replicas together) / (three single fits), training seconds, each
-    with `threads` torch threads."""
+    """Medians over interleaved rounds of (three replicas together) / (three single fits), each with `threads` torch
+    threads: (training seconds of `steps` steps, setup included; the steady step, the time between the log at step
+    WARMUP and the last log; the recipe's steps, from each side's time to step WARMUP plus its steady step times the
+    steps left). A run of the recipe's length is almost all steady steps, so the last is what replicas save on it."""
     from infer.fit_replicas import fit_replicas
 
-    ratios = []
+    rows = []
+    plan = importlib.import_module("infer.fit").recipe(VAE if name == "vae" else DLGM)
     for _ in range(rounds):
         pairs = [pair(name, n) for _ in range(3)]
         P = pairs[0][2]
+        stamps = {}
         t0 = time.perf_counter()
         fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), [0, 1, 2], steps=steps,
-                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"), threads=threads)
+                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"), threads=threads, log_every=WARMUP,
+                     callback=lambda r, step, row: stamps.setdefault(step, time.perf_counter()))
         together = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        last = max(stamps)
+        together_step = (stamps[last] - stamps[WARMUP]) / (last - WARMUP)
+        together_recipe = stamps[WARMUP] - t0 + (plan.steps - WARMUP) * together_step
+        alone = alone_step = alone_recipe = 0.0
         for seed, (model, guide, P) in enumerate(pairs):
+            stamps = {}
+            t0 = time.perf_counter()
             fit(model, guide, OneBit(n), elbo=ClosedFormELBO(num_particles=P, noise="lattice"), steps=steps,
-                seed=seed, threads=threads)
-        ratios.append(together / (time.perf_counter() - t0))
-    return statistics.median(ratios)
+                seed=seed, threads=threads, log_every=WARMUP,
+                callback=lambda step, row: stamps.setdefault(step, time.perf_counter()))
+            alone += time.perf_counter() - t0
+            step = (stamps[last] - stamps[WARMUP]) / (last - WARMUP)
+            alone_step += step
+            alone_recipe += stamps[WARMUP] - t0 + (plan.steps - WARMUP) * step
+        rows.append((together / alone, together_step / alone_step, together_recipe / alone_recipe))
+    return tuple(statistics.median(row[k] for row in rows) for k in range(3))
 
 
 def study_seconds():
@@ -196,17 +212,19 @@ def main(rounds=5, study=True):
         fit_s, plain_s = (steps * statistics.median(times[k]) / 1e3 for k in ("auto", "plain_fused"))
         print(f"  the recipe's {steps} steps at these step times: fit {fit_s:.0f} s, plain torch with fused Adam "
               f"{plain_s:.0f} s")
-    print(f"replicas: training seconds of 3 seeds together / 3 single fits (setup included), median of "
-          f"{max(1, rounds // 2)} interleaved rounds:")
+    print(f"replicas: 3 seeds together / 3 single fits, median of {max(1, rounds // 2)} interleaved rounds: training "
+          f"seconds (setup included); a steady step; and extrapolated to the recipe's steps (setup + steps):")
     for name in ("vae", "dlgm"):
-        for n, steps in ((10, 1000), (100, 600), (1000, 400)):
-            print(f"  {name} n={n:<5} ({steps} steps): {replica_ratio(name, n, steps, max(1, rounds // 2)):.2f}x")
+        for n, steps in ((10, 1050), (100, 600), (1000, 450)):
+            short, step, full = replica_ratio(name, n, steps, max(1, rounds // 2))
+            print(f"  {name} n={n:<5} {steps} steps {short:.2f}x; steady step {step:.2f}x; recipe's steps {full:.2f}x")
     both = [(fit_ms("dlgm", "auto", threads=2), fit_ms("dlgm", "auto", threads=1)) for _ in range(rounds)]
     print(f"both cores (an idle machine only; threads=2 rounds differently from 1): dlgm n={N}, fit step at 2 threads "
           f"/ at 1 thread {statistics.median(a / b for a, b in both):.2f}x (ms/step "
           f"{statistics.median(a for a, _ in both):.2f} / {statistics.median(b for _, b in both):.2f}, median of "
           f"{rounds}); 3 replicas together / 3 single fits, 2 threads each: "
-          f"{replica_ratio('dlgm', 1000, 400, max(1, rounds // 2), threads=2):.2f}x")
+          "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(
+              *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2)))
     if study:
         wall, code, line, table = study_seconds()
         print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "
