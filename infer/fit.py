@@ -346,10 +346,11 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     the parameters of model and guide are drawn again from that seed (reset_parameters), so a script gives the same
     numbers although its networks were built before fit seeded; calling fit twice starts afresh both times.
     init="keep" warm-starts from the current values (nn.Module params and pyro.param values alike).
-    threads: torch's thread count during fit (restored afterwards); None leaves it. 1 is fastest for small n (2
-    measured 3-6% slower at n <= 100); at n = 1000, on an otherwise idle machine, 2 train 12-20% faster, with other
-    rounding (the decoder's input gradient is split over the threads); where another process holds the second core
-    they wait on it at every op (two such runs on 2 cores measured 7x slower: infer.runtime.oversubscription).
+    threads: torch's thread count during fit (restored afterwards); None leaves it. It changes no number: MKL's
+    matmuls stay on the calling thread (infer.runtime.serial_blas), so 2 threads train bit for bit as 1. 1 is fastest
+    for small n (2 measured 3-6% slower at n <= 100); at n = 1000, on an otherwise idle machine, 2 are faster (the
+    large elementwise ops split); where another process holds the second core they wait on it at every op (two such
+    runs on 2 cores measured 7x slower: infer.runtime.oversubscription).
     device: model and guide (nn.Modules) are moved there, and the data; pyro.param sites a user's function creates
     must be created on it by the user.
 

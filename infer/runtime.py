@@ -1,7 +1,8 @@
-"""The process settings training runs under: torch's thread count, denormal flushing, TorchScript's plain executor
-and a heap that keeps freed memory. Each was measured to make a step faster; none changes what is computed (the
-executor's only effect on numbers is its rounding, see training_settings). And the check that parallel jobs do not
-ask for more threads than there are cores (oversubscription)."""
+"""The process settings training runs under: torch's thread count, denormal flushing, MKL's matmuls on the calling
+thread, TorchScript's plain executor and a heap that keeps freed memory. Each was measured to make a step faster or
+to keep the thread count out of the numbers; none changes what is computed (the executor's only effect on numbers
+is its rounding, see training_settings). And the check that parallel jobs do not ask for more threads than there are
+cores (oversubscription)."""
 import contextlib
 import ctypes
 import ctypes.util
@@ -16,6 +17,7 @@ _FLUSHING = [0]  # depth of nested flush_denormals blocks
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_BYTES, MMAP_BYTES = 1 << 30, 32 << 20
 _HEAP = []  # [whether the thresholds are set] once held_heap has run in this process
+_MKL = []  # [MKL_Set_Num_Threads_Local or None] once looked up
 
 
 @contextlib.contextmanager
@@ -61,9 +63,46 @@ def held_heap() -> bool:
     return _HEAP[0]
 
 
+def _mkl_local_threads():
+    """MKL's thread-local thread count setter (MKL_Set_Num_Threads_Local) in the MKL that torch links, or None
+    where torch has none (a build on OpenBLAS, or a platform without the symbol)."""
+    if not _MKL:
+        found = None
+        if torch.backends.mkl.is_available():
+            try:
+                found = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+                found = getattr(found, "MKL_Set_Num_Threads_Local", None)
+            except OSError:
+                found = None
+        _MKL.append(found)
+    return _MKL[0]
+
+
+@contextlib.contextmanager
+def serial_blas():
+    """MKL's matmuls run on the calling thread while the block runs, whatever torch's thread count (torch's own ops
+    still split their elements over torch's threads); the previous setting is restored afterwards.
+
+    With two threads MKL splits a matmul's inner dimension between them where it is long (the decoder's input
+    gradient at n = 1000: a [256, 1000] @ [1000, 64] product), which sums in another order: a dlgm's loss then moved
+    in the 7th digit after 300 steps. Elementwise ops and the reductions over the last dim come out the same for
+    any split of their elements, so under this block threads=2 gives the numbers of threads=1 bit for bit
+    (tests/test_runtime.py). A no-op where torch has no MKL."""
+    set_local = _mkl_local_threads()
+    if set_local is None:
+        yield
+        return
+    previous = set_local(1)
+    try:
+        yield
+    finally:
+        set_local(previous)
+
+
 @contextlib.contextmanager
 def training_settings(threads):
-    """While training: torch's thread count (None leaves it), denormals flushed (flush_denormals) and TorchScript's
+    """While training: torch's thread count (None leaves it), MKL's matmuls serial (serial_blas: the thread count
+    changes no number), denormals flushed (flush_denormals) and TorchScript's
     executor without its profiling optimisation (torch.jit.optimized_execution(False): the traced plan's ops run as
     traced; measured 3-10% faster per step on the dlgm; the profiling pass had rounded differently, so losses moved
     in the 7th-8th significant digit, the same in every process), each restored afterwards; and the heap held
@@ -73,7 +112,7 @@ def training_settings(threads):
     if threads is not None and threads != old_threads:
         torch.set_num_threads(threads)
     try:
-        with flush_denormals(), torch.jit.optimized_execution(False):
+        with flush_denormals(), serial_blas(), torch.jit.optimized_execution(False):
             yield
     finally:
         if threads is not None and threads != old_threads:

@@ -11,8 +11,9 @@ Replicas: three seeds trained together (infer.fit_replicas) against the three si
 at n = 10, 100 and 1000, with their recipes' particles: the training time of a short run (setup included), the
 steady step, and both extrapolated to the recipe's steps, the cost of three full runs' training.
 
-Both cores: the dlgm at n = 1000 with threads=2 against threads=1 (a fit step), and its three replicas against three
-single fits with 2 threads each. Meaningful only on an otherwise idle machine (infer.runtime.oversubscription).
+Both cores: the dlgm at n = 1000 with threads=2 against threads=1 (a fit step), and its three replicas with 2 threads
+against three single fits with 1 (the same numbers: infer.runtime.serial_blas). Meaningful only on an otherwise idle
+machine (infer.runtime.oversubscription).
 
 The study: the wall time of `python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2`
 (30 runs as 10 jobs of 3 replicas), run in a temporary directory, with its job count and failures.
@@ -125,11 +126,12 @@ def fit_ms(name, engine, threads=1):
     return 1e3 * (stamps[last] - stamps[first]) / (last - first)
 
 
-def replica_ratio(name, n, steps, rounds, threads=1):
-    """Medians over interleaved rounds of (three replicas together) / (three single fits), each with `threads` torch
-    threads: (training seconds of `steps` steps, setup included; the steady step, the time between the log at step
-    WARMUP and the last log; the recipe's steps, from each side's time to step WARMUP plus its steady step times the
-    steps left). A run of the recipe's length is almost all steady steps, so the last is what replicas save on it."""
+def replica_ratio(name, n, steps, rounds, threads=1, single_threads=None):
+    """Medians over interleaved rounds of (three replicas together, with `threads` torch threads) / (three single
+    fits, with single_threads, by default the same): (training seconds of `steps` steps, setup included; the steady
+    step, the time between the log at step WARMUP and the last log; the recipe's steps, from each side's time to step
+    WARMUP plus its steady step times the steps left). A run of the recipe's length is almost all steady steps, so
+    the last is what replicas save on it."""
     from infer.fit_replicas import fit_replicas
 
     rows = []
@@ -151,7 +153,7 @@ def replica_ratio(name, n, steps, rounds, threads=1):
             stamps = {}
             t0 = time.perf_counter()
             fit(model, guide, OneBit(n), elbo=ClosedFormELBO(num_particles=P, noise="lattice"), steps=steps,
-                seed=seed, threads=threads, log_every=WARMUP,
+                seed=seed, threads=threads if single_threads is None else single_threads, log_every=WARMUP,
                 callback=lambda step, row: stamps.setdefault(step, time.perf_counter()))
             alone += time.perf_counter() - t0
             step = (stamps[last] - stamps[WARMUP]) / (last - WARMUP)
@@ -219,12 +221,12 @@ def main(rounds=5, study=True):
             short, step, full = replica_ratio(name, n, steps, max(1, rounds // 2))
             print(f"  {name} n={n:<5} {steps} steps {short:.2f}x; steady step {step:.2f}x; recipe's steps {full:.2f}x")
     both = [(fit_ms("dlgm", "auto", threads=2), fit_ms("dlgm", "auto", threads=1)) for _ in range(rounds)]
-    print(f"both cores (an idle machine only; threads=2 rounds differently from 1): dlgm n={N}, fit step at 2 threads "
+    print(f"both cores (an idle machine only; threads=2 gives the numbers of 1): dlgm n={N}, fit step at 2 threads "
           f"/ at 1 thread {statistics.median(a / b for a, b in both):.2f}x (ms/step "
           f"{statistics.median(a for a, _ in both):.2f} / {statistics.median(b for _, b in both):.2f}, median of "
-          f"{rounds}); 3 replicas together / 3 single fits, 2 threads each: "
+          f"{rounds}); 3 replicas together at 2 threads / 3 single fits at 1: "
           "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(
-              *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2)))
+              *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2, single_threads=1)))
     if study:
         wall, code, line, table = study_seconds()
         print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "

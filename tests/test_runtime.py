@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from infer import runtime
 from infer.runtime import available_cores, held_heap, oversubscription, training_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,39 @@ def test_a_sweeps_parallel_jobs_are_the_joblib_launchers_n_jobs():
     assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": joblib, "n_jobs": -1}})) == available_cores()
     basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
     assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": basic}})) == 1
+
+
+def trained_parameters(threads):
+    """The parameters of a dlgm at n = 1000 (where a 2-thread matmul would split its 1000-long inner dim) after
+    100 steps with `threads` torch threads."""
+    import pyro
+
+    from guides import StructuredGuide
+    from infer import fit
+    from models import DLGM, OneBit
+
+    pyro.set_rng_seed(0)
+    model = DLGM(1000, prior_hidden=32, prior_layers=3, prior_gain=True, prior_gain_floor=0.0)
+    guide = StructuredGuide(model)
+    fit(model, guide, OneBit(1000), steps=100, seed=0, threads=threads)
+    return [p.detach().clone() for p in (*model.parameters(), *guide.parameters())]
+
+
+def test_two_threads_train_to_the_numbers_of_one_bit_for_bit():
+    if runtime._mkl_local_threads() is None:
+        pytest.skip("torch has no MKL here: its BLAS may split a matmul's sums over the threads")
+    one, two = trained_parameters(1), trained_parameters(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_serial_blas_restores_mkls_thread_count():
+    set_local = runtime._mkl_local_threads()
+    if set_local is None:
+        pytest.skip("torch has no MKL here")
+    with training_settings(threads=2):
+        with runtime.serial_blas():
+            assert set_local(1) == 1  # inside: MKL on the calling thread
+    before = set_local(3)
+    with runtime.serial_blas():
+        pass
+    assert set_local(before) == 3  # restored to what it was
