@@ -183,6 +183,7 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
     """After training: refuse a diverged result (history and a metrics.json saying so), else evaluate and write
     the run's outputs into `out`; return the metrics. Raises Diverged."""
     from analysis.report import evaluate_run, write_run
+    from infer.runtime import serial_blas
 
     reason = cli.divergence(result, data, beta=cfg.train.beta)
     if reason:
@@ -197,7 +198,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
     averaged = f" (final parameters: the mean of the last {window} iterates)" if window else ""
     log.info(f"trained {result.steps} steps in {result.wall_seconds:.1f} s{averaged}; evaluating (exact quadrature "
              "where it runs, Monte Carlo, PSIS k-hat) ...")
-    metrics, grids = evaluate_run(model, guide, data, cfg, result)
+    with serial_blas():  # as in training: the thread count changes no number
+        metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
     reason = cli.divergence(result, data, beta=cfg.train.beta, final=metrics)
     if reason:
