@@ -467,11 +467,12 @@ def _prepare(model, guide, data, elbo, v, device, start=0):
             with torch.no_grad(), torch.random.fork_rng():
                 model(x)
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
-    if kept:
+    if kept:  # pyro.param sites keep their values from the store; an nn.Module's params are the module's own
+        own = {id(p) for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters()}
         with torch.no_grad():
             for name in names:
                 value = store.get_param(name).unconstrained()
-                if name in kept and kept[name].shape == value.shape:
+                if id(value) not in own and name in kept and kept[name].shape == value.shape:
                     value.copy_(kept[name])
     trained = names
     if v["freeze_model"]:

@@ -252,6 +252,17 @@ def test_calling_fit_twice_starts_afresh_unless_told_to_keep_the_parameters():
     assert again == first and warm != first
 
 
+def test_keep_starts_a_new_module_from_its_own_values_not_from_an_earlier_fits():
+    earlier = VAE(5, hidden=8)
+    fit(earlier, GaussianGuide(earlier, hidden=8), OneBit(5), steps=20, log_every=20, seed=1)
+    model = VAE(5, hidden=8)  # e.g. loaded from a file: the same param names as the earlier fit's
+    guide = GaussianGuide(model, hidden=8)
+    own = [p.detach().clone() for p in (*model.parameters(), *guide.parameters())]
+    fit(model, guide, OneBit(5), steps=1, log_every=1, lr=1e-30, lr_final=1e-30, init="keep")
+    after = [p.detach() for p in (*model.parameters(), *guide.parameters())]
+    assert all(torch.allclose(a, b, atol=1e-20) for a, b in zip(own, after))
+
+
 def test_an_autoguide_is_set_up_afresh_by_each_fit():
     from pyro.infer.autoguide import AutoIAFNormal
 
