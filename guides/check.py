@@ -1,5 +1,6 @@
 """The guide/model fit check: trace both once and refuse a guide that does not cover the model's latents."""
 import pyro
+import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
@@ -24,6 +25,13 @@ def _trace(fn, x, role):
                                  f"{type(err).__name__}: {first}") from err
 
 
+def _base(fn):
+    """The distribution under a site's Independent / masked / expanded wrappers."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 DATA_PLATE = "data"  # the plate every model and guide samples its per-point sites in
 
 
@@ -38,12 +46,21 @@ def check_guide(model, guide, x) -> None:
     with pyro.validation_enabled(True), poutine.block():
         guide_trace = _trace(guide, x, "guide")
         model_trace = _trace(model, x, "model")
+    seen = {role: [n for n, s in t.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+            for role, t in (("model", model_trace), ("guide", guide_trace))}
+    if seen["guide"]:
+        raise GuideMismatchError("model and guide look swapped: the model must observe x (pyro.sample(..., obs=x)) "
+                                 f"and the guide nothing (model observes: {', '.join(seen['model']) or 'nothing'}; "
+                                 f"guide observes: {', '.join(seen['guide']) or 'nothing'})")
     want, have = latent_sites(model_trace), latent_sites(guide_trace)
     missing, extra = [s for s in want if s not in have], [s for s in have if s not in want]
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
         raise GuideMismatchError(f"guide does not fit the model: {'; '.join(parts)} "
                                  f"(model latent sites: {', '.join(want)}; guide: {', '.join(have) or 'none'})")
+    # an autoguide's Delta sites are deterministic functions of auxiliary sites, which carry the density
+    auxiliary = [n for n, site in guide_trace.nodes.items()
+                 if site["type"] == "sample" and site["infer"].get("is_auxiliary")]
     for name in want:
         p, q = model_trace.nodes[name], guide_trace.nodes[name]
         if p["fn"].event_shape != q["fn"].event_shape or q["value"].shape != p["value"].shape:
@@ -58,6 +75,9 @@ def check_guide(model, guide, x) -> None:
             raise GuideMismatchError(f"guide site '{name}' drew a value outside the model's support "
                                      f"{p['fn'].support} (guide: {type(q['fn']).__name__} with support "
                                      f"{q['fn'].support})")
+        if isinstance(_base(q["fn"]), dist.Delta) and not auxiliary:  # log q = 0: the "ELBO" is a MAP fit's
+            raise GuideMismatchError(f"guide site '{name}' is a point mass (Delta): it has no density, so its ELBO is "
+                                     "no bound on log p(x); use a guide with a density (e.g. guide=gaussian)")
     for name, site in guide_trace.nodes.items():
         if name in have and not site["fn"].has_rsample:
             raise GuideMismatchError(f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "

@@ -40,3 +40,19 @@ def test_a_guide_without_reparameterisation_is_refused():
 
     with pytest.raises(GuideMismatchError, match="'k' .* is not reparameterisable"):
         check_guide(model, guide, OneBit(3).x)
+
+
+def test_a_point_mass_guide_is_refused_because_its_elbo_bounds_nothing():
+    from pyro.infer.autoguide import AutoDelta
+
+    model = DLGM(3)
+    with pytest.raises(GuideMismatchError, match="site 'z2' is a point mass") as err:
+        check_guide(model, AutoDelta(model), OneBit(3).x)
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_and_guide_given_the_wrong_way_round_are_refused():
+    model = VAE(3)
+    with pytest.raises(GuideMismatchError, match="look swapped") as err:
+        check_guide(GaussianGuide(model), model, OneBit(3).x)
+    assert "\n" not in str(err.value)
