@@ -291,7 +291,7 @@ def encoding_grid(cells: dict, path=None, title: str = None):
 
     Each panel shows the top latent: p(z) shaded grey, aggregate q(z) black, the mass q(z) misses red, q(z|x_k)
     coloured and the true p(z|x_k) dashed."""
-    models = sorted({m for m, _ in cells}, key=lambda m: (m != "vae", m))
+    models = sorted({m for m, _ in cells}, key=lambda m: (not str(m).startswith("vae"), m))
     ns = sorted({n for _, n in cells})
     with _style():
         # at least ~8.5 in wide so the title and a legend of up to 7 entries fit with 1-2 columns

@@ -24,7 +24,7 @@ import numpy as np
 
 log = logging.getLogger("onebit.sweep")
 LN2 = math.log(2.0)
-ID_COLUMNS = ("job", "status", "model", "guide", "n", "seed", "beta", "overrides")
+ID_COLUMNS = ("job", "status", "duplicate_of", "model", "guide", "n", "seed", "beta", "overrides")
 # The original study's numbers (RuiShu/one-bit-vae; Monte Carlo, one draw per row), see seed/REFERENCE.md
 ORIGINAL = {"vae": {1: (0.69315, 0.69254), 5: (1.06633, 2.788e-2), 10: (1.14074, 9.561e-3),
                     100: (1.42624, 1.476e-3), 1000: (1.48595, 4.282e-5)},
@@ -70,14 +70,76 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def job_dirs(sweep_dir: Path) -> list:
-    """Every job directory below sweep_dir (holding .hydra/ or metrics.json), sorted. A job that trained replicas
-    (status.json lists them) is not a row itself: each replica's directory is, one seed each."""
-    from .rundir import read_status
-
+def _candidates(sweep_dir: Path) -> list:
+    """Every directory below sweep_dir that holds .hydra/ or metrics.json (a job, or a replica of one), sorted."""
     found = {p.parent for p in sweep_dir.rglob("metrics.json")}
     found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir() and p.parent != sweep_dir}
-    return sorted(job for job in found if not read_status(job).get("replicas"))
+    return sorted(found)
+
+
+def _launches(candidates: list) -> dict:
+    """{launched job dir: [its run dirs]}: a candidate with no candidate above it is a job Hydra launched; the
+    candidates below it are its replicas' dirs (one run per seed). A job with replicas (status.json lists them,
+    or replica dirs exist) is not a run itself; any other job is its own one run."""
+    from .rundir import read_status
+
+    tops = [c for c in candidates if not any(a in candidates for a in c.parents)]
+    out = {}
+    for top in tops:
+        below = [c for c in candidates if top in c.parents]
+        out[top] = below if below or read_status(top).get("replicas") else [top]
+    return out
+
+
+def _overrides(job: Path) -> list:
+    """The job's task overrides (.hydra/overrides.yaml), [] when it has none."""
+    path = job / ".hydra" / "overrides.yaml"
+    try:
+        return [str(o) for o in (_yaml(path) or [])] if path.exists() else []
+    except Exception:  # a half-written file: the job matches no combination
+        return []
+
+
+def _job_num(job: Path):
+    """Hydra's job number of a launched job (.hydra/hydra.yaml hydra.job.num), None where it is not recorded."""
+    path = job / ".hydra" / "hydra.yaml"
+    try:
+        num = select(_yaml(path) or {}, "hydra.job.num") if path.exists() else None
+        return int(num)
+    except Exception:
+        return None
+
+
+def job_dirs(sweep_dir: Path) -> tuple:
+    """(runs, launched, left_out, missing) of the sweep last launched into sweep_dir.
+
+    Its jobs are the combinations of its multirun.yaml (expected_jobs, in Hydra's order: job number i runs
+    combination i). A launched job directory belongs to this sweep when its overrides are one of them and, where
+    its hydra.yaml records a job number, that number is the combination's. A job directory left by an earlier
+    launch into the same folder (overwrite=true is itself an override, so a re-run never matches an old job), by
+    a sweep started at the same time, or by an unrelated single run matches none: it is left out. runs: the
+    run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
+    left_out: the job directories of other launches; missing: the override strings of combinations without a
+    job directory of this launch. Without a multirun.yaml that can be expanded every job directory counts and
+    missing is []."""
+    launches = _launches(_candidates(sweep_dir))
+    expected = expected_jobs(sweep_dir)
+    if not expected:
+        return sorted(r for runs in launches.values() for r in runs), sorted(launches), [], []
+    index = {}
+    for i, combo in enumerate(expected):
+        index.setdefault(_norm(combo), set()).add(i)
+    launched, left_out, done = [], [], set()
+    for job in sorted(launches):
+        nums = index.get(_norm(_overrides(job)), set())
+        num = _job_num(job)
+        if nums and (num is None or num in nums):
+            launched.append(job)
+            done |= {num} if num is not None else nums
+        else:
+            left_out.append(job)
+    missing = [" ".join(combo) for i, combo in enumerate(expected) if i not in done]
+    return sorted(r for job in launched for r in launches[job]), launched, left_out, missing
 
 
 def read_job(job: Path, sweep_dir: Path) -> dict:
@@ -155,17 +217,13 @@ def _norm(overrides) -> frozenset:
     return frozenset(str(o).lstrip("+~").replace(" ", "") for o in overrides)
 
 
-def collect(sweep_dir) -> tuple:
-    """(rows, missing): one row per job directory; missing = override strings of jobs without a directory."""
+def collect(sweep_dir) -> dict:
+    """This sweep's runs (job_dirs): dict(rows=[one row per run dir], launched=[its job dirs], left_out=[job dirs of
+    other launches], missing=[override strings of its jobs without a directory])."""
     sweep_dir = Path(sweep_dir)
-    rows = [read_job(j, sweep_dir) for j in job_dirs(sweep_dir)]
-    have = [_norm(o.split()) for o in (r["overrides"] for r in rows)]
-    missing = []
-    for overrides in expected_jobs(sweep_dir):
-        want = _norm(overrides)
-        if not any(want <= h for h in have):
-            missing.append(" ".join(overrides))
-    return rows, missing
+    runs, launched, left_out, missing = job_dirs(sweep_dir)
+    return {"rows": [read_job(j, sweep_dir) for j in runs], "launched": launched, "left_out": left_out,
+            "missing": missing}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,8 +238,54 @@ def _group_keys(rows) -> list:
     return ["model", "guide", "n"] + [f"override:{k}" for k in keys]
 
 
+def fixed_overrides(rows) -> list:
+    """The overrides every run of the sweep shares, as sorted 'key=value' strings (no column of the tables)."""
+    if not rows:
+        return []
+    keys = set.intersection(*(set(r["_overrides"]) for r in rows))
+    return sorted(f"{k}={rows[0]['_overrides'][k]}" for k in keys
+                  if len({str(r["_overrides"][k]) for r in rows}) == 1)
+
+
+def _tally(values) -> str:
+    """The one value of a text column over a configuration's runs, or 'a (k of N), b (m of N)' when they differ."""
+    from collections import Counter
+
+    values = ["MC" if v is None or str(v) in ("nan", "None", "<NA>") else str(v) for v in values]
+    counts = Counter(values)
+    if len(counts) == 1:
+        return values[0]
+    return ", ".join(f"{v} ({k} of {len(values)})" for v, k in counts.most_common())
+
+
+def _worst_estimator(runs):
+    """The estimator text of the run with the largest integration error (loss_error), else the first run's."""
+    import pandas as pd
+
+    error = pd.to_numeric(runs["loss_error"], errors="coerce") if "loss_error" in runs else None
+    if error is not None and error.notna().any():
+        return runs.loc[error.idxmax(), "estimator"]
+    return runs["estimator"].iloc[0]
+
+
+def _mark_duplicates(jobs, keys) -> None:
+    """Set duplicate_of on every ok run whose (configuration, seed) an earlier ok run of the table already has
+    (replicas of two jobs overlapping in seeds train the same run twice): the first is kept, the others name it."""
+    ok = jobs[(jobs["status"] == "ok") & jobs["seed"].notna()]
+    first = {}
+    for i, key in ok[keys + ["seed"]].fillna("").astype(str).apply(tuple, axis=1).items():
+        if key in first:
+            jobs.at[i, "duplicate_of"] = jobs.at[first[key], "job"]
+        else:
+            first[key] = i
+
+
 def tables(rows) -> tuple:
-    """(jobs, aggregated) DataFrames. aggregated has <metric>_mean, <metric>_sd, seeds per configuration."""
+    """(jobs, aggregated) DataFrames. jobs: one row per run; duplicate_of names the run a duplicate (same
+    configuration and seed) repeats. aggregated: per configuration over its ok runs without duplicates, seeds (the
+    number of runs) and <metric>_mean, <metric>_sd, <metric>_count (the runs that have the metric);
+    loss_estimator is the runs' one estimator or their tally, estimator the text of the run with the largest
+    integration error."""
     import pandas as pd
 
     jobs = pd.DataFrame([{**{k: v for k, v in r.items() if k != "_overrides"},
@@ -196,20 +300,22 @@ def tables(rows) -> tuple:
         jobs[col] = pd.to_numeric(jobs[col], errors="coerce").astype("Int64")
     jobs = jobs.sort_values(["model", "guide", "n", "seed", "job"], na_position="last",
                             key=lambda c: c.astype(str) if c.dtype == object else c).reset_index(drop=True)
-    ok = jobs[jobs["status"] == "ok"]
     keys = [k for k in _group_keys(rows) if k in jobs]
+    jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
+    _mark_duplicates(jobs, keys)
+    ok = jobs[(jobs["status"] == "ok") & jobs["duplicate_of"].isna()]
     numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
                and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]
     if ok.empty:
         return jobs, pd.DataFrame(columns=keys + ["seeds"])
     grouped = ok.fillna({k: "" for k in keys}).groupby(keys, dropna=False, sort=True)
-    agg = grouped[numeric].agg(["mean", "std"])
+    agg = grouped[numeric].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
-    agg.insert(0, "seeds", grouped.size())
-    agg = agg.reset_index()
-    for col in ("estimator", "loss_estimator"):  # text columns: the first run's, per configuration
-        if col in ok:
-            agg[col] = grouped[col].first().reset_index(drop=True)
+    agg = pd.concat([grouped.size().rename("seeds"), agg], axis=1).reset_index()
+    if "loss_estimator" in ok:
+        agg["loss_estimator"] = [_tally(runs["loss_estimator"]) for _, runs in grouped]
+    if "estimator" in ok:
+        agg["estimator"] = [_worst_estimator(runs) for _, runs in grouped]
     return jobs, agg
 
 
@@ -222,28 +328,94 @@ def _pm(mean, sd, digits=4, sci=False) -> str:
     return f"{f(mean)} ± {f(sd)}"
 
 
+def _count(r, col):
+    """(k, N): how many of a configuration's N runs have the metric col (k = N where no count is recorded)."""
+    k = r.get(f"{col}_count")
+    n = int(r["seeds"])
+    return (n if k is None or (isinstance(k, float) and math.isnan(k)) else int(k)), n
+
+
+def _cell(r, col, digits=4, sci=False) -> str:
+    """'mean ± sd' of a metric over a configuration's runs, with '(k of N)' where only k of its N runs have it."""
+    text = _pm(r.get(f"{col}_mean"), r.get(f"{col}_sd"), digits, sci)
+    k, n = _count(r, col)
+    return f"{text} ({k} of {n})" if text and k < n else text
+
+
+def _se_cell(r) -> str:
+    """The mean of the runs' own standard errors of the loss when every run of the configuration has one (an error
+    bar that holds); 'exact' where every headline is exact; else 'no error bar (k of N)'."""
+    if str(r.get("loss_estimator")) == "exact":
+        return "exact (no sampling error)"
+    k, n = _count(r, "loss_se")
+    if "loss_se_mean" not in r or k < n:
+        return f"no error bar ({k if 'loss_se_mean' in r else 0} of {n})"
+    return _pm(r["loss_se_mean"], None)
+
+
 def _md_table(header, body) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def _metric(df, base, prefer_exact=True):
-    """(column, estimator tag) of a metric: the exact value when every run carries one, else the headline column
-    (metrics.json's top level, labelled by its loss_estimator: exact where quadrature ran, Monte Carlo elsewhere)."""
-    if prefer_exact and f"exact.{base}_mean" in df and df[f"exact.{base}_mean"].notna().all():
-        return f"exact.{base}", "exact"
-    tags = sorted({str(t) for t in df.get("loss_estimator", [])} - {"nan", "None"}) or ["MC"]
-    return base, "/".join(tags) + " (per run: loss_estimator)" if len(tags) > 1 else tags[0]
+def _metric(agg, base, prefer_exact=True):
+    """(column, estimator tag) of a metric in the aggregated table: its exact value (quadrature) when every run of
+    every configuration has one; else the headline (metrics.json's top level: each run's most accurate estimate),
+    tagged by the runs' loss_estimator, or 'headline' when the configurations' estimators differ (each row then
+    names its own, see _estimator_note)."""
+    col = f"exact.{base}"
+    if prefer_exact and f"{col}_count" in agg and (agg[f"{col}_count"] == agg["seeds"]).all():
+        return col, "exact"
+    tags = sorted({str(t) for t in agg["loss_estimator"]}) if "loss_estimator" in agg else ["MC"]
+    return base, tags[0] if len(tags) == 1 else "headline"
 
 
-def markdown(jobs, agg, missing, sweep_dir) -> str:
-    """summary.md: aggregated table, per-job table, failed and missing jobs."""
+def _estimator_note(r, tag) -> str:
+    """' [estimator]' after a headline cell when the table's rows differ in estimator, else ''."""
+    return f" [{r.get('loss_estimator')}]" if tag == "headline" else ""
+
+
+def _plural(k, noun) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {noun[:-1]}ies" if noun.endswith("y") else f"{k} {noun}s"
+
+
+def _estimators(agg, okeys) -> str:
+    """The configurations' estimator texts: one when they agree, else each prefixed by its configuration."""
+    texts = [str(e) for e in agg["estimator"]]
+    if len(set(texts)) == 1:
+        return texts[0]
+    return "; ".join(f"{r['model']}, {r['guide']}, n={r['n']}" + "".join(f", {c.split(':', 1)[1]}={r[c]}" for c in okeys)
+                     + f": {e}" for (_, r), e in zip(agg.iterrows(), texts))
+
+
+def _names(dirs, sweep_dir, most=3) -> str:
+    names = [f"`{Path(d).relative_to(sweep_dir) if Path(d).is_relative_to(sweep_dir) else d}`" for d in dirs]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
+    """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
+    aggregated table, the per-run table, failed and missing jobs. launched: this sweep's job directories (replicas
+    make several runs per job); left_out: job directories of other launches; fixed: fixed_overrides."""
+    sweep_dir = Path(sweep_dir)
     failed = jobs[jobs["status"] != "ok"]
+    dupes = jobs[jobs["duplicate_of"].notna()] if "duplicate_of" in jobs else jobs.iloc[:0]
+    n_jobs = len(jobs) if launched is None else len(launched)
+    runs = f"{_plural(len(jobs), 'run')} in {_plural(n_jobs, 'job')}" + (" (replicas: one run per seed)" if n_jobs != len(jobs) else "")
     parts = [f"# Sweep summary: {sweep_dir}", "",
-             f"{len(jobs)} job directories: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
+             f"{runs}: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
              f"({', '.join(f'{v} {k}' for k, v in failed['status'].value_counts().items()) or 'none'}); "
-             f"{len(missing)} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
+             f"{_plural(len(missing), 'job')} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
+    if left_out:
+        parts += [f"Left out: {_plural(len(left_out), 'job directory')} of other launches into this folder (their overrides "
+                  f"and job numbers match no job of this sweep's multirun.yaml): {_names(left_out, sweep_dir)}.", ""]
+    if not dupes.empty:
+        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another job's replicas also "
+                  f"trained), counted once in the means, sd and seeds: "
+                  + "; ".join(f"`{r['job']}` = `{r['duplicate_of']}`" for _, r in dupes.iterrows()) + ".", ""]
+    if fixed:
+        parts += ["Fixed (the same in every run): " + ", ".join(f"`{o}`" for o in fixed) + ".", ""]
     if not agg.empty:
         loss_col, loss_est = _metric(agg, "loss")
         rec_col, rec_est = _metric(agg, "recon_per_dim")
@@ -254,36 +426,44 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
                              "surgery.marginal_kl") if f"{c}_mean" in agg]
         okeys = [c for c in agg if c.startswith("override:")]
         header = (["model", "guide", "n"] + [c.split(":", 1)[1] for c in okeys] + ["seeds", f"loss [{loss_est}]"]
-                  + ([] if loss_est == "exact" else ["loss SE [MC]"]) + [f"recon/dim [{rec_est}]"]
-                  + ([f"rate (= KL) [{loss_est.split(' ')[0]}]"] if f"{rate_col}_mean" in agg else [])
+                  + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
+                  + [f"recon/dim [{rec_est}]"]
+                  + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])
                   + [f"rate[{s}]" for s in sites] + extra)
         body = []
         for _, r in agg.iterrows():
             row = [r["model"], r["guide"], r["n"]] + [r[c] for c in okeys] + [int(r["seeds"])]
-            row.append(_pm(r.get(f"{loss_col}_mean"), r.get(f"{loss_col}_sd")))
+            row.append(_cell(r, loss_col) + _estimator_note(r, loss_est))
             if loss_est != "exact":
-                row.append(_pm(r.get("loss_se_mean"), None))
-            row.append(_pm(r.get(f"{rec_col}_mean"), r.get(f"{rec_col}_sd"), digits=3, sci=True))
+                row.append(_se_cell(r))
+            row.append(_cell(r, rec_col, digits=3, sci=True) + _estimator_note(r, rec_est))
             if f"{rate_col}_mean" in agg:
-                row.append(_pm(r.get(f"{rate_col}_mean"), r.get(f"{rate_col}_sd")))
-            row += [_pm(r.get(f"kl.{s}_mean"), r.get(f"kl.{s}_sd")) for s in sites]
-            row += [_pm(r.get(f"{c}_mean"), r.get(f"{c}_sd")) for c in extra]
+                row.append(_cell(r, rate_col))
+            row += [_cell(r, f"kl.{s}") for s in sites]
+            row += [_cell(r, c) for c in extra]
             body.append(row)
         parts += ["## By configuration", "", _md_table(header, body), ""]
+        if loss_est != "exact":
+            parts += ["loss SE [MC]: the mean over a configuration's runs of each run's own Monte Carlo standard "
+                      "error (how precisely one run's loss is estimated), not the sd over seeds (the ± of the loss "
+                      "column); 'no error bar (k of N)': only k of its N runs have a standard error that holds "
+                      "(a run has none where the tail k̂ is at least 0.5).", ""]
         if sites:
             parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it can "
                       "be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
         if "estimator" in agg:
-            parts += ["Estimators: " + "; ".join(sorted({str(e) for e in agg["estimator"].dropna()}))
+            parts += ["Estimators (per configuration, that of its run with the largest integration error): "
+                      + _estimators(agg, okeys)
                       + (". [exact] columns come from quadrature (metrics.json 'exact' block)."
                          if loss_est == "exact" else ""), ""]
     ok = jobs[jobs["status"] == "ok"]
     if not ok.empty:
-        cols = [c for c in ("job", "model", "guide", "n", "seed", "loss", "loss_se", "recon_per_dim", "exact.loss",
-                            "khat.max", "steps", "wall_seconds") if c in ok]
+        cols = [c for c in ("job", "model", "guide", "n", "seed", "loss", "loss_estimator", "loss_se",
+                            "recon_per_dim", "exact.loss", "khat.max", "steps", "wall_seconds") if c in ok]
+        cols += ["duplicate_of"] if not dupes.empty else []
         body = [[("" if v is None or (isinstance(v, float) and math.isnan(v)) else
                   (f"{v:.4g}" if isinstance(v, float) else v)) for v in r] for r in ok[cols].itertuples(index=False)]
-        parts += ["## Jobs", "", _md_table(cols, body), ""]
+        parts += ["## Runs", "", _md_table(cols, body), ""]
     parts += ["## Failed and missing jobs", ""]
     if failed.empty and not missing:
         parts.append("None.")
@@ -291,7 +471,7 @@ def markdown(jobs, agg, missing, sweep_dir) -> str:
         parts.append(f"- {str(r['status']).upper()} `{r['job']}` ({r['overrides'] or 'no overrides'}): "
                      f"{r.get('error') or 'no reason recorded'}")
     for m in missing:
-        parts.append(f"- MISSING {m} (no job directory)")
+        parts.append(f"- MISSING {m} (no job directory of this sweep)")
     return "\n".join(parts) + "\n"
 
 
@@ -308,15 +488,36 @@ def _optimum_curve(ns):
     return grid, np.array([o["loss"] for o in opt]), np.array([o["recon_per_dim"] for o in opt])
 
 
-def _per_model(agg, col):
-    for model, df in agg.groupby("model", sort=False):
-        df = df.sort_values("n")
-        if f"{col}_mean" in df:
-            yield model, df
+def _series(agg, col):
+    """(label, key, rows sorted by n) per curve of a sweep figure: one per model, guide and value of every other
+    override that varies over the sweep (the aggregated table's override columns), so no curve merges two
+    configurations. key maps those columns to the curve's values."""
+    keys = ["model", "guide"] + [c for c in agg if c.startswith("override:")]
+    if f"{col}_mean" not in agg:
+        return
+    for values, df in agg.groupby(keys, sort=True, dropna=False):
+        key = dict(zip(keys, values))
+        yield _label(key), key, df.sort_values("n")
+
+
+def _label(key) -> str:
+    """'model (guide guide, k=v, ...)' of a curve or grid row."""
+    rest = [f"{k.split(':', 1)[1]}={v}" for k, v in key.items() if k.startswith("override:")]
+    guide = f"{key['guide']} guide"
+    return f"{key['model']} ({', '.join([guide] + rest)})"
+
+
+def _runs(jobs, key):
+    """The ok runs (without duplicates) of the configurations of one curve."""
+    ok = jobs[(jobs["status"] == "ok") & jobs["duplicate_of"].isna()]
+    for k, v in key.items():
+        ok = ok[ok[k].fillna("").astype(str) == str(v)] if k in ok else ok.iloc[:0]
+    return ok
 
 
 def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
-    """loss_vs_n.png and recon_per_dim_vs_n.png; returns the paths written."""
+    """loss_vs_n.png and recon_per_dim_vs_n.png, a curve (mean ± sd over seeds) per model, guide and varying
+    override; returns the paths written."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -325,39 +526,35 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
         return written
     ns = sorted(float(n) for n in agg["n"].dropna().unique())
     opt_n, opt_loss, opt_rec = _optimum_curve(ns)
-    palette = dict(zip(sorted(agg["model"].dropna().unique(), key=lambda m: (m != "vae", m)),
-                       sns.color_palette("deep")))
-    ok = jobs[jobs["status"] == "ok"]
+    models = set(agg["model"].dropna())
     for base, name, ylog in (("loss", "loss_vs_n.png", False), ("recon_per_dim", "recon_per_dim_vs_n.png", True)):
         col, est = _metric(agg, base)
+        curves = sorted(_series(agg, col), key=lambda c: (c[1]["model"] != "vae", c[0]))
+        colors = sns.color_palette("deep" if len(curves) <= 10 else "husl", max(len(curves), 1))
+        model_color = {}  # the reference markers take a model's colour where it has one curve, else grey
         with sns.axes_style("whitegrid"):
             fig = Figure(figsize=(6.5, 4.5), layout="constrained")
             ax = fig.subplots()
-            for model, df in _per_model(agg, col):
-                color = palette.get(model)
-                label = f"{model} ({', '.join(sorted(df['guide'].astype(str).unique()))} guide) [{est}]"
-                if df["n"].duplicated().any():  # several configurations per n (other overrides, optuna trials):
-                    ax.scatter(df["n"].astype(float), df[f"{col}_mean"], color=color, s=18,  # points, not a curve
-                               label=f"{label}, {len(df)} configurations")
-                    continue
+            for (label, key, df), color in zip(curves, colors):
+                model_color[key["model"]] = "0.3" if key["model"] in model_color else color
                 sd = df[f"{col}_sd"].fillna(0) if f"{col}_sd" in df else None
                 ax.errorbar(df["n"].astype(float), df[f"{col}_mean"], yerr=sd, color=color, marker="o", ms=5,
-                            capsize=3, lw=1.5, label=label)
-                seeds = ok[ok["model"] == model]
+                            capsize=3, lw=1.5, label=f"{label} [{est}]")
+                seeds = _runs(jobs, key)
                 if col in seeds:
                     ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)
             if base == "loss":
                 ax.axhline(LN2, color="0.4", ls=":", lw=1.3, label="entropy ln 2 (floor of every loss)")
-            if "vae" in palette:  # the optimum bounds the 1-layer vae only; a marker where one n is swept
+            if "vae" in models:  # the optimum bounds the 1-layer vae only; a marker where one n is swept
                 ax.plot(opt_n, opt_loss if base == "loss" else opt_rec, color="#d62728", ls="--", lw=1.3,
                         marker="_" if len(set(opt_n)) == 1 else None, ms=14,
                         label="Gaussian-encoder optimum of the 1-layer VAE")
             if reference:
                 for model, table in ORIGINAL.items():
-                    if model in palette:
+                    if model in models:
                         xs = sorted(table)
                         ys = [table[n][0 if base == "loss" else 1] for n in xs]
-                        ax.scatter(xs, ys, marker="x", s=30, color=palette[model], alpha=0.8,
+                        ax.scatter(xs, ys, marker="x", s=30, color=model_color.get(model, "0.3"), alpha=0.8,
                                    label=f"{model}: original study (MC)")
             ax.set_xscale("log")
             values = agg[f"{col}_mean"].dropna()
@@ -379,29 +576,34 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
 
 
 def encodings_figure(jobs, out: Path):
-    """encodings_grid.png from each (model, n)'s lowest-seed job with an encodings.nc; None if there is none."""
+    """encodings_grid.png: a row per model, guide and varying override (as the curves of sweep_figures), a column
+    per n, each cell from the lowest-seed run with an encodings.nc; None if there is none."""
     from .encodings import load
     from .figures import encoding_grid
 
     if "encodings" not in jobs:
         return None
-    ok = jobs[(jobs["status"] == "ok") & jobs["encodings"].notna()].sort_values("seed")
+    keys = ["model", "guide"] + [c for c in jobs if c.startswith("override:")
+                                 and jobs[c].fillna("").astype(str).nunique() > 1]
+    labels = jobs[keys].fillna("").astype(str).apply(lambda r: _label(dict(r)), axis=1)
+    ok = jobs[(jobs["status"] == "ok") & jobs["encodings"].notna() & jobs["duplicate_of"].isna()]
     if ok.empty:
         return None
+    ok = ok.assign(label=labels).sort_values(["seed", "job"], kind="stable")
     cells = {}
-    for (model, n), df in ok.groupby(["model", "n"]):
+    for (label, n), df in ok.groupby(["label", "n"]):
         try:
-            cells[(model, int(n))] = load(df.iloc[0]["encodings"])
+            cells[(label, int(n))] = load(df.iloc[0]["encodings"])
         except Exception as err:
             log.warning("could not read %s: %s", df.iloc[0]["encodings"], err)
-            cells[(model, int(n))] = None
-    models = {m for m, _ in cells} | set(jobs["model"].dropna())
+            cells[(label, int(n))] = None
+    rows = {m for m, _ in cells} | set(labels[jobs["model"].notna()])
     ns = {n for _, n in cells} | {int(n) for n in jobs["n"].dropna()}
-    for key in itertools.product(models, ns):
+    for key in itertools.product(rows, ns):
         cells.setdefault(key, None)
     encoding_grid(cells, out / "encodings_grid.png",
-                  title="Top latent per model (rows) and n (columns), lowest seed: p(z) grey, q(z) black, "
-                        "mass q(z) misses red, q(z|x_k) solid, true p(z|x_k) dashed")
+                  title="Top latent per model, guide and varying override (rows) and n (columns), lowest seed: "
+                        "p(z) grey, q(z) black, mass q(z) misses red, q(z|x_k) solid, true p(z|x_k) dashed")
     return out / "encodings_grid.png"
 
 
@@ -420,6 +622,8 @@ def rate_distortion_figure(jobs, out: Path):
     from .frontier import rd_plane
 
     ok = jobs[jobs["status"] == "ok"] if "status" in jobs else jobs
+    if "duplicate_of" in ok:
+        ok = ok[ok["duplicate_of"].isna()]
     if ok.empty:
         return None
     betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
@@ -440,19 +644,23 @@ def rate_distortion_figure(jobs, out: Path):
 
 
 def summarize(sweep_dir, figures: bool = True) -> dict:
-    """Read every job of a sweep and write summary.csv, summary_by_config.csv, summary.md and the sweep figures.
+    """Read this sweep's runs (job_dirs: only the jobs of its multirun.yaml) and write summary.csv,
+    summary_by_config.csv, summary.md and the sweep figures.
 
-    Returns dict(jobs=DataFrame, aggregated=DataFrame, failed=[job dirs], missing=[override strings],
-    files=[paths written])."""
+    Returns dict(jobs=DataFrame (one row per run), aggregated=DataFrame, failed=[run dirs], missing=[override
+    strings], launched=[this sweep's job dirs], left_out=[job dirs of other launches], duplicates=[run dirs
+    dropped from the means], files=[paths written])."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
-    rows, missing = collect(sweep_dir)
-    jobs, agg = tables(rows)
+    found = collect(sweep_dir)
+    jobs, agg = tables(found["rows"])
+    missing = found["missing"]
     files = [sweep_dir / "summary.csv", sweep_dir / "summary_by_config.csv", sweep_dir / "summary.md"]
     jobs.to_csv(files[0], index=False)
     agg.to_csv(files[1], index=False)
-    files[2].write_text(markdown(jobs, agg, missing, sweep_dir))
+    files[2].write_text(markdown(jobs, agg, missing, sweep_dir, launched=found["launched"],
+                                 left_out=found["left_out"], fixed=fixed_overrides(found["rows"])))
     if figures:
         for step in (lambda: sweep_figures(agg, jobs, sweep_dir), lambda: [encodings_figure(jobs, sweep_dir)],
                      lambda: [rate_distortion_figure(jobs, sweep_dir)]):
@@ -461,7 +669,10 @@ def summarize(sweep_dir, figures: bool = True) -> dict:
             except Exception as err:  # a broken figure must not hide the tables
                 log.warning("sweep figure failed: %s: %s", type(err).__name__, err)
     failed = list(jobs.loc[jobs["status"] != "ok", "job"])
-    return {"jobs": jobs, "aggregated": agg, "failed": failed, "missing": missing, "files": files}
+    duplicates = list(jobs.loc[jobs["duplicate_of"].notna(), "job"])
+    return {"jobs": jobs, "aggregated": agg, "failed": failed, "missing": missing, "files": files,
+            "launched": [str(p.relative_to(sweep_dir)) for p in found["launched"]],
+            "left_out": [str(p.relative_to(sweep_dir)) for p in found["left_out"]], "duplicates": duplicates}
 
 
 def main(argv=None) -> None:
