@@ -1,0 +1,272 @@
+"""The sweep summary (analysis.sweep) on hand-made sweep directories laid out as Hydra and run.py write them:
+it counts this sweep's jobs only, each run once, and every number in it says over which runs and by which
+estimator it was computed."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+EXACT = "exact quadrature (1-D: adaptive Gauss-Kronrod 15 in z; error = change under refinement, {:.1e})"
+RQMC = "randomised quasi-Monte Carlo, lattice rule"
+
+
+def metrics(seed, loss, *, exact=True, se=None, error=1e-7, n=5, guide="gaussian"):
+    """metrics.json of one run: an exact headline (with its 'exact' block) or an RQMC one (with or without an
+    error bar), as analysis.report writes them."""
+    m = {"model": "vae", "guide": guide, "n": n, "seed": seed, "steps": 10, "wall_seconds": 1.0, "loss": loss,
+         "loss_estimator": "exact" if exact else "RQMC lattice", "loss_se": None if exact else se,
+         "loss_error": error if exact else None, "recon_per_dim": loss / 10, "kl": {"z": 0.5}, "rate": 0.5,
+         "estimator": EXACT.format(error) if exact else RQMC}
+    if exact:
+        m["exact"] = {"loss": loss, "recon_per_dim": loss / 10, "nll": loss - 0.05, "error": error,
+                      "rate": 0.5}
+    else:
+        m["exact_skipped"] = "refused"
+    return m
+
+
+def job(sweep: Path, overrides: list, num=None, m=None, status="ok", replicas=()):
+    """A job directory named like Hydra's override_dirname: .hydra/ (overrides.yaml, config.yaml, and hydra.yaml
+    with the job number where num is given), status.json and metrics.json (m); with replicas, one
+    <job>/seed<s> directory per (seed, metrics) instead of its own metrics."""
+    path = sweep / ",".join(sorted(o.lstrip("+") for o in overrides))
+    _run_dir(path, overrides, m, status, replicas=[f"seed{s}" for s, _ in replicas] if replicas else None)
+    if num is not None:
+        (path / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n    id: '{num}'\n")
+    for seed, rm in replicas:
+        _run_dir(path / f"seed{seed}", overrides + [f"seed={seed}"], rm, "ok")
+    return path
+
+
+def _run_dir(path, overrides, m, status, replicas=None):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    keys = dict(o.lstrip("+").split("=", 1) for o in overrides)
+    seed = m["seed"] if m else keys.get("seed", 0)
+    (path / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\ndata:\n  n: {keys.get('data.n', 5)}\nmodel:\n  name: vae\n"
+        f"guide:\n  name: {keys.get('guide', 'gaussian')}\n")
+    record = {"status": status, "reason": "finished"}
+    if replicas:
+        record["replicas"] = replicas
+    (path / "status.json").write_text(json.dumps(record))
+    if m is not None:
+        (path / "metrics.json").write_text(json.dumps(m))
+
+
+def multirun(sweep: Path, task: list, params: dict = None):
+    """multirun.yaml as Hydra's BasicSweeper saves it: the sweeper's params and the command line's overrides."""
+    lines = ["hydra:", "  sweeper:", "    params:" + ("" if params else " null")]
+    lines += [f"      {k}: {v}" for k, v in (params or {}).items()]
+    lines += ["  overrides:", "    task:"] + [f"    - {o}" for o in task]
+    (sweep / "multirun.yaml").write_text("\n".join(lines) + "\n")
+
+
+def summary(sweep: Path):
+    from analysis.sweep import summarize
+
+    result = summarize(sweep, figures=False)
+    return result, (sweep / "summary.md").read_text()
+
+
+def config_table(md: str) -> list:
+    """The rows of summary.md's 'By configuration' table as dicts of header -> cell."""
+    lines = md.split("## By configuration")[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [line for line in lines[2:] if line.startswith("|")]
+    return [dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# this sweep's jobs only
+
+
+def test_job_dirs_of_an_earlier_launch_into_the_same_folder_are_left_out(tmp_path):
+    old = ["data.n=5", "train.steps=100"]
+    job(tmp_path, old + ["seed=0"], num=0, m=metrics(0, 1.0))
+    job(tmp_path, old + ["seed=1"], num=1, m=metrics(1, 1.2))
+    new = ["data.n=5", "seed=2", "train.steps=200", "overwrite=True"]
+    job(tmp_path, new, num=0, m=metrics(2, 2.0))
+    multirun(tmp_path, ["data.n=5", "seed=2", "train.steps=200", "overwrite=true"])
+    result, md = summary(tmp_path)
+    assert list(result["jobs"]["seed"]) == [2] and len(result["left_out"]) == 2
+    assert config_table(md)[0]["seeds"] == "1"
+    assert "Left out: 2 job directories of other launches" in md
+    assert "train.steps=100" not in md.split("Left out")[0]
+
+
+def test_a_killed_job_of_an_earlier_launch_is_not_listed_as_running(tmp_path):
+    job(tmp_path, ["data.n=5", "seed=0"], num=0, status="running")
+    job(tmp_path, ["data.n=5", "seed=0", "overwrite=True"], num=0, m=metrics(0, 1.0))
+    multirun(tmp_path, ["data.n=5", "seed=0", "overwrite=true"])
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and "RUNNING" not in md
+
+
+def test_an_unrelated_single_run_in_the_sweep_folder_is_not_a_job_of_the_sweep(tmp_path):
+    job(tmp_path / "2026-11-30", ["data.n=5", "seed=1"], m=metrics(1, 1.5))  # a single run under outputs/
+    job(tmp_path, ["data.n=5", "seed=0"], num=0, m=metrics(0, 1.0))
+    multirun(tmp_path, ["data.n=5", "seed=0"])
+    result, md = summary(tmp_path)
+    assert list(result["jobs"]["seed"]) == [0] and result["left_out"] == ["2026-11-30/data.n=5,seed=1"]
+    assert "1 run in 1 job:" in md
+
+
+def test_a_job_dir_another_launch_wrote_with_its_own_job_number_is_not_counted(tmp_path):
+    # two sweeps started together on one folder: seed=0,1 (this one) and seed=1,2 (its seed=1 is job 0)
+    job(tmp_path, ["data.n=5", "seed=0"], num=0, m=metrics(0, 1.0))
+    job(tmp_path, ["data.n=5", "seed=1"], num=0, m=metrics(1, 1.2))
+    multirun(tmp_path, ["data.n=5"], params={"seed": "0,1"})
+    result, md = summary(tmp_path)
+    assert list(result["jobs"]["seed"]) == [0]
+    assert result["missing"] == ["seed=1 data.n=5"] and "MISSING seed=1 data.n=5" in md
+
+
+def test_without_multirun_yaml_every_job_dir_below_counts(tmp_path):
+    job(tmp_path, ["data.n=5", "seed=0"], m=metrics(0, 1.0))
+    job(tmp_path / "more", ["data.n=5", "seed=1"], m=metrics(1, 1.2))
+    result, _ = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["left_out"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# each run once
+
+
+def test_replicas_overlapping_another_jobs_seeds_are_counted_once(tmp_path):
+    # replicas=2 seed=0,1: job seed=0 trains seeds 0, 1; job seed=1 trains seeds 1, 2
+    job(tmp_path, ["replicas=2", "seed=0"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 2.0))])
+    job(tmp_path, ["replicas=2", "seed=1"], num=1, replicas=[(1, metrics(1, 2.0)), (2, metrics(2, 3.0))])
+    multirun(tmp_path, ["replicas=2"], params={"seed": "0,1"})
+    result, md = summary(tmp_path)
+    row = result["aggregated"].iloc[0]
+    assert row["seeds"] == 3 and row["loss_mean"] == pytest.approx(2.0) and row["loss_sd"] == pytest.approx(1.0)
+    assert result["duplicates"] == ["replicas=2,seed=1/seed1"]
+    assert "Dropped: 1 duplicate run" in md and config_table(md)[0]["seeds"] == "3"
+
+
+def test_a_sweep_of_replicas_says_how_many_runs_its_jobs_trained(tmp_path):
+    job(tmp_path, ["replicas=2", "data.n=5"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 2.0))])
+    job(tmp_path, ["replicas=2", "data.n=10"], num=1,
+        replicas=[(0, metrics(0, 1.0, n=10)), (1, metrics(1, 2.0, n=10))])
+    multirun(tmp_path, ["replicas=2"], params={"data.n": "5,10"})
+    result, md = summary(tmp_path)
+    assert "4 runs in 2 jobs (replicas: one run per seed)" in md
+    assert result["launched"] == ["data.n=10,replicas=2", "data.n=5,replicas=2"] and len(result["jobs"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every mean over the runs it says
+
+
+def test_an_exact_column_is_used_only_when_every_run_has_the_exact_value(tmp_path):
+    for seed, loss in enumerate((1.0, 2.0)):
+        job(tmp_path, [f"seed={seed}"], m=metrics(seed, loss))
+    job(tmp_path, ["seed=2"], m=metrics(2, 6.0, exact=False, se=0.01))  # quadrature refused: RQMC headline
+    _, md = summary(tmp_path)
+    row = config_table(md)[0]
+    assert "loss [exact]" not in row and row["seeds"] == "3"
+    loss = next(v for k, v in row.items() if k.startswith("loss ["))
+    assert loss.startswith("3.0000 ± ")  # the mean of all three headlines, not 1.5 over the exact two
+    assert "exact (2 of 3), RQMC lattice (1 of 3)" in md
+    assert row["exact.nll"].endswith("(2 of 3)")
+
+
+def test_the_exact_column_is_the_exact_mean_when_every_run_has_one(tmp_path):
+    for seed, loss in enumerate((1.0, 2.0)):
+        job(tmp_path, [f"seed={seed}"], m=metrics(seed, loss))
+    row = config_table(summary(tmp_path)[1])[0]
+    assert row["loss [exact]"] == "1.5000 ± 0.7071" and row["exact.nll"] == "1.4500 ± 0.7071"
+
+
+def test_a_loss_standard_error_is_printed_only_where_every_run_has_one(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0, exact=False, se=0.0025))
+    job(tmp_path, ["seed=1"], m=metrics(1, 1.1, exact=False, se=None))  # tail k-hat >= 0.5: no error bar
+    job(tmp_path, ["seed=2"], m=metrics(2, 1.2, exact=False, se=None))
+    _, md = summary(tmp_path)
+    row = config_table(md)[0]
+    se = next(v for k, v in row.items() if k.startswith("loss SE"))
+    assert se == "no error bar (1 of 3)" and "0.0025" not in md.split("## Runs")[0]
+
+
+def test_the_loss_standard_error_is_said_to_be_a_mean_of_per_run_standard_errors(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0, exact=False, se=0.002))
+    job(tmp_path, ["seed=1"], m=metrics(1, 1.1, exact=False, se=0.004))
+    _, md = summary(tmp_path)
+    (header, se), = [(k, v) for k, v in config_table(md)[0].items() if k.startswith("loss SE")]
+    assert se == "0.0030" and "mean of per-run SEs" in header and "not the sd over seeds" in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# labels
+
+
+def test_each_run_of_the_runs_table_names_its_loss_estimator(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m=metrics(1, 1.1, exact=False, se=0.01))
+    result, md = summary(tmp_path)
+    header = next(line for line in md.splitlines() if line.startswith("| job |"))
+    assert "| loss | loss_estimator |" in header and "| exact |" in md and "| RQMC lattice |" in md
+
+
+def test_the_estimators_line_quotes_the_largest_integration_error_of_a_configuration(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0, error=1e-7))
+    job(tmp_path, ["seed=1"], m=metrics(1, 1.1, error=5e-6))
+    _, md = summary(tmp_path)
+    line = next(line for line in md.splitlines() if line.startswith("Estimators"))
+    assert "5.0e-06" in line and "1.0e-07" not in line and "largest integration error" in line
+
+
+def test_overrides_the_same_in_every_run_are_named_once(tmp_path):
+    for seed in (0, 1):
+        job(tmp_path, ["model.depth=3", "train.steps=100", f"seed={seed}"], num=seed, m=metrics(seed, 1.0))
+    multirun(tmp_path, ["model.depth=3", "train.steps=100", "seed=0,1"])
+    _, md = summary(tmp_path)
+    assert "Fixed (the same in every run): `model.depth=3`, `train.steps=100`." in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures: one curve per configuration family
+
+
+def two_guides_two_betas(sweep):
+    k = 0
+    for guide in ("gaussian", "flow"):
+        for beta in ("0.5", "2"):
+            for n in (5, 10):
+                job(sweep, [f"guide={guide}", f"train.beta={beta}", f"data.n={n}"], num=k,
+                    m=metrics(0, 1.0 + k / 10, n=n, guide=guide))
+                k += 1
+
+
+def test_sweep_figures_draw_a_curve_per_guide_and_varying_override(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from analysis.sweep import summarize
+
+    two_guides_two_betas(tmp_path)
+    legends = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: legends.update(
+        {Path(path).name: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]}))
+    summarize(tmp_path)
+    for name in ("loss_vs_n.png", "recon_per_dim_vs_n.png"):
+        curves = sorted(t for t in legends[name] if t.startswith("vae ("))
+        assert curves == sorted(f"vae ({g} guide, train.beta={b}) [exact]" for g in ("flow", "gaussian")
+                                for b in ("0.5", "2")), name
+
+
+def test_the_encodings_grid_has_a_row_per_guide_and_varying_override(tmp_path, monkeypatch):
+    import analysis.figures
+    from analysis.sweep import encodings_figure, summarize
+
+    two_guides_two_betas(tmp_path)
+    jobs = summarize(tmp_path, figures=False)["jobs"]
+    jobs["encodings"] = "unused.nc"
+    cells = {}
+    monkeypatch.setattr(analysis.figures, "encoding_grid", lambda c, path, title: cells.update(c))
+    monkeypatch.setattr("analysis.encodings.load", lambda path: path)
+    encodings_figure(jobs, tmp_path)
+    assert sorted({row for row, _ in cells}) == sorted(
+        f"vae ({g} guide, train.beta={b})" for g in ("flow", "gaussian") for b in ("0.5", "2"))
+    assert len(cells) == 8 and all(v is not None for v in cells.values())
