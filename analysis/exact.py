@@ -1,7 +1,10 @@
 """Exact evaluation by deterministic quadrature for models with at most two scalar latents (VAE d=1, DLGM 2x1).
 
-Public: exact() (loss terms, log p(x_k), NLL, gap), surgery() (ELBO surgery of the top latent) and posterior_grid()
-(prior, q, aggregate q and true posterior marginals on regular grids, for plots).
+Public: exact() (loss terms, log p(x_k), NLL, gap), surgery() (ELBO surgery of the top latent), evidence() (log p(x_k)
+of the model alone) and posterior_grid() (prior, q, aggregate q and true posterior marginals on regular grids, for
+plots). Each refuses bad input before any work, in one line (ValueError naming the problem; _check): tol or points
+out of range, data that are not OneBit, a model or guide built for another n, a guide whose sites, shapes, plates,
+support or density do not fit the model (infer.fit.check_inputs, as analysis.report.evaluate).
 
 Every density comes from tracing the model and the guide under `poutine.condition` on grids of latent values, so
 any guide that samples the model's latent sites works. Names: u is the model's bottom latent (the parent of x: z
@@ -81,6 +84,18 @@ MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than thi
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
 MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model evaluation (latent values x N x n):
 #                          memory is bounded for any n (a float64 tensor of this size is 128 MiB)
+
+
+def _check(model, guide, data, **values) -> None:
+    """The checks of every public function here, before any work, each a one-line ValueError naming the problem:
+    the arguments `values` (infer.validate: tol a finite number > 0, points an integer >= 2), then data, model and
+    guide (infer.fit.check_inputs: the data's n, the guide's sites, shapes, plates, support and density)."""
+    from infer.fit import check_inputs
+    from infer.validate import check
+
+    for name, value in values.items():
+        check(name, value)
+    check_inputs(model, guide, data)
 
 
 def _lse(t, dim):
@@ -897,6 +912,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
 
     Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
     scalar latents (use analysis.iwae.iwae then)."""
+    _check(model, guide, data, tol=tol)
     dens = Densities(model, guide, data)
     u_name, v_name = dens.bottom, dens.other
     if dens.base is None:
@@ -969,6 +985,7 @@ def evidence(model, guide, data, tol: float = 1e-4) -> dict:
     """log p(x_k) and the NLL by quadrature of the model alone, in nats per data point: {log_px, nll, error,
     estimator}. The guide only places the first breakpoints (its draws sit near the posterior), so this works for
     any guide, also one whose own density quadrature cannot integrate (a joint guide on the DLGM)."""
+    _check(model, guide, data, tol=tol)
     dens = Densities(model, guide, data, need_q=False)
     inner, breaks, ref, describe = _evidence_setup(dens, ("p",))
     quant = EvidenceQuantities(dens, inner, ref)
@@ -1036,6 +1053,7 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     where q(t|x_k) does not integrate to 1 on that grid (its numbers would mean nothing). For a joint guide
     q(t|x_k) is its marginal, so avg_kl is the marginals' average KL: exact()'s KL is larger by its
     total_correlation_per_point."""
+    _check(model, guide, data, tol=tol)
     dens = Densities(model, guide, data)
     draws = dens.samples()
     top, other = dens.top, (dens.bottom if dens.other is not None else None)
@@ -1080,10 +1098,14 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     """Per latent site, numpy arrays on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the
     learned marginal), 'q' q(site|x_k) (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior'
     p(site|x_k) (2, N). Also 'weights', 'log_px' (from exact() unless given) and 'checks' (grid masses)."""
+    _check(model, guide, data, points=points)
     dens = Densities(model, guide, data)
     draws = dens.samples()
     if log_px is None:
-        log_px = exact(model, guide, data)["log_px"]
+        from infer.fit import inputs_checked
+
+        with inputs_checked(model, guide, data):  # checked above
+            log_px = exact(model, guide, data)["log_px"]
     log_px = torch.tensor(log_px, dtype=torch.float64)
     w = dens.w
     out = {"weights": w.numpy(), "log_px": log_px.numpy(), "checks": {}}

@@ -79,10 +79,29 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
 
     A joint guide (one density over both data points, e.g. AutoIAFNormal) has only joint weights: the bounds and
     the NLL are then those of log p(x_0, x_1) / N (equal data weights only), every 'log_px' entry holds that
-    value, and 'joint' is True."""
-    Ks = sorted({int(K)} if isinstance(K, int) else {int(k) for k in K})
-    if Ks[0] < 1:
-        raise ValueError(f"K must be integers >= 1, got {K!r}")
+    value, and 'joint' is True.
+
+    Refused in one line before any work (ValueError naming the argument): K not an integer >= 1 (or a non-empty
+    list of them), samples below 2 x max(K), nll_samples below 2, seed outside [0, 2**32 - 1]; data, model and guide
+    as infer.fit.check_inputs refuses them."""
+    from infer.fit import check_inputs
+    from infer.validate import check, is_int, refuse
+
+    try:
+        Ks = sorted({K} if is_int(K) else set(K))
+    except TypeError:
+        Ks = []
+    if not Ks or not all(is_int(k) and k >= 1 for k in Ks):
+        raise refuse("K", K, "K must be an integer >= 1 or a non-empty list of them (importance samples per bound)")
+    Ks = [int(k) for k in Ks]
+    if not (is_int(samples) and samples >= 2 * Ks[-1]):
+        raise refuse("samples", samples, f"samples must be an integer >= 2 x the largest K = {2 * Ks[-1]} (draws per "
+                                         "data point: at least 2 repeats of each bound)")
+    check("nll_samples", nll_samples)
+    check("chunk", chunk)
+    if seed is not None:
+        check("eval_seed", seed, label="seed")
+    check_inputs(model, guide, data)
     w = data.w.double()
     with torch.random.fork_rng(), poutine.block():
         joint = is_joint(*sample_traces(model, guide, data.x, 1))

@@ -163,12 +163,21 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     diagnostic sees mass that no draw reached.
     The standard error also carries a rounding floor, float32 eps x mean |per-sample value| (the networks compute
     in float32): the lattice's statistical error alone reaches 1e-10, far below what float32 networks resolve.
-    Memory stays bounded for any n (see particles_per_chunk)."""
-    if noise not in NOISES:
-        raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {noise!r}")
-    if not (isinstance(samples, int) and isinstance(replicates, int) and replicates >= 2 and samples >= 2 * replicates):
-        raise ValueError(f"samples and replicates must be integers with replicates >= 2 and samples >= 2 x replicates, "
-                         f"got samples={samples!r}, replicates={replicates!r}")
+    Memory stays bounded for any n (see particles_per_chunk).
+
+    Refused in one line (ValueError naming the argument) before any work: noise not in lattice, qmc, mc; samples
+    not a multiple of replicates (>= 2) with at least 2 draws per replicate; data, model or guide as
+    infer.fit.check_inputs refuses them (another n, a guide that does not sample the model's latent sites with
+    their shapes and plates, a non-finite draw)."""
+    from infer.fit import check_inputs
+    from infer.validate import check, check_samples
+
+    check("noise", noise)
+    check_samples(samples, replicates)
+    if not isinstance(closed_form, bool):
+        check("closed_form", closed_form)
+    check("chunk", max_elements, label="max_elements")
+    check_inputs(model, guide, data)
     size = samples // replicates
     elbos, info = {}, {}
     batches = [particle_values(model, guide, data, size, noise, closed_form, max_elements, elbos, info)

@@ -90,8 +90,10 @@ def gaussian_optimum(n: float) -> dict:
     bracketed on a log grid of a and refined by bounded Brent; the loss is accurate to ~1e-9. When no a > 0 beats
     the collapsed code by more than 1e-12 (n <= 1, where loss(a) - ln 2 = KL(q(z) || p(z)) is flat to high order
     at 0), a = 0 is reported."""
-    if not n > 0:
-        raise ValueError(f"n must be > 0, got {n!r}")
+    from infer.validate import is_finite, refuse
+
+    if not (is_finite(n) and n > 0):
+        raise refuse("n", n, "n must be a finite number > 0 (the data length)")
     grid = np.concatenate([[0.0], np.logspace(-3, 3, 49)])
     values = np.array([gaussian_loss(a, n) for a in grid])
     i = int(np.argmin(values))

@@ -157,7 +157,14 @@ def khat(model, guide, data, samples: int = 10000) -> list:
     """Pareto k-hat per data point (arviz.psislw) of log p(x_k, z) - log q(z|x_k), z ~ q(.|x_k).
 
     Weights that are constant (spread below 1e-9 nats) mean q(z|x_k) is the exact posterior; psislw cannot fit a
-    tail to them (it returns inf), so k-hat is reported as 0 there."""
+    tail to them (it returns inf), so k-hat is reported as 0 there. samples: an integer >= 100 (ValueError in one line
+    otherwise, as for data, model and guide that infer.fit.check_inputs refuses)."""
+    from infer.fit import check_inputs
+    from infer.validate import KHAT_MIN_SAMPLES, is_int, refuse
+
+    if not (is_int(samples) and samples >= KHAT_MIN_SAMPLES):
+        raise refuse("samples", samples, f"samples must be an integer >= {KHAT_MIN_SAMPLES} (draws per data point)")
+    check_inputs(model, guide, data)
     return [d["khat"] for d in diagnose(log_weights(model, guide, data, samples))]
 
 

@@ -74,9 +74,34 @@ def log_prob64(site):
     if lp is not None:
         return lp
     try:
-        return site["fn"].log_prob(site["value"].double()).double()
+        return _log_prob_anywhere(site["fn"], site["value"].double()).double()
     except (RuntimeError, TypeError, ValueError):
-        return site["fn"].log_prob(site["value"]).double()
+        return _log_prob_anywhere(site["fn"], site["value"]).double()
+
+
+def _log_prob_anywhere(fn, value):
+    """fn.log_prob(value) without torch's argument validation, -inf where value lies outside fn's support: a guide
+    with bounded support (a Uniform q) has density 0 there, which quadrature nodes beyond it must read as such, not
+    as torch's multi-line support error."""
+    layers, layer = [], fn  # fn and the distributions it wraps (Independent, masked, expanded)
+    while layer is not None:
+        layers.append(layer)
+        layer = getattr(layer, "base_dist", None)
+    saved = [getattr(layer, "_validate_args", False) for layer in layers]
+    try:
+        for layer in layers:
+            layer._validate_args = False
+        lp = fn.log_prob(value)
+        try:
+            inside = fn.support.check(value)
+        except NotImplementedError:  # a dependent support without a check: log_prob's own value stands
+            inside = None
+    finally:
+        for layer, flag in zip(layers, saved):
+            layer._validate_args = flag
+    if inside is not None and inside.shape == lp.shape:
+        lp = torch.where(inside, lp, torch.full_like(lp, -math.inf))
+    return lp
 
 
 def is_joint(guide_trace, model_trace, plate: str = DATA_PLATE) -> bool:

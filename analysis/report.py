@@ -17,6 +17,7 @@ from .montecarlo import monte_carlo
 
 log = logging.getLogger("onebit")
 EXACT_MAX_SCALARS = 2  # quadrature up to this many scalar latents; IWAE beyond
+IWAE_SAMPLES = 65536  # draws per data point for the IWAE bound (iwae's default), at least 2 repeats of iwae_k
 
 
 def scalar_latents(guide, data) -> int:
@@ -58,18 +59,35 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
     so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default khat_draws:
     up to 4 x samples where that is cheap, i.e. small n). It runs on the CPU: a model or guide trained on another
-    device (fit(device='cuda')) is moved to the CPU first, in place."""
+    device (fit(device='cuda')) is moved to the CPU first, in place.
+
+    Refused in one line before any work (ValueError naming the argument), with the command line's bounds for its
+    eval.* keys: samples not a multiple of replicates (an integer >= 2) with at least 2 draws per replicate (the
+    command line also asks samples >= 10^4 for a run's final numbers), noise not lattice, qmc or mc, tol not a
+    finite number > 0, iwae_k not an integer >= 1, exact not a bool, seed not an integer in [0, 2**32 - 1],
+    khat_samples not None or an integer >= 100; then data, model and guide (infer.fit.check_inputs: the data's
+    n, the guide's sites, shapes, plates, support and density), checked once for every estimator."""
+    from infer.fit import check_inputs, inputs_checked
+    from infer.validate import check, check_samples
+
+    check_samples(samples, replicates)
+    check("noise", noise)
+    check("tol", tol)
+    check("iwae_k", iwae_k)
+    check("exact", exact)
+    check("eval_seed", seed, label="seed")
+    check("khat_samples", khat_samples)
+    if on_cpu(model, guide):
+        log.info("evaluation runs on the CPU: model and guide were moved there")
+    check_inputs(model, guide, data)
+    with inputs_checked(model, guide, data):  # exact, surgery, monte_carlo, iwae: checked once, here
+        return _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples)
+
+
+def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples) -> tuple:
     from .psis import diagnose, log_weights, sample_traces
     from .qdensity import is_joint
 
-    from guides.check import check_guide
-    from infer.fit import check_sizes
-
-    if on_cpu(model, guide):
-        log.info("evaluation runs on the CPU: model and guide were moved there")
-    check_sizes(data, model=model, guide=guide)  # one-line ValueErrors before any work
-    with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
-        check_guide(model, guide, data.x)
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -105,7 +123,7 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         from .iwae import iwae
 
         metrics["exact_skipped"] = skipped
-        metrics["iwae"] = iwae(model, guide, data, K=iwae_k, seed=seed)
+        metrics["iwae"] = iwae(model, guide, data, K=iwae_k, samples=max(IWAE_SAMPLES, 2 * iwae_k), seed=seed)
         metrics["iwae"]["note"] = f"{skipped}; importance-sampled bounds instead"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -201,7 +219,12 @@ def describe(model, guide, data, result) -> dict:
         return getattr(obj, "__name__", None) or type(obj).__name__
 
     head = {"model": name(model), "guide": name(guide), "n": data.n}
-    for key in ("seed", "steps", "wall_seconds"):
+    seed = getattr(result, "seed", None)
+    if seed is None:  # fit()'s FitResult records its seed in its recipe
+        seed = (getattr(result, "recipe", None) or {}).get("seed")
+    if seed is not None:
+        head["seed"] = seed
+    for key in ("steps", "wall_seconds"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)
     return head
@@ -270,9 +293,19 @@ def _kl_text(kl: dict, tag: str) -> str:
 
 def summary_lines(m: dict) -> list:
     """A short human summary of a run's metrics (evaluate()'s, or metrics.json's), every number tagged with its
-    estimator. The first number is the headline loss."""
-    lines = [_header(m)]
+    estimator. The first number is the headline loss. exact()'s and monte_carlo()'s own dicts are summarised under
+    their own estimator's tag; anything else that is not a dict is refused (ValueError in one line)."""
+    if not isinstance(m, dict):
+        from infer.validate import refuse
+
+        raise refuse("m", m, "m must be a metrics dict: evaluate()'s metrics, a metrics.json read back, or the dict "
+                             "of analysis.exact.exact or analysis.montecarlo.monte_carlo")
     e, mc = m.get("exact"), m.get("montecarlo")
+    if e is None and mc is None and str(m.get("estimator", "")).startswith("exact quadrature") and "nll" in m:
+        e = m  # exact()'s own dict: its numbers are exact, not an old metrics.json's Monte Carlo ones
+    elif e is None and mc is None and "kind" in m and "loss_se" in m:
+        mc = m  # monte_carlo()'s own dict
+    lines = [_header(m)]
     if e is not None:
         lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   "
                   f"ELBO gap {e['gap']:.4f} [exact]",

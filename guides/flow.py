@@ -18,6 +18,7 @@ from pyro.distributions.transforms import conditional_spline
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
+from infer.validate import check, check_model_argument
 from models.nets import GaussianNet
 
 
@@ -55,10 +56,11 @@ class FlowGuide(nn.Module):
     def __init__(self, model, hidden: int = 64, layers: int = 2, flows: int = 1, count_bins: int = 8,
                  bound: float = 5.0, order: str = "linear", activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
-        if order not in ("linear", "quadratic"):
-            raise ValueError(f"order must be linear or quadratic, got {order!r}")
-        if flows < 1 or count_bins < 2 or not bound > 0:
-            raise ValueError(f"need flows >= 1, count_bins >= 2 and bound > 0, got {flows}, {count_bins}, {bound}")
+        check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
+        for name, value in (("hidden", hidden), ("layers", layers), ("flows", flows), ("count_bins", count_bins),
+                            ("bound", bound), ("order", order), ("activation", activation), ("min_scale", min_scale)):
+            check(name, value)
+        self.n = model.n  # the data dimension the flows are built for
         self.sites, d = tuple(model.latent_sites), model.latent_dim
         contexts = [model.n] + [d] * (len(self.sites) - 1)
         self.splines = nn.ModuleList(

@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from infer.validate import check
+from infer.validate import check, check_model_argument
 from models.nets import GaussianNet
 
 
@@ -13,6 +13,7 @@ class GaussianGuide(nn.Module):
 
     def __init__(self, model, hidden: int = 64, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
+        check_model_argument(model, needs=("n", "latent_dim"))
         for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation), ("min_scale", min_scale)):
             check(name, value)
         self.n = model.n  # the data dimension the encoder is built for

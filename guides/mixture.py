@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
+from infer.validate import check, check_model_argument
 from models.nets import GaussianNet, mlp
 
 
@@ -79,13 +80,18 @@ class NormalMixture1D(TorchDistribution):
 
 class MixtureGuide(nn.Module):
     """q(z|x) (VAE) or q(z1|x) (DLGM, with Gaussian q(z_{l+1}|z_l) above) a mixture of `components` diagonal
-    Gaussians amortised on x. The component means start spread over [-spread, spread] to break their symmetry."""
+    Gaussians amortised on x. The component means start spread over [-spread, spread] (spread: a finite number >= 0)
+    to break their symmetry."""
 
     def __init__(self, model, components: int = 3, hidden: int = 64, layers: int = 2, upper_hidden: int = 64,
                  upper_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5, spread: float = 1.0):
         super().__init__()
-        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-            raise ValueError(f"components must be an integer >= 1, got {components!r}")
+        check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
+        for name, value in (("components", components), ("hidden", hidden), ("layers", layers),
+                            ("upper_hidden", upper_hidden), ("upper_layers", upper_layers), ("activation", activation),
+                            ("min_scale", min_scale), ("spread", spread)):
+            check(name, value)
+        self.n = model.n  # the data dimension the encoder is built for
         self.sites, self.d, self.K = tuple(model.latent_sites), model.latent_dim, components
         self.min_scale = min_scale
         self.encoder = mlp(model.n, components * (2 * self.d + 1), hidden, layers, activation)

@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from infer.validate import check
+from infer.validate import check, check_model_argument
 from models.nets import GaussianNet
 
 
@@ -15,6 +15,7 @@ class StructuredGuide(nn.Module):
                  activation: str = "elu", min_scale: float = 1e-5,
                  gain: bool = False):
         super().__init__()
+        check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
         for name, value in (("hidden", hidden), ("layers", layers), ("upper_hidden", upper_hidden), ("upper_layers", upper_layers), ("activation", activation), ("min_scale", min_scale), ("gain", gain)):
             check(name, value)
         self.n = model.n  # the data dimension the encoder is built for

@@ -21,7 +21,7 @@ from .average import ParameterAverage, average_start
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
 from .runtime import flush_denormals, training_settings  # noqa: F401  (re-exported: infer.fit.flush_denormals)
-from .validate import SCHEDULES, check, is_int
+from .validate import SCHEDULES, check, is_int, refuse
 from .weights import DataWeights, LatentScale, kl_weight
 
 
@@ -216,13 +216,139 @@ def check_sizes(data, **roles) -> None:
                              f"n={data.n}")
 
 
-def _check_arguments(model, guide, data, elbo, steps, resume, values):
+def check_data(data) -> None:
+    """Raise ValueError (one line, naming data) unless data is the one-bit data distribution: a models.OneBit, or
+    an object like it (an integer n, the (2, n) tensor x of the two points, their weights w and weights)."""
+    ok = False
+    if not isinstance(data, type) and is_int(getattr(data, "n", None)) and hasattr(data, "weights"):
+        try:
+            x, w = data.x, data.w
+            ok = (torch.is_tensor(x) and torch.is_tensor(w) and x.dim() == 2 and x.shape[-1] == data.n
+                  and w.shape == x.shape[:1])
+        except Exception:  # noqa: BLE001  an object whose x or w cannot be read is not data
+            ok = False
+    if not ok:
+        raise refuse("data", data, "data must be the one-bit data distribution, models.OneBit(n) (or an object "
+                                   "with n, x (2, n), w (2,) and weights)")
+
+
+def _check_callable(name, fn, what) -> None:
+    if isinstance(fn, type) or not callable(fn):
+        raise refuse(name, fn, f"{name} must be {what}")
+
+
+_CHECKED = []  # (model, guide, data) triples whose inputs were checked by an enclosing inputs_checked()
+
+
+def check_inputs(model, guide, data) -> None:
+    """The checks every evaluation function runs before any work (analysis.report.evaluate, analysis.exact's
+    exact, surgery, evidence and posterior_grid, analysis.montecarlo.monte_carlo, analysis.iwae.iwae,
+    analysis.psis.khat): data is the one-bit data (check_data), model and guide are callables built for its n
+    (check_sizes), and the guide samples exactly the model's latent sites, with the same shapes and plates, inside
+    their support, with a density (guides.check.check_guide: one trace of each, on a forked RNG, so the caller's
+    RNG is untouched). Raises ValueError (or its subclass GuideMismatchError) in one line. Inside
+    `with inputs_checked(model, guide, data):` (evaluate's, after its own check) it does nothing."""
+    if any(m is model and g is guide and d is data for m, g, d in _CHECKED):
+        return
+    check_data(data)
+    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
+    _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
+                                    "guides.GaussianGuide(model))")
+    check_sizes(data, model=model, guide=guide)
+    with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
+        check_guide(model, guide, data.x)
+
+
+class inputs_checked:  # noqa: N801  (a context manager, named for what it states)
+    """Within it, check_inputs(model, guide, data) for these very objects is skipped: they were checked once."""
+
+    def __init__(self, model, guide, data):
+        self.triple = (model, guide, data)
+
+    def __enter__(self):
+        _CHECKED.append(self.triple)
+        return self
+
+    def __exit__(self, *exc):
+        _CHECKED.remove(self.triple)
+        return False
+
+
+def _folder_exists(path) -> bool:
+    import os
+
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return os.path.isdir(folder) and not os.path.isdir(os.fspath(path))
+
+
+def check_checkpoint_path(path, name: str = "checkpoint_path") -> None:
+    """Raise ValueError (one line) unless path is None or a file path (str or os.PathLike) in a folder that exists:
+    a checkpoint that cannot be written must be refused before training, not at its first write."""
+    import os
+
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) in ("", b""):
+        raise refuse(name, path, f"{name} must be a file path (str or pathlib.Path), or None")
+    if not _folder_exists(path):
+        raise refuse(name, os.fspath(path), f"{name} must be a file in a folder that exists (create "
+                                            f"{os.path.dirname(os.path.abspath(os.fspath(path)))!r} first; not a "
+                                            "folder itself)")
+
+
+def resume_state(resume) -> dict:
+    """fit's `resume` as a checkpoint dict: None stays None, a path (str or os.PathLike) is read with
+    infer.checkpoint.load_checkpoint, a dict must hold what resuming needs (checkpoint.KEYS); ValueError in one
+    line otherwise."""
+    import os
+
+    from .checkpoint import KEYS, load_checkpoint
+
+    if resume is None:
+        return None
+    if isinstance(resume, (str, os.PathLike)):
+        try:
+            return load_checkpoint(resume)
+        except ValueError as err:
+            raise refuse("resume", os.fspath(resume), f"resume must be a readable checkpoint ({err})") from None
+    lacks = [k for k in KEYS if not isinstance(resume, dict) or k not in resume]
+    if lacks or not is_int(resume["step"]) or resume["step"] < 0:
+        raise refuse("resume", resume, "resume must be a checkpoint dict (infer.checkpoint.load_checkpoint(path)) "
+                                       "or its path" + (f"; this one lacks {', '.join(lacks)}" if lacks else
+                                                        "; its step is not an integer >= 0"))
+    return resume
+
+
+def _check_elbo(elbo) -> None:
+    from pyro.infer import ELBO
+
+    if isinstance(elbo, type) or not (isinstance(elbo, ELBO) or callable(getattr(elbo, "marginal_terms", None))):
+        what = "a class; instantiate it" if isinstance(elbo, type) else "not an objective"
+        raise refuse("elbo", elbo, f"elbo must be an objective instance, a Pyro ELBO such as "
+                                   f"infer.ClosedFormELBO() or pyro.infer.Trace_ELBO(), or "
+                                   f"infer.marginal.MarginalLikelihood() (this is {what})")
+
+
+def _check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
+                     checkpoint_extra=None):
+    check_data(data)
     for name, value in values.items():
         check(name, value)
+    _check_elbo(elbo)
+    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
+    if callback is not None:
+        _check_callable("callback", callback, "a callable callback(step, row), or None")
+    check_checkpoint_path(checkpoint_path)
+    if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
+        raise refuse("checkpoint_extra", checkpoint_extra, "checkpoint_extra must be a dict of entries to add to "
+                                                           "every checkpoint, or None")
     needs_guide = getattr(elbo, "needs_guide", True)
     if needs_guide and guide is None:
         raise ValueError("guide=None is not allowed: this objective needs a guide (only an objective with "
                          "needs_guide = False, such as the exact marginal likelihood, trains without one)")
+    if needs_guide:
+        _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
+                                        "guides.GaussianGuide(model))")
     if not needs_guide:
         for name, default in (("beta", 1.0), ("warmup", 0), ("freeze_model", False)):
             if values[name] != default:
@@ -368,11 +494,12 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     (one line: the first bad step and the likely cause). The final parameters are checked by one more evaluation.
     A checkpoint is written only of parameters whose loss and gradients were finite, so the last good one survives.
 
-    `resume` is a checkpoint dict (see checkpoint.py): training continues from its step with its params (checked
+    `resume` is a checkpoint dict (infer.checkpoint.load_checkpoint(path)) or its path: training continues from its step with its params (checked
     by name and shape), optimiser, RNG states, history and partial logging window, and gives the same history as
     an uninterrupted run. Every `log_every` steps the window mean of each loss term is appended to the history, with
-    the KL terms unweighted. With checkpoint_path and checkpoint_every > 0, a checkpoint (with checkpoint_extra's
-    entries) is written every checkpoint_every steps and at the end. The KL terms are weighted by `beta` through
+    the KL terms unweighted. With checkpoint_path (a file in a folder that exists), a checkpoint (with the dict
+    checkpoint_extra's entries) is written at the end and, with checkpoint_every > 0, every checkpoint_every steps;
+    checkpoint_every=0 means "only at the end", as the command line's train.checkpoint_every=0. The KL terms are weighted by `beta` through
     LatentScale (poutine-style scaling of the latent sites of model and guide); with `warmup` > 0 the weight rises
     linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
 
@@ -394,7 +521,9 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
                   freeze_model=freeze_model, engine=engine, average=average)
     if elbo is None:
         elbo = ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
-    _check_arguments(model, guide, data, elbo, steps, resume, values)
+    check_data(data)
+    resume = resume_state(resume)
+    _check_arguments(model, guide, data, elbo, steps, resume, values, callback, checkpoint_path, checkpoint_extra)
     device = _device(device)
     with training_settings(threads):
         return _fit(model, guide, data, elbo, values, resume, callback, checkpoint_path, checkpoint_extra, device)
@@ -636,7 +765,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     result.window = window.state()
     if torch.is_tensor(result.initial_loss):
         result.initial_loss = float(result.initial_loss)
-    if checkpoint_path and checkpoint_every and start < steps:
+    if checkpoint_path and start < steps:  # also with checkpoint_every=0: "only at the end", as on the command line
         write_checkpoint(steps, rng_state(), result.window, None)  # its params are the average
     return result
 
@@ -743,5 +872,6 @@ class _Window:
 
 from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)
 
-__all__ = ["fit", "training_settings", "flush_denormals", "check_sizes", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
+__all__ = ["fit", "training_settings", "flush_denormals", "check_sizes", "check_data", "check_inputs",
+           "inputs_checked", "check_checkpoint_path", "resume_state", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
            "reset_parameters", "rng_state", "set_rng_state", "VAE_RECIPE", "DLGM_RECIPE", "DEFAULT_RECIPE"]

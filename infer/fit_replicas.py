@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from .average import ParameterAverage, average_start
 from .elbo import ClosedFormELBO
 from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _check_plan, _device, _divergence,
-                  _last_update, _prepare, _Window, fit, learning_rate, recipe, training_settings)
+                  _last_update, _prepare, _Window, check_checkpoint_path, check_data, fit, learning_rate, recipe,
+                  training_settings)
+from .validate import refuse
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
 from .weights import kl_weight
 
@@ -40,10 +42,16 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     the replicas' own. After training each replica's parameters are in its own model and guide.
 
     on_start() runs once, after every check and before the first step (e.g. to create the checkpoints' dirs).
-    callback(r, step, row) runs at each log of replica r. With checkpoint_paths (one path per replica), replica
-    r's checkpoint is written every checkpoint_every steps (if > 0) and at the end, holding what a single run's
+    callback(r, step, row) runs at each log of replica r. With checkpoint_paths (a list of one file path per
+    replica, in folders that exist before training, or once on_start has run), replica r's checkpoint is written
+    every checkpoint_every steps (if > 0) and at the end (checkpoint_every=0: only at the end), holding what a single run's
     would (params under the single run's names, its own Adam moments, its generator's state as the torch RNG
-    state, history, window), so it resumes as a single run with fit(resume=...) and seed seeds[r]."""
+    state, history, window), so it resumes as a single run with fit(resume=...) and seed seeds[r].
+
+    Refused in one line before training (ValueError naming the argument): models, guides or seeds that are not
+    lists, the same model or guide object for two replicas, checkpoint_paths that is not one path per replica,
+    a callback or on_start that is not callable, data that is not the one-bit data."""
+    _check_replica_arguments(models, guides, data, seeds, callback, checkpoint_paths, checkpoint_extras, on_start)
     R = len(seeds)
     if not (R >= 1 and len(models) == R and len(guides) == R):
         raise ValueError(f"replicas: got {len(models)} models, {len(guides)} guides and {R} seeds; give one of each "
@@ -67,8 +75,9 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
                          "the model and guide (lattice or qmc)")
     for r in range(R):
         _check_arguments(models[r], guides[r], data, single, v["steps"], None, {**v, "seed": seeds[r]})
-    if checkpoint_paths is not None and len(checkpoint_paths) != R:
-        raise ValueError(f"checkpoint_paths: give one path per replica ({R}), got {len(checkpoint_paths)}")
+    if on_start is None:  # the folders must exist now; with on_start (which may create them), right after it
+        for path in checkpoint_paths or ():
+            check_checkpoint_path(path, "checkpoint_paths")
     device = _device(device)
     size = stack_size(R, single.num_particles, data)
     paths, extras = checkpoint_paths, checkpoint_extras or [None] * R
@@ -77,6 +86,8 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     def start():  # once, after the first stack's setup (which refuses a guide that cannot stack) or before a fit
         if not started and on_start is not None:
             on_start()
+            for path in checkpoint_paths or ():  # before any training: on_start was to create their folders
+                check_checkpoint_path(path, "checkpoint_paths")
         started.append(True)
 
     for lo in range(0, R, size):  # each stack trains all its steps, then the next (the same results as lockstep)
@@ -103,7 +114,6 @@ def _one_by_one(models, guides, data, seeds, elbo, v, device, paths, extras, cal
     """Each replica trained by fit() with its seed, one after another (a stack of one through the stacked
     machinery measured 10% slower than fit: 70.8 against 64.0 s for the dlgm at n = 1000); `replicas` is the
     group's size, which each result's recipe records."""
-    from .checkpoint import save_checkpoint
     from .fit import DivergenceError
 
     out = []
@@ -118,11 +128,60 @@ def _one_by_one(models, guides, data, seeds, elbo, v, device, paths, extras, cal
         except DivergenceError as err:
             out.append(err)
             continue
-        result.recipe["replicas"] = replicas
-        if paths and not v["checkpoint_every"]:  # fit wrote the final one otherwise
-            save_checkpoint(paths[r], result, extra=extras[r])
+        result.recipe["replicas"] = replicas  # fit wrote the final checkpoint (also with checkpoint_every=0)
         out.append(result)
     return out
+
+
+def _is_sequence(v) -> bool:
+    """A list, tuple or other sequence of items (not a string, not a single model or guide)."""
+    from collections.abc import Sequence
+
+    return isinstance(v, (Sequence, torch.nn.ModuleList)) and not isinstance(v, (str, bytes))
+
+
+def _check_replica_arguments(models, guides, data, seeds, callback, checkpoint_paths, checkpoint_extras,
+                             on_start) -> None:
+    """fit_replicas' own argument checks (one-line ValueErrors naming the argument), before any work; fit's checks
+    of every replica's model, guide and settings follow."""
+    check_data(data)
+    for name, value in (("models", models), ("guides", guides), ("seeds", seeds)):
+        if not _is_sequence(value):
+            raise refuse(name, value, f"{name} must be a list with one entry per replica")
+    for name, value in (("models", models), ("guides", guides)):
+        items = list(value)
+        for r, item in enumerate(items):
+            first = next(i for i, other in enumerate(items) if other is item)
+            if first != r:
+                raise refuse(name, value, f"{name} must be distinct objects, one per replica (entries {first} and "
+                                          f"{r} are the same {type(item).__name__}, whose params only one replica "
+                                          "could hold): build one per replica")
+    shared = {id(m) for m in models} & {id(g) for g in guides}
+    if shared:
+        raise ValueError("models and guides share an object: each replica needs its own model and its own guide")
+    for name, fn, what in (("callback", callback, "a callable callback(replica, step, row), or None"),
+                           ("on_start", on_start, "a callable on_start(), or None")):
+        if fn is not None and (isinstance(fn, type) or not callable(fn)):
+            raise refuse(name, fn, f"{name} must be {what}")
+    R = len(seeds)
+    if checkpoint_paths is not None:
+        if not _is_sequence(checkpoint_paths) or len(checkpoint_paths) != R:
+            raise refuse("checkpoint_paths", checkpoint_paths, f"checkpoint_paths must be a list of one path per "
+                                                               f"replica ({R}), or None")
+        import os
+
+        for path in checkpoint_paths:
+            if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+                raise refuse("checkpoint_paths", checkpoint_paths, "checkpoint_paths must hold file paths (str or "
+                                                                   "pathlib.Path)")
+        full = [os.path.abspath(os.fspath(p)) for p in checkpoint_paths]
+        if len(set(full)) != R:
+            raise refuse("checkpoint_paths", checkpoint_paths, "checkpoint_paths must be distinct: one file per "
+                                                               "replica")
+    if checkpoint_extras is not None and (not _is_sequence(checkpoint_extras) or len(checkpoint_extras) != R or any(
+            e is not None and not isinstance(e, dict) for e in checkpoint_extras)):
+        raise refuse("checkpoint_extras", checkpoint_extras, f"checkpoint_extras must be a list of one dict (or None) "
+                                                             f"per replica ({R}), or None")
 
 
 STACK_FLOATS = 2**20  # the largest activation of one stack (replicas x particles x data points x n floats, 4 MB)

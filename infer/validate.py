@@ -16,6 +16,8 @@ NOISE = ("mc", "qmc", "lattice")
 ACTIVATIONS = ("elu", "relu", "tanh", "silu", "softplus")
 INITS = ("reset", "keep")
 ENGINES = ("auto", "general")
+MAX_SEED = 2 ** 32 - 1  # numpy's RNG (seeded with torch's and Python's by pyro.set_rng_seed) takes seeds below 2**32
+ORDERS = ("linear", "quadratic")
 
 
 def is_int(v) -> bool:
@@ -45,6 +47,9 @@ def _pair(test):
     return check
 
 
+KHAT_MIN_SAMPLES = 100  # PSIS fits its Pareto tail to the largest min(S/5, 3 sqrt(S)) weights: 20 at S = 100
+
+
 def _weights(v) -> bool:
     try:
         return (len(v) == 2 and all(is_finite(w) and w > 0 for w in v) and abs(sum(v) - 1) <= 1e-9)
@@ -62,7 +67,7 @@ RULES = {
     "beta": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0"),
     "warmup": (_int_at_least(0), "an integer >= 0"),
     "warmup_start": (lambda v: is_finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "seed": (lambda v: v is None or (is_int(v) and v >= 0), "an integer >= 0 (or None)"),
+    "seed": (lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED), f"an integer in [0, {MAX_SEED}] (or None)"),
     "log_every": (_int_at_least(1), "an integer >= 1"),
     "checkpoint_every": (_int_at_least(0), "an integer >= 0 (0: never)"),
     "threads": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1 (or None: leave torch's setting)"),
@@ -97,6 +102,26 @@ RULES = {
     "average": (lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1): the fraction of the last steps whose "
                 "iterates are averaged (0: none)"),
     "gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
+    # guides (the command line's guide.* keys allow the same)
+    "components": (_int_at_least(1), "an integer >= 1"),
+    "flows": (_int_at_least(1), "an integer >= 1"),
+    "count_bins": (_int_at_least(2), "an integer >= 2"),
+    "bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "order": (lambda v: v in ORDERS, " or ".join(ORDERS)),
+    "spread": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0"),
+    # evaluation (analysis.report.evaluate, analysis.exact, analysis.montecarlo, analysis.iwae, analysis.psis): the
+    # bounds of the command line's eval.* keys, except eval.samples' floor of 10^4 (a policy for a run's final
+    # numbers; in Python, samples must be a multiple of replicates, at least 2 per replicate: check_samples)
+    "tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "replicates": (_int_at_least(2), "an integer >= 2"),
+    "iwae_k": (_int_at_least(1), "an integer >= 1"),
+    "exact": (lambda v: isinstance(v, bool), "true or false"),
+    "eval_seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "khat_samples": (lambda v: v is None or (is_int(v) and v >= KHAT_MIN_SAMPLES),
+                     f"an integer >= {KHAT_MIN_SAMPLES} (or None: the default, analysis.report.khat_draws)"),
+    "points": (_int_at_least(2), "an integer >= 2"),
+    "nll_samples": (_int_at_least(2), "an integer >= 2"),
+    "chunk": (_int_at_least(1), "an integer >= 1"),
 }
 RULES["prior_gain_floor"] = RULES["gain_floor"]  # the DLGM's name for its prior nets' gain floor
 
@@ -131,12 +156,47 @@ def is_allowed(name: str, value) -> bool:
         return False
 
 
+def shown(value) -> str:
+    """repr(value) where it is one short line, else '<TypeName>' (a tensor's or an nn.Module's repr spans lines)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  a repr that fails still names its type
+        text = ""
+    return text if text and "\n" not in text and len(text) <= 80 else f"<{type(value).__name__}>"
+
+
+def refuse(label: str, value, allowed_text: str) -> ValueError:
+    """The project's one-line ValueError: `<label>=<value> is not allowed: <allowed_text>` (value as `shown`)."""
+    return ValueError(f"{label}={shown(value)} is not allowed: {allowed_text}")
+
+
 def check(name: str, value, label: str = None) -> None:
     """Raise ValueError (one line, naming `label` or `name`, the value and what is allowed) unless RULES[name]
     allows value. label: the name to print, e.g. a config key such as 'optim.lr'."""
     if not is_allowed(name, value):
         label = label or name
-        raise ValueError(f"{label}={value!r} is not allowed: {label} must be {RULES[name][1]}")
+        raise refuse(label, value, f"{label} must be {RULES[name][1]}")
+
+
+def check_samples(samples, replicates) -> None:
+    """Raise ValueError (one line, naming both) unless replicates is an integer >= 2 and samples an integer
+    multiple of it with at least 2 draws per replicate (a replicate's draws are samples // replicates: a remainder
+    would be dropped silently)."""
+    check("replicates", replicates)
+    if not (is_int(samples) and samples >= 2 * replicates and samples % replicates == 0):
+        raise ValueError(f"samples={shown(samples)} is not allowed with replicates={replicates}: samples must be an "
+                         f"integer multiple of replicates, at least 2 x replicates = {2 * replicates} (e.g. "
+                         f"{max(2, -(-samples // replicates) if is_int(samples) else 2) * replicates})")
+
+
+def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
+    """Raise ValueError (one line) unless `model` is a built model with the attributes `needs` (e.g. n, latent_dim,
+    latent_sites): what a guide constructor reads from the model it serves. role: the argument's name."""
+    lacks = [a for a in needs if not hasattr(model, a)]
+    if model is None or isinstance(model, (str, bytes, numbers.Number, type)) or lacks or (
+            "n" in needs and not is_int(getattr(model, "n", None))):
+        raise refuse(role, model, f"{role} must be a built model (e.g. models.VAE(n) or models.DLGM(n)) with "
+                                  f"{', '.join(needs)}")
 
 
 def check_all(**values) -> None:
@@ -145,6 +205,7 @@ def check_all(**values) -> None:
         check(name, value)
 
 
-__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "allowed", "is_allowed", "is_int",
+__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "check_model_argument",
+           "refuse", "shown", "MAX_SEED", "KHAT_MIN_SAMPLES", "ORDERS", "allowed", "is_allowed", "is_int",
            "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS",
            "ENGINES"]

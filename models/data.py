@@ -16,7 +16,10 @@ class OneBit:
 
     def __post_init__(self):
         check("n", self.n)
-        weights = self.weights if isinstance(self.weights, (str, bytes)) else tuple(self.weights)
+        try:
+            weights = self.weights if isinstance(self.weights, (str, bytes)) else tuple(self.weights)
+        except TypeError:  # not iterable (None, a number): refused by name below
+            weights = self.weights
         check("weights", weights)
         object.__setattr__(self, "n", int(self.n))
         object.__setattr__(self, "weights", tuple(float(v) for v in weights))

@@ -1,0 +1,359 @@
+"""Bad input to the Python API is refused before any work, in one line naming the argument (review s6/api, F2 F5-F9
+F11 F12): the evaluation functions run evaluate()'s checks, fit and fit_replicas refuse what would fail later (or
+write where it should not), and fit's checkpoint_every=0 means "only at the end", as on the command line."""
+import json
+import math
+import os
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from guides import FlowGuide, GaussianGuide, MeanFieldGuide, MixtureGuide, StructuredGuide
+from infer import ClosedFormELBO, fit
+from infer.fit_replicas import fit_replicas
+from models import VAE, OneBit
+
+N = 3
+
+
+def one_line_value_error(fn, match):
+    with pytest.raises(ValueError, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value)
+    return err.value
+
+
+@pytest.fixture
+def vae():
+    model = VAE(N, hidden=4)
+    return model, GaussianGuide(model, hidden=4), OneBit(N)
+
+
+def fit_with(model, guide, **kwargs):
+    kwargs.setdefault("steps", 3)
+    data = kwargs.pop("data", OneBit(N))
+    return fit(model, guide, data, elbo=kwargs.pop("elbo", ClosedFormELBO(num_particles=4)), **kwargs)
+
+
+def site_guide(name="z", loc=0.0, width=1):
+    """q(<name>|x) = N(loc, 1) with `width` scalars per point, in the data plate."""
+    def guide(x):
+        with pyro.plate("data", 2):
+            pyro.sample(name, dist.Normal(torch.full((2, width), loc), 1.0).to_event(1))
+    return guide
+
+
+def evaluation_functions():
+    from analysis.exact import evidence, exact, posterior_grid, surgery
+    from analysis.iwae import iwae
+    from analysis.montecarlo import monte_carlo
+    from analysis.psis import khat
+
+    return {"exact": exact, "surgery": surgery, "evidence": evidence, "posterior_grid": posterior_grid,
+            "monte_carlo": lambda m, g, d: monte_carlo(m, g, d, samples=64, replicates=4),
+            "iwae": lambda m, g, d: iwae(m, g, d, K=(1, 4), samples=64, nll_samples=64),
+            "khat": lambda m, g, d: khat(m, g, d, samples=200)}
+
+
+# F2: every evaluation function checks its inputs as evaluate() does
+
+@pytest.mark.parametrize("name", list(evaluation_functions()))
+def test_an_evaluation_function_refuses_a_model_built_for_another_n(name, vae):
+    model, guide, _ = vae
+    one_line_value_error(lambda: evaluation_functions()[name](model, guide, OneBit(N + 1)),
+                         f"model was built for n={N} but the data have n={N + 1}")
+
+
+@pytest.mark.parametrize("name", list(evaluation_functions()))
+def test_an_evaluation_function_refuses_a_guide_with_another_site_name(name, vae):
+    model, _, data = vae
+    one_line_value_error(lambda: evaluation_functions()[name](model, site_guide("w"), data),
+                         "guide does not fit the model: missing z; extra w")
+
+
+@pytest.mark.parametrize("name", ["exact", "monte_carlo"])
+def test_an_evaluation_function_refuses_a_guide_of_the_wrong_event_shape(name, vae):
+    model, _, data = vae
+    one_line_value_error(lambda: evaluation_functions()[name](model, site_guide(width=3), data),
+                         r"guide site 'z' has shape \(2, 3\) and event shape \(3,\)")
+
+
+@pytest.mark.parametrize("name", ["exact", "monte_carlo"])
+def test_an_evaluation_function_refuses_a_guide_that_draws_nan(name, vae):
+    model, _, data = vae
+    one_line_value_error(lambda: evaluation_functions()[name](model, site_guide(loc=math.nan), data),
+                         "guide.*(invalid values|outside the model's support)")
+
+
+@pytest.mark.parametrize("name", ["exact", "monte_carlo"])
+def test_an_evaluation_function_refuses_data_that_are_not_onebit(name, vae):
+    model, guide, _ = vae
+    one_line_value_error(lambda: evaluation_functions()[name](model, guide, torch.zeros(2, N)),
+                         r"^data=<Tensor> is not allowed: data must be the one-bit data")
+
+
+def test_evaluate_checks_the_guide_once_for_all_its_estimators(vae, monkeypatch):
+    import importlib
+
+    from analysis.report import evaluate
+
+    model, guide, data = vae
+    calls = []
+    module = importlib.import_module("infer.fit")
+    real = module.check_guide
+    monkeypatch.setattr(module, "check_guide", lambda *a: calls.append(1) or real(*a))
+    evaluate(model, guide, data, samples=64, replicates=4, khat_samples=128)
+    assert len(calls) == 1
+
+
+# F8: evaluate's and exact's arguments, with the command line's bounds
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"tol": -1.0}, "tol"), ({"tol": math.nan}, "tol"), ({"exact": "no"}, "exact"), ({"khat_samples": 0}, "khat_samples"),
+    ({"seed": -1}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"iwae_k": 0}, "iwae_k"), ({"noise": "sobol"}, "noise"),
+    ({"replicates": 1}, "replicates"),
+])
+def test_evaluate_refuses_a_bad_argument_in_one_line_naming_it(kwargs, name, vae):
+    from analysis.report import evaluate
+
+    one_line_value_error(lambda: evaluate(*vae, **{"samples": 64, "replicates": 4, **kwargs}),
+                         rf"^{name}=.* is not allowed: {name} must be")
+
+
+def test_samples_that_replicates_do_not_divide_are_refused_naming_both(vae):
+    from analysis.report import evaluate
+
+    one_line_value_error(lambda: evaluate(*vae, samples=100, replicates=16),
+                         r"^samples=100 is not allowed with replicates=16: samples must be an integer multiple")
+
+
+@pytest.mark.parametrize("tol", [-1.0, 0.0, math.nan, math.inf, "a"])
+def test_exact_refuses_a_tolerance_that_is_not_a_finite_positive_number(tol, vae):
+    from analysis.exact import exact
+
+    one_line_value_error(lambda: exact(*vae, tol=tol), r"^tol=.* is not allowed: tol must be a finite number > 0")
+
+
+def test_iwae_refuses_fewer_samples_than_two_repeats_of_its_largest_k(vae):
+    from analysis.iwae import iwae
+
+    one_line_value_error(lambda: iwae(*vae, K=(1, 8), samples=0), r"^samples=0 is not allowed: samples must be an "
+                                                                  r"integer >= 2 x the largest K = 16")
+
+
+# F9: a guide with bounded support
+
+class UniformGuide(nn.Module):
+    """q(z|x_k) = Uniform(a_k, a_k + 1.5): a density with bounded support."""
+
+    n = N
+
+    def __init__(self):
+        super().__init__()
+        self.low = nn.Parameter(torch.tensor([[-2.0], [0.5]]))
+
+    def forward(self, x):
+        pyro.module("uniform_guide", self)
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Uniform(self.low, self.low + 1.5).to_event(1))
+
+
+def test_exact_integrates_a_guide_with_bounded_support_and_agrees_with_monte_carlo(vae):
+    from analysis.exact import exact
+    from analysis.montecarlo import monte_carlo
+
+    model, _, data = vae
+    guide = UniformGuide()
+    quadrature = exact(model, guide, data)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, guide, data, samples=16384, replicates=16, noise="mc")
+    assert math.isfinite(quadrature["loss"])
+    assert abs(quadrature["loss"] - mc["loss"]) < 4 * mc["loss_se"]
+
+
+# F6: fit refuses before training
+
+@pytest.mark.parametrize("data", [None, 5, torch.zeros(2, N)])
+def test_fit_refuses_data_that_are_not_onebit(data, vae):
+    model, guide, _ = vae
+    one_line_value_error(lambda: fit_with(model, guide, data=data), r"^data=.* is not allowed: data must be the one-bit")
+
+
+@pytest.mark.parametrize("elbo", ["trace", ClosedFormELBO])
+def test_fit_refuses_an_elbo_that_is_not_an_objective_instance(elbo, vae):
+    one_line_value_error(lambda: fit_with(*vae[:2], elbo=elbo), r"^elbo=.* is not allowed: elbo must be an objective "
+                                                                "instance")
+
+
+def test_fit_refuses_a_model_that_is_not_callable(vae):
+    one_line_value_error(lambda: fit_with(None, vae[1]), r"^model=None is not allowed: model must be")
+
+
+@pytest.mark.parametrize("kwargs, name", [({"checkpoint_extra": "x"}, "checkpoint_extra"), ({"callback": 5}, "callback"),
+                                          ({"resume": {}}, "resume"), ({"resume": "no/such/checkpoint.pt"}, "resume"),
+                                          ({"seed": 2 ** 64}, "seed")])
+def test_fit_refuses_a_bad_argument_before_training_naming_it(kwargs, name, vae):
+    error = one_line_value_error(lambda: fit_with(*vae[:2], **kwargs), rf"^{name}=.* is not allowed: {name} must be")
+    if name == "seed":
+        assert "[0, 4294967295]" in str(error)
+
+
+def test_fit_refuses_a_checkpoint_path_in_a_missing_folder_before_training(vae, tmp_path):
+    rows = []
+    one_line_value_error(lambda: fit_with(*vae[:2], checkpoint_path=tmp_path / "missing" / "ck.pt",
+                                          callback=lambda step, row: rows.append(step), log_every=1),
+                         r"^checkpoint_path=.* is not allowed: checkpoint_path must be a file in a folder that exists")
+    assert rows == []
+
+
+def test_fit_resumes_from_a_checkpoint_path_as_from_the_loaded_checkpoint(vae, tmp_path):
+    from infer.checkpoint import load_checkpoint
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    by_path = fit_with(model, guide, steps=8, log_every=2, resume=str(path), init="keep")
+    by_dict = fit_with(model, guide, steps=8, log_every=2, resume=load_checkpoint(path), init="keep")
+    assert [row["loss"] for row in by_path.history] == [row["loss"] for row in by_dict.history]
+
+
+# F7: checkpoint_every=0 writes the final checkpoint, as train.checkpoint_every=0 does
+
+def test_fit_with_a_checkpoint_path_and_checkpoint_every_0_writes_the_final_checkpoint(vae, tmp_path):
+    from infer.checkpoint import load_checkpoint
+
+    path = tmp_path / "ck.pt"
+    fit_with(*vae[:2], steps=5, checkpoint_path=path)
+    assert load_checkpoint(path)["step"] == 5
+
+
+# F5: fit_replicas
+
+def replicas_with(**kwargs):
+    models = [VAE(N, hidden=4) for _ in range(2)]
+    arguments = {"models": models, "guides": [GaussianGuide(m, hidden=4) for m in models], "data": OneBit(N),
+                 "seeds": [0, 1], "steps": 3, "elbo": ClosedFormELBO(num_particles=4, noise="lattice")}
+    arguments.update(kwargs)
+    return fit_replicas(**arguments)
+
+
+def test_fit_replicas_refuses_the_same_model_object_for_two_replicas():
+    model = VAE(N, hidden=4)
+    one_line_value_error(lambda: replicas_with(models=[model, model],
+                                               guides=[GaussianGuide(model, hidden=4) for _ in range(2)]),
+                         r"^models=.* is not allowed: models must be distinct objects, one per replica")
+
+
+def test_fit_replicas_refuses_the_same_guide_object_for_two_replicas():
+    models = [VAE(N, hidden=4) for _ in range(2)]
+    guide = GaussianGuide(models[0], hidden=4)
+    one_line_value_error(lambda: replicas_with(models=models, guides=[guide, guide]),
+                         r"^guides=.* is not allowed: guides must be distinct objects")
+
+
+def test_fit_replicas_refuses_checkpoint_paths_given_as_a_string_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_value_error(lambda: replicas_with(checkpoint_paths="ab"),
+                         r"^checkpoint_paths='ab' is not allowed: checkpoint_paths must be a list of one path per "
+                         r"replica \(2\)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_fit_replicas_refuses_checkpoint_paths_that_are_not_one_per_replica(tmp_path):
+    one_line_value_error(lambda: replicas_with(checkpoint_paths=[tmp_path / "a.pt"]),
+                         r"^checkpoint_paths=.* is not allowed: checkpoint_paths must be a list of one path per")
+
+
+@pytest.mark.parametrize("name", ["models", "guides", "seeds"])
+def test_fit_replicas_refuses_an_argument_that_is_not_a_list(name):
+    model = VAE(N, hidden=4)
+    single = {"models": model, "guides": GaussianGuide(model, hidden=4), "seeds": 5}[name]
+    one_line_value_error(lambda: replicas_with(**{name: single}),
+                         rf"^{name}=.* is not allowed: {name} must be a list with one entry per replica")
+
+
+def test_fit_replicas_refuses_a_callback_that_is_not_callable():
+    one_line_value_error(lambda: replicas_with(callback=5), r"^callback=5 is not allowed: callback must be a callable")
+
+
+def test_fit_replicas_refuses_data_that_are_not_onebit():
+    one_line_value_error(lambda: replicas_with(data=None), r"^data=None is not allowed: data must be the one-bit")
+
+
+def test_fit_replicas_refuses_a_missing_checkpoint_folder_before_training(tmp_path):
+    rows = []
+    one_line_value_error(lambda: replicas_with(checkpoint_paths=[tmp_path / "no" / "a.pt", tmp_path / "no" / "b.pt"],
+                                               callback=lambda r, step, row: rows.append(step), log_every=1),
+                         r"^checkpoint_paths=.* is not allowed: checkpoint_paths must be a file in a folder that exists")
+    assert rows == []
+
+
+# F11: metrics.json carries the seed
+
+def test_write_run_puts_fits_seed_into_metrics_json(vae, tmp_path):
+    from analysis.report import write_run
+
+    model, guide, data = vae
+    result = fit_with(model, guide, seed=7)
+    write_run(tmp_path, model, guide, data, result, {}, figures=False, checkpoint=False)
+    assert json.loads((tmp_path / "metrics.json").read_text())["seed"] == 7
+
+
+# F12: constructors and functions name their bad argument
+
+@pytest.mark.parametrize("guide_class", [GaussianGuide, StructuredGuide, MeanFieldGuide, FlowGuide, MixtureGuide])
+@pytest.mark.parametrize("model", [None, "vae", VAE])
+def test_a_guide_refuses_a_model_that_is_not_a_built_model(guide_class, model):
+    one_line_value_error(lambda: guide_class(model), r"^model=.* is not allowed: model must be a built model")
+
+
+@pytest.mark.parametrize("spread", [math.nan, math.inf, -1.0])
+def test_the_mixture_guide_refuses_a_spread_that_is_not_finite_and_non_negative(spread):
+    one_line_value_error(lambda: MixtureGuide(VAE(N, hidden=4), spread=spread),
+                         r"^spread=.* is not allowed: spread must be a finite number >= 0")
+
+
+def test_onebit_refuses_weights_none():
+    one_line_value_error(lambda: OneBit(5, None), r"^weights=None is not allowed: weights must be")
+
+
+@pytest.mark.parametrize("n", ["5", math.inf, math.nan])
+def test_the_gaussian_optimum_refuses_an_n_that_is_not_a_finite_positive_number(n):
+    from analysis.optimum import gaussian_optimum
+
+    one_line_value_error(lambda: gaussian_optimum(n), r"^n=.* is not allowed: n must be a finite number > 0")
+
+
+def test_posterior_grid_refuses_fewer_than_two_points(vae):
+    from analysis.exact import posterior_grid
+
+    one_line_value_error(lambda: posterior_grid(*vae, points=0), r"^points=0 is not allowed: points must be")
+
+
+def test_iwae_refuses_an_empty_k(vae):
+    from analysis.iwae import iwae
+
+    one_line_value_error(lambda: iwae(*vae, K=()), r"^K=\(\) is not allowed: K must be an integer >= 1")
+
+
+def test_khat_refuses_too_few_samples(vae):
+    from analysis.psis import khat
+
+    one_line_value_error(lambda: khat(*vae, samples=1), r"^samples=1 is not allowed: samples must be an integer >= 100")
+
+
+def test_summary_lines_refuses_what_is_not_a_metrics_dict():
+    from analysis.report import summary_lines
+
+    one_line_value_error(lambda: summary_lines(None), r"^m=None is not allowed: m must be a metrics dict")
+
+
+def test_summary_lines_tags_exacts_own_dict_as_exact(vae):
+    from analysis.exact import exact
+    from analysis.report import summary_lines
+
+    lines = summary_lines(exact(*vae))
+    assert "[exact]" in lines[1] and not any("RQMC" in line for line in lines)
