@@ -2,15 +2,18 @@
 
     python -m analysis.sweep multirun/2026-01-01/12-00-00
 
-A job directory is any directory below the sweep directory that holds .hydra/ or metrics.json; one without
-metrics.json is a failed job. When the sweep's multirun.yaml is present, jobs of the sweep that have no directory
-at all are listed as missing.
+The sweep's jobs are those of its multirun.yaml: a job directory counts when its overrides are one of the sweep's
+combinations and its job number is that combination's (job_dirs); directories of an earlier launch into the same
+folder, of another sweep or of a single run are left out, and the summary says how many. A job with replicas is
+one run per seed (its replica directories). A run without metrics.json is a failed run; a combination without a
+job directory of this launch is listed as missing. Without a multirun.yaml every job directory below counts.
 
 Outputs, in the sweep directory:
-* summary.csv: one row per job: status, its overrides, the config summary and every metric (nested blocks
-  flattened with dots: kl.z, exact.loss, khat.x0, ...);
-* summary_by_config.csv: seeds aggregated (mean, sd, count) per (model, guide, n, other overrides);
-* summary.md: the aggregated table (mean ± sd over seeds), the per-job table, and the failed/missing jobs;
+* summary.csv: one row per run: status, duplicate_of, its overrides, the config summary and every metric (nested
+  blocks flattened with dots: kl.z, exact.loss, khat.x0, ...);
+* summary_by_config.csv: seeds aggregated (mean, sd, count of the runs that have the metric) per (model, guide, n,
+  other varying overrides), each (configuration, seed) once;
+* summary.md: the aggregated table (mean ± sd over seeds), the per-run table, and the failed/missing jobs;
 * loss_vs_n.png, recon_per_dim_vs_n.png, encodings_grid.png.
 """
 import itertools
@@ -83,7 +86,8 @@ def _launches(candidates: list) -> dict:
     or replica dirs exist) is not a run itself; any other job is its own one run."""
     from .rundir import read_status
 
-    tops = [c for c in candidates if not any(a in candidates for a in c.parents)]
+    known = set(candidates)
+    tops = [c for c in candidates if not any(a in known for a in c.parents)]
     out = {}
     for top in tops:
         below = [c for c in candidates if top in c.parents]
@@ -100,14 +104,16 @@ def _overrides(job: Path) -> list:
         return []
 
 
-def _job_num(job: Path):
-    """Hydra's job number of a launched job (.hydra/hydra.yaml hydra.job.num), None where it is not recorded."""
+def _hydra_job(job: Path) -> tuple:
+    """(mode, number) of a launched job from its .hydra/hydra.yaml (hydra.mode: RUN for a single run, MULTIRUN for a
+    sweep's job; hydra.job.num), each None where it is not recorded."""
     path = job / ".hydra" / "hydra.yaml"
     try:
-        num = select(_yaml(path) or {}, "hydra.job.num") if path.exists() else None
-        return int(num)
+        cfg = (_yaml(path) or {}) if path.exists() else {}
     except Exception:
-        return None
+        cfg = {}
+    mode, num = select(cfg, "hydra.mode"), select(cfg, "hydra.job.num")
+    return (str(mode) if mode is not None else None), (int(num) if str(num).isdigit() else None)
 
 
 def job_dirs(sweep_dir: Path) -> tuple:
@@ -117,7 +123,7 @@ def job_dirs(sweep_dir: Path) -> tuple:
     combination i). A launched job directory belongs to this sweep when its overrides are one of them and, where
     its hydra.yaml records a job number, that number is the combination's. A job directory left by an earlier
     launch into the same folder (overwrite=true is itself an override, so a re-run never matches an old job), by
-    a sweep started at the same time, or by an unrelated single run matches none: it is left out. runs: the
+    a sweep started at the same time, or by a single run (hydra.mode RUN) matches none: it is left out. runs: the
     run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
     left_out: the job directories of other launches; missing: the override strings of combinations without a
     job directory of this launch. Without a multirun.yaml that can be expanded every job directory counts and
@@ -132,8 +138,8 @@ def job_dirs(sweep_dir: Path) -> tuple:
     launched, left_out, done = [], [], set()
     for job in sorted(launches):
         nums = index.get(_norm(_overrides(job)), set())
-        num = _job_num(job)
-        if nums and (num is None or num in nums):
+        mode, num = _hydra_job(job)
+        if nums and mode != "RUN" and (num is None or num in nums):
             launched.append(job)
             done |= {num} if num is not None else nums
         else:
@@ -273,7 +279,7 @@ def _mark_duplicates(jobs, keys) -> None:
     (replicas of two jobs overlapping in seeds train the same run twice): the first is kept, the others name it."""
     ok = jobs[(jobs["status"] == "ok") & jobs["seed"].notna()]
     first = {}
-    for i, key in ok[keys + ["seed"]].fillna("").astype(str).apply(tuple, axis=1).items():
+    for i, key in ok[keys + ["seed"]].astype(str).apply(tuple, axis=1).items():
         if key in first:
             jobs.at[i, "duplicate_of"] = jobs.at[first[key], "job"]
         else:
@@ -554,7 +560,8 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                     if model in models:
                         xs = sorted(table)
                         ys = [table[n][0 if base == "loss" else 1] for n in xs]
-                        ax.scatter(xs, ys, marker="x", s=30, color=model_color.get(model, "0.3"), alpha=0.8,
+                        ax.scatter(xs, ys, marker="x" if model == "vae" else "+", s=30, alpha=0.8,
+                                   color=model_color.get(model, "0.3"),
                                    label=f"{model}: original study (MC)")
             ax.set_xscale("log")
             values = agg[f"{col}_mean"].dropna()

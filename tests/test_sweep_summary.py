@@ -113,6 +113,15 @@ def test_an_unrelated_single_run_in_the_sweep_folder_is_not_a_job_of_the_sweep(t
     assert "1 run in 1 job:" in md
 
 
+def test_a_single_run_with_the_overrides_of_a_sweep_job_is_not_that_job(tmp_path):
+    single = job(tmp_path / "2026-11-30", ["data.n=5", "seed=0"], m=metrics(0, 1.5))
+    (single / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: RUN\n  job:\n    num: ???\n")
+    multirun(tmp_path, ["data.n=5", "seed=0"])
+    result, md = summary(tmp_path)
+    assert result["jobs"].empty and result["missing"] == ["data.n=5 seed=0"]
+    assert "Left out: 1 job directory of other launches" in md
+
+
 def test_a_job_dir_another_launch_wrote_with_its_own_job_number_is_not_counted(tmp_path):
     # two sweeps started together on one folder: seed=0,1 (this one) and seed=1,2 (its seed=1 is job 0)
     job(tmp_path, ["data.n=5", "seed=0"], num=0, m=metrics(0, 1.0))
