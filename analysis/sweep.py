@@ -264,14 +264,18 @@ def _tally(values) -> str:
     return ", ".join(f"{v} ({k} of {len(values)})" for v, k in counts.most_common())
 
 
-def _worst_estimator(runs):
-    """The estimator text of the run with the largest integration error (loss_error), else the first run's."""
+def _worst_estimator(runs) -> str:
+    """The estimator texts of a configuration's runs: of those with an integration error (loss_error), the text of
+    the run with the largest; then each text of the others once (a Monte Carlo headline), joined by '; '."""
     import pandas as pd
 
-    error = pd.to_numeric(runs["loss_error"], errors="coerce") if "loss_error" in runs else None
-    if error is not None and error.notna().any():
-        return runs.loc[error.idxmax(), "estimator"]
-    return runs["estimator"].iloc[0]
+    error = pd.to_numeric(runs["loss_error"], errors="coerce") if "loss_error" in runs else \
+        pd.Series(float("nan"), index=runs.index)
+    texts = [str(runs.loc[error.idxmax(), "estimator"])] if error.notna().any() else []
+    for text in runs.loc[error.isna(), "estimator"].dropna().astype(str):
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
 
 
 def _mark_duplicates(jobs, keys) -> None:
@@ -476,8 +480,11 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
     for _, r in failed.iterrows():
         parts.append(f"- {str(r['status']).upper()} `{r['job']}` ({r['overrides'] or 'no overrides'}): "
                      f"{r.get('error') or 'no reason recorded'}")
+    taken = {_norm(_overrides(Path(d))): d for d in left_out}
     for m in missing:
-        parts.append(f"- MISSING {m} (no job directory of this sweep)")
+        other = taken.get(_norm(m.split()))
+        parts.append(f"- MISSING {m} (no job directory of this sweep" + (
+            f"; its directory {_names([other], sweep_dir)} holds another launch's job)" if other else ")"))
     return "\n".join(parts) + "\n"
 
 

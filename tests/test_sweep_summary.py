@@ -129,7 +129,9 @@ def test_a_job_dir_another_launch_wrote_with_its_own_job_number_is_not_counted(t
     multirun(tmp_path, ["data.n=5"], params={"seed": "0,1"})
     result, md = summary(tmp_path)
     assert list(result["jobs"]["seed"]) == [0]
-    assert result["missing"] == ["seed=1 data.n=5"] and "MISSING seed=1 data.n=5" in md
+    assert result["missing"] == ["seed=1 data.n=5"]
+    assert "MISSING seed=1 data.n=5 (no job directory of this sweep; its directory `data.n=5,seed=1` holds another " \
+           "launch's job)" in md
 
 
 def test_without_multirun_yaml_every_job_dir_below_counts(tmp_path):
@@ -180,6 +182,8 @@ def test_an_exact_column_is_used_only_when_every_run_has_the_exact_value(tmp_pat
     assert loss.startswith("3.0000 ± ")  # the mean of all three headlines, not 1.5 over the exact two
     assert "exact (2 of 3), RQMC lattice (1 of 3)" in md
     assert row["exact.nll"].endswith("(2 of 3)")
+    estimators = next(line for line in md.splitlines() if line.startswith("Estimators"))
+    assert RQMC in estimators and "error = change under refinement" in estimators
 
 
 def test_the_exact_column_is_the_exact_mean_when_every_run_has_one(tmp_path):
