@@ -395,8 +395,9 @@ def _estimators(agg, okeys) -> str:
     texts = [str(e) for e in agg["estimator"]]
     if len(set(texts)) == 1:
         return texts[0]
-    return "; ".join(f"{r['model']}, {r['guide']}, n={r['n']}" + "".join(f", {c.split(':', 1)[1]}={r[c]}" for c in okeys)
-                     + f": {e}" for (_, r), e in zip(agg.iterrows(), texts))
+    label = (lambda r: f"{r['model']}, {r['guide']}, n={r['n']}"
+             + "".join(f", {c.split(':', 1)[1]}={r[c]}" for c in okeys))
+    return "; ".join(f"{label(r)}: {e}" for (_, r), e in zip(agg.iterrows(), texts))
 
 
 def _names(dirs, sweep_dir, most=3) -> str:
@@ -412,17 +413,19 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
     failed = jobs[jobs["status"] != "ok"]
     dupes = jobs[jobs["duplicate_of"].notna()] if "duplicate_of" in jobs else jobs.iloc[:0]
     n_jobs = len(jobs) if launched is None else len(launched)
-    runs = f"{_plural(len(jobs), 'run')} in {_plural(n_jobs, 'job')}" + (" (replicas: one run per seed)" if n_jobs != len(jobs) else "")
+    runs = f"{_plural(len(jobs), 'run')} in {_plural(n_jobs, 'job')}"
+    runs += " (replicas: one run per seed)" if n_jobs != len(jobs) else ""
     parts = [f"# Sweep summary: {sweep_dir}", "",
              f"{runs}: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
              f"({', '.join(f'{v} {k}' for k, v in failed['status'].value_counts().items()) or 'none'}); "
              f"{_plural(len(missing), 'job')} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
     if left_out:
-        parts += [f"Left out: {_plural(len(left_out), 'job directory')} of other launches into this folder (their overrides "
-                  f"and job numbers match no job of this sweep's multirun.yaml): {_names(left_out, sweep_dir)}.", ""]
+        parts += [f"Left out: {_plural(len(left_out), 'job directory')} of other launches into this folder "
+                  f"(their overrides and job numbers match no job of this sweep's multirun.yaml): "
+                  f"{_names(left_out, sweep_dir)}.", ""]
     if not dupes.empty:
-        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another job's replicas also "
-                  f"trained), counted once in the means, sd and seeds: "
+        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another job's "
+                  f"replicas also trained), counted once in the means, sd and seeds: "
                   + "; ".join(f"`{r['job']}` = `{r['duplicate_of']}`" for _, r in dupes.iterrows()) + ".", ""]
     if fixed:
         parts += ["Fixed (the same in every run): " + ", ".join(f"`{o}`" for o in fixed) + ".", ""]
@@ -462,7 +465,8 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
             parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it can "
                       "be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
         if "estimator" in agg:
-            parts += ["Estimators (per configuration, that of its run with the largest integration error): "
+            parts += ["Estimators (per configuration: of its quadrature runs the one with the largest integration "
+                      "error; each other estimator once): "
                       + _estimators(agg, okeys)
                       + (". [exact] columns come from quadrature (metrics.json 'exact' block)."
                          if loss_est == "exact" else ""), ""]

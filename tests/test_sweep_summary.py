@@ -2,7 +2,6 @@
 it counts this sweep's jobs only, each run once, and every number in it says over which runs and by which
 estimator it was computed."""
 import json
-import math
 from pathlib import Path
 
 import pytest
