@@ -907,8 +907,9 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     q(z_1|x_1)) / N (per_point then holds the marginal terms); marginal_error is the marginals' own quadrature
     error (q-weighted relative error, included in error).
 
-    Raises ValueError when q(z|x_k) does not integrate to 1 on the grid (a point mass such as AutoDelta has no
-    density to integrate).
+    Raises ValueError when q(z|x_k) does not integrate to 1 on the grid (a guide without a density there, e.g.
+    AutoLaplaceApproximation's; a point mass such as AutoDelta is refused before, by the input check). A guide
+    with bounded support (a Uniform q) has log q = -inf outside it (qdensity.log_prob64).
 
     Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
     scalar latents (use analysis.iwae.iwae then)."""

@@ -70,6 +70,11 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
 
 def load_checkpoint(path) -> dict:
     """Read a checkpoint written by save_checkpoint; raise CheckpointError with a one-line reason otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        from .validate import shown
+
+        raise CheckpointError(f"path={shown(path)} is not allowed: path must be a checkpoint file's path (str or "
+                              "pathlib.Path)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -174,6 +174,15 @@ def test_exact_integrates_a_guide_with_bounded_support_and_agrees_with_monte_car
     assert abs(quadrature["loss"] - mc["loss"]) < 4 * mc["loss_se"]
 
 
+def test_exact_refuses_a_point_mass_guide_in_one_line_before_integrating(vae):
+    from pyro.infer.autoguide import AutoDelta
+
+    from analysis.exact import exact
+
+    model, _, data = vae
+    one_line_value_error(lambda: exact(model, AutoDelta(model), data), r"guide site 'z' is a point mass \(Delta\)")
+
+
 # F6: fit refuses before training
 
 @pytest.mark.parametrize("data", [None, 5, torch.zeros(2, N)])
@@ -218,6 +227,12 @@ def test_fit_resumes_from_a_checkpoint_path_as_from_the_loaded_checkpoint(vae, t
     by_path = fit_with(model, guide, steps=8, log_every=2, resume=str(path), init="keep")
     by_dict = fit_with(model, guide, steps=8, log_every=2, resume=load_checkpoint(path), init="keep")
     assert [row["loss"] for row in by_path.history] == [row["loss"] for row in by_dict.history]
+
+
+def test_load_checkpoint_refuses_what_is_not_a_path():
+    from infer.checkpoint import load_checkpoint
+
+    one_line_value_error(lambda: load_checkpoint(None), r"^path=None is not allowed: path must be a checkpoint file")
 
 
 # F7: checkpoint_every=0 writes the final checkpoint, as train.checkpoint_every=0 does
