@@ -270,7 +270,7 @@ class inputs_checked:  # noqa: N801  (a context manager, named for what it state
         return self
 
     def __exit__(self, *exc):
-        _CHECKED.remove(self.triple)
+        del _CHECKED[max(i for i, t in enumerate(_CHECKED) if t is self.triple)]  # by identity, not ==
         return False
 
 
@@ -468,7 +468,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     checked against the model before training (check_guide, check_objective). Every argument is checked first
     (infer.validate): a bad one raises ValueError in one line before any work.
 
-    Reproducibility: with `seed`, torch's, numpy's and Python's RNGs are seeded, and with init="reset" (default)
+    Reproducibility: with `seed` (an integer in [0, 2**32 - 1]: numpy's range), torch's, numpy's and Python's RNGs
+    are seeded, and with init="reset" (default)
     the parameters of model and guide are drawn again from that seed (reset_parameters), so a script gives the same
     numbers although its networks were built before fit seeded; calling fit twice starts afresh both times.
     init="keep" warm-starts from the current values (nn.Module params and pyro.param values alike).
@@ -494,14 +495,15 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     (one line: the first bad step and the likely cause). The final parameters are checked by one more evaluation.
     A checkpoint is written only of parameters whose loss and gradients were finite, so the last good one survives.
 
-    `resume` is a checkpoint dict (infer.checkpoint.load_checkpoint(path)) or its path: training continues from its step with its params (checked
-    by name and shape), optimiser, RNG states, history and partial logging window, and gives the same history as
-    an uninterrupted run. Every `log_every` steps the window mean of each loss term is appended to the history, with
-    the KL terms unweighted. With checkpoint_path (a file in a folder that exists), a checkpoint (with the dict
-    checkpoint_extra's entries) is written at the end and, with checkpoint_every > 0, every checkpoint_every steps;
-    checkpoint_every=0 means "only at the end", as the command line's train.checkpoint_every=0. The KL terms are weighted by `beta` through
-    LatentScale (poutine-style scaling of the latent sites of model and guide); with `warmup` > 0 the weight rises
-    linearly from warmup_start * beta to beta over that many steps. `callback(step, row)` runs at each log.
+    `resume` is a checkpoint dict (infer.checkpoint.load_checkpoint(path)) or its path: training continues from
+    its step with its params (checked by name and shape), optimiser, RNG states, history and partial logging
+    window, and gives the same history as an uninterrupted run. Every `log_every` steps the window mean of each
+    loss term is appended to the history, with the KL terms unweighted. With checkpoint_path (a file in a folder
+    that exists), a checkpoint (with the dict checkpoint_extra's entries) is written at the end and, with
+    checkpoint_every > 0, every checkpoint_every steps: checkpoint_every=0 means "only at the end", as the command
+    line's train.checkpoint_every=0. The KL terms are weighted by `beta` through LatentScale (poutine-style scaling
+    of the latent sites of model and guide); with `warmup` > 0 the weight rises linearly from warmup_start * beta
+    to beta over that many steps. `callback(step, row)` runs at each log.
 
     average: the parameters fit ends with are the mean of the iterates over the last ceil(average * steps) steps
     (Polyak-Ruppert averaging, infer.average; 0: the last iterate). The history logs the iterates' losses; the
@@ -873,5 +875,6 @@ class _Window:
 from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)
 
 __all__ = ["fit", "training_settings", "flush_denormals", "check_sizes", "check_data", "check_inputs",
-           "inputs_checked", "check_checkpoint_path", "resume_state", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted", "learning_rate",
+           "inputs_checked", "check_checkpoint_path", "resume_state", "FitResult", "DivergenceError", "Recipe",
+           "recipe", "weighted", "learning_rate",
            "reset_parameters", "rng_state", "set_rng_state", "VAE_RECIPE", "DLGM_RECIPE", "DEFAULT_RECIPE"]

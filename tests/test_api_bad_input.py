@@ -112,7 +112,8 @@ def test_evaluate_checks_the_guide_once_for_all_its_estimators(vae, monkeypatch)
 # F8: evaluate's and exact's arguments, with the command line's bounds
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"tol": -1.0}, "tol"), ({"tol": math.nan}, "tol"), ({"exact": "no"}, "exact"), ({"khat_samples": 0}, "khat_samples"),
+    ({"tol": -1.0}, "tol"), ({"tol": math.nan}, "tol"), ({"exact": "no"}, "exact"),
+    ({"khat_samples": 0}, "khat_samples"),
     ({"seed": -1}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"iwae_k": 0}, "iwae_k"), ({"noise": "sobol"}, "noise"),
     ({"replicates": 1}, "replicates"),
 ])
@@ -188,7 +189,8 @@ def test_exact_refuses_a_point_mass_guide_in_one_line_before_integrating(vae):
 @pytest.mark.parametrize("data", [None, 5, torch.zeros(2, N)])
 def test_fit_refuses_data_that_are_not_onebit(data, vae):
     model, guide, _ = vae
-    one_line_value_error(lambda: fit_with(model, guide, data=data), r"^data=.* is not allowed: data must be the one-bit")
+    one_line_value_error(lambda: fit_with(model, guide, data=data),
+                         r"^data=.* is not allowed: data must be the one-bit")
 
 
 @pytest.mark.parametrize("elbo", ["trace", ClosedFormELBO])
@@ -201,7 +203,8 @@ def test_fit_refuses_a_model_that_is_not_callable(vae):
     one_line_value_error(lambda: fit_with(None, vae[1]), r"^model=None is not allowed: model must be")
 
 
-@pytest.mark.parametrize("kwargs, name", [({"checkpoint_extra": "x"}, "checkpoint_extra"), ({"callback": 5}, "callback"),
+@pytest.mark.parametrize("kwargs, name", [({"checkpoint_extra": "x"}, "checkpoint_extra"),
+                                          ({"callback": 5}, "callback"),
                                           ({"resume": {}}, "resume"), ({"resume": "no/such/checkpoint.pt"}, "resume"),
                                           ({"seed": 2 ** 64}, "seed")])
 def test_fit_refuses_a_bad_argument_before_training_naming_it(kwargs, name, vae):
@@ -302,7 +305,8 @@ def test_fit_replicas_refuses_a_missing_checkpoint_folder_before_training(tmp_pa
     rows = []
     one_line_value_error(lambda: replicas_with(checkpoint_paths=[tmp_path / "no" / "a.pt", tmp_path / "no" / "b.pt"],
                                                callback=lambda r, step, row: rows.append(step), log_every=1),
-                         r"^checkpoint_paths=.* is not allowed: checkpoint_paths must be a file in a folder that exists")
+                         r"^checkpoint_paths=.* is not allowed: checkpoint_paths must be a file in a folder that "
+                         "exists")
     assert rows == []
 
 
