@@ -60,8 +60,9 @@ class SweepSummary(Callback):
             bad = jobs[jobs["status"] != "ok"]
             LAST["failed"] = [(r["job"], f"{r['status']}: {r.get('error') or ''}") for _, r in bad.iterrows()]
             LAST["failed"] += [(m, "missing: no job directory") for m in result["missing"]]
-            log.info("sweep summary: %d jobs (%d failed, %d missing) in %s", len(result["jobs"]),
-                     len(result["failed"]), len(result["missing"]), sweep_dir / "summary.md")
+            log.info("sweep summary: %d jobs, %d runs (%d failed, %d missing, %d job dirs of other launches left "
+                     "out) in %s", len(result["launched"]), len(result["jobs"]), len(result["failed"]),
+                     len(result["missing"]), len(result["left_out"]), sweep_dir / "summary.md")
         except Exception as err:  # the sweep's own results stay on disk; say why the summary is absent
             log.error("sweep summary of %s failed: %s: %s", sweep_dir, type(err).__name__, err)
             LAST.setdefault("failed", [(str(sweep_dir), f"the sweep summary failed: {type(err).__name__}: {err}")])
