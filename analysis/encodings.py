@@ -87,10 +87,19 @@ def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk
 
     samples: draws per data point (one chain). grids: the output of exact.posterior_grid(model, guide, data).
     khat: the run's PSIS diagnostics (evaluate()'s metrics['psis']), kept in attrs for the figures. Draws are
-    traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n."""
+    traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n. Refused in one
+    line before any work (ValueError naming the argument): samples or chunk not an integer >= 1, and data, model
+    and guide as infer.fit.check_inputs refuses them."""
     import arviz as az
 
+    from infer.fit import check_inputs
+    from infer.validate import check
+
     from .montecarlo import particles_per_chunk
+
+    check("chunk", samples, label="samples")
+    check("chunk", chunk)
+    check_inputs(model, guide, data)
 
     x, points = data.x, data.x.shape[-2]
     chunk = min(chunk, particles_per_chunk(data.n, points))

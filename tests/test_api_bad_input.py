@@ -364,6 +364,14 @@ def test_khat_refuses_too_few_samples(vae):
     one_line_value_error(lambda: khat(*vae, samples=1), r"^samples=1 is not allowed: samples must be an integer >= 100")
 
 
+def test_encodings_refuse_a_guide_with_another_site_name(vae):
+    from analysis.encodings import encodings
+
+    model, _, data = vae
+    one_line_value_error(lambda: encodings(model, site_guide("w"), data, samples=10),
+                         "guide does not fit the model: missing z; extra w")
+
+
 def test_summary_lines_refuses_what_is_not_a_metrics_dict():
     from analysis.report import summary_lines
 
