@@ -4,18 +4,25 @@
   without '+') are refused naming the closest known keys; in a single run every value is validated, a resumed
   checkpoint is checked against the config, and the output directory is claimed (a refused run leaves no trace).
 * Each run claims its own directory (analysis.rundir) and records how it ended in status.json.
+* A multirun is checked before any job runs: its jobs' directories must be creatable (no file in their place, no
+  name longer than the filesystem allows), no two jobs may train the same seed (seed and replicas), and the sweep
+  directory is claimed for this sweep alone (an exclusive lock held until the process ends: a second sweep into it
+  is refused; a lock dies with its process, so a killed sweep never blocks a re-run).
 * Exit codes: 0 ok; 2 bad input, divergence or an OS error (one line on stderr); 1 a crash, or a multirun with a
-  failed job (one line per failed job at the end).
+  failed job (one line per failed job at the end); 128 + the signal (130 SIGINT, 143 SIGTERM) for a run or sweep
+  interrupted, after its jobs' status says killed and the sweep summary is written.
 """
 import difflib
 import itertools
 import json
 import logging
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from infer.validate import CONFIG_RULES, is_finite, is_int
 
@@ -32,8 +39,11 @@ TRAJECTORY = ("data", "model", "guide", "objective", "optim", "seed", "train.num
 MEMORY_BASE = 256 * 2**20  # the interpreter, torch and pyro
 MEMORY_PER_PARAM = 16  # a param, its grad and Adam's two moments, float32
 MEMORY_PER_PARTICLE_BIT = 20  # bytes per (particle x data point x bit): logits, log-probs and their grads
+# keys that decide what history.csv means: a resume must not change them (its rows would mix windows)
+HISTORY = ("train.log_every",)
+SWEEP_LOCK = ".sweep.lock"
 log = logging.getLogger("onebit")
-STATE = {"exit": 0, "claim": None}
+STATE = {"exit": 0, "claim": None, "signal": None, "sweep_lock": None}
 
 
 class ConfigError(ValueError):
@@ -251,12 +261,13 @@ def preflight(overrides, multirun: bool) -> list:
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"cannot compose the config: {_one_line(err)}") from None
     if multirun:
-        from analysis.rundir import RunDirError
-
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
-        if (sweep_dir / "multirun.yaml").exists() and not cfg.get("overwrite", False):
-            raise RunDirError(f"sweep dir {sweep_dir} already holds a sweep; choose another hydra.sweep.dir, or "
-                              "set overwrite=true")
+        jobs = sweep_jobs(overrides, cfg)
+        if jobs is not None:
+            check_seed_overlap(jobs, cfg)
+            check_job_dirs(jobs, cfg, sweep_dir)
+        claim_sweep(sweep_dir, bool(cfg.get("overwrite", False)))
+        STATE["sweep_dir"] = sweep_dir
         return [f"hydra.sweep.dir={_quote(sweep_dir)}"]
     validate(cfg)
     load_resume(cfg)
@@ -279,13 +290,177 @@ def _first_values(overrides) -> list:
     return out
 
 
-def claim_for(cfg, out: Path):
-    """The Claim on `out` for this run: the one preflight made, or a new one (a sweep job, a run without the CLI).
+def sweep_jobs(overrides, cfg):
+    """Every job of the sweep, as the overrides Hydra's basic sweeper gives it (the config's hydra.sweeper.params,
+    then the command line, which wins), in Hydra's order (job number i is item i); None for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    if "BasicSweeper" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")):
+        return None
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    try:
+        return BasicSweeper.split_arguments(_parse(args), None)[0]
+    except Exception:  # noqa: BLE001  a sweep the basic sweeper refuses: Hydra says so itself
+        return None
+
+
+def _settings(job) -> dict:
+    """{key: value} of a job's app overrides (hydra.* left out)."""
+    out = {}
+    for line in job:
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra"):
+            out[key] = value
+    return out
+
+
+def check_seed_overlap(jobs, cfg) -> None:
+    """Refuse a sweep in which two jobs of one configuration train the same seed: a job trains the seeds seed ..
+    seed + replicas - 1, so seed=0,1 with replicas=2 trains seed 1 twice (the summary would count it twice)."""
+    base_seed, base_replicas = cfg.get("seed", 0), cfg.get("replicas", 1)
+    owner = {}
+    for job in jobs:
+        settings = _settings(job)
+        try:
+            seed = int(settings.get("seed", base_seed))
+            replicas = int(settings.get("replicas", base_replicas))
+        except (TypeError, ValueError):
+            continue  # a bad value: its job is refused with the rule's own message
+        rest = frozenset((k, v) for k, v in settings.items() if k not in ("seed", "replicas"))
+        for s in range(seed, seed + max(replicas, 1)):
+            other = owner.setdefault((rest, s), (seed, replicas))
+            if other != (seed, replicas):
+                raise ConfigError(
+                    f"seed and replicas: seed {s} would be trained twice, by the job seed={other[0]} "
+                    f"(replicas={other[1]}: seeds {other[0]}..{other[0] + other[1] - 1}) and by seed={seed} "
+                    f"(replicas={replicas}: seeds {seed}..{seed + replicas - 1}); sweep seeds at least replicas "
+                    f"apart (seed=0,{max(replicas, other[1])},...) or raise replicas instead")
+
+
+def _job_subdir(job, num: int, cfg) -> str:
+    """The job directory name Hydra will give job number num (hydra.sweep.subdir, resolved as Hydra does)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.hydra_config import HydraConfig
+
+    od = cfg.hydra.job.config.override_dirname
+    parsed = [o for o in _parse(job) if not o.is_hydra_override()]
+    name = get_overrides_dirname(parsed, exclude_keys=list(od.exclude_keys), item_sep=od.item_sep,
+                                 kv_sep=od.kv_sep)
+    raw = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    if raw == "${hydra:job.override_dirname}":
+        return name
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(copy):
+        copy.hydra.job.override_dirname = name
+        copy.hydra.job.num = num
+    HydraConfig.instance().set_config(copy)
+    return str(OmegaConf.select(copy, "hydra.sweep.subdir"))
+
+
+def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
+    """Refuse, before any job runs, a sweep one of whose job directories cannot be created: a file where it (or a
+    folder above it) would be, a name longer than the filesystem allows, a path longer than it allows."""
+    probe = sweep_dir
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for num, job in enumerate(jobs):
+        try:
+            subdir = _job_subdir(job, num, cfg)
+        except Exception:  # noqa: BLE001  an exotic subdir: Hydra resolves it itself
+            return
+        path = sweep_dir / subdir
+        what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"
+        what = what if len(what) <= 100 else what[:97] + "..."
+        for part in Path(subdir).parts:
+            if len(part.encode()) > name_max:
+                raise ConfigError(
+                    f"hydra.sweep.subdir: the job dir of {what} would be named '{part[:40]}...' ({len(part.encode())} "
+                    f"bytes); this filesystem allows names of at most {name_max}: sweep fewer overrides, list "
+                    "constant ones in hydra.job.config.override_dirname.exclude_keys, or set "
+                    "'hydra.sweep.subdir=${hydra:job.num}'")
+        if len(str(path).encode()) >= path_max:
+            raise ConfigError(f"hydra.sweep.dir: the job dir of {what} would be a path of {len(str(path).encode())} "
+                              f"bytes; this filesystem allows at most {path_max - 1}: choose a shorter hydra.sweep.dir")
+        for folder in [path, *path.parents]:
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"hydra.sweep.dir: {folder} is a file where the job dir of {what} would be; "
+                                  "move it, or choose another hydra.sweep.dir")
+            if folder == sweep_dir.parent:
+                break
+
+
+def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
+    """Claim sweep_dir for this sweep alone: an exclusive lock on <sweep_dir>/.sweep.lock, held until this process
+    ends (the kernel drops it with the process, so a killed sweep leaves no stale claim). Raises RunDirError if
+    another sweep holds it, or if it already holds a finished sweep (multirun.yaml) and overwrite is false; a
+    refused claim removes what it created."""
+    import fcntl
+
+    from analysis.rundir import RunDirError
+
+    created = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]
+    lock = sweep_dir / SWEEP_LOCK
+    new_lock = not lock.exists()
+
+    def undo(fd):
+        os.close(fd)
+        if new_lock:
+            lock.unlink(missing_ok=True)
+        for folder in created:  # innermost first; only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise RunDirError(f"cannot create the sweep dir {sweep_dir}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock.read_text().strip() if lock.is_file() else ""
+        os.close(fd)
+        raise RunDirError(f"sweep dir {sweep_dir} is in use by another sweep ({holder or 'still running'}); wait "
+                          "for it to end, or choose another hydra.sweep.dir") from None
+    if (sweep_dir / "multirun.yaml").exists() and not overwrite:
+        undo(fd)
+        raise RunDirError(f"sweep dir {sweep_dir} already holds a sweep; choose another hydra.sweep.dir, or "
+                          "set overwrite=true")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {__import__('time').strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+    STATE["sweep_lock"] = fd
+
+
+def record_unclaimed(cfg, hc, err) -> None:
+    """A sweep job whose own directory could not be claimed (it holds another run, or cannot be written) is
+    recorded in <sweep dir>/_refused/job<num>/ (its .hydra files and status.json = refused, with the reason), so
+    that the sweep summary lists it; nothing is written into the directory it could not claim."""
+    from analysis.rundir import Claim, RunDirError
+
+    try:
+        claim = Claim(Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}")
+        save_hydra_files(claim, cfg, hc)
+        claim.status("refused", f"its job dir could not be claimed: {' '.join(str(err).split())}")
+    except (RunDirError, OSError):
+        pass  # the sweep dir itself cannot be written: the line on stderr is all there is
+
+
+def claim_for(cfg, out: Path, fresh: bool = False):
+    """The Claim on `out` for this run: the one preflight made for a single run, or a new one (a sweep job: fresh,
+    so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
     A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it."""
     from analysis.rundir import OUTPUTS, Claim, read_status
 
     held = STATE.get("claim")
-    if held is not None and Path(held.path) == Path(out).absolute():
+    if not fresh and held is not None and Path(held.path) == Path(out).absolute():
         return held
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
@@ -315,8 +490,10 @@ def save_hydra_files(claim, cfg, hc) -> None:
 
 
 def replica_dir(path: Path, cfg) -> Path:
-    """Create a replica's run directory (path, inside its job's) holding .hydra/config.yaml (the replica's config:
-    that of the single run with its seed) and overrides.yaml (the job's, with seed=<its seed>), marked running."""
+    """Create a replica's run directory (path, inside its job's) holding what its single run's .hydra/ holds:
+    config.yaml (the replica's config: that of the single run, seed=<its seed>, replicas: 1), overrides.yaml (the
+    job's, with seed=<its seed> replicas=1: `python run.py <them>` runs it alone) and hydra.yaml (the job's, with
+    those overrides and this dir); marked running."""
     from hydra.core.hydra_config import HydraConfig
 
     from analysis.rundir import write_status
@@ -325,10 +502,19 @@ def replica_dir(path: Path, cfg) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")
     try:
-        task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("seed=")]
+        hc = HydraConfig.get()
     except ValueError:  # run.run called without Hydra's app (a test, a notebook)
-        task = []
-    OmegaConf.save(OmegaConf.create(task + [f"seed={cfg.seed}"]), folder / "overrides.yaml")
+        hc = None
+    own = (f"seed={cfg.seed}", "replicas=1")
+    task = [o for o in (hc.overrides.task if hc is not None else [])
+            if o.lstrip("+~").partition("=")[0] not in ("seed", "replicas")] + list(own)
+    OmegaConf.save(OmegaConf.create(task), folder / "overrides.yaml")
+    if hc is not None:
+        copy = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
+        with open_dict(copy):
+            copy.hydra.overrides.task = task
+            copy.hydra.runtime.output_dir = str(Path(path).absolute())
+        OmegaConf.save(copy, folder / "hydra.yaml")
     write_status(path, "running")
     return Path(path)
 
@@ -338,7 +524,7 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
     after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
     line = " ".join(str(err).split())
     print(f"error: {line}", file=sys.stderr)
-    if multirun:  # a sweep job's run.log says why it failed
+    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log)
         log.error(line)
     if claim is not None:
         if status == "refused" and not multirun:
@@ -357,7 +543,7 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
 def trajectory_config(cfg) -> dict:
     """The part of the config that decides the training trajectory (saved in every checkpoint)."""
     out = {}
-    for key in TRAJECTORY + ("train.steps",):
+    for key in TRAJECTORY + HISTORY + ("train.steps",):
         value = OmegaConf.select(cfg, key)
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return out
@@ -399,7 +585,35 @@ def load_resume(cfg):
     if cfg.train.steps < int(state["step"]):
         raise ConfigError(f"train.steps={cfg.train.steps} is below the checkpoint's step {state['step']}: "
                           f"train.steps must be >= {state['step']} to resume it")
+    every = then.get("train.log_every", _log_every_of(state.get("history") or []))
+    if every is not None and every != cfg.train.log_every:
+        raise ConfigError(f"train.log_every={cfg.train.log_every} differs from the checkpoint's {every}: its history "
+                          f"would mix windows of {every} and {cfg.train.log_every} steps; resume with "
+                          f"train.log_every={every}")
     return state
+
+
+def _log_every_of(history: list):
+    """The logging window of a history written before checkpoints carried train.log_every: its first row's step,
+    when a second row shows that the first window was a full one (None when it cannot be told)."""
+    steps = [row.get("step") for row in history[:2]]
+    return int(steps[0]) if len(steps) == 2 and None not in steps else None
+
+
+def resume_note(cfg, state) -> dict:
+    """What metrics.json says of a resumed run: the checkpoint, its step, and, where train.steps differs from the
+    step budget the checkpoint was written with, that the lr schedule changed at that step (a decaying schedule
+    is a function of the budget: the steps before ran on the old budget's, those after on the new one's)."""
+    if state is None:
+        return {}
+    then = (state.get("config") or {}).get("train.steps")
+    note = {"checkpoint": str(OmegaConf.select(cfg, "train.resume")), "step": int(state["step"]),
+            "checkpoint_steps": then}
+    if then is not None and then != cfg.train.steps:
+        note["schedule_changed"] = (f"steps 1..{state['step']} followed the lr schedule of a {then}-step run, the "
+                                    f"rest that of a {cfg.train.steps}-step run (optim.schedule="
+                                    f"{cfg.optim.schedule}): not the trajectory of either uninterrupted run")
+    return {"resumed": note}
 
 
 def check_memory(cfg, data, model, guide) -> None:
@@ -475,7 +689,11 @@ def main(hydra_main, argv) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     sys.argv = [argv[0]] + args + pins
-    hydra_main()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        return interrupted(multirun)
     if multirun:
         from analysis.callbacks import LAST
 
@@ -484,3 +702,114 @@ def main(hydra_main, argv) -> int:
             print(f"failed: {job}: {reason}", file=sys.stderr)
         return 1 if failed else STATE["exit"]
     return STATE["exit"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# interruption
+
+
+def on_sigterm(signum, frame):
+    """SIGTERM takes SIGINT's path: KeyboardInterrupt in the main thread, so a run records that it was killed and a
+    sweep writes its summary at exit. A second SIGTERM ends the process at once."""
+    STATE["signal"] = signum
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    STATE["workers"] = _children()
+    for pid in STATE["workers"]:  # a sweep's workers (joblib) stop too, and record it, before joblib ends them
+        with __import__("contextlib").suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _children() -> list:
+    """The pids of this process's worker processes: its children (Linux /proc; [] elsewhere), less the resource
+    trackers of multiprocessing and loky (they end by themselves when this process does)."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != me:
+                continue
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"resource_tracker" not in command:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_workers(grace: float = 10.0) -> list:
+    """End the sweep's worker processes (the joblib launcher's): SIGTERM each (a worker's run records that it was
+    killed), wait up to `grace` seconds, then SIGKILL those left. Returns their pids."""
+    import time
+
+    pids = _children()
+    for pid in pids:
+        with __import__("contextlib").suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with __import__("contextlib").suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # reap them (they are our children)
+        with __import__("contextlib").suppress(OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return pids
+
+
+def mark_killed(sweep_dir: Path, pids, name: str) -> int:
+    """Every run of this sweep (status.json 'running', written by this process or one of its workers `pids`) whose
+    process is gone, or is this one, gets status failed: 'killed by <name>'. Returns how many."""
+    from analysis.rundir import read_status, write_status
+
+    count = 0
+    for path in sorted(Path(sweep_dir).rglob("status.json")):
+        status = read_status(path.parent)
+        pid = status.get("pid")
+        if status.get("status") != "running" or (pid != os.getpid() and pid not in pids) or (
+                pid != os.getpid() and _alive(pid)):
+            continue
+        write_status(path.parent, "failed", killed_reason(name, path.parent))
+        count += 1
+    return count
+
+
+def killed_reason(name: str, out) -> str:
+    """status.json's reason for a run ended by a signal."""
+    resumes = " (its checkpoint.pt resumes it)" if (Path(out) / "checkpoint.pt").exists() else ""
+    return f"killed by {name} before it finished{resumes}"
+
+
+def interrupted(multirun: bool) -> int:
+    """After SIGINT or SIGTERM: stop the sweep's workers, mark its unfinished runs killed, say so in one line;
+    the sweep summary is written at exit (analysis.callbacks.SweepSummary). Returns 128 + the signal."""
+    signum = STATE["signal"] or signal.SIGINT
+    name = signal.Signals(signum).name
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the summary be written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    where = ""
+    if multirun:
+        sweep_dir = STATE["sweep_dir"]
+        pids = set(stop_workers()) | set(STATE.get("workers") or [])
+        mark_killed(sweep_dir, pids, name)
+        where = (f"; its unfinished runs say 'killed by {name}' in status.json; the sweep summary is written to "
+                 f"{sweep_dir}/summary.md")
+    elif STATE.get("claim") is not None:
+        where = f"; outputs so far in {STATE['claim'].path}"
+    print(f"error: interrupted by {name}{where}", file=sys.stderr)
+    return 128 + int(signum)

@@ -11,6 +11,7 @@ multirun records each failed job and runs the others, then exits 1 if any job fa
 import contextlib
 import logging
 import math
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -137,6 +138,10 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             model_steps = exact_model_steps(cfg)
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
         resume = cli.load_resume(cfg)
+    note = cli.resume_note(cfg, resume)
+    if note.get("resumed", {}).get("schedule_changed"):
+        log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
+                    + note["resumed"]["schedule_changed"])
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     try:
@@ -166,7 +171,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             raise Diverged(str(err)) from None
         raise Refused(str(err)) from None
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
+            "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds, **note}
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
                                "steps": first.steps, "wall_seconds": first.wall_seconds,
@@ -218,9 +223,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     'loss': their mean headline loss}. Raises Refused before training, Diverged if any replica diverged."""
     import pyro
 
-    from analysis.report import summary_lines
-    from analysis.rundir import write_status
-    from infer import DivergenceError
+    from analysis.rundir import read_status, write_status
     from infer.fit_replicas import fit_replicas
 
     seeds = [cfg.seed + r for r in range(cfg.replicas)]
@@ -232,8 +235,17 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             pairs.append((model, guide))
         cli.check_memory(cfg, data, model, guide)
         elbo = build_objective(cfg)
-    configs = [OmegaConf.merge(cfg, {"seed": seed}) for seed in seeds]
+    configs = [OmegaConf.merge(cfg, {"seed": seed, "replicas": 1}) for seed in seeds]  # each one's single run
     dirs = [out / f"seed{seed}" for seed in seeds]
+    logs = [replica_log(d) for d in dirs]
+
+    def start():  # after fit_replicas' checks, before its first step: the replicas' dirs, listed in out's status
+        for d, c in zip(dirs, configs):
+            cli.replica_dir(d, c)
+        write_status(out, "running", replicas=[d.name for d in dirs])
+        for handler in logs:  # the stack's training log goes to every replica's run.log
+            logging.getLogger().addHandler(handler)
+
     try:
         results = fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], data, seeds, elbo=elbo,
                                steps=cfg.train.steps, lr=cfg.optim.lr, lr_final=cfg.optim.lr_final,
@@ -244,30 +256,33 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                threads=cfg.threads, device=cfg.device, checkpoint_every=cfg.train.checkpoint_every,
                                checkpoint_paths=[d / "checkpoint.pt" for d in dirs],
                                checkpoint_extras=[{"config": cli.trajectory_config(c)} for c in configs],
-                               on_start=lambda: [cli.replica_dir(d, c) for d, c in zip(dirs, configs)])
+                               on_start=start)
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":
             raise Diverged(str(err)) from None
         raise Refused(str(err)) from None
+    except KeyboardInterrupt:
+        killed = cli.signal.Signals(cli.STATE["signal"] or cli.signal.SIGINT).name
+        for d in dirs:
+            if read_status(d).get("status") == "running":
+                write_status(d, "failed", cli.killed_reason(killed, d))
+        raise
+    finally:
+        for handler in logs:
+            logging.getLogger().removeHandler(handler)
     write_status(out, "running", replicas=[d.name for d in dirs])
     done, failed = [], []
-    for model_guide, result, c, d in zip(pairs, results, configs, dirs):
-        head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
-                "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
+    for model_guide, result, c, d, handler in zip(pairs, results, configs, dirs, logs):
+        logging.getLogger().addHandler(handler)  # this replica's evaluation goes to its own run.log
         try:
-            if isinstance(result, DivergenceError):
-                raise Diverged(str(result))
-            head["wall_seconds"] = result.wall_seconds
-            metrics = finish(c, d, *model_guide, data, result, head)
-        except Diverged as err:
-            write_status(d, "diverged", str(err))
-            failed.append(f"{d.name}: {err}")
-            continue
-        write_status(d, "ok", "finished", loss=metrics.get("loss"))
-        for line in summary_lines(metrics):
-            log.info(f"{d.name}: {line}")
-        done.append(metrics)
+            metrics = finish_replica(cfg, c, d, model_guide, data, result, failed)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if metrics is not None:
+            done.append(metrics)
     if failed:
+
         write_status(out, "diverged", f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed),
                      replicas=[d.name for d in dirs])
         raise Diverged(f"{len(failed)} of {len(dirs)} replicas diverged: " + "; ".join(failed))
@@ -277,6 +292,39 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     log.info(f"{len(done)} replicas (seeds {seeds[0]}..{seeds[-1]}), headline loss [{', '.join(labels)}]: "
              + ", ".join(f"{v:.4f}" for v in losses) + (f"; mean {mean:.4f}" if mean is not None else ""))
     return {"replicas": done, "loss": mean}
+
+
+def replica_log(d: Path) -> logging.Handler:
+    """A replica's run.log, as a single run's (conf/hydra/job_logging/onebit.yaml: stamped lines, opened at the first
+    line)."""
+    handler = logging.FileHandler(d / "run.log", delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+    return handler
+
+
+def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
+    """Evaluate and write one replica (finish) into its dir d and record its status; a diverged replica is added
+    to `failed` and gives None. Returns its metrics."""
+    from analysis.report import summary_lines
+    from analysis.rundir import write_status
+    from infer import DivergenceError
+
+    head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
+            "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
+    try:
+        if isinstance(result, DivergenceError):
+            raise Diverged(str(result))
+        head["wall_seconds"] = result.wall_seconds
+        metrics = finish(c, d, *model_guide, data, result, head)
+    except Diverged as err:
+        write_status(d, "diverged", str(err))
+        failed.append(f"{d.name}: {err}")
+        return None
+    write_status(d, "ok", "finished", loss=metrics.get("loss"))
+    for line in summary_lines(metrics):
+        log.info(f"{d.name}: {line}")
+    log.info(f"outputs: {d}")
+    return metrics
 
 
 def parallel_jobs(hc) -> int:
@@ -309,13 +357,23 @@ def main(cfg: DictConfig) -> float:
     if crowded:
         log.warning(crowded)
     out = Path(hc.runtime.output_dir)
+    if multirun and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a joblib worker: SIGTERM as SIGINT
+        with contextlib.suppress(ValueError):  # not in the main thread: leave it
+            signal.signal(signal.SIGTERM, cli.on_sigterm)
     try:
-        claim = cli.claim_for(cfg, out)
+        claim = cli.claim_for(cfg, out, fresh=multirun)
     except RunDirError as err:
+        if multirun:  # recorded in the sweep dir, so the summary lists it
+            cli.record_unclaimed(cfg, hc, err)
         return cli.fail(None, "refused", err, multirun)
     try:
         cli.save_hydra_files(claim, cfg, hc)
         metrics = run(cfg, out, multirun=multirun)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.on_sigterm): the run says it was killed, then stops
+        name = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
+        with contextlib.suppress(OSError):
+            claim.status("failed", cli.killed_reason(name, out))
+        raise
     except Refused as err:
         return cli.fail(claim, "refused", err, multirun)
     except Diverged as err:
