@@ -601,19 +601,20 @@ def _log_every_of(history: list):
 
 
 def resume_note(cfg, state) -> dict:
-    """What metrics.json says of a resumed run: the checkpoint, its step, and, where train.steps differs from the
-    step budget the checkpoint was written with, that the lr schedule changed at that step (a decaying schedule
-    is a function of the budget: the steps before ran on the old budget's, those after on the new one's)."""
+    """What metrics.json says of a resumed run whose train.steps differs from the step budget its checkpoint was
+    written with: {"resumed": {checkpoint, step, checkpoint_steps, schedule_changed}}, since the lr schedule is a
+    function of the budget (the steps before ran on the old budget's schedule, those after on the new one's).
+    {} otherwise: a resume with the same budget is the uninterrupted run, and its metrics.json is that run's."""
     if state is None:
         return {}
     then = (state.get("config") or {}).get("train.steps")
-    note = {"checkpoint": str(OmegaConf.select(cfg, "train.resume")), "step": int(state["step"]),
-            "checkpoint_steps": then}
-    if then is not None and then != cfg.train.steps:
-        note["schedule_changed"] = (f"steps 1..{state['step']} followed the lr schedule of a {then}-step run, the "
-                                    f"rest that of a {cfg.train.steps}-step run (optim.schedule="
-                                    f"{cfg.optim.schedule}): not the trajectory of either uninterrupted run")
-    return {"resumed": note}
+    if then is None or then == cfg.train.steps:
+        return {}
+    return {"resumed": {"checkpoint": str(OmegaConf.select(cfg, "train.resume")), "step": int(state["step"]),
+                        "checkpoint_steps": then,
+                        "schedule_changed": f"steps 1..{state['step']} followed the lr schedule of a {then}-step run, "
+                                            f"the rest that of a {cfg.train.steps}-step run (optim.schedule="
+                                            f"{cfg.optim.schedule}): not the trajectory of either uninterrupted run"}}
 
 
 def check_memory(cfg, data, model, guide) -> None:

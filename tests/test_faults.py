@@ -182,7 +182,8 @@ def test_the_checkpoint_carries_the_config_that_produced_it(finished):
                                            ("guide=flow", "guide"), ("optim.lr=0.01", "optim.lr"),
                                            ("train.num_particles=16", "train.num_particles"),
                                            ("train.beta=0.5", "train.beta"),
-                                           ("train.average=0.5", "train.average")])
+                                           ("train.average=0.5", "train.average"),
+                                           ("train.log_every=10", "train.log_every")])
 def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_key(tmp_path, finished, override, key):
     proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", override, cwd=tmp_path)
     assert proc.returncode == 2
@@ -200,6 +201,16 @@ def test_a_resume_may_extend_the_step_budget(tmp_path, finished):
     assert proc.returncode == 0, proc.stderr
     (folder,) = run_dirs(tmp_path)
     assert json.loads((folder / "metrics.json").read_text())["steps"] == 60
+
+
+def test_a_resume_with_another_step_budget_says_in_its_metrics_that_the_lr_schedule_changed(tmp_path, finished):
+    proc = run_cli(*FAST, "train.steps=60", f"train.resume={finished}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = run_dirs(tmp_path)
+    resumed = json.loads((folder / "metrics.json").read_text())["resumed"]
+    assert resumed["step"] == 40 and resumed["checkpoint_steps"] == 40
+    assert "40-step run" in resumed["schedule_changed"] and "60-step run" in resumed["schedule_changed"]
+    assert "lr schedule" in proc.stdout + proc.stderr
 
 
 def _timing_free(metrics: dict) -> dict:

@@ -1,0 +1,215 @@
+"""A sweep against its environment: another sweep in its dir, job dirs that cannot be made, seeds trained twice,
+SIGTERM, and what a replica's directory holds. Every refusal is one line before any job runs (exit 2)."""
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_cli
+
+FAST = ["data.n=3", "train.steps=50", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
+        "eval.figures=false"]
+
+
+def one_line_error(proc, *words) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def statuses(root: Path) -> dict:
+    return {str(p.parent.relative_to(root)): json.loads(p.read_text()) for p in root.rglob("status.json")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep dir is this sweep's alone
+
+
+def test_a_sweep_into_a_dir_another_sweep_holds_is_refused_before_any_job_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    fd = os.open(sweep / ".sweep.lock", os.O_CREAT | os.O_RDWR)  # a sweep running into it holds this lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = run_cli("-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2
+    one_line_error(proc, str(sweep), "in use by another sweep")
+    assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock"]
+
+
+def test_the_claim_on_a_sweep_dir_ends_with_its_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = run_cli("-m", *FAST, "seed=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("-m", *FAST, "seed=0", "overwrite=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_job_that_cannot_claim_its_dir_is_listed_as_refused_and_the_first_run_is_kept(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=one", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert json.loads((sweep / "one" / "metrics.json").read_text())["seed"] == 0  # not taken over by seed 1
+    summary = (sweep / "summary.md").read_text()
+    assert "REFUSED" in summary and "already holds a run" in summary and "seed=1" in summary
+    assert "MISSING" not in summary
+    (failed,) = [line for line in proc.stderr.splitlines() if line.startswith("failed: ")]
+    assert "refused: its job dir could not be claimed" in failed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# job dirs that cannot be made
+
+
+def test_a_file_in_place_of_a_job_dir_refuses_the_sweep_up_front(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    blocker = sweep / "data.n=3,seed=0,train.steps=50"
+    blocker.write_text("not a directory")
+    proc = run_cli("-m", "data.n=3", "seed=0,1", "train.steps=50", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "hydra.sweep.dir", str(blocker), "is a file")
+    assert sorted(p.name for p in sweep.iterdir()) == [blocker.name] and blocker.read_text() == "not a directory"
+
+
+def test_a_job_dir_name_longer_than_the_filesystem_allows_refuses_the_sweep_up_front(tmp_path):
+    many = ["train.beta=1.0", "train.warmup=0", "train.warmup_start=0.0", "train.average=0.0",
+            "train.checkpoint_every=1000", "train.log_every=100", "eval.tol=1e-4", "eval.iwae_k=1000",
+            "eval.noise=lattice", "optim.lr=0.001", "memory_gb=2", "device=cpu", "threads=1", "overwrite=false",
+            "train.freeze_model=false", "train.progress=false"]
+    proc = run_cli("-m", *FAST, *many, "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "hydra.sweep.subdir", "at most 255", "hydra.sweep.subdir=${hydra:job.num}")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_short_subdir_lets_the_same_sweep_run(tmp_path):
+    proc = run_cli("-m", *FAST, "train.warmup=0", "seed=0,1", "hydra.sweep.dir=sweep", "hydra.sweep.subdir=${hydra:job.num}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {s["status"] for s in statuses(tmp_path / "sweep").values()} == {"ok"}
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeds
+
+
+def test_replicas_that_would_train_a_seed_twice_are_refused_naming_seed_and_replicas(tmp_path):
+    proc = run_cli("-m", *FAST, "replicas=2", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "seed and replicas", "seed 1 would be trained twice", "seed=0,2")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_replicas_a_stack_apart_are_one_run_per_seed(tmp_path):
+    proc = run_cli("-m", *FAST, "replicas=2", "seed=0,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = [s for k, s in statuses(tmp_path / "sweep").items() if "/seed" in k]
+    assert len(runs) == 4 and {s["status"] for s in runs} == {"ok"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGTERM
+
+
+def _children(pid: int) -> list:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_sigterm_ends_a_sweep_as_sigint_does_with_its_summary_and_no_workers_left(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(ROOT / "run.py"), "-m", "data.n=3", "seed=0,1,2", "train.steps=100000",
+            "train.checkpoint_every=0", "eval.figures=false", *launcher, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    running = 2 if launcher else 1
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(s["status"] == "running" for s in statuses(sweep).values()) < running:
+        time.sleep(0.2) if sweep.exists() else time.sleep(0.5)
+    workers = _children(proc.pid)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err
+    jobs = statuses(sweep)
+    assert len(jobs) == running and all(s["status"] == "failed" and "killed by SIGTERM" in s["reason"]
+                                        for s in jobs.values()), jobs
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("killed by SIGTERM") == running and summary.count("MISSING") == 3 - running
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)], "workers left running after the sweep ended"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a replica's directory is its single run's
+
+
+def test_a_replicas_job_lists_its_replicas_before_training_and_marks_them_killed(tmp_path, monkeypatch):
+    import infer.fit_replicas
+    import run
+    from analysis.rundir import read_status
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, "replicas=2"])
+    seen = {}
+
+    def interrupted_fit(*args, on_start=None, **kwargs):
+        on_start()
+        seen["status"] = read_status(tmp_path)
+        raise KeyboardInterrupt  # as SIGINT, or SIGTERM through cli.on_sigterm, in the first step
+
+    monkeypatch.setattr(infer.fit_replicas, "fit_replicas", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(cfg, tmp_path)
+    assert seen["status"]["status"] == "running" and seen["status"]["replicas"] == ["seed0", "seed1"]
+    for name in ("seed0", "seed1"):
+        status = read_status(tmp_path / name)
+        assert status["status"] == "failed" and "killed by SIGINT" in status["reason"]
+
+
+def test_a_replicas_dir_holds_what_its_single_run_writes_and_its_overrides_rerun_it_alone(tmp_path):
+    proc = run_cli(*FAST, "+experiment=study", "seed=0", "hydra.run.dir=stack", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    replica = tmp_path / "stack" / "seed1"
+    assert {p.name for p in replica.iterdir()} >= {".hydra", "run.log", "metrics.json", "history.csv",
+                                                   "checkpoint.pt", "status.json"}
+    assert {p.name for p in (replica / ".hydra").iterdir()} == {"config.yaml", "overrides.yaml", "hydra.yaml"}
+    config = OmegaConf.load(replica / ".hydra" / "config.yaml")
+    assert config.replicas == 1 and config.seed == 1
+    overrides = [str(o) for o in OmegaConf.load(replica / ".hydra" / "overrides.yaml")]
+    assert "seed=1" in overrides and "replicas=1" in overrides
+    assert "training" in (replica / "run.log").read_text() or "trained" in (replica / "run.log").read_text()
+    alone = run_cli(*overrides, "hydra.run.dir=alone", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert OmegaConf.load(tmp_path / "alone" / ".hydra" / "config.yaml") == config
+    assert not (tmp_path / "alone" / "seed1").exists()  # one run, not a stack again
