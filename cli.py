@@ -351,9 +351,10 @@ def _job_subdir(job, num: int, cfg) -> str:
     raw = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     if raw == "${hydra:job.override_dirname}":
         return name
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(copy):
-        copy.hydra.job.override_dirname = name
+    from omegaconf import read_write
+
+    copy = _compose(job, hydra_cfg=True)  # the job's own config (a subdir may name any of its keys)
+    with read_write(copy.hydra), open_dict(copy.hydra):
         copy.hydra.job.num = num
     HydraConfig.instance().set_config(copy)
     return str(OmegaConf.select(copy, "hydra.sweep.subdir"))
@@ -369,6 +370,7 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
         name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
+    taken = {}
     for num, job in enumerate(jobs):
         try:
             subdir = _job_subdir(job, num, cfg)
@@ -377,6 +379,12 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
         path = sweep_dir / subdir
         what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"
         what = what if len(what) <= 100 else what[:97] + "..."
+        if path in taken:
+            raise ConfigError(f"hydra.sweep.subdir: the jobs {taken[path]} and {what} would share the job dir "
+                              f"{path} (overwrite, eval.figures and train.progress change no result and are left "
+                              "out of job dir names): sweep values that differ, or a hydra.sweep.subdir that tells "
+                              "them apart")
+        taken[path] = what
         for part in Path(subdir).parts:
             if len(part.encode()) > name_max:
                 raise ConfigError(

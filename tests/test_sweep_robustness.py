@@ -56,16 +56,34 @@ def test_the_claim_on_a_sweep_dir_ends_with_its_sweep(tmp_path):
     assert again.returncode == 0, again.stderr
 
 
-def test_a_job_that_cannot_claim_its_dir_is_listed_as_refused_and_the_first_run_is_kept(tmp_path):
+def test_a_job_that_cannot_claim_its_dir_is_listed_as_refused_and_the_run_there_is_kept(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=one", cwd=tmp_path)
+    other = sweep / "data.n=3,seed=1,train.steps=50"  # a run already there (no multirun.yaml: not a sweep)
+    other.mkdir(parents=True)
+    (other / "status.json").write_text('{"status": "ok", "reason": "another run"}')
+    proc = run_cli("-m", "data.n=3", "seed=0,1", "train.steps=50", "eval.figures=false", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path)
     assert proc.returncode == 1
-    assert json.loads((sweep / "one" / "metrics.json").read_text())["seed"] == 0  # not taken over by seed 1
+    assert [p.name for p in other.iterdir()] == ["status.json"]  # nothing written there, not even run.log
     summary = (sweep / "summary.md").read_text()
     assert "REFUSED" in summary and "already holds a run" in summary and "seed=1" in summary
     assert "MISSING" not in summary
     (failed,) = [line for line in proc.stderr.splitlines() if line.startswith("failed: ")]
     assert "refused: its job dir could not be claimed" in failed
+
+
+def test_jobs_that_would_share_a_job_dir_refuse_the_sweep_up_front(tmp_path):
+    proc = run_cli("-m", *FAST, "seed=0,1", "hydra.sweep.dir=sweep", "hydra.sweep.subdir=one", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "hydra.sweep.subdir", "would share the job dir")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_overwrite_true_reruns_a_sweep_in_its_own_job_dirs(tmp_path):
+    for extra in ([], ["overwrite=true"]):
+        proc = run_cli("-m", *FAST, "seed=0", *extra, "hydra.sweep.dir=sweep", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert len([p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
