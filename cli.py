@@ -447,6 +447,27 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     STATE["sweep_lock"] = fd
 
 
+def unclaimed_record(hc) -> Path:
+    """Where a sweep job that could not claim its own directory is recorded."""
+    return Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}"
+
+
+def clear_unclaimed(cfg, hc) -> None:
+    """A sweep job that claimed its directory, re-run with overwrite=true: an earlier launch's record that this job
+    could not claim it goes (the summary would list the job twice)."""
+    import shutil
+
+    from analysis.rundir import read_status
+
+    record = unclaimed_record(hc)
+    if cfg.get("overwrite", False) and read_status(record).get("status") == "refused":
+        shutil.rmtree(record, ignore_errors=True)
+        try:
+            record.parent.rmdir()  # only if no other record is left
+        except OSError:
+            pass
+
+
 def record_unclaimed(cfg, hc, err) -> None:
     """A sweep job whose own directory could not be claimed (it holds another run, or cannot be written) is
     recorded in <sweep dir>/_refused/job<num>/ (its .hydra files and status.json = refused, with the reason), so
@@ -454,7 +475,7 @@ def record_unclaimed(cfg, hc, err) -> None:
     from analysis.rundir import Claim, RunDirError
 
     try:
-        claim = Claim(Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}")
+        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
         save_hydra_files(claim, cfg, hc)
         claim.status("refused", f"its job dir could not be claimed: {' '.join(str(err).split())}")
     except (RunDirError, OSError):

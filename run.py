@@ -366,6 +366,8 @@ def main(cfg: DictConfig) -> float:
         if multirun:  # recorded in the sweep dir, so the summary lists it
             cli.record_unclaimed(cfg, hc, err)
         return cli.fail(None, "refused", err, multirun)
+    if multirun:
+        cli.clear_unclaimed(cfg, hc)
     try:
         cli.save_hydra_files(claim, cfg, hc)
         metrics = run(cfg, out, multirun=multirun)
