@@ -1,0 +1,228 @@
+"""A run never loses or mixes another run's files: what a claim on a run directory may remove, replace or refuse
+(analysis.rundir), what a checkpoint must hold to be resumed (infer.checkpoint), and the one-line refusals of the
+config keys and memory budget (infer.validate)."""
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
+        "optim.lr=0.02", "eval.figures=false"]
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: sha256} of every file, and {relative path: 'dir'} of every folder, under folder."""
+    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def a_finished_run(folder: Path, extra=()) -> Path:
+    """A directory laid out as a finished run (status ok, .hydra/, outputs, figures), plus `extra` foreign files."""
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"status": "ok", "reason": "finished"}))
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    for name in ("metrics.json", "history.csv", "checkpoint.pt", "encodings.nc", "training.png", "encodings.png",
+                 "run.log"):
+        (folder / name).write_text(f"old {name}")
+    for name in extra:
+        (folder / name).write_text(f"someone's {name}")
+    return folder
+
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a claim removes only what it created (finding 1)
+
+
+def test_releasing_a_claim_on_a_dir_holding_a_run_leaves_every_file_that_was_there(tmp_path):
+    from analysis.rundir import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    before = snapshot(run)
+    claim = Claim(run, allow_existing=True)  # an in-place resume, refused before it trains
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\ntrain: {steps: 80}\n")  # as cli.save_hydra_files does
+    (run / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    claim.wrote(".hydra", "metrics.json")
+    (run / "traceback.txt").write_text("new")
+    claim.release()
+    assert snapshot(run) == before
+
+
+def test_releasing_a_claim_on_a_new_dir_removes_it_and_the_parents_it_created(tmp_path):
+    from analysis.rundir import Claim
+
+    claim = Claim(tmp_path / "a" / "b" / "run")
+    (tmp_path / "a" / "b" / "run" / "run.log").write_text("log")
+    claim.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_releasing_a_claim_on_a_dir_without_a_run_keeps_its_files(tmp_path):
+    from analysis.rundir import Claim
+
+    folder = tmp_path / "foo"
+    folder.mkdir()
+    (folder / "precious.png").write_text("x")
+    claim = Claim(folder)
+    (folder / "run.log").write_text("log")
+    claim.release()
+    assert snapshot(folder) == {"precious.png": hashlib.sha256(b"x").hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# overwrite replaces a run's own files, and only once the new run has passed its checks (findings 2, 3)
+
+
+def test_the_previous_run_is_its_known_outputs_and_nothing_else(tmp_path):
+    from analysis.rundir import previous_run
+
+    run = a_finished_run(tmp_path / "run", extra=["precious.png", "notes.txt"])
+    (run / "seed3").mkdir()  # not listed as a replica: someone's folder
+    assert sorted(previous_run(run)) == sorted(["status.json", ".hydra", "metrics.json", "history.csv",
+                                                "checkpoint.pt", "encodings.nc", "training.png", "encodings.png"])
+
+
+def test_a_dir_that_holds_no_run_has_no_previous_run_to_replace(tmp_path):
+    from analysis.rundir import previous_run
+
+    (tmp_path / "foo").mkdir()
+    (tmp_path / "foo" / "precious.png").write_text("x")
+    (tmp_path / "foo" / "loss_vs_n.png").write_text("a sweep's figure")
+    assert previous_run(tmp_path / "foo") == []
+
+
+def test_the_replica_dirs_a_group_lists_belong_to_its_run(tmp_path):
+    from analysis.rundir import previous_run
+
+    run = a_finished_run(tmp_path / "run")
+    (run / "status.json").write_text(json.dumps({"status": "ok", "replicas": ["seed0", "seed1", "../x"]}))
+    for name in ("seed0", "seed1"):
+        (run / name).mkdir()
+    assert {"seed0", "seed1"} <= set(previous_run(run)) and "../x" not in previous_run(run)
+
+
+def test_a_refused_overwrite_puts_the_previous_run_back_unchanged(tmp_path):
+    from analysis.rundir import Claim
+
+    run = a_finished_run(tmp_path / "run", extra=["precious.png"])
+    before = snapshot(run)
+    claim = Claim(run, allow_existing=True, replace=True)
+    assert not (run / "metrics.json").exists()  # aside: the new run's outputs never mix with the old ones
+    assert (run / "precious.png").exists() and json.loads((run / "status.json").read_text())["status"] == "running"
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    claim.release()  # refused by a check after the claim (memory, guide, device)
+    assert snapshot(run) == before
+
+
+def test_an_overwrite_that_trains_deletes_the_previous_runs_files_and_no_other(tmp_path):
+    from analysis.rundir import Claim
+
+    run = a_finished_run(tmp_path / "run", extra=["precious.png"])
+    claim = Claim(run, allow_existing=True, replace=True)
+    (run / "metrics.json").write_text("new")
+    claim.status("ok", "finished")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "precious.png", "run.log", "status.json"]
+    assert (run / "metrics.json").read_text() == "new" and (run / "run.log").read_text() == "old run.log"
+
+
+def test_an_overwrite_into_a_dir_without_a_run_removes_nothing(tmp_path):
+    from analysis.rundir import Claim
+
+    folder = tmp_path / "foo"
+    folder.mkdir()
+    (folder / "precious.png").write_text("x")
+    claim = Claim(folder, allow_existing=True, replace=True)
+    claim.status("ok", "finished")
+    assert (folder / "precious.png").read_text() == "x"
+
+
+def test_a_sweep_job_refused_after_an_overwrite_claim_keeps_the_previous_outputs(tmp_path):
+    from analysis.rundir import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    claim = Claim(run, allow_existing=True, replace=True)
+    claim.status("refused", "data.n=0 is not allowed")
+    assert (run / "metrics.json").read_text() == "old metrics.json"
+    assert (run / ".hydra" / "config.yaml").read_text() == "seed: 0\n"
+    assert json.loads((run / "status.json").read_text())["status"] == "refused"
+    assert not list(run.glob(".replaced*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where a run may not be claimed (finding 4)
+
+
+@pytest.mark.parametrize("inner", ["sub", ".hydra", "sub/deeper"])
+def test_a_claim_inside_another_runs_dir_is_refused_in_one_line(tmp_path, inner):
+    from analysis.rundir import Claim, RunDirError
+
+    run = a_finished_run(tmp_path / "run")
+    before = snapshot(run)
+    with pytest.raises(RunDirError) as err:
+        Claim(run / inner)
+    assert "hydra.run.dir" in one_line(err) and str(run) in one_line(err)
+    assert snapshot(run) == before
+
+
+def test_a_replica_dir_its_group_lists_may_be_claimed_in_place(tmp_path):
+    from analysis.rundir import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    (run / "status.json").write_text(json.dumps({"status": "ok", "replicas": ["seed0"]}))
+    replica = a_finished_run(run / "seed0")
+    Claim(replica, allow_existing=True).release()
+
+
+def test_the_current_dir_holding_other_files_is_refused(tmp_path, monkeypatch):
+    from analysis.rundir import Claim, RunDirError
+
+    (tmp_path / "README.md").write_text("a repo")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError) as err:
+        Claim(Path(""))
+    assert "hydra.run.dir" in one_line(err) and "current directory" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+def test_an_empty_current_dir_may_be_claimed(tmp_path, monkeypatch):
+    from analysis.rundir import Claim
+
+    monkeypatch.chdir(tmp_path)
+    Claim(Path("")).release()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["", "  ", None])
+def test_an_empty_run_dir_setting_is_refused_naming_the_key(value):
+    from analysis.rundir import RunDirError, check_run_dir_setting
+
+    with pytest.raises(RunDirError) as err:
+        check_run_dir_setting(value)
+    assert one_line(err).startswith("hydra.run.dir=")
+    check_run_dir_setting("outputs/run")
+
+
+def test_a_refused_in_place_resume_leaves_the_run_as_it_was(tmp_path):
+    """The reviewer's reproduction: a resume into the finished run's own dir, refused after the claim."""
+    run = tmp_path / "run"
+    proc = run_cli(*FAST, "train.steps=40", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
+    proc = run_cli(*FAST, "train.steps=80", f"train.resume={run / 'checkpoint.pt'}", f"hydra.run.dir={run}",
+                   "memory_gb=0.0001", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
