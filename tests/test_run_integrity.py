@@ -226,3 +226,97 @@ def test_a_refused_in_place_resume_leaves_the_run_as_it_was(tmp_path):
                    "memory_gb=0.0001", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint is checked entry by entry before anything resumes it (finding 10)
+
+
+@pytest.fixture(scope="module")
+def good_state(tmp_path_factory):
+    """A real checkpoint (a tiny VAE fit, 20 steps), read back."""
+    import pyro
+
+    from guides import GaussianGuide
+    from infer import ClosedFormELBO, fit
+    from models import VAE, OneBit
+
+    pyro.clear_param_store()
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    model = VAE(3, hidden=8)
+    fit(model, GaussianGuide(model, hidden=8), OneBit(3), elbo=ClosedFormELBO(num_particles=4), steps=20, lr=1e-2,
+        log_every=5, seed=0, checkpoint_path=path, checkpoint_every=20)
+    return torch.load(path, weights_only=False)
+
+
+def corrupted(tmp_path, state, entry, value) -> Path:
+    state = dict(state)
+    if isinstance(entry, tuple):  # (entry, key): one item inside the entry
+        state[entry[0]] = {**state[entry[0]], entry[1]: value}
+    else:
+        state[entry] = value
+    path = tmp_path / "checkpoint.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_written_checkpoint_loads(tmp_path, good_state):
+    from infer.checkpoint import load_checkpoint
+
+    path = corrupted(tmp_path, good_state, "step", good_state["step"])
+    assert load_checkpoint(path)["step"] == 20
+
+
+@pytest.mark.parametrize("entry, value", [
+    ("rng", None), (("rng", "torch"), None), (("rng", "numpy"), (1, 2)), (("rng", "python"), "abc"),
+    ("step", "abc"), ("step", -5), ("step", 2.5), ("step", True),
+    ("params", None), ("params", {"w": "abc"}), ("optimizer", None), ("optimizer", {"state": {}}),
+    ("history", None), ("history", [{"step": "abc"}]), ("history", [{"step": 5, "loss": torch.zeros(3)}]),
+    ("window", {"values": torch.zeros(2, 3), "betas": [1.0]}), ("window", "abc"),
+    ("initial_loss", "abc"), ("buffers", {"b": 1}), ("average", {"start": 0}),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_corrupt_entry_is_refused_in_one_line_naming_the_key_the_path_and_the_entry(tmp_path, good_state, entry,
+                                                                                     value):
+    from infer.checkpoint import CheckpointError, load_checkpoint
+
+    path = corrupted(tmp_path, good_state, entry, value)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, label="train.resume")
+    name = entry[0] if isinstance(entry, tuple) else entry
+    assert one_line(err).startswith(f"train.resume={path}: its {name} entry ")
+    assert len(one_line(err)) < 300
+
+
+def test_a_checkpoint_with_nan_params_is_refused_without_a_tensor_dump(tmp_path, good_state):
+    from infer.checkpoint import CheckpointError, load_checkpoint
+
+    params = dict(good_state["params"])
+    name = sorted(params)[0]
+    params[name] = torch.full_like(params[name], float("nan"))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(corrupted(tmp_path, good_state, "params", params))
+    assert name in one_line(err) and "non-finite" in one_line(err) and "tensor(" not in one_line(err)
+    assert len(one_line(err)) < 300
+
+
+def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
+    from infer.checkpoint import CheckpointError, load_checkpoint
+
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path, label="train.resume")
+    assert one_line(err).startswith(f"train.resume={tmp_path} is a directory") and "checkpoint.pt" in one_line(err)
+
+
+def test_a_corrupt_rng_state_is_refused_by_the_command_line_before_training(tmp_path, good_state):
+    """The reviewer's reproduction: rng=None in a checkpoint whose config matches crashed in set_rng_state."""
+    run = tmp_path / "run"
+    proc = run_cli(*FAST, "train.steps=40", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["rng"] = None
+    torch.save(state, tmp_path / "bad.pt")
+    proc = run_cli(*FAST, "train.steps=80", f"train.resume={tmp_path / 'bad.pt'}", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(tmp_path / "bad.pt") in lines[0] and "rng entry" in lines[0]
+    assert not (tmp_path / "outputs").exists()
