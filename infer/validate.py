@@ -10,6 +10,7 @@ weight of inf or nan can only diverge, so it is refused before any work.
 """
 import math
 import numbers
+import re
 
 SCHEDULES = ("exponential", "cosine", "constant")
 NOISE = ("mc", "qmc", "lattice")
@@ -109,6 +110,15 @@ RULES = {
     "bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "order": (lambda v: v in ORDERS, " or ".join(ORDERS)),
     "spread": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0"),
+    # Pyro's autoguides (guide=autonormal, guide=autoiaf)
+    "init_scale": (lambda v: is_finite(v) and v > 0, "a finite number > 0 (the initial scale of AutoNormal)"),
+    "num_transforms": (_int_at_least(1), "an integer >= 1 (AutoIAFNormal's flow layers)"),
+    "hidden_dim": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(is_int(h) and h >= 1 for h in v),
+                   "a non-empty list of integers >= 1, e.g. [32] (AutoIAFNormal's hidden layer widths)"),
+    # a model's or guide's name: a label in metrics.json and in the run dir's name
+    "label": (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v) is not None,
+              "a name of letters, digits, '_' and '-' (it is part of the run dir's name; choose a model or guide "
+              "by its group, model=... guide=..., not by renaming it)"),
     # evaluation (analysis.report.evaluate, analysis.exact, analysis.montecarlo, analysis.iwae, analysis.psis): the
     # bounds of the command line's eval.* keys, except eval.samples' floor of 10^4 (a policy for a run's final
     # numbers; in Python, samples must be a multiple of replicates, at least 2 per replicate: check_samples)
@@ -139,6 +149,10 @@ CONFIG_KEYS = {
                    "activation", "min_scale")},
     "model.depth": "depth", "model.gain": "gain", "model.prior_gain": "prior_gain",
     "model.prior_gain_rate": "prior_gain_rate", "model.prior_gain_floor": "prior_gain_floor",
+    "model.name": "label", "guide.name": "label",
+    **{f"guide.{key}": key for key in ("components", "flows", "count_bins", "bound", "order", "spread",
+                                       "init_scale", "num_transforms", "hidden_dim")},
+    "guide.gain": "gain",
 }
 CONFIG_RULES = {key: RULES[name] for key, name in CONFIG_KEYS.items()}
 
@@ -199,13 +213,37 @@ def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
                                   f"{', '.join(needs)}")
 
 
+def memory_refusal(n, memory_gb, base_bytes, per_n_bytes, params, particles,
+                   particles_key: str = "train.num_particles") -> str:
+    """The one-line reason a run of data length n does not fit memory_gb, or '' if it fits. The need is modelled as
+    base_bytes + per_n_bytes * n (the interpreter and libraries, then the n-wide params and particle tensors);
+    `params` and `particles` are only quoted. Where some data.n >= 1 fits, the largest is named; where none does
+    (memory_gb below the base, or the particles alone too large at n = 1), the message says what must change
+    instead, never an impossible 'data.n <= 0'."""
+    gib = 2 ** 30
+    budget, need = memory_gb * gib, base_bytes + per_n_bytes * n
+    if need <= budget:
+        return ""
+    head = (f"data.n={n} needs about {need / gib:.3g} GB to train ({params:,} params, {particles:,} particles); "
+            f"memory_gb={memory_gb}")
+    if budget <= base_bytes:
+        return (f"{head} is below the {base_bytes / gib:.2g} GB any run needs (the interpreter, torch and pyro): "
+                f"raise memory_gb above {base_bytes / gib:.2g}")
+    fits = int((budget - base_bytes) // per_n_bytes)
+    if fits < 1:
+        return (f"{head} does not fit even data.n=1 with these settings: lower {particles_key}, or raise "
+                "memory_gb")
+    return (f"{head} fits data.n <= {fits:,} with these settings: lower data.n or {particles_key}, or raise "
+            "memory_gb")
+
+
 def check_all(**values) -> None:
     """check(name, value) for every keyword argument."""
     for name, value in values.items():
         check(name, value)
 
 
-__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "check_model_argument",
+__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "memory_refusal", "check_model_argument",
            "refuse", "shown", "MAX_SEED", "KHAT_MIN_SAMPLES", "ORDERS", "allowed", "is_allowed", "is_int",
            "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS",
            "ENGINES"]

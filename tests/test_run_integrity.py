@@ -320,3 +320,78 @@ def test_a_corrupt_rng_state_is_refused_by_the_command_line_before_training(tmp_
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert str(tmp_path / "bad.pt") in lines[0] and "rng entry" in lines[0]
     assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every guide and model key has a rule; the memory refusal names a budget that can be met (finding 14)
+
+
+@pytest.mark.parametrize("key, bad, good", [
+    ("guide.spread", -1, 1.0), ("guide.spread", float("inf"), 0.0),
+    ("guide.init_scale", "abc", 0.1), ("guide.init_scale", float("inf"), 1e-3), ("guide.init_scale", 0, 2),
+    ("guide.num_transforms", 0, 2), ("guide.num_transforms", 1.5, 1),
+    ("guide.hidden_dim", "abc", [32]), ("guide.hidden_dim", [], [8, 8]), ("guide.hidden_dim", [0], [1]),
+    ("guide.hidden_dim", [2.5], [4]),
+    ("guide.components", 0, 3), ("guide.flows", 0, 1), ("guide.count_bins", 1, 8), ("guide.bound", 0, 5.0),
+    ("guide.order", "cubic", "linear"), ("guide.gain", 1, False),
+    ("model.name", "a/b", "vae"), ("guide.name", "", "gaussian"), ("model.name", 3, "dlgm"),
+])
+def test_a_guide_or_model_key_allows_what_its_rule_says_and_refuses_the_rest_naming_the_key(key, bad, good):
+    from infer.validate import CONFIG_RULES
+
+    test, allowed = CONFIG_RULES[key]
+    assert test(good) and not test(bad)
+    assert allowed and "\n" not in allowed
+
+
+def test_every_key_of_every_guide_and_model_option_has_a_rule():
+    from omegaconf import OmegaConf
+
+    from cli import COMMAND_LINE_RULES
+    from infer.validate import CONFIG_RULES
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    unruled = []
+    for group in ("guide", "model", "objective"):
+        for option in sorted((conf / group).glob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(option))
+            node = node.get(group, node)
+            for key in node:
+                full = f"{group}.{key}"
+                if key.startswith("_") or isinstance(node[key], dict) or (group == "objective" and key == "name"):
+                    continue  # _target_/_convert_ are refused as overrides; objective.name by make_objective
+                if full not in CONFIG_RULES and full not in COMMAND_LINE_RULES:
+                    unruled.append(full)
+    assert unruled == []
+
+
+@pytest.mark.parametrize("override, key", [("guide=mixture guide.spread=-1", "guide.spread"),
+                                           ("guide=autonormal guide.init_scale=inf", "guide.init_scale"),
+                                           ("guide=autoiaf guide.num_transforms=0", "guide.num_transforms")])
+def test_the_command_line_refuses_a_bad_guide_key_in_one_line_naming_it(tmp_path, override, key):
+    proc = run_cli(*FAST, *override.split(), cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {key}=") and f"{key} must be" in lines[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+GIB, BASE = 2 ** 30, 256 * 2 ** 20
+
+
+@pytest.mark.parametrize("memory_gb, per_n", [(1e-9, 100.0), (0.2, 100.0), (2, 4e9), (2, 3e9)])
+def test_a_memory_refusal_never_names_a_data_n_that_cannot_be(memory_gb, per_n):
+    from infer.validate import memory_refusal
+
+    line = memory_refusal(3, memory_gb, BASE, per_n, 1000, 32)
+    assert line and "\n" not in line and "data.n <=" not in line and "lower data.n" not in line
+    assert "memory_gb" in line
+
+
+def test_a_memory_refusal_names_the_largest_data_n_that_fits():
+    from infer.validate import memory_refusal
+
+    line = memory_refusal(10 ** 6, 2, BASE, 2400.0, 65002275, 32)
+    fits = int((2 * GIB - BASE) // 2400.0)
+    assert f"fits data.n <= {fits:,} " in line
+    assert memory_refusal(fits, 2, BASE, 2400.0, 1, 32) == "" and memory_refusal(fits + 1, 2, BASE, 2400.0, 1, 32)
