@@ -395,3 +395,38 @@ def test_a_memory_refusal_names_the_largest_data_n_that_fits():
     fits = int((2 * GIB - BASE) // 2400.0)
     assert f"fits data.n <= {fits:,} " in line
     assert memory_refusal(fits, 2, BASE, 2400.0, 1, 32) == "" and memory_refusal(fits + 1, 2, BASE, 2400.0, 1, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Gaussian optimum's quadrature raises no floating-point overflow (finding 16)
+
+
+@pytest.mark.parametrize("a", [0.008809930578925805, 0.5, 5.318, 2803.6504221226396, 2935.850029242773])
+def test_expected_softplus_overflows_nowhere_and_matches_a_high_precision_quadrature(a):
+    import mpmath
+    import numpy as np
+
+    from analysis.frontier import distortion
+    from analysis.optimum import expected_softplus
+
+    with np.errstate(over="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = float(distortion(1, np.array([a]))[0])  # np.vectorize over expected_softplus: flags are checked
+    mpmath.mp.dps = 40
+    sd = mpmath.sqrt(2 * mpmath.mpf(a))
+
+    def integrand(u):
+        return mpmath.npdf(u, a, sd) * mpmath.log1p(mpmath.exp(-u))
+
+    exact = mpmath.quad(integrand, [a - 60 * sd, min(0, a), max(0, a), a + 60 * sd])
+    assert value == expected_softplus(a)
+    assert abs(value - float(exact)) <= 1e-13 * max(1.0, abs(float(exact))) + 1e-300
+    if exact > 1e-250:
+        assert abs(value / float(exact) - 1) < 1e-10
+
+
+def test_a_valid_run_prints_no_runtime_warning(tmp_path):
+    """The reviewer's reproduction: seed=1 data.n=3 train.steps=20 printed numpy's overflow warning."""
+    proc = run_cli("seed=1", "data.n=3", "train.steps=20", "eval.figures=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
