@@ -218,7 +218,10 @@ class Claim:
         if status in ("ok", "diverged", "failed"):
             self.commit()
         elif status == "refused" and self.moved:
+            old = read_status(self.backup)
             self._move_back(keep_status=True)
+            extra = {"kept": f"the outputs of the run that was here (status '{old.get('status', '?')}') are kept: "
+                             "this run was refused before it trained", **extra}
         self.wrote(STATUS)
         write_status(self.path, status, reason, **extra)
 

@@ -158,7 +158,8 @@ def test_a_sweep_job_refused_after_an_overwrite_claim_keeps_the_previous_outputs
     claim.status("refused", "data.n=0 is not allowed")
     assert (run / "metrics.json").read_text() == "old metrics.json"
     assert (run / ".hydra" / "config.yaml").read_text() == "seed: 0\n"
-    assert json.loads((run / "status.json").read_text())["status"] == "refused"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "refused" and "status 'ok'" in status["kept"]
     assert not list(run.glob(".replaced*"))
 
 
