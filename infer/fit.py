@@ -302,7 +302,7 @@ def resume_state(resume) -> dict:
     line otherwise."""
     import os
 
-    from .checkpoint import KEYS, load_checkpoint
+    from .checkpoint import KEYS, check_checkpoint, load_checkpoint
 
     if resume is None:
         return None
@@ -316,6 +316,7 @@ def resume_state(resume) -> dict:
         raise refuse("resume", resume, "resume must be a checkpoint dict (infer.checkpoint.load_checkpoint(path)) "
                                        "or its path" + (f"; this one lacks {', '.join(lacks)}" if lacks else
                                                         "; its step is not an integer >= 0"))
+    check_checkpoint(resume, "resume")  # every entry as save_checkpoint writes it (rng states, params, ...)
     return resume
 
 

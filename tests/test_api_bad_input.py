@@ -384,3 +384,14 @@ def test_summary_lines_tags_exacts_own_dict_as_exact(vae):
 
     lines = summary_lines(exact(*vae))
     assert "[exact]" in lines[1] and not any("RQMC" in line for line in lines)
+
+
+def test_fit_refuses_a_checkpoint_dict_with_a_corrupt_entry_before_training(vae, tmp_path):
+    from infer.checkpoint import load_checkpoint
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    state = {**load_checkpoint(path), "rng": None}
+    error = one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=state), r"^resume")
+    assert "rng" in str(error)
