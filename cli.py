@@ -24,10 +24,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from infer.validate import CONFIG_RULES, is_finite, is_int
+from infer.validate import CONFIG_RULES, MAX_SEED, is_finite, is_int
 
 CONF = Path(__file__).resolve().parent / "conf"
 GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
+REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run needs one option of each
+# keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
+RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
 # Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
@@ -57,6 +60,9 @@ def _bool(v) -> bool:
 # The allowed values of every config key: the library's own table (infer.validate: the bounds fit, the models and
 # the objectives check again when called from Python), plus the keys only the command line has.
 COMMAND_LINE_RULES = {
+    # a run needs a seed (it names the run dir, and replicas train seed .. seed + replicas - 1) and a thread count
+    "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "overwrite": (_bool, "true or false"),
     "replicas": (lambda v: is_int(v) and v >= 1,
                  "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
@@ -98,7 +104,18 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}")
+    from infer.validate import check_samples
+
+    try:
+        check_samples(cfg.eval.samples, cfg.eval.replicates)
+    except ValueError as err:
+        raise ConfigError(f"eval.{err}".replace("with replicates=", "with eval.replicates=")) from None
     replicas = cfg.get("replicas", 1)
+    if cfg.seed + replicas - 1 > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} is not allowed with replicas={replicas}: replicas train the seeds seed .. "
+                          f"seed + replicas - 1, and seeds must be <= {MAX_SEED}: seed must be <= "
+                          f"{MAX_SEED - replicas + 1}")
+    check_device(cfg.device)
     if replicas > 1:  # what replicas can train (infer.fit_replicas): the closed-form ELBO on lattice or qmc noise
         if OmegaConf.select(cfg, "train.resume"):
             raise ConfigError(f"train.resume is not allowed with replicas={replicas}: resume one replica as a single "
@@ -111,6 +128,23 @@ def validate(cfg: DictConfig) -> None:
                               "replicas need noise drawn outside the model and guide (lattice or qmc)")
 
 
+def check_device(device: str) -> None:
+    """Raise ConfigError (one line, naming device) unless the device exists on this machine: cpu, or cuda[:index]
+    with CUDA available and index below the device count."""
+    if device == "cpu":
+        return
+    import torch
+
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device={device!r} is not available: this machine has no CUDA device (torch "
+                          f"{torch.__version__}); device must be cpu here")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise ConfigError(f"device={device!r} is not available: this machine has {count} CUDA device(s); device "
+                          f"must be cpu or cuda:0 .. cuda:{count - 1}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # keys
 
@@ -121,15 +155,39 @@ def group_options(group: str) -> list:
 
 def check_group_choices(argv) -> None:
     """Refuse `group=option` overrides whose option has no yaml in conf/<group>/, before Hydra composes."""
+    chosen = {}
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         group = key.split("@")[0]
-        if not sep or group not in GROUPS:
+        if group not in GROUPS:
             continue
         options = group_options(group)
+        if group in REQUIRED_GROUPS and (arg.startswith("~") or value.strip() in ("null", "")):
+            raise ConfigError(f"{arg}: {group} needs an option: {group} must be one of {', '.join(options)}")
+        if not sep:
+            continue
+        chosen[group] = value
         for choice in value.split(","):
             if choice and choice != "null" and choice not in options:
                 raise ConfigError(f"{group}={choice} is not allowed: {group} must be one of {', '.join(options)}")
+    pair = chosen.get("pair")
+    if pair and pair != "null" and "," not in pair:
+        picks = pair_choices(pair)
+        for group in ("model", "guide"):
+            if group in chosen and chosen[group] != picks.get(group):
+                raise ConfigError(f"pair={pair} chooses model={picks.get('model')} guide={picks.get('guide')}, "
+                                  f"which {group}={chosen[group]} contradicts: give pair or model/guide, not both")
+
+
+def pair_choices(pair: str) -> dict:
+    """{'model': option, 'guide': option} that conf/pair/<pair>.yaml chooses (its `override /group: option`)."""
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "pair" / f"{pair}.yaml"))
+    out = {}
+    for entry in (node or {}).get("defaults", []):
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                out[k.replace("override", "").strip().strip("/")] = v
+    return out
 
 
 def leaf_keys(node, prefix="") -> list:
@@ -204,8 +262,16 @@ def check_keys(overrides, multirun: bool) -> None:
     groups, plain = {}, []
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
+        if not o.key_or_group:
+            raise ConfigError(f"{o.input_line!r} is not an override: an override is key=value (e.g. data.n=5)")
         if key.startswith("hydra") or o.key_or_group.startswith("hydra"):
             continue
+        last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
+        if last in RESERVED or (last == "name" and group in GROUPS and o.key_or_group.count(".") == 1):
+            what = (f"a group option's name: choose another option instead ({group}=<one of "
+                    f"{', '.join(group_options(group))}>)" if last == "name"
+                    else "set by the config group's option (conf/): choose another option instead")
+            raise ConfigError(f"{o.key_or_group} cannot be overridden: it is {what}")
         if o.key_or_group.split("@")[0] in GROUPS:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             groups[("+" if o.is_add() else "") + o.key_or_group] = values
@@ -234,6 +300,9 @@ def check_keys(overrides, multirun: bool) -> None:
                 raise ConfigError(f"{key} is not a config key{where}{hint}")
             if (o.is_add() and not o.is_force_add()) and has_key(base, key):
                 raise ConfigError(f"+{key}: {key} already exists; override it without '+': {key}=...")
+        if sweep and not multirun:
+            raise ConfigError(f"{where.replace(' for ', '', 1) or 'the config'} sweeps {', '.join(sweep)}: add -m to "
+                              "run its sweep (python run.py -m ...)")
         for key in sweep:  # an experiment's own sweep keys
             if key.split("@")[0] not in GROUPS and not key.startswith("hydra") and not has_key(base, key):
                 raise ConfigError(f"{key} (swept by the experiment) is not a config key{suggest(key, known)}")
@@ -271,6 +340,9 @@ def preflight(overrides, multirun: bool) -> list:
         return [f"hydra.sweep.dir={_quote(sweep_dir)}"]
     validate(cfg)
     load_resume(cfg)
+    from analysis.rundir import check_run_dir_setting
+
+    check_run_dir_setting(OmegaConf.select(cfg, "hydra.run.dir"))
     out = Path(str(cfg.hydra.run.dir)).absolute()
     STATE["claim"] = claim_for(cfg, out)
     return [f"hydra.run.dir={_quote(out)}"]
@@ -486,23 +558,16 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     """The Claim on `out` for this run: the one preflight made for a single run, or a new one (a sweep job: fresh,
     so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
     A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it."""
-    from analysis.rundir import OUTPUTS, Claim, read_status
+    from analysis.rundir import Claim
 
     held = STATE.get("claim")
     if not fresh and held is not None and Path(held.path) == Path(out).absolute():
         return held
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
-    replicas = read_status(out).get("replicas", []) if Path(out).is_dir() else []
-    claim = Claim(out, allow_existing=bool(cfg.get("overwrite", False)) or in_place)
-    if cfg.get("overwrite", False) and not in_place:  # replace: the old run's outputs go, nothing is mixed
-        import shutil
-
-        for name in list(OUTPUTS[1:]) + [p.name for p in Path(out).glob("*.png")] + ["traceback.txt"]:
-            (Path(out) / name).unlink(missing_ok=True)
-        shutil.rmtree(Path(out) / ".hydra", ignore_errors=True)
-        for name in replicas:  # the replica runs of a job that trained several seeds
-            shutil.rmtree(Path(out) / name, ignore_errors=True)
+    overwrite = bool(cfg.get("overwrite", False))
+    claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
+                  key="hydra.sweep.dir" if fresh else "hydra.run.dir")
     STATE["claim"] = claim
     return claim
 
@@ -596,7 +661,7 @@ def load_resume(cfg):
         return None
     from infer.checkpoint import load_checkpoint
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, label="train.resume")
     saved = state.get("config")
     if saved is None:
         raise ConfigError(f"train.resume={path}: the checkpoint carries no config (written by an older version); "
@@ -646,26 +711,42 @@ def resume_note(cfg, state) -> dict:
                                             f"{cfg.optim.schedule}): not the trajectory of either uninterrupted run"}}
 
 
-def check_memory(cfg, data, model, guide) -> None:
-    """Refuse, before training, a run whose training step would need more than memory_gb (peak RSS): the base, the
-    networks' params (their n-wide layers dominate) and the particles' n-wide tensors. Evaluation is chunked and
-    stays below that peak."""
+def network_params(cfg, build) -> int:
+    """The number of params of the model and guide `build(cfg)` makes, without building them at cfg's data.n: every
+    network's params are affine in n (its n-wide layers), so they are counted on networks built at n = 1 and
+    n = 2 (a few kB) and extrapolated, exactly. Lazy guides (autonormal, autoiaf) count as their model alone."""
     import torch
 
-    params = sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters())
-    particles = cfg.objective.K if "K" in cfg.objective else cfg.train.num_particles
+    counts = []
+    for n in (1, 2):
+        small = OmegaConf.merge(cfg, {"data": {"n": n}})
+        _, model, guide = build(small)
+        counts.append(sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module)
+                          for p in m.parameters()))
+    return counts[0] + (counts[1] - counts[0]) * (int(cfg.data.n) - 1)
+
+
+def check_memory(cfg, build) -> None:
+    """Refuse, before any network is built at data.n, a run whose training step would need more than memory_gb
+    (peak RSS): the base, the networks' params (network_params: their n-wide layers dominate) and the particles'
+    n-wide tensors. Evaluation is chunked and stays below that peak. Raises ConfigError (one line)."""
+    from infer.validate import memory_refusal
+    from models import OneBit
+
+    data = OneBit(cfg.data.n, tuple(cfg.data.weights))
+    params = network_params(cfg, build)
+    particles_key = "objective.K" if "K" in cfg.objective else "train.num_particles"
+    particles = OmegaConf.select(cfg, particles_key)
     replicas = cfg.get("replicas", 1)
     if replicas > 1:  # every replica's own networks and their stacked copies; one stack's particles at a time
         from infer.fit_replicas import stack_size
 
         params, particles = 2 * replicas * params, stack_size(replicas, particles, data) * particles
     per_n = (MEMORY_PER_PARAM * params + MEMORY_PER_PARTICLE_BIT * particles * 2 * data.n) / data.n
-    need, budget = MEMORY_BASE + per_n * data.n, cfg.memory_gb * 2**30
-    if need > budget:
-        fits = int((budget - MEMORY_BASE) / per_n)
-        raise ConfigError(f"data.n={data.n} needs about {need / 2**30:.1f} GB to train ({params:,} params, "
-                          f"{particles} particles); memory_gb={cfg.memory_gb} fits data.n <= {fits:,} with these "
-                          "settings: lower data.n or train.num_particles, or raise memory_gb")
+    reason = memory_refusal(data.n, cfg.memory_gb, MEMORY_BASE, per_n, params, particles,
+                            particles_key=particles_key)
+    if reason:
+        raise ConfigError(reason)
 
 
 def divergence(result, data, beta: float = 1.0, final=None) -> str:

@@ -128,9 +128,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     if cfg.replicas > 1:
         return run_replicas(cfg, out, multirun)
     with refusals():
+        cli.check_memory(cfg, build)  # from the config: nothing n-wide is allocated before it passes
         pyro.set_rng_seed(cfg.seed)
         data, model, guide = build(cfg)
-        cli.check_memory(cfg, data, model, guide)
         elbo = build_objective(cfg)  # fit() refuses an objective that is invalid for the guide, before training
         exact_phase = not getattr(elbo, "needs_guide", True)
         marginal = elbo if exact_phase else None  # objective=exact: the model phase's objective
@@ -228,12 +228,12 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
 
     seeds = [cfg.seed + r for r in range(cfg.replicas)]
     with refusals():
+        cli.check_memory(cfg, build)
         pairs = []
         for seed in seeds:
             pyro.set_rng_seed(seed)
             data, model, guide = build(cfg)
             pairs.append((model, guide))
-        cli.check_memory(cfg, data, model, guide)
         elbo = build_objective(cfg)
     configs = [OmegaConf.merge(cfg, {"seed": seed, "replicas": 1}) for seed in seeds]  # each one's single run
     dirs = [out / f"seed{seed}" for seed in seeds]
