@@ -789,12 +789,16 @@ def write_json(path, obj) -> None:
 def main(hydra_main, argv) -> int:
     """Run `hydra_main` (run.py's @hydra.main task) for argv after the preflight; return the exit code."""
     args = argv[1:]
-    if any(a.split("=")[0] in HYDRA_FLAGS for a in args):
-        hydra_main()
-        return STATE["exit"]
     multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if not a.startswith("-")]
     try:
+        check_flags(args)
+        if any(a.split("=")[0] in HYDRA_FLAGS for a in args):  # Hydra prints (help, config, info): keys checked
+            overrides = hydra_flag_overrides(args)
+            check_group_choices(overrides)
+            check_keys(overrides, multirun=True)
+            hydra_main()
+            return STATE["exit"]
+        overrides = [a for a in args if not a.startswith("-")]
         pins = preflight(overrides, multirun)
     except ValueError as err:  # ConfigError, RunDirError, CheckpointError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -805,6 +809,9 @@ def main(hydra_main, argv) -> int:
         hydra_main()
     except KeyboardInterrupt:
         return interrupted(multirun)
+    except BaseException:  # Hydra's own exit (SystemExit) or a crash outside the task: no stale 'running' dir
+        release_unstarted()
+        raise
     if multirun:
         from analysis.callbacks import LAST
 
@@ -813,6 +820,60 @@ def main(hydra_main, argv) -> int:
             print(f"failed: {job}: {reason}", file=sys.stderr)
         return 1 if failed else STATE["exit"]
     return STATE["exit"]
+
+
+RUN_FLAGS = ("-m", "--multirun", "-r", "--run")
+FLAG_VALUES = {"--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"),
+               "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
+               "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
+VALUE_FLAGS = ("--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--experimental-rerun", "--shell-completion", "-sc")
+
+
+def check_flags(args) -> None:
+    """Refuse, in one line, a dash argument that is neither -m/--multirun nor one of Hydra's flags (argparse would
+    print its usage and exit after the run dir was claimed), and --cfg without job, hydra or all."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            continue
+        flag, _, value = arg.partition("=")
+        if flag not in RUN_FLAGS + HYDRA_FLAGS:
+            raise ConfigError(f"{arg} is not an option of run.py: its options are -m/--multirun and Hydra's own "
+                              "(--help, --cfg job, --info, ...); settings are key=value overrides (e.g. data.n=5)")
+        if flag in ("--cfg", "-c"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value not in FLAG_VALUES[flag]:
+                raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
+
+
+def hydra_flag_overrides(args) -> list:
+    """The key=value overrides of a command line that carries Hydra's flags (their own values left out)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        flag = arg.partition("=")[0]
+        if arg.startswith("-"):
+            takes = flag in VALUE_FLAGS or (flag in FLAG_VALUES and "=" not in arg and i + 1 < len(args)
+                                                and args[i + 1] in FLAG_VALUES[flag])
+            skip = takes and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def release_unstarted() -> None:
+    """Release the single run's claim (preflight's) if its status still says this process is running it: Hydra
+    exited before the task recorded how the run ended (nothing of it is left behind)."""
+    from analysis.rundir import read_status
+
+    claim = STATE.get("claim")
+    if claim is None:
+        return
+    status = read_status(claim.path)
+    if status.get("status") == "running" and status.get("pid") == os.getpid():
+        claim.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------
