@@ -44,9 +44,9 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     on_start() runs once, after every check and before the first step (e.g. to create the checkpoints' dirs).
     callback(r, step, row) runs at each log of replica r. With checkpoint_paths (a list of one file path per
     replica, in folders that exist before training, or once on_start has run), replica r's checkpoint is written
-    every checkpoint_every steps (if > 0) and at the end (checkpoint_every=0: only at the end), holding what a single run's
-    would (params under the single run's names, its own Adam moments, its generator's state as the torch RNG
-    state, history, window), so it resumes as a single run with fit(resume=...) and seed seeds[r].
+    every checkpoint_every steps (if > 0) and at the end (checkpoint_every=0: only at the end), holding what a
+    single run's would (params under the single run's names, its own Adam moments, its generator's state as the
+    torch RNG state, history, window), so it resumes as a single run with fit(resume=...) and seed seeds[r].
 
     Refused in one line before training (ValueError naming the argument): models, guides or seeds that are not
     lists, the same model or guide object for two replicas, checkpoint_paths that is not one path per replica,

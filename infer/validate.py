@@ -243,7 +243,6 @@ def check_all(**values) -> None:
         check(name, value)
 
 
-__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "memory_refusal", "check_model_argument",
-           "refuse", "shown", "MAX_SEED", "KHAT_MIN_SAMPLES", "ORDERS", "allowed", "is_allowed", "is_int",
-           "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS",
-           "ENGINES"]
+__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "memory_refusal",
+           "check_model_argument", "refuse", "shown", "MAX_SEED", "KHAT_MIN_SAMPLES", "ORDERS", "allowed",
+           "is_allowed", "is_int", "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS", "ENGINES"]
