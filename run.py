@@ -11,6 +11,7 @@ multirun records each failed job and runs the others, then exits 1 if any job fa
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
@@ -108,6 +109,56 @@ class Diverged(ValueError):
     """Training diverged: the last good checkpoint is kept, no normal-looking result is written."""
 
 
+GOOD = ".checkpoint.good.pt"  # a hard link to the last checkpoint.pt written before a good training window
+
+
+class GoodCheckpoint:
+    """Keeps the last good checkpoint of a run, so that a run that diverges leaves that one, not its diverged
+    parameters. A fit callback: at every logged window whose objective is finite and not above the no-latent loss
+    n H(w) by more than 1% + 0.01 nats (cli.divergence's bound; a window still above it, or one that follows a
+    blow-up, is not called good), the checkpoint.pt
+    written so far (by a step at or before that window's end) is hard-linked as <out>/.checkpoint.good.pt (a save
+    replaces checkpoint.pt by rename, so the link keeps its content). A checkpoint.pt there before training (an
+    in-place resume's) counts as good. restore() puts it back as checkpoint.pt (or removes a checkpoint.pt written
+    after no good window); discard() removes the link."""
+
+    def __init__(self, out: Path, data, then=None):
+        self.path, self.good = Path(out) / "checkpoint.pt", Path(out) / GOOD
+        self.trivial, self.step, self.then = data.n * data.entropy, None, then
+        self.discard()
+        if self.path.is_file():
+            self._link("the checkpoint resumed")
+
+    def _link(self, step) -> None:
+        tmp = self.good.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        os.link(self.path, tmp)
+        os.replace(tmp, self.good)
+        self.step = step
+
+    def __call__(self, step, row) -> None:
+        value = row.get("objective", row.get("loss"))
+        if value is None or not math.isfinite(value):
+            return
+        if value <= self.trivial * 1.01 + 0.01 and self.path.is_file():
+            self._link(f"by step {step}")
+        if self.then is not None:
+            self.then(step, row)
+
+    def restore(self) -> str:
+        """Put the last good checkpoint back as checkpoint.pt; return what metrics.json says of it."""
+        if self.good.is_file():
+            os.replace(self.good, self.path)
+            return f"checkpoint.pt is the last good one (written {self.step}), not the diverged parameters"
+        self.path.unlink(missing_ok=True)
+        return ("no checkpoint.pt: none was written by a good window (objective within n H(w)) before the run "
+                "diverged")
+
+    def discard(self) -> None:
+        self.good.unlink(missing_ok=True)
+        self.good.with_suffix(".tmp").unlink(missing_ok=True)
+
+
 def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     """Train the configured model/guide pair, evaluate it, write its outputs into `out`; return the metrics.
     Raises Refused on any bad input found before training, Diverged when training diverges (metrics.json then
@@ -144,6 +195,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                     + note["resumed"]["schedule_changed"])
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
+    good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
+    head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
+            "seed": cfg.seed, **note}
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
@@ -162,16 +216,18 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                      seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                      resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads, device=cfg.device,
                      freeze_model=cfg.train.freeze_model or exact_phase, init="keep" if exact_phase else "reset",
-                     checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra,
-                     callback=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
+                     checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra, callback=good)
     except FloatingPointError as err:
+        good.discard()
         raise Diverged(str(err)) from None
     except ValueError as err:
-        if type(err).__name__ == "DivergenceError":
+        if type(err).__name__ == "DivergenceError":  # non-finite: history so far, metrics.json marked diverged
+            diverged_outputs(out, getattr(err, "result", None), {**head, "steps": getattr(err, "step", None)},
+                             str(err), good)
             raise Diverged(str(err)) from None
+        good.discard()
         raise Refused(str(err)) from None
-    head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds, **note}
+    head.update(steps=result.steps, wall_seconds=result.wall_seconds)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
                                "steps": first.steps, "wall_seconds": first.wall_seconds,
@@ -181,21 +237,35 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             {"phase": "guide", **row, "step": first.steps + row["step"]} for row in result.history]
     if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
         save_checkpoint(out / "checkpoint.pt", result, extra=extra)
-    return finish(cfg, out, model, guide, data, result, head)
+    try:
+        return finish(cfg, out, model, guide, data, result, head, good=good)
+    finally:
+        good.discard()
 
 
-def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
-    """After training: refuse a diverged result (history and a metrics.json saying so), else evaluate and write
-    the run's outputs into `out`; return the metrics. Raises Diverged."""
+def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:
+    """What a diverged run leaves besides status.json: history.csv (the windows logged before it diverged),
+    metrics.json marked diverged (no loss) and the last good checkpoint (GoodCheckpoint.restore)."""
+    import pandas as pd
+
+    note = good.restore() if good is not None else None
+    pd.DataFrame(getattr(result, "history", None) or []).to_csv(out / "history.csv", index=False)
+    cli.write_json(out / "metrics.json", {**head, "status": "diverged", "reason": reason, "loss": None,
+                                          **({"checkpoint": note} if note else {})})
+
+
+def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) -> dict:
+    """After training: refuse a diverged result (history and a metrics.json saying so, the last good checkpoint),
+    else evaluate and write the run's outputs into `out`; return the metrics. The objective is judged at the KL
+    weight the run's last step trained with (below train.beta while the warmup lasts). Raises Diverged."""
     from analysis.report import evaluate_run, write_run
     from infer.runtime import serial_blas
+    from infer.weights import kl_weight
 
-    reason = cli.divergence(result, data, beta=cfg.train.beta)
+    beta = kl_weight(max(result.steps - 1, 0), cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start)
+    reason = cli.divergence(result, data, beta=beta)
     if reason:
-        import pandas as pd
-
-        pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-        cli.write_json(out / "metrics.json", {**head, "status": "diverged", "reason": reason, "loss": None})
+        diverged_outputs(out, result, head, reason, good)
         raise Diverged(reason)
     from infer.average import average_start
 
@@ -206,9 +276,11 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict) -> dict:
     with serial_blas():  # as in training: the thread count changes no number
         metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
-    reason = cli.divergence(result, data, beta=cfg.train.beta, final=metrics)
+    reason = cli.divergence(result, data, beta=beta, final=metrics)
     if reason:
         metrics.update(status="diverged", reason=reason)
+        if good is not None:
+            metrics["checkpoint"] = good.restore()
     write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
               title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
     if reason:
