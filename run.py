@@ -227,6 +227,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             raise Diverged(str(err)) from None
         good.discard()
         raise Refused(str(err)) from None
+    except BaseException:  # killed (SIGINT, SIGTERM) or a crash: checkpoint.pt stays as fit left it
+        good.discard()
+        raise
     head.update(steps=result.steps, wall_seconds=result.wall_seconds)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",

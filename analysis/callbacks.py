@@ -8,13 +8,31 @@ Register in conf/config.yaml:
           _target_: analysis.callbacks.SweepSummary
 """
 import atexit
+import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("onebit.sweep")
 LAST = {}  # the last sweep's outcome in this process: {"failed": [(job, reason), ...]}; run.py's exit code reads it
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM (blocked, so pending) while the body runs, in the main thread; they are delivered,
+    and their handlers run, when it ends. Elsewhere (another thread, no pthread_sigmask) the body just runs."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class SweepSummary(Callback):
@@ -51,7 +69,11 @@ class SweepSummary(Callback):
             log.error("sweep summary of %s failed: %s", self.sweep_dir, proc.stderr.strip().splitlines()[-1:])
 
     def _summarize(self, sweep_dir: Path) -> None:
-        self.done = True
+        with signals_held():  # a SIGINT/SIGTERM arriving meanwhile is delivered once the summary is written
+            self._write_summary(sweep_dir)
+            self.done = True
+
+    def _write_summary(self, sweep_dir: Path) -> None:
         try:
             from analysis.sweep import summarize
 
