@@ -1,0 +1,247 @@
+"""The command line refuses bad input in one line before it claims a directory, never loses a run that was there,
+and a diverged run leaves what README says (review s6/cli findings 1-16)."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+TINY = ["data.n=3", "train.steps=20", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
+        "eval.figures=false"]
+
+
+def one_line_error(proc, *words):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished single run (status ok) to refuse things against; tests copy it before touching it."""
+    base = tmp_path_factory.mktemp("finished")
+    proc = run_cli(*TINY, f"hydra.run.dir={base / 'run'}", cwd=base)
+    assert proc.returncode == 0, proc.stderr
+    return base / "run"
+
+
+def copy_of(run: Path, where: Path) -> Path:
+    import shutil
+
+    target = where / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refused in one line (exit 2) before anything is created
+
+
+REFUSED = [
+    (["seed=null"], ["seed=None", "an integer in [0,"]),
+    (["threads=null"], ["threads=None", "an integer >= 1"]),
+    (["replicas=2", "seed=4294967295"], ["seed=4294967295", "replicas=2", "seed must be <= 4294967294"]),
+    (["eval.samples=10001"], ["eval.samples=10001", "eval.replicates=4"]),
+    (["model._target_=os.getcwd"], ["model._target_ cannot be overridden"]),
+    (["guide._convert_=all"], ["guide._convert_ cannot be overridden"]),
+    (["model.name=a/b"], ["model.name cannot be overridden", "model=<one of dlgm, vae>"]),
+    (["+experiment=study"], ["add -m"]),
+    (["=5"], ["'=5' is not an override", "key=value"]),
+    (["~model"], ["model needs an option", "dlgm, vae"]),
+    (["model=null"], ["model needs an option", "dlgm, vae"]),
+    (["pair=vae_flow", "model=dlgm"], ["pair=vae_flow chooses model=vae", "model=dlgm"]),
+    (["--foo"], ["--foo is not an option of run.py"]),
+    (["-x"], ["-x is not an option of run.py"]),
+    (["--cfg", "job", "foo=1"], ["foo is not a config key"]),
+    (["--info", "model=foo"], ["model=foo is not allowed"]),
+    (["--cfg"], ["--cfg must be followed by job, hydra or all"]),
+    (["hydra.run.dir="], ["hydra.run.dir=''", "must name a directory"]),
+    (["data.n=100000000000"], ["data.n=100000000000 needs about", "memory_gb=2", "lower data.n"]),
+]
+
+
+@pytest.mark.parametrize("args, words", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_bad_input_is_refused_in_one_line_and_leaves_nothing(tmp_path, args, words):
+    proc = run_cli(*TINY, *args, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_an_unavailable_device_is_refused_before_the_claim_of_an_in_place_resume(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli(*TINY, "train.steps=40", f"train.resume={run / 'checkpoint.pt'}", f"hydra.run.dir={run}",
+                   "device=cuda", cwd=tmp_path)
+    one_line_error(proc, "device='cuda' is not available")
+    assert snapshot(run) == before
+
+
+def test_a_resume_directory_is_named_as_one(tmp_path):
+    proc = run_cli(*TINY, f"train.resume={tmp_path}", cwd=tmp_path)
+    one_line_error(proc, "train.resume", "is a directory")
+
+
+def test_hydras_print_flags_still_print(tmp_path):
+    for flags in (["--cfg", "job"], ["--info", "defaults"], ["--help"]):
+        proc = run_cli(*flags, "data.n=3", cwd=tmp_path)
+        assert proc.returncode == 0 and proc.stdout and not proc.stderr.strip(), proc.stderr
+    assert "n: 3" in run_cli("--cfg", "job", "data.n=3", cwd=tmp_path).stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a refused run never loses the run that was in its directory (findings 1, 2, 3)
+
+
+def test_a_refused_in_place_resume_leaves_the_run_as_it_was(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
+    proc = run_cli(*TINY, "train.steps=40", f"train.resume={run / 'checkpoint.pt'}", f"hydra.run.dir={run}",
+                   "memory_gb=0.0001", cwd=tmp_path)
+    one_line_error(proc, "memory_gb=0.0001")
+    assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
+
+
+def test_a_refused_overwrite_keeps_the_previous_run(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
+    proc = run_cli(*TINY, "overwrite=true", f"hydra.run.dir={run}", "memory_gb=0.0001", cwd=tmp_path)
+    one_line_error(proc, "memory_gb=0.0001")
+    assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
+
+
+def test_an_overwrite_into_a_dir_without_a_run_keeps_its_files(tmp_path):
+    folder = tmp_path / "foo"
+    folder.mkdir()
+    (folder / "precious.png").write_text("x")
+    proc = run_cli(*TINY, "overwrite=true", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "precious.png").read_text() == "x"
+
+
+def test_hydra_exiting_after_the_preflight_leaves_no_running_dir(tmp_path):
+    import cli
+
+    out = tmp_path / "run"
+
+    def hydra_exits():
+        assert json.loads((out / "status.json").read_text())["status"] == "running"
+        raise SystemExit(2)
+
+    argv, handler = list(sys.argv), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(hydra_exits, ["run.py", *TINY, f"hydra.run.dir={out}"])
+    finally:
+        cli.STATE["claim"] = None
+        sys.argv[:] = argv
+        signal.signal(signal.SIGTERM, handler)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory, from the config
+
+
+def test_the_memory_guard_counts_params_without_building_at_data_n():
+    import cli
+    import run
+
+    built = []
+
+    def build(cfg):
+        built.append(cfg.data.n)
+        return run.build(cfg)
+
+    for overrides in (["data.n=37"], ["model=dlgm", "data.n=37"], ["guide=flow", "data.n=37"],
+                      ["guide=mixture", "data.n=37"], ["guide=autonormal", "data.n=37"]):
+        cfg = cli._compose(overrides)
+        _, model, guide = run.build(cfg)
+        real = sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters())
+        built.clear()
+        assert cli.network_params(cfg, build) == real, overrides
+        assert built == [1, 2]
+    with pytest.raises(cli.ConfigError, match="data.n=100000000000 needs"):
+        cli.check_memory(cli._compose(["data.n=100000000000"]), build)
+    assert max(built) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# divergence (finding 15)
+
+
+def test_a_non_finite_divergence_writes_metrics_and_history_marked_diverged(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*TINY, "optim.lr=1e30", f"hydra.run.dir={out}", cwd=tmp_path)
+    one_line_error(proc, "diverged", "optim.lr")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["loss"] is None and "checkpoint" in metrics
+    assert (out / "history.csv").is_file()
+    assert json.loads((out / "status.json").read_text())["status"] == "diverged"
+
+
+def test_a_finite_blow_up_keeps_no_checkpoint_of_the_diverged_parameters(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*TINY, "optim.lr=1000", "train.steps=50", "train.checkpoint_every=10", "train.log_every=10",
+                   f"hydra.run.dir={out}", cwd=tmp_path)
+    one_line_error(proc, "diverged")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged"
+    if (out / "checkpoint.pt").exists():  # only a good window's checkpoint may be kept
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert state["step"] < 50
+    assert not list(out.glob(".checkpoint.good*"))
+
+
+def test_the_good_checkpoint_is_the_one_written_before_the_divergence(tmp_path):
+    from run import GoodCheckpoint
+    from models import OneBit
+
+    data = OneBit(3, (0.5, 0.5))
+    good = GoodCheckpoint(tmp_path, data)
+    (tmp_path / "tmp").write_bytes(b"step 10")
+    os.replace(tmp_path / "tmp", tmp_path / "checkpoint.pt")  # saves replace checkpoint.pt by rename
+    good(10, {"objective": 2.0})  # below n H(w) = 2.08: good
+    (tmp_path / "tmp").write_bytes(b"step 20")
+    os.replace(tmp_path / "tmp", tmp_path / "checkpoint.pt")
+    good(20, {"objective": 1e21})  # blown up
+    good(30, {"objective": float("nan")})
+    assert "by step 10" in good.restore()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"step 10"
+
+
+def test_a_run_still_in_its_kl_warmup_is_not_called_diverged(tmp_path):
+    proc = run_cli(*TINY, "train.warmup=1000", "train.steps=50", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep summary and signals
+
+
+def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
+    from analysis.callbacks import signals_held
+
+    seen, order = [], []
+    old = signal.signal(signal.SIGTERM, lambda *_: seen.append("SIGTERM"))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            order.append(list(seen))  # not yet delivered
+        order.append(list(seen))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert order == [[], ["SIGTERM"]]
