@@ -300,9 +300,11 @@ def check_keys(overrides, multirun: bool) -> None:
                 raise ConfigError(f"{key} is not a config key{where}{hint}")
             if (o.is_add() and not o.is_force_add()) and has_key(base, key):
                 raise ConfigError(f"+{key}: {key} already exists; override it without '+': {key}=...")
-        if sweep and not multirun:
-            raise ConfigError(f"{where.replace(' for ', '', 1) or 'the config'} sweeps {', '.join(sweep)}: add -m to "
-                              "run its sweep (python run.py -m ...)")
+        given = {k.lstrip("+") for k in groups} | {o.key_or_group for o in plain}
+        unset = [k for k in sweep if k not in given]  # a single run may set every swept key itself (a replica's)
+        if unset and not multirun:
+            raise ConfigError(f"{where.replace(' for ', '', 1) or 'the config'} sweeps {', '.join(unset)}: add -m to "
+                              f"run its sweep (python run.py -m ...), or set {', '.join(unset)} for a single run")
         for key in sweep:  # an experiment's own sweep keys
             if key.split("@")[0] not in GROUPS and not key.startswith("hydra") and not has_key(base, key):
                 raise ConfigError(f"{key} (swept by the experiment) is not a config key{suggest(key, known)}")

@@ -57,7 +57,7 @@ REFUSED = [
     (["model._target_=os.getcwd"], ["model._target_ cannot be overridden"]),
     (["guide._convert_=all"], ["guide._convert_ cannot be overridden"]),
     (["model.name=a/b"], ["model.name cannot be overridden", "model=<one of dlgm, vae>"]),
-    (["+experiment=study"], ["add -m"]),
+    (["+experiment=study"], ["experiment=study sweeps model: add -m"]),  # TINY sets data.n, not model
     (["=5"], ["'=5' is not an override", "key=value"]),
     (["~model"], ["model needs an option", "dlgm, vae"]),
     (["model=null"], ["model needs an option", "dlgm, vae"]),

@@ -216,7 +216,7 @@ def test_a_replicas_job_lists_its_replicas_before_training_and_marks_them_killed
 
 
 def test_a_replicas_dir_holds_what_its_single_run_writes_and_its_overrides_rerun_it_alone(tmp_path):
-    proc = run_cli(*FAST, "+experiment=study", "seed=0", "hydra.run.dir=stack", cwd=tmp_path)
+    proc = run_cli(*FAST, "+experiment=study", "model=vae", "seed=0", "hydra.run.dir=stack", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     replica = tmp_path / "stack" / "seed1"
     assert {p.name for p in replica.iterdir()} >= {".hydra", "run.log", "metrics.json", "history.csv",
