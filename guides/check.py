@@ -58,7 +58,7 @@ def check_guide(model, guide, x) -> None:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
         raise GuideMismatchError(f"guide does not fit the model: {'; '.join(parts)} "
                                  f"(model latent sites: {', '.join(want)}; guide: {', '.join(have) or 'none'})")
-    # an autoguide's Delta sites are deterministic functions of auxiliary sites, which carry the density
+    # an autoguide's latent sites may be Deltas: deterministic functions of auxiliary sites, which carry the density
     auxiliary = [n for n, site in guide_trace.nodes.items()
                  if site["type"] == "sample" and site["infer"].get("is_auxiliary")]
     for name in want:
@@ -75,7 +75,8 @@ def check_guide(model, guide, x) -> None:
             raise GuideMismatchError(f"guide site '{name}' drew a value outside the model's support "
                                      f"{p['fn'].support} (guide: {type(q['fn']).__name__} with support "
                                      f"{q['fn'].support})")
-        if isinstance(_base(q["fn"]), dist.Delta) and not auxiliary:  # log q = 0: the "ELBO" is a MAP fit's
+    for name in auxiliary or want:  # the sites that carry q's density; a point mass makes log q = 0, a MAP fit
+        if isinstance(_base(guide_trace.nodes[name]["fn"]), dist.Delta):
             raise GuideMismatchError(f"guide site '{name}' is a point mass (Delta): it has no density, so its ELBO is "
                                      "no bound on log p(x); use a guide with a density (e.g. guide=gaussian)")
     for name, site in guide_trace.nodes.items():

@@ -56,3 +56,11 @@ def test_a_model_and_guide_given_the_wrong_way_round_are_refused():
     with pytest.raises(GuideMismatchError, match="look swapped") as err:
         check_guide(GaussianGuide(model), model, OneBit(3).x)
     assert "\n" not in str(err.value)
+
+
+def test_a_laplace_guide_is_refused_because_its_latent_is_a_point_mass():
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
+    model = VAE(3)
+    with pytest.raises(GuideMismatchError, match="is a point mass"):
+        check_guide(model, AutoLaplaceApproximation(model), OneBit(3).x)
