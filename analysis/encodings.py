@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 import torch
 
+from infer.runtime import serial_blas
+
 from .psis import _sample_sites, log_weights_from_traces, sample_traces
 
 GROUP_EXACT = "exact_densities"
@@ -90,16 +92,20 @@ def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk
     traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n. Refused in one
     line before any work (ValueError naming the argument): samples or chunk not an integer >= 1, and data, model
     and guide as infer.fit.check_inputs refuses them."""
-    import arviz as az
-
     from infer.fit import check_inputs
     from infer.validate import check
-
-    from .montecarlo import particles_per_chunk
 
     check("chunk", samples, label="samples")
     check("chunk", chunk)
     check_inputs(model, guide, data)
+    with serial_blas():  # torch's thread count changes no number (infer.runtime.serial_blas)
+        return _encodings(model, guide, data, samples, grids, chunk, khat)
+
+
+def _encodings(model, guide, data, samples, grids, chunk, khat):
+    import arviz as az
+
+    from .montecarlo import particles_per_chunk
 
     x, points = data.x, data.x.shape[-2]
     chunk = min(chunk, particles_per_chunk(data.n, points))

@@ -11,6 +11,7 @@ import torch
 from pyro import poutine
 
 from guides.check import latent_sites
+from infer.runtime import serial_blas
 from infer.checkpoint import save_checkpoint
 from models import VAE
 from .montecarlo import monte_carlo
@@ -80,7 +81,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
-    with inputs_checked(model, guide, data):  # exact, surgery, monte_carlo, iwae: checked once, here
+    # exact, surgery, monte_carlo, iwae: checked once, here; MKL's matmuls serial, so torch's thread count changes no
+    # number (infer.runtime.serial_blas)
+    with inputs_checked(model, guide, data), serial_blas():
         return _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples)
 
 
