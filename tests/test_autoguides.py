@@ -136,7 +136,7 @@ def test_the_evidence_alone_equals_the_nll_of_full_quadrature(data):
     assert alone["log_px"] == pytest.approx(full["log_px"], abs=1e-5)
 
 
-def test_a_point_mass_guide_is_refused_by_quadrature_instead_of_scoring_zero(model, data):
+def test_quadrature_refuses_a_point_mass_guide_instead_of_scoring_zero(model, data):
     from pyro.infer.autoguide import AutoDelta
 
     with pytest.raises(ValueError, match=r"point mass \(Delta\)"):
