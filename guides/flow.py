@@ -18,7 +18,7 @@ from pyro.distributions.transforms import conditional_spline
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
-from infer.validate import check, check_model_argument
+from infer.validate import check_all, check_model_argument
 from models.nets import GaussianNet
 
 
@@ -57,9 +57,8 @@ class FlowGuide(nn.Module):
                  bound: float = 5.0, order: str = "linear", activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
-        for name, value in (("hidden", hidden), ("layers", layers), ("flows", flows), ("count_bins", count_bins),
-                            ("bound", bound), ("order", order), ("activation", activation), ("min_scale", min_scale)):
-            check(name, value)
+        check_all(hidden=hidden, layers=layers, flows=flows, count_bins=count_bins, bound=bound, order=order,
+                  activation=activation, min_scale=min_scale)
         self.n = model.n  # the data dimension the flows are built for
         self.sites, d = tuple(model.latent_sites), model.latent_dim
         contexts = [model.n] + [d] * (len(self.sites) - 1)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from infer.validate import check, check_model_argument
+from infer.validate import check_all, check_model_argument
 from models.nets import GaussianNet, mlp
 
 
@@ -87,10 +87,8 @@ class MixtureGuide(nn.Module):
                  upper_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5, spread: float = 1.0):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
-        for name, value in (("components", components), ("hidden", hidden), ("layers", layers),
-                            ("upper_hidden", upper_hidden), ("upper_layers", upper_layers), ("activation", activation),
-                            ("min_scale", min_scale), ("spread", spread)):
-            check(name, value)
+        check_all(components=components, hidden=hidden, layers=layers, upper_hidden=upper_hidden,
+                  upper_layers=upper_layers, activation=activation, min_scale=min_scale, spread=spread)
         self.n = model.n  # the data dimension the encoder is built for
         self.sites, self.d, self.K = tuple(model.latent_sites), model.latent_dim, components
         self.min_scale = min_scale
