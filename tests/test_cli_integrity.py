@@ -94,6 +94,7 @@ def test_a_resume_directory_is_named_as_one(tmp_path):
     one_line_error(proc, "train.resume", "is a directory")
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_hydras_print_flags_still_print(tmp_path):
     for flags in (["--cfg", "job"], ["--info", "defaults"], ["--help"]):
         proc = run_cli(*flags, "data.n=3", cwd=tmp_path)

@@ -308,6 +308,7 @@ def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
     assert one_line(err).startswith(f"train.resume={tmp_path} is a directory") and "checkpoint.pt" in one_line(err)
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_a_corrupt_rng_state_is_refused_by_the_command_line_before_training(tmp_path, good_state):
     """The reviewer's reproduction: rng=None in a checkpoint whose config matches crashed in set_rng_state."""
     run = tmp_path / "run"
@@ -426,6 +427,7 @@ def test_expected_softplus_overflows_nowhere_and_matches_a_high_precision_quadra
         assert abs(value / float(exact) - 1) < 1e-10
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_a_valid_run_prints_no_runtime_warning(tmp_path):
     """The reviewer's reproduction: seed=1 data.n=3 train.steps=20 printed numpy's overflow warning."""
     proc = run_cli("seed=1", "data.n=3", "train.steps=20", "eval.figures=false", cwd=tmp_path)

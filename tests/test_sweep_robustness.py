@@ -48,6 +48,7 @@ def test_a_sweep_into_a_dir_another_sweep_holds_is_refused_before_any_job_runs(t
     assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock"]
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_the_claim_on_a_sweep_dir_ends_with_its_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     first = run_cli("-m", *FAST, "seed=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -79,6 +80,7 @@ def test_jobs_that_would_share_a_job_dir_refuse_the_sweep_up_front(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_overwrite_true_reruns_a_sweep_in_its_own_job_dirs(tmp_path):
     for extra in ([], ["overwrite=true"]):
         proc = run_cli("-m", *FAST, "seed=0", *extra, "hydra.sweep.dir=sweep", cwd=tmp_path)
@@ -112,6 +114,7 @@ def test_a_job_dir_name_longer_than_the_filesystem_allows_refuses_the_sweep_up_f
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_a_short_subdir_lets_the_same_sweep_run(tmp_path):
     proc = run_cli("-m", *FAST, "train.warmup=0", "seed=0,1", "hydra.sweep.dir=sweep", "hydra.sweep.subdir=${hydra:job.num}",
                    cwd=tmp_path)
@@ -131,6 +134,7 @@ def test_replicas_that_would_train_a_seed_twice_are_refused_naming_seed_and_repl
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_replicas_a_stack_apart_are_one_run_per_seed(tmp_path):
     proc = run_cli("-m", *FAST, "replicas=2", "seed=0,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -161,7 +165,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+@pytest.mark.parametrize("launcher", [[], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                                          marks=pytest.mark.slow)], ids=["basic", "joblib"])
 def test_sigterm_ends_a_sweep_as_sigint_does_with_its_summary_and_no_workers_left(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     args = [sys.executable, str(ROOT / "run.py"), "-m", "data.n=3", "seed=0,1,2", "train.steps=100000",
@@ -215,6 +220,7 @@ def test_a_replicas_job_lists_its_replicas_before_training_and_marks_them_killed
         assert status["status"] == "failed" and "killed by SIGINT" in status["reason"]
 
 
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_a_replicas_dir_holds_what_its_single_run_writes_and_its_overrides_rerun_it_alone(tmp_path):
     proc = run_cli(*FAST, "+experiment=study", "model=vae", "seed=0", "hydra.run.dir=stack", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
