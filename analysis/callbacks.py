@@ -22,17 +22,24 @@ LAST = {}  # the last sweep's outcome in this process: {"failed": [(job, reason)
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT and SIGTERM (blocked, so pending) while the body runs, in the main thread; they are delivered,
-    and their handlers run, when it ends. Elsewhere (another thread, no pthread_sigmask) the body just runs."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM while the body runs, in the main thread: a signal that arrives is recorded, and raised
+    again when the body ends, so its own handler runs then. Elsewhere (another thread) the body just runs.
+
+    Held at Python's level, not by pthread_sigmask: a process-directed signal goes to any thread that does not block
+    it (torch's and joblib's threads), and Python then runs the handler in the main thread at once."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending = []
+    before = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 class SweepSummary(Callback):
