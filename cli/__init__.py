@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from infer.validate import CONFIG_RULES, MAX_SEED, is_finite, is_int
 
-CONF = Path(__file__).resolve().parent / "conf"
+CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
 REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run needs one option of each
 # keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
