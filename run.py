@@ -6,7 +6,7 @@
 
 Every run leaves status.json (ok, refused, diverged, failed, with a one-line reason) in its own directory and never
 writes into another run's. A single run that fails prints one line on stderr and exits 2 (1 for a crash); a
-multirun records each failed job and runs the others, then exits 1 if any job failed (see cli.py).
+multirun records each failed job and runs the others, then exits 1 if any job failed (see cli/__init__.py).
 """
 import contextlib
 import logging

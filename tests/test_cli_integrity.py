@@ -168,14 +168,14 @@ def test_the_memory_guard_counts_params_without_building_at_data_n():
 
     for overrides in (["data.n=37"], ["model=dlgm", "data.n=37"], ["guide=flow", "data.n=37"],
                       ["guide=mixture", "data.n=37"], ["guide=autonormal", "data.n=37"]):
-        cfg = cli._compose(overrides)
+        cfg = cli.keys.compose_config(overrides)
         _, model, guide = run.build(cfg)
         real = sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters())
         built.clear()
         assert cli.network_params(cfg, build) == real, overrides
         assert built == [1, 2]
     with pytest.raises(cli.ConfigError, match="data.n=100000000000 needs"):
-        cli.check_memory(cli._compose(["data.n=100000000000"]), build)
+        cli.check_memory(cli.keys.compose_config(["data.n=100000000000"]), build)
     assert max(built) == 2
 
 

@@ -1,0 +1,107 @@
+"""The preflight: a command line checked before Hydra creates anything (its flags, keys and values), a single
+run's directory claimed and a multirun's sweep directory claimed, so that a refused run leaves no trace.
+"""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cli.keys import check_group_choices, check_keys, compose_config, one_line, parse_overrides
+from cli.resume import load_resume
+from cli.rundirs import claim_for
+from cli.state import STATE, ConfigError
+from cli.sweep import check_job_dirs, check_seed_overlap, claim_sweep, sweep_jobs
+from cli.values import validate
+
+# Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
+               "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun")
+RUN_FLAGS = ("-m", "--multirun", "-r", "--run")
+FLAG_VALUES = {"--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"),
+               "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
+               "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
+VALUE_FLAGS = ("--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--experimental-rerun", "--shell-completion", "-sc")
+
+
+def check_flags(args) -> None:
+    """Refuse, in one line, a dash argument that is neither -m/--multirun nor one of Hydra's flags (argparse would
+    print its usage and exit after the run dir was claimed), and --cfg without job, hydra or all."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            continue
+        flag, _, value = arg.partition("=")
+        if flag not in RUN_FLAGS + HYDRA_FLAGS:
+            raise ConfigError(f"{arg} is not an option of run.py: its options are -m/--multirun and Hydra's own "
+                              "(--help, --cfg job, --info, ...); settings are key=value overrides (e.g. data.n=5)")
+        if flag in ("--cfg", "-c"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value not in FLAG_VALUES[flag]:
+                raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
+
+
+def hydra_flag_overrides(args) -> list:
+    """The key=value overrides of a command line that carries Hydra's flags (their own values left out)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        flag = arg.partition("=")[0]
+        if arg.startswith("-"):
+            takes = flag in VALUE_FLAGS or (flag in FLAG_VALUES and "=" not in arg and i + 1 < len(args)
+                                                and args[i + 1] in FLAG_VALUES[flag])
+            skip = takes and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _quote(path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def preflight(overrides, multirun: bool) -> list:
+    """Check the command line before Hydra runs; return the overrides that pin the output dir it resolved.
+    A single run is validated in full and its directory claimed here, so a refused run creates nothing."""
+    check_group_choices(overrides)
+    check_keys(overrides, multirun)
+    if multirun:
+        composed = [_first_values(overrides)]
+    else:
+        composed = [list(overrides)]
+    try:
+        cfg = compose_config(composed[0], hydra_cfg=True)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"cannot compose the config: {one_line(err)}") from None
+    if multirun:
+        sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
+        jobs = sweep_jobs(overrides, cfg)
+        if jobs is not None:
+            check_seed_overlap(jobs, cfg)
+            check_job_dirs(jobs, cfg, sweep_dir)
+        claim_sweep(sweep_dir, bool(cfg.get("overwrite", False)))
+        STATE["sweep_dir"] = sweep_dir
+        return [f"hydra.sweep.dir={_quote(sweep_dir)}"]
+    validate(cfg)
+    load_resume(cfg)
+    from analysis.rundir import check_run_dir_setting
+
+    check_run_dir_setting(OmegaConf.select(cfg, "hydra.run.dir"))
+    out = Path(str(cfg.hydra.run.dir)).absolute()
+    STATE["claim"] = claim_for(cfg, out)
+    return [f"hydra.run.dir={_quote(out)}"]
+
+
+def _first_values(overrides) -> list:
+    """The overrides with every sweep replaced by its first value (enough to resolve the sweep dir)."""
+    out = []
+    for o in parse_overrides(overrides):
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None) if o.is_discrete_sweep() else None
+            if first is None:
+                continue
+            out.append(f"{'+' if o.is_add() else ''}{o.key_or_group}={first}")
+        else:
+            out.append(o.input_line)
+    return out

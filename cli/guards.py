@@ -1,0 +1,78 @@
+"""A run's two guards: check_memory refuses, from the config alone, a run whose training step would not fit in
+memory_gb; divergence says why a trained run counts as diverged ('' when it does not).
+"""
+import math
+
+from omegaconf import OmegaConf
+
+from cli.state import ConfigError
+
+# peak memory of a training step, measured (vae, n = 3e5 and 1e6, 32 particles: 0.85 and 2.05 GB peak RSS):
+MEMORY_BASE = 256 * 2**20  # the interpreter, torch and pyro
+MEMORY_PER_PARAM = 16  # a param, its grad and Adam's two moments, float32
+MEMORY_PER_PARTICLE_BIT = 20  # bytes per (particle x data point x bit): logits, log-probs and their grads
+
+
+def network_params(cfg, build) -> int:
+    """The number of params of the model and guide `build(cfg)` makes, without building them at cfg's data.n: every
+    network's params are affine in n (its n-wide layers), so they are counted on networks built at n = 1 and
+    n = 2 (a few kB) and extrapolated, exactly. Lazy guides (autonormal, autoiaf) count as their model alone."""
+    import torch
+
+    counts = []
+    for n in (1, 2):
+        small = OmegaConf.merge(cfg, {"data": {"n": n}})
+        _, model, guide = build(small)
+        counts.append(sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module)
+                          for p in m.parameters()))
+    return counts[0] + (counts[1] - counts[0]) * (int(cfg.data.n) - 1)
+
+
+def check_memory(cfg, build) -> None:
+    """Refuse, before any network is built at data.n, a run whose training step would need more than memory_gb
+    (peak RSS): the base, the networks' params (network_params: their n-wide layers dominate) and the particles'
+    n-wide tensors. Evaluation is chunked and stays below that peak. Raises ConfigError (one line)."""
+    from infer.validate import memory_refusal
+    from models import OneBit
+
+    data = OneBit(cfg.data.n, tuple(cfg.data.weights))
+    params = network_params(cfg, build)
+    particles_key = "objective.K" if "K" in cfg.objective else "train.num_particles"
+    particles = OmegaConf.select(cfg, particles_key)
+    replicas = cfg.get("replicas", 1)
+    if replicas > 1:  # every replica's own networks and their stacked copies; one stack's particles at a time
+        from infer.fit_replicas import stack_size
+
+        params, particles = 2 * replicas * params, stack_size(replicas, particles, data) * particles
+    per_n = (MEMORY_PER_PARAM * params + MEMORY_PER_PARTICLE_BIT * particles * 2 * data.n) / data.n
+    reason = memory_refusal(data.n, cfg.memory_gb, MEMORY_BASE, per_n, params, particles,
+                            particles_key=particles_key)
+    if reason:
+        raise ConfigError(reason)
+
+
+def divergence(result, data, beta: float = 1.0, final=None) -> str:
+    """Why a run counts as diverged ('' if it does not): its objective is not finite, or it ends worse than the
+    trivial solution, the collapsed code that ignores z (objective n H(w) at every beta: recon n H(w), KL 0), and
+    worse than its own initial objective, by more than 1% + 0.01 nats. The objective is recon + beta KL; `final` is
+    the evaluated (headline) metrics, else the last logged training window is used. (A short run that improved on
+    its start but not yet on n H(w) is not diverged.)"""
+    history = result.history
+    if not history:
+        return ""
+    trivial = data.n * data.entropy
+    if final is None:
+        last = history[-1].get("objective", history[-1]["loss"])
+    else:
+        loss, kl = final.get("loss"), final.get("kl")
+        kl_total = sum(kl.values()) if isinstance(kl, dict) else 0.0
+        last = None if loss is None else loss + (beta - 1.0) * kl_total
+    if last is None or not math.isfinite(last):
+        return f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
+    start = getattr(result, "initial_loss", None)
+    worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
+    if last > worst + 0.01 * worst + 0.01:
+        return (f"training diverged: the final objective {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
+                + (f" and the initial objective {start:.4g}" if start is not None else "")
+                + ": the run learned less than a decoder that ignores z; lower optim.lr")
+    return ""

@@ -1,0 +1,180 @@
+"""The keys of a command line: every override must name a key of the composed config, and every group choice an
+option in conf/<group>/; what is refused is named in one line, with the closest known keys.
+"""
+import difflib
+import itertools
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cli.state import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
+REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run needs one option of each
+# keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
+RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+
+
+def group_options(group: str) -> list:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def check_group_choices(argv) -> None:
+    """Refuse `group=option` overrides whose option has no yaml in conf/<group>/, before Hydra composes."""
+    chosen = {}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        if group not in GROUPS:
+            continue
+        options = group_options(group)
+        if group in REQUIRED_GROUPS and (arg.startswith("~") or value.strip() in ("null", "")):
+            raise ConfigError(f"{arg}: {group} needs an option: {group} must be one of {', '.join(options)}")
+        if not sep:
+            continue
+        chosen[group] = value
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in options:
+                raise ConfigError(f"{group}={choice} is not allowed: {group} must be one of {', '.join(options)}")
+    pair = chosen.get("pair")
+    if pair and pair != "null" and "," not in pair:
+        picks = pair_choices(pair)
+        for group in ("model", "guide"):
+            if group in chosen and chosen[group] != picks.get(group):
+                raise ConfigError(f"pair={pair} chooses model={picks.get('model')} guide={picks.get('guide')}, "
+                                  f"which {group}={chosen[group]} contradicts: give pair or model/guide, not both")
+
+
+def pair_choices(pair: str) -> dict:
+    """{'model': option, 'guide': option} that conf/pair/<pair>.yaml chooses (its `override /group: option`)."""
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "pair" / f"{pair}.yaml"))
+    out = {}
+    for entry in (node or {}).get("defaults", []):
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                out[k.replace("override", "").strip().strip("/")] = v
+    return out
+
+
+def leaf_keys(node, prefix="") -> list:
+    """Every key path of a (container) config: 'train', 'train.steps', ..."""
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            out.append(path)
+            out += leaf_keys(v, path + ".")
+    return out
+
+
+_ABSENT = object()
+
+
+def has_key(cfg: dict, key: str) -> bool:
+    """Whether a dotted key path exists in a container config (its value may be None)."""
+    from analysis.sweep import select
+
+    return select(cfg, key, _ABSENT) is not _ABSENT
+
+
+def suggest(key: str, known: list) -> str:
+    """', did you mean a, b?' from the known leaf keys closest to key (by path, or by its last part)."""
+    last = key.split(".")[-1]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    close += [k for k in known if k.split(".")[-1] == last and k not in close]
+    close += [k for k in known if k not in close and difflib.get_close_matches(last, [k.split(".")[-1]], cutoff=0.75)]
+    return f"; did you mean {', '.join(close[:4])}?" if close else ""
+
+
+def other_options_with(key: str) -> list:
+    """'group=option' for every option of key's group whose yaml has key (e.g. model.depth -> ['model=dlgm'])."""
+    group, _, rest = key.partition(".")
+    if group not in GROUPS or not rest:
+        return []
+    found = []
+    for option in group_options(group):
+        node = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+        node = node.get(group, node) if isinstance(node, dict) else {}
+        if has_key(node, rest):
+            found.append(f"{group}={option}")
+    return found
+
+
+def compose_config(overrides, hydra_cfg=False):
+    """conf/config.yaml composed with the overrides (with its hydra node when hydra_cfg), as Hydra composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def one_line(err) -> str:
+    """A Hydra error's message on one line (its advice to append with '+' reworded: '+' is refused there too)."""
+    text = " ".join(str(err).split())
+    return text.replace("To append to your config use +", "(no '+' either: ") if "+" in text else text
+
+
+def parse_overrides(overrides):
+    """Hydra's parsed overrides; ConfigError (one line) for a command line Hydra cannot parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as err:  # noqa: BLE001  hydra's OverrideParseException
+        raise ConfigError(f"cannot parse the command line: {one_line(err)}") from None
+
+
+def check_keys(overrides, multirun: bool) -> None:
+    """Refuse, in one line, every override that names no key of the composed config (with or without '+'), a '+'
+    on a key that exists, a deletion, and a sweep outside -m. Group choices that sweep are composed each."""
+    parsed = parse_overrides(overrides)
+    groups, plain = {}, []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if not o.key_or_group:
+            raise ConfigError(f"{o.input_line!r} is not an override: an override is key=value (e.g. data.n=5)")
+        if key.startswith("hydra") or o.key_or_group.startswith("hydra"):
+            continue
+        last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
+        if last in RESERVED or (last == "name" and group in GROUPS and o.key_or_group.count(".") == 1):
+            what = (f"a group option's name: choose another option instead ({group}=<one of "
+                    f"{', '.join(group_options(group))}>)" if last == "name"
+                    else "set by the config group's option (conf/): choose another option instead")
+            raise ConfigError(f"{o.key_or_group} cannot be overridden: it is {what}")
+        if o.key_or_group.split("@")[0] in GROUPS:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            groups[("+" if o.is_add() else "") + o.key_or_group] = values
+            continue
+        if o.is_sweep_override() and not multirun:
+            raise ConfigError(f"{o.input_line} sweeps {o.key_or_group} over several values; add -m to run a multirun")
+        plain.append(o)
+    combos = [dict(zip(groups, vs)) for vs in itertools.product(*groups.values())] or [{}]
+    for combo in combos[:64]:
+        base_overrides = [f"{k}={v}" for k, v in combo.items()]
+        try:
+            base = OmegaConf.to_container(compose_config(base_overrides, hydra_cfg=True))
+        except Exception as err:  # noqa: BLE001  hydra's composition errors
+            raise ConfigError(f"cannot compose the config: {one_line(err)}") from None
+        sweep = (base.get("hydra", {}).get("sweeper", {}) or {}).get("params") or {}
+        base.pop("hydra", None)
+        known = [k for k in leaf_keys(base) if not isinstance(OmegaConf.select(OmegaConf.create(base), k), DictConfig)]
+        where = " for " + ", ".join(f"{k.lstrip('+')}={v}" for k, v in combo.items()) if combo else ""
+        for o in plain:
+            key = o.key_or_group
+            if o.is_delete():
+                raise ConfigError(f"~{key}: deleting config keys is not allowed; set {key} to a value instead")
+            if not has_key(base, key):
+                elsewhere = other_options_with(key)
+                hint = f"; it is a key of {', '.join(elsewhere)}" if elsewhere else suggest(key, known)
+                raise ConfigError(f"{key} is not a config key{where}{hint}")
+            if (o.is_add() and not o.is_force_add()) and has_key(base, key):
+                raise ConfigError(f"+{key}: {key} already exists; override it without '+': {key}=...")
+        given = {k.lstrip("+") for k in groups} | {o.key_or_group for o in plain}
+        unset = [k for k in sweep if k not in given]  # a single run may set every swept key itself (a replica's)
+        if unset and not multirun:
+            raise ConfigError(f"{where.replace(' for ', '', 1) or 'the config'} sweeps {', '.join(unset)}: add -m to "
+                              f"run its sweep (python run.py -m ...), or set {', '.join(unset)} for a single run")
+        for key in sweep:  # an experiment's own sweep keys
+            if key.split("@")[0] not in GROUPS and not key.startswith("hydra") and not has_key(base, key):
+                raise ConfigError(f"{key} (swept by the experiment) is not a config key{suggest(key, known)}")

@@ -1,0 +1,146 @@
+"""The run directories: each run (or sweep job, or replica) claims its own directory, records its .hydra files,
+and records how it ended in status.json (fail); a sweep job that cannot claim its directory is recorded apart.
+"""
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from cli.state import STATE
+
+log = logging.getLogger("onebit")
+
+
+def unclaimed_record(hc) -> Path:
+    """Where a sweep job that could not claim its own directory is recorded."""
+    return Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}"
+
+
+def clear_unclaimed(cfg, hc) -> None:
+    """A sweep job that claimed its directory, re-run with overwrite=true: an earlier launch's record that this job
+    could not claim it goes (the summary would list the job twice)."""
+    import shutil
+
+    from analysis.rundir import read_status
+
+    record = unclaimed_record(hc)
+    if cfg.get("overwrite", False) and read_status(record).get("status") == "refused":
+        shutil.rmtree(record, ignore_errors=True)
+        try:
+            record.parent.rmdir()  # only if no other record is left
+        except OSError:
+            pass
+
+
+def record_unclaimed(cfg, hc, err) -> None:
+    """A sweep job whose own directory could not be claimed (it holds another run, or cannot be written) is
+    recorded in <sweep dir>/_refused/job<num>/ (its .hydra files and status.json = refused, with the reason), so
+    that the sweep summary lists it; nothing is written into the directory it could not claim."""
+    from analysis.rundir import Claim, RunDirError
+
+    try:
+        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
+        save_hydra_files(claim, cfg, hc)
+        claim.status("refused", f"its job dir could not be claimed: {' '.join(str(err).split())}")
+    except (RunDirError, OSError):
+        pass  # the sweep dir itself cannot be written: the line on stderr is all there is
+
+
+def claim_for(cfg, out: Path, fresh: bool = False):
+    """The Claim on `out` for this run: the one preflight made for a single run, or a new one (a sweep job: fresh,
+    so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
+    A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it."""
+    from analysis.rundir import Claim
+
+    held = STATE.get("claim")
+    if not fresh and held is not None and Path(held.path) == Path(out).absolute():
+        return held
+    resume = OmegaConf.select(cfg, "train.resume")
+    in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
+    overwrite = bool(cfg.get("overwrite", False))
+    claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
+                  key="hydra.sweep.dir" if fresh else "hydra.run.dir")
+    STATE["claim"] = claim
+    return claim
+
+
+def save_hydra_files(claim, cfg, hc) -> None:
+    """.hydra/config.yaml, overrides.yaml and hydra.yaml, as Hydra writes them (hydra.output_subdir is null so that
+    Hydra itself writes nothing before the run's directory is claimed)."""
+    folder = Path(claim.path) / ".hydra"
+    folder.mkdir(exist_ok=True)
+    claim.wrote(".hydra")
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), folder / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")
+
+
+def replica_dir(path: Path, cfg) -> Path:
+    """Create a replica's run directory (path, inside its job's) holding what its single run's .hydra/ holds:
+    config.yaml (the replica's config: that of the single run, seed=<its seed>, replicas: 1), overrides.yaml (the
+    job's, with seed=<its seed> replicas=1: `python run.py <them>` runs it alone) and hydra.yaml (the job's, with
+    those overrides and this dir); marked running."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from analysis.rundir import write_status
+
+    folder = Path(path) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # run.run called without Hydra's app (a test, a notebook)
+        hc = None
+    own = (f"seed={cfg.seed}", "replicas=1")
+    task = [o for o in (hc.overrides.task if hc is not None else [])
+            if o.lstrip("+~").partition("=")[0] not in ("seed", "replicas")] + list(own)
+    OmegaConf.save(OmegaConf.create(task), folder / "overrides.yaml")
+    if hc is not None:
+        copy = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
+        with open_dict(copy):
+            copy.hydra.overrides.task = task
+            copy.hydra.runtime.output_dir = str(Path(path).absolute())
+        OmegaConf.save(copy, folder / "hydra.yaml")
+    write_status(path, "running")
+    return Path(path)
+
+
+def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
+    """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
+    after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
+    line = " ".join(str(err).split())
+    print(f"error: {line}", file=sys.stderr)
+    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log)
+        log.error(line)
+    if claim is not None:
+        if status == "refused" and not multirun:
+            claim.release()
+        else:
+            claim.status(status, line)
+            log.info(f"outputs: {claim.path}")
+    STATE["exit"] = max(STATE["exit"], code)
+    return math.nan
+
+
+def write_json(path, obj) -> None:
+    """Write obj to path as indented JSON, atomically (analysis.rundir.write_atomic: a reader never sees half)."""
+    from analysis.rundir import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def release_unstarted() -> None:
+    """Release the single run's claim (preflight's) if its status still says this process is running it: Hydra
+    exited before the task recorded how the run ended (nothing of it is left behind)."""
+    from analysis.rundir import read_status
+
+    claim = STATE.get("claim")
+    if claim is None:
+        return
+    status = read_status(claim.path)
+    if status.get("status") == "running" and status.get("pid") == os.getpid():
+        claim.release()

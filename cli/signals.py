@@ -1,0 +1,116 @@
+"""Interruption: SIGINT or SIGTERM ends a run, or a sweep and its workers, with every unfinished run's status.json
+saying 'killed by <signal>', and the process exits 128 + the signal.
+"""
+import os
+import signal
+import sys
+from pathlib import Path
+
+from cli.state import STATE
+
+
+def on_sigterm(signum, frame):
+    """SIGTERM takes SIGINT's path: KeyboardInterrupt in the main thread, so a run records that it was killed and a
+    sweep writes its summary at exit. A second SIGTERM ends the process at once."""
+    STATE["signal"] = signum
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    STATE["workers"] = _children()
+    for pid in STATE["workers"]:  # a sweep's workers (joblib) stop too, and record it, before joblib ends them
+        with __import__("contextlib").suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _children() -> list:
+    """The pids of this process's worker processes: its children (Linux /proc; [] elsewhere), less the resource
+    trackers of multiprocessing and loky (they end by themselves when this process does)."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != me:
+                continue
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"resource_tracker" not in command:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_workers(grace: float = 10.0) -> list:
+    """End the sweep's worker processes (the joblib launcher's): SIGTERM each (a worker's run records that it was
+    killed), wait up to `grace` seconds, then SIGKILL those left. Returns their pids."""
+    import time
+
+    pids = _children()
+    for pid in pids:
+        with __import__("contextlib").suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with __import__("contextlib").suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # reap them (they are our children)
+        with __import__("contextlib").suppress(OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return pids
+
+
+def mark_killed(sweep_dir: Path, pids, name: str) -> int:
+    """Every run of this sweep (status.json 'running', written by this process or one of its workers `pids`) whose
+    process is gone, or is this one, gets status failed: 'killed by <name>'. Returns how many."""
+    from analysis.rundir import read_status, write_status
+
+    count = 0
+    for path in sorted(Path(sweep_dir).rglob("status.json")):
+        status = read_status(path.parent)
+        pid = status.get("pid")
+        if status.get("status") != "running" or (pid != os.getpid() and pid not in pids) or (
+                pid != os.getpid() and _alive(pid)):
+            continue
+        write_status(path.parent, "failed", killed_reason(name, path.parent))
+        count += 1
+    return count
+
+
+def killed_reason(name: str, out) -> str:
+    """status.json's reason for a run ended by a signal."""
+    resumes = " (its checkpoint.pt resumes it)" if (Path(out) / "checkpoint.pt").exists() else ""
+    return f"killed by {name} before it finished{resumes}"
+
+
+def interrupted(multirun: bool) -> int:
+    """After SIGINT or SIGTERM: stop the sweep's workers, mark its unfinished runs killed, say so in one line;
+    the sweep summary is written at exit (analysis.callbacks.SweepSummary). Returns 128 + the signal."""
+    signum = STATE["signal"] or signal.SIGINT
+    name = signal.Signals(signum).name
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the summary be written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    where = ""
+    if multirun:
+        sweep_dir = STATE["sweep_dir"]
+        pids = set(stop_workers()) | set(STATE.get("workers") or [])
+        mark_killed(sweep_dir, pids, name)
+        where = (f"; its unfinished runs say 'killed by {name}' in status.json; the sweep summary is written to "
+                 f"{sweep_dir}/summary.md")
+    elif STATE.get("claim") is not None:
+        where = f"; outputs so far in {STATE['claim'].path}"
+    print(f"error: interrupted by {name}{where}", file=sys.stderr)
+    return 128 + int(signum)

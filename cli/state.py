@@ -1,0 +1,16 @@
+"""What the command line's modules share: the process's one STATE dict and ConfigError.
+
+STATE is a single dict per process, read and written in place by every module of the package (never rebound):
+  exit        the exit code so far (run.py's task raises it through rundirs.fail)
+  claim       the single run's Claim (preflight's), or the latest sweep job's
+  signal      the signal (SIGINT, SIGTERM) that interrupted the run or sweep, None until one does
+  sweep_lock  the fd of a multirun's lock on <sweep dir>/.sweep.lock (held until the process ends)
+  sweep_dir   a multirun's sweep directory (set by the preflight)
+  workers     the sweep's worker pids when SIGTERM arrived (set by signals.on_sigterm)
+"""
+
+STATE = {"exit": 0, "claim": None, "signal": None, "sweep_lock": None}
+
+
+class ConfigError(ValueError):
+    """A config value or key outside what is allowed; its message names the key."""

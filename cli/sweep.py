@@ -1,0 +1,169 @@
+"""A multirun checked before any job runs: its jobs (as Hydra's basic sweeper makes them), no seed trained twice,
+every job directory creatable, and the sweep directory claimed for this sweep alone (claim_sweep's lock).
+"""
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from cli.keys import compose_config, parse_overrides
+from cli.state import STATE, ConfigError
+
+SWEEP_LOCK = ".sweep.lock"
+
+
+def sweep_jobs(overrides, cfg):
+    """Every job of the sweep, as the overrides Hydra's basic sweeper gives it (the config's hydra.sweeper.params,
+    then the command line, which wins), in Hydra's order (job number i is item i); None for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    if "BasicSweeper" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")):
+        return None
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    try:
+        return BasicSweeper.split_arguments(parse_overrides(args), None)[0]
+    except Exception:  # noqa: BLE001  a sweep the basic sweeper refuses: Hydra says so itself
+        return None
+
+
+def _settings(job) -> dict:
+    """{key: value} of a job's app overrides (hydra.* left out)."""
+    out = {}
+    for line in job:
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra"):
+            out[key] = value
+    return out
+
+
+def check_seed_overlap(jobs, cfg) -> None:
+    """Refuse a sweep in which two jobs of one configuration train the same seed: a job trains the seeds seed ..
+    seed + replicas - 1, so seed=0,1 with replicas=2 trains seed 1 twice (the summary would count it twice)."""
+    base_seed, base_replicas = cfg.get("seed", 0), cfg.get("replicas", 1)
+    owner = {}
+    for job in jobs:
+        settings = _settings(job)
+        try:
+            seed = int(settings.get("seed", base_seed))
+            replicas = int(settings.get("replicas", base_replicas))
+        except (TypeError, ValueError):
+            continue  # a bad value: its job is refused with the rule's own message
+        rest = frozenset((k, v) for k, v in settings.items() if k not in ("seed", "replicas"))
+        for s in range(seed, seed + max(replicas, 1)):
+            other = owner.setdefault((rest, s), (seed, replicas))
+            if other != (seed, replicas):
+                raise ConfigError(
+                    f"seed and replicas: seed {s} would be trained twice, by the job seed={other[0]} "
+                    f"(replicas={other[1]}: seeds {other[0]}..{other[0] + other[1] - 1}) and by seed={seed} "
+                    f"(replicas={replicas}: seeds {seed}..{seed + replicas - 1}); sweep seeds at least replicas "
+                    f"apart (seed=0,{max(replicas, other[1])},...) or raise replicas instead")
+
+
+def _job_subdir(job, num: int, cfg) -> str:
+    """The job directory name Hydra will give job number num (hydra.sweep.subdir, resolved as Hydra does)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.hydra_config import HydraConfig
+
+    od = cfg.hydra.job.config.override_dirname
+    parsed = [o for o in parse_overrides(job) if not o.is_hydra_override()]
+    name = get_overrides_dirname(parsed, exclude_keys=list(od.exclude_keys), item_sep=od.item_sep,
+                                 kv_sep=od.kv_sep)
+    raw = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    if raw == "${hydra:job.override_dirname}":
+        return name
+    from omegaconf import read_write
+
+    copy = compose_config(job, hydra_cfg=True)  # the job's own config (a subdir may name any of its keys)
+    with read_write(copy.hydra), open_dict(copy.hydra):
+        copy.hydra.job.num = num
+    HydraConfig.instance().set_config(copy)
+    return str(OmegaConf.select(copy, "hydra.sweep.subdir"))
+
+
+def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
+    """Refuse, before any job runs, a sweep one of whose job directories cannot be created: a file where it (or a
+    folder above it) would be, a name longer than the filesystem allows, a path longer than it allows."""
+    probe = sweep_dir
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    taken = {}
+    for num, job in enumerate(jobs):
+        try:
+            subdir = _job_subdir(job, num, cfg)
+        except Exception:  # noqa: BLE001  an exotic subdir: Hydra resolves it itself
+            return
+        path = sweep_dir / subdir
+        what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"
+        what = what if len(what) <= 100 else what[:97] + "..."
+        if path in taken:
+            raise ConfigError(f"hydra.sweep.subdir: the jobs {taken[path]} and {what} would share the job dir "
+                              f"{path} (overwrite, eval.figures and train.progress change no result and are left "
+                              "out of job dir names): sweep values that differ, or a hydra.sweep.subdir that tells "
+                              "them apart")
+        taken[path] = what
+        for part in Path(subdir).parts:
+            if len(part.encode()) > name_max:
+                raise ConfigError(
+                    f"hydra.sweep.subdir: the job dir of {what} would be named '{part[:40]}...' ({len(part.encode())} "
+                    f"bytes); this filesystem allows names of at most {name_max}: sweep fewer overrides, list "
+                    "constant ones in hydra.job.config.override_dirname.exclude_keys, or set "
+                    "'hydra.sweep.subdir=${hydra:job.num}'")
+        if len(str(path).encode()) >= path_max:
+            raise ConfigError(f"hydra.sweep.dir: the job dir of {what} would be a path of {len(str(path).encode())} "
+                              f"bytes; this filesystem allows at most {path_max - 1}: choose a shorter hydra.sweep.dir")
+        for folder in [path, *path.parents]:
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"hydra.sweep.dir: {folder} is a file where the job dir of {what} would be; "
+                                  "move it, or choose another hydra.sweep.dir")
+            if folder == sweep_dir.parent:
+                break
+
+
+def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
+    """Claim sweep_dir for this sweep alone: an exclusive lock on <sweep_dir>/.sweep.lock, held until this process
+    ends (the kernel drops it with the process, so a killed sweep leaves no stale claim). Raises RunDirError if
+    another sweep holds it, or if it already holds a finished sweep (multirun.yaml) and overwrite is false; a
+    refused claim removes what it created."""
+    import fcntl
+
+    from analysis.rundir import RunDirError
+
+    created = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]
+    lock = sweep_dir / SWEEP_LOCK
+    new_lock = not lock.exists()
+
+    def undo(fd):
+        os.close(fd)
+        if new_lock:
+            lock.unlink(missing_ok=True)
+        for folder in created:  # innermost first; only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise RunDirError(f"cannot create the sweep dir {sweep_dir}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock.read_text().strip() if lock.is_file() else ""
+        os.close(fd)
+        raise RunDirError(f"sweep dir {sweep_dir} is in use by another sweep ({holder or 'still running'}); wait "
+                          "for it to end, or choose another hydra.sweep.dir") from None
+    if (sweep_dir / "multirun.yaml").exists() and not overwrite:
+        undo(fd)
+        raise RunDirError(f"sweep dir {sweep_dir} already holds a sweep; choose another hydra.sweep.dir, or "
+                          "set overwrite=true")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {__import__('time').strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+    STATE["sweep_lock"] = fd

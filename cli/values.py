@@ -1,0 +1,103 @@
+"""The allowed value of every config key: validate refuses, in one line naming the key, the first value outside it.
+
+The table is the library's own (infer.validate.CONFIG_RULES: the bounds fit, the models and the objectives check
+again when called from Python), plus COMMAND_LINE_RULES, the keys only the command line has; validate then checks
+what spans keys (eval.samples with eval.replicates, seed with replicas, what replicas can train) and the device.
+"""
+from omegaconf import DictConfig, OmegaConf
+
+from cli.state import ConfigError
+from infer.validate import CONFIG_RULES, MAX_SEED, is_finite, is_int
+
+
+def _bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+# The allowed values of every config key: the library's own table (infer.validate: the bounds fit, the models and
+# the objectives check again when called from Python), plus the keys only the command line has.
+COMMAND_LINE_RULES = {
+    # a run needs a seed (it names the run dir, and replicas train seed .. seed + replicas - 1) and a thread count
+    "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "overwrite": (_bool, "true or false"),
+    "replicas": (lambda v: is_int(v) and v >= 1,
+                 "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
+    "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
+    "train.progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "train.resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a path to a checkpoint.pt"),
+    "eval.samples": (lambda v: is_int(v) and v >= 10000, "an integer >= 10000 (final numbers need 10^4 draws)"),
+    "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "eval.tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "eval.iwae_k": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
+    "eval.figures": (_bool, "true or false"),
+    "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "guide.flows": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "guide.count_bins": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
+    "guide.gain": (_bool, "true or false"),
+    "objective.nodes": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "objective.inner_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "objective.steps.vae": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "objective.steps.dlgm": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
+}
+RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is not allowed."""
+    for key, (test, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if isinstance(value, str) and value == "<absent>":
+            continue
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        try:
+            ok = test(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}")
+    from infer.validate import check_samples
+
+    try:
+        check_samples(cfg.eval.samples, cfg.eval.replicates)
+    except ValueError as err:
+        raise ConfigError(f"eval.{err}".replace("with replicates=", "with eval.replicates=")) from None
+    replicas = cfg.get("replicas", 1)
+    if cfg.seed + replicas - 1 > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} is not allowed with replicas={replicas}: replicas train the seeds seed .. "
+                          f"seed + replicas - 1, and seeds must be <= {MAX_SEED}: seed must be <= "
+                          f"{MAX_SEED - replicas + 1}")
+    check_device(cfg.device)
+    if replicas > 1:  # what replicas can train (infer.fit_replicas): the closed-form ELBO on lattice or qmc noise
+        if OmegaConf.select(cfg, "train.resume"):
+            raise ConfigError(f"train.resume is not allowed with replicas={replicas}: resume one replica as a single "
+                              "run (seed=<its seed> train.resume=<its dir>/checkpoint.pt)")
+        if cfg.objective.name != "closed_form":
+            raise ConfigError(f"replicas={replicas} is not allowed with objective={cfg.objective.name}: replicas train "
+                              "the closed-form ELBO (objective=closed_form)")
+        if OmegaConf.select(cfg, "objective.noise") not in ("lattice", "qmc"):
+            raise ConfigError(f"replicas={replicas} is not allowed with objective.noise={cfg.objective.noise}: "
+                              "replicas need noise drawn outside the model and guide (lattice or qmc)")
+
+
+def check_device(device: str) -> None:
+    """Raise ConfigError (one line, naming device) unless the device exists on this machine: cpu, or cuda[:index]
+    with CUDA available and index below the device count."""
+    if device == "cpu":
+        return
+    import torch
+
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device={device!r} is not available: this machine has no CUDA device (torch "
+                          f"{torch.__version__}); device must be cpu here")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise ConfigError(f"device={device!r} is not available: this machine has {count} CUDA device(s); device "
+                          f"must be cpu or cuda:0 .. cuda:{count - 1}")
+
