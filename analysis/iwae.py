@@ -83,8 +83,8 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_sample
 
     Refused in one line before any work (ValueError naming the argument): K not an integer >= 1 (or a non-empty
     list of them), samples below 2 x max(K), nll_samples below 2, seed outside [0, 2**32 - 1]; data, model and guide
-    as infer.fit.check_inputs refuses them."""
-    from infer.fit import check_inputs
+    as infer.checks.check_inputs refuses them."""
+    from infer.checks import check_inputs
     from infer.validate import check, is_int, refuse
 
     try:

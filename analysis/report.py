@@ -66,9 +66,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     eval.* keys: samples not a multiple of replicates (an integer >= 2) with at least 2 draws per replicate (the
     command line also asks samples >= 10^4 for a run's final numbers), noise not lattice, qmc or mc, tol not a
     finite number > 0, iwae_k not an integer >= 1, exact not a bool, seed not an integer in [0, 2**32 - 1],
-    khat_samples not None or an integer >= 100; then data, model and guide (infer.fit.check_inputs: the data's
+    khat_samples not None or an integer >= 100; then data, model and guide (infer.checks.check_inputs: the data's
     n, the guide's sites, shapes, plates, support and density), checked once for every estimator."""
-    from infer.fit import check_inputs, inputs_checked
+    from infer.checks import check_inputs, inputs_checked
     from infer.validate import check, check_samples
 
     check_samples(samples, replicates)

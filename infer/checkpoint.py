@@ -1,11 +1,16 @@
 """Checkpoints: params, optimiser state, RNG states, step, history and the partial logging window, saved with
-torch.save (atomically, with the file mode of any other output) and checked on load."""
+torch.save (atomically, with the file mode of any other output) and checked on load; the RNG and buffer state a
+checkpoint holds (rng_state, module_buffers), and fit's `resume` argument read as a checkpoint (resume_state)."""
 import glob
 import os
+import random
 import tempfile
 
+import numpy as np
 import pyro
 import torch
+
+from .validate import is_int, refuse, shown
 
 KEYS = ("params", "optimizer", "rng", "step")
 
@@ -20,6 +25,30 @@ def _umask() -> int:
     return mask
 
 
+def module_buffers(model, guide) -> dict:
+    """{'model.<name>' | 'guide.<name>': tensor}: the buffers of model and guide (those that are nn.Modules). They
+    are state that is not a param, e.g. the random permutation and masks of an AutoIAFNormal, drawn when the guide
+    is first run, so a resumed run must restore them."""
+    return {f"{role}.{name}": buf for role, module in (("model", model), ("guide", guide))
+            if isinstance(module, torch.nn.Module) for name, buf in module.named_buffers()}
+
+
+def rng_state() -> dict:
+    """The states of torch's, numpy's and Python's global RNGs (and CUDA's, once initialised)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else {})}
+
+
+def set_rng_state(state: dict) -> None:
+    """Put the global RNGs into the states rng_state() recorded."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _temp_pattern(path) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.*.tmp")
@@ -28,7 +57,7 @@ def _temp_pattern(path) -> str:
 def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None, optimizer_state=None,
                     average=None) -> None:
     """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
-    states (or `rng`, a state from infer.fit.rng_state), result.steps, result.history, the partial logging window
+    states (or `rng`, a state from rng_state()), result.steps, result.history, the partial logging window
     (`window`, else result.window) and result.initial_loss to path, plus the entries of `extra` (e.g. the config).
 
     The file is written to a temporary file beside path and renamed into place, so an interrupted save never
@@ -37,13 +66,12 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
     `optimizer_state` (a state_dict) replace the param store's values and result.optimizer's state (a replica's
     checkpoint: infer.fit_replicas writes what a single run with its seed would). `average` is the running
     parameter average inside an averaging window (infer.average.ParameterAverage.state())."""
-    from .fit import rng_state
-
     store = pyro.get_param_store()
     if params is None:
         params = {name: store.get_param(name).unconstrained() for name in store.keys()}
     state = {"params": {name: value.detach().cpu().clone() for name, value in params.items()},
-             "optimizer": optimizer_state if optimizer_state is not None else result.optimizer.state_dict(), "rng": rng if rng is not None else rng_state(),
+             "optimizer": optimizer_state if optimizer_state is not None else result.optimizer.state_dict(),
+             "rng": rng if rng is not None else rng_state(),
              "step": result.steps, "history": list(result.history),
              "window": window if window is not None else getattr(result, "window", None),
              "initial_loss": getattr(result, "initial_loss", None),
@@ -86,12 +114,8 @@ def _non_finite(tensors) -> list:
 
 
 def _rng_problem(rng):
-    """Why `rng` is not an RNG state infer.fit.set_rng_state can restore ('' if it is): each generator's state is
+    """Why `rng` is not an RNG state set_rng_state can restore ('' if it is): each generator's state is
     loaded into a fresh generator of its kind (the global ones are not touched)."""
-    import random
-
-    import numpy as np
-
     if not isinstance(rng, dict) or any(k not in rng for k in ("torch", "numpy", "python")):
         have = sorted(map(str, rng)) if isinstance(rng, dict) else type(rng).__name__
         return f"is not a dict of the torch, numpy and python generators' states (it is {have})"
@@ -136,7 +160,7 @@ def _history_problem(history) -> str:
             return f"row {i} is not a dict of named values"
         step = row.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-            return f"row {i}'s step is {_shown(step)}, not an integer >= 0"
+            return f"row {i}'s step is {shown(step)}, not an integer >= 0"
         odd = [k for k, v in row.items() if not (v is None or isinstance(v, (int, float, str)))]
         if odd:
             return f"row {i}'s {odd[0]} is a {type(row[odd[0]]).__name__}, not a number"
@@ -157,12 +181,6 @@ def _window_problem(window) -> str:
     return ""
 
 
-def _shown(value) -> str:
-    from .validate import shown
-
-    return shown(value)
-
-
 def check_checkpoint(state: dict, where: str) -> None:
     """Raise CheckpointError (one line, starting with `where`, naming the entry) unless every entry resuming reads
     has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
@@ -174,7 +192,7 @@ def check_checkpoint(state: dict, where: str) -> None:
 
     step = state["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-        bad("step", f"is {_shown(step)}, not an integer >= 0")
+        bad("step", f"is {shown(step)}, not an integer >= 0")
     if not _tensor_dict(state["params"]):
         bad("params", "is not a dict of {name: float tensor}")
     nonfinite = _non_finite(state["params"])
@@ -197,7 +215,7 @@ def check_checkpoint(state: dict, where: str) -> None:
         bad("window", why)
     initial = state.get("initial_loss")
     if initial is not None and not (isinstance(initial, (int, float)) and not isinstance(initial, bool)):
-        bad("initial_loss", f"is {_shown(initial)}, not None or a number")
+        bad("initial_loss", f"is {shown(initial)}, not None or a number")
     if not _tensor_dict(state.get("buffers", {}), floating=False):
         bad("buffers", "is not a dict of {name: tensor}")
     average = state.get("average")
@@ -214,8 +232,6 @@ def load_checkpoint(path, label: str = None) -> dict:
     CheckpointError with a one-line reason otherwise, naming `label` (the argument or config key that gave the
     path, e.g. 'train.resume'), the path and the bad entry."""
     if not isinstance(path, (str, os.PathLike)):
-        from .validate import shown
-
         raise CheckpointError(f"path={shown(path)} is not allowed: path must be a checkpoint file's path (str or "
                               "pathlib.Path)")
     where = f"{label}={path}" if label else f"checkpoint {path}"
@@ -234,3 +250,24 @@ def load_checkpoint(path, label: str = None) -> dict:
         raise CheckpointError(f"{where} lacks {lacks} (has {have})")
     check_checkpoint(state, where)
     return state
+
+
+def resume_state(resume) -> dict:
+    """fit's `resume` as a checkpoint dict: None stays None, a path (str or os.PathLike) is read with
+    infer.checkpoint.load_checkpoint, a dict must hold what resuming needs (checkpoint.KEYS); ValueError in one
+    line otherwise."""
+    if resume is None:
+        return None
+    if isinstance(resume, (str, os.PathLike)):
+        try:
+            return load_checkpoint(resume)
+        except ValueError as err:
+            raise refuse("resume", os.fspath(resume), f"resume must be a readable checkpoint ({err})") from None
+    lacks = [k for k in KEYS if not isinstance(resume, dict) or k not in resume]
+    if lacks or not is_int(resume["step"]) or resume["step"] < 0:
+        raise refuse("resume", resume, "resume must be a checkpoint dict (infer.checkpoint.load_checkpoint(path)) "
+                                       "or its path" + (f"; this one lacks {', '.join(lacks)}" if lacks else
+                                                        "; its step is not an integer >= 0"))
+    check_checkpoint(resume, "resume")  # every entry as save_checkpoint writes it (rng states, params, ...)
+    return resume
+

@@ -4,13 +4,11 @@ One recipe per model (recipe()) gives fit's defaults and the command line's (con
 must agree with it; tests/test_fit.py checks that).
 """
 import math
-import random
 import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -18,10 +16,13 @@ from tqdm.auto import tqdm
 
 from guides.check import check_guide
 from .average import ParameterAverage, average_start
+from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint, set_rng_state
+from .checks import (_check_arguments, _device, check_checkpoint_path, check_data, check_inputs, check_sizes,
+                     inputs_checked)
 from .elbo import ClosedFormELBO
 from .objectives import check_objective
 from .runtime import flush_denormals, training_settings  # noqa: F401  (re-exported: infer.fit.flush_denormals)
-from .validate import SCHEDULES, check, is_int, refuse
+from .validate import SCHEDULES
 from .weights import DataWeights, LatentScale, kl_weight
 
 
@@ -119,28 +120,6 @@ class FitResult:
         return self.history[-1] if self.history else {}
 
 
-def module_buffers(model, guide) -> dict:
-    """{'model.<name>' | 'guide.<name>': tensor}: the buffers of model and guide (those that are nn.Modules). They
-    are state that is not a param, e.g. the random permutation and masks of an AutoIAFNormal, drawn when the guide
-    is first run, so a resumed run must restore them."""
-    return {f"{role}.{name}": buf for role, module in (("model", model), ("guide", guide))
-            if isinstance(module, torch.nn.Module) for name, buf in module.named_buffers()}
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() and torch.cuda.is_initialized()
-               else {})}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 _INITIAL = weakref.WeakKeyDictionary()  # module -> {name: value at the first fit} for params nothing can re-draw
 
 
@@ -189,178 +168,6 @@ def _reporter(model, guide, x, log_every):
         return cache["terms"]
 
     return terms_of
-
-
-def _device(device):
-    """torch.device(device), checked to exist on this machine (ValueError in one line otherwise)."""
-    try:
-        device = torch.device(device)
-    except (TypeError, RuntimeError, ValueError):
-        raise ValueError(f"device={device!r} is not allowed: device must be a torch device such as 'cpu' or "
-                         "'cuda'") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"device={str(device)!r} is not available on this machine ({first}); use device='cpu'")\
-            from None
-    return device
-
-
-def check_sizes(data, **roles) -> None:
-    """Raise ValueError (one line) if a model or guide (keyword: its role) was built for another n than the data."""
-    for role, fn in roles.items():
-        n = getattr(fn, "n", None)
-        if is_int(n) and n != data.n:
-            raise ValueError(f"{role} was built for n={n} but the data have n={data.n}: build the {role} with "
-                             f"n={data.n}")
-
-
-def check_data(data) -> None:
-    """Raise ValueError (one line, naming data) unless data is the one-bit data distribution: a models.OneBit, or
-    an object like it (an integer n, the (2, n) tensor x of the two points, their weights w and weights)."""
-    ok = False
-    if not isinstance(data, type) and is_int(getattr(data, "n", None)) and hasattr(data, "weights"):
-        try:
-            x, w = data.x, data.w
-            ok = (torch.is_tensor(x) and torch.is_tensor(w) and x.dim() == 2 and x.shape[-1] == data.n
-                  and w.shape == x.shape[:1])
-        except Exception:  # noqa: BLE001  an object whose x or w cannot be read is not data
-            ok = False
-    if not ok:
-        raise refuse("data", data, "data must be the one-bit data distribution, models.OneBit(n) (or an object "
-                                   "with n, x (2, n), w (2,) and weights)")
-
-
-def _check_callable(name, fn, what) -> None:
-    if isinstance(fn, type) or not callable(fn):
-        raise refuse(name, fn, f"{name} must be {what}")
-
-
-_CHECKED = []  # (model, guide, data) triples whose inputs were checked by an enclosing inputs_checked()
-
-
-def check_inputs(model, guide, data) -> None:
-    """The checks every evaluation function runs before any work (analysis.report.evaluate, analysis.exact's
-    exact, surgery, evidence and posterior_grid, analysis.montecarlo.monte_carlo, analysis.iwae.iwae,
-    analysis.psis.khat): data is the one-bit data (check_data), model and guide are callables built for its n
-    (check_sizes), and the guide samples exactly the model's latent sites, with the same shapes and plates, inside
-    their support, with a density (guides.check.check_guide: one trace of each, on a forked RNG, so the caller's
-    RNG is untouched). Raises ValueError (or its subclass GuideMismatchError) in one line. Inside
-    `with inputs_checked(model, guide, data):` (evaluate's, after its own check) it does nothing."""
-    if any(m is model and g is guide and d is data for m, g, d in _CHECKED):
-        return
-    check_data(data)
-    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
-    _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
-                                    "guides.GaussianGuide(model))")
-    check_sizes(data, model=model, guide=guide)
-    with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
-        check_guide(model, guide, data.x)
-
-
-class inputs_checked:  # noqa: N801  (a context manager, named for what it states)
-    """Within it, check_inputs(model, guide, data) for these very objects is skipped: they were checked once."""
-
-    def __init__(self, model, guide, data):
-        self.triple = (model, guide, data)
-
-    def __enter__(self):
-        _CHECKED.append(self.triple)
-        return self
-
-    def __exit__(self, *exc):
-        del _CHECKED[max(i for i, t in enumerate(_CHECKED) if t is self.triple)]  # by identity, not ==
-        return False
-
-
-def _folder_exists(path) -> bool:
-    import os
-
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    return os.path.isdir(folder) and not os.path.isdir(os.fspath(path))
-
-
-def check_checkpoint_path(path, name: str = "checkpoint_path") -> None:
-    """Raise ValueError (one line) unless path is None or a file path (str or os.PathLike) in a folder that exists:
-    a checkpoint that cannot be written must be refused before training, not at its first write."""
-    import os
-
-    if path is None:
-        return
-    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) in ("", b""):
-        raise refuse(name, path, f"{name} must be a file path (str or pathlib.Path), or None")
-    if not _folder_exists(path):
-        raise refuse(name, os.fspath(path), f"{name} must be a file in a folder that exists (create "
-                                            f"{os.path.dirname(os.path.abspath(os.fspath(path)))!r} first; not a "
-                                            "folder itself)")
-
-
-def resume_state(resume) -> dict:
-    """fit's `resume` as a checkpoint dict: None stays None, a path (str or os.PathLike) is read with
-    infer.checkpoint.load_checkpoint, a dict must hold what resuming needs (checkpoint.KEYS); ValueError in one
-    line otherwise."""
-    import os
-
-    from .checkpoint import KEYS, check_checkpoint, load_checkpoint
-
-    if resume is None:
-        return None
-    if isinstance(resume, (str, os.PathLike)):
-        try:
-            return load_checkpoint(resume)
-        except ValueError as err:
-            raise refuse("resume", os.fspath(resume), f"resume must be a readable checkpoint ({err})") from None
-    lacks = [k for k in KEYS if not isinstance(resume, dict) or k not in resume]
-    if lacks or not is_int(resume["step"]) or resume["step"] < 0:
-        raise refuse("resume", resume, "resume must be a checkpoint dict (infer.checkpoint.load_checkpoint(path)) "
-                                       "or its path" + (f"; this one lacks {', '.join(lacks)}" if lacks else
-                                                        "; its step is not an integer >= 0"))
-    check_checkpoint(resume, "resume")  # every entry as save_checkpoint writes it (rng states, params, ...)
-    return resume
-
-
-def _check_elbo(elbo) -> None:
-    from pyro.infer import ELBO
-
-    if isinstance(elbo, type) or not (isinstance(elbo, ELBO) or callable(getattr(elbo, "marginal_terms", None))):
-        what = "a class; instantiate it" if isinstance(elbo, type) else "not an objective"
-        raise refuse("elbo", elbo, f"elbo must be an objective instance, a Pyro ELBO such as "
-                                   f"infer.ClosedFormELBO() or pyro.infer.Trace_ELBO(), or "
-                                   f"infer.marginal.MarginalLikelihood() (this is {what})")
-
-
-def _check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
-                     checkpoint_extra=None):
-    check_data(data)
-    for name, value in values.items():
-        check(name, value)
-    _check_elbo(elbo)
-    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
-    if callback is not None:
-        _check_callable("callback", callback, "a callable callback(step, row), or None")
-    check_checkpoint_path(checkpoint_path)
-    if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
-        raise refuse("checkpoint_extra", checkpoint_extra, "checkpoint_extra must be a dict of entries to add to "
-                                                           "every checkpoint, or None")
-    needs_guide = getattr(elbo, "needs_guide", True)
-    if needs_guide and guide is None:
-        raise ValueError("guide=None is not allowed: this objective needs a guide (only an objective with "
-                         "needs_guide = False, such as the exact marginal likelihood, trains without one)")
-    if needs_guide:
-        _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
-                                        "guides.GaussianGuide(model))")
-    if not needs_guide:
-        for name, default in (("beta", 1.0), ("warmup", 0), ("freeze_model", False)):
-            if values[name] != default:
-                raise ValueError(f"{name}={values[name]!r} is not allowed with objective {type(elbo).__name__}: it "
-                                 f"trains the model alone by its marginal likelihood ({name} must be {default!r})")
-    check_sizes(data, model=model, guide=guide if needs_guide else None)
-    if resume is not None:
-        start = int(resume["step"])
-        if steps < start:
-            raise ValueError(f"steps={steps} is not allowed: the checkpoint is at step {start}, and steps must be at "
-                             f"least that (it is the total step budget, not the steps still to run)")
 
 
 GRAPH_MIN_STEPS = 200  # the traced plan costs a second or two to trace: worth it from this many steps on
@@ -872,8 +679,6 @@ class _Window:
         self.values, self.betas = [], []
         return row
 
-
-from .checkpoint import save_checkpoint  # noqa: E402  (checkpoint imports rng_state from this module)
 
 __all__ = ["fit", "training_settings", "flush_denormals", "check_sizes", "check_data", "check_inputs",
            "inputs_checked", "check_checkpoint_path", "resume_state", "FitResult", "DivergenceError", "Recipe",

@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
+from .checks import _check_arguments, _device, check_checkpoint_path, check_data
 from .elbo import ClosedFormELBO
-from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_arguments, _check_plan, _device, _divergence,
-                  _last_update, _prepare, _Window, check_checkpoint_path, check_data, fit, learning_rate, recipe,
-                  training_settings)
+from .fit import (GRAPH_MIN_STEPS, FitResult, _adam, _check_plan, _divergence, _last_update, _prepare, _Window, fit,
+                  learning_rate, recipe, training_settings)
 from .validate import refuse
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
 from .weights import kl_weight

@@ -102,7 +102,7 @@ def test_evaluate_checks_the_guide_once_for_all_its_estimators(vae, monkeypatch)
 
     model, guide, data = vae
     calls = []
-    module = importlib.import_module("infer.fit")
+    module = importlib.import_module("infer.checks")
     real = module.check_guide
     monkeypatch.setattr(module, "check_guide", lambda *a: calls.append(1) or real(*a))
     evaluate(model, guide, data, samples=64, replicates=4, khat_samples=128)
