@@ -5,6 +5,8 @@ check_inputs(model, guide, data) is what every evaluation function runs (data, m
 guide over the model's latent sites); inputs_checked skips it inside a caller that already ran it. _check_arguments
 is fit's (and fit_replicas') check of all its arguments; the per-argument rules are infer.validate's table.
 """
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -59,7 +61,8 @@ def _check_callable(name, fn, what) -> None:
         raise refuse(name, fn, f"{name} must be {what}")
 
 
-_CHECKED = []  # (model, guide, data) triples whose inputs were checked by an enclosing inputs_checked()
+_CHECKED = contextvars.ContextVar("inputs_checked", default=())  # the (model, guide, data) triples checked by the
+# enclosing inputs_checked() blocks
 
 
 def check_inputs(model, guide, data) -> None:
@@ -70,7 +73,7 @@ def check_inputs(model, guide, data) -> None:
     their support, with a density (guides.check.check_guide: one trace of each, on a forked RNG, so the caller's
     RNG is untouched). Raises ValueError (or its subclass GuideMismatchError) in one line. Inside
     `with inputs_checked(model, guide, data):` (evaluate's, after its own check) it does nothing."""
-    if any(m is model and g is guide and d is data for m, g, d in _CHECKED):
+    if any(m is model and g is guide and d is data for m, g, d in _CHECKED.get()):
         return
     check_data(data)
     _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
@@ -81,19 +84,15 @@ def check_inputs(model, guide, data) -> None:
         check_guide(model, guide, data.x)
 
 
-class inputs_checked:  # noqa: N801  (a context manager, named for what it states)
-    """Within it, check_inputs(model, guide, data) for these very objects is skipped: they were checked once."""
-
-    def __init__(self, model, guide, data):
-        self.triple = (model, guide, data)
-
-    def __enter__(self):
-        _CHECKED.append(self.triple)
-        return self
-
-    def __exit__(self, *exc):
-        del _CHECKED[max(i for i, t in enumerate(_CHECKED) if t is self.triple)]  # by identity, not ==
-        return False
+@contextlib.contextmanager
+def inputs_checked(model, guide, data):
+    """Within it, check_inputs(model, guide, data) for these very objects (by identity) is skipped: they were
+    checked once. Blocks nest; leaving one, by an exception too, restores the enclosing block's triples."""
+    token = _CHECKED.set(_CHECKED.get() + ((model, guide, data),))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def _folder_exists(path) -> bool:
