@@ -15,6 +15,7 @@ from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, sample_traces
 from .qdensity import is_joint
 
 KHAT_CLT = 0.5  # a CLT standard error needs finite variance: k-hat < 1/2
+IWAE_SAMPLES = 65536  # draws per data point: iwae's default, and evaluate's (raised to 2 repeats of its iwae_k)
 
 
 @flush_denormals()
@@ -59,7 +60,7 @@ def _logmeanexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(t, dim) - math.log(t.shape[dim])
 
 
-def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = 65536, nll_samples: int = 262144,
+def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll_samples: int = 262144,
          chunk: int = 8192, seed=None) -> dict:
     """IWAE losses -sum_k w_k E[log mean_K w] for each K (averaged over samples // K independent repeats, with
     standard errors), and an importance-sampled NLL from nll_samples draws per data point, with a delta-method

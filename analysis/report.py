@@ -14,11 +14,11 @@ from guides.check import latent_sites
 from infer.runtime import serial_blas
 from infer.checkpoint import save_checkpoint
 from models import VAE
+from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
 
 log = logging.getLogger("onebit")
 EXACT_MAX_SCALARS = 2  # quadrature up to this many scalar latents; IWAE beyond
-IWAE_SAMPLES = 65536  # draws per data point for the IWAE bound (iwae's default), at least 2 repeats of iwae_k
 
 
 def scalar_latents(guide, data) -> int:
