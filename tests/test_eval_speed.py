@@ -8,7 +8,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import analysis.exact as ex
+import analysis.inner
+import analysis.quadrature
+import analysis.seeding
+from analysis.densities import Densities
+from analysis.exact import exact
+from analysis.inner import Inner
 from test_exact import N, data, dlgm_pair  # noqa: F401  the same trained dlgm (n = 5) as the exact tests
 
 torch.set_num_threads(1)
@@ -16,7 +21,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def fast(dlgm_pair, data):
-    return ex.exact(*dlgm_pair, data)
+    return exact(*dlgm_pair, data)
 
 
 def numbers(result) -> list:
@@ -30,19 +35,19 @@ def nodes(result) -> int:
 
 def test_refinement_without_the_zero_tails_gives_the_numbers_of_refining_every_panel(dlgm_pair, data, fast,
                                                                                      monkeypatch):
-    monkeypatch.setattr(ex, "TAIL_NEGLIGIBLE", 0.0)  # no panel is negligible: every one is split and re-evaluated
-    thorough = ex.exact(*dlgm_pair, data)
+    monkeypatch.setattr(analysis.quadrature, "TAIL_NEGLIGIBLE", 0.0)  # no panel is negligible: every one is split and re-evaluated
+    thorough = exact(*dlgm_pair, data)
     assert nodes(fast) < nodes(thorough), "the trained dlgm's range has zero tails: the cheap path must drop some"
     bound = max(fast["error"], thorough["error"])
     assert max(abs(a - b) for a, b in zip(numbers(fast), numbers(thorough))) <= bound
 
 
 def test_inner_shortcuts_give_the_numbers_of_the_thorough_inner_integral(dlgm_pair, data, fast, monkeypatch):
-    monkeypatch.setattr(ex, "STALL_ROUNDS", 10 ** 6)  # rows split until tolerance or the round limit
-    monkeypatch.setattr(ex, "ZOOM_SHRINK", 4.0)  # the plain zoom: shrink by 4 per step
-    monkeypatch.setattr(ex, "LADDER_STEPS", 40)  # the width ladder reaches the span from any bracket
-    monkeypatch.setattr(ex, "INNER_TOL", 1e-6)  # 100 x tighter inner integrals
-    thorough = ex.exact(*dlgm_pair, data)
+    monkeypatch.setattr(analysis.inner, "STALL_ROUNDS", 10 ** 6)  # rows split until tolerance or the round limit
+    monkeypatch.setattr(analysis.seeding, "ZOOM_SHRINK", 4.0)  # the plain zoom: shrink by 4 per step
+    monkeypatch.setattr(analysis.seeding, "LADDER_STEPS", 40)  # the width ladder reaches the span from any bracket
+    monkeypatch.setattr(analysis.inner, "INNER_TOL", 1e-6)  # 100 x tighter inner integrals
+    thorough = exact(*dlgm_pair, data)
     bound = max(fast["error"], thorough["error"])
     assert bound <= 1e-4
     assert max(abs(a - b) for a, b in zip(numbers(fast), numbers(thorough))) <= bound
@@ -71,7 +76,7 @@ def test_the_zoom_lands_on_a_needle_and_the_inner_integral_is_exact(data):
     log N(u; 0, a^2 + s^2) - N log 2 to 1e-5 (float32 model outputs limit it, not the rule)."""
     a, s = 300.0, 1e-2
     model, guide = linear_model(a, s)
-    inner = ex.Inner(ex.Densities(model, guide, data), "z1", "z2", -8.0, 8.0, ("p",))
+    inner = Inner(Densities(model, guide, data), "z1", "z2", -8.0, 8.0, ("p",))
     u = torch.tensor([[-70.0, -3.0], [0.5, 25.0], [110.0, 230.0]], dtype=torch.float64)
     lo, hi = inner.features(u)
     mode, width = a * u / (a * a + s * s), s / math.hypot(a, s)

@@ -243,13 +243,13 @@ def test_a_flow_guide_is_integrated_in_its_base_noise_and_agrees_with_the_same_g
 def test_model_evaluations_stay_within_the_element_budget(data, monkeypatch):
     """With a tiny budget every decoder output of exact() and surgery() holds at most MAX_ELEMENTS elements, and the
     numbers stay put."""
-    import analysis.exact as quadrature
+    import analysis.densities as densities
 
     model, guide = VAE(N), GaussianGuide(VAE(N))
     full = exact(model, guide, data)
     sizes = []
     model.decoder.register_forward_hook(lambda module, inputs, output: sizes.append(output.numel()))
-    monkeypatch.setattr(quadrature, "MAX_ELEMENTS", 2 * N * 8)  # 8 rows of latent values per evaluation
+    monkeypatch.setattr(densities, "MAX_ELEMENTS", 2 * N * 8)  # 8 rows of latent values per evaluation
     small = exact(model, guide, data)
     split = surgery(model, guide, data)
     assert max(sizes) <= 2 * N * 8

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-import analysis.exact as ex
+from analysis.densities import Densities
 from analysis.exact import exact
+from analysis.inner import Inner
 from guides import StructuredGuide
 from models import DLGM, OneBit
 
@@ -128,7 +129,7 @@ def test_a_needle_beyond_the_located_range_gives_finite_numbers_equal_to_the_clo
 def test_a_needle_that_the_features_miss_and_a_split_finds_does_not_overflow(needle_dlgm, monkeypatch):
     """Without the extrapolated features the inner splits find the needle up to thousands of nats above the first
     panels' peak: the row's log-shift is raised (no exp overflow) and the numbers still equal the closed form."""
-    monkeypatch.setattr(ex.Inner, "_beyond", lambda self, e, grid: torch.full(e.shape[:-1], math.nan,
+    monkeypatch.setattr(Inner, "_beyond", lambda self, e, grid: torch.full(e.shape[:-1], math.nan,
                                                                                    dtype=torch.float64))
     check_against_reference(exact(*needle_dlgm))
 
@@ -137,7 +138,7 @@ def test_far_out_in_z1_the_inner_integral_finds_the_needle_beyond_the_range(need
     """At z1 = u with SLOPE u outside the located z2 range, the inner integral of q(z1 = u, z2|x_k) over z2 is
     q(u|x_k) (q(z2|z1) has mass 1) and the conditional mean of log q(z2|z1) is minus its entropy."""
     model, guide, data = needle_dlgm
-    inner = ex.Inner(ex.Densities(model, guide, data), "z1", "z2", -8.0, 8.0)
+    inner = Inner(Densities(model, guide, data), "z1", "z2", -8.0, 8.0)
     u = torch.tensor([[-44.0, -44.0], [-40.0, 35.0], [40.0, 44.0]], dtype=torch.float64)
     assert bool(((SLOPE * u).abs() > 8.0 + 1.0).all())
     result = inner(u)

@@ -1,0 +1,194 @@
+"""Site log-densities of a model and guide on grids of latent values, and the checks before any quadrature.
+
+Densities reads every site by tracing the model and the guide under poutine.condition, so any guide that samples
+the model's latent sites works; the model's Bernoulli likelihood and Normal sites are float64 (qdensity.log_prob64)
+and each evaluation is chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n. JointMarginal
+gives the per-point marginals and the entropy of a joint guide; sample_range the integration range of draws;
+check_call the refusals (one-line ValueError) of every public function of analysis.exact, before any work.
+"""
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from .qdensity import BaseNoise, GuideDensity, log_prob64
+from .quadrature import GAUSS7_W, KRONROD_W, KRONROD_X, lse
+
+MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or exact() and surgery() refuse it
+CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
+MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model evaluation (latent values x N x n):
+#                          memory is bounded for any n (a float64 tensor of this size is 128 MiB)
+
+
+def check_call(model, guide, data, **values) -> None:
+    """The checks of every public function of analysis.exact (exact, evidence, surgery, posterior_grid), before
+    any work, each a one-line ValueError naming the problem: the arguments `values` (infer.validate: tol a finite
+    number > 0, points an integer >= 2), then data, model and guide (infer.fit.check_inputs: the data's n, the
+    guide's sites, shapes, plates, support and density)."""
+    from infer.fit import check_inputs
+    from infer.validate import check
+
+    for name, value in values.items():
+        check(name, value)
+    check_inputs(model, guide, data)
+
+
+class Densities:
+    """Site log-densities of a model and guide on grids of latent values, read through poutine.condition/trace."""
+
+    def __init__(self, model, guide, data, need_q: bool = True):
+        self.model, self.guide, self.data, self.x = model, guide, data, data.x
+        with torch.no_grad(), torch.random.fork_rng(), poutine.block():
+            mt = poutine.trace(model).get_trace(self.x)
+
+        def sample_sites(tr, observed):
+            return [n for n, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+                    and bool(s["is_observed"]) == observed]
+
+        self.latents, self.observed = sample_sites(mt, False), sample_sites(mt, True)
+        # raises ValueError for a guide whose density cannot be read; need_q=False: only the guide's draws are used
+        self.q = GuideDensity(model, guide, self.x) if need_q else None
+        points = self.x.shape[-2]
+        sizes = {n: mt.nodes[n]["value"].numel() // points for n in self.latents}
+        if sum(sizes.values()) > 2 or any(s != 1 for s in sizes.values()):
+            raise ValueError(f"exact quadrature handles at most 2 scalar latents, one per site; this model has "
+                             f"{', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data point; "
+                             "use analysis.iwae.iwae instead")
+        self.joint = need_q and self.q.kind == "joint"
+        if self.joint and len(self.latents) > 1:
+            raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "
+                             f"latents x {points} data points; q({', '.join(self.latents)}|x_k) is its marginal, an "
+                             f"integral over the other point's {len(self.latents)} latents at every node, so the "
+                             f"quadrature would be {len(self.latents) * points}-D")
+        self.bottom = self.latents[-1]  # the parent of x (z, z1)
+        self.top = self.latents[0]  # the latent whose prior has no parents (z, z2)
+        self.other = self.latents[0] if len(self.latents) == 2 else None
+        self.w = data.w.double()
+        if self.joint and not bool(torch.allclose(self.w, self.w.mean())):
+            raise ValueError("a joint guide couples the data points: its loss is defined for equal data weights only")
+        self.marginal = None
+        # elements of the observed sites for one value of the latents per data point (N x n for the one-bit data):
+        # the width of the model's per-bit tensors, which bounds how many latent values one evaluation may hold
+        self.width = max(1, sum(mt.nodes[n]["value"].numel() for n in self.observed))
+        self.base = None  # the bottom site's base noise, when the guide samples it from a flow (see qdensity)
+        if need_q and self.q.kind == "direct":
+            with torch.no_grad(), torch.random.fork_rng(), poutine.block():
+                gt = poutine.trace(guide).get_trace(self.x)
+            self.base = BaseNoise.of(gt, self.bottom, self.latents)
+
+    def rows(self, per_row: int = 2) -> int:
+        """How many rows of latent values (one per data point for the parent of x, with per_row latent points in all)
+        one model evaluation may take: at most CHUNK latent points, and at most MAX_ELEMENTS elements in the per-bit
+        tensors (rows x width)."""
+        return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
+
+    def logs(self, values: dict, parts=("q", "p")) -> dict:
+        """{'q:site' | 'p:site': float64 log-density} for every guide/model site at the given latent values.
+
+        values maps site -> float64 tensor (..., 2) (last dim = data point); shapes broadcast."""
+        vals = {k: v.float().unsqueeze(-1) for k, v in values.items()}
+        out = {}
+        with torch.no_grad(), poutine.block():
+            if "q" in parts and self.joint:
+                out["q:" + self.bottom] = self._marginal()(values[self.bottom])
+            elif "q" in parts:
+                out.update({"q:" + n: v for n, v in self.q.log_prob(vals).items()})
+            if "p" in parts:
+                tr = poutine.trace(poutine.condition(self.model, data=vals)).get_trace(self.x)
+                for n in self.latents + self.observed:
+                    out["p:" + n] = log_prob64(tr.nodes[n])
+        return out
+
+    def _marginal(self) -> "JointMarginal":
+        if self.marginal is None:
+            self.marginal = JointMarginal(self.q, self.bottom, self.samples()["q:" + self.bottom])
+        return self.marginal
+
+    def samples(self, count: int = 4096, seed: int = 0) -> dict:
+        """Draws of every latent from the guide ('q:site', shape (count, 2)) and the model prior ('p:site'), plus the
+        log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic."""
+        out = {}
+        step = self.rows(2)  # model draws per evaluation (all of them unless the data are wide)
+        with torch.no_grad(), torch.random.fork_rng(), poutine.block():
+            torch.manual_seed(seed)
+            with pyro.plate("_exact_particles", count, dim=-2):
+                gt = poutine.trace(self.guide).get_trace(self.x)
+            prior, loglik = {n: [] for n in self.latents}, []
+            for start in range(0, count, step):
+                with pyro.plate("_exact_particles", min(step, count - start), dim=-2):
+                    mt = poutine.trace(self.model).get_trace(self.x)
+                for n in self.latents:
+                    value = mt.nodes[n]["value"].detach()
+                    prior[n].append(value.reshape(value.shape[0], -1))
+                loglik.append(sum(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"]).double() for n in self.observed))
+        for n in self.latents:
+            out["q:" + n] = gt.nodes[n]["value"].detach().reshape(count, 2).double()  # AutoDelta's is a param
+            out["p:" + n] = torch.cat(prior[n]).reshape(count, -1).double().expand(count, 2)
+        out["p:loglik"] = torch.cat(loglik)
+        return out
+
+
+def sample_range(draws: torch.Tensor, pad: float = 10.0) -> tuple:
+    """(lo, hi) covering draws (count, ...) beyond their 0.1% / 99.9% quantiles by `pad` robust standard deviations."""
+    d = draws.reshape(-1)
+    d = d[torch.isfinite(d)]
+    q = torch.quantile(d, torch.tensor([0.001, 0.16, 0.84, 0.999], dtype=d.dtype))
+    s = max(float(q[2] - q[1]) / 2, 1e-3)
+    return float(q[0]) - pad * s, float(q[3]) + pad * s
+
+
+MARGINAL_PANELS = 128  # Gauss-Kronrod panels per point for the marginals of a joint guide
+
+
+class JointMarginal:
+    """The marginals q(z|x_k) = integral of q(z_0, z_1) over the other point's z, and the joint entropy, of a joint
+    guide (one density over both data points, e.g. AutoIAFNormal) with one scalar latent per point: Gauss-Kronrod 15
+    on MARGINAL_PANELS uniform panels over each point's range (10 robust standard deviations beyond its draws)."""
+
+    def __init__(self, density: GuideDensity, site: str, draws: torch.Tensor):
+        if draws.shape[1] != 2:
+            raise ValueError(f"joint-guide marginals are implemented for 2 data points, got {draws.shape[1]}")
+        self.q, self.site = density, site
+        self.nodes, self.logw = [], []  # per point: nodes (M,), log weights (2, M): Kronrod, Gauss
+        for k in range(2):
+            lo, hi = sample_range(draws[:, k])
+            edges = torch.linspace(lo, hi, MARGINAL_PANELS + 1, dtype=torch.float64)
+            half = (edges[1:] - edges[:-1])[:, None] / 2
+            self.nodes.append(((edges[1:] + edges[:-1])[:, None] / 2 + half * KRONROD_X).reshape(-1))
+            self.logw.append(torch.stack([(half * KRONROD_W).reshape(-1).log(), (half * GAUSS7_W).reshape(-1).log()]))
+
+    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z_0, z_1) at z (..., 2), float64 (...)."""
+        flat = z.reshape(-1, 2)
+        out = [self.q.log_joint({self.site: c.float()[..., None]}).double() for c in flat.split(CHUNK)]
+        return torch.cat(out).reshape(z.shape[:-1])
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """log q(z_k = v_k|x) for v (..., 2): a float64 tensor (..., 2)."""
+        flat, out = v.reshape(-1, 2), []
+        for k in range(2):
+            b = self.nodes[1 - k]
+            z = torch.empty(flat.shape[0], len(b), 2, dtype=torch.float64)
+            z[..., k], z[..., 1 - k] = flat[:, k:k + 1], b
+            out.append(lse(self.log_joint(z) + self.logw[1 - k][0], -1))
+        return torch.stack(out, -1).reshape(v.shape)
+
+    def check(self) -> dict:
+        """On the tensor product of the two points' rules: 'entropy' H[q(z_0, z_1)] and its K15 - G7 difference
+        'entropy_error'; 'mass' (should be 1: a deficit means q reaches beyond the ranges); 'marginal_error', the
+        q-weighted mean |log K15 - log G7| of each marginal (the larger of the two), i.e. the relative error of the
+        marginal densities where they matter."""
+        a, b = self.nodes
+        lj = self.log_joint(torch.stack(torch.meshgrid(a, b, indexing="ij"), -1))  # (Ma, Mb)
+        entropy = []
+        for i in range(2):
+            f = (lj + self.logw[0][i][:, None] + self.logw[1][i][None, :]).exp()
+            entropy.append(-float(torch.where(f > 0, f * lj, torch.zeros_like(f)).sum()))
+        marginal_error = 0.0
+        for k, rows in ((0, lj), (1, lj.T)):  # rows: this point's nodes x the other point's nodes
+            K, G = (lse(rows + self.logw[1 - k][i], -1) for i in range(2))
+            weight = (K + self.logw[k][0]).exp()
+            marginal_error = max(marginal_error, float((weight * (K - G).abs().nan_to_num(0.0)).sum()))
+        mass = float((lj + self.logw[0][0][:, None] + self.logw[1][0][None, :]).exp().sum())
+        return {"entropy": entropy[0], "entropy_error": abs(entropy[0] - entropy[1]), "mass": mass,
+                "marginal_error": marginal_error}
