@@ -35,7 +35,8 @@ def nodes(result) -> int:
 
 def test_refinement_without_the_zero_tails_gives_the_numbers_of_refining_every_panel(dlgm_pair, data, fast,
                                                                                      monkeypatch):
-    monkeypatch.setattr(analysis.quadrature, "TAIL_NEGLIGIBLE", 0.0)  # no panel is negligible: every one is split and re-evaluated
+    # no panel is negligible: every one is split and re-evaluated
+    monkeypatch.setattr(analysis.quadrature, "TAIL_NEGLIGIBLE", 0.0)
     thorough = exact(*dlgm_pair, data)
     assert nodes(fast) < nodes(thorough), "the trained dlgm's range has zero tails: the cheap path must drop some"
     bound = max(fast["error"], thorough["error"])
