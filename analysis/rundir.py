@@ -89,9 +89,10 @@ def is_run(path) -> bool:
 
 
 def previous_run(path) -> list:
-    """The names (relative to path) of the files and folders of the run that path holds: its RUN_FILES, the replica
-    dirs its status.json lists (seed<s>), and the backups of an earlier replacement that was killed (.replaced.*).
-    [] when path holds no run (no run status.json and none of OUTPUTS): then nothing there is a run's to replace."""
+    """The names (relative to path) of the files and folders of the run that path holds: its RUN_FILES and the
+    replica dirs its status.json lists (seed<s>). [] when path holds no run (no run status.json and none of
+    OUTPUTS): then nothing there is a run's to replace. (The backups an earlier replacement that was killed left,
+    .replaced.*, are Claim.commit's to remove.)"""
     path = Path(path)
     if not path.is_dir() or not (is_run(path) or any((path / name).exists() for name in OUTPUTS)):
         return []
@@ -100,7 +101,6 @@ def previous_run(path) -> list:
     for name in replicas if isinstance(replicas, list) else []:
         if isinstance(name, str) and REPLICA_DIR.fullmatch(name) and (path / name).is_dir():
             names.append(name)
-    names += sorted(p.name for p in path.glob(BACKUP + ".*") if p.is_dir())
     return names
 
 
@@ -136,8 +136,7 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
 
 
 class Claim:
-    """A run directory claimed for one run: the directories the claim created, the files the run wrote, what was
-    in the directory before, and (replace=True) the previous run's files moved aside, so that a refused run can be
+    """A run directory claimed for one run: the directories the claim created, what was in the directory before, and (replace=True) the previous run's files moved aside, so that a refused run can be
     undone (release) without losing anything that was there before the claim."""
 
     def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir"):
@@ -152,7 +151,7 @@ class Claim:
         back, and they are deleted (commit) once the run ends as ok, diverged or failed, i.e. after it passed every
         check before training. Files that are not a run's (someone's precious.png) are never moved or removed."""
         self.path = path = Path(path).absolute()
-        self.created, self.written, self.before, self.kept, self.moved = [], [], set(), {}, []
+        self.created, self.before, self.kept, self.moved = [], set(), {}, []
         self.hydra_before = set()
         self.backup = path / f"{BACKUP}.{os.getpid()}"
         if path.exists() and not path.is_dir():
@@ -204,8 +203,6 @@ class Claim:
             return
         self.backup.mkdir(exist_ok=True)
         for name in names:
-            if name.startswith(BACKUP + "."):
-                continue  # an earlier killed replacement's backup: removed with this one at commit
             os.replace(self.path / name, self.backup / name)
             self.moved.append(name)
         self.kept = {}  # the moved files come back whole
@@ -222,14 +219,15 @@ class Claim:
             self._move_back(keep_status=True)
             extra = {"kept": f"the outputs of the run that was here (status '{old.get('status', '?')}') are kept: "
                              "this run was refused before it trained", **extra}
-        self.wrote(STATUS)
         write_status(self.path, status, reason, **extra)
 
     def commit(self) -> None:
-        """The run passed every check before training: delete the replaced run's files (and the backups of earlier
-        killed replacements). Call it when training starts; status() calls it at the latest."""
-        for old in [self.backup, *self.path.glob(BACKUP + ".*")] if self.moved or self.backup.exists() else []:
-            shutil.rmtree(old, ignore_errors=True)
+        """The run passed every check before training: delete the replaced run's files, and the backups that earlier
+        killed replacements left (.replaced.*: this is the one place that handles them). Call it when training
+        starts; status() calls it at the latest."""
+        if self.moved or self.backup.exists():
+            for old in self.path.glob(BACKUP + ".*"):  # this claim's backup among them
+                shutil.rmtree(old, ignore_errors=True)
         self.moved = []
 
     def _move_back(self, keep_status: bool = False) -> None:
@@ -247,9 +245,8 @@ class Claim:
         self.moved = []
 
     def wrote(self, *names) -> None:
-        """Note files or folders (relative to the run dir) that this run wrote. Names that were there before the
-        claim are not this run's: release() puts their kept contents back rather than removing them."""
-        self.written += [n for n in names if n not in self.written and n not in self.before]
+        """Does nothing: release() needs no record of what the run wrote (it removes whatever appeared since the
+        claim and puts back what the claim overwrote). Kept only for cli.rundirs.save_hydra_files' call."""
 
     def release(self) -> None:
         """Undo the claim of a refused run: if the claim created the run dir, remove it with everything in it (a log
