@@ -136,8 +136,14 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
 
 
 class Claim:
-    """A run directory claimed for one run: the directories the claim created, what was in the directory before, and (replace=True) the previous run's files moved aside, so that a refused run can be
-    undone (release) without losing anything that was there before the claim."""
+    """A run directory claimed for one run: the directories the claim created, what was in the directory before,
+    and (replace=True) the previous run's files moved aside, so that a refused run can be undone (release) without
+    losing anything that was there before the claim.
+
+    Two ways back, for two kinds of claim: an in-place claim (allow_existing: a resume, or overwrite=true into a
+    dir without a run) overwrites only status.json and .hydra/*, so it keeps their bytes (kept) and writes them
+    back; a replacing claim moves the previous run's files, large ones too, into .replaced.<pid>/ and moves them
+    back (moved)."""
 
     def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir"):
         """Create `path` (and its parents) and mark it running. Raises RunDirError if path is a file, cannot be
