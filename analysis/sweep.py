@@ -290,6 +290,13 @@ def _mark_duplicates(jobs, keys) -> None:
             first[key] = i
 
 
+def _counted(jobs):
+    """The runs every mean, seed count and figure is over: the ok ones that repeat no earlier run (duplicate_of
+    empty; _mark_duplicates). Without a status or duplicate_of column, that filter is not applied."""
+    ok = jobs[jobs["status"] == "ok"] if "status" in jobs else jobs
+    return ok[ok["duplicate_of"].isna()] if "duplicate_of" in ok else ok
+
+
 def tables(rows) -> tuple:
     """(jobs, aggregated) DataFrames. jobs: one row per run; duplicate_of names the run a duplicate (same
     configuration and seed) repeats. aggregated: per configuration over its ok runs without duplicates, seeds (the
@@ -313,7 +320,7 @@ def tables(rows) -> tuple:
     keys = [k for k in _group_keys(rows) if k in jobs]
     jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
     _mark_duplicates(jobs, keys)
-    ok = jobs[(jobs["status"] == "ok") & jobs["duplicate_of"].isna()]
+    ok = _counted(jobs)
     numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
                and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]
     if ok.empty:
@@ -526,7 +533,7 @@ def _label(key) -> str:
 
 def _runs(jobs, key):
     """The ok runs (without duplicates) of the configurations of one curve."""
-    ok = jobs[(jobs["status"] == "ok") & jobs["duplicate_of"].isna()]
+    ok = _counted(jobs)
     for k, v in key.items():
         ok = ok[ok[k].fillna("").astype(str) == str(v)] if k in ok else ok.iloc[:0]
     return ok
@@ -604,7 +611,8 @@ def encodings_figure(jobs, out: Path):
     keys = ["model", "guide"] + [c for c in jobs if c.startswith("override:")
                                  and jobs[c].fillna("").astype(str).nunique() > 1]
     labels = jobs[keys].fillna("").astype(str).apply(lambda r: _label(dict(r)), axis=1)
-    ok = jobs[(jobs["status"] == "ok") & jobs["encodings"].notna() & jobs["duplicate_of"].isna()]
+    ok = _counted(jobs)
+    ok = ok[ok["encodings"].notna()]
     if ok.empty:
         return None
     ok = ok.assign(label=labels).sort_values(["seed", "job"], kind="stable")
@@ -639,9 +647,7 @@ def rate_distortion_figure(jobs, out: Path):
     model/guide family; None otherwise."""
     from .frontier import rd_plane
 
-    ok = jobs[jobs["status"] == "ok"] if "status" in jobs else jobs
-    if "duplicate_of" in ok:
-        ok = ok[ok["duplicate_of"].isna()]
+    ok = _counted(jobs)
     if ok.empty:
         return None
     betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
