@@ -261,8 +261,9 @@ def resume_state(resume) -> dict:
     if isinstance(resume, (str, os.PathLike)):
         try:
             return load_checkpoint(resume)
-        except ValueError as err:
-            raise refuse("resume", os.fspath(resume), f"resume must be a readable checkpoint ({err})") from None
+        except ValueError as err:  # its message starts with "checkpoint <path>": the path is named once, here
+            why = str(err).removeprefix(f"checkpoint {resume}").lstrip(": ")
+            raise refuse("resume", os.fspath(resume), f"resume must be a readable checkpoint ({why})") from None
     lacks = [k for k in KEYS if not isinstance(resume, dict) or k not in resume]
     if lacks or not is_int(resume["step"]) or resume["step"] < 0:
         raise refuse("resume", resume, "resume must be a checkpoint dict (infer.checkpoint.load_checkpoint(path)) "
