@@ -55,7 +55,7 @@ from .qdensity import BaseNoise
 from .quadrature import Joined, Outer, adapt, initial_breaks, refine
 from .surgery import surgery
 
-__all__ = ["exact", "evidence", "surgery", "posterior_grid"]
+__all__ = ["evidence", "exact", "posterior_grid", "surgery"]
 
 
 class LossQuantities:

@@ -243,7 +243,7 @@ def test_a_flow_guide_is_integrated_in_its_base_noise_and_agrees_with_the_same_g
 def test_model_evaluations_stay_within_the_element_budget(data, monkeypatch):
     """With a tiny budget every decoder output of exact() and surgery() holds at most MAX_ELEMENTS elements, and the
     numbers stay put."""
-    import analysis.densities as densities
+    from analysis import densities
 
     model, guide = VAE(N), GaussianGuide(VAE(N))
     full = exact(model, guide, data)
