@@ -53,7 +53,7 @@ class FlowGuide(nn.Module):
     Sites are sampled from dist.ConditionalTransformedDistribution(...).condition(context), which broadcasts over
     leading particle dims (a context of shape (2, n) serves samples of shape (P, 2, d))."""
 
-    def __init__(self, model, hidden: int = 64, layers: int = 2, flows: int = 1, count_bins: int = 8,
+    def __init__(self, model, hidden: int = 32, layers: int = 2, flows: int = 1, count_bins: int = 8,
                  bound: float = 5.0, order: str = "linear", activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))

@@ -11,7 +11,7 @@ from models.nets import GaussianNet
 class GaussianGuide(nn.Module):
     """q(z|x) = N(mu(x), diag sigma(x)^2) for the model's single latent site `z`."""
 
-    def __init__(self, model, hidden: int = 64, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
+    def __init__(self, model, hidden: int = 32, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim"))
         for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation), ("min_scale", min_scale)):

@@ -83,7 +83,7 @@ class MixtureGuide(nn.Module):
     Gaussians amortised on x. The component means start spread over [-spread, spread] (spread: a finite number >= 0)
     to break their symmetry."""
 
-    def __init__(self, model, components: int = 3, hidden: int = 64, layers: int = 2, upper_hidden: int = 64,
+    def __init__(self, model, components: int = 3, hidden: int = 32, layers: int = 2, upper_hidden: int = 64,
                  upper_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5, spread: float = 1.0):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))

@@ -17,12 +17,13 @@ class DLGM(nn.Module):
     and rate 30 0.723-0.724, where rate 1 gave 0.745-0.753; but at n = 5 rates 20 and 30 collapsed 2 of 8 seeds
     (the prior map went flat and z2 unused: loss 1.0658, the vae's), rate 10 none of 8 (n = 5 and n = 10).
     prior_gain_floor (None: none) is the lowest log-gain the prior nets' input gain acts with (models.nets.floored);
-    the recipe's 0.0 keeps a 3-layer prior net from flattening in its first steps (README, "The DLGM at n = 1000")."""
+    the default 0.0 keeps a 3-layer prior net from flattening in its first steps (README, "The DLGM at n = 1000").
+    Every default is the command line's (conf/model/dlgm.yaml; tests/test_defaults.py holds them equal)."""
 
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
-                 prior_hidden: int = 64, prior_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5,
-                 gain: bool = False, prior_gain: bool = False, prior_gain_rate: float = 10.0,
-                 prior_gain_floor: float = None):
+                 prior_hidden: int = 32, prior_layers: int = 3, activation: str = "elu", min_scale: float = 1e-5,
+                 gain: bool = False, prior_gain: bool = True, prior_gain_rate: float = 10.0,
+                 prior_gain_floor: float = 0.0):
         super().__init__()
         for name, value in (("n", n), ("depth", depth), ("latent_dim", latent_dim), ("hidden", hidden),
                             ("layers", layers), ("prior_hidden", prior_hidden), ("prior_layers", prior_layers),

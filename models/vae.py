@@ -14,8 +14,8 @@ class VAE(nn.Module):
 
     latent_sites = ("z",)
 
-    def __init__(self, n: int, latent_dim: int = 1, hidden: int = 64, layers: int = 2, activation: str = "elu",
-                 gain: bool = False):
+    def __init__(self, n: int, latent_dim: int = 1, hidden: int = 32, layers: int = 2, activation: str = "elu",
+                 gain: bool = True):
         super().__init__()
         for name, value in (("n", n), ("latent_dim", latent_dim), ("hidden", hidden), ("layers", layers),
                             ("activation", activation), ("gain", gain)):

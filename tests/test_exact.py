@@ -26,7 +26,7 @@ def data():
 @pytest.fixture(scope="module")
 def dlgm_pair(data):
     pyro.set_rng_seed(3)
-    model = DLGM(N)
+    model = DLGM(N, prior_hidden=64, prior_layers=2, prior_gain=False, prior_gain_floor=None)  # a plain prior net
     guide = StructuredGuide(model)
     fit(model, guide, data, elbo=ClosedFormELBO(num_particles=16), steps=200, lr=1e-2, lr_final=1e-3)
     return model, guide

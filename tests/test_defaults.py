@@ -1,0 +1,41 @@
+"""Python and the command line build the same networks: every key a conf/model or conf/guide option sets for one of
+the suite's own classes equals that class's constructor default, so VAE(n), DLGM(n) and their guides built in Python
+are the networks `python run.py` trains."""
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OWN = ("models.", "guides.")  # Pyro's autoguides (conf/guide/auto*.yaml) keep Pyro's defaults: the conf chooses its own
+
+
+def _options():
+    for group in ("model", "guide"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            node = yaml.safe_load(path.read_text())
+            node = node.get(group, node)  # a model option is packaged _global_ with its keys under model:
+            if node.get("_target_", "").startswith(OWN):
+                yield pytest.param(node, id=f"{group}={path.stem}")
+
+
+def _constructor(target: str):
+    module, name = target.rsplit(".", 1)
+    return inspect.signature(getattr(importlib.import_module(module), name))
+
+
+@pytest.mark.parametrize("node", list(_options()))
+def test_a_conf_option_sets_the_constructors_defaults(node):
+    params = _constructor(node["_target_"]).parameters
+    settings = {k: v for k, v in node.items() if not k.startswith("_") and k != "name"}
+    assert set(settings) <= set(params), f"conf keys that are not constructor arguments: {set(settings) - set(params)}"
+    differ = {k: (params[k].default, v) for k, v in settings.items() if params[k].default != v}
+    assert not differ, f"constructor default != conf value: {differ}"
+
+
+def test_the_defaults_check_sees_every_own_option():
+    names = {p.id for p in _options()}
+    assert {"model=vae", "model=dlgm", "guide=gaussian", "guide=structured", "guide=meanfield", "guide=flow",
+            "guide=mixture"} <= names
