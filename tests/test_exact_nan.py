@@ -49,7 +49,7 @@ def make_affine(net, slope, intercept):
 @pytest.fixture(scope="module")
 def needle_dlgm():
     data = OneBit(N)
-    model = DLGM(N, hidden=1, layers=1, prior_hidden=1, prior_layers=1)
+    model = DLGM(N, hidden=1, layers=1, prior_hidden=1, prior_layers=1, prior_gain=False, prior_gain_floor=None)
     guide = StructuredGuide(model, hidden=1, layers=1, upper_hidden=1, upper_layers=1)
     min_scale = 1e-5  # the nets' scale is softplus(raw) + min_scale
     make_affine(model.priors[0].body, [ALPHA, 0.0], [0.0, softplus_inverse(SIGMA - min_scale)])
