@@ -240,8 +240,8 @@ def kill_and_resume(tmp_path, args, at_step):
     return whole, resumed
 
 
-@pytest.mark.parametrize("log_every", [100, 300])
-def test_kill_and_resume_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path, log_every):
+@pytest.mark.parametrize("log_every", [pytest.param(100, marks=pytest.mark.slow), 300])  # 300: the kill falls
+def test_kill_and_resume_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path, log_every):  # inside a log window
     args = ["data.n=100", "train.steps=1000", "train.checkpoint_every=500", f"train.log_every={log_every}",
             "eval.samples=10000", "eval.replicates=4", "eval.figures=false"]
     whole, resumed = kill_and_resume(tmp_path, args, 500)
