@@ -1,7 +1,10 @@
 """Inference: the objectives, the training recipes and the SVI training loop."""
 from . import validate  # noqa: F401  (first: models and guides import it, and it imports nothing of ours)
 from .elbo import ClosedFormELBO
-from .fit import DivergenceError, FitResult, Recipe, fit, recipe, weighted
+from .fit import fit
+from .prepare import weighted
+from .recipe import Recipe, recipe
+from .result import DivergenceError, FitResult
 from .objectives import IWAE, OBJECTIVES, check_objective, make_objective
 
 __all__ = ["ClosedFormELBO", "fit", "FitResult", "DivergenceError", "Recipe", "recipe", "weighted",

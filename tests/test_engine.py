@@ -75,7 +75,7 @@ def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_fit_on_the_traced_plan_gives_the_general_paths_history(name, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", 0)
     runs = {}
     for engine in ("auto", "general"):
         model, guide = build(name)
@@ -97,7 +97,7 @@ def test_a_short_run_uses_the_eager_fast_path_with_the_general_paths_numbers_to_
 
 
 def test_a_guide_written_by_a_user_trains_through_the_fast_path(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", 0)
     model = VAE(N, hidden=16)
 
     def guide(x):  # q(z|x_k) = N(m_k, s_k^2), one free Gaussian per data point
@@ -114,7 +114,7 @@ def test_a_guide_written_by_a_user_trains_through_the_fast_path(monkeypatch):
 
 
 def test_a_guide_with_value_dependent_control_flow_is_caught_by_the_log_step_check(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", 0)
     model = VAE(N, hidden=16)
     calls = {"n": 0}
 
@@ -140,7 +140,7 @@ def test_without_vectorised_particles_the_general_path_runs_and_says_so():
 def test_resuming_on_the_traced_plan_gives_the_uninterrupted_history(tmp_path, monkeypatch):
     from infer.checkpoint import load_checkpoint
 
-    monkeypatch.setattr(importlib.import_module("infer.fit"), "GRAPH_MIN_STEPS", 0)
+    monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", 0)
 
     def run(**kwargs):
         model, guide = build("dlgm")

@@ -1,0 +1,160 @@
+"""Everything fit does before its first step: the weighted model and guide, the parameters drawn afresh (or kept),
+the checks of guide and objective, the params to train and their Adam, and a checkpoint's state put back."""
+import warnings
+import weakref
+
+import pyro
+import torch
+from pyro import poutine
+
+from guides.check import check_guide
+from .checkpoint import set_rng_state
+from .objectives import check_objective
+from .weights import DataWeights, LatentScale, kl_weight
+
+
+def weighted(fn, data, device=None):
+    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k)). Sites outside the
+    data plate (a joint guide's auxiliary site) get weight 1/N for equal weights (see DataWeights)."""
+    w = data.w if device is None else data.w.to(device)
+    return DataWeights(w)(fn)
+
+
+_INITIAL = weakref.WeakKeyDictionary()  # module -> {name: value at the first fit} for params nothing can re-draw
+
+
+def reset_parameters(*modules) -> None:
+    """Re-initialise the parameters of each nn.Module from torch's RNG, as if it were built now: every submodule's
+    own reset_parameters() (nn.Linear, models.nets.LogGain, ...); a Pyro autoguide sets itself up afresh at its
+    next call (its prototype trace is dropped, so its params and random buffers are drawn again); any other
+    parameter (no reset_parameters() owns it) is put back to its value when fit first saw the module. Callables
+    that are not modules keep their pyro.param sites, which restart from their init values when the param store
+    is cleared."""
+    from pyro.infer.autoguide import AutoGuide, AutoNormalizingFlow
+
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        covered = set()
+        for sub in module.modules():
+            if isinstance(sub, AutoGuide):  # set up afresh, params and all, at its next call
+                sub.prototype_trace = None
+                if isinstance(sub, AutoNormalizingFlow):  # its flow is built lazily, and only once
+                    sub.transform = None
+                covered |= {id(p) for p in sub.parameters()}
+            if callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+                covered |= {id(p) for p in sub.parameters(recurse=False)}
+        rest = {name: p for name, p in module.named_parameters() if id(p) not in covered}
+        first = _INITIAL.setdefault(module, {name: p.detach().clone() for name, p in rest.items()})
+        with torch.no_grad():
+            for name, p in rest.items():
+                if name in first and first[name].shape == p.shape:
+                    p.copy_(first[name])
+                else:
+                    first[name] = p.detach().clone()
+
+
+def _adam(params, v, device):
+    """(fused, optimizer): torch's Adam over params with v's lr and betas, fused where the kernel covers them."""
+    from .adam import LeanAdam
+
+    fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
+    betas = tuple(float(b) for b in v["adam_betas"])
+    try:
+        if fused:
+            return True, LeanAdam(params, lr=v["lr"], betas=betas)
+        return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
+    except RuntimeError:  # a device or dtype the fused kernel does not cover
+        return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
+
+
+def _prepare(model, guide, data, elbo, v, device, start=0):
+    """Everything before the first step, in the order that decides the RNG stream: move to the device, seed, reset
+    (or keep) the params, check guide and objective, collect the params to train. Returns a namespace with guide, x,
+    needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
+    (the LatentScale), model_w and guide_w (the weighted model and guide, None without a guide)."""
+    from types import SimpleNamespace
+
+    needs_guide = getattr(elbo, "needs_guide", True)
+    guide = guide if needs_guide else None
+    for module in (model, guide):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+    x = data.x.to(device)
+    if v["seed"] is not None:
+        pyro.set_rng_seed(v["seed"])
+    store = pyro.get_param_store()
+    kept = ({name: store.get_param(name).unconstrained().detach().clone() for name in store.keys()}
+            if v["init"] == "keep" else {})
+    pyro.clear_param_store()
+    if v["init"] == "reset":
+        reset_parameters(model, guide)
+    if needs_guide:
+        check_guide(model, guide, x)
+        check_objective(elbo, model, guide, x)
+    scale = LatentScale(kl_weight(start, v["beta"], v["warmup"], v["warmup_start"]))
+    if needs_guide:
+        model_w, guide_w = scale(weighted(model, data, device)), scale(weighted(guide, data, device))
+    with poutine.trace(param_only=True) as captured, warnings.catch_warnings():
+        # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
+        warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
+        if needs_guide:
+            elbo.loss(model_w, guide_w, x)
+        else:  # the model's own params (an objective may hide them from outer handlers, e.g. by poutine.block)
+            with torch.no_grad(), torch.random.fork_rng():
+                model(x)
+    names = sorted(set(captured.trace.nodes) & set(store.keys()))
+    if kept:  # pyro.param sites keep their values from the store; an nn.Module's params are the module's own
+        own = {id(p) for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters()}
+        with torch.no_grad():
+            for name in names:
+                value = store.get_param(name).unconstrained()
+                if id(value) not in own and name in kept and kept[name].shape == value.shape:
+                    value.copy_(kept[name])
+    trained = names
+    if v["freeze_model"]:
+        with poutine.trace(param_only=True) as alone, torch.random.fork_rng(), torch.no_grad():
+            model(x)
+        trained = [name for name in names if name not in alone.trace.nodes]
+        if not trained:
+            raise ValueError("freeze_model=True is not allowed here: the guide has no params of its own to train")
+    params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in trained)}.values())
+    for p in params:
+        p.requires_grad_(True)
+    return SimpleNamespace(guide=guide, x=x, needs_guide=needs_guide, names=names, store=store, trained=trained,
+                           params=params, scale=scale, model_w=model_w if needs_guide else None,
+                           guide_w=guide_w if needs_guide else None)
+
+
+def _restore(resume, names, store, result, window, device):
+    """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place."""
+    missing = sorted(set(names) - set(resume["params"]))
+    if missing:
+        raise ValueError(f"resume: the checkpoint has no params {', '.join(missing)}; it was written for another "
+                         "model or guide")
+    for name in names:
+        want, have = tuple(store.get_param(name).unconstrained().shape), tuple(resume["params"][name].shape)
+        if want != have:
+            raise ValueError(f"resume: the checkpoint's param {name} has shape {have} but this model/guide's has "
+                             f"shape {want}; it was written for another model, guide or data.n")
+    saved = resume.get("buffers", {})
+    odd = sorted(k for k, b in saved.items() if k not in result.buffers or b.shape != result.buffers[k].shape)
+    if odd:
+        raise ValueError(f"resume: the checkpoint's buffers {', '.join(odd)} do not match this model and guide")
+    with torch.no_grad():  # by name: params is deduplicated, so it need not line up with names
+        for name in names:
+            store.get_param(name).unconstrained().copy_(resume["params"][name])
+        for name, value in saved.items():
+            result.buffers[name].copy_(value)
+    try:
+        result.optimizer.load_state_dict(resume["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"resume: the checkpoint's optimizer state does not fit these params ({err})") from None
+    set_rng_state(resume["rng"])
+    result.history = list(resume.get("history", []))
+    result.initial_loss = resume.get("initial_loss")
+    window.load(resume.get("window"), device)
+
+
+__all__ = ["weighted", "reset_parameters"]

@@ -1,0 +1,111 @@
+"""The record of a training run: FitResult, the logging window that turns each step's loss terms into its
+history rows, and the DivergenceError (with its cause in words) that ends a run at a non-finite step."""
+from dataclasses import dataclass, field
+
+import torch
+
+
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss or gradient. `step` is the first bad step (1-based), `cause` the likely
+    cause in words; `result` is the FitResult up to the last good log (its params were never checkpointed)."""
+
+    def __init__(self, message, step=None, cause=None, result=None):
+        super().__init__(message)
+        self.step, self.cause, self.result = step, cause, result
+
+
+@dataclass
+class FitResult:
+    """What training produced: the logged history and the state needed to resume.
+
+    initial_loss: the objective at the first step of a fresh run (before any update): a run that ends above it
+    got worse. window: the partial logging window at `steps` (a checkpoint carries it, so a resumed history is the
+    same as an uninterrupted one)."""
+
+    history: list = field(default_factory=list)
+    steps: int = 0
+    wall_seconds: float = 0.0  # the training loop and its setup (choosing and tracing the engine)
+    setup_seconds: float = 0.0  # of which the setup
+    optimizer: object = None
+    buffers: dict = field(default_factory=dict)  # non-parameter module state, e.g. an IAF's random permutation
+    initial_loss: float = None
+    window: dict = None
+    engine: str = None  # the path that trained: graph (traced plan), fast (eager fast path) or general
+    recipe: dict = None  # the settings this run used (fit's arguments after the recipe filled them in)
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _last_update(steps, v, result):
+    return DivergenceError(f"training diverged at step {steps}: the last update made the loss non-finite (nan or "
+                           f"inf); the learning rate is the likely cause: lower lr (optim.lr={v['lr']:g})",
+                           step=steps, cause="lr", result=result)
+
+
+def _divergence(step, at_start, start, v, result, needs_guide):
+    """The DivergenceError for a first non-finite step `step` (1-based); at_start: before any update of this run."""
+    if at_start and start == 0:
+        cause = "init"
+        what = ("the loss or its gradients were non-finite at the initial parameters, before any update, so not "
+                "the learning rate: check " + ("beta (train.beta), the data weights, the model and the guide"
+                                               if needs_guide else "the model and the objective"))
+    elif needs_guide and v["beta"] > 1e3:
+        cause = "beta"
+        what = (f"the loss or its gradients became non-finite (nan or inf); beta={v['beta']:g} weights the KL "
+                "terms so much that they overflow: lower beta (train.beta)")
+    else:
+        cause = "lr"
+        what = ("the loss or its gradients became non-finite (nan or inf); the learning rate is the likely cause: "
+                f"lower lr (optim.lr={v['lr']:g})")
+    return DivergenceError(f"training diverged at step {step}: {what}", step=step, cause=cause, result=result)
+
+
+class _Window:
+    """The per-step loss terms since the last log, kept on the device until the log step (no sync per step)."""
+
+    def __init__(self):
+        self.values, self.betas = [], []
+
+    def add(self, vec, beta):
+        self.values.append(vec)
+        self.betas.append(beta)
+
+    def state(self):
+        """A checkpointable copy: {'values': (k, T) tensor on the CPU, 'betas': [k floats]} (None when empty)."""
+        if not self.values:
+            return None
+        return {"values": torch.stack(self.values).cpu(), "betas": list(self.betas)}
+
+    def load(self, state, device):
+        self.values, self.betas = [], []
+        if state:
+            self.values = list(state["values"].to(device).unbind(0))
+            self.betas = list(state["betas"])
+
+    def row(self, step, rate, names, needs_guide) -> dict:
+        """The window means: each term (KL terms unweighted: divided by each step's beta), the objective, beta."""
+        values = torch.stack(self.values).double()  # (k, T+1): the terms, then the objective
+        betas = torch.tensor(self.betas, dtype=torch.float64, device=values.device)
+        if needs_guide:
+            kl = torch.tensor([k.startswith("kl_") for k in names] + [False], device=values.device)
+            divisor = torch.where(kl & (betas > 0).unsqueeze(1), betas.unsqueeze(1), torch.ones_like(values))
+            means = (values / divisor).mean(0).tolist()
+            terms = dict(zip(names, means[:-1]))
+            row = {"step": step, "lr": rate, "recon": terms.pop("recon")}
+            # the loss terms of the latent sites, E_q[log q(s|.) - log p(s|parents)]: only their sum, the rate, is a
+            # KL (the DLGM's z1 term is often negative), so they are named rate_<site>, not KL
+            # (a joint autoguide's auxiliary site, Pyro's '_Auto..._latent', is its log q: named rate_joint)
+            row.update({f"rate_{'joint' if k[3:].startswith('_') else k[3:]}": val for k, val in terms.items()})
+            row["rate"] = sum(val for k, val in row.items() if k.startswith("rate_"))
+            row.update(objective=means[-1], beta=float(sum(self.betas) / len(self.betas)))
+            row["loss"] = row["recon"] + row["rate"]
+        else:
+            means = values.mean(0).tolist()
+            row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0], "objective": means[1]}
+        self.values, self.betas = [], []
+        return row
+
+
+__all__ = ["FitResult", "DivergenceError"]
