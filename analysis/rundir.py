@@ -250,10 +250,6 @@ class Claim:
         shutil.rmtree(self.backup, ignore_errors=True)
         self.moved = []
 
-    def wrote(self, *names) -> None:
-        """Does nothing: release() needs no record of what the run wrote (it removes whatever appeared since the
-        claim and puts back what the claim overwrote). Kept only for cli.rundirs.save_hydra_files' call."""
-
     def release(self) -> None:
         """Undo the claim of a refused run: if the claim created the run dir, remove it with everything in it (a log
         file Hydra opened, say), and the parents it created while they are empty. Otherwise remove only what

@@ -73,7 +73,6 @@ def save_hydra_files(claim, cfg, hc) -> None:
     Hydra itself writes nothing before the run's directory is claimed)."""
     folder = Path(claim.path) / ".hydra"
     folder.mkdir(exist_ok=True)
-    claim.wrote(".hydra")
     OmegaConf.save(cfg, folder / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": hc}), folder / "hydra.yaml")
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")

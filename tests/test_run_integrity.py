@@ -55,7 +55,6 @@ def test_releasing_a_claim_on_a_dir_holding_a_run_leaves_every_file_that_was_the
     claim = Claim(run, allow_existing=True)  # an in-place resume, refused before it trains
     (run / ".hydra" / "config.yaml").write_text("seed: 0\ntrain: {steps: 80}\n")  # as cli.save_hydra_files does
     (run / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
-    claim.wrote(".hydra", "metrics.json")
     (run / "traceback.txt").write_text("new")
     claim.release()
     assert snapshot(run) == before
