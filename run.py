@@ -337,7 +337,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             raise Diverged(str(err)) from None
         raise Refused(str(err)) from None
     except KeyboardInterrupt:
-        killed = cli.signal.Signals(cli.STATE["signal"] or cli.signal.SIGINT).name
+        killed = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
         for d in dirs:
             if read_status(d).get("status") == "running":
                 write_status(d, "failed", cli.killed_reason(killed, d))
