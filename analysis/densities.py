@@ -25,7 +25,7 @@ def check_call(model, guide, data, **values) -> None:
     any work, each a one-line ValueError naming the problem: the arguments `values` (infer.validate: tol a finite
     number > 0, points an integer >= 2), then data, model and guide (infer.fit.check_inputs: the data's n, the
     guide's sites, shapes, plates, support and density)."""
-    from infer.fit import check_inputs
+    from infer.checks import check_inputs
     from infer.validate import check
 
     for name, value in values.items():

@@ -92,7 +92,7 @@ def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk
     traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n. Refused in one
     line before any work (ValueError naming the argument): samples or chunk not an integer >= 1, and data, model
     and guide as infer.fit.check_inputs refuses them."""
-    from infer.fit import check_inputs
+    from infer.checks import check_inputs
     from infer.validate import check
 
     check("chunk", samples, label="samples")

@@ -15,7 +15,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from infer.elbo import ClosedFormELBO
-from infer.fit import weighted
+from infer.prepare import weighted
 from infer.runtime import flush_denormals
 from infer.noise import gaussian_base
 
@@ -169,7 +169,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     not a multiple of replicates (>= 2) with at least 2 draws per replicate; data, model or guide as
     infer.fit.check_inputs refuses them (another n, a guide that does not sample the model's latent sites with
     their shapes and plates, a non-finite draw)."""
-    from infer.fit import check_inputs
+    from infer.checks import check_inputs
     from infer.validate import check, check_samples
 
     check("noise", noise)

@@ -33,7 +33,7 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     dens = Densities(model, guide, data)
     draws = dens.samples()
     if log_px is None:
-        from infer.fit import inputs_checked
+        from infer.checks import inputs_checked
 
         from .exact import exact  # imported here: analysis.exact imports this module
 
