@@ -197,9 +197,13 @@ def differences(result: dict, ref: dict, w) -> dict:
 def trained(kind: str, steps: int):
     data = OneBit(N_BITS)
     torch.manual_seed(0)
-    if kind == "dlgm":
-        model = DLGM(N_BITS, prior_gain=True)
+    if kind == "dlgm":  # the 2-layer 64-unit prior net this check was written for
+        model = DLGM(N_BITS, prior_hidden=64, prior_layers=2, prior_gain=True, prior_gain_floor=None)
         guide = StructuredGuide(model, gain=True)
+        particles, lr_final = 128, 1e-4
+    elif kind == "dlgm_cli":  # the command line's dlgm networks (conf/model/dlgm.yaml, conf/guide/structured.yaml)
+        model = DLGM(N_BITS)
+        guide = StructuredGuide(model)
         particles, lr_final = 128, 1e-4
     else:
         model = VAE(N_BITS, hidden=32, gain=True)
@@ -213,7 +217,8 @@ def trained(kind: str, steps: int):
 def check(kind: str, steps: int):
     model, guide, data = trained(kind, steps)
     result = exact(model, guide, data)
-    ref = dlgm_reference(model, guide, data) if kind == "dlgm" else vae_reference(model, guide, data, kind == "flow")
+    ref = (dlgm_reference(model, guide, data) if kind.startswith("dlgm")
+           else vae_reference(model, guide, data, kind == "flow"))
     assert ref["error"] < REFERENCE_MAX_ERROR, f"the reference itself has not converged: {ref['error']:.1e}"
     diff = differences(result, ref, data.w.tolist())
     worst = max(diff, key=diff.get)
@@ -229,6 +234,15 @@ FAST_STEPS = {"vae": 2000, "dlgm": 400, "flow": 2000}  # enough for the features
 @pytest.mark.parametrize("kind", ["vae", "dlgm", "flow"])
 def test_reported_error_bounds_the_distance_to_an_independent_evaluation(kind):
     check(kind, FAST_STEPS[kind])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect: on the command line's dlgm networks after 400 steps the float64 reference differs from exact() "
+    "by 3.4e-7 in loss[x0] against a reported error of 2.7e-7; exact(tol=1e-8) moves by 2e-8 only, so the "
+    "difference is not the quadrature's: likely the float32 rounding of the networks' outputs, which the reported "
+    "error does not count (the reference evaluates the networks in float64)"))
+def test_reported_error_bounds_the_distance_for_the_command_lines_dlgm_networks():
+    check("dlgm_cli", 400)
 
 
 @pytest.mark.slow
