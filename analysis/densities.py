@@ -2,10 +2,16 @@
 
 Densities reads every site by tracing the model and the guide under poutine.condition, so any guide that samples
 the model's latent sites works; the model's Bernoulli likelihood and Normal sites are float64 (qdensity.log_prob64)
-and each evaluation is chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n. JointMarginal
+and each evaluation is chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n. The model and guide
+are fed on the dtype and device of their parameters (parameter_place: the data and the latent values cast there; a
+float32 model gets float32 inputs, a float64 model float64 ones), and every log-density comes back float64 on the
+data's device, where the quadrature runs. JointMarginal
 gives the per-point marginals and the entropy of a joint guide; sample_range the integration range of draws;
 check_call the refusals (one-line ValueError) of every public function of analysis.exact, before any work.
 """
+import functools
+import inspect
+
 import pyro
 import torch
 from pyro import poutine
@@ -20,24 +26,93 @@ MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model ev
 #                          memory is bounded for any n (a float64 tensor of this size is 128 MiB)
 
 
+def parameter_place(model, guide, x: torch.Tensor) -> tuple:
+    """(dtype, device) the model and guide compute in: those of the model's first floating-point parameter, else the
+    guide's (a torch.nn.Module's parameters; a plain function has none), else those of the data x."""
+    for fn in (model, guide):
+        if isinstance(fn, torch.nn.Module):
+            for p in fn.parameters():
+                if p.is_floating_point():
+                    return p.dtype, p.device
+    return x.dtype, x.device
+
+
+def on_parameter_dtype(fn):
+    """Decorator of the public functions fn(model, guide, data, ...) of analysis.exact: while fn runs, torch's default
+    dtype is that of the model's (else the guide's) parameters, and it is restored afterwards, so that code the model
+    and guide call which creates tensors in the default dtype follows them (Pyro's AffineAutoregressive inverse, in
+    AutoIAFNormal's density, starts from torch.zeros). Nothing changes where the default is that dtype already (a
+    float32 model under torch's default), where neither has a floating-point parameter, or for dtypes other than
+    float32 and float64."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs).arguments
+        except TypeError:  # fn itself reports the wrong call
+            return fn(*args, **kwargs)
+        dtype = None
+        for role in ("model", "guide"):
+            value = bound.get(role)
+            if dtype is None and isinstance(value, torch.nn.Module):
+                dtype = next((p.dtype for p in value.parameters() if p.is_floating_point()), None)
+        saved = torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float64) or dtype == saved:
+            return fn(*args, **kwargs)
+        torch.set_default_dtype(dtype)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(saved)
+
+    return wrapped
+
+
+class DataOn:
+    """The one-bit data as the model and guide are fed: x (2, n) cast to `dtype` on `device`; n, weights and w are
+    the data's own (the weights stay on the data's dtype and device, where the quadrature sums)."""
+
+    def __init__(self, data, dtype: torch.dtype, device: torch.device):
+        self.data, self.n, self.weights, self.w = data, data.n, data.weights, data.w
+        self.x = data.x.to(dtype=dtype, device=device)
+
+
+def fed(model, guide, data):
+    """The data as model and guide are fed (see parameter_place): `data` itself where its x already has their dtype
+    and device (float32 models on the one-bit data: nothing is copied), else a DataOn. data must have passed
+    infer.checks.check_data."""
+    x = data.x
+    dtype, device = parameter_place(model, guide, x)
+    return data if (x.dtype, x.device) == (dtype, device) else DataOn(data, dtype, device)
+
+
 def check_call(model, guide, data, **values) -> None:
     """The checks of every public function of analysis.exact (exact, evidence, surgery, posterior_grid), before
     any work, each a one-line ValueError naming the problem: the arguments `values` (infer.validate: tol a finite
     number > 0, points an integer >= 2), then data, model and guide (infer.fit.check_inputs: the data's n, the
-    guide's sites, shapes, plates, support and density)."""
-    from infer.checks import check_inputs
+    guide's sites, shapes, plates, support and density; the model and guide traced on the data cast to the dtype and
+    device of their parameters, see fed)."""
+    from infer.checks import check_data, check_inputs
     from infer.validate import check
 
     for name, value in values.items():
         check(name, value)
-    check_inputs(model, guide, data)
+    check_data(data)  # before fed() reads data.x
+    check_inputs(model, guide, fed(model, guide, data))
 
 
 class Densities:
-    """Site log-densities of a model and guide on grids of latent values, read through poutine.condition/trace."""
+    """Site log-densities of a model and guide on grids of latent values, read through poutine.condition/trace.
+
+    The model and guide are fed on `dtype` and `device` (parameter_place: their parameters'): x is the data cast
+    there, and so are the latent values (fed); every log-density and draw comes back float64 on `home`, the data's
+    device (back)."""
 
     def __init__(self, model, guide, data, need_q: bool = True):
-        self.model, self.guide, self.data, self.x = model, guide, data, data.x
+        self.model, self.guide, self.data = model, guide, data
+        self.x = fed(model, guide, data).x
+        self.dtype, self.device, self.home = self.x.dtype, self.x.device, data.x.device
         with torch.no_grad(), torch.random.fork_rng(), poutine.block():
             mt = poutine.trace(model).get_trace(self.x)
 
@@ -74,7 +149,7 @@ class Densities:
         if need_q and self.q.kind == "direct":
             with torch.no_grad(), torch.random.fork_rng(), poutine.block():
                 gt = poutine.trace(guide).get_trace(self.x)
-            self.base = BaseNoise.of(gt, self.bottom, self.latents)
+            self.base = BaseNoise.of(gt, self.bottom, self.latents, self.home)
 
     def rows(self, per_row: int = 2) -> int:
         """How many rows of latent values (one per data point for the parent of x, with per_row latent points in all)
@@ -82,26 +157,36 @@ class Densities:
         tensors (rows x width)."""
         return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
 
+    def fed(self, values: dict) -> dict:
+        """{site: value (..., 2, 1)}: latent values (..., 2) (last dim = data point) cast to the dtype and device the
+        model and guide are fed on, with the site's event dim."""
+        return {k: v.to(device=self.device, dtype=self.dtype).unsqueeze(-1) for k, v in values.items()}
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        """t as the quadrature takes it: float64 on the data's device (t itself where it is already)."""
+        return t.to(device=self.home, dtype=torch.float64)
+
     def logs(self, values: dict, parts=("q", "p")) -> dict:
         """{'q:site' | 'p:site': float64 log-density} for every guide/model site at the given latent values.
 
-        values maps site -> float64 tensor (..., 2) (last dim = data point); shapes broadcast."""
-        vals = {k: v.float().unsqueeze(-1) for k, v in values.items()}
+        values maps site -> float64 tensor (..., 2) (last dim = data point); shapes broadcast. The model and guide see
+        them cast to their dtype (fed); the log-densities are float64 on the data's device (back)."""
+        vals = self.fed(values)
         out = {}
         with torch.no_grad(), poutine.block():
             if "q" in parts and self.joint:
                 out["q:" + self.bottom] = self._marginal()(values[self.bottom])
             elif "q" in parts:
-                out.update({"q:" + n: v for n, v in self.q.log_prob(vals).items()})
+                out.update({"q:" + n: self.back(v) for n, v in self.q.log_prob(vals).items()})
             if "p" in parts:
                 tr = poutine.trace(poutine.condition(self.model, data=vals)).get_trace(self.x)
                 for n in self.latents + self.observed:
-                    out["p:" + n] = log_prob64(tr.nodes[n])
+                    out["p:" + n] = self.back(log_prob64(tr.nodes[n]))
         return out
 
     def _marginal(self) -> "JointMarginal":
         if self.marginal is None:
-            self.marginal = JointMarginal(self.q, self.bottom, self.samples()["q:" + self.bottom])
+            self.marginal = JointMarginal(self.q, self.bottom, self.samples()["q:" + self.bottom], self.home)
         return self.marginal
 
     def samples(self, count: int = 4096, seed: int = 0) -> dict:
@@ -120,10 +205,10 @@ class Densities:
                 for n in self.latents:
                     value = mt.nodes[n]["value"].detach()
                     prior[n].append(value.reshape(value.shape[0], -1))
-                loglik.append(sum(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"]).double() for n in self.observed))
+                loglik.append(sum(self.back(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"])) for n in self.observed))
         for n in self.latents:
-            out["q:" + n] = gt.nodes[n]["value"].detach().reshape(count, 2).double()  # AutoDelta's is a param
-            out["p:" + n] = torch.cat(prior[n]).reshape(count, -1).double().expand(count, 2)
+            out["q:" + n] = self.back(gt.nodes[n]["value"].detach().reshape(count, 2))  # AutoDelta's is a param
+            out["p:" + n] = self.back(torch.cat(prior[n]).reshape(count, -1)).expand(count, 2)
         out["p:loglik"] = torch.cat(loglik)
         return out
 
@@ -143,12 +228,14 @@ MARGINAL_PANELS = 128  # Gauss-Kronrod panels per point for the marginals of a j
 class JointMarginal:
     """The marginals q(z|x_k) = integral of q(z_0, z_1) over the other point's z, and the joint entropy, of a joint
     guide (one density over both data points, e.g. AutoIAFNormal) with one scalar latent per point: Gauss-Kronrod 15
-    on MARGINAL_PANELS uniform panels over each point's range (10 robust standard deviations beyond its draws)."""
+    on MARGINAL_PANELS uniform panels over each point's range (10 robust standard deviations beyond its draws).
+    The guide is fed on the dtype and device of its data (density.x); the results are float64 on `home`."""
 
-    def __init__(self, density: GuideDensity, site: str, draws: torch.Tensor):
+    def __init__(self, density: GuideDensity, site: str, draws: torch.Tensor, home=None):
         if draws.shape[1] != 2:
             raise ValueError(f"joint-guide marginals are implemented for 2 data points, got {draws.shape[1]}")
         self.q, self.site = density, site
+        self.home = draws.device if home is None else home
         self.nodes, self.logw = [], []  # per point: nodes (M,), log weights (2, M): Kronrod, Gauss
         for k in range(2):
             lo, hi = sample_range(draws[:, k])
@@ -160,7 +247,9 @@ class JointMarginal:
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z_0, z_1) at z (..., 2), float64 (...)."""
         flat = z.reshape(-1, 2)
-        out = [self.q.log_joint({self.site: c.float()[..., None]}).double() for c in flat.split(CHUNK)]
+        x = self.q.x
+        out = [self.q.log_joint({self.site: c.to(device=x.device, dtype=x.dtype)[..., None]}).to(
+            device=self.home, dtype=torch.float64) for c in flat.split(CHUNK)]
         return torch.cat(out).reshape(z.shape[:-1])
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:

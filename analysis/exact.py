@@ -47,7 +47,7 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, sample_range
+from .densities import MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, on_parameter_dtype, sample_range
 from .evidence import EvidenceQuantities, evidence, evidence_setup
 from .inner import Direct, Inner
 from .posterior import posterior_grid
@@ -149,6 +149,7 @@ def _base_breaks(dens: Densities, count: int = 4096, seed: int = 0):
 
 
 @flush_denormals()
+@on_parameter_dtype
 def exact(model, guide, data, tol: float = 1e-4) -> dict:
     """The loss terms and the evidence by quadrature, in nats per data point: a dict with loss, recon,
     recon_per_dim, kl {site: E_q[log q(site|.) - log p(site|.)]}, log_px [log p(x_k)], nll = -sum_k w_k log p(x_k),

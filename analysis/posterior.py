@@ -10,7 +10,7 @@ from pyro import poutine
 
 from infer.runtime import flush_denormals
 
-from .densities import Densities, check_call, sample_range
+from .densities import Densities, check_call, on_parameter_dtype, sample_range
 from .inner import Direct, Inner
 from .quadrature import lse
 
@@ -25,6 +25,7 @@ def _weighted_quantiles(values, logw, probs):
 
 
 @flush_denormals()
+@on_parameter_dtype
 def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     """Per latent site, numpy arrays on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the
     learned marginal), 'q' q(site|x_k) (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior'
@@ -89,12 +90,12 @@ def _top_joint(dens, top, bottom, grid, ulo, uhi, max_nodes=20000):
     of p(u|t) on that grid per t (should be 1)."""
     t = grid[:, None].expand(-1, 2)
     probe = {top: t, bottom: torch.zeros(1, 2, dtype=torch.float64)}
-    vals = {k: v.float().unsqueeze(-1) for k, v in probe.items()}
+    vals = dens.fed(probe)
     with torch.no_grad(), poutine.block():
         tr = poutine.trace(poutine.condition(dens.model, data=vals)).get_trace(dens.x)
     fn = tr.nodes[bottom]["fn"]
     try:
-        mean, sd = fn.mean.double().reshape(-1), fn.stddev.double().reshape(-1)
+        mean, sd = dens.back(fn.mean).reshape(-1), dens.back(fn.stddev).reshape(-1)
         ulo, uhi = min(ulo, float((mean - 12 * sd).min())), max(uhi, float((mean + 12 * sd).max()))
         panel = float(sd.min()) / 2
     except NotImplementedError:

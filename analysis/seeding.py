@@ -19,7 +19,7 @@ BEYOND_STENCIL = 64  # cells between the grid points that extrapolate a peak bey
 CANDIDATES = 2  # features kept per density (q, p) per row
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
 LADDER_STEPS = 16  # offsets of the width ladder per side: from 1/8 of the zoom's half-width up by 2**15
-RESOLUTION = 4 * 2.0 ** -23  # relative: the zoom stops at brackets the float32 model inputs cannot resolve
+RESOLUTION = 4  # ulps, relative: the zoom stops at brackets the model's inputs (Densities.dtype) cannot resolve
 ZOOM_SHRINK = 64.0  # the most the feature zoom's bracket shrinks in one step (4 where no parabola fits)
 MASS_WINDOW = 40.0  # features with Laplace mass below the best by more than this many nats are dropped
 
@@ -128,6 +128,7 @@ class FeatureSeeding:
                 if kinds[i] == kinds[j]:
                     first[..., j] = torch.where(c[..., i] == c[..., j], first[..., i], first[..., j])
         repeat = first != torch.arange(F)
+        resolution = RESOLUTION * torch.finfo(self.d.dtype).eps  # float32 inputs: 4 * 2**-23
         for _ in range(24):
             pts = c[rows, ..., None] + half[rows, ..., None] * steps
             val = self._values(u[rows], pts, kinds)
@@ -136,7 +137,7 @@ class FeatureSeeding:
             best[rows] = top
             at = pts.gather(-1, arg).squeeze(-1)
             busy = ~(top - val.amin(-1) < 0.05) & torch.isfinite(top) & ~repeat[rows]
-            busy &= half[rows] > RESOLUTION * at.abs().clamp_min(1.0)  # finer than the float32 inputs resolve: stop
+            busy &= half[rows] > resolution * at.abs().clamp_min(1.0)  # finer than the inputs resolve: stop
             left = val.gather(-1, (arg - 1).clamp(min=0)).squeeze(-1)
             right = val.gather(-1, (arg + 1).clamp(max=8)).squeeze(-1)
             curv = left - 2 * top + right  # second difference at the best point (< 0: a concave peak)
