@@ -32,8 +32,8 @@ def test_every_estimator_agrees_with_trace_elbo_in_expectation(make, closed_form
 def test_the_vae_kl_is_exact_so_it_has_no_sampling_spread():
     model = VAE(5)
     _, _, terms = estimate(ClosedFormELBO(num_particles=100), model, GaussianGuide(model), OneBit(5))
-    # per particle the same number up to float32 rounding of the lattice weights it is scaled by
-    assert terms["kl_z"].std() <= 1e-6 * terms["kl_z"].abs().mean()
+    # per particle the same number up to float32 rounding of the lattice weight it is scaled by (a few ulps)
+    assert terms["kl_z"].std() <= 4 * torch.finfo(torch.float32).eps * terms["kl_z"].abs().mean()
 
 
 def test_the_structured_dlgm_kl2_is_closed_form_but_kl1_is_sampled():
