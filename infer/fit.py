@@ -12,15 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
-from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint, set_rng_state
-from .checks import (_check_arguments, _device, check_checkpoint_path, check_data, check_inputs, check_sizes,
-                     inputs_checked)
+from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
+from .checks import _check_arguments, _device, check_data
 from .elbo import ClosedFormELBO
 from .engine import _check_plan, _final_check, loss_closure
-from .prepare import _adam, _prepare, _restore, reset_parameters, weighted
-from .recipe import DEFAULT_RECIPE, DLGM_RECIPE, VAE_RECIPE, Recipe, learning_rate, recipe
-from .result import DivergenceError, FitResult, _divergence, _last_update, _Window
-from .runtime import flush_denormals, training_settings  # noqa: F401  (re-exported: infer.fit.flush_denormals)
+from .prepare import _adam, _prepare, _restore
+from .recipe import learning_rate, recipe
+from .result import FitResult, _divergence, _last_update, _Window
+from .runtime import training_settings
 from .weights import kl_weight
 
 
@@ -225,7 +224,4 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     return result
 
 
-__all__ = ["fit", "training_settings", "flush_denormals", "check_sizes", "check_data", "check_inputs",
-           "inputs_checked", "check_checkpoint_path", "resume_state", "FitResult", "DivergenceError", "Recipe",
-           "recipe", "weighted", "learning_rate",
-           "reset_parameters", "rng_state", "set_rng_state", "VAE_RECIPE", "DLGM_RECIPE", "DEFAULT_RECIPE"]
+__all__ = ["fit"]

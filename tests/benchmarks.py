@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guides import GaussianGuide, StructuredGuide  # noqa: E402
 import importlib  # noqa: E402
-from infer import ClosedFormELBO, fit  # noqa: E402
+from infer import ClosedFormELBO, fit, recipe  # noqa: E402
 from infer.runtime import held_heap  # noqa: E402
 from models import DLGM, VAE, OneBit  # noqa: E402
 
@@ -135,7 +135,7 @@ def replica_ratio(name, n, steps, rounds, threads=1, single_threads=None):
     from infer.fit_replicas import fit_replicas
 
     rows = []
-    plan = importlib.import_module("infer.fit").recipe(VAE if name == "vae" else DLGM)
+    plan = recipe(VAE if name == "vae" else DLGM)
     for _ in range(rounds):
         pairs = [pair(name, n) for _ in range(3)]
         P = pairs[0][2]
@@ -210,7 +210,7 @@ def main(rounds=5, study=True):
               f"   (general path {ratio('general', 'plain_fused'):.2f}x)")
         print(f"  fit's engine: {ENGINE[(name, 'auto')]}; one-time setup (engine check and trace) "
               f"{statistics.median(SETUP[name]):.1f} s")
-        steps = importlib.import_module("infer.fit").recipe(VAE if name == "vae" else DLGM).steps
+        steps = recipe(VAE if name == "vae" else DLGM).steps
         fit_s, plain_s = (steps * statistics.median(times[k]) / 1e3 for k in ("auto", "plain_fused"))
         print(f"  the recipe's {steps} steps at these step times: fit {fit_s:.0f} s, plain torch with fused Adam "
               f"{plain_s:.0f} s")

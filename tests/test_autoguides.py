@@ -145,7 +145,7 @@ def test_quadrature_refuses_a_point_mass_guide_instead_of_scoring_zero(model, da
 
 def test_free_bits_floor_the_model_sites_but_not_a_joint_auxiliary(data):
     from infer.elbo import ClosedFormELBO
-    from infer.fit import weighted
+    from infer import weighted
 
     pyro.set_rng_seed(0)
     model = DLGM(N, hidden=8, prior_hidden=8)

@@ -152,11 +152,9 @@ def test_a_checkpoint_is_never_written_from_parameters_that_diverged(tmp_path):
 
 
 def test_a_non_finite_step_leaves_the_parameters_of_the_last_good_step():
-    from infer.fit import DivergenceError as Err
-
     model = VAE(5, hidden=16)
     guide = GaussianGuide(model, hidden=16)
-    with pytest.raises(Err):
+    with pytest.raises(DivergenceError):
         fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=16), log_every=50, seed=0, steps=50,
             lr=1e30)
     assert all(bool(torch.isfinite(p).all()) for p in [*model.parameters(), *guide.parameters()])
