@@ -2,7 +2,7 @@
 what is allowed, before any work.
 
 check_inputs(model, guide, data) is what every evaluation function runs (data, model and guide built for its n, the
-guide over the model's latent sites); inputs_checked skips it inside a caller that already ran it. _check_arguments
+guide over the model's latent sites); inputs_checked skips it inside a caller that already ran it. check_arguments
 is fit's (and fit_replicas') check of all its arguments; the per-argument rules are infer.validate's table.
 """
 import contextlib
@@ -15,7 +15,7 @@ from guides.check import check_guide
 from .validate import check, is_int, refuse
 
 
-def _device(device):
+def checked_device(device):
     """torch.device(device), checked to exist on this machine (ValueError in one line otherwise)."""
     try:
         device = torch.device(device)
@@ -124,7 +124,7 @@ def _check_elbo(elbo) -> None:
                                    f"infer.marginal.MarginalLikelihood() (this is {what})")
 
 
-def _check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
+def check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
                      checkpoint_extra=None):
     check_data(data)
     for name, value in values.items():
@@ -158,4 +158,5 @@ def _check_arguments(model, guide, data, elbo, steps, resume, values, callback=N
 
 
 
-__all__ = ["check_data", "check_sizes", "check_inputs", "inputs_checked", "check_checkpoint_path"]
+__all__ = ["check_data", "check_sizes", "check_inputs", "inputs_checked", "check_checkpoint_path", "checked_device",
+           "check_arguments"]

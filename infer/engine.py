@@ -51,7 +51,7 @@ def _engine(elbo, model, guide, model_w, guide_w, x, weights, beta, params, step
     return "graph", plan
 
 
-def _check_plan(plan, step):
+def check_plan(plan, step):
     """Re-run the traced plan's last step eagerly (same noise, same RNG state, no gradients) and raise
     RuntimeError if its loss terms differ: value-dependent Python control flow left the traced branch."""
     with torch.random.fork_rng(), torch.no_grad():
@@ -89,7 +89,7 @@ def _fast_path_applies(elbo, model, guide, model_w, guide_w, x, weights, beta) -
     return reason is None
 
 
-def _final_check(compute, start, steps):
+def final_check(compute, start, steps):
     """One more evaluation of the objective at the final parameters (no gradients, the RNG untouched): an update
     that made the parameters produce a non-finite loss is caught here, not in evaluation."""
     with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
@@ -169,3 +169,6 @@ def loss_closure(elbo, model, guide, data, x, scale, model_w, guide_w, params, n
         return loss, torch.cat([means, loss.reshape(1).to(means)]).detach()
     compute.backward_done = True
     return compute, term_names, "general", None
+
+
+__all__ = ["GRAPH_MIN_STEPS", "loss_closure", "check_plan", "final_check"]

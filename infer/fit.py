@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
 from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
-from .checks import _check_arguments, _device, check_data
+from .checks import check_arguments, checked_device, check_data
 from .elbo import ClosedFormELBO
-from .engine import _check_plan, _final_check, loss_closure
-from .prepare import _adam, _prepare, _restore
+from .engine import check_plan, final_check, loss_closure
+from .prepare import adam, prepare, restore
 from .recipe import learning_rate, recipe
-from .result import FitResult, _divergence, _last_update, _Window
+from .result import FitResult, divergence, last_update, Window
 from .runtime import training_settings
 from .weights import kl_weight
 
@@ -94,17 +94,17 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
         elbo = ClosedFormELBO(num_particles=plan.num_particles, noise=plan.noise)
     check_data(data)
     resume = resume_state(resume)
-    _check_arguments(model, guide, data, elbo, steps, resume, values, callback, checkpoint_path, checkpoint_extra)
-    device = _device(device)
+    check_arguments(model, guide, data, elbo, steps, resume, values, callback, checkpoint_path, checkpoint_extra)
+    device = checked_device(device)
     with training_settings(threads):
         return _fit(model, guide, data, elbo, values, resume, callback, checkpoint_path, checkpoint_extra, device)
 
 
 def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device):
-    s = _prepare(model, guide, data, elbo, v, device, start=0 if resume is None else int(resume["step"]))
+    s = prepare(model, guide, data, elbo, v, device, start=0 if resume is None else int(resume["step"]))
     guide, x, needs_guide, names, store, trained, params, scale = (
         s.guide, s.x, s.needs_guide, s.names, s.store, s.trained, s.params, s.scale)
-    fused, optimizer = _adam(params, v, device)
+    fused, optimizer = adam(params, v, device)
     # a frozen model's params keep requires_grad (pyro.module would drop them from the param store otherwise):
     # they are left out of the optimizer, and their gradients are dropped every step
     frozen = [p for p in (store.get_param(name).unconstrained() for name in names if name not in trained)
@@ -127,10 +127,10 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "adam_betas": tuple(v["adam_betas"]),
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__})
-    window = _Window()
+    window = Window()
     averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:
-        _restore(resume, names, store, result, window, device)
+        restore(resume, names, store, result, window, device)
         averaged.load(resume.get("average"), device, int(resume["step"]))
         for group in optimizer.param_groups:  # a checkpoint of another Adam variant: same state, our kernel
             group["fused"] = fused or None
@@ -149,7 +149,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         return None if count == 0 else done - count + 1
 
     def diverged(step, at_start):
-        return _divergence(step, at_start, start, v, result, needs_guide)
+        return divergence(step, at_start, start, v, result, needs_guide)
 
     def write_checkpoint(at, rng, window_state, average_state):
         result.steps = at
@@ -196,7 +196,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                     raise diverged(first_bad(step + 1), first_bad(step + 1) == start + 1)
                 write_checkpoint(step, *pending)
             if plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                _check_plan(plan, step + 1)  # before the update: the same params as the traced call
+                check_plan(plan, step + 1)  # before the update: the same params as the traced call
             if fused:  # the fused kernel skips the update (and its step count) when found_inf is set
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
             optimizer_step()
@@ -213,8 +213,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 if callback is not None:
                     callback(step + 1, row)
     averaged.apply()
-    if start < steps and not _final_check(compute, start, steps):
-        raise _last_update(steps, v, result)
+    if start < steps and not final_check(compute, start, steps):
+        raise last_update(steps, v, result)
     result.steps, result.wall_seconds = steps, time.perf_counter() - setup
     result.window = window.state()
     if torch.is_tensor(result.initial_loss):

@@ -18,13 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
-from .checks import _check_arguments, _device, check_checkpoint_path, check_data
+from .checks import check_arguments, checked_device, check_checkpoint_path, check_data
 from .elbo import ClosedFormELBO
-from .engine import GRAPH_MIN_STEPS, _check_plan
+from .engine import GRAPH_MIN_STEPS, check_plan
 from .fit import fit
-from .prepare import _adam, _prepare
+from .prepare import adam, prepare
 from .recipe import learning_rate, recipe
-from .result import FitResult, _divergence, _last_update, _Window
+from .result import FitResult, divergence, last_update, Window
 from .runtime import training_settings
 from .validate import refuse
 from .replicas import ReplicaELBO, replica_parameters, stack, unstack
@@ -78,11 +78,11 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
         raise ValueError(f"noise={single.noise!r} is not allowed with replicas: replicas need noise drawn outside "
                          "the model and guide (lattice or qmc)")
     for r in range(R):
-        _check_arguments(models[r], guides[r], data, single, v["steps"], None, {**v, "seed": seeds[r]})
+        check_arguments(models[r], guides[r], data, single, v["steps"], None, {**v, "seed": seeds[r]})
     if on_start is None:  # the folders must exist now; with on_start (which may create them), right after it
         for path in checkpoint_paths or ():
             check_checkpoint_path(path, "checkpoint_paths")
-    device = _device(device)
+    device = checked_device(device)
     size = stack_size(R, single.num_particles, data)
     paths, extras = checkpoint_paths, checkpoint_extras or [None] * R
     started, out = [], []
@@ -211,7 +211,7 @@ class _Replicas:
         self.paths, self.extras, self.R = paths, extras, len(seeds)
         self.generators, self.names = [], None
         for r, seed in enumerate(seeds):  # each replica's setup as its single run's: same params, same RNG after
-            s = _prepare(models[r], guides[r], data, single, {**v, "seed": seed}, device)
+            s = prepare(models[r], guides[r], data, single, {**v, "seed": seed}, device)
             owner = {id(p): (role, name) for role, module in (("model", models[r]), ("guide", guides[r]))
                      if isinstance(module, torch.nn.Module) for name, p in module.named_parameters()}
             names = [(name, *owner.get(id(s.store.get_param(name).unconstrained()), (None, None)))
@@ -234,7 +234,7 @@ class _Replicas:
         elbo._parents[id(self.model)] = parents
         self.xr = elbo.expand(self.x)
         self.params = [*self.model.parameters(), *self.guide.parameters()]
-        self.fused, self.optimizer = _adam(self.params, v, device)
+        self.fused, self.optimizer = adam(self.params, v, device)
         self.beta0 = kl_weight(0, v["beta"], v["warmup"], v["warmup_start"])
         self._check(single)
         self.plan, self.engine = None, "fast"
@@ -405,7 +405,7 @@ class _Replicas:
                         if errors[r] is None and counts[r] == 0:
                             self.checkpoint(r, results[r], step, *pending[r])
                 if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                    _check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
+                    check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
                 optimizer_step()
                 averaged.update(step + 1)
                 values.append(vec)
@@ -418,9 +418,9 @@ class _Replicas:
                             continue
                         if counts[r] > 0:
                             first = step + 1 - int(counts[r]) + 1  # replica r's first non-finite step
-                            errors[r] = _divergence(first, first == 1, 0, v, results[r], True)
+                            errors[r] = divergence(first, first == 1, 0, v, results[r], True)
                             continue
-                        window = _Window()
+                        window = Window()
                         window.values, window.betas = list(stacked[..., r].unbind(0)), list(betas)
                         row = window.row(step + 1, rate, names, True)
                         results[r].history.append(row)
@@ -456,7 +456,7 @@ class _Replicas:
             self._restore(states)
         for r, ok in enumerate(finite):
             if errors[r] is None and not ok:
-                errors[r] = _last_update(steps, self.v, results[r])
+                errors[r] = last_update(steps, self.v, results[r])
 
 
 __all__ = ["fit_replicas"]

@@ -55,7 +55,7 @@ def reset_parameters(*modules) -> None:
                     first[name] = p.detach().clone()
 
 
-def _adam(params, v, device):
+def adam(params, v, device):
     """(fused, optimizer): torch's Adam over params with v's lr and betas, fused where the kernel covers them."""
     from .adam import LeanAdam
 
@@ -69,7 +69,7 @@ def _adam(params, v, device):
         return False, torch.optim.Adam(params, lr=v["lr"], betas=betas)
 
 
-def _prepare(model, guide, data, elbo, v, device, start=0):
+def prepare(model, guide, data, elbo, v, device, start=0):
     """Everything before the first step, in the order that decides the RNG stream: move to the device, seed, reset
     (or keep) the params, check guide and objective, collect the params to train. Returns a namespace with guide, x,
     needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
@@ -127,7 +127,7 @@ def _prepare(model, guide, data, elbo, v, device, start=0):
                            guide_w=guide_w if needs_guide else None)
 
 
-def _restore(resume, names, store, result, window, device):
+def restore(resume, names, store, result, window, device):
     """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place."""
     missing = sorted(set(names) - set(resume["params"]))
     if missing:
@@ -157,4 +157,4 @@ def _restore(resume, names, store, result, window, device):
     window.load(resume.get("window"), device)
 
 
-__all__ = ["weighted", "reset_parameters"]
+__all__ = ["weighted", "reset_parameters", "adam", "prepare", "restore"]

@@ -38,13 +38,13 @@ class FitResult:
         return self.history[-1] if self.history else {}
 
 
-def _last_update(steps, v, result):
+def last_update(steps, v, result):
     return DivergenceError(f"training diverged at step {steps}: the last update made the loss non-finite (nan or "
                            f"inf); the learning rate is the likely cause: lower lr (optim.lr={v['lr']:g})",
                            step=steps, cause="lr", result=result)
 
 
-def _divergence(step, at_start, start, v, result, needs_guide):
+def divergence(step, at_start, start, v, result, needs_guide):
     """The DivergenceError for a first non-finite step `step` (1-based); at_start: before any update of this run."""
     if at_start and start == 0:
         cause = "init"
@@ -62,7 +62,7 @@ def _divergence(step, at_start, start, v, result, needs_guide):
     return DivergenceError(f"training diverged at step {step}: {what}", step=step, cause=cause, result=result)
 
 
-class _Window:
+class Window:
     """The per-step loss terms since the last log, kept on the device until the log step (no sync per step)."""
 
     def __init__(self):
@@ -108,4 +108,4 @@ class _Window:
         return row
 
 
-__all__ = ["FitResult", "DivergenceError"]
+__all__ = ["FitResult", "DivergenceError", "divergence", "last_update", "Window"]
