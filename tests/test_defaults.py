@@ -39,3 +39,30 @@ def test_the_defaults_check_sees_every_own_option():
     names = {p.id for p in _options()}
     assert {"model=vae", "model=dlgm", "guide=gaussian", "guide=structured", "guide=meanfield", "guide=flow",
             "guide=mixture"} <= names
+
+
+@pytest.mark.parametrize("name", ["vae", "dlgm"])
+def test_python_with_the_default_networks_gives_the_command_lines_numbers_bit_for_bit(tmp_path, name):
+    import json
+
+    from conftest import run_cli
+
+    from analysis.report import evaluate
+    from guides import GaussianGuide, StructuredGuide
+    from infer import fit
+    from models import DLGM, VAE, OneBit
+
+    steps, seed, samples, replicates = 300, 2, 10000, 4 # 300 steps: the traced plan trains, as in a default run
+    proc = run_cli(f"model={name}", "data.n=5", f"train.steps={steps}", f"seed={seed}", f"eval.samples={samples}",
+                   f"eval.replicates={replicates}", "eval.figures=false", f"hydra.run.dir={tmp_path / 'run'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+    data = OneBit(5)
+    model = VAE(data.n) if name == "vae" else DLGM(data.n)
+    guide = GaussianGuide(model) if name == "vae" else StructuredGuide(model)
+    fit(model, guide, data, steps=steps, seed=seed)
+    python, _ = evaluate(model, guide, data, samples=samples, replicates=replicates, seed=seed)
+    assert (python["loss"], python["exact"]["nll"], python["montecarlo"]["loss"]) == (
+        cli["loss"], cli["exact"]["nll"], cli["montecarlo"]["loss"])
