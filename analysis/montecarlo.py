@@ -15,7 +15,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from infer.elbo import ClosedFormELBO
-from infer.prepare import weighted
+from infer.weights import weighted
 from infer.runtime import flush_denormals
 from infer.noise import gaussian_base
 

@@ -10,14 +10,7 @@ from pyro import poutine
 from guides.check import check_guide
 from .checkpoint import set_rng_state
 from .objectives import check_objective
-from .weights import DataWeights, LatentScale, kl_weight
-
-
-def weighted(fn, data, device=None):
-    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k)). Sites outside the
-    data plate (a joint guide's auxiliary site) get weight 1/N for equal weights (see DataWeights)."""
-    w = data.w if device is None else data.w.to(device)
-    return DataWeights(w)(fn)
+from .weights import LatentScale, kl_weight, weighted
 
 
 _INITIAL = weakref.WeakKeyDictionary()  # module -> {name: value at the first fit} for params nothing can re-draw
@@ -157,4 +150,4 @@ def restore(resume, names, store, result, window, device):
     window.load(resume.get("window"), device)
 
 
-__all__ = ["weighted", "reset_parameters", "adam", "prepare", "restore"]
+__all__ = ["reset_parameters", "adam", "prepare", "restore"]

@@ -32,6 +32,13 @@ class DataWeights(Messenger):
                              f"points; that needs equal data weights, got {[round(float(v), 6) for v in self.w]}")
 
 
+def weighted(fn, data, device=None):
+    """fn with every site scaled by the data weights: the loss becomes sum_k w_k (-ELBO(x_k)). Sites outside the
+    data plate (a joint guide's auxiliary site) get weight 1/N for equal weights (see DataWeights)."""
+    w = data.w if device is None else data.w.to(device)
+    return DataWeights(w)(fn)
+
+
 class LatentScale(Messenger):
     """Multiplies the scale of every latent sample site by `beta`, in the model and the guide alike, so every
     KL term is weighted by beta while recon keeps weight 1. `beta` may change between steps (warm-up)."""
