@@ -159,7 +159,7 @@ def _history_problem(history) -> str:
         if not (isinstance(row, dict) and all(isinstance(k, str) for k in row)):
             return f"row {i} is not a dict of named values"
         step = row.get("step")
-        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        if not (is_int(step) and step >= 0):
             return f"row {i}'s step is {shown(step)}, not an integer >= 0"
         odd = [k for k, v in row.items() if not (v is None or isinstance(v, (int, float, str)))]
         if odd:
@@ -191,7 +191,7 @@ def check_checkpoint(state: dict, where: str) -> None:
         raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
 
     step = state["step"]
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+    if not (is_int(step) and step >= 0):
         bad("step", f"is {shown(step)}, not an integer >= 0")
     if not _tensor_dict(state["params"]):
         bad("params", "is not a dict of {name: float tensor}")
