@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .average import ParameterAverage, average_start
 from .checks import check_arguments, checked_device, check_checkpoint_path, check_data
 from .elbo import ClosedFormELBO
-from .engine import GRAPH_MIN_STEPS, check_plan
+from . import engine
+from .engine import check_plan
 from .fit import fit
 from .prepare import adam, prepare
 from .recipe import learning_rate, recipe
@@ -238,7 +239,7 @@ class _Replicas:
         self.beta0 = kl_weight(0, v["beta"], v["warmup"], v["warmup_start"])
         self._check(single)
         self.plan, self.engine = None, "fast"
-        if v["steps"] >= GRAPH_MIN_STEPS:
+        if v["steps"] >= engine.GRAPH_MIN_STEPS:  # read now: a patch of infer.engine.GRAPH_MIN_STEPS counts
             self.plan = self._traced()
             self.engine = "graph" if self.plan is not None else "fast"
         self.setup_seconds = time.perf_counter() - setup
