@@ -126,7 +126,8 @@ def _check_elbo(elbo) -> None:
 
 def check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
                      checkpoint_extra=None):
-    check_data(data)
+    """fit's (and each replica's) checks of its arguments, ValueError in one line naming the first bad one; data is
+    not checked here: the caller checks it first (check_data, in fit before resume)."""
     for name, value in values.items():
         check(name, value)
     _check_elbo(elbo)
