@@ -22,7 +22,7 @@ import sys
 
 from cli.checks import HYDRA_FLAGS, check_flags, hydra_flag_overrides, preflight
 from cli.guards import check_memory, divergence, network_params
-from cli.keys import check_group_choices, check_keys
+from cli.keys import check_group_choices, check_keys, single_line
 from cli.resume import load_resume, resume_note, trajectory_config
 from cli.rundirs import (
     claim_for,
@@ -58,7 +58,7 @@ def main(hydra_main, argv) -> int:
         overrides = [a for a in args if not a.startswith("-")]
         pins = preflight(overrides, multirun)
     except ValueError as err:  # ConfigError, RunDirError, CheckpointError
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {single_line(err)}", file=sys.stderr)
         return 2
     sys.argv = [argv[0]] + args + pins
     signal.signal(signal.SIGTERM, on_sigterm)

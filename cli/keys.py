@@ -109,9 +109,14 @@ def compose_config(overrides, hydra_cfg=False):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
 
 
+def single_line(err) -> str:
+    """str(err) on one line: every run of whitespace (newlines too) becomes one space, the ends stripped."""
+    return " ".join(str(err).split())
+
+
 def one_line(err) -> str:
     """A Hydra error's message on one line (its advice to append with '+' reworded: '+' is refused there too)."""
-    text = " ".join(str(err).split())
+    text = single_line(err)
     return text.replace("To append to your config use +", "(no '+' either: ") if "+" in text else text
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from cli.keys import single_line
 from cli.state import STATE
 
 log = logging.getLogger("onebit")
@@ -45,7 +46,7 @@ def record_unclaimed(cfg, hc, err) -> None:
     try:
         claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
         save_hydra_files(claim, cfg, hc)
-        claim.status("refused", f"its job dir could not be claimed: {' '.join(str(err).split())}")
+        claim.status("refused", f"its job dir could not be claimed: {single_line(err)}")
     except (RunDirError, OSError):
         pass  # the sweep dir itself cannot be written: the line on stderr is all there is
 
@@ -111,7 +112,7 @@ def replica_dir(path: Path, cfg) -> Path:
 def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
     after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
-    line = " ".join(str(err).split())
+    line = single_line(err)
     print(f"error: {line}", file=sys.stderr)
     if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log)
         log.error(line)
