@@ -113,7 +113,6 @@ def check_checkpoint_path(path, name: str = "checkpoint_path") -> None:
                                             "folder itself)")
 
 
-
 def _check_elbo(elbo) -> None:
     from pyro.infer import ELBO
 
@@ -156,7 +155,6 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
         if steps < start:
             raise ValueError(f"steps={steps} is not allowed: the checkpoint is at step {start}, and steps must be at "
                              f"least that (it is the total step budget, not the steps still to run)")
-
 
 
 __all__ = ["check_data", "check_sizes", "check_inputs", "inputs_checked", "check_checkpoint_path", "checked_device",
