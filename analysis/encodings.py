@@ -91,7 +91,7 @@ def encodings(model, guide, data, samples: int = 2000, grids: dict = None, chunk
     khat: the run's PSIS diagnostics (evaluate()'s metrics['psis']), kept in attrs for the figures. Draws are
     traced at most montecarlo.particles_per_chunk(n) at a time, so memory stays bounded for any n. Refused in one
     line before any work (ValueError naming the argument): samples or chunk not an integer >= 1, and data, model
-    and guide as infer.fit.check_inputs refuses them."""
+    and guide as infer.checks.check_inputs refuses them."""
     from infer.checks import check_inputs
     from infer.validate import check
 

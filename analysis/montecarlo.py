@@ -167,7 +167,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
 
     Refused in one line (ValueError naming the argument) before any work: noise not in lattice, qmc, mc; samples
     not a multiple of replicates (>= 2) with at least 2 draws per replicate; data, model or guide as
-    infer.fit.check_inputs refuses them (another n, a guide that does not sample the model's latent sites with
+    infer.checks.check_inputs refuses them (another n, a guide that does not sample the model's latent sites with
     their shapes and plates, a non-finite draw)."""
     from infer.checks import check_inputs
     from infer.validate import check, check_samples

@@ -158,7 +158,7 @@ def khat(model, guide, data, samples: int = 10000) -> list:
 
     Weights that are constant (spread below 1e-9 nats) mean q(z|x_k) is the exact posterior; psislw cannot fit a
     tail to them (it returns inf), so k-hat is reported as 0 there. samples: an integer >= 100 (ValueError in one line
-    otherwise, as for data, model and guide that infer.fit.check_inputs refuses)."""
+    otherwise, as for data, model and guide that infer.checks.check_inputs refuses)."""
     from infer.checks import check_inputs
     from infer.validate import KHAT_MIN_SAMPLES, is_int, refuse
 
