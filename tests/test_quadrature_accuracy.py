@@ -128,9 +128,10 @@ def vae_reference(model, guide, data, flow: bool) -> dict:
 
 
 @torch.no_grad()
-def dlgm_reference(model, guide, data, z2_panels: int = 1000, eps2_panels: int = 32) -> dict:
+def dlgm_reference(model, guide, data, z2_panels: int = 1000, eps2_panels: int = 128) -> dict:
     """Loss terms per data point and log p(x_k) of the 2-layer DLGM with the structured guide
-    q(z1|x) q(z2|z1), z1 = m + s eps1, z2 = m2(z1) + s2(z1) eps2."""
+    q(z1|x) q(z2|z1), z1 = m + s eps1, z2 = m2(z1) + s2(z1) eps2. The fixed eps2 rule's error is not in the error
+    estimate: with 32 panels it measured 4.6e-7 in loss[x0] on the command line's networks (128 and 512 agree)."""
     prior = model.priors[0]
     # p(z1) = integral of p(z2) N(z1; mu(z2), sd(z2)^2) dz2 on a fixed Gauss-Legendre 10 grid in z2
     x10, w10 = (torch.tensor(a) for a in np.polynomial.legendre.leggauss(10))
@@ -236,11 +237,11 @@ def test_reported_error_bounds_the_distance_to_an_independent_evaluation(kind):
     check(kind, FAST_STEPS[kind])
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "known defect: on the command line's dlgm networks after 400 steps the float64 reference differs from exact() "
-    "by 3.4e-7 in loss[x0] against a reported error of 2.7e-7; exact(tol=1e-8) moves by 2e-8 only, so the "
-    "difference is not the quadrature's: likely the float32 rounding of the networks' outputs, which the reported "
-    "error does not count (the reference evaluates the networks in float64)"))
+    "known defect: exact() under-reports its quadrature error on the command line's dlgm networks after 400 steps: "
+    "|exact - reference| of log_px[x0] is 2.4e-7 against a reported 1.4e-7 (+ the reference's 4.9e-8); exact at "
+    "tol=1e-8 agrees with a finer reference to 1.6e-9, and float32 rounding of the networks moves it 2e-8 only"))
 def test_reported_error_bounds_the_distance_for_the_command_lines_dlgm_networks():
     check("dlgm_cli", 400)
 
