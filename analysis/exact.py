@@ -37,8 +37,8 @@ float64 parameters (qdensity.log_prob64; float32 cancels a 0-bit's log-probabili
 evaluations are chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n.
 
 Everything is summed in log space with per-row shifts. Accuracy is proven by refinement: the result is recomputed
-with every u panel split in two (end panels where every integrand is below 1e-30 of its total are dropped first)
-and a 10x tighter inner tolerance, and the largest change among the reported numbers
+with every u panel split in two (end panels where every integrand is below 1e-30 of its total are dropped first),
+every seeded v panel split in two and a 10x tighter inner tolerance, and the largest change among the reported numbers
 is the error (repeated, up to 3 times, until it is below tol); every reported number counts, per data point as
 well. The refined numbers are returned. tests/test_quadrature_accuracy.py checks the error against an independent
 float64 evaluation of trained runs at n = 1000.

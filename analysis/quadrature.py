@@ -3,8 +3,8 @@
 The rule (QUADPACK qk15) on [-1, 1] and log-space sums (lse) serve every integral of analysis.exact. Panels are
 (P, 2, 2): [a, b] per data point. Outer integrates the quantities that an integrand function returns per u node,
 splitting the panels whose G7/K15 difference is largest until the errors sum below tol / 4 (or stagnate); adapt
-extends the range until the integrands vanish at both ends; refine splits every panel and tightens the inner
-tolerance until the reported numbers change by less than tol (that change is the reported error); initial_breaks
+extends the range until the integrands vanish at both ends; refine splits every panel and raises the inner level
+(finer seeded panels, tighter tolerance) until the reported numbers change by less than tol (that change is the reported error); initial_breaks
 places the first breakpoints from draws. See analysis.exact for the whole method.
 """
 import math
@@ -225,7 +225,8 @@ def _trim_tails(panels, est, shared: bool = False):
 
 
 def refine(outer, panels, result, summarise, numbers, tol, est=None) -> tuple:
-    """Split every panel in two and tighten the inner tolerance tenfold, up to 3 times, until the reported numbers
+    """Split every panel in two and raise the level (the inner integrals then cut each seeded panel in 2**level and
+    tighten their tolerance tenfold per level), up to 3 times, until the reported numbers
     change by less than tol: (panels, estimates, result, error = the last change). Given the panels' estimates
     `est`, numerically zero end panels are dropped first (_trim_tails)."""
     level, error = 0, math.inf

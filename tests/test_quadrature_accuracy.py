@@ -238,10 +238,6 @@ def test_reported_error_bounds_the_distance_to_an_independent_evaluation(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: exact() under-reports its quadrature error on the command line's dlgm networks after 400 steps: "
-    "|exact - reference| of log_px[x0] is 2.4e-7 against a reported 1.4e-7 (+ the reference's 4.9e-8); exact at "
-    "tol=1e-8 agrees with a finer reference to 1.6e-9, and float32 rounding of the networks moves it 2e-8 only"))
 def test_reported_error_bounds_the_distance_for_the_command_lines_dlgm_networks():
     check("dlgm_cli", 400)
 
