@@ -1,0 +1,116 @@
+"""A sweep's rows as tables: one row per run, with the runs that repeat a (configuration, seed) marked, and the
+seeds aggregated per configuration (mean, sd and count of the runs that have each metric); _metric names the column
+and estimator a summary shows for a metric."""
+ID_COLUMNS = ("job", "status", "duplicate_of", "model", "guide", "n", "seed", "beta", "overrides")
+
+
+def _group_keys(rows) -> list:
+    """Aggregation keys: model, guide, n and every other override key that varies, except the seed."""
+    skip = {"seed", "model", "guide", "data.n", "hydra.job.chdir"}
+    keys = sorted({k for r in rows for k in r["_overrides"] if k not in skip
+                   and len({str(q["_overrides"].get(k)) for q in rows}) > 1})
+    return ["model", "guide", "n"] + [f"override:{k}" for k in keys]
+
+
+def fixed_overrides(rows) -> list:
+    """The overrides every run of the sweep shares, as sorted 'key=value' strings (no column of the tables)."""
+    if not rows:
+        return []
+    keys = set.intersection(*(set(r["_overrides"]) for r in rows))
+    return sorted(f"{k}={rows[0]['_overrides'][k]}" for k in keys
+                  if len({str(r["_overrides"][k]) for r in rows}) == 1)
+
+
+def _tally(values) -> str:
+    """The one value of a text column over a configuration's runs, or 'a (k of N), b (m of N)' when they differ."""
+    from collections import Counter
+
+    values = ["MC" if v is None or str(v) in ("nan", "None", "<NA>") else str(v) for v in values]
+    counts = Counter(values)
+    if len(counts) == 1:
+        return values[0]
+    return ", ".join(f"{v} ({k} of {len(values)})" for v, k in counts.most_common())
+
+
+def _worst_estimator(runs) -> str:
+    """The estimator texts of a configuration's runs: of those with an integration error (loss_error), the text of
+    the run with the largest; then each text of the others once (a Monte Carlo headline), joined by '; '."""
+    import pandas as pd
+
+    error = pd.to_numeric(runs["loss_error"], errors="coerce") if "loss_error" in runs else \
+        pd.Series(float("nan"), index=runs.index)
+    texts = [str(runs.loc[error.idxmax(), "estimator"])] if error.notna().any() else []
+    for text in runs.loc[error.isna(), "estimator"].dropna().astype(str):
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def _mark_duplicates(jobs, keys) -> None:
+    """Set duplicate_of on every ok run whose (configuration, seed) an earlier ok run of the table already has
+    (replicas of two jobs overlapping in seeds train the same run twice): the first is kept, the others name it."""
+    ok = jobs[(jobs["status"] == "ok") & jobs["seed"].notna()]
+    first = {}
+    for i, key in ok[keys + ["seed"]].astype(str).apply(tuple, axis=1).items():
+        if key in first:
+            jobs.at[i, "duplicate_of"] = jobs.at[first[key], "job"]
+        else:
+            first[key] = i
+
+
+def _counted(jobs):
+    """The runs every mean, seed count and figure is over: the ok ones that repeat no earlier run (duplicate_of
+    empty; _mark_duplicates). Without a status or duplicate_of column, that filter is not applied."""
+    ok = jobs[jobs["status"] == "ok"] if "status" in jobs else jobs
+    return ok[ok["duplicate_of"].isna()] if "duplicate_of" in ok else ok
+
+
+def tables(rows) -> tuple:
+    """(jobs, aggregated) DataFrames. jobs: one row per run; duplicate_of names the run a duplicate (same
+    configuration and seed) repeats. aggregated: per configuration over its ok runs without duplicates, seeds (the
+    number of runs) and <metric>_mean, <metric>_sd, <metric>_count (the runs that have the metric);
+    loss_estimator is the runs' one estimator or their tally, estimator the text of the run with the largest
+    integration error."""
+    import pandas as pd
+
+    jobs = pd.DataFrame([{**{k: v for k, v in r.items() if k != "_overrides"},
+                          **{f"override:{k}": v for k, v in r["_overrides"].items()
+                             if k not in ("seed", "model", "guide", "data.n")}} for r in rows])
+    for col in ID_COLUMNS:
+        if col not in jobs:
+            jobs[col] = None
+    front = [c for c in ID_COLUMNS if c in jobs] + sorted(c for c in jobs if c.startswith("override:"))
+    jobs = jobs[front + [c for c in jobs if c not in front]]
+    for col in ("n", "seed"):
+        jobs[col] = pd.to_numeric(jobs[col], errors="coerce").astype("Int64")
+    jobs = jobs.sort_values(["model", "guide", "n", "seed", "job"], na_position="last",
+                            key=lambda c: c.astype(str) if c.dtype == object else c).reset_index(drop=True)
+    keys = [k for k in _group_keys(rows) if k in jobs]
+    jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
+    _mark_duplicates(jobs, keys)
+    ok = _counted(jobs)
+    numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
+               and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]
+    if ok.empty:
+        return jobs, pd.DataFrame(columns=keys + ["seeds"])
+    grouped = ok.fillna({k: "" for k in keys}).groupby(keys, dropna=False, sort=True)
+    agg = grouped[numeric].agg(["mean", "std", "count"])
+    agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
+    agg = pd.concat([grouped.size().rename("seeds"), agg], axis=1).reset_index()
+    if "loss_estimator" in ok:
+        agg["loss_estimator"] = [_tally(runs["loss_estimator"]) for _, runs in grouped]
+    if "estimator" in ok:
+        agg["estimator"] = [_worst_estimator(runs) for _, runs in grouped]
+    return jobs, agg
+
+
+def _metric(agg, base, prefer_exact=True):
+    """(column, estimator tag) of a metric in the aggregated table: its exact value (quadrature) when every run of
+    every configuration has one; else the headline (metrics.json's top level: each run's most accurate estimate),
+    tagged by the runs' loss_estimator, or 'headline' when the configurations' estimators differ (each row then
+    names its own, see summary_md._estimator_note)."""
+    col = f"exact.{base}"
+    if prefer_exact and f"{col}_count" in agg and (agg[f"{col}_count"] == agg["seeds"]).all():
+        return col, "exact"
+    tags = sorted({str(t) for t in agg["loss_estimator"]}) if "loss_estimator" in agg else ["MC"]
+    return base, tags[0] if len(tags) == 1 else "headline"

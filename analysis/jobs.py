@@ -1,0 +1,207 @@
+"""Which directories below a sweep directory are the sweep's runs, and one row per run read from them.
+
+The sweep's jobs are those of its multirun.yaml (expected_jobs): a job directory counts when its overrides are one
+of the sweep's combinations and its job number is that combination's (job_dirs); directories of an earlier launch
+into the same folder, of another sweep or of a single run are left out. A job with replicas is one run per seed (its
+replica directories). read_job reads a run's row: status, overrides, config summary and flattened metrics (a run
+without metrics.json is a failed run). collect does both for a sweep directory.
+"""
+import itertools
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("onebit.sweep")
+
+
+def _yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def select(cfg: dict, key: str, default=None):
+    """The value at a dotted key path of a container config, or default where the path does not exist."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested metric blocks as flat columns: {"kl": {"z": 1}} -> {"kl.z": 1}; short numeric lists are indexed
+    (khat -> khat.x0, khat.x1, plus khat.max); long lists are dropped."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            if 0 < len(v) <= 8 and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
+                out.update({f"{key}.x{i}": float(e) for i, e in enumerate(v)})
+                if k == "khat" or k.endswith("khat"):
+                    out[f"{key}.max"] = float(max(v))
+        else:
+            out[key] = v
+    return out
+
+
+def _candidates(sweep_dir: Path) -> list:
+    """Every directory below sweep_dir that holds .hydra/ or metrics.json (a job, or a replica of one), sorted."""
+    found = {p.parent for p in sweep_dir.rglob("metrics.json")}
+    found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir() and p.parent != sweep_dir}
+    return sorted(found)
+
+
+def _launches(candidates: list) -> dict:
+    """{launched job dir: [its run dirs]}: a candidate with no candidate above it is a job Hydra launched; the
+    candidates below it are its replicas' dirs (one run per seed). A job with replicas (status.json lists them,
+    or replica dirs exist) is not a run itself; any other job is its own one run."""
+    from .rundir import read_status
+
+    known = set(candidates)
+    tops = [c for c in candidates if not any(a in known for a in c.parents)]
+    out = {}
+    for top in tops:
+        below = [c for c in candidates if top in c.parents]
+        out[top] = below if below or read_status(top).get("replicas") else [top]
+    return out
+
+
+def _overrides(job: Path) -> list:
+    """The job's task overrides (.hydra/overrides.yaml), [] when it has none."""
+    path = job / ".hydra" / "overrides.yaml"
+    try:
+        return [str(o) for o in (_yaml(path) or [])] if path.exists() else []
+    except Exception:  # a half-written file: the job matches no combination
+        return []
+
+
+def _hydra_job(job: Path) -> tuple:
+    """(mode, number) of a launched job from its .hydra/hydra.yaml (hydra.mode: RUN for a single run, MULTIRUN for a
+    sweep's job; hydra.job.num), each None where it is not recorded."""
+    path = job / ".hydra" / "hydra.yaml"
+    try:
+        cfg = (_yaml(path) or {}) if path.exists() else {}
+    except Exception:
+        cfg = {}
+    mode, num = select(cfg, "hydra.mode"), select(cfg, "hydra.job.num")
+    return (str(mode) if mode is not None else None), (int(num) if str(num).isdigit() else None)
+
+
+def job_dirs(sweep_dir: Path) -> tuple:
+    """(runs, launched, left_out, missing) of the sweep last launched into sweep_dir.
+
+    Its jobs are the combinations of its multirun.yaml (expected_jobs, in Hydra's order: job number i runs
+    combination i). A launched job directory belongs to this sweep when its overrides are one of them and, where
+    its hydra.yaml records a job number, that number is the combination's. A job directory left by an earlier
+    launch into the same folder (overwrite=true is itself an override, so a re-run never matches an old job), by
+    a sweep started at the same time, or by a single run (hydra.mode RUN) matches none: it is left out. runs: the
+    run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
+    left_out: the job directories of other launches; missing: the override strings of combinations without a
+    job directory of this launch. Without a multirun.yaml that can be expanded every job directory counts and
+    missing is []."""
+    launches = _launches(_candidates(sweep_dir))
+    expected = expected_jobs(sweep_dir)
+    if not expected:
+        return sorted(r for runs in launches.values() for r in runs), sorted(launches), [], []
+    index = {}
+    for i, combo in enumerate(expected):
+        index.setdefault(_norm(combo), set()).add(i)
+    launched, left_out, done = [], [], set()
+    for job in sorted(launches):
+        nums = index.get(_norm(_overrides(job)), set())
+        mode, num = _hydra_job(job)
+        if nums and mode != "RUN" and (num is None or num in nums):
+            launched.append(job)
+            done |= {num} if num is not None else nums
+        else:
+            left_out.append(job)
+    missing = [" ".join(combo) for i, combo in enumerate(expected) if i not in done]
+    return sorted(r for job in launched for r in launches[job]), launched, left_out, missing
+
+
+def read_job(job: Path, sweep_dir: Path) -> dict:
+    """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
+    row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
+    overrides, cfg = [], {}
+    if (job / ".hydra" / "overrides.yaml").exists():
+        overrides = [str(o) for o in (_yaml(job / ".hydra" / "overrides.yaml") or [])]
+    if (job / ".hydra" / "config.yaml").exists():
+        try:
+            cfg = _yaml(job / ".hydra" / "config.yaml") or {}
+        except Exception as err:  # a half-written config: still list the job
+            row["error"] = f"config.yaml unreadable: {err}"
+    row["overrides"] = " ".join(overrides)
+    row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
+                "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
+    from .rundir import read_status
+
+    status = read_status(job)
+    if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
+        row["status"] = status["status"]
+        row["error"] = status.get("reason") or ("killed or still running" if status["status"] == "running" else "")
+        if status["status"] != "diverged" or not (job / "metrics.json").exists():
+            return row
+    metrics_path = job / "metrics.json"
+    if not metrics_path.exists():
+        row["status"] = "failed"
+        row["error"] = row.get("error") or "no metrics.json (and no status.json: killed before it started?)"
+        return row
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except ValueError as err:
+        row["status"], row["error"] = "failed", f"metrics.json unreadable: {err}"
+        return row
+    for key in ("model", "guide", "n", "seed"):
+        if row[key] is None and key in metrics:
+            row[key] = metrics[key]
+    row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")})
+    if (job / "encodings.nc").exists():
+        row["encodings"] = str(job / "encodings.nc")
+    return row
+
+
+def expected_jobs(sweep_dir: Path) -> list:
+    """The override lists of every job the sweep was meant to run (from multirun.yaml), or [] if unknown."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return []
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        cfg = _yaml(path)
+        task = list(select(cfg, "hydra.overrides.task", []) or [])
+        params = select(cfg, "hydra.sweeper.params", {}) or {}
+        args = [f"{k}={v}" for k, v in params.items()] + task
+        parsed = OverridesParser.create().parse_overrides(args)
+        keys, axes, seen = [], [], {}
+        for o in parsed:
+            key = o.get_key_element()
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            if key in seen:  # the command line overrides the config's sweep params
+                axes[seen[key]] = values
+            else:
+                seen[key] = len(keys)
+                keys.append(key)
+                axes.append(values)
+        return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*axes)]
+    except Exception as err:  # an exotic sweeper: no missing-job check
+        log.warning("could not expand the sweep in %s (%s); missing jobs are not checked", path, err)
+        return []
+
+
+def _norm(overrides) -> frozenset:
+    return frozenset(str(o).lstrip("+~").replace(" ", "") for o in overrides)
+
+
+def collect(sweep_dir) -> dict:
+    """This sweep's runs (job_dirs): dict(rows=[one row per run dir], launched=[its job dirs], left_out=[job dirs of
+    other launches], missing=[override strings of its jobs without a directory])."""
+    sweep_dir = Path(sweep_dir)
+    runs, launched, left_out, missing = job_dirs(sweep_dir)
+    return {"rows": [read_job(j, sweep_dir) for j in runs], "launched": launched, "left_out": left_out,
+            "missing": missing}

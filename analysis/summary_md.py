@@ -1,0 +1,158 @@
+"""summary.md of a sweep: how many runs and jobs, what was left out or dropped, the overrides fixed across the
+sweep, the aggregated table (mean ± sd over seeds), the per-run table, and the failed and missing jobs."""
+import math
+from pathlib import Path
+
+from .aggregate import _metric
+from .jobs import _norm, _overrides
+
+
+def _pm(mean, sd, digits=4, sci=False) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    f = (lambda v: f"{v:.{digits - 1}e}") if sci else (lambda v: f"{v:.{digits}f}")
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return f(mean)
+    return f"{f(mean)} ± {f(sd)}"
+
+
+def _count(r, col):
+    """(k, N): how many of a configuration's N runs have the metric col (k = N where no count is recorded)."""
+    k = r.get(f"{col}_count")
+    n = int(r["seeds"])
+    return (n if k is None or (isinstance(k, float) and math.isnan(k)) else int(k)), n
+
+
+def _cell(r, col, digits=4, sci=False) -> str:
+    """'mean ± sd' of a metric over a configuration's runs, with '(k of N)' where only k of its N runs have it."""
+    text = _pm(r.get(f"{col}_mean"), r.get(f"{col}_sd"), digits, sci)
+    k, n = _count(r, col)
+    return f"{text} ({k} of {n})" if text and k < n else text
+
+
+def _se_cell(r) -> str:
+    """The mean of the runs' own standard errors of the loss when every run of the configuration has one (an error
+    bar that holds); 'exact' where every headline is exact; else 'no error bar (k of N)'."""
+    if str(r.get("loss_estimator")) == "exact":
+        return "exact (no sampling error)"
+    k, n = _count(r, "loss_se")
+    if "loss_se_mean" not in r or k < n:
+        return f"no error bar ({k if 'loss_se_mean' in r else 0} of {n})"
+    return _pm(r["loss_se_mean"], None)
+
+
+def _md_table(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _estimator_note(r, tag) -> str:
+    """' [estimator]' after a headline cell when the table's rows differ in estimator, else ''."""
+    return f" [{r.get('loss_estimator')}]" if tag == "headline" else ""
+
+
+def _plural(k, noun) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {noun[:-1]}ies" if noun.endswith("y") else f"{k} {noun}s"
+
+
+def _estimators(agg, okeys) -> str:
+    """The configurations' estimator texts: one when they agree, else each prefixed by its configuration."""
+    texts = [str(e) for e in agg["estimator"]]
+    if len(set(texts)) == 1:
+        return texts[0]
+    label = (lambda r: f"{r['model']}, {r['guide']}, n={r['n']}"
+             + "".join(f", {c.split(':', 1)[1]}={r[c]}" for c in okeys))
+    return "; ".join(f"{label(r)}: {e}" for (_, r), e in zip(agg.iterrows(), texts))
+
+
+def _names(dirs, sweep_dir, most=3) -> str:
+    names = [f"`{Path(d).relative_to(sweep_dir) if Path(d).is_relative_to(sweep_dir) else d}`" for d in dirs]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
+    """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
+    aggregated table, the per-run table, failed and missing jobs. launched: this sweep's job directories (replicas
+    make several runs per job); left_out: job directories of other launches; fixed: fixed_overrides."""
+    sweep_dir = Path(sweep_dir)
+    failed = jobs[jobs["status"] != "ok"]
+    dupes = jobs[jobs["duplicate_of"].notna()] if "duplicate_of" in jobs else jobs.iloc[:0]
+    n_jobs = len(jobs) if launched is None else len(launched)
+    runs = f"{_plural(len(jobs), 'run')} in {_plural(n_jobs, 'job')}"
+    runs += " (replicas: one run per seed)" if n_jobs != len(jobs) else ""
+    parts = [f"# Sweep summary: {sweep_dir}", "",
+             f"{runs}: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
+             f"({', '.join(f'{v} {k}' for k, v in failed['status'].value_counts().items()) or 'none'}); "
+             f"{_plural(len(missing), 'job')} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
+    if left_out:
+        parts += [f"Left out: {_plural(len(left_out), 'job directory')} of other launches into this folder "
+                  f"(their overrides and job numbers match no job of this sweep's multirun.yaml): "
+                  f"{_names(left_out, sweep_dir)}.", ""]
+    if not dupes.empty:
+        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another job's "
+                  f"replicas also trained), counted once in the means, sd and seeds: "
+                  + "; ".join(f"`{r['job']}` = `{r['duplicate_of']}`" for _, r in dupes.iterrows()) + ".", ""]
+    if fixed:
+        parts += ["Fixed (the same in every run): " + ", ".join(f"`{o}`" for o in fixed) + ".", ""]
+    if not agg.empty:
+        loss_col, loss_est = _metric(agg, "loss")
+        rec_col, rec_est = _metric(agg, "recon_per_dim")
+        sites = sorted({c[3:-5] for c in agg if c.startswith("kl.") and c.endswith("_mean")})
+        sites = [] if sites == ["z"] else sites  # one latent site: its term is the rate column itself
+        rate_col = "exact.rate" if loss_est == "exact" and "exact.rate_mean" in agg else "rate"
+        extra = [c for c in ("exact.nll", "exact.gap", "gap_to_gaussian_optimum", "khat.max", "surgery.mutual_info",
+                             "surgery.marginal_kl") if f"{c}_mean" in agg]
+        okeys = [c for c in agg if c.startswith("override:")]
+        header = (["model", "guide", "n"] + [c.split(":", 1)[1] for c in okeys] + ["seeds", f"loss [{loss_est}]"]
+                  + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
+                  + [f"recon/dim [{rec_est}]"]
+                  + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])
+                  + [f"rate[{s}]" for s in sites] + extra)
+        body = []
+        for _, r in agg.iterrows():
+            row = [r["model"], r["guide"], r["n"]] + [r[c] for c in okeys] + [int(r["seeds"])]
+            row.append(_cell(r, loss_col) + _estimator_note(r, loss_est))
+            if loss_est != "exact":
+                row.append(_se_cell(r))
+            row.append(_cell(r, rec_col, digits=3, sci=True) + _estimator_note(r, rec_est))
+            if f"{rate_col}_mean" in agg:
+                row.append(_cell(r, rate_col))
+            row += [_cell(r, f"kl.{s}") for s in sites]
+            row += [_cell(r, c) for c in extra]
+            body.append(row)
+        parts += ["## By configuration", "", _md_table(header, body), ""]
+        if loss_est != "exact":
+            parts += ["loss SE [MC]: the mean over a configuration's runs of each run's own Monte Carlo standard "
+                      "error (how precisely one run's loss is estimated), not the sd over seeds (the ± of the loss "
+                      "column); 'no error bar (k of N)': only k of its N runs have a standard error that holds "
+                      "(a run has none where the tail k̂ is at least 0.5).", ""]
+        if sites:
+            parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it can "
+                      "be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
+        if "estimator" in agg:
+            parts += ["Estimators (per configuration: of its quadrature runs the one with the largest integration "
+                      "error; each other estimator once): "
+                      + _estimators(agg, okeys)
+                      + (". [exact] columns come from quadrature (metrics.json 'exact' block)."
+                         if loss_est == "exact" else ""), ""]
+    ok = jobs[jobs["status"] == "ok"]
+    if not ok.empty:
+        cols = [c for c in ("job", "model", "guide", "n", "seed", "loss", "loss_estimator", "loss_se",
+                            "recon_per_dim", "exact.loss", "khat.max", "steps", "wall_seconds") if c in ok]
+        cols += ["duplicate_of"] if not dupes.empty else []
+        body = [[("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                  (f"{v:.4g}" if isinstance(v, float) else v)) for v in r] for r in ok[cols].itertuples(index=False)]
+        parts += ["## Runs", "", _md_table(cols, body), ""]
+    parts += ["## Failed and missing jobs", ""]
+    if failed.empty and not missing:
+        parts.append("None.")
+    for _, r in failed.iterrows():
+        parts.append(f"- {str(r['status']).upper()} `{r['job']}` ({r['overrides'] or 'no overrides'}): "
+                     f"{r.get('error') or 'no reason recorded'}")
+    taken = {_norm(_overrides(Path(d))): d for d in left_out}
+    for m in missing:
+        other = taken.get(_norm(m.split()))
+        parts.append(f"- MISSING {m} (no job directory of this sweep" + (
+            f"; its directory {_names([other], sweep_dir)} holds another launch's job)" if other else ")"))
+    return "\n".join(parts) + "\n"

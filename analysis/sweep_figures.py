@@ -1,0 +1,182 @@
+"""The sweep figures: loss_vs_n.png and recon_per_dim_vs_n.png (a curve per configuration, mean ± sd over seeds,
+with the Gaussian-encoder optimum and the original study's numbers), encodings_grid.png and rate_distortion.png."""
+import itertools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .aggregate import _counted, _metric
+
+log = logging.getLogger("onebit.sweep")
+LN2 = math.log(2.0)
+# The original study's numbers (RuiShu/one-bit-vae; Monte Carlo, one draw per row), see seed/REFERENCE.md
+ORIGINAL = {"vae": {1: (0.69315, 0.69254), 5: (1.06633, 2.788e-2), 10: (1.14074, 9.561e-3),
+                    100: (1.42624, 1.476e-3), 1000: (1.48595, 4.282e-5)},
+            "dlgm": {1: (0.69319, 0.69304), 5: (0.72147, 1.955e-3), 10: (0.72381, 9.198e-5),
+                     100: (0.72214, 2.292e-5), 1000: (0.75055, 2.227e-6)}}
+
+
+def _optimum_curve(ns):
+    from .optimum import gaussian_optimum
+
+    lo, hi = max(min(ns), 1.0), max(ns)
+    grid = np.unique(np.concatenate([np.geomspace(lo, hi, 12), np.asarray(ns, dtype=float)]))
+    opt = [gaussian_optimum(float(n)) for n in grid]
+    return grid, np.array([o["loss"] for o in opt]), np.array([o["recon_per_dim"] for o in opt])
+
+
+def _series(agg, col):
+    """(label, key, rows sorted by n) per curve of a sweep figure: one per model, guide and value of every other
+    override that varies over the sweep (the aggregated table's override columns), so no curve merges two
+    configurations. key maps those columns to the curve's values."""
+    keys = ["model", "guide"] + [c for c in agg if c.startswith("override:")]
+    if f"{col}_mean" not in agg:
+        return
+    for values, df in agg.groupby(keys, sort=True, dropna=False):
+        key = dict(zip(keys, values))
+        yield _label(key), key, df.sort_values("n")
+
+
+def _label(key) -> str:
+    """'model (guide guide, k=v, ...)' of a curve or grid row."""
+    rest = [f"{k.split(':', 1)[1]}={v}" for k, v in key.items() if k.startswith("override:")]
+    guide = f"{key['guide']} guide"
+    return f"{key['model']} ({', '.join([guide] + rest)})"
+
+
+def _runs(jobs, key):
+    """The ok runs (without duplicates) of the configurations of one curve."""
+    ok = _counted(jobs)
+    for k, v in key.items():
+        ok = ok[ok[k].fillna("").astype(str) == str(v)] if k in ok else ok.iloc[:0]
+    return ok
+
+
+def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
+    """loss_vs_n.png and recon_per_dim_vs_n.png, a curve (mean ± sd over seeds) per model, guide and varying
+    override; returns the paths written."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    written = []
+    if agg.empty:
+        return written
+    ns = sorted(float(n) for n in agg["n"].dropna().unique())
+    opt_n, opt_loss, opt_rec = _optimum_curve(ns)
+    models = set(agg["model"].dropna())
+    for base, name, ylog in (("loss", "loss_vs_n.png", False), ("recon_per_dim", "recon_per_dim_vs_n.png", True)):
+        col, est = _metric(agg, base)
+        curves = sorted(_series(agg, col), key=lambda c: (c[1]["model"] != "vae", c[0]))
+        colors = sns.color_palette("deep" if len(curves) <= 10 else "husl", max(len(curves), 1))
+        model_color = {}  # the reference markers take a model's colour where it has one curve, else grey
+        with sns.axes_style("whitegrid"):
+            fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+            ax = fig.subplots()
+            for (label, key, df), color in zip(curves, colors):
+                model_color[key["model"]] = "0.3" if key["model"] in model_color else color
+                sd = df[f"{col}_sd"].fillna(0) if f"{col}_sd" in df else None
+                ax.errorbar(df["n"].astype(float), df[f"{col}_mean"], yerr=sd, color=color, marker="o", ms=5,
+                            capsize=3, lw=1.5, label=f"{label} [{est}]")
+                seeds = _runs(jobs, key)
+                if col in seeds:
+                    ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)
+            if base == "loss":
+                ax.axhline(LN2, color="0.4", ls=":", lw=1.3, label="entropy ln 2 (floor of every loss)")
+            if "vae" in models:  # the optimum bounds the 1-layer vae only; a marker where one n is swept
+                ax.plot(opt_n, opt_loss if base == "loss" else opt_rec, color="#d62728", ls="--", lw=1.3,
+                        marker="_" if len(set(opt_n)) == 1 else None, ms=14,
+                        label="Gaussian-encoder optimum of the 1-layer VAE")
+            if reference:
+                for model, table in ORIGINAL.items():
+                    if model in models:
+                        xs = sorted(table)
+                        ys = [table[n][0 if base == "loss" else 1] for n in xs]
+                        ax.scatter(xs, ys, marker="x" if model == "vae" else "+", s=30, alpha=0.8,
+                                   color=model_color.get(model, "0.3"),
+                                   label=f"{model}: original study (MC)")
+            ax.set_xscale("log")
+            values = agg[f"{col}_mean"].dropna()
+            if ylog or (len(values) and values.min() > 0 and values.max() / values.min() > 5):
+                from matplotlib.ticker import FuncFormatter
+
+                ax.set_yscale("log")
+                if not ylog:
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+                    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "2357" else ""))
+            ax.set_xlabel("n (bits per data point)")
+            ax.set_ylabel("loss (nats per data point)" if base == "loss" else "recon / n (nats per bit)")
+            ax.set_title(("Loss" if base == "loss" else "Reconstruction per dimension")
+                         + " against n (mean ± sd over seeds; dots: seeds)", fontsize=10)
+            ax.legend(fontsize=7)
+        fig.savefig(out / name, dpi=110)
+        written.append(out / name)
+    return written
+
+
+def encodings_figure(jobs, out: Path):
+    """encodings_grid.png: a row per model, guide and varying override (as the curves of sweep_figures), a column
+    per n, each cell from the lowest-seed run with an encodings.nc; None if there is none."""
+    from .encodings import load
+    from .figures import encoding_grid
+
+    if "encodings" not in jobs:
+        return None
+    keys = ["model", "guide"] + [c for c in jobs if c.startswith("override:")
+                                 and jobs[c].fillna("").astype(str).nunique() > 1]
+    labels = jobs[keys].fillna("").astype(str).apply(lambda r: _label(dict(r)), axis=1)
+    ok = _counted(jobs)
+    ok = ok[ok["encodings"].notna()]
+    if ok.empty:
+        return None
+    ok = ok.assign(label=labels).sort_values(["seed", "job"], kind="stable")
+    cells = {}
+    for (label, n), df in ok.groupby(["label", "n"]):
+        try:
+            cells[(label, int(n))] = load(df.iloc[0]["encodings"])
+        except Exception as err:
+            log.warning("could not read %s: %s", df.iloc[0]["encodings"], err)
+            cells[(label, int(n))] = None
+    rows = {m for m, _ in cells} | set(labels[jobs["model"].notna()])
+    ns = {n for _, n in cells} | {int(n) for n in jobs["n"].dropna()}
+    for key in itertools.product(rows, ns):
+        cells.setdefault(key, None)
+    encoding_grid(cells, out / "encodings_grid.png",
+                  title="Top latent per model, guide and varying override (rows) and n (columns), lowest seed: "
+                        "p(z) grey, q(z) black, mass q(z) misses red, q(z|x_k) solid, true p(z|x_k) dashed")
+    return out / "encodings_grid.png"
+
+
+def _rd_value(row, key):
+    """A run's exact rate or distortion, else its Monte Carlo one (None when neither is known)."""
+    for col in (f"exact.{key}", key, f"montecarlo.{key}"):
+        value = row.get(col)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+    return None
+
+
+def rate_distortion_figure(jobs, out: Path):
+    """rate_distortion.png (analysis.frontier.rd_plane) when the ok runs span more than one beta or more than one
+    model/guide family; None otherwise."""
+    from .frontier import rd_plane
+
+    ok = _counted(jobs)
+    if ok.empty:
+        return None
+    betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
+    families = {(m, g) for m, g in zip(ok["model"], ok["guide"])}
+    if len(betas) < 2 and len(families) < 2:
+        return None
+    points = []
+    for _, r in ok.iterrows():
+        rate, dist = _rd_value(r, "rate"), _rd_value(r, "distortion")
+        if rate is None or dist is None:
+            continue
+        points.append({"rate": rate, "distortion": dist, "model": r["model"], "guide": r["guide"],
+                       "beta": float(r["beta"]) if r.get("beta") is not None else 1.0, "n": int(r["n"])})
+    if not points:
+        return None
+    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}))
+    return out / "rate_distortion.png"
