@@ -14,7 +14,8 @@ Outputs, in the sweep directory:
 * summary_by_config.csv: seeds aggregated (mean, sd, count of the runs that have the metric) per (model, guide, n,
   other varying overrides), each (configuration, seed) once;
 * summary.md: the aggregated table (mean ± sd over seeds), the per-run table, and the failed/missing jobs;
-* loss_vs_n.png, recon_per_dim_vs_n.png, encodings_grid.png.
+* loss_vs_n.png, recon_per_dim_vs_n.png, encodings_grid.png, and rate_distortion.png where the runs span more than
+  one beta or more than one model/guide family.
 
 The work is split by job: analysis.jobs (which directories are the sweep's runs, and their rows), analysis.aggregate
 (the tables), analysis.summary_md (summary.md) and analysis.sweep_figures (the figures); this module writes the
