@@ -219,7 +219,7 @@ def test_lean_adam_resumes_from_its_state_dict_as_torchs_fused_adam_does():
 def test_moving_a_negation_after_its_sum_leaves_the_traced_graph_bit_for_bit_equal():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from infer.elbo import _negate_after_sums
+    from infer.plan import negate_after_sums
 
     x = torch.randn(4, 2, 50)
 
@@ -227,7 +227,7 @@ def test_moving_a_negation_after_its_sum_leaves_the_traced_graph_bit_for_bit_equ
         return (-torch.nn.functional.softplus(x)).view(4, 2, -1).sum(-1) * 3.0
 
     graph = make_fx(f)(x)
-    _negate_after_sums(graph.graph)
+    negate_after_sums(graph.graph)
     graph.recompile()
     negations = [n for n in graph.graph.nodes if n.target == torch.ops.aten.neg.default]
     assert len(negations) == 1 and negations[0].args[0].target == torch.ops.aten.sum.dim_IntList
