@@ -1,4 +1,5 @@
-"""A run's evaluation and outputs: metrics.json, history.csv, checkpoint.pt, encodings.nc and figures."""
+"""A run's evaluation and outputs: metrics.json, history.csv, checkpoint.pt, encodings.nc and figures (the printed
+summary of the metrics: analysis.summary_text, re-exported here)."""
 import functools
 import json
 import logging
@@ -16,6 +17,7 @@ from infer.checkpoint import save_checkpoint
 from models import VAE
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
+from .summary_text import summary_lines  # noqa: F401  re-exported: run.py and the tests import it from here
 
 log = logging.getLogger("onebit")
 EXACT_MAX_SCALARS = 2  # quadrature up to this many scalar latents; IWAE beyond
@@ -247,7 +249,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
     if checkpoint:
-        save_checkpoint(out / "checkpoint.pt", result, extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
+        save_checkpoint(out / "checkpoint.pt", result,
+                        extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
@@ -256,155 +259,3 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         encoding_figure(idata, out / "encodings.png", title=title)
         training_figure(result.history, out / "training.png", floor=data.entropy,
                         optimum=metrics.get("gaussian_optimum"), title=title)
-
-
-def _pm(value: float, se) -> str:
-    """value ± se with the digits the standard error supports (at least 4 decimals)."""
-    if se is None or not se > 0:
-        return f"{value:.4f}" if se is None else f"{value:.6f} ± 0"
-    digits = max(4, min(10, 1 - math.floor(math.log10(se))))
-    return f"{value:.{digits}f} ± {se:.1e}" if se < 1e-4 else f"{value:.{digits}f} ± {se:.{digits}f}"
-
-
-def _header(m: dict) -> str:
-    """'vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)', with
-    only the parts that are known."""
-    who = " + ".join(p for p in (m.get("model"), f"{m['guide']} guide" if m.get("guide") else None) if p)
-    facts = ", ".join(f"{k}={m[k]}" for k in ("n", "seed") if m.get(k) is not None)
-    head = ", ".join(p for p in (who, facts) if p) or "run"
-    timing = []
-    if m.get("steps") is not None:
-        timing.append(f"{m['steps']} steps" + (f" in {m['wall_seconds']:.1f} s" if m.get("wall_seconds") else ""))
-    if m.get("eval_seconds") is not None:
-        timing.append(f"evaluation {m['eval_seconds']:.1f} s")
-    return head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"
-
-
-def _site(name: str) -> str:
-    """A latent site's printed name: a joint autoguide's auxiliary ('_AutoIAFNormal_latent') is 'joint'."""
-    return "joint" if name.startswith("_") else name
-
-
-def _kl_text(kl: dict, tag: str) -> str:
-    """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)]."""
-    if len(kl) == 1:
-        (site, value), = kl.items()
-        return f"KL[{_site(site)}] {value:.4f} {tag}"
-    terms = " + ".join(f"rate[{_site(s)}] {v:.4f}" for s, v in kl.items())
-    return f"rate (= KL) {sum(kl.values()):.4f} = {terms} {tag}"
-
-
-def summary_lines(m: dict) -> list:
-    """A short human summary of a run's metrics (evaluate()'s, or metrics.json's), every number tagged with its
-    estimator. The first number is the headline loss. exact()'s and monte_carlo()'s own dicts are summarised under
-    their own estimator's tag; anything else that is not a dict is refused (ValueError in one line)."""
-    if not isinstance(m, dict):
-        from infer.validate import refuse
-
-        raise refuse("m", m, "m must be a metrics dict: evaluate()'s metrics, a metrics.json read back, or the dict "
-                             "of analysis.exact.exact or analysis.montecarlo.monte_carlo")
-    e, mc = m.get("exact"), m.get("montecarlo")
-    if e is None and mc is None and str(m.get("estimator", "")).startswith("exact quadrature") and "nll" in m:
-        e = m  # exact()'s own dict: its numbers are exact, not an old metrics.json's Monte Carlo ones
-    elif e is None and mc is None and "kind" in m and "loss_se" in m:
-        mc = m  # monte_carlo()'s own dict
-    lines = [_header(m)]
-    if e is not None:
-        lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   "
-                  f"ELBO gap {e['gap']:.4f} [exact]",
-                  f"  recon      {e['recon']:.4f} [exact]   recon/dim {e['recon_per_dim']:.3e} [exact]   "
-                  + _kl_text(e["kl"], "[exact]")]
-        if "total_correlation_per_point" in e:
-            lines.append(f"  joint guide: KL = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
-                         f"{e['total_correlation_per_point']:.4f} [exact]")
-    if mc is None and "estimator" in m and e is None:  # an old metrics.json: the Monte Carlo numbers at top level
-        mc = {**m, "kind": "MC" if m["estimator"].startswith("Monte") else "RQMC"}
-    if mc is not None:
-        tag = f"[{mc['kind']}]"
-        if mc.get("loss_se") is not None:
-            loss = f"{_pm(mc['loss'], mc['loss_se'])} {tag}"
-        else:
-            loss = f"{mc['loss']:.4f} {tag}, no error bar: {mc.get('loss_note', 'no reliable standard error')}"
-        if e is not None:
-            lines.append(f"  loss       {loss}   (check of the exact loss: {mc['loss'] - e['loss']:+.2e})")
-        else:
-            lines.append(f"  loss       {loss}")
-        lines.append(f"  recon      {mc['recon']:.4f} {tag}   recon/dim {mc['recon_per_dim']:.3e} {tag}   "
-                     + _kl_text(mc["kl"], tag))
-    if "model_phase" in m and e is not None:
-        lines.append(f"  the model was trained by its exact likelihood ({m['model_phase']['steps']} steps), then the guide "
-                     f"against it, frozen: NLL {e['nll']:.4f} [exact] is the model's, the ELBO gap {e['gap']:.4f} "
-                     "[exact] the guide family's price")
-    kl = (e or mc or {}).get("kl") or {}
-    if len(kl) > 1:
-        lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "
-                     "only their sum, the rate, is the KL of q to the model's prior)")
-    if "surgery" in m:
-        s = m["surgery"]
-        t = s.get("site", "z")
-        marginal = (f", q({t}|x) the guide's marginal" if len(kl) > 1 and not any(k.startswith("_") for k in kl)
-                    else "")
-        lines.append(f"  surgery    of {t}{marginal}: avg KL(q({t}|x)||p({t})) {s['avg_kl']:.4f} = I_q(x;{t}) "
-                     f"{s['mutual_info']:.4f} + KL(q({t})||p({t})) {s['marginal_kl']:.4f} [exact]")
-    if "surgery_skipped" in m:
-        lines.append(f"  surgery    skipped: {m['surgery_skipped']}")
-    if "exact_nll" in m:
-        lines.append(f"  NLL        {m['exact_nll']['nll']:.4f} "
-                     "[exact, the model alone: the guide's loss has no quadrature]")
-    if "iwae" in m:
-        lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
-    if "gap_to_gaussian_optimum" in m:
-        gap = m["gap_to_gaussian_optimum"]
-        where = (f"{gap:.4f} above it" if gap >= 0
-                 else f"{-gap:.4f} below it (the optimum bounds Gaussian encoders only)")
-        lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is {where}")
-    lines += _khat_lines(m)
-    if e is not None:
-        lines.append(f"  [exact] = {e['estimator']}")
-    if mc is not None:
-        lines.append(f"  [{mc['kind']}] = {mc['estimator']}")
-    return lines
-
-
-def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
-    def pm(v, se, note):
-        return _pm(v, se) if se is not None else f"{v:.4f} (no error bar: {note})"
-
-    lines = [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))} [importance sampling]",
-             f"  NLL        {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling]"]
-    if exact_nll is not None:
-        below = exact_nll["nll"] - i["loss"]
-        if below > 0:  # an upper bound of the NLL in expectation: its estimate is below only by sampling error
-            lines[0] += (f"; {below:.4f} below the exact NLL, a bound's sampling error"
-                         + (f" ({below / i['loss_se']:.1f} SE)" if i.get("loss_se") else ""))
-        gap = i["nll"] - exact_nll["nll"]
-        lines[-1] += (f"; {abs(gap):.4f} {'above' if gap >= 0 else 'below'} the exact NLL"
-                      + (": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
-    lines.append(f"             ({i['note']})")
-    return lines
-
-
-def _khat_lines(m: dict) -> list:
-    """The PSIS k-hat line: value ± its sampling sd, ESS/S, and the threshold for S draws; near-constant weights
-    said in words."""
-    from .psis import CONSTANT_ESS, GOOD, interpret
-
-    if "khat" not in m:
-        return []
-    p = m.get("psis")
-    if p is None:  # an old metrics.json
-        return ["  PSIS k-hat " + ", ".join(f"x{k}: {v:.2f}" for k, v in enumerate(m["khat"]))]
-    points = [0] if p.get("joint") else range(len(m["khat"]))
-    parts = []
-    for k in points:
-        label = "joint" if p.get("joint") else f"x{k}"
-        if p["ess_fraction"][k] >= CONSTANT_ESS:
-            parts.append(f"{label}: weights nearly constant, ESS/S {p['ess_fraction'][k]:.5f} "
-                         "(q matches the posterior up to noise; k-hat not informative)")
-        else:
-            parts.append(f"{label}: {p['khat'][k]:.2f} ± {p['sd'][k]:.2f} (ESS/S {p['ess_fraction'][k]:.3f}; "
-                         f"{interpret(p['khat'][k], p['ess_fraction'][k], p['samples']).split(':')[0]})")
-    lines = [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: " + "; ".join(parts)]
-    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}"
-                 + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
-    return lines
