@@ -1,4 +1,4 @@
-"""The command line's contract, kept apart from run.py's training and evaluation.
+"""The command line's contract, and the run it starts.
 
 * Before Hydra creates anything, `preflight` composes the config and checks every override: unknown keys (with or
   without '+') are refused naming the closest known keys; in a single run every value is validated, a resumed
@@ -16,6 +16,8 @@ The package, one job a module: state (STATE, ConfigError), values (every key's a
 keys and group choices), checks (flags, and the preflight before Hydra runs), sweep (a multirun's jobs and its
 lock), rundirs (claims, .hydra files, status), resume (checkpoint vs config), guards (memory, divergence),
 signals (SIGINT/SIGTERM); main, here, runs them in order. The names run.py and the tests use are re-exported.
+The run itself (run.py's task): build (config -> data, model, guide, objective), job (fit, evaluate, write) and
+replica_job (replicas > 1), imported by run.py, not here.
 """
 import signal
 import sys

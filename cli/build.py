@@ -1,0 +1,69 @@
+"""From a composed config to the run's data, model, guide and objective (built from each node's _target_), and the
+two ways a run ends early: Refused (bad input found before training: one line, no trace) and Diverged."""
+import contextlib
+
+from omegaconf import DictConfig, OmegaConf
+
+from cli.state import ConfigError
+
+
+def build(cfg: DictConfig):
+    """The data, model and guide a config describes (instantiated from the _target_ of model and guide)."""
+    from hydra.utils import instantiate
+
+    from models import OneBit
+
+    def spec(node):
+        return {k: v for k, v in OmegaConf.to_container(node).items() if k != "name"}
+
+    data = OneBit(cfg.data.n, tuple(cfg.data.weights))
+    model = instantiate(spec(cfg.model), n=data.n)
+    guide = instantiate(spec(cfg.guide), model=model)
+    return data, model, guide
+
+
+def build_objective(cfg: DictConfig):
+    """The Pyro ELBO cfg.objective names (infer.objectives.make_objective); its other keys are its options.
+    K (iwae) is the particle count in place of train.num_particles."""
+    from infer.objectives import ObjectiveError, make_objective
+
+    options = {k: v for k, v in OmegaConf.to_container(cfg.objective).items() if k not in ("name", "K", "steps")}
+    particles = cfg.objective.K if "K" in cfg.objective else cfg.train.num_particles
+    try:
+        return make_objective(cfg.objective.name, particles, **options)
+    except ObjectiveError as err:
+        raise ConfigError(f"objective.{err}") from None
+
+
+def exact_model_steps(cfg) -> int:
+    """The model phase's step budget of objective=exact: objective.steps.<model> (measured per model)."""
+    steps = OmegaConf.select(cfg, f"objective.steps.{cfg.model.name}")
+    if steps is None:
+        raise ConfigError(f"objective.steps.{cfg.model.name} is not set: objective=exact needs the model phase's step "
+                          f"budget for model={cfg.model.name}")
+    if OmegaConf.select(cfg, "train.resume"):
+        raise ConfigError("train.resume is not allowed with objective=exact (its two phases are not checkpointed)")
+    return steps
+
+
+class Refused(ValueError):
+    """Bad input found before training started: the run leaves no trace (a multirun job records it)."""
+
+
+@contextlib.contextmanager
+def refusals():
+    """Bad input found while building a run (a ValueError, or hydra's InstantiationException around one) raised as
+    Refused, in one line."""
+    try:
+        yield
+    except ValueError as err:
+        raise Refused(str(err)) from None
+    except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ValueError):
+            raise Refused(str(cause).splitlines()[0]) from None
+        raise
+
+
+class Diverged(ValueError):
+    """Training diverged: the last good checkpoint is kept, no normal-looking result is written."""
