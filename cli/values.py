@@ -7,7 +7,7 @@ what spans keys (eval.samples with eval.replicates, seed with replicas, what rep
 from omegaconf import DictConfig, OmegaConf
 
 from cli.state import ConfigError
-from infer.validate import CONFIG_RULES, MAX_SEED, is_finite, is_int
+from infer.validate import CONFIG_RULES, MAX_SEED, MAX_THREADS, is_finite, is_int
 
 
 def _bool(v) -> bool:
@@ -19,7 +19,7 @@ def _bool(v) -> bool:
 COMMAND_LINE_RULES = {
     # a run needs a seed (it names the run dir, and replicas train seed .. seed + replicas - 1) and a thread count
     "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "threads": (lambda v: is_int(v) and 1 <= v <= MAX_THREADS, f"an integer >= 1 and <= {MAX_THREADS}"),
     "overwrite": (_bool, "true or false"),
     "replicas": (lambda v: is_int(v) and v >= 1,
                  "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),

@@ -18,6 +18,7 @@ ACTIVATIONS = ("elu", "relu", "tanh", "silu", "softplus")
 INITS = ("reset", "keep")
 ENGINES = ("auto", "general")
 MAX_SEED = 2 ** 32 - 1  # numpy's RNG (seeded with torch's and Python's by pyro.set_rng_seed) takes seeds below 2**32
+MAX_THREADS = 1024  # torch's thread pool: 20000 threads aborted (libgomp: thread creation failed), 100000 segfaulted
 ORDERS = ("linear", "quadratic")
 
 
@@ -71,7 +72,8 @@ RULES = {
     "seed": (lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED), f"an integer in [0, {MAX_SEED}] (or None)"),
     "log_every": (_int_at_least(1), "an integer >= 1"),
     "checkpoint_every": (_int_at_least(0), "an integer >= 0 (0: never)"),
-    "threads": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1 (or None: leave torch's setting)"),
+    "threads": (lambda v: v is None or (is_int(v) and 1 <= v <= MAX_THREADS),
+                f"an integer >= 1 and <= {MAX_THREADS} (or None: leave torch's setting)"),
     "init": (lambda v: v in INITS, " or ".join(INITS)),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "freeze_model": (lambda v: isinstance(v, bool), "true or false"),
@@ -244,5 +246,6 @@ def check_all(**values) -> None:
 
 
 __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "memory_refusal",
-           "check_model_argument", "refuse", "shown", "MAX_SEED", "KHAT_MIN_SAMPLES", "ORDERS", "allowed",
+           "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "KHAT_MIN_SAMPLES", "ORDERS",
+           "allowed",
            "is_allowed", "is_int", "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS", "ENGINES"]

@@ -1,0 +1,53 @@
+"""Bad inputs found by probing the command line and the Python API beyond the other suites: each is refused in one
+line naming the key or argument and what is allowed (exit 2 / ValueError), before training, leaving nothing behind;
+and no setting is silently ignored (a run's config never says what it did not do)."""
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+TINY = ["data.n=3", "train.steps=20", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
+        "eval.figures=false"]
+
+
+def one_line_error(proc, *words) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished single run (status ok); tests copy it before touching it."""
+    base = tmp_path_factory.mktemp("finished")
+    proc = run_cli(*TINY, f"hydra.run.dir={base / 'run'}", cwd=base)
+    assert proc.returncode == 0, proc.stderr
+    return base / "run"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads
+
+
+def test_a_thread_count_torch_cannot_start_is_refused_by_the_command_line(tmp_path):
+    proc = run_cli(*TINY, "threads=100000", cwd=tmp_path)  # it segfaulted after claiming a 'running' run dir
+    one_line_error(proc, "threads=100000", "<= 1024")
+    assert not list(tmp_path.iterdir())
+
+
+def test_fit_refuses_a_thread_count_torch_cannot_start():
+    from infer.validate import check
+
+    with pytest.raises(ValueError, match=r"threads=100000 is not allowed: threads must be an integer >= 1 and <= 1024"):
+        check("threads", 100000)
