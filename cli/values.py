@@ -48,8 +48,53 @@ COMMAND_LINE_RULES = {
 RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}
 
 
+_ABSENT = "<absent>"
+
+
+def _missing(node, prefix: str = "") -> list:
+    """The dotted keys under node (hydra.* left out) whose value is '???', without resolving interpolations."""
+    out = []
+    for key in node.keys() if isinstance(node, DictConfig) else []:
+        path = f"{prefix}{key}"
+        if path == "hydra":
+            continue
+        if OmegaConf.is_missing(node, key):
+            out.append(path)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            out += _missing(child, path + ".")
+    return out
+
+
+def check_structure(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for a value left mandatory-missing ('???': Hydra's marker; it
+    would pass unchecked and fail mid-run) and for a group of keys replaced by one value (train=null, train=5:
+    every key under it would be skipped as absent). hydra.* is Hydra's own."""
+    missing = _missing(cfg)
+    if missing:
+        key = missing[0]
+        group = any(k.startswith(key + ".") for k in RULES)
+        rule = (f"{key} must be {RULES[key][1]}" if key in RULES else
+                f"{key} is a group of keys: set them one by one" if group else f"set {key}=<value>")
+        raise ConfigError(f"{key}=??? is not allowed: ??? marks a value that is missing; {rule}")
+    for key in RULES:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            parent = ".".join(parts[:i])
+            node = OmegaConf.select(cfg, parent, default=_ABSENT)
+            if isinstance(node, str) and node == _ABSENT:
+                break
+            if not isinstance(node, DictConfig):
+                keys = sorted({k.split(".")[i] for k in RULES if k.startswith(parent + ".")})
+                raise ConfigError(f"{parent}={node!r} is not allowed: {parent} is a group of keys ("
+                                  f"{', '.join(f'{parent}.{k}' for k in keys[:4])}, ...); set those keys one by one, "
+                                  f"e.g. {key}=...")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first key whose value is not allowed."""
+    """Raise ConfigError naming the first key whose value is not allowed (check_structure first)."""
+    check_structure(cfg)
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
         if isinstance(value, str) and value == "<absent>":

@@ -51,3 +51,29 @@ def test_fit_refuses_a_thread_count_torch_cannot_start():
 
     with pytest.raises(ValueError, match=r"threads=100000 is not allowed: threads must be an integer >= 1 and <= 1024"):
         check("threads", 100000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a group of keys replaced by one value, and Hydra's ??? (a missing mandatory value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train=null", ["train=None is not allowed", "train is a group of keys", "train.steps"]),
+    ("train=5", ["train=5 is not allowed", "train is a group of keys"]),
+    ("eval=null", ["eval=None is not allowed", "eval is a group of keys"]),
+])
+def test_a_group_of_keys_set_to_one_value_is_refused_naming_it(tmp_path, override, words):
+    proc = run_cli(*TINY, override, cwd=tmp_path)  # train=null crashed after the claim; eval=null with a traceback
+    one_line_error(proc, *words)
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.steps=???", ["train.steps=??? is not allowed", "train.steps must be an integer >= 1"]),
+    ("seed=???", ["seed=??? is not allowed", "seed must be an integer in [0,"]),
+    ("train.resume=???", ["train.resume=??? is not allowed", "null or a path"]),
+])
+def test_a_missing_mandatory_value_is_refused_naming_the_key(tmp_path, override, words):
+    proc = run_cli(*TINY, override, cwd=tmp_path)  # train.steps=??? crashed mid-run; train.resume=??? ran unresumed
+    one_line_error(proc, *words)
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
