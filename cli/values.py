@@ -46,6 +46,9 @@ COMMAND_LINE_RULES = {
     "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
 }
 RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}
+# the guides of conf/guide/ that infer.fit_replicas refuses (their modules hold more than nn.Linear and LogGain
+# layers, or a random buffer per copy): refused by the command line before anything is built, naming guide and replicas
+UNSTACKABLE_GUIDES = ("mixture", "autonormal", "autoiaf")
 
 
 _ABSENT = "<absent>"
@@ -128,6 +131,13 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, "objective.noise") not in ("lattice", "qmc"):
             raise ConfigError(f"replicas={replicas} is not allowed with objective.noise={cfg.objective.noise}: "
                               "replicas need noise drawn outside the model and guide (lattice or qmc)")
+        if cfg.train.freeze_model:  # fit_replicas trains model and guide: the flag would be ignored, mislabelled
+            raise ConfigError(f"train.freeze_model=true is not allowed with replicas={replicas}: replicas train the "
+                              "model and the guide together; train each seed alone (replicas=1, e.g. -m seed=0,1,2)")
+        if cfg.guide.name in UNSTACKABLE_GUIDES:
+            raise ConfigError(f"replicas={replicas} is not allowed with guide={cfg.guide.name}: its networks cannot "
+                              "take a replica dimension; replicas train the gaussian, structured, meanfield and flow "
+                              "guides (or use replicas=1)")
 
 
 def check_device(device: str) -> None:

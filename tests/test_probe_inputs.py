@@ -77,3 +77,21 @@ def test_a_missing_mandatory_value_is_refused_naming_the_key(tmp_path, override,
     proc = run_cli(*TINY, override, cwd=tmp_path)  # train.steps=??? crashed mid-run; train.resume=??? ran unresumed
     one_line_error(proc, *words)
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replicas with what they cannot train
+
+
+def test_replicas_with_a_frozen_model_are_refused_rather_than_training_the_model(tmp_path):
+    # fit_replicas has no frozen model: the replicas trained it, while their config.yaml said freeze_model: true
+    proc = run_cli(*TINY, "replicas=2", "train.freeze_model=true", cwd=tmp_path)
+    one_line_error(proc, "train.freeze_model=true is not allowed with replicas=2")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("guide", ["mixture", "autonormal"])
+def test_replicas_of_a_guide_that_cannot_stack_are_refused_naming_guide_and_replicas(tmp_path, guide):
+    proc = run_cli(*TINY, "replicas=2", f"guide={guide}", cwd=tmp_path)
+    one_line_error(proc, f"replicas=2 is not allowed with guide={guide}", "gaussian, structured, meanfield and flow")
+    assert not list(tmp_path.iterdir())
