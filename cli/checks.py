@@ -38,10 +38,11 @@ def check_flags(args) -> None:
             value = value or (args[i + 1] if i + 1 < len(args) else "")
             if value not in FLAG_VALUES[flag]:
                 raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
+    check_order(args)
 
 
-def hydra_flag_overrides(args) -> list:
-    """The key=value overrides of a command line that carries Hydra's flags (their own values left out)."""
+def _override_positions(args) -> list:
+    """The positions in args of the key=value overrides (a flag's own value, as in --cfg job, left out)."""
     out, skip = [], False
     for i, arg in enumerate(args):
         if skip:
@@ -53,8 +54,29 @@ def hydra_flag_overrides(args) -> list:
                                                 and args[i + 1] in FLAG_VALUES[flag])
             skip = takes and "=" not in arg
             continue
-        out.append(arg)
+        out.append(i)
     return out
+
+
+def hydra_flag_overrides(args) -> list:
+    """The key=value overrides of a command line that carries Hydra's flags (their own values left out)."""
+    return [args[i] for i in _override_positions(args)]
+
+
+def check_order(args) -> None:
+    """Refuse, in one line, -m (or -r) after an override: argparse takes the overrides as one list, and the
+    preflight appends the override that pins the run or sweep dir, so it would print its multi-line usage after
+    that dir was claimed (a sweep dir with its .sweep.lock left behind). With Hydra's print flags nothing is claimed
+    or appended (the keys are checked first; argparse then says what it says)."""
+    at = _override_positions(args)
+    if not at or any(a.split("=")[0] in HYDRA_FLAGS for a in args):
+        return
+    for i, arg in enumerate(args):
+        if i > at[0] and arg.startswith("-"):
+            options = [a for j, a in enumerate(args) if j not in at]
+            overrides = [args[j] for j in at]
+            raise ConfigError(f"{arg} comes after the override {args[at[0]]}: options go before the overrides, "
+                              f"e.g. python run.py {' '.join(options + overrides)}")
 
 
 def _quote(path) -> str:

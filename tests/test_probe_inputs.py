@@ -95,3 +95,20 @@ def test_replicas_of_a_guide_that_cannot_stack_are_refused_naming_guide_and_repl
     proc = run_cli(*TINY, "replicas=2", f"guide={guide}", cwd=tmp_path)
     one_line_error(proc, f"replicas=2 is not allowed with guide={guide}", "gaussian, structured, meanfield and flow")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# options after overrides
+
+
+@pytest.mark.parametrize("args", [["data.n=3", "-m", "seed=0,1"], ["data.n=3", "-m"], ["data.n=3", "--multirun"]])
+def test_an_option_after_an_override_is_refused_in_one_line_and_leaves_no_sweep_dir(tmp_path, args):
+    # argparse printed its multi-line usage, after the preflight had claimed multirun/<date>/<time>/.sweep.lock
+    proc = run_cli(*args, cwd=tmp_path)
+    one_line_error(proc, f"{args[1]} comes after the override data.n=3", "options go before the overrides")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_option_after_the_overrides_that_argparse_takes_still_runs(tmp_path):
+    proc = run_cli("data.n=3", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0 and "n: 3" in proc.stdout, proc.stderr
