@@ -129,11 +129,18 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     """Claim sweep_dir for this sweep alone: an exclusive lock on <sweep_dir>/.sweep.lock, held until this process
     ends (the kernel drops it with the process, so a killed sweep leaves no stale claim). Raises RunDirError if
     another sweep holds it, or if it already holds a finished sweep (multirun.yaml) and overwrite is false; a
-    refused claim removes what it created."""
+    refused claim removes what it created. A sweep_dir that holds a run, or lies inside a run's directory, is
+    refused before anything is created."""
     import fcntl
 
-    from analysis.rundir import RunDirError
+    from analysis.rundir import RunDirError, is_run, occupant
 
+    for folder in [sweep_dir, *sweep_dir.parents]:  # no sweep writes into a run's dir (its lock, summary, job dirs)
+        held = occupant(folder) if folder == sweep_dir else ("a run" if is_run(folder) else "")
+        if held:
+            where = "it holds" if folder == sweep_dir else f"it is inside the run directory {folder}, which holds"
+            raise RunDirError(f"hydra.sweep.dir={sweep_dir} is not allowed: {where} {held}; no sweep writes into a "
+                              "run's directory: choose a hydra.sweep.dir outside it")
     created = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]
     lock = sweep_dir / SWEEP_LOCK
     new_lock = not lock.exists()

@@ -112,3 +112,18 @@ def test_an_option_after_an_override_is_refused_in_one_line_and_leaves_no_sweep_
 def test_an_option_after_the_overrides_that_argparse_takes_still_runs(tmp_path):
     proc = run_cli("data.n=3", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0 and "n: 3" in proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a sweep into a run's directory
+
+
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_a_sweep_into_or_inside_a_runs_dir_is_refused_and_the_run_is_left_as_it_was(tmp_path, finished_run, inside):
+    # the sweep wrote .sweep.lock, multirun.yaml, summary files and its job dirs into the finished run's dir
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    proc = run_cli("-m", *TINY, "seed=0,1", f"hydra.sweep.dir={run / inside}", cwd=tmp_path)
+    one_line_error(proc, "hydra.sweep.dir=", "no sweep writes into a run's directory")
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in finished_run.iterdir())
