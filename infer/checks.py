@@ -22,6 +22,9 @@ def checked_device(device):
     except (TypeError, RuntimeError, ValueError):
         raise ValueError(f"device={device!r} is not allowed: device must be a torch device such as 'cpu' or "
                          "'cuda'") from None
+    if device.type == "meta":  # meta tensors hold no data: the model would be moved there, its params lost
+        raise ValueError("device='meta' is not allowed: meta tensors hold no values to train; device must be a "
+                         "device with memory, such as 'cpu' or 'cuda'")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:

@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,36 @@ def test_a_sweep_into_or_inside_a_runs_dir_is_refused_and_the_run_is_left_as_it_
     one_line_error(proc, "hydra.sweep.dir=", "no sweep writes into a run's directory")
     assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
         p.name for p in finished_run.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Python API
+
+
+@pytest.fixture
+def vae():
+    from guides import GaussianGuide
+    from models import VAE, OneBit
+
+    model = VAE(3)
+    return model, GaussianGuide(model), OneBit(3)
+
+
+def tiny_fit(model, guide, data, **kwargs):
+    from infer import ClosedFormELBO, fit
+
+    return fit(model, guide, data, **{"steps": 3, "elbo": ClosedFormELBO(num_particles=4), "seed": 0, **kwargs})
+
+
+def like(data, **replace):
+    """An object like the one-bit data (n, x, w, weights), with some of its entries replaced."""
+    fields = {"n": data.n, "x": data.x, "w": data.w, "weights": data.weights, **replace}
+    return type("LikeOneBit", (), fields)()
+
+
+def test_fit_refuses_the_meta_device_and_leaves_the_model_where_it_was(vae):
+    model, guide, data = vae
+    with pytest.raises(ValueError, match=r"^device='meta' is not allowed: .*'cpu'"):
+        tiny_fit(model, guide, data, device="meta")  # the model was moved to meta (its values lost) before
+    assert all(p.device.type == "cpu" for p in list(model.parameters()) + list(guide.parameters()))
+
