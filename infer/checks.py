@@ -12,7 +12,7 @@ import os
 import torch
 
 from guides.check import check_guide
-from .validate import check, is_int, refuse
+from .validate import check, is_int, refuse, shown
 
 
 def checked_device(device):
@@ -57,6 +57,13 @@ def check_data(data) -> None:
     if not ok:
         raise refuse("data", data, "data must be the one-bit data distribution, models.OneBit(n) (or an object "
                                    "with n, x (2, n), w (2,) and weights)")
+    if x.is_floating_point() and not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError("data.x is not allowed: its values must be bits, 0 or 1 (the Bernoulli likelihood's "
+                         f"support); this one holds e.g. {shown(x[(x != 0) & (x != 1)][:3].tolist())}")
+    if not (w.is_floating_point() and bool(torch.isfinite(w).all()) and bool((w > 0).all())
+            and abs(float(w.double().sum()) - 1.0) <= 1e-6):
+        raise ValueError(f"data.w={shown(w.tolist())} is not allowed: data.w must be the two points' weights, two "
+                         "positive finite numbers that sum to 1")
 
 
 def _check_callable(name, fn, what) -> None:

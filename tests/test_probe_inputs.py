@@ -161,3 +161,18 @@ def test_fit_refuses_the_meta_device_and_leaves_the_model_where_it_was(vae):
         tiny_fit(model, guide, data, device="meta")  # the model was moved to meta (its values lost) before
     assert all(p.device.type == "cpu" for p in list(model.parameters()) + list(guide.parameters()))
 
+
+@pytest.mark.parametrize("x", [torch.full((2, 3), 0.5), torch.full((2, 3), math.nan)])
+def test_fit_refuses_data_whose_x_are_not_bits(vae, x):
+    model, guide, data = vae
+    with pytest.raises(ValueError, match=r"^data\.x is not allowed: its values must be bits, 0 or 1") as err:
+        tiny_fit(model, guide, like(data, x=x))  # 0.5: a multi-line support error from the Bernoulli
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("w", [torch.tensor([-0.5, 1.5]), torch.tensor([math.nan, 0.5]), torch.tensor([0.2, 0.2])])
+def test_fit_refuses_data_whose_weights_are_not_two_positive_numbers_summing_to_1(vae, w):
+    model, guide, data = vae
+    with pytest.raises(ValueError, match=r"^data\.w=.* is not allowed: data\.w must be .*positive finite numbers"):
+        tiny_fit(model, guide, like(data, w=w))  # (-0.5, 1.5) trained to a number; nan 'diverged'
+
