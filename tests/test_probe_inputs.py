@@ -176,3 +176,11 @@ def test_fit_refuses_data_whose_weights_are_not_two_positive_numbers_summing_to_
     with pytest.raises(ValueError, match=r"^data\.w=.* is not allowed: data\.w must be .*positive finite numbers"):
         tiny_fit(model, guide, like(data, w=w))  # (-0.5, 1.5) trained to a number; nan 'diverged'
 
+
+def test_fit_refuses_a_callback_that_cannot_take_step_and_row_before_training(vae):
+    model, guide, data = vae
+    calls = []
+    with pytest.raises(ValueError, match=r"^callback=.* is not allowed: callback must be a callable "
+                                         r"callback\(step, row\)"):
+        tiny_fit(model, guide, data, log_every=1, callback=lambda: calls.append(1))  # a TypeError at the first log
+
