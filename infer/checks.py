@@ -7,6 +7,7 @@ is fit's (and fit_replicas') check of all its arguments; the per-argument rules 
 """
 import contextlib
 import contextvars
+import numbers
 import os
 
 import torch
@@ -151,7 +152,9 @@ def _check_elbo(elbo) -> None:
 def check_arguments(model, guide, data, elbo, steps, resume, values, callback=None, checkpoint_path=None,
                      checkpoint_extra=None):
     """fit's (and each replica's) checks of its arguments, ValueError in one line naming the first bad one; data is
-    not checked here: the caller checks it first (check_data, in fit before resume)."""
+    not checked here: the caller checks it first (check_data, in fit before resume). Once checked, a numpy scalar in
+    `values` is replaced, in place, by the Python number it equals (fit seeds Python's RNG, which refuses numpy
+    integers, and its recipe goes into metrics.json)."""
     for name, value in values.items():
         check(name, value)
     _check_elbo(elbo)
@@ -176,6 +179,11 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
                 raise ValueError(f"{name}={values[name]!r} is not allowed with objective {type(elbo).__name__}: it "
                                  f"trains the model alone by its marginal likelihood ({name} must be {default!r})")
     check_sizes(data, model=model, guide=guide if needs_guide else None)
+    for name, value in values.items():  # numpy scalars as the Python numbers they equal (Python's RNG takes no
+        if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):  # numpy int as a seed)
+            values[name] = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, (float, int, bool)):
+            values[name] = float(value)
     if resume is not None:
         start = int(resume["step"])
         if steps < start:

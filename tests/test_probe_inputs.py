@@ -184,3 +184,10 @@ def test_fit_refuses_a_callback_that_cannot_take_step_and_row_before_training(va
                                          r"callback\(step, row\)"):
         tiny_fit(model, guide, data, log_every=1, callback=lambda: calls.append(1))  # a TypeError at the first log
 
+
+@pytest.mark.parametrize("seed", [np.uint32(5), np.int64(5)])
+def test_fit_takes_a_numpy_integer_seed_as_the_python_integer_it_equals(vae, seed):
+    model, guide, data = vae
+    numpy_seeded = tiny_fit(model, guide, data, seed=seed)  # a TypeError from Python's random.seed
+    assert type(numpy_seeded.recipe["seed"]) is int
+    assert numpy_seeded.history == tiny_fit(model, guide, data, seed=5).history
