@@ -7,7 +7,9 @@ from cli.state import ConfigError
 
 # keys that decide a training trajectory: a resume must not change them (train.steps may grow)
 TRAJECTORY = ("data", "model", "guide", "objective", "optim", "seed", "train.num_particles", "train.beta",
-              "train.warmup", "train.warmup_start", "train.average")
+              "train.warmup", "train.warmup_start", "train.average", "train.freeze_model")
+# what a checkpoint written before a key joined TRAJECTORY was trained with (its config lacks the key)
+EARLIER = {"train.freeze_model": False}
 # keys that decide what history.csv means: a resume must not change them (its rows would mix windows)
 HISTORY = ("train.log_every",)
 
@@ -44,7 +46,7 @@ def load_resume(cfg):
     if saved is None:
         raise ConfigError(f"train.resume={path}: the checkpoint carries no config (written by an older version); "
                           "it cannot be checked, so it is not resumed")
-    now, then = _flat(trajectory_config(cfg)), _flat(saved)
+    now, then = _flat(trajectory_config(cfg)), {**EARLIER, **_flat(saved)}
     differ = sorted(k for k in set(now) | set(then) if k != "train.steps" and now.get(k) != then.get(k))
     for group in ("model", "guide", "objective", "optim", "data"):  # another option of a group: name it once
         if f"{group}.name" in differ:

@@ -191,3 +191,22 @@ def test_fit_takes_a_numpy_integer_seed_as_the_python_integer_it_equals(vae, see
     numpy_seeded = tiny_fit(model, guide, data, seed=seed)  # a TypeError from Python's random.seed
     assert type(numpy_seeded.recipe["seed"]) is int
     assert numpy_seeded.history == tiny_fit(model, guide, data, seed=5).history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume
+
+
+def test_a_resume_that_freezes_the_model_is_refused_naming_train_freeze_model(tmp_path, finished_run):
+    # it was refused inside fit as 'the checkpoint's optimizer state does not fit these params', naming no key
+    proc = run_cli(*TINY, f"train.resume={finished_run / 'checkpoint.pt'}", "train.freeze_model=true", cwd=tmp_path)
+    one_line_error(proc, "was written with other settings: train.freeze_model (False -> True)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_whose_config_predates_train_freeze_model_still_resumes(tmp_path, finished_run):
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=False)
+    state["config"].pop("train.freeze_model", None)
+    torch.save(state, tmp_path / "old.pt")
+    proc = run_cli(*TINY, f"train.resume={tmp_path / 'old.pt'}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
