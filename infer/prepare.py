@@ -121,7 +121,9 @@ def prepare(model, guide, data, elbo, v, device, start=0):
 
 
 def restore(resume, names, store, result, window, device):
-    """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place."""
+    """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place.
+    Raises ValueError (one line) if the checkpoint's Adam betas differ from result.recipe's adam_betas: loading its
+    state would silently train on with the checkpoint's."""
     missing = sorted(set(names) - set(resume["params"]))
     if missing:
         raise ValueError(f"resume: the checkpoint has no params {', '.join(missing)}; it was written for another "
@@ -140,6 +142,13 @@ def restore(resume, names, store, result, window, device):
             store.get_param(name).unconstrained().copy_(resume["params"][name])
         for name, value in saved.items():
             result.buffers[name].copy_(value)
+    wanted = tuple(float(b) for b in result.recipe["adam_betas"])
+    saved_betas = {tuple(float(b) for b in g["betas"]) for g in resume["optimizer"].get("param_groups", [])
+                   if isinstance(g, dict) and isinstance(g.get("betas"), (list, tuple))}
+    if saved_betas and saved_betas != {wanted}:  # loading the state would put the checkpoint's betas in place
+        raise ValueError(f"adam_betas={wanted} is not allowed with this resume: the checkpoint's Adam ran with betas "
+                         f"{', '.join(map(str, sorted(saved_betas)))}, which loading its state would keep; resume with "
+                         "those adam_betas")
     try:
         result.optimizer.load_state_dict(resume["optimizer"])
     except (ValueError, KeyError) as err:

@@ -210,3 +210,14 @@ def test_a_checkpoint_whose_config_predates_train_freeze_model_still_resumes(tmp
     torch.save(state, tmp_path / "old.pt")
     proc = run_cli(*TINY, f"train.resume={tmp_path / 'old.pt'}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_python_resume_with_other_adam_betas_is_refused_rather_than_run_with_the_checkpoints(vae, tmp_path):
+    # the optimizer's state put the checkpoint's betas back: it trained with (0.9, 0.99), its recipe said (0.5, 0.6)
+    model, guide, data = vae
+    tiny_fit(model, guide, data, adam_betas=(0.9, 0.99), checkpoint_path=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"^adam_betas=\(0\.5, 0\.6\) is not allowed with this resume: .*\(0\.9, "
+                                         r"0\.99\)"):
+        tiny_fit(model, guide, data, steps=6, adam_betas=(0.5, 0.6), resume=tmp_path / "c.pt")
+    again = tiny_fit(model, guide, data, steps=6, adam_betas=(0.9, 0.99), resume=tmp_path / "c.pt")
+    assert again.recipe["adam_betas"] == (0.9, 0.99) and again.steps == 6
