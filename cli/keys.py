@@ -34,6 +34,9 @@ def check_group_choices(argv) -> None:
         if not sep:
             continue
         chosen[group] = value
+        if value.strip()[:1] in ("[", "{"):  # split at its commas it would be named by a fragment ('model=[vae')
+            raise ConfigError(f"{group}={value} is not allowed: {group} must be one option, one of "
+                              f"{', '.join(options)} (a list or dict is none; sweep options with -m {group}=a,b)")
         for choice in value.split(","):
             if choice and choice != "null" and choice not in options:
                 raise ConfigError(f"{group}={choice} is not allowed: {group} must be one of {', '.join(options)}")

@@ -221,3 +221,14 @@ def test_a_python_resume_with_other_adam_betas_is_refused_rather_than_run_with_t
         tiny_fit(model, guide, data, steps=6, adam_betas=(0.5, 0.6), resume=tmp_path / "c.pt")
     again = tiny_fit(model, guide, data, steps=6, adam_betas=(0.9, 0.99), resume=tmp_path / "c.pt")
     assert again.recipe["adam_betas"] == (0.9, 0.99) and again.steps == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a list or dict where a group takes one option
+
+
+@pytest.mark.parametrize("override", ["model=[vae,dlgm]", "data={n:4,weights:[0.5,0.5]}"])
+def test_a_list_or_dict_for_a_config_group_is_refused_naming_the_whole_value(tmp_path, override):
+    proc = run_cli(*TINY, override, cwd=tmp_path)  # it was named by its first comma's fragment: 'model=[vae'
+    one_line_error(proc, f"{override} is not allowed", "must be one option")
+    assert not list(tmp_path.iterdir())
