@@ -51,15 +51,46 @@ def record_unclaimed(cfg, hc, err) -> None:
         pass  # the sweep dir itself cannot be written: the line on stderr is all there is
 
 
+def live_owner(out):
+    """The pid of the process running the run in `out`, when its status.json says running and names a live Python
+    process other than this one; None otherwise (no run, a run that ended, or one killed by SIGKILL whose status
+    still says running)."""
+    from analysis.rundir import read_status
+
+    status = read_status(out)
+    pid = status.get("pid")
+    if status.get("status") != "running" or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    try:  # a pid the OS has given to another program since is not the run
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return pid if b"python" in handle.read() else None
+    except OSError:
+        return pid
+
+
 def claim_for(cfg, out: Path, fresh: bool = False):
     """The Claim on `out` for this run: the one preflight made for a single run, or a new one (a sweep job: fresh,
     so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
-    A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it."""
+    A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it, and one
+    whose run is still running in another process (live_owner) is refused always (RunDirError)."""
     from analysis.rundir import Claim
 
     held = STATE.get("claim")
     if not fresh and held is not None and Path(held.path) == Path(out).absolute():
         return held
+    pid = live_owner(out)
+    if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
+        from analysis.rundir import RunDirError
+
+        key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
+        raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid {pid}); "
+                          f"wait for it to end, or choose another {key}")
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
     overwrite = bool(cfg.get("overwrite", False))

@@ -232,3 +232,47 @@ def test_a_list_or_dict_for_a_config_group_is_refused_naming_the_whole_value(tmp
     proc = run_cli(*TINY, override, cwd=tmp_path)  # it was named by its first comma's fragment: 'model=[vae'
     one_line_error(proc, f"{override} is not allowed", "must be one option")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run dir whose run is still training in another process
+
+
+def running_dir(folder: Path, pid: int, like: Path) -> Path:
+    """A copy of the run `like` whose status.json says that process pid is running it."""
+    import json
+
+    shutil.copytree(like, folder)
+    (folder / "status.json").write_text(json.dumps({"status": "running", "reason": "", "pid": pid}))
+    return folder
+
+
+@pytest.mark.parametrize("how", [["overwrite=true"], ["train.resume={dir}/checkpoint.pt"]])
+def test_a_dir_whose_run_is_still_training_is_refused_even_with_overwrite(tmp_path, finished_run, how):
+    # overwrite=true moved the live run's files aside and ran beside it: the dir ended with the new run's metrics
+    # and the old process's checkpoint.pt and status
+    import subprocess
+    import sys
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = running_dir(tmp_path / "run", alive.pid, finished_run)
+        before = snapshot(run)
+        args = [a.format(dir=run) for a in how]
+        proc = run_cli(*TINY, *args, f"hydra.run.dir={run}", cwd=tmp_path)
+        one_line_error(proc, "is in use: the run there is still running", f"pid {alive.pid}")
+        assert snapshot(run) == before
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_dir_left_running_by_a_killed_process_may_still_be_overwritten(tmp_path, finished_run):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = running_dir(tmp_path / "run", dead.pid, finished_run)
+    proc = run_cli(*TINY, "overwrite=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
