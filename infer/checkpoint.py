@@ -186,7 +186,8 @@ def check_checkpoint(state: dict, where: str) -> None:
     has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
     (its moments finite); rng the torch, numpy and python generators' states (each restorable); step an integer
     >= 0; history a list of rows with integer steps; window None or a (k, T) tensor with k betas; initial_loss None
-    or a number; buffers {name: tensor}; average None or {start, count, means}; config a dict."""
+    or a number; buffers {name: tensor}; average None or {start, count (integers >= 0), means (finite float
+    tensors)}; config a dict."""
     def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
         raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
 
@@ -220,9 +221,16 @@ def check_checkpoint(state: dict, where: str) -> None:
         bad("buffers", "is not a dict of {name: tensor}")
     average = state.get("average")
     if average is not None and not (isinstance(average, dict) and all(
-            isinstance(average.get(k), int) for k in ("start", "count")) and isinstance(average.get("means"), list)
-            and all(isinstance(m, torch.Tensor) for m in average["means"])):
-        bad("average", "is not None or {'start': int, 'count': int, 'means': [tensors]}")
+            is_int(average.get(k)) and average.get(k) >= 0 for k in ("start", "count"))
+            and isinstance(average.get("means"), list)
+            and all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in average["means"])):
+        bad("average", "is not None or {'start': an integer >= 0, 'count': an integer >= 0, 'means': [float "
+                       "tensors]}")
+    if average is not None:
+        nonfinite = _non_finite(dict(enumerate(average["means"])))
+        if nonfinite:
+            bad("average", f"holds non-finite means (mean {nonfinite[0][0]}: {nonfinite[0][1]} of {nonfinite[0][2]} "
+                           "are nan or inf)")
     if "config" in state and state["config"] is not None and not isinstance(state["config"], dict):
         bad("config", f"is a {type(state['config']).__name__}, not a dict")
 

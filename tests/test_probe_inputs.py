@@ -274,3 +274,39 @@ def test_a_dir_left_running_by_a_killed_process_may_still_be_overwritten(tmp_pat
     run = running_dir(tmp_path / "run", dead.pid, finished_run)
     proc = run_cli(*TINY, "overwrite=true", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint's parameter average
+
+
+@pytest.fixture
+def averaging_checkpoint(vae, tmp_path):
+    """The state a 10-step fit averaging its last 5 iterates wrote at step 7 (inside the averaging window)."""
+    from infer.checkpoint import load_checkpoint
+
+    model, guide, data = vae
+
+    def keep(step, row):
+        if step == 8:  # the checkpoint of step 7, before the final one replaces it
+            shutil.copy(tmp_path / "c.pt", tmp_path / "at7.pt")
+
+    tiny_fit(model, guide, data, steps=10, average=0.5, checkpoint_path=tmp_path / "c.pt", checkpoint_every=7,
+             log_every=1, callback=keep)
+    state = load_checkpoint(tmp_path / "at7.pt")
+    assert state["step"] == 7 and state["average"]["count"] == 2
+    return state
+
+
+@pytest.mark.parametrize("entry, value, words", [
+    ("count", -1, "'count': an integer >= 0"),  # a ZeroDivisionError in the first averaged step
+    ("means", "nan", "holds non-finite means"),  # it 'diverged at step 10 ... lower lr'
+])
+def test_a_resume_refuses_a_corrupt_parameter_average_in_one_line_naming_it(vae, averaging_checkpoint, entry, value,
+                                                                            words):
+    model, guide, data = vae
+    average = dict(averaging_checkpoint["average"])
+    average[entry] = [m * math.nan for m in average["means"]] if value == "nan" else value
+    with pytest.raises(ValueError, match=r"^resume: its average entry ") as err:
+        tiny_fit(model, guide, data, steps=10, average=0.5, resume={**averaging_checkpoint, "average": average})
+    assert words in str(err.value)
