@@ -110,6 +110,44 @@ def replicate_noise(particles: int, noise: str, dimension: int = NOISE_DIMENSION
     return eps, log_w - torch.logsumexp(log_w, 0)
 
 
+def replicate_se(means: torch.Tensor, level: float = 0.95) -> float:
+    """The standard error of the mean of R >= 2 independent, identically distributed replicate means (a 1-D tensor),
+    widened so that mean ± Phi^-1((1 + level) / 2) x se holds the skew-corrected Student-t interval of the mean.
+
+    Plain s / sqrt(R) understates the spread of mean - truth for two reasons, both measured on the lattice rule with
+    R = 16 (z = (estimate - exact) / (s / sqrt R) over 2000 seeds: sd 1.10 to 1.17, |z| > 1.96 in 7 to 8%, z < -2 in
+    4 to 6%): with R - 1 = 15 degrees of freedom the statistic is Student-t (sd 1.07, not 1), and the replicate means
+    are right-skewed (skewness 0.7 to 1.5: a region of high loss and small probability that a replicate's point set
+    hits or misses), which makes s small exactly when the mean is low. Hall's transformation (Hall 1992, "On the
+    removal of skewness by transformation", JRSS B 54) g(T) = T + g1 (1 + 2 T^2) / (6 sqrt R) + g1^2 T^3 / (27 R),
+    with g1 the sample skewness of the means and T = sqrt(R) (mean - truth) / s, is monotone and close to t_{R-1};
+    inverting it at ± the t_{R-1} quantile gives an interval that is wider on the side the skew points to. The
+    standard error returned is the wider half divided by the normal quantile, so that the symmetric ± se reads as
+    usual and covers the asymmetric interval (same 2000 seeds: |z| > 1.96 in 3.6 to 4.6%, sd 0.90 to 0.93).
+    Correct to O(1/R) in coverage when the replicate means have finite third moments; for symmetric means it is
+    the t-based standard error, (t_{R-1} quantile / normal quantile) x s / sqrt(R)."""
+    from scipy.stats import norm, t as student_t
+
+    x = means.double().reshape(-1)
+    r = x.numel()
+    d = x - x.mean()
+    m2 = float((d * d).mean())
+    if m2 == 0.0:
+        return 0.0
+    skew = float((d ** 3).mean()) / m2 ** 1.5
+    q = float(student_t.ppf(0.5 + level / 2, r - 1))
+    shift, a = skew / (6 * math.sqrt(r)), skew / (3 * math.sqrt(r))
+
+    def inverse(y):  # T with g(T) = y: g(T) = ((1 + a T)^3 - 1) / (3 a) + shift
+        if abs(a) < 1e-12:
+            return y - shift
+        u = 1 + 3 * a * (y - shift)
+        return (math.copysign(abs(u) ** (1 / 3), u) - 1) / a
+
+    half = max(abs(inverse(q)), abs(inverse(-q)))
+    return float(x.std()) / math.sqrt(r) * half / float(norm.ppf(0.5 + level / 2))
+
+
 def particle_values(model, guide, data, particles: int, noise: str = "qmc", closed_form: bool = True,
                     max_elements: int = MAX_ELEMENTS, elbos: dict = None, info: dict = None) -> dict:
     """{'recon': (particles,), 'kl_<site>': (particles,), ...} in float64: each loss term per particle of one
@@ -146,11 +184,12 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
 
     The draws come in `replicates` independent batches. With noise="lattice" (randomised lattice rule) or "qmc"
     (randomised quasi-Monte Carlo) each batch is one randomised point set (see replicate_noise) and the standard
-    error is that of the batch means; with noise="mc" the draws are i.i.d. and the standard error is that of the
-    draws. The lattice puts particles in the far tails of the noise with their small weight; at large n, where a
-    rare z near the decision boundary costs hundreds of nats, it is the estimator whose error bar holds (measured
-    at n = 1000 against quadrature: vae, dlgm and flow guides within 1e-5), while scrambled Sobol and i.i.d. draws
-    rarely reach that mass and understate both the loss and its error. Terms with a valid closed form
+    error is that of the batch means, widened for their R - 1 degrees of freedom and their skewness so that
+    loss ± 1.96 loss_se is a 95% interval (replicate_se); with noise="mc" the draws are i.i.d. and the standard
+    error is that of the draws. The lattice puts particles in the far tails of the noise with their small weight; at
+    large n, where a rare z near the decision boundary costs hundreds of nats, it is the estimator whose error bar
+    holds (measured at n = 1000 against quadrature: vae, dlgm and flow guides within 1e-5), while scrambled Sobol
+    and i.i.d. draws rarely reach that mass and understate both the loss and its error. Terms with a valid closed form
     (see ClosedFormELBO) are exact given the sampled parents. Nats per data point.
 
     A standard error assumes finite variance. Where the lattice coordinate is the only randomness (one scalar of
@@ -196,8 +235,8 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
             return None
         if noise == "mc":
             stat = float(t.std() / math.sqrt(t.numel()))
-        else:  # the replicate means are the samples
-            stat = float(t.mean(1).std() / math.sqrt(replicates))
+        else:  # the replicate means are the samples: Student-t and skew-corrected (replicate_se)
+            stat = replicate_se(t.mean(1))
         rounding = FLOAT32_EPS * float(t.abs().mean())  # the networks compute in float32
         return math.hypot(stat, rounding)
 
