@@ -151,6 +151,9 @@ def check_keys(overrides, multirun: bool) -> None:
                     else "set by the config group's option (conf/): choose another option instead")
             raise ConfigError(f"{o.key_or_group} cannot be overridden: it is {what}")
         if o.key_or_group.split("@")[0] in GROUPS:
+            if o.is_sweep_override() and not multirun:
+                raise ConfigError(f"{o.input_line} sweeps {o.key_or_group} over several options; add -m to run a "
+                                  "multirun")
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             groups[("+" if o.is_add() else "") + o.key_or_group] = values
             continue

@@ -310,3 +310,10 @@ def test_a_resume_refuses_a_corrupt_parameter_average_in_one_line_naming_it(vae,
     with pytest.raises(ValueError, match=r"^resume: its average entry ") as err:
         tiny_fit(model, guide, data, steps=10, average=0.5, resume={**averaging_checkpoint, "average": average})
     assert words in str(err.value)
+
+
+def test_a_group_swept_without_m_is_refused_as_a_key_swept_without_m_is(tmp_path):
+    # Hydra's 'Ambiguous value' advised key=[value1,value2], which a config group refuses
+    proc = run_cli(*TINY, "guide=gaussian,flow", cwd=tmp_path)
+    one_line_error(proc, "guide=gaussian,flow sweeps guide over several options; add -m")
+    assert not list(tmp_path.iterdir())
