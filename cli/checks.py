@@ -84,8 +84,9 @@ def _quote(path) -> str:
 
 
 def preflight(overrides, multirun: bool) -> list:
-    """Check the command line before Hydra runs; return the overrides that pin the output dir it resolved.
-    A single run is validated in full and its directory claimed here, so a refused run creates nothing."""
+    """Check the command line before Hydra runs; return the overrides that pin the output dir it resolved (and,
+    with hydra.job.chdir=true, a relative train.resume as the absolute path checked here: the job reads it from its
+    run dir). A single run is validated in full and its directory claimed here, so a refused run creates nothing."""
     check_group_choices(overrides)
     check_keys(overrides, multirun)
     if multirun:
@@ -112,7 +113,11 @@ def preflight(overrides, multirun: bool) -> list:
     check_run_dir_setting(OmegaConf.select(cfg, "hydra.run.dir"))
     out = Path(str(cfg.hydra.run.dir)).absolute()
     STATE["claim"] = claim_for(cfg, out)
-    return [f"hydra.run.dir={_quote(out)}"]
+    pins = [f"hydra.run.dir={_quote(out)}"]
+    resume = OmegaConf.select(cfg, "train.resume")
+    if resume and OmegaConf.select(cfg, "hydra.job.chdir") and not Path(str(resume)).is_absolute():
+        pins.append(f"train.resume={_quote(Path(str(resume)).absolute())}")  # checked here, read from the run dir
+    return pins
 
 
 def _first_values(overrides) -> list:

@@ -317,3 +317,11 @@ def test_a_group_swept_without_m_is_refused_as_a_key_swept_without_m_is(tmp_path
     proc = run_cli(*TINY, "guide=gaussian,flow", cwd=tmp_path)
     one_line_error(proc, "guide=gaussian,flow sweeps guide over several options; add -m")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_relative_resume_path_resumes_with_hydra_job_chdir(tmp_path, finished_run):
+    # checked from the launch dir, then read again from the run dir: 'train.resume=prev/checkpoint.pt does not exist'
+    shutil.copytree(finished_run, tmp_path / "prev")
+    proc = run_cli(*TINY, "train.resume=prev/checkpoint.pt", "hydra.job.chdir=true", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "metrics.json").is_file()
