@@ -52,9 +52,13 @@ def _pair(test):
 KHAT_MIN_SAMPLES = 100  # PSIS fits its Pareto tail to the largest min(S/5, 3 sqrt(S)) weights: 20 at S = 100
 
 
+WEIGHT_MIN = 1.1754943508222875e-38  # float32's smallest normal number: the data's weights are a float32 tensor, and a
+# smaller weight became 0 there (data.weights=[1e-300, 1.0] trained one point while it said two)
+
+
 def _weights(v) -> bool:
     try:
-        return (len(v) == 2 and all(is_finite(w) and w > 0 for w in v) and abs(sum(v) - 1) <= 1e-9)
+        return (len(v) == 2 and all(is_finite(w) and w >= WEIGHT_MIN for w in v) and abs(sum(v) - 1) <= 1e-9)
     except TypeError:
         return False
 
@@ -86,7 +90,8 @@ RULES = {
     "K": (_int_at_least(1), "an integer >= 1"),
     # data (models.OneBit)
     "n": (_int_at_least(1), "an integer >= 1"),
-    "weights": (_weights, "two positive finite numbers that sum to 1"),
+    "weights": (_weights, "two positive finite numbers that sum to 1 (each >= 1.2e-38, float32's smallest normal "
+                          "number)"),
     # networks (models, guides)
     "latent_dim": (_int_at_least(1), "an integer >= 1"),
     "depth": (_int_at_least(2), "an integer >= 2"),

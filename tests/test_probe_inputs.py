@@ -333,3 +333,12 @@ def test_a_relative_resume_path_resumes_with_hydra_job_chdir(tmp_path, finished_
     proc = run_cli(*TINY, "train.resume=prev/checkpoint.pt", "hydra.job.chdir=true", "hydra.run.dir=out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_a_weight_float32_cannot_hold_is_refused_naming_data_weights():
+    from models import OneBit
+
+    # it became 0 in the data's float32 tensor: the run trained one point while its config said two
+    assert refusal("data.weights=[1e-300,1.0]").startswith("data.weights=[1e-300, 1.0] is not allowed")
+    with pytest.raises(ValueError, match=r"^weights=\(1e-300, 1\.0\) is not allowed: .*1\.2e-38"):
+        OneBit(3, (1e-300, 1.0))
