@@ -16,13 +16,22 @@ MEMORY_PER_PARTICLE_BIT = 20  # bytes per (particle x data point x bit): logits,
 def network_params(cfg, build) -> int:
     """The number of params of the model and guide `build(cfg)` makes, without building them at cfg's data.n: every
     network's params are affine in n (its n-wide layers), so they are counted on networks built at n = 1 and
-    n = 2 (a few kB) and extrapolated, exactly. Lazy guides (autonormal, autoiaf) count as their model alone."""
+    n = 2 (a few kB) and extrapolated, exactly. Lazy guides (autonormal, autoiaf) count as their model alone.
+    Networks so wide that even those cannot be allocated are refused (ConfigError, one line naming the widths)."""
     import torch
 
     counts = []
     for n in (1, 2):
         small = OmegaConf.merge(cfg, {"data": {"n": n}})
-        _, model, guide = build(small)
+        try:
+            _, model, guide = build(small)
+        except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around torch's RuntimeError
+            cause = err.__cause__ or err.__context__ or err
+            if not ("allocate" in str(cause) or isinstance(cause, MemoryError)):
+                raise
+            raise ConfigError(f"the networks these settings describe cannot be allocated even at data.n={n} (torch: "
+                              f"out of memory): memory_gb={cfg.memory_gb} fits far less; lower the model.* and "
+                              "guide.* widths (hidden, upper_hidden, prior_hidden, ...)") from None
         counts.append(sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module)
                           for p in m.parameters()))
     return counts[0] + (counts[1] - counts[0]) * (int(cfg.data.n) - 1)

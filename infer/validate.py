@@ -238,8 +238,8 @@ def memory_refusal(n, memory_gb, base_bytes, per_n_bytes, params, particles,
                 f"raise memory_gb above {base_bytes / gib:.2g}")
     fits = int((budget - base_bytes) // per_n_bytes)
     if fits < 1:
-        return (f"{head} does not fit even data.n=1 with these settings: lower {particles_key}, or raise "
-                "memory_gb")
+        return (f"{head} does not fit even data.n=1 with these settings: lower {particles_key} or the networks' "
+                "widths (model.hidden, guide.hidden, ...), or raise memory_gb")
     return (f"{head} fits data.n <= {fits:,} with these settings: lower data.n or {particles_key}, or raise "
             "memory_gb")
 

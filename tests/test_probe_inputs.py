@@ -342,3 +342,14 @@ def test_a_weight_float32_cannot_hold_is_refused_naming_data_weights():
     assert refusal("data.weights=[1e-300,1.0]").startswith("data.weights=[1e-300, 1.0] is not allowed")
     with pytest.raises(ValueError, match=r"^weights=\(1e-300, 1\.0\) is not allowed: .*1\.2e-38"):
         OneBit(3, (1e-300, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# networks too wide to build
+
+
+def test_a_network_too_wide_to_allocate_is_refused_by_the_memory_guard_in_one_line(tmp_path):
+    # the guard built it at n = 1 to count its params: a 4e14-byte allocation crashed the run (exit 1, traceback)
+    proc = run_cli(*TINY, "model.hidden=10000000", cwd=tmp_path)
+    one_line_error(proc, "cannot be allocated even at data.n=1", "memory_gb=2", "model.* and guide.* widths")
+    assert not list(tmp_path.iterdir())
