@@ -1,5 +1,6 @@
 """A run's evaluation and outputs: metrics.json, history.csv, checkpoint.pt, encodings.nc and figures (the printed
 summary of the metrics: analysis.summary_text, re-exported here)."""
+import contextlib
 import functools
 import json
 import logging
@@ -108,7 +109,8 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
             metrics["exact"] = quadrature(model, guide, data, tol=tol)
         except ValueError as err:  # e.g. a joint guide over two latent sites: a 4-D integral
             skipped = str(err)
-            metrics["exact_nll"] = evidence(model, guide, data, tol=tol)  # the model alone still integrates
+            with contextlib.suppress(ValueError):  # the model alone may still integrate (not a 2-D site)
+                metrics["exact_nll"] = evidence(model, guide, data, tol=tol)
         else:
             bad = non_finite(metrics["exact"])
             if bad:  # a quadrature that failed is no headline: Monte Carlo and IWAE stand in, and say why
