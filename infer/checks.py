@@ -72,7 +72,7 @@ def _check_callable(name, fn, what) -> None:
         raise refuse(name, fn, f"{name} must be {what}")
 
 
-def _check_signature(name, fn, count: int, what) -> None:
+def check_signature(name, fn, count: int, what) -> None:
     """Refuse fn (one line) if it cannot be called with `count` positional arguments (when its signature can be
     read; a builtin's may not)."""
     import inspect
@@ -161,7 +161,7 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
     _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
     if callback is not None:
         _check_callable("callback", callback, "a callable callback(step, row), or None")
-        _check_signature("callback", callback, 2, "a callable callback(step, row), or None")
+        check_signature("callback", callback, 2, "a callable callback(step, row), or None")
     check_checkpoint_path(checkpoint_path)
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
         raise refuse("checkpoint_extra", checkpoint_extra, "checkpoint_extra must be a dict of entries to add to "

@@ -11,7 +11,7 @@ stepped together: one graph of ops for all R instead of R (infer.stacked).
 
 import torch
 
-from .checks import check_arguments, checked_device, check_checkpoint_path, check_data
+from .checks import check_arguments, checked_device, check_checkpoint_path, check_data, check_signature
 from .elbo import ClosedFormELBO
 from .fit import fit
 from .recipe import recipe
@@ -42,8 +42,9 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     torch RNG state, history, window), so it resumes as a single run with fit(resume=...) and seed seeds[r].
 
     Refused in one line before training (ValueError naming the argument): models, guides or seeds that are not
-    lists, the same model or guide object for two replicas, checkpoint_paths that is not one path per replica,
-    a callback or on_start that is not callable, data that is not the one-bit data."""
+    lists (or tuples), the same model or guide object for two replicas, checkpoint_paths that is not one path per
+    replica, a callback that cannot be called as callback(r, step, row) or an on_start as on_start(), data that is
+    not the one-bit data. Seeds may be numpy integers."""
     _check_replica_arguments(models, guides, data, seeds, callback, checkpoint_paths, checkpoint_extras, on_start)
     R = len(seeds)
     if not (R >= 1 and len(models) == R and len(guides) == R):
@@ -68,6 +69,8 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
                          "the model and guide (lattice or qmc)")
     for r in range(R):
         check_arguments(models[r], guides[r], data, single, v["steps"], None, {**v, "seed": seeds[r]})
+    seeds = [int(seed) for seed in seeds]  # checked integers; numpy's become Python's (Python's RNG takes no other)
+    v["seed"] = seeds[0]
     if on_start is None:  # the folders must exist now; with on_start (which may create them), right after it
         for path in checkpoint_paths or ():
             check_checkpoint_path(path, "checkpoint_paths")
@@ -156,6 +159,8 @@ def _check_replica_arguments(models, guides, data, seeds, callback, checkpoint_p
                            ("on_start", on_start, "a callable on_start(), or None")):
         if fn is not None and (isinstance(fn, type) or not callable(fn)):
             raise refuse(name, fn, f"{name} must be {what}")
+        if fn is not None:
+            check_signature(name, fn, 3 if name == "callback" else 0, what)
     R = len(seeds)
     if checkpoint_paths is not None:
         if not _is_sequence(checkpoint_paths) or len(checkpoint_paths) != R:

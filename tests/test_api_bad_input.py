@@ -297,6 +297,19 @@ def test_fit_replicas_refuses_a_callback_that_is_not_callable():
     one_line_value_error(lambda: replicas_with(callback=5), r"^callback=5 is not allowed: callback must be a callable")
 
 
+def test_fit_replicas_refuses_a_callback_that_takes_fits_arguments_not_the_replicas():
+    one_line_value_error(lambda: replicas_with(callback=lambda step, row: None),
+                         r"^callback=.* is not allowed: callback must be a callable callback\(replica, step, row\)")
+
+
+def test_fit_replicas_takes_numpy_integer_seeds_as_the_integers_they_equal():
+    import numpy as np
+
+    results = replicas_with(seeds=[np.int64(0), np.uint32(1)])
+    again = replicas_with(seeds=[0, 1])
+    assert [r.history[-1]["loss"] for r in results] == [r.history[-1]["loss"] for r in again]
+
+
 def test_fit_replicas_refuses_data_that_are_not_onebit():
     one_line_value_error(lambda: replicas_with(data=None), r"^data=None is not allowed: data must be the one-bit")
 
