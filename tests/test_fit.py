@@ -135,6 +135,12 @@ def test_a_divergence_names_its_first_bad_step_and_the_learning_rate():
     assert err.value.step == 2 and "\n" not in str(err.value)
 
 
+def test_a_divergence_on_a_rising_schedule_names_lr_final_not_lr():
+    with pytest.raises(DivergenceError, match=r"lower lr_final \(optim.lr_final=1e\+300; the rate had risen") as err:
+        vae_run(n=100, lr=3e-3, lr_final=1e300, steps=200)
+    assert "optim.lr=" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_learning_rate():
     with pytest.raises(DivergenceError, match="before any update, so not the learning rate") as err:
         vae_run(steps=20, beta=1e38 * 3)  # finite, but the weighted KL overflows float32
