@@ -54,6 +54,7 @@ def rare_cost_loss() -> float:
     return N * value
 
 
+@pytest.mark.slow  # 1000 monte_carlo calls, 20-35 s; the skewed-means test below fails before the fix too
 def test_lattice_error_bar_holds_where_the_loss_lives_on_a_sobol_coordinate():
     data, exact, seeds = OneBit(N), rare_cost_loss(), 1000
     misses, shown = 0, 0
