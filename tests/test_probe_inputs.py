@@ -11,30 +11,8 @@ import torch
 
 from conftest import run_cli
 
-TINY = ["data.n=3", "train.steps=20", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
-        "eval.figures=false"]
-
-
-def one_line_error(proc, *words) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished single run (status ok); tests copy it before touching it."""
-    base = tmp_path_factory.mktemp("finished")
-    proc = run_cli(*TINY, f"hydra.run.dir={base / 'run'}", cwd=base)
-    assert proc.returncode == 0, proc.stderr
-    return base / "run"
+# the command-line integrity suite's tiny config, its one-line error check, snapshot and finished run (a fixture)
+from test_cli_integrity import TINY, finished_run, one_line_error, snapshot  # noqa: F401, E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
