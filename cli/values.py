@@ -99,8 +99,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed (check_structure first)."""
     check_structure(cfg)
     for key, (test, allowed) in RULES.items():
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if isinstance(value, str) and value == "<absent>":
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if isinstance(value, str) and value == _ABSENT:
             continue
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         try:

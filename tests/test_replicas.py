@@ -203,3 +203,26 @@ def test_replicas_too_large_to_stack_are_their_single_runs_exactly(monkeypatch, 
     single, _ = train_single("dlgm+structured", 4, steps=30)
     assert losses(group[1]).tolist() == losses(single).tolist()
     assert all(p.exists() for p in paths) and group[1].recipe["replicas"] == 2
+
+
+def test_the_command_lines_unstackable_guides_are_the_conf_guides_fit_replicas_refuses():
+    """cli.values.UNSTACKABLE_GUIDES (refused with replicas > 1 before anything is built) names exactly the guides of
+    conf/guide/ whose copies fit_replicas refuses, so the early refusal never turns away a guide that stacks."""
+    from hydra import compose, initialize_config_dir
+
+    import run
+    from cli.values import UNSTACKABLE_GUIDES
+    from conftest import ROOT
+
+    refused = set()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for guide in sorted(p.stem for p in (ROOT / "conf" / "guide").glob("*.yaml")):
+            model = "dlgm" if guide in ("structured", "meanfield") else "vae"
+            cfg = compose("config", overrides=[f"guide={guide}", f"model={model}", "data.n=3"])
+            built = [run.build(cfg) for _ in range(2)]
+            try:
+                fit_replicas([b[1] for b in built], [b[2] for b in built], built[0][0], [0, 1], steps=2,
+                             elbo=ClosedFormELBO(num_particles=4, noise="lattice"))
+            except ValueError:
+                refused.add(guide)
+    assert refused == set(UNSTACKABLE_GUIDES)
