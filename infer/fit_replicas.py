@@ -67,10 +67,10 @@ def fit_replicas(models, guides, data, seeds, *, elbo=None, steps: int = None, l
     if single.noise == "mc" or not single.vectorize_particles:
         raise ValueError(f"noise={single.noise!r} is not allowed with replicas: replicas need noise drawn outside "
                          "the model and guide (lattice or qmc)")
-    for r in range(R):
-        check_arguments(models[r], guides[r], data, single, v["steps"], None, {**v, "seed": seeds[r]})
-    seeds = [int(seed) for seed in seeds]  # checked integers; numpy's become Python's (Python's RNG takes no other)
-    v["seed"] = seeds[0]
+    checked = [{**v, "seed": seed} for seed in seeds]
+    for r in range(R):  # check_arguments turns numpy numbers into the Python ones (Python's RNG takes no other)
+        check_arguments(models[r], guides[r], data, single, v["steps"], None, checked[r])
+    v, seeds = checked[0], [values["seed"] for values in checked]
     if on_start is None:  # the folders must exist now; with on_start (which may create them), right after it
         for path in checkpoint_paths or ():
             check_checkpoint_path(path, "checkpoint_paths")
