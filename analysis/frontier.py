@@ -75,18 +75,20 @@ def rate(a):
 
 
 def separation_at_rate(R):
-    """a = 2 (e^{2R} - 1), the inverse of rate(a) (expm1: exact near R = 0)."""
-    return 2.0 * np.expm1(2.0 * np.asarray(R, dtype=float))
+    """a = 2 (e^{2R} - 1), the inverse of rate(a) (expm1: exact near R = 0); inf beyond float64's range (R > 354)."""
+    with np.errstate(over="ignore"):
+        return 2.0 * np.expm1(2.0 * np.asarray(R, dtype=float))
 
 
 def distortion(n, a):
     """D(a) = n E[softplus(-u)], u ~ N(a, 2a): the least distortion of a Gaussian encoder with separation a, any
-    decoder. Float64 quadrature (analysis.optimum.expected_softplus); D(0) = n ln 2."""
+    decoder. Float64 quadrature (analysis.optimum.expected_softplus); D(0) = n ln 2, and D(inf) = 0, its limit (already
+    below 1e-300 at a = 1e6): the separation of a rate above 354 nats, beyond float64's range."""
     n = _check_n(n)
     a = np.asarray(a, dtype=float)
-    if not np.all(np.isfinite(a)) or np.any(a < 0):
-        raise ValueError(f"a must be finite numbers >= 0, got {a!r}")
-    return n * np.vectorize(expected_softplus, otypes=[float])(a)
+    if np.any(np.isnan(a)) or np.any(a < 0):
+        raise ValueError(f"a must be numbers >= 0, got {a!r}")
+    return n * np.vectorize(lambda x: 0.0 if x == np.inf else expected_softplus(x), otypes=[float])(a)
 
 
 def distortion_at_rate(n, R):

@@ -4,6 +4,8 @@ The true posterior is p(x_k, site) / p(x_k), with log p(x_k) from analysis.exact
 trapezoid masses are returned as checks. For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
 one shared Gauss-Legendre grid fine enough for the narrowest p(u|t).
 """
+import math
+
 import numpy as np
 import torch
 from pyro import poutine
@@ -100,6 +102,9 @@ def _top_joint(dens, top, bottom, grid, ulo, uhi, max_nodes=20000):
         panel = float(sd.min()) / 2
     except NotImplementedError:
         panel = (uhi - ulo) / 2000
+    if not all(math.isfinite(v) for v in (ulo, uhi, panel)) or panel <= 0:
+        raise ValueError(f"the {bottom} grid of the posterior figure is not finite (p({bottom}|{top}) spans "
+                         f"[{ulo:g}, {uhi:g}], panels of {panel:g})")
     count = int(min(max((uhi - ulo) / panel, 64), max_nodes // 8))
     edges = torch.linspace(ulo, uhi, count + 1, dtype=torch.float64)
     x, wgl = _gauss_legendre(8)

@@ -124,8 +124,12 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
             metrics["surgery"] = surgery(model, guide, data, tol=tol)
         except ValueError as err:  # q(t|x_k) not integrable on the surgery's grid: say so, report the rest
             metrics["surgery_skipped"] = str(err)
-        grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
-        grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
+        try:
+            grids = posterior_grid(model, guide, data, log_px=metrics["exact"]["log_px"])
+        except ValueError as err:  # a grid that cannot be laid (e.g. a prior scale of 1e30): the figure goes
+            metrics["posterior_skipped"] = str(err)
+        else:
+            grids = {site: g for site, g in grids.items() if isinstance(g, dict) and "grid" in g}
     elif skipped:
         from .iwae import iwae
 

@@ -51,17 +51,19 @@ class Refused(ValueError):
 
 
 @contextlib.contextmanager
-def refusals():
+def refusals(cfg=None):
     """Bad input found while building a run (a ValueError, or hydra's InstantiationException around one) raised as
-    Refused, in one line."""
+    Refused, in one line (a model or guide that fails on the data names cfg's settings away from their defaults)."""
+    from cli.guards import with_suspects
+
     try:
         yield
     except ValueError as err:
-        raise Refused(str(err)) from None
+        raise Refused(with_suspects(str(err), cfg)) from None
     except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
         cause = err.__cause__ or err.__context__
         if isinstance(cause, ValueError):
-            raise Refused(str(cause).splitlines()[0]) from None
+            raise Refused(with_suspects(str(cause).splitlines()[0], cfg)) from None
         raise
 
 

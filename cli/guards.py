@@ -85,3 +85,42 @@ def divergence(result, data, beta: float = 1.0, final=None) -> str:
                 + (f" and the initial objective {start:.4g}" if start is not None else "")
                 + ": the run learned less than a decoder that ignores z; lower optim.lr")
     return ""
+
+
+# the keys whose values set the initial parameters and the loss's scale: the suspects of a loss that is not finite
+# before any update (infer.result.divergence, cause 'init')
+INIT_SUSPECTS = ("model", "guide", "data", "objective", "train.beta", "train.warmup_start")
+
+
+def with_suspects(message: str, cfg) -> str:
+    """message, with init_suspects(cfg) appended where it is a model or guide that failed on the data before any
+    training (guides.check: 'model(x) failed ...'): a setting no check names by itself."""
+    if cfg is not None and message.startswith(("model(x) failed", "guide(x) failed")):
+        return message + init_suspects(cfg)
+    return message
+
+
+def init_suspects(cfg) -> str:
+    """'; this run sets k=v, ... away from their defaults' for the INIT_SUSPECTS keys whose values differ from
+    the config composed with the same model, guide and objective ('' where none does, or where that composition
+    fails): what a DivergenceError at the initial parameters cannot name by itself."""
+    from cli.keys import compose_config
+
+    try:
+        default = compose_config([f"model={cfg.model.name}", f"guide={cfg.guide.name}",
+                                  f"objective={cfg.objective.name}"])
+    except Exception:  # noqa: BLE001  a hint only: a config that does not recompose gets none
+        return ""
+
+    def leaves(node, prefix):
+        value = OmegaConf.select(node, prefix, default=None) if prefix else node
+        if OmegaConf.is_dict(value):
+            return {k: v for key in value for k, v in leaves(node, f"{prefix}.{key}").items()}
+        return {prefix: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value}
+
+    changed = []
+    for key in INIT_SUSPECTS:
+        have, want = leaves(cfg, key), leaves(default, key)
+        changed += [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in have.items() if k in want and want[k] != v]
+    return f"; this run sets {', '.join(changed)} away from their defaults" if changed else ""

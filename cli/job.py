@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import cli
 from cli.build import Diverged, Refused, build, build_objective, exact_model_steps, refusals
+from cli.guards import init_suspects, with_suspects
 
 log = logging.getLogger("onebit")
 
@@ -110,7 +111,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         from cli.replica_job import run_replicas
 
         return run_replicas(cfg, out, multirun)
-    with refusals():
+    with refusals(cfg):
         cli.check_memory(cfg, build)  # from the config: nothing n-wide is allocated before it passes
         pyro.set_rng_seed(cfg.seed)
         data, model, guide = build(cfg)
@@ -154,11 +155,12 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         raise Diverged(str(err)) from None
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":  # non-finite: history so far, metrics.json marked diverged
+            reason = str(err) + (init_suspects(cfg) if getattr(err, "cause", None) == "init" else "")
             diverged_outputs(out, getattr(err, "result", None), {**head, "steps": getattr(err, "step", None)},
-                             str(err), good)
-            raise Diverged(str(err)) from None
+                             reason, good)
+            raise Diverged(reason) from None
         good.discard()
-        raise Refused(str(err)) from None
+        raise Refused(with_suspects(str(err), cfg)) from None
     except BaseException:  # killed (SIGINT, SIGTERM) or a crash: checkpoint.pt stays as fit left it
         good.discard()
         raise

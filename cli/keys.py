@@ -105,9 +105,13 @@ def other_options_with(key: str) -> list:
 
 
 def compose_config(overrides, hydra_cfg=False):
-    """conf/config.yaml composed with the overrides (with its hydra node when hydra_cfg), as Hydra composes it."""
+    """conf/config.yaml composed with the overrides (with its hydra node when hydra_cfg), as Hydra composes it (by
+    the running app's Hydra, inside a job: run.py's config is conf/config.yaml too)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cli
 from cli.build import Diverged, Refused, build, build_objective, refusals
+from cli.guards import init_suspects, with_suspects
 from cli.job import finish, progress_enabled
 
 log = logging.getLogger("onebit")
@@ -24,7 +25,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     from infer.fit_replicas import fit_replicas
 
     seeds = [cfg.seed + r for r in range(cfg.replicas)]
-    with refusals():
+    with refusals(cfg):
         cli.check_memory(cfg, build)
         pairs = []
         for seed in seeds:
@@ -56,8 +57,8 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                on_start=start)
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":
-            raise Diverged(str(err)) from None
-        raise Refused(str(err)) from None
+            raise Diverged(str(err) + (init_suspects(cfg) if getattr(err, "cause", None) == "init" else "")) from None
+        raise Refused(with_suspects(str(err), cfg)) from None
     except KeyboardInterrupt:
         killed = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
         for d in dirs:
@@ -110,7 +111,7 @@ def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
             "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
     try:
         if isinstance(result, DivergenceError):
-            raise Diverged(str(result))
+            raise Diverged(str(result) + (init_suspects(c) if getattr(result, "cause", None) == "init" else ""))
         head["wall_seconds"] = result.wall_seconds
         metrics = finish(c, d, *model_guide, data, result, head)
     except Diverged as err:

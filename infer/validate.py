@@ -102,7 +102,8 @@ RULES = {
     "upper_hidden": (_int_at_least(1), "an integer >= 1"),
     "upper_layers": (_int_at_least(0), "an integer >= 0"),
     "activation": (lambda v: v in ACTIVATIONS, ", ".join(ACTIVATIONS[:-1]) + " or " + ACTIVATIONS[-1]),
-    "min_scale": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "min_scale": (lambda v: is_finite(v) and 0 < v <= 1, "a number in (0, 1]: a floor on a Gaussian's scale, at most "
+                  "the prior's unit scale (1e30 made the loss or the evidence overflow)"),
     "gain": (lambda v: isinstance(v, bool), "true or false"),
     "prior_gain": (lambda v: isinstance(v, bool), "true or false"),
     "gain_rate": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),

@@ -331,3 +331,49 @@ def test_a_network_too_wide_to_allocate_is_refused_by_the_memory_guard_in_one_li
     proc = run_cli(*TINY, "model.hidden=10000000", cwd=tmp_path)
     one_line_error(proc, "cannot be allocated even at data.n=1", "memory_gb=2", "model.* and guide.* widths")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings finite but so large that the model or the loss overflows before any update
+
+
+def last_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("guide=mixture", "guide.spread=1e30"), "guide.spread=1e+30"),
+    (("guide=flow", "guide.bound=1e30"), "guide.bound=1e+30"),
+])
+def test_a_loss_not_finite_at_the_initial_parameters_names_the_settings_that_made_it(tmp_path, overrides, key):
+    proc = run_cli(*TINY, *overrides, cwd=tmp_path)  # it said 'check ... the model and the guide', naming no key
+    line = last_error_line(proc)
+    assert "at the initial parameters" in line and key in line, line
+
+
+def test_a_model_that_fails_on_the_data_names_the_settings_that_made_it_fail(tmp_path):
+    proc = run_cli(*TINY, "model=dlgm", "model.prior_gain_floor=1e30", cwd=tmp_path)  # exp(1e30): inf locs
+    line = one_line_error(proc, "model(x) failed", "model.prior_gain_floor=1e+30")
+    assert not list(tmp_path.iterdir()), line
+
+
+def test_replicas_whose_loss_is_not_finite_diverge_rather_than_being_told_they_cannot_stack(tmp_path):
+    proc = run_cli(*TINY, "replicas=2", "guide=flow", "guide.bound=1e30", cwd=tmp_path)
+    line = last_error_line(proc)  # nan != nan: it said the flow guide cannot take a replica dimension
+    assert "replica dimension" not in line and "at the initial parameters" in line and "guide.bound=1e+30" in line
+
+
+@pytest.mark.parametrize("key", ["guide.min_scale", "model.min_scale"])
+def test_a_scale_floor_above_the_priors_unit_scale_is_refused_naming_the_key(key):
+    # guide.min_scale=100 crashed in evaluation; model.min_scale=1e30 gave an exact loss beside a nan NLL
+    assert refusal("model=dlgm", f"{key}=100").startswith(f"{key}=100 is not allowed: {key} must be a number in (0, 1]")
+
+
+def test_the_gaussian_frontier_at_a_rate_beyond_float64s_separations_is_its_limit_zero():
+    from analysis.frontier import distortion_above_frontier, distortion_at_rate
+
+    assert distortion_at_rate(3, 5000.0) == 0.0  # a = 2 (e^{2R} - 1) overflows: it raised 'a must be finite'
+    assert distortion_at_rate(3, 300.0) == 0.0 and distortion_above_frontier(3, 5000.0, 0.05) == 0.05
