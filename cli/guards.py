@@ -24,7 +24,7 @@ def network_params(cfg, build) -> int:
     for n in (1, 2):
         small = OmegaConf.merge(cfg, {"data": {"n": n}})
         try:
-            _, model, guide = build(small)
+            _, model, guide = _build_on_meta(build, small)
         except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around torch's RuntimeError
             cause = err.__cause__ or err.__context__ or err
             if not ("allocate" in str(cause) or isinstance(cause, MemoryError)):
@@ -35,6 +35,21 @@ def network_params(cfg, build) -> int:
         counts.append(sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module)
                           for p in m.parameters()))
     return counts[0] + (counts[1] - counts[0]) * (int(cfg.data.n) - 1)
+
+
+def _build_on_meta(build, cfg):
+    """build(cfg) on torch's meta device (shapes only: nothing is allocated, so no width is too wide to count), or
+    on the CPU where a network cannot be built there (pyro's spline flows call .item() on their init)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build(cfg)
+    except Exception as err:  # noqa: BLE001  hydra's InstantiationException around torch's RuntimeError
+        cause = err.__cause__ or err.__context__ or err
+        if "meta" not in str(cause):
+            raise
+    return build(cfg)
 
 
 def check_memory(cfg, build) -> None:

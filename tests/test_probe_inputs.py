@@ -327,10 +327,24 @@ def test_a_weight_float32_cannot_hold_is_refused_naming_data_weights():
 
 
 def test_a_network_too_wide_to_allocate_is_refused_by_the_memory_guard_in_one_line(tmp_path):
-    # the guard built it at n = 1 to count its params: a 4e14-byte allocation crashed the run (exit 1, traceback)
+    # the guard built it at n = 1 to count its params: a 4e14-byte allocation crashed the run (exit 1, traceback),
+    # and model.hidden=100000 allocated about 40 GB before the refusal; now it is counted on the meta device
     proc = run_cli(*TINY, "model.hidden=10000000", cwd=tmp_path)
-    one_line_error(proc, "cannot be allocated even at data.n=1", "memory_gb=2", "model.* and guide.* widths")
+    one_line_error(proc, "params", "memory_gb=2 does not fit even data.n=1", "model.hidden")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_memory_guard_counts_a_networks_params_without_allocating_them():
+    from cli.build import build
+    from cli.guards import network_params
+    from cli.keys import compose_config
+
+    cfg = compose_config([*TINY, "model.hidden=100000"])  # one 100000 x 100000 layer: 40 GB of float32
+    assert network_params(cfg, build) > 10**10
+    for guide in ("gaussian", "flow"):  # and the count is exact: that of the networks built (flow: on the CPU)
+        small = compose_config([*TINY, "model=dlgm", f"guide={guide}"])
+        _, model, built = build(small)
+        assert network_params(small, build) == sum(p.numel() for m in (model, built) for p in m.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
