@@ -173,7 +173,7 @@ def test_the_memory_guard_counts_params_without_building_at_data_n():
         real = sum(p.numel() for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters())
         built.clear()
         assert cli.network_params(cfg, build) == real, overrides
-        assert built == [1, 2]
+        assert set(built) == {1, 2}  # at n = 1 and 2 only (the spline flow twice each: on the meta device, then the CPU)
     with pytest.raises(cli.ConfigError, match="data.n=100000000000 needs"):
         cli.check_memory(cli.keys.compose_config(["data.n=100000000000"]), build)
     assert max(built) == 2

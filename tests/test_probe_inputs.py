@@ -340,11 +340,7 @@ def test_the_memory_guard_counts_a_networks_params_without_allocating_them():
     from cli.keys import compose_config
 
     cfg = compose_config([*TINY, "model.hidden=100000"])  # one 100000 x 100000 layer: 40 GB of float32
-    assert network_params(cfg, build) > 10**10
-    for guide in ("gaussian", "flow"):  # and the count is exact: that of the networks built (flow: on the CPU)
-        small = compose_config([*TINY, "model=dlgm", f"guide={guide}"])
-        _, model, built = build(small)
-        assert network_params(small, build) == sum(p.numel() for m in (model, built) for p in m.parameters())
+    assert network_params(cfg, build) > 10**10  # exact counts: test_cli_integrity's memory guard test
 
 
 # ---------------------------------------------------------------------------------------------------------------
