@@ -67,12 +67,14 @@ def check_order(args) -> None:
     """Refuse, in one line, -m (or -r) after an override: argparse takes the overrides as one list, and the
     preflight appends the override that pins the run or sweep dir, so it would print its multi-line usage after
     that dir was claimed (a sweep dir with its .sweep.lock left behind). With Hydra's print flags nothing is claimed
-    or appended (the keys are checked first; argparse then says what it says)."""
+    or appended, but argparse still takes only one run of overrides: an option between two overrides is refused
+    too (argparse printed its usage: 'unrecognized arguments')."""
     at = _override_positions(args)
-    if not at or any(a.split("=")[0] in HYDRA_FLAGS for a in args):
+    if not at:
         return
+    printing = any(a.split("=")[0] in HYDRA_FLAGS for a in args)
     for i, arg in enumerate(args):
-        if i > at[0] and arg.startswith("-"):
+        if i > at[0] and arg.startswith("-") and (not printing or i < at[-1]):
             options = [a for j, a in enumerate(args) if j not in at]
             overrides = [args[j] for j in at]
             raise ConfigError(f"{arg} comes after the override {args[at[0]]}: options go before the overrides, "

@@ -92,6 +92,13 @@ def test_an_option_after_an_override_is_refused_in_one_line_and_leaves_no_sweep_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args", [["data.n=3", "--cfg", "job", "seed=1"], ["data.n=3", "--info", "defaults", "seed=1"]])
+def test_a_print_option_between_two_overrides_is_refused_in_one_line(tmp_path, args):
+    proc = run_cli(*args, cwd=tmp_path)  # argparse printed its multi-line usage ('unrecognized arguments: seed=1')
+    one_line_error(proc, f"{args[1]} comes after the override data.n=3", f"python run.py {args[1]} {args[2]} data.n=3")
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_option_after_the_overrides_that_argparse_takes_still_runs(tmp_path):
     proc = run_cli("data.n=3", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0 and "n: 3" in proc.stdout, proc.stderr
