@@ -3,17 +3,17 @@
 * encoding_figure: per latent, the prior p(z) against the aggregate q(z) (their difference shaded), and each
   q(z|x_k) against the true posterior p(z|x_k) (their difference shaded). Exact densities when the encodings carry
   them, otherwise KDEs of the samples (the true posterior then by Pareto-smoothed importance weighting).
-* training_figure: loss, recon and KL per site against the step.
-* encoding_grid: the top latent's encodings, a row per model and a column per n (for sweeps).
+
+The training curves are analysis.training_figure's, the sweep's encoding grid analysis.sweep_figures'; both draw
+with this module's style and palette.
 """
 import math
 import warnings
 
 import numpy as np
 
-from .encodings import GROUP_EXACT, top_site
+from .encodings import GROUP_EXACT
 
-LN2 = math.log(2.0)
 PRIOR_COLOR = "0.35"
 AGG_COLOR = "black"
 HOLE_COLOR = "#d62728"    # p(z) mass that q(z) misses
@@ -203,148 +203,4 @@ def encoding_figure(idata, path=None, title: str = None, max_components: int = 3
         fig.suptitle(f"{head}  [{how}]", fontsize=11)
     if path is not None:
         fig.savefig(path, dpi=110)
-    return fig
-
-
-def _yscale(ax, values, linthresh=1e-2):
-    """log y when every value is positive and they span more than a decade; symlog when some are <= 0 and they
-    span decades; linear otherwise. Returns the scale used."""
-    from matplotlib.ticker import FuncFormatter
-
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return "linear"
-    if (v > 0).all() and v.max() / v.min() > 10:
-        ax.set_yscale("log")
-        fmt = FuncFormatter(lambda y, _: f"{y:g}")
-        ax.yaxis.set_major_formatter(fmt)
-        return "log"
-    if (v <= 0).any() and np.abs(v).max() > 100 * linthresh:
-        ax.set_yscale("symlog", linthresh=linthresh)
-        ax.axhline(0, color="0.6", lw=0.8)
-        return "symlog"
-    if (v <= 0).any():
-        ax.axhline(0, color="0.6", lw=0.8)
-    return "linear"
-
-
-def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None):
-    """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step. history:
-    FitResult.history (list of dicts) or a DataFrame.
-
-    floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
-    A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
-    DLGM's KL1 may be), linear otherwise."""
-    import pandas as pd
-
-    df = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
-    kls = [c for c in df.columns if c.startswith("rate_") or c.startswith("kl_")]  # kl_: histories before rate_
-    with _style():
-        fig = _new_figure(13, 3.6)
-        ax_l, ax_r, ax_k = fig.subplots(1, 3)
-        ax_l.plot(df["step"], df["loss"], color="black", lw=1.5, label="loss")
-        if floor is not None:
-            ax_l.axhline(floor, color="0.5", ls=":", lw=1.2, label=f"entropy floor {floor:.4f}")
-        if optimum is not None:
-            ax_l.axhline(optimum, color=HOLE_COLOR, ls="--", lw=1.2, label=f"Gaussian optimum {optimum:.4f}")
-        _yscale(ax_l, np.concatenate([df["loss"].values] + [[v] for v in (floor, optimum) if v is not None]))
-        loss_title = "loss (nats per data point)"
-        later = df["loss"].values[max(1, len(df) // 20):]
-        refs = [v for v in (floor, optimum) if v is not None]
-        if later.size and np.all(np.isfinite(later)) and ax_l.get_yscale() == "linear":
-            top, bottom = later.max(), min([later.min()] + refs)
-            if df["loss"].max() > top + 2 * (top - bottom):  # the first steps would squash the rest
-                ax_l.set_ylim(bottom - 0.1 * (top - bottom), top + 0.25 * (top - bottom))
-                loss_title += " (first steps off scale)"
-        ax_l.set_title(loss_title, fontsize=10)
-        ax_r.plot(df["step"], df["recon"], color="#2ca02c", lw=1.5, label="recon")
-        _yscale(ax_r, df["recon"].values)
-        ax_r.set_title("recon = -E log p(x|z)", fontsize=10)
-        cols = _palette(len(kls))
-        sites = [c.split("_", 1)[1] for c in kls]
-        if not kls:  # trained without a guide (objective=exact): no rate
-            title = "no rate: the model was trained by its exact likelihood"
-        elif len(kls) == 1:  # one latent site: its term is the KL
-            ax_k.plot(df["step"], df[kls[0]], color=cols[0], lw=1.5, label=f"KL[{sites[0]}] = rate")
-            title = f"KL(q({sites[0]}|x) || p({sites[0]}))"
-        else:  # several: each term is E[log q(s|.) - log p(s|parents)], only their sum is a KL
-            for c, site, col in zip(kls, sites, cols):
-                ax_k.plot(df["step"], df[c], color=col, lw=1.2, label=f"rate[{site}]")
-            ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1.5, label="rate = KL(q || p) total")
-            title = "rate = KL total; rate[s] = E[log q(s|.) - log p(s|parents)]"
-        scale = _yscale(ax_k, df[kls].sum(axis=1).values if len(kls) > 1 else df[kls].values.reshape(-1)) \
-            if kls else "linear"
-        ax_k.set_title(title + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
-        for ax in (ax_l, ax_r, ax_k):
-            ax.set_xlabel("step")
-            ax.legend(fontsize=8)
-        if title:
-            fig.suptitle(title, fontsize=11)
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def encoding_grid(cells: dict, path=None, title: str = None):
-    """The sweep's encoding grid: cells maps (model, n) -> encodings InferenceData (None for a missing job).
-
-    Each panel shows the top latent: p(z) shaded grey, aggregate q(z) black, the mass q(z) misses red, q(z|x_k)
-    coloured and the true p(z|x_k) dashed."""
-    models = sorted({m for m, _ in cells}, key=lambda m: (not str(m).startswith("vae"), m))
-    ns = sorted({n for _, n in cells})
-    with _style():
-        # at least ~8.5 in wide so the title and a legend of up to 7 entries fit with 1-2 columns
-        columns = 4 if len(ns) < 3 else 7
-        fig = _new_figure(max(2.9 * len(ns) + 0.6, 8.5), 2.6 * len(models) + 0.8 + (0.4 if len(ns) < 3 else 0))
-        axes = np.atleast_2d(fig.subplots(len(models), len(ns), squeeze=False))
-        for i, m in enumerate(models):
-            for j, n in enumerate(ns):
-                ax, idata = axes[i, j], cells.get((m, n))
-                if idata is None:
-                    ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, color="0.5")
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                else:
-                    site = top_site(idata)
-                    d = site_densities(idata, site)
-                    g = d["grid"]
-                    if d["prior"] is not None:
-                        ax.fill_between(g, 0, d["prior"], color=PRIOR_COLOR, alpha=0.15, lw=0)
-                        ax.plot(g, d["prior"], color=PRIOR_COLOR, lw=1.5, label=f"p({site})")
-                        ax.fill_between(g, d["aggregate"], d["prior"], where=d["prior"] > d["aggregate"],
-                                        interpolate=True, color=HOLE_COLOR, alpha=0.45, lw=0,
-                                        label=f"p({site}) mass q misses")
-                    ax.plot(g, d["aggregate"], color=AGG_COLOR, lw=1.5, label=f"q({site})")
-                    for k, col in enumerate(_palette(len(d["labels"]))):
-                        ax.plot(g, d["q"][k], color=col, lw=1, label=f"q({site}|x{k})")
-                        if d["posterior"] is not None:
-                            ax.plot(g, d["posterior"][k], color=col, lw=1, ls="--", dashes=(3, 2),
-                                    label=f"p({site}|x{k})")
-                    ax.set_ylim(bottom=0)
-                    tv = total_variation(g, d["prior"], d["aggregate"]) if d["prior"] is not None else float("nan")
-                    ax.text(0.02, 0.97, f"{site}  TV(q,p)={tv:.2f}\n[{d['source']}]", transform=ax.transAxes,
-                            fontsize=7, va="top")
-                if i == 0:
-                    ax.set_title(f"n = {n}", fontsize=10)
-                if j == 0:
-                    ax.set_ylabel(m, fontsize=11)
-        handles, labels = [], []
-        for ax in axes.flat:
-            h, lab = ax.get_legend_handles_labels()
-            for hh, ll in zip(h, lab):
-                key = ll.replace("z2", "z").replace("z1", "z")
-                if key not in labels:
-                    handles.append(hh)
-                    labels.append(key)
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), columns), fontsize=8)
-        text = title or "Encodings of the top latent: p(z) vs aggregate q(z), q(z|x_k) vs p(z|x_k)"
-        if len(ns) < 3:  # a narrow grid: break the title into lines of ~70 characters
-            import textwrap
-
-            text = "\n".join(textwrap.wrap(text, 70))
-        fig.suptitle(text, fontsize=10 if len(ns) < 3 else 11)
-    if path is not None:
-        fig.savefig(path, dpi=100)
     return fig

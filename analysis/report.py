@@ -248,7 +248,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
     model and guide names, n, seed, steps and wall_seconds from `describe` where metrics lacks them."""
     from . import encodings as enc
-    from .figures import encoding_figure, training_figure
+    from .figures import encoding_figure
+    from .training_figure import training_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

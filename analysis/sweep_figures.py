@@ -1,5 +1,6 @@
 """The sweep figures: loss_vs_n.png and recon_per_dim_vs_n.png (a curve per configuration, mean ± sd over seeds,
-with the Gaussian-encoder optimum and the original study's numbers), encodings_grid.png and rate_distortion.png."""
+with the Gaussian-encoder optimum and the original study's numbers), encodings_grid.png (encoding_grid) and
+rate_distortion.png."""
 import itertools
 import logging
 import math
@@ -8,6 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from .aggregate import _counted, _metric
+from .encodings import top_site
+from .figures import (AGG_COLOR, HOLE_COLOR, PRIOR_COLOR, _new_figure, _palette, _style, site_densities,
+                      total_variation)
 
 log = logging.getLogger("onebit.sweep")
 LN2 = math.log(2.0)
@@ -119,7 +123,6 @@ def encodings_figure(jobs, out: Path):
     """encodings_grid.png: a row per model, guide and varying override (as the curves of sweep_figures), a column
     per n, each cell from the lowest-seed run with an encodings.nc; None if there is none."""
     from .encodings import load
-    from .figures import encoding_grid
 
     if "encodings" not in jobs:
         return None
@@ -180,3 +183,67 @@ def rate_distortion_figure(jobs, out: Path):
         return None
     rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}))
     return out / "rate_distortion.png"
+
+
+def encoding_grid(cells: dict, path=None, title: str = None):
+    """The sweep's encoding grid: cells maps (model, n) -> encodings InferenceData (None for a missing job).
+
+    Each panel shows the top latent: p(z) shaded grey, aggregate q(z) black, the mass q(z) misses red, q(z|x_k)
+    coloured and the true p(z|x_k) dashed."""
+    models = sorted({m for m, _ in cells}, key=lambda m: (not str(m).startswith("vae"), m))
+    ns = sorted({n for _, n in cells})
+    with _style():
+        # at least ~8.5 in wide so the title and a legend of up to 7 entries fit with 1-2 columns
+        columns = 4 if len(ns) < 3 else 7
+        fig = _new_figure(max(2.9 * len(ns) + 0.6, 8.5), 2.6 * len(models) + 0.8 + (0.4 if len(ns) < 3 else 0))
+        axes = np.atleast_2d(fig.subplots(len(models), len(ns), squeeze=False))
+        for i, m in enumerate(models):
+            for j, n in enumerate(ns):
+                ax, idata = axes[i, j], cells.get((m, n))
+                if idata is None:
+                    ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                else:
+                    site = top_site(idata)
+                    d = site_densities(idata, site)
+                    g = d["grid"]
+                    if d["prior"] is not None:
+                        ax.fill_between(g, 0, d["prior"], color=PRIOR_COLOR, alpha=0.15, lw=0)
+                        ax.plot(g, d["prior"], color=PRIOR_COLOR, lw=1.5, label=f"p({site})")
+                        ax.fill_between(g, d["aggregate"], d["prior"], where=d["prior"] > d["aggregate"],
+                                        interpolate=True, color=HOLE_COLOR, alpha=0.45, lw=0,
+                                        label=f"p({site}) mass q misses")
+                    ax.plot(g, d["aggregate"], color=AGG_COLOR, lw=1.5, label=f"q({site})")
+                    for k, col in enumerate(_palette(len(d["labels"]))):
+                        ax.plot(g, d["q"][k], color=col, lw=1, label=f"q({site}|x{k})")
+                        if d["posterior"] is not None:
+                            ax.plot(g, d["posterior"][k], color=col, lw=1, ls="--", dashes=(3, 2),
+                                    label=f"p({site}|x{k})")
+                    ax.set_ylim(bottom=0)
+                    tv = total_variation(g, d["prior"], d["aggregate"]) if d["prior"] is not None else float("nan")
+                    ax.text(0.02, 0.97, f"{site}  TV(q,p)={tv:.2f}\n[{d['source']}]", transform=ax.transAxes,
+                            fontsize=7, va="top")
+                if i == 0:
+                    ax.set_title(f"n = {n}", fontsize=10)
+                if j == 0:
+                    ax.set_ylabel(m, fontsize=11)
+        handles, labels = [], []
+        for ax in axes.flat:
+            h, lab = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, lab):
+                key = ll.replace("z2", "z").replace("z1", "z")
+                if key not in labels:
+                    handles.append(hh)
+                    labels.append(key)
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), columns), fontsize=8)
+        text = title or "Encodings of the top latent: p(z) vs aggregate q(z), q(z|x_k) vs p(z|x_k)"
+        if len(ns) < 3:  # a narrow grid: break the title into lines of ~70 characters
+            import textwrap
+
+            text = "\n".join(textwrap.wrap(text, 70))
+        fig.suptitle(text, fontsize=10 if len(ns) < 3 else 11)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

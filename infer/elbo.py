@@ -12,7 +12,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from .noise import SobolNoise
-from .plan import compiled, draws_random, simplify
+from .plan import traced_step
 from .validate import NOISE, check
 LATTICE_HALF_WIDTH = 8.0  # the lattice covers eps in [-8, 8]: the mass outside is 1e-15
 
@@ -203,62 +203,9 @@ class ClosedFormELBO(ELBO):
         return terms
 
     def traced_step(self, model, guide, x, weights):
-        """The fast path's forward pass traced once into a graph of tensor ops (torch.fx make_fx, tracing mode
-        'real'), for a structure that does not change between steps: a function beta -> (names, means, loss) that
-        draws this step's noise (as fast_terms does) and returns the particle means of the terms (a (T,) tensor in
-        the order of `names`) and the objective. Params enter the graph as the live tensors, so optimizer updates
-        are seen; gradients come from autograd over the graph's ops. Python control flow that depends on values is
-        frozen at its traced branch, so infer.fit checks the graph against the eager fast path (loss and
-        gradients) before it uses it, and again at every log step."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        noise = self._new_noise() if self.noise != "mc" else None
-        dummy = torch.zeros((), device=x.device)
-        self._weights_summary = (weights, _summary(weights))  # Python numbers: computed before tracing
-        if self.closed_form:  # the dependency analysis runs the model: once, before tracing, not inside the graph
-            with torch.random.fork_rng():
-                self.model_parents(model, (x,), {})
-        names = []
-
-        def forward(step_noise, beta):
-            if noise is not None:
-                noise.set(step_noise)
-            terms = self._fast_terms(model, guide, x, weights, beta, noise)
-            names[:] = list(terms)
-            means = self.means(terms)
-            return means, self.objective_of_means(list(terms), means)
-
-        def inputs(beta):
-            if noise is None:
-                return dummy, beta
-            noise.draw()
-            return noise.noise(), beta
-
-        one = torch.ones((), device=x.device)
-        with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
-            graph = make_fx(forward)(*inputs(one))
-        simplify(graph)
-        random = draws_random(graph)
-        if not random:  # TorchScript's trace would freeze a random op's draws
-            with torch.random.fork_rng():
-                graph = compiled(graph, inputs(one))
-
-        betas = {}  # beta -> its tensor, made once per value
-
-        def step(beta):
-            beta_t = betas.get(beta)
-            if beta_t is None:
-                if len(betas) > 1:  # a warm-up: a new beta every step
-                    betas.clear()
-                beta_t = betas[beta] = torch.as_tensor(beta, dtype=one.dtype, device=one.device)
-            args = inputs(beta_t)
-            step.last_rng = torch.get_rng_state() if random else None  # for re-running this step eagerly
-            means, loss = graph(*args)
-            step.last_args, step.last_means = args, means
-            return names, means, loss
-
-        step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None
-        return step
+        """The fast path's step traced once into a graph of tensor ops (infer.plan.traced_step): a function
+        beta -> (names, means, loss), checked by infer.fit against the eager fast path before and while it trains."""
+        return traced_step(self, model, guide, x, weights)
 
     def _terms(self, model_trace, guide_trace, parents):
         dims = self._dims

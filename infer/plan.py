@@ -1,4 +1,5 @@
-"""The traced plan of the fast path (ClosedFormELBO.traced_step): passes over its torch.fx graph and its compilation.
+"""The traced plan of the fast path (traced_step, ClosedFormELBO's): its torch.fx graph, the passes over it and its
+compilation.
 
 A make_fx trace of one step decomposes every op into aten ops. The passes rewrite patterns of that decomposition
 into fewer ops with the same arithmetic (fuse_linear, collapse_chains, negate_after_sums: every value bit for bit
@@ -7,6 +8,7 @@ fast path (loss and gradients) before it uses it and at every log step, so a pas
 """
 import warnings
 
+import pyro
 import torch
 
 
@@ -133,3 +135,65 @@ def draws_random(module) -> bool:
     """Whether the graph holds a random op (its draws would be frozen by TorchScript's trace)."""
     return any(any(word in str(node.target) for word in RANDOM_OPS)
                for node in module.graph.nodes if node.op == "call_function")
+
+
+def traced_step(elbo, model, guide, x, weights):
+    """The fast path's forward pass traced once into a graph of tensor ops (torch.fx make_fx, tracing mode
+    'real'), for a structure that does not change between steps: a function beta -> (names, means, loss) that
+    draws this step's noise (as fast_terms does) and returns the particle means of the terms (a (T,) tensor in
+    the order of `names`) and the objective. Params enter the graph as the live tensors, so optimizer updates
+    are seen; gradients come from autograd over the graph's ops. Python control flow that depends on values is
+    frozen at its traced branch, so infer.fit checks the graph against the eager fast path (loss and
+    gradients) before it uses it, and again at every log step."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from .elbo import _summary
+
+
+    noise = elbo._new_noise() if elbo.noise != "mc" else None
+    dummy = torch.zeros((), device=x.device)
+    elbo._weights_summary = (weights, _summary(weights))  # Python numbers: computed before tracing
+    if elbo.closed_form:  # the dependency analysis runs the model: once, before tracing, not inside the graph
+        with torch.random.fork_rng():
+            elbo.model_parents(model, (x,), {})
+    names = []
+
+    def forward(step_noise, beta):
+        if noise is not None:
+            noise.set(step_noise)
+        terms = elbo._fast_terms(model, guide, x, weights, beta, noise)
+        names[:] = list(terms)
+        means = elbo.means(terms)
+        return means, elbo.objective_of_means(list(terms), means)
+
+    def inputs(beta):
+        if noise is None:
+            return dummy, beta
+        noise.draw()
+        return noise.noise(), beta
+
+    one = torch.ones((), device=x.device)
+    with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
+        graph = make_fx(forward)(*inputs(one))
+    simplify(graph)
+    random = draws_random(graph)
+    if not random:  # TorchScript's trace would freeze a random op's draws
+        with torch.random.fork_rng():
+            graph = compiled(graph, inputs(one))
+
+    betas = {}  # beta -> its tensor, made once per value
+
+    def step(beta):
+        beta_t = betas.get(beta)
+        if beta_t is None:
+            if len(betas) > 1:  # a warm-up: a new beta every step
+                betas.clear()
+            beta_t = betas[beta] = torch.as_tensor(beta, dtype=one.dtype, device=one.device)
+        args = inputs(beta_t)
+        step.last_rng = torch.get_rng_state() if random else None  # for re-running this step eagerly
+        means, loss = graph(*args)
+        step.last_args, step.last_means = args, means
+        return names, means, loss
+
+    step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None
+    return step

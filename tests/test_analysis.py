@@ -130,7 +130,8 @@ def test_encodings_summary_has_mean_sd_and_hdi():
 
 def test_encoding_and_training_figures_write_png(tmp_path):
     from analysis.encodings import encodings
-    from analysis.figures import encoding_figure, training_figure
+    from analysis.figures import encoding_figure
+    from analysis.training_figure import training_figure
 
     model, guide = tiny_vae()
     encoding_figure(encodings(model, guide, OneBit(5), samples=100), tmp_path / "enc.png")

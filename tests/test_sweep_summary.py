@@ -269,14 +269,14 @@ def test_sweep_figures_draw_a_curve_per_guide_and_varying_override(tmp_path, mon
 
 
 def test_the_encodings_grid_has_a_row_per_guide_and_varying_override(tmp_path, monkeypatch):
-    import analysis.figures
+    import analysis.sweep_figures
     from analysis.sweep import encodings_figure, summarize
 
     two_guides_two_betas(tmp_path)
     jobs = summarize(tmp_path, figures=False)["jobs"]
     jobs["encodings"] = "unused.nc"
     cells = {}
-    monkeypatch.setattr(analysis.figures, "encoding_grid", lambda c, path, title: cells.update(c))
+    monkeypatch.setattr(analysis.sweep_figures, "encoding_grid", lambda c, path, title: cells.update(c))
     monkeypatch.setattr("analysis.encodings.load", lambda path: path)
     encodings_figure(jobs, tmp_path)
     assert sorted({row for row, _ in cells}) == sorted(
