@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from .aggregate import _counted, _metric
-from .encodings import top_site
-from .figures import (AGG_COLOR, HOLE_COLOR, PRIOR_COLOR, _new_figure, _palette, _style, site_densities,
-                      total_variation)
 
 log = logging.getLogger("onebit.sweep")
 LN2 = math.log(2.0)
@@ -190,6 +187,10 @@ def encoding_grid(cells: dict, path=None, title: str = None):
 
     Each panel shows the top latent: p(z) shaded grey, aggregate q(z) black, the mass q(z) misses red, q(z|x_k)
     coloured and the true p(z|x_k) dashed."""
+    from .encodings import top_site  # not at import: it brings torch, which a sweep's summary may not need
+    from .figures import (AGG_COLOR, HOLE_COLOR, PRIOR_COLOR, _new_figure, _palette, _style, site_densities,
+                          total_variation)
+
     models = sorted({m for m, _ in cells}, key=lambda m: (not str(m).startswith("vae"), m))
     ns = sorted({n for _, n in cells})
     with _style():

@@ -22,7 +22,7 @@ replica_job (replicas > 1), imported by run.py, not here.
 import signal
 import sys
 
-from cli.checks import HYDRA_FLAGS, check_flags, hydra_flag_overrides, preflight
+from cli.checks import HYDRA_FLAGS, check_flags, check_order, hydra_flag_overrides, preflight
 from cli.guards import check_memory, divergence, network_params
 from cli.keys import check_group_choices, check_keys, single_line
 from cli.resume import load_resume, resume_note, trajectory_config
@@ -55,6 +55,7 @@ def main(hydra_main, argv) -> int:
             overrides = hydra_flag_overrides(args)
             check_group_choices(overrides)
             check_keys(overrides, multirun=True)
+            check_order(args, printing=True)
             hydra_main()
             return STATE["exit"]
         overrides = [a for a in args if not a.startswith("-")]

@@ -54,16 +54,16 @@ class Refused(ValueError):
 def refusals(cfg=None):
     """Bad input found while building a run (a ValueError, or hydra's InstantiationException around one) raised as
     Refused, in one line (a model or guide that fails on the data names cfg's settings away from their defaults)."""
-    from cli.guards import with_suspects
+    from cli.guards import explained
 
     try:
         yield
     except ValueError as err:
-        raise Refused(with_suspects(str(err), cfg)) from None
+        raise Refused(explained(err, cfg)) from None
     except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around a ValueError
         cause = err.__cause__ or err.__context__
         if isinstance(cause, ValueError):
-            raise Refused(with_suspects(str(cause).splitlines()[0], cfg)) from None
+            raise Refused(explained(cause, cfg, str(cause).splitlines()[0])) from None
         raise
 
 

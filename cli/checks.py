@@ -63,16 +63,16 @@ def hydra_flag_overrides(args) -> list:
     return [args[i] for i in _override_positions(args)]
 
 
-def check_order(args) -> None:
+def check_order(args, printing: bool = False) -> None:
     """Refuse, in one line, -m (or -r) after an override: argparse takes the overrides as one list, and the
     preflight appends the override that pins the run or sweep dir, so it would print its multi-line usage after
     that dir was claimed (a sweep dir with its .sweep.lock left behind). With Hydra's print flags nothing is claimed
     or appended, but argparse still takes only one run of overrides: an option between two overrides is refused
-    too (argparse printed its usage: 'unrecognized arguments')."""
+    too (argparse printed its usage: 'unrecognized arguments'). That case is checked by check_order(args,
+    printing=True), after the keys, so that a bad key is named first; check_flags checks the other."""
     at = _override_positions(args)
-    if not at:
+    if not at or printing != any(a.split("=")[0] in HYDRA_FLAGS for a in args):
         return
-    printing = any(a.split("=")[0] in HYDRA_FLAGS for a in args)
     for i, arg in enumerate(args):
         if i > at[0] and arg.startswith("-") and (not printing or i < at[-1]):
             options = [a for j, a in enumerate(args) if j not in at]

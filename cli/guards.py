@@ -107,12 +107,13 @@ def divergence(result, data, beta: float = 1.0, final=None) -> str:
 INIT_SUSPECTS = ("model", "guide", "data", "objective", "train.beta", "train.warmup_start")
 
 
-def with_suspects(message: str, cfg) -> str:
-    """message, with init_suspects(cfg) appended where it is a model or guide that failed on the data before any
-    training (guides.check: 'model(x) failed ...'): a setting no check names by itself."""
-    if cfg is not None and message.startswith(("model(x) failed", "guide(x) failed")):
-        return message + init_suspects(cfg)
-    return message
+def explained(err, cfg, text: str = None) -> str:
+    """err's one line (text, where given), with init_suspects(cfg) appended where the cause is a setting no check
+    names by itself: a loss not finite at the initial parameters (a DivergenceError with cause 'init') or a model or
+    guide that failed on the data before any training (guides.check: 'model(x) failed ...')."""
+    text = str(err) if text is None else text
+    suspect = getattr(err, "cause", None) == "init" or text.startswith(("model(x) failed", "guide(x) failed"))
+    return text + init_suspects(cfg) if cfg is not None and suspect else text
 
 
 def init_suspects(cfg) -> str:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 import cli
 from cli.build import Diverged, Refused, build, build_objective, exact_model_steps, refusals
-from cli.guards import init_suspects, with_suspects
+from cli.guards import explained
 
 log = logging.getLogger("onebit")
 
@@ -155,12 +155,12 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         raise Diverged(str(err)) from None
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":  # non-finite: history so far, metrics.json marked diverged
-            reason = str(err) + (init_suspects(cfg) if getattr(err, "cause", None) == "init" else "")
+            reason = explained(err, cfg)
             diverged_outputs(out, getattr(err, "result", None), {**head, "steps": getattr(err, "step", None)},
                              reason, good)
             raise Diverged(reason) from None
         good.discard()
-        raise Refused(with_suspects(str(err), cfg)) from None
+        raise Refused(explained(err, cfg)) from None
     except BaseException:  # killed (SIGINT, SIGTERM) or a crash: checkpoint.pt stays as fit left it
         good.discard()
         raise

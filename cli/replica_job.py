@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cli
 from cli.build import Diverged, Refused, build, build_objective, refusals
-from cli.guards import init_suspects, with_suspects
+from cli.guards import explained
 from cli.job import finish, progress_enabled
 
 log = logging.getLogger("onebit")
@@ -57,8 +57,8 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                on_start=start)
     except ValueError as err:
         if type(err).__name__ == "DivergenceError":
-            raise Diverged(str(err) + (init_suspects(cfg) if getattr(err, "cause", None) == "init" else "")) from None
-        raise Refused(with_suspects(str(err), cfg)) from None
+            raise Diverged(explained(err, cfg)) from None
+        raise Refused(explained(err, cfg)) from None
     except KeyboardInterrupt:
         killed = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
         for d in dirs:
@@ -111,7 +111,7 @@ def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
             "seed": c.seed, "replicas": cfg.replicas, "steps": c.train.steps}
     try:
         if isinstance(result, DivergenceError):
-            raise Diverged(str(result) + (init_suspects(c) if getattr(result, "cause", None) == "init" else ""))
+            raise Diverged(explained(result, c))
         head["wall_seconds"] = result.wall_seconds
         metrics = finish(c, d, *model_guide, data, result, head)
     except Diverged as err:
