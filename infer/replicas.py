@@ -118,6 +118,36 @@ def unstack(stacked, modules) -> None:
                 own[name].copy_(value)
 
 
+def replica_state(roles: dict, names, params, optimizer, r: int):
+    """(params, optimizer state_dict) of replica r of the stacked modules `roles` ({'model': ..., 'guide': ...}),
+    laid out as its single run's: the param store's names ((name, role, attr) in `names`) and Adam's state in the
+    order of those params. `params` are the stack's params in the optimizer's order."""
+    views = {role: replica_parameters(module, r) for role, module in roles.items()}
+    own = {name: views[role][attr] for name, role, attr in names}
+    state, moments = {}, {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        of = {p: optimizer.state[p][key] for p in params if key in optimizer.state.get(p, {})}
+        if len(of) == len(params):
+            moments[key] = {role: replica_parameters(module, r, of) for role, module in roles.items()}
+    for i, (name, role, attr) in enumerate(names):
+        if moments:
+            step = optimizer.state[params[0]]["step"]
+            state[i] = {"step": step.clone(), **{k: m[role][attr].clone() for k, m in moments.items()}}
+    group = {k: val for k, val in optimizer.state_dict()["param_groups"][0].items() if k != "params"}
+    return own, {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
+
+
+def replica_average(roles: dict, names, params, averaged, r: int):
+    """Replica r's running parameter average (infer.average.ParameterAverage `averaged`, over the stack's params)
+    as its single run's state(): the means in the order of its params; None before the averaging starts."""
+    def own(means):
+        of = dict(zip(params, means))
+        views = {role: replica_parameters(module, r, of) for role, module in roles.items()}
+        return [views[role][attr] for _, role, attr in names]
+
+    return averaged.state(own)
+
+
 class ReplicaELBO(ClosedFormELBO):
     """ClosedFormELBO over stacked models and guides (stack()): the terms per replica and particle, the particle
     means per replica ((T, R)), and the objective per replica ((R,)); training minimises their sum.

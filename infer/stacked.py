@@ -22,7 +22,7 @@ from .engine import check_plan
 from .prepare import adam, prepare
 from .recipe import learning_rate
 from .result import FitResult, divergence, last_update, Window
-from .replicas import ReplicaELBO, replica_parameters, stack, unstack
+from .replicas import ReplicaELBO, replica_average, replica_state, stack, unstack
 from .weights import kl_weight
 
 
@@ -138,34 +138,12 @@ class StackedReplicas:
         return plan
 
     def replica_state(self, r):
-        """(params, optimizer state_dict) of replica r, laid out as its single run's (the param store names, and
-        Adam's state in the order of those params)."""
-        roles = {"model": self.model, "guide": self.guide}
-        views = {role: replica_parameters(module, r) for role, module in roles.items()}
-        params = {name: views[role][attr] for name, role, attr in self.names}
-        state, opt = {}, self.optimizer
-        moments = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            of = {p: opt.state[p][key] for p in self.params if key in opt.state.get(p, {})}
-            if len(of) == len(self.params):
-                moments[key] = {role: replica_parameters(module, r, of) for role, module in roles.items()}
-        for i, (name, role, attr) in enumerate(self.names):
-            if moments:
-                step = opt.state[self.params[0]]["step"]
-                state[i] = {"step": step.clone(), **{k: m[role][attr].clone() for k, m in moments.items()}}
-        group = {k: val for k, val in opt.state_dict()["param_groups"][0].items() if k != "params"}
-        return params, {"state": state, "param_groups": [{**group, "params": list(range(len(self.names)))}]}
+        """(params, optimizer state_dict) of replica r, laid out as its single run's (infer.replicas.replica_state)."""
+        return replica_state({"model": self.model, "guide": self.guide}, self.names, self.params, self.optimizer, r)
 
     def replica_average(self, r, averaged):
-        """Replica r's running parameter average as its single run's (infer.average.ParameterAverage.state(), the
-        means in the order of its params); None before the averaging starts."""
-        def own(means):
-            of = dict(zip(self.params, means))
-            views = {role: replica_parameters(module, r, of) for role, module in (("model", self.model),
-                                                                                   ("guide", self.guide))}
-            return [views[role][attr] for _, role, attr in self.names]
-
-        return averaged.state(own)
+        """Replica r's running parameter average as its single run's (infer.replicas.replica_average)."""
+        return replica_average({"model": self.model, "guide": self.guide}, self.names, self.params, averaged, r)
 
     def checkpoint(self, r, result, step, rng, window, average=None):
         from .checkpoint import save_checkpoint
