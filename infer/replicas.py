@@ -129,9 +129,9 @@ def replica_state(roles: dict, names, params, optimizer, r: int):
         of = {p: optimizer.state[p][key] for p in params if key in optimizer.state.get(p, {})}
         if len(of) == len(params):
             moments[key] = {role: replica_parameters(module, r, of) for role, module in roles.items()}
-    for i, (name, role, attr) in enumerate(names):
-        if moments:
-            step = optimizer.state[params[0]]["step"]
+    if moments:  # Adam has stepped: one step count for every param
+        step = optimizer.state[params[0]]["step"]
+        for i, (_, role, attr) in enumerate(names):
             state[i] = {"step": step.clone(), **{k: m[role][attr].clone() for k, m in moments.items()}}
     group = {k: val for k, val in optimizer.state_dict()["param_groups"][0].items() if k != "params"}
     return own, {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}

@@ -139,11 +139,14 @@ class StackedReplicas:
 
     def replica_state(self, r):
         """(params, optimizer state_dict) of replica r, laid out as its single run's (infer.replicas.replica_state)."""
-        return replica_state({"model": self.model, "guide": self.guide}, self.names, self.params, self.optimizer, r)
+        return replica_state(self._roles(), self.names, self.params, self.optimizer, r)
 
     def replica_average(self, r, averaged):
         """Replica r's running parameter average as its single run's (infer.replicas.replica_average)."""
-        return replica_average({"model": self.model, "guide": self.guide}, self.names, self.params, averaged, r)
+        return replica_average(self._roles(), self.names, self.params, averaged, r)
+
+    def _roles(self):
+        return {"model": self.model, "guide": self.guide}
 
     def checkpoint(self, r, result, step, rng, window, average=None):
         from .checkpoint import save_checkpoint
