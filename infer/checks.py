@@ -67,16 +67,15 @@ def check_data(data) -> None:
                          "positive finite numbers that sum to 1")
 
 
-def _check_callable(name, fn, what) -> None:
-    if isinstance(fn, type) or not callable(fn):
-        raise refuse(name, fn, f"{name} must be {what}")
-
-
-def check_signature(name, fn, count: int, what) -> None:
-    """Refuse fn (one line) if it cannot be called with `count` positional arguments (when its signature can be
-    read; a builtin's may not)."""
+def check_callable(name, fn, what, count: int = None) -> None:
+    """Refuse fn (one line) unless it is callable (a class is not) and, with `count`, can be called with `count`
+    positional arguments (when its signature can be read; a builtin's may not)."""
     import inspect
 
+    if isinstance(fn, type) or not callable(fn):
+        raise refuse(name, fn, f"{name} must be {what}")
+    if count is None:
+        return
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -102,8 +101,8 @@ def check_inputs(model, guide, data) -> None:
     if any(m is model and g is guide and d is data for m, g, d in _CHECKED.get()):
         return
     check_data(data)
-    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
-    _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
+    check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
+    check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
                                     "guides.GaussianGuide(model))")
     check_sizes(data, model=model, guide=guide)
     with torch.random.fork_rng():  # the check's draws leave the caller's RNG alone
@@ -158,10 +157,9 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
     for name, value in values.items():
         check(name, value)
     _check_elbo(elbo)
-    _check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
+    check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
     if callback is not None:
-        _check_callable("callback", callback, "a callable callback(step, row), or None")
-        check_signature("callback", callback, 2, "a callable callback(step, row), or None")
+        check_callable("callback", callback, "a callable callback(step, row), or None", 2)
     check_checkpoint_path(checkpoint_path)
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
         raise refuse("checkpoint_extra", checkpoint_extra, "checkpoint_extra must be a dict of entries to add to "
@@ -171,7 +169,7 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
         raise ValueError("guide=None is not allowed: this objective needs a guide (only an objective with "
                          "needs_guide = False, such as the exact marginal likelihood, trains without one)")
     if needs_guide:
-        _check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
+        check_callable("guide", guide, "a Pyro guide, a callable guide(x) over the model's latent sites (e.g. "
                                         "guides.GaussianGuide(model))")
     if not needs_guide:
         for name, default in (("beta", 1.0), ("warmup", 0), ("freeze_model", False)):

@@ -11,7 +11,7 @@ stepped together: one graph of ops for all R instead of R (infer.stacked).
 
 import torch
 
-from .checks import check_arguments, checked_device, check_checkpoint_path, check_data, check_signature
+from .checks import check_arguments, checked_device, check_checkpoint_path, check_data, check_callable
 from .elbo import ClosedFormELBO
 from .fit import fit
 from .recipe import recipe
@@ -157,10 +157,8 @@ def _check_replica_arguments(models, guides, data, seeds, callback, checkpoint_p
         raise ValueError("models and guides share an object: each replica needs its own model and its own guide")
     for name, fn, what in (("callback", callback, "a callable callback(replica, step, row), or None"),
                            ("on_start", on_start, "a callable on_start(), or None")):
-        if fn is not None and (isinstance(fn, type) or not callable(fn)):
-            raise refuse(name, fn, f"{name} must be {what}")
         if fn is not None:
-            check_signature(name, fn, 3 if name == "callback" else 0, what)
+            check_callable(name, fn, what, 3 if name == "callback" else 0)
     R = len(seeds)
     if checkpoint_paths is not None:
         if not _is_sequence(checkpoint_paths) or len(checkpoint_paths) != R:
