@@ -21,6 +21,7 @@ from . import engine
 from .engine import check_plan
 from .prepare import adam, prepare
 from .recipe import learning_rate
+from .runtime import batched_blas_threads, blas_threads
 from .result import FitResult, divergence, last_update, Window
 from .replicas import ReplicaELBO, replica_average, replica_state, stack, unstack
 from .weights import kl_weight
@@ -62,6 +63,7 @@ class StackedReplicas:
         self.fused, self.optimizer = adam(self.params, v, device)
         self.beta0 = kl_weight(0, v["beta"], v["warmup"], v["warmup_start"])
         self._check(single)
+        self.blas = batched_blas_threads(self._bits, torch.get_num_threads())  # same bits, both cores
         self.plan, self.engine = None, "fast"
         if v["steps"] >= engine.GRAPH_MIN_STEPS:  # read now: a patch of infer.engine.GRAPH_MIN_STEPS counts
             self.plan = self._traced()
@@ -107,6 +109,17 @@ class StackedReplicas:
         except Exception as err:  # noqa: BLE001  any failure means the replica dim does not go through
             raise ValueError(f"{type(self.guides[0]).__name__} with {type(self.models[0]).__name__} cannot take a "
                              f"replica dimension ({(str(err).splitlines() or [''])[0]})") from None
+        finally:
+            self._restore(states)
+
+    def _bits(self):
+        """[loss terms, gradients...] of one eager stacked step at the first step's beta, the generators restored
+        (the same draw each call): what MKL's thread count must leave unchanged (runtime.batched_blas_threads)."""
+        states = self._states()
+        try:
+            _, means, losses = self._eager(self.beta0)
+            grads = torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
+            return [means.detach(), *(g for g in grads if g is not None)]
         finally:
             self._restore(states)
 
@@ -163,7 +176,8 @@ class StackedReplicas:
     def train(self, callback):
         v, R = self.v, self.R
         steps, log_every, every = v["steps"], v["log_every"], v["checkpoint_every"]
-        results = [FitResult(optimizer=self.optimizer, buffers={}, engine=f"{self.engine}, {R} replicas stacked",
+        label = f"{self.engine}, {R} replicas stacked" + (f", matmuls on {self.blas} threads" if self.blas > 1 else "")
+        results = [FitResult(optimizer=self.optimizer, buffers={}, engine=label,
                              setup_seconds=self.setup_seconds,
                              recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
                                                           "warmup_start", "average")},
@@ -184,7 +198,7 @@ class StackedReplicas:
 
         bar = tqdm(range(steps), disable=not v["progress"], desc=f"fit x{R}", dynamic_ncols=True, mininterval=0.5)
         optimizer_step = self.optimizer.update if self.fused else self.optimizer.step  # as in infer.fit
-        with pyro.validation_enabled(False), warnings.catch_warnings():
+        with pyro.validation_enabled(False), warnings.catch_warnings(), blas_threads(self.blas):
             warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
             for step in bar:
                 pending = None

@@ -127,6 +127,55 @@ def test_two_threads_train_to_the_numbers_of_one_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+def stacked_parameters(threads):
+    """The params of three dlgm replicas at n = 1000 trained together for 40 steps with `threads` threads."""
+    from guides import StructuredGuide
+    from infer import ClosedFormELBO
+    from infer.fit_replicas import fit_replicas
+    from models import DLGM, OneBit
+
+    pairs = []
+    for _ in range(3):
+        model = DLGM(1000, prior_hidden=32, prior_layers=3, prior_gain=True, prior_gain_floor=0.0)
+        pairs.append((model, StructuredGuide(model)))
+    results = fit_replicas([m for m, _ in pairs], [g for _, g in pairs], OneBit(1000), [0, 1, 2], steps=40,
+                           elbo=ClosedFormELBO(num_particles=32, noise="lattice"), threads=threads)
+    return results, [p.detach().clone() for m, g in pairs for p in (*m.parameters(), *g.parameters())]
+
+
+def test_two_threads_train_a_stack_of_replicas_to_the_numbers_of_one_bit_for_bit():
+    (one_run, one), (two_run, two) = stacked_parameters(1), stacked_parameters(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert [r.history for r in one_run] == [r.history for r in two_run]
+
+
+def test_a_stack_at_two_threads_puts_its_batched_matmuls_on_both_where_the_bits_agree():
+    if runtime._mkl_local_threads() is None:
+        pytest.skip("torch has no MKL here")
+    (one_run, _), (two_run, _) = stacked_parameters(1), stacked_parameters(2)
+    assert "matmuls on" not in one_run[0].engine
+    assert two_run[0].engine.endswith("3 replicas stacked, matmuls on 2 threads")
+
+
+def test_batched_blas_keeps_one_thread_where_the_bits_differ():
+    if runtime._mkl_local_threads() is None:
+        pytest.skip("torch has no MKL here")
+    calls = iter(range(10))
+    assert runtime.batched_blas_threads(lambda: [torch.tensor(float(next(calls)))], 2) == 1
+    assert runtime.batched_blas_threads(lambda: [torch.tensor(1.0)], 2) == 2
+    assert runtime.batched_blas_threads(lambda: [torch.tensor(1.0)], 1) == 1
+
+
+def test_blas_threads_restores_mkls_thread_count():
+    set_local = runtime._mkl_local_threads()
+    if set_local is None:
+        pytest.skip("torch has no MKL here")
+    before = set_local(3)
+    with runtime.blas_threads(2):
+        assert set_local(2) == 2
+    assert set_local(before) == 3
+
+
 def test_serial_blas_restores_mkls_thread_count():
     set_local = runtime._mkl_local_threads()
     if set_local is None:
