@@ -6,6 +6,7 @@ import pyro
 import torch
 
 from .elbo import ClosedFormELBO
+from .plan import checked_outputs
 
 
 GRAPH_MIN_STEPS = 200  # the traced plan costs a second or two to trace: worth it from this many steps on
@@ -24,15 +25,12 @@ def _engine(elbo, model, guide, model_w, guide_w, x, weights, beta, params, step
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = elbo.traced_step(model, guide, x, weights)
+            plan = elbo.traced_step(model, guide, x, weights, params)
+            beta_t = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
             with torch.random.fork_rng():
-                beta_t = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
                 args = plan.inputs(beta_t)
-                state = torch.get_rng_state()
-                want = plan.forward(*args)
-                torch.set_rng_state(state)
-                got = plan.graph(*args)
-            grads = [torch.autograd.grad(out[1], params, allow_unused=True) for out in (want, got)]
+                want, want_grads, got, got_grads = checked_outputs(plan, args, params)
+            grads = [want_grads, got_grads]
     except Exception as err:  # noqa: BLE001  any failure keeps the eager fast path
         reason = f"tracing failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
     else:
@@ -152,6 +150,7 @@ def loss_closure(elbo, model, guide, data, x, scale, model_w, guide_w, params, n
             elif keys != term_names:
                 raise RuntimeError(f"the loss terms changed from {term_names} to {keys} during training")
             return loss, torch.cat([means, loss.reshape(1)]).detach()
+        compute.backward_done = plan is not None  # the joint graph sets the gradients itself
         return compute, term_names, level, plan
     # any other Pyro ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...) trains as Pyro defines it
     terms_of = _reporter(model_w, guide_w, x, log_every)

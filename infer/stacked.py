@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .average import ParameterAverage, average_start
 from . import engine
 from .engine import check_plan
+from .plan import checked_outputs
 from .prepare import adam, prepare
 from .recipe import learning_rate
 from .runtime import batched_blas_threads, blas_threads
@@ -131,10 +132,10 @@ class StackedReplicas:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                plan = self.elbo.traced_step(self.model, self.guide, self.xr, self.weights)
+                plan = self.elbo.traced_step(self.model, self.guide, self.xr, self.weights, self.params)
                 args = plan.inputs(torch.as_tensor(self.beta0, dtype=torch.float32, device=self.x.device))
-                want, got = plan.forward(*args), plan.graph(*args)
-                grads = [torch.autograd.grad(out[1].sum(), self.params, allow_unused=True) for out in (want, got)]
+                want, want_grads, got, got_grads = checked_outputs(plan, args, self.params)
+                grads = [want_grads, got_grads]
         except Exception as err:  # noqa: BLE001
             reason = f"tracing failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
         else:
@@ -209,11 +210,11 @@ class StackedReplicas:
                 for group in self.optimizer.param_groups:
                     group["lr"] = rate
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.plan is not None:
+                if self.plan is not None:  # the joint graph sets the gradients of the summed objectives
                     names, means, losses = self.plan(beta)
                 else:
                     names, means, losses = self._eager(beta)
-                losses.sum().backward()
+                    losses.sum().backward()
                 vec = torch.cat([means, losses.unsqueeze(0)]).detach()  # (T + 1, R)
                 found |= ~torch.isfinite(vec).all(0)
                 bad.add_(found)

@@ -74,6 +74,34 @@ def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
+def test_the_joint_plan_sets_the_general_paths_gradients_itself(name):
+    model, guide = build(name)
+    data, elbo = OneBit(N), ClosedFormELBO(num_particles=16, noise="lattice")
+    params = [*model.parameters(), *guide.parameters()]
+    with pyro.validation_enabled(False):
+        plan = elbo.traced_step(model, guide, data.x, data.w, params)
+        pyro.set_rng_seed(2)
+        terms, loss, grads = general_loss_and_grads(elbo, model, guide, data, 0.5, params)
+        pyro.set_rng_seed(2)
+        names, means, traced_loss = plan(0.5)
+    assert names == list(terms) and not traced_loss.requires_grad
+    assert torch.allclose(traced_loss, loss, rtol=1e-6)
+    same_grads(grads, [p.grad for p in params], exact=False)
+    assert all(p.grad is None or p.grad.stride() == p.stride() for p in params)
+
+
+def test_the_joint_plan_trains_a_dlgm_to_the_eager_fast_paths_numbers_to_the_bit(monkeypatch):
+    runs = {}
+    for graph_from in (0, 10**9):  # the joint graph from the first step; never (the eager fast path)
+        monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", graph_from)
+        model, guide = build("dlgm")
+        runs[graph_from] = fit(model, guide, OneBit(N), elbo=ClosedFormELBO(num_particles=8, noise="lattice"),
+                               steps=40, log_every=10, seed=0)
+    assert runs[0].engine == "graph" and runs[10**9].engine == "fast"
+    assert runs[0].history == runs[10**9].history
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
 def test_fit_on_the_traced_plan_gives_the_general_paths_history(name, monkeypatch):
     monkeypatch.setattr(importlib.import_module("infer.engine"), "GRAPH_MIN_STEPS", 0)
     runs = {}
