@@ -6,7 +6,6 @@ import pyro
 import torch
 
 from .elbo import ClosedFormELBO
-from .plan import checked_outputs
 
 
 GRAPH_MIN_STEPS = 200  # the traced plan costs a second or two to trace: worth it from this many steps on
@@ -30,23 +29,45 @@ def _engine(elbo, model, guide, model_w, guide_w, x, weights, beta, params, step
             with torch.random.fork_rng():
                 args = plan.inputs(beta_t)
                 want, want_grads, got, got_grads = checked_outputs(plan, args, params)
-            grads = [want_grads, got_grads]
     except Exception as err:  # noqa: BLE001  any failure keeps the eager fast path
         reason = f"tracing failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
     else:
-        if not torch.allclose(want[0], got[0], rtol=1e-5, atol=1e-6):
-            reason = "the traced loss terms differ from the eager ones"
-        for a, b in zip(*grads):
-            if (a is None) != (b is None) or a is not None and not torch.allclose(
-                    a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(a.abs().max()))):
-                reason = "the traced gradients differ from the eager ones (e.g. torch.no_grad or a custom autograd " \
-                         "function in the model or guide)"
-                break
+        reason = traced_differs(want, want_grads, got, got_grads)
     if reason is not None:
         warnings.warn(f"fit: the traced plan does not apply to this model and guide ({reason}); training on the "
                       "eager fast path", stacklevel=5)
         return "fast", None
     return "graph", plan
+
+
+def checked_outputs(plan, args, params):
+    """((means, loss) of the eager forward, its gradients; (means, loss) of the graph, its gradients) on the same
+    inputs and RNG state (forked: the caller's is untouched), each gradient list aligned to `params` (None where the
+    loss does not reach a param): what infer.fit compares before it trains on the plan."""
+    with torch.random.fork_rng():
+        state = torch.get_rng_state()
+        want = plan.forward(*args)
+        want_grads = torch.autograd.grad(want[1].sum(), params, allow_unused=True)
+        torch.set_rng_state(state)
+        if plan.targets is None:
+            got = plan.graph(*args)
+            return want, want_grads, got[:2], torch.autograd.grad(got[1].sum(), params, allow_unused=True)
+        with torch.no_grad():
+            means, loss, *grads = plan.graph(*args)
+    by_param = {id(p): g for p, g in zip(plan.targets, grads)}
+    return want, want_grads, (means, loss), [by_param.get(id(p)) for p in params]
+
+def traced_differs(want, want_grads, got, got_grads):
+    """Why the traced plan's loss terms or gradients differ from the eager ones (checked_outputs' four lists), or
+    None where they agree (terms to rtol 1e-5, gradients to rtol 1e-4 of the largest)."""
+    if not torch.allclose(want[0], got[0], rtol=1e-5, atol=1e-6):
+        return "the traced loss terms differ from the eager ones"
+    for a, b in zip(want_grads, got_grads):
+        if (a is None) != (b is None) or a is not None and not torch.allclose(
+                a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(a.abs().max()))):
+            return ("the traced gradients differ from the eager ones (e.g. torch.no_grad or a custom autograd "
+                    "function in the model or guide)")
+    return None
 
 
 def check_plan(plan, step):
@@ -170,4 +191,4 @@ def loss_closure(elbo, model, guide, data, x, scale, model_w, guide_w, params, n
     return compute, term_names, "general", None
 
 
-__all__ = ["GRAPH_MIN_STEPS", "loss_closure", "check_plan", "final_check"]
+__all__ = ["GRAPH_MIN_STEPS", "loss_closure", "check_plan", "checked_outputs", "final_check", "traced_differs"]

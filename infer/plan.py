@@ -221,20 +221,3 @@ def traced_step(elbo, model, guide, x, weights, params=None):
     step.targets = targets  # the params whose gradients each call sets (None: a forward graph)
     return step
 
-
-def checked_outputs(plan, args, params):
-    """((means, loss) of the eager forward, its gradients; (means, loss) of the graph, its gradients) on the same
-    inputs and RNG state (forked: the caller's is untouched), each gradient list aligned to `params` (None where the
-    loss does not reach a param): what infer.fit compares before it trains on the plan."""
-    with torch.random.fork_rng():
-        state = torch.get_rng_state()
-        want = plan.forward(*args)
-        want_grads = torch.autograd.grad(want[1].sum(), params, allow_unused=True)
-        torch.set_rng_state(state)
-        if plan.targets is None:
-            got = plan.graph(*args)
-            return want, want_grads, got[:2], torch.autograd.grad(got[1].sum(), params, allow_unused=True)
-        with torch.no_grad():
-            means, loss, *grads = plan.graph(*args)
-    by_param = {id(p): g for p, g in zip(plan.targets, grads)}
-    return want, want_grads, (means, loss), [by_param.get(id(p)) for p in params]

@@ -2,29 +2,21 @@
 
 Each replica's setup is its single run's (infer.prepare, in the same order, so the same initial parameters and the
 RNG state its first step would see, kept in a torch.Generator of its own); the stacked step is checked against every
-replica's own step before training (and on the traced plan, infer.engine, at every log step). train() runs the
-steps, logs, checkpoints and the divergence guard per replica, as infer.fit does for one run: a replica that
-diverges is reported as its single run would be (its DivergenceError holds its history up to the last good log) and
-the others go on.
+replica's own step before training (and on the traced plan, infer.engine, at every log step), and run once with
+MKL on torch's thread count to see whether it keeps serial MKL's bits (blas). train() is infer.stacked_train.
 """
 import random
 import time
 import warnings
 
 import numpy as np
-import pyro
 import torch
-from tqdm.auto import tqdm
 
-from .average import ParameterAverage, average_start
 from . import engine
-from .engine import check_plan
-from .plan import checked_outputs
+from .engine import checked_outputs, traced_differs
 from .prepare import adam, prepare
-from .recipe import learning_rate
-from .runtime import batched_blas_threads, blas_threads
-from .result import FitResult, divergence, last_update, Window
-from .replicas import ReplicaELBO, replica_average, replica_state, stack, unstack
+from .runtime import batched_blas_threads
+from .replicas import ReplicaELBO, replica_average, replica_state, stack
 from .weights import kl_weight
 
 
@@ -135,14 +127,10 @@ class StackedReplicas:
                 plan = self.elbo.traced_step(self.model, self.guide, self.xr, self.weights, self.params)
                 args = plan.inputs(torch.as_tensor(self.beta0, dtype=torch.float32, device=self.x.device))
                 want, want_grads, got, got_grads = checked_outputs(plan, args, self.params)
-                grads = [want_grads, got_grads]
         except Exception as err:  # noqa: BLE001
             reason = f"tracing failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
         else:
-            if not torch.allclose(want[0], got[0], rtol=1e-5, atol=1e-6) or any(
-                    (a is None) != (b is None) or a is not None and not torch.allclose(
-                        a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(a.abs().max()))) for a, b in zip(*grads)):
-                reason = "the traced loss or gradients differ from the eager ones"
+            reason = traced_differs(want, want_grads, got, got_grads)
         finally:
             self._restore(states)
         if reason is not None:
@@ -175,108 +163,7 @@ class StackedReplicas:
         return {"torch": self.generators[r].get_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
     def train(self, callback):
-        v, R = self.v, self.R
-        steps, log_every, every = v["steps"], v["log_every"], v["checkpoint_every"]
-        label = f"{self.engine}, {R} replicas stacked" + (f", matmuls on {self.blas} threads" if self.blas > 1 else "")
-        results = [FitResult(optimizer=self.optimizer, buffers={}, engine=label,
-                             setup_seconds=self.setup_seconds,
-                             recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
-                                                          "warmup_start", "average")},
-                                     "seed": seed, "replicas": self.group, "adam_betas": tuple(v["adam_betas"]),
-                                     "num_particles": self.elbo.num_particles, "noise": self.elbo.noise,
-                                     "objective": "ClosedFormELBO"}) for seed in self.seeds]
-        errors = [None] * R
-        found = torch.zeros(R, dtype=torch.bool, device=self.x.device)  # sticky: from a replica's first bad step on
-        bad = torch.zeros(R, device=self.x.device)  # how many steps since (and with) its first non-finite one
-        values, betas, names = [], [], None
-        averaged = ParameterAverage(self.params, average_start(steps, v["average"]))  # elementwise: per replica
-        t0 = time.perf_counter()
+        """Train the stack (infer.stacked_train.train): one FitResult, or the DivergenceError, per replica."""
+        from .stacked_train import train
 
-        def window_of(r):
-            if not values:
-                return None
-            return {"values": torch.stack([vec[:, r] for vec in values]).cpu(), "betas": list(betas)}
-
-        bar = tqdm(range(steps), disable=not v["progress"], desc=f"fit x{R}", dynamic_ncols=True, mininterval=0.5)
-        optimizer_step = self.optimizer.update if self.fused else self.optimizer.step  # as in infer.fit
-        with pyro.validation_enabled(False), warnings.catch_warnings(), blas_threads(self.blas):
-            warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
-            for step in bar:
-                pending = None
-                if self.paths and every and step % every == 0 and step > 0:
-                    pending = [(self._rng(r), window_of(r), self.replica_average(r, averaged)) for r in range(R)]
-                rate = learning_rate(step, steps, v["lr"], v["lr_final"], v["schedule"])
-                beta = kl_weight(step, v["beta"], v["warmup"], v["warmup_start"])
-                for group in self.optimizer.param_groups:
-                    group["lr"] = rate
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.plan is not None:  # the joint graph sets the gradients of the summed objectives
-                    names, means, losses = self.plan(beta)
-                else:
-                    names, means, losses = self._eager(beta)
-                    losses.sum().backward()
-                vec = torch.cat([means, losses.unsqueeze(0)]).detach()  # (T + 1, R)
-                found |= ~torch.isfinite(vec).all(0)
-                bad.add_(found)
-                if step == 0:
-                    for r in range(R):
-                        results[r].initial_loss = float(vec[-1, r])
-                if pending is not None:
-                    counts = bad.tolist()
-                    for r in range(R):
-                        if errors[r] is None and counts[r] == 0:
-                            self.checkpoint(r, results[r], step, *pending[r])
-                if self.plan is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                    check_plan(self.plan, step + 1)  # fit's check: the plan against its eager forward
-                optimizer_step()
-                averaged.update(step + 1)
-                values.append(vec)
-                betas.append(beta)
-                if (step + 1) % log_every == 0 or step + 1 == steps:
-                    counts = bad.tolist()
-                    stacked = torch.stack(values)  # (k, T + 1, R)
-                    for r in range(R):
-                        if errors[r] is not None:
-                            continue
-                        if counts[r] > 0:
-                            first = step + 1 - int(counts[r]) + 1  # replica r's first non-finite step
-                            errors[r] = divergence(first, first == 1, 0, v, results[r], True)
-                            continue
-                        window = Window()
-                        window.values, window.betas = list(stacked[..., r].unbind(0)), list(betas)
-                        row = window.row(step + 1, rate, names, True)
-                        results[r].history.append(row)
-                        if callback is not None:
-                            callback(r, step + 1, row)
-                    values, betas = [], []
-                    if all(e is not None for e in errors):
-                        break
-        wall = time.perf_counter() - t0 + self.setup_seconds
-        averaged.apply()
-        self._final_check(errors, results, steps)
-        unstack(self.model, self.models)
-        unstack(self.guide, self.guides)
-        out = []
-        for r in range(R):
-            results[r].steps, results[r].wall_seconds = steps, wall
-            results[r].window = window_of(r)
-            if errors[r] is None and self.paths:
-                self.checkpoint(r, results[r], steps, self._rng(r), results[r].window)
-            out.append(errors[r] if errors[r] is not None else results[r])
-        return out
-
-    def _final_check(self, errors, results, steps):
-        """One more evaluation at the final parameters (no gradients, generators untouched): a replica whose last
-        update made its loss non-finite is diverged."""
-        states = self._states()
-        try:
-            with torch.no_grad(), pyro.validation_enabled(False):
-                _, means, losses = self._eager(kl_weight(steps - 1, self.v["beta"], self.v["warmup"],
-                                                         self.v["warmup_start"]))
-            finite = (torch.isfinite(means).all(0) & torch.isfinite(losses)).tolist()
-        finally:
-            self._restore(states)
-        for r, ok in enumerate(finite):
-            if errors[r] is None and not ok:
-                errors[r] = last_update(steps, self.v, results[r])
-
+        return train(self, callback)
