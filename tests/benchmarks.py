@@ -12,8 +12,8 @@ at n = 10, 100 and 1000, with their recipes' particles: the training time of a s
 steady step, and both extrapolated to the recipe's steps, the cost of three full runs' training.
 
 Both cores: the dlgm at n = 1000 with threads=2 against threads=1 (a fit step), and its three replicas with 2 threads
-against three single fits with 1 (the same numbers: infer.runtime.serial_blas). Meaningful only on an otherwise idle
-machine (infer.runtime.oversubscription).
+against three single fits with 1 and with 2 (the same numbers: infer.runtime.serial_blas, batched_blas_threads).
+Meaningful only on an otherwise idle machine (infer.runtime.oversubscription).
 
 The study: the wall time of `python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2`
 (30 runs as 10 jobs of 3 replicas), run in a temporary directory, with its job count and failures.
@@ -37,7 +37,7 @@ from infer.runtime import held_heap  # noqa: E402
 from models import DLGM, VAE, OneBit  # noqa: E402
 
 N, STEPS = 1000, 150  # STEPS: a multiple of WARMUP
-SETUP, ENGINE = {"vae": [], "dlgm": []}, {}
+SETUP, ENGINE, STACK_ENGINE = {"vae": [], "dlgm": []}, {}, {}
 importlib.import_module("infer.engine").GRAPH_MIN_STEPS = 0  # the traced plan even for these short timing runs
 L = 8.0  # the lattice half width, as infer.elbo.LATTICE_HALF_WIDTH
 
@@ -141,10 +141,12 @@ def replica_ratio(name, n, steps, rounds, threads=1, single_threads=None):
         P = pairs[0][2]
         stamps = {}
         t0 = time.perf_counter()
-        fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), [0, 1, 2], steps=steps,
-                     elbo=ClosedFormELBO(num_particles=P, noise="lattice"), threads=threads, log_every=WARMUP,
-                     callback=lambda r, step, row: stamps.setdefault(step, time.perf_counter()))
+        results = fit_replicas([p[0] for p in pairs], [p[1] for p in pairs], OneBit(n), [0, 1, 2], steps=steps,
+                               elbo=ClosedFormELBO(num_particles=P, noise="lattice"), threads=threads,
+                               log_every=WARMUP,
+                               callback=lambda r, step, row: stamps.setdefault(step, time.perf_counter()))
         together = time.perf_counter() - t0
+        STACK_ENGINE[name] = results[0].engine
         last = max(stamps)
         together_step = (stamps[last] - stamps[WARMUP]) / (last - WARMUP)
         together_recipe = stamps[WARMUP] - t0 + (plan.steps - WARMUP) * together_step
@@ -224,9 +226,12 @@ def main(rounds=5, study=True):
     print(f"both cores (an idle machine only; threads=2 gives the numbers of 1): dlgm n={N}, fit step at 2 threads "
           f"/ at 1 thread {statistics.median(a / b for a, b in both):.2f}x (ms/step "
           f"{statistics.median(a for a, _ in both):.2f} / {statistics.median(b for _, b in both):.2f}, median of "
-          f"{rounds}); 3 replicas together at 2 threads / 3 single fits at 1: "
-          "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(
-              *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2, single_threads=1)))
+          f"{rounds})")
+    for single_threads in (1, 2):
+        print(f"  3 dlgm replicas together at 2 threads ({STACK_ENGINE.get('dlgm', '?')}) / 3 single fits at "
+              f"{single_threads} thread{'s' if single_threads > 1 else ''}: "
+              "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(
+                  *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2, single_threads=single_threads)))
     if study:
         wall, code, line, table = study_seconds()
         print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "
