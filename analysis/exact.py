@@ -8,7 +8,8 @@ support or density do not fit the model (infer.fit.check_inputs, as analysis.rep
 
 Modules, one job each: analysis.quadrature (the Gauss-Kronrod rule, the outer adaptation in u and the refinement),
 analysis.densities (site log-densities on grids, the joint guide's marginals, the input checks), analysis.seeding
-(the inner panels seeded at the features in v), analysis.inner (the adaptive inner integrals), analysis.evidence
+(the inner panels seeded at the features in v), analysis.inner (the adaptive inner integrals), analysis.flowbreaks
+(where a flow guide's map is not smooth, in its base noise), analysis.evidence
 (evidence()), analysis.surgery (surgery()), analysis.posterior (posterior_grid()); this one holds exact() and
 re-exports the other three public functions.
 
@@ -30,7 +31,9 @@ of the VAE, z1 of the DLGM) and v the other one (z2). Integrals run over u outsi
 When the guide samples u from a flow (a TransformedDistribution: u = T(eps), eps from its base distribution), the
 expectations under q run over eps instead (qdensity.BaseNoise: forward map and log-Jacobian only): q(u) du =
 base(eps) d eps is smooth in eps, while as a function of u a spline's steep bins make spikes narrower than any u
-grid. The evidence p(x, u) is integrated in u, where it is smooth.
+grid. It is smooth only between the spline's knots and division points, so those, mapped back to eps
+(analysis.flowbreaks), are initial breakpoints: no panel straddles one. The evidence p(x, u) is integrated in u,
+where it is smooth.
 
 Densities are float64 where it matters: the model's Bernoulli likelihood and the Normal sites are evaluated from
 float64 parameters (qdensity.log_prob64; float32 cancels a 0-bit's log-probability to 0 for logits <= -15). Model
@@ -49,6 +52,7 @@ from infer.runtime import flush_denormals
 
 from .densities import MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, on_parameter_dtype, sample_range
 from .evidence import EvidenceQuantities, evidence, evidence_setup
+from .flowbreaks import flow_breaks
 from .inner import Direct, Inner
 from .posterior import posterior_grid
 from .qdensity import BaseNoise
@@ -140,12 +144,14 @@ def _base_setup(dens: Densities) -> tuple:
 
 
 def _base_breaks(dens: Densities, count: int = 4096, seed: int = 0):
-    """Initial breakpoints (NB, 2) in the base noise of the bottom site, from quantiles of its draws (fixed seed)."""
+    """Initial breakpoints (NB, 2) in the base noise of the bottom site: quantiles of its draws (fixed seed) and the
+    points where the flow's map is not smooth (flowbreaks.flow_breaks: a spline's knots and division points, mapped
+    back to eps), so that no panel straddles one."""
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(seed)
         eps = dens.base.sample(count, 2)
-    lo, hi = zip(*[sample_range(eps[:, k]) for k in range(2)])
-    return initial_breaks([eps], torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
+    lo, hi = (torch.tensor(v, dtype=torch.float64) for v in zip(*[sample_range(eps[:, k]) for k in range(2)]))
+    return torch.cat([initial_breaks([eps], lo, hi), flow_breaks(dens.base, lo, hi)]).sort(0).values
 
 
 @flush_denormals()
