@@ -1,6 +1,7 @@
 """The process settings training runs under (infer.runtime): each is on while fit trains and restored after, and
 the held heap stops the page faults that freed megabyte tensors cost each step; more threads than cores are
 warned of."""
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +128,10 @@ def test_two_threads_train_to_the_numbers_of_one_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+@functools.lru_cache(maxsize=None)
 def stacked_parameters(threads):
-    """The params of three dlgm replicas at n = 1000 trained together for 40 steps with `threads` threads."""
+    """(results, params) of three dlgm replicas at n = 1000 trained together for 40 steps with `threads` threads
+    (made once per thread count, for the tests below)."""
     from guides import StructuredGuide
     from infer import ClosedFormELBO
     from infer.fit_replicas import fit_replicas
