@@ -228,10 +228,10 @@ def main(rounds=5, study=True):
           f"{statistics.median(a for a, _ in both):.2f} / {statistics.median(b for _, b in both):.2f}, median of "
           f"{rounds})")
     for single_threads in (1, 2):
-        print(f"  3 dlgm replicas together at 2 threads ({STACK_ENGINE.get('dlgm', '?')}) / 3 single fits at "
+        ratios = replica_ratio("dlgm", 1000, 450, max(1, rounds // 2), threads=2, single_threads=single_threads)
+        print(f"  3 dlgm replicas together at 2 threads ({STACK_ENGINE['dlgm']}) / 3 single fits at "
               f"{single_threads} thread{'s' if single_threads > 1 else ''}: "
-              "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(
-                  *replica_ratio('dlgm', 1000, 450, max(1, rounds // 2), threads=2, single_threads=single_threads)))
+              "{:.2f}x (steady step {:.2f}x, recipe's steps {:.2f}x)".format(*ratios))
     if study:
         wall, code, line, table = study_seconds()
         print(f"study: python run.py -m +experiment=study hydra/launcher=joblib hydra.launcher.n_jobs=2: "
