@@ -57,6 +57,7 @@ def checked_outputs(plan, args, params):
     by_param = {id(p): g for p, g in zip(plan.targets, grads)}
     return want, want_grads, (means, loss), [by_param.get(id(p)) for p in params]
 
+
 def traced_differs(want, want_grads, got, got_grads):
     """Why the traced plan's loss terms or gradients differ from the eager ones (checked_outputs' four lists), or
     None where they agree (terms to rtol 1e-5, gradients to rtol 1e-4 of the largest)."""

@@ -2,10 +2,11 @@
 compilation.
 
 A make_fx trace of one step decomposes every op into aten ops; traced with the params (the joint graph), it holds
-the backward pass as well, the aten ops autograd would run, so a training step is one call. The passes rewrite patterns of that decomposition
-into fewer ops with the same arithmetic (fuse_linear, collapse_chains, negate_after_sums: every value bit for bit
-the same); compiled() runs the graph through TorchScript's interpreter. infer.fit checks the plan against the eager
-fast path (loss and gradients) before it uses it and at every log step, so a pass that misfires is caught there.
+the backward pass as well, the aten ops autograd would run, so a training step is one call. The passes rewrite
+patterns of that decomposition into fewer ops with the same arithmetic (fuse_linear, collapse_chains,
+negate_after_sums: every value bit for bit the same); compiled() runs the graph through TorchScript's interpreter.
+infer.fit checks the plan against the eager fast path (loss and gradients) before it uses it and at every log step,
+so a pass that misfires is caught there.
 """
 import warnings
 
@@ -221,4 +222,3 @@ def traced_step(elbo, model, guide, x, weights, params=None):
     step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None
     step.targets = targets  # the params whose gradients each call sets (None: a forward graph)
     return step
-

@@ -16,6 +16,7 @@ from . import engine
 from .engine import checked_outputs, traced_differs
 from .prepare import adam, prepare
 from .runtime import batched_blas_threads
+from .stacked_train import train
 from .replicas import ReplicaELBO, replica_average, replica_state, stack
 from .weights import kl_weight
 
@@ -164,6 +165,4 @@ class StackedReplicas:
 
     def train(self, callback):
         """Train the stack (infer.stacked_train.train): one FitResult, or the DivergenceError, per replica."""
-        from .stacked_train import train
-
         return train(self, callback)

@@ -56,17 +56,23 @@ def test_the_fast_path_gives_the_general_paths_loss_and_gradients_to_the_bit(nam
     same_grads(grads, torch.autograd.grad(fast_loss, params, allow_unused=True), exact=True)
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
+def traced_and_general(name, joint):
+    """(params, the general path's (terms, loss, grads), the plan's (names, means, loss)) on the same draw, beta 0.5;
+    joint: the plan is traced with the params (it sets their gradients)."""
     model, guide = build(name)
     data, elbo = OneBit(N), ClosedFormELBO(num_particles=16, noise="lattice")
     params = [*model.parameters(), *guide.parameters()]
     with pyro.validation_enabled(False):
-        plan = elbo.traced_step(model, guide, data.x, data.w)
+        plan = elbo.traced_step(model, guide, data.x, data.w, params if joint else None)
         pyro.set_rng_seed(2)
-        terms, loss, grads = general_loss_and_grads(elbo, model, guide, data, 0.5, params)
+        general = general_loss_and_grads(elbo, model, guide, data, 0.5, params)
         pyro.set_rng_seed(2)
-        names, means, traced_loss = plan(0.5)
+        return params, general, plan(0.5)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
+    params, (terms, loss, grads), (names, means, traced_loss) = traced_and_general(name, joint=False)
     assert names == list(terms)
     assert torch.allclose(means, torch.stack([t.mean() for t in terms.values()]), rtol=1e-6)
     assert torch.allclose(traced_loss, loss, rtol=1e-6)
@@ -75,15 +81,7 @@ def test_the_traced_plan_gives_the_general_paths_loss_and_gradients(name):
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_the_joint_plan_sets_the_general_paths_gradients_itself(name):
-    model, guide = build(name)
-    data, elbo = OneBit(N), ClosedFormELBO(num_particles=16, noise="lattice")
-    params = [*model.parameters(), *guide.parameters()]
-    with pyro.validation_enabled(False):
-        plan = elbo.traced_step(model, guide, data.x, data.w, params)
-        pyro.set_rng_seed(2)
-        terms, loss, grads = general_loss_and_grads(elbo, model, guide, data, 0.5, params)
-        pyro.set_rng_seed(2)
-        names, means, traced_loss = plan(0.5)
+    params, (terms, loss, grads), (names, means, traced_loss) = traced_and_general(name, joint=True)
     assert names == list(terms) and not traced_loss.requires_grad
     assert torch.allclose(traced_loss, loss, rtol=1e-6)
     same_grads(grads, [p.grad for p in params], exact=False)
