@@ -158,9 +158,9 @@ def _rd_value(row, key):
 
 
 def rate_distortion_figure(jobs, out: Path):
-    """rate_distortion.png (analysis.frontier.rd_plane) when the ok runs span more than one beta or more than one
+    """rate_distortion.png (analysis.rd_plane) when the ok runs span more than one beta or more than one
     model/guide family; None otherwise."""
-    from .frontier import rd_plane
+    from .rd_plane import rd_plane
 
     ok = _counted(jobs)
     if ok.empty:

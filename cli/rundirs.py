@@ -41,7 +41,8 @@ def record_unclaimed(cfg, hc, err) -> None:
     """A sweep job whose own directory could not be claimed (it holds another run, or cannot be written) is
     recorded in <sweep dir>/_refused/job<num>/ (its .hydra files and status.json = refused, with the reason), so
     that the sweep summary lists it; nothing is written into the directory it could not claim."""
-    from analysis.rundir import Claim, RunDirError
+    from analysis.claim import Claim
+    from analysis.rundir import RunDirError
 
     try:
         claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
@@ -79,7 +80,7 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
     A directory holding a run is refused unless overwrite=true or the run resumes a checkpoint inside it, and one
     whose run is still running in another process (live_owner) is refused always (RunDirError)."""
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     held = STATE.get("claim")
     if not fresh and held is not None and Path(held.path) == Path(out).absolute():

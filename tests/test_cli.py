@@ -1,6 +1,5 @@
 """The command line and the Hydra config: bad values fail early with one line; good ones run end to end."""
 import json
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -7,7 +7,8 @@ import pytest
 from scipy import integrate
 
 from analysis.frontier import (LN2, beta_point, distortion, distortion_above_frontier, distortion_at_rate, frontier,
-                               main, rate, rd_plane, separation_at_rate)
+                               main, rate, separation_at_rate)
+from analysis.rd_plane import rd_plane
 from analysis.optimum import gaussian_optimum
 
 

@@ -3,7 +3,6 @@
 config keys and memory budget (infer.validate)."""
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def one_line(err) -> str:
 
 
 def test_releasing_a_claim_on_a_dir_holding_a_run_leaves_every_file_that_was_there(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     run = a_finished_run(tmp_path / "run")
     before = snapshot(run)
@@ -61,7 +60,7 @@ def test_releasing_a_claim_on_a_dir_holding_a_run_leaves_every_file_that_was_the
 
 
 def test_releasing_a_claim_on_a_new_dir_removes_it_and_the_parents_it_created(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     claim = Claim(tmp_path / "a" / "b" / "run")
     (tmp_path / "a" / "b" / "run" / "run.log").write_text("log")
@@ -70,7 +69,7 @@ def test_releasing_a_claim_on_a_new_dir_removes_it_and_the_parents_it_created(tm
 
 
 def test_releasing_a_claim_on_a_dir_without_a_run_keeps_its_files(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     folder = tmp_path / "foo"
     folder.mkdir()
@@ -114,7 +113,7 @@ def test_the_replica_dirs_a_group_lists_belong_to_its_run(tmp_path):
 
 
 def test_a_refused_overwrite_puts_the_previous_run_back_unchanged(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     run = a_finished_run(tmp_path / "run", extra=["precious.png"])
     before = snapshot(run)
@@ -128,7 +127,7 @@ def test_a_refused_overwrite_puts_the_previous_run_back_unchanged(tmp_path):
 
 
 def test_an_overwrite_that_trains_deletes_the_previous_runs_files_and_no_other(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     run = a_finished_run(tmp_path / "run", extra=["precious.png"])
     claim = Claim(run, allow_existing=True, replace=True)
@@ -139,7 +138,7 @@ def test_an_overwrite_that_trains_deletes_the_previous_runs_files_and_no_other(t
 
 
 def test_an_overwrite_into_a_dir_without_a_run_removes_nothing(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     folder = tmp_path / "foo"
     folder.mkdir()
@@ -150,7 +149,7 @@ def test_an_overwrite_into_a_dir_without_a_run_removes_nothing(tmp_path):
 
 
 def test_a_sweep_job_refused_after_an_overwrite_claim_keeps_the_previous_outputs(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     run = a_finished_run(tmp_path / "run")
     claim = Claim(run, allow_existing=True, replace=True)
@@ -168,7 +167,8 @@ def test_a_sweep_job_refused_after_an_overwrite_claim_keeps_the_previous_outputs
 
 @pytest.mark.parametrize("inner", ["sub", ".hydra", "sub/deeper"])
 def test_a_claim_inside_another_runs_dir_is_refused_in_one_line(tmp_path, inner):
-    from analysis.rundir import Claim, RunDirError
+    from analysis.claim import Claim
+    from analysis.rundir import RunDirError
 
     run = a_finished_run(tmp_path / "run")
     before = snapshot(run)
@@ -179,7 +179,7 @@ def test_a_claim_inside_another_runs_dir_is_refused_in_one_line(tmp_path, inner)
 
 
 def test_a_replica_dir_its_group_lists_may_be_claimed_in_place(tmp_path):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     run = a_finished_run(tmp_path / "run")
     (run / "status.json").write_text(json.dumps({"status": "ok", "replicas": ["seed0"]}))
@@ -188,7 +188,8 @@ def test_a_replica_dir_its_group_lists_may_be_claimed_in_place(tmp_path):
 
 
 def test_the_current_dir_holding_other_files_is_refused(tmp_path, monkeypatch):
-    from analysis.rundir import Claim, RunDirError
+    from analysis.claim import Claim
+    from analysis.rundir import RunDirError
 
     (tmp_path / "README.md").write_text("a repo")
     monkeypatch.chdir(tmp_path)
@@ -199,7 +200,7 @@ def test_the_current_dir_holding_other_files_is_refused(tmp_path, monkeypatch):
 
 
 def test_an_empty_current_dir_may_be_claimed(tmp_path, monkeypatch):
-    from analysis.rundir import Claim
+    from analysis.claim import Claim
 
     monkeypatch.chdir(tmp_path)
     Claim(Path("")).release()

@@ -1,0 +1,152 @@
+"""What a checkpoint must hold to be resumed: check_checkpoint raises CheckpointError (one line naming the entry)
+unless every entry has the type and shape infer.checkpoint.save_checkpoint writes, its tensors finite and its RNG
+states restorable."""
+import random
+
+import numpy as np
+import torch
+
+from .validate import is_int, shown
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or lacks what resuming needs."""
+
+
+def _tensor_dict(value, floating: bool = True) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and (v.is_floating_point() or not floating)
+        for k, v in value.items())
+
+
+def _non_finite(tensors) -> list:
+    """(name, count, size) of every floating tensor in {name: tensor} holding a nan or an inf."""
+    out = []
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                out.append((name, bad, value.numel()))
+    return out
+
+
+def _rng_problem(rng):
+    """Why `rng` is not an RNG state set_rng_state can restore ('' if it is): each generator's state is
+    loaded into a fresh generator of its kind (the global ones are not touched)."""
+    if not isinstance(rng, dict) or any(k not in rng for k in ("torch", "numpy", "python")):
+        have = sorted(map(str, rng)) if isinstance(rng, dict) else type(rng).__name__
+        return f"is not a dict of the torch, numpy and python generators' states (it is {have})"
+    try:
+        torch.Generator().set_state(rng["torch"])
+    except Exception as err:  # noqa: BLE001  TypeError or RuntimeError, as torch decides
+        return f"torch state cannot be restored ({type(err).__name__})"
+    try:
+        np.random.RandomState().set_state(rng["numpy"])
+    except Exception as err:  # noqa: BLE001
+        return f"numpy state cannot be restored ({type(err).__name__})"
+    try:
+        random.Random().setstate(rng["python"])
+    except Exception as err:  # noqa: BLE001
+        return f"python state cannot be restored ({type(err).__name__})"
+    cuda = rng.get("cuda")
+    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+        return "cuda states are not a list of byte tensors"
+    return ""
+
+
+def _optimizer_problem(state) -> str:
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"])):
+        return "is not an optimizer state_dict ({'state': {...}, 'param_groups': [{'params': [...], ...}]})"
+    for key, moments in state["state"].items():
+        if not isinstance(moments, dict):
+            return f"entry {key!r} is not a dict of tensors"
+        bad = _non_finite(moments)
+        if bad:
+            return f"entry {key!r} holds non-finite values ({bad[0][0]}: {bad[0][1]} of {bad[0][2]})"
+    return ""
+
+
+def _history_problem(history) -> str:
+    if not isinstance(history, list):
+        return f"is not a list of rows (it is {type(history).__name__})"
+    for i, row in enumerate(history):
+        if not (isinstance(row, dict) and all(isinstance(k, str) for k in row)):
+            return f"row {i} is not a dict of named values"
+        step = row.get("step")
+        if not (is_int(step) and step >= 0):
+            return f"row {i}'s step is {shown(step)}, not an integer >= 0"
+        odd = [k for k, v in row.items() if not (v is None or isinstance(v, (int, float, str)))]
+        if odd:
+            return f"row {i}'s {odd[0]} is a {type(row[odd[0]]).__name__}, not a number"
+    return ""
+
+
+def _window_problem(window) -> str:
+    if window is None:
+        return ""
+    if not isinstance(window, dict) or not isinstance(window.get("values"), torch.Tensor) or not isinstance(
+            window.get("betas"), (list, tuple)):
+        return "is not None or {'values': a (k, T) tensor, 'betas': k numbers}"
+    values, betas = window["values"], window["betas"]
+    if values.dim() != 2 or not values.is_floating_point() or values.shape[0] != len(betas) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+        return (f"values (shape {tuple(values.shape)}) and betas ({len(betas)}) do not make a window: a (k, T) "
+                "float tensor and k numbers")
+    return ""
+
+
+def check_checkpoint(state: dict, where: str) -> None:
+    """Raise CheckpointError (one line, starting with `where`, naming the entry) unless every entry resuming reads
+    has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
+    (its moments finite); rng the torch, numpy and python generators' states (each restorable); step an integer
+    >= 0; history a list of rows with integer steps; window None or a (k, T) tensor with k betas; initial_loss None
+    or a number; buffers {name: tensor}; average None or {start, count (integers >= 0), means (finite float
+    tensors)}; config a dict."""
+    def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
+        raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
+
+    step = state["step"]
+    if not (is_int(step) and step >= 0):
+        bad("step", f"is {shown(step)}, not an integer >= 0")
+    if not _tensor_dict(state["params"]):
+        bad("params", "is not a dict of {name: float tensor}")
+    nonfinite = _non_finite(state["params"])
+    if nonfinite:
+        name, count, size = nonfinite[0]
+        bad("params", f"holds non-finite values ({name}: {count} of {size} are nan or inf"
+            + (f"; {len(nonfinite) - 1} more params too" if len(nonfinite) > 1 else "") + ")",
+            "a diverged run's checkpoint cannot be resumed: resume an earlier checkpoint, or start afresh")
+    why = _optimizer_problem(state["optimizer"])
+    if why:
+        bad("optimizer", why)
+    why = _rng_problem(state["rng"])
+    if why:
+        bad("rng", why)
+    why = _history_problem(state.get("history", []))
+    if why:
+        bad("history", why)
+    why = _window_problem(state.get("window"))
+    if why:
+        bad("window", why)
+    initial = state.get("initial_loss")
+    if initial is not None and not (isinstance(initial, (int, float)) and not isinstance(initial, bool)):
+        bad("initial_loss", f"is {shown(initial)}, not None or a number")
+    if not _tensor_dict(state.get("buffers", {}), floating=False):
+        bad("buffers", "is not a dict of {name: tensor}")
+    average = state.get("average")
+    if average is not None and not (isinstance(average, dict) and all(
+            is_int(average.get(k)) and average.get(k) >= 0 for k in ("start", "count"))
+            and isinstance(average.get("means"), list)
+            and all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in average["means"])):
+        bad("average", "is not None or {'start': an integer >= 0, 'count': an integer >= 0, 'means': [float "
+                       "tensors]}")
+    if average is not None:
+        nonfinite = _non_finite(dict(enumerate(average["means"])))
+        if nonfinite:
+            bad("average", f"holds non-finite means (mean {nonfinite[0][0]}: {nonfinite[0][1]} of {nonfinite[0][2]} "
+                           "are nan or inf)")
+    if "config" in state and state["config"] is not None and not isinstance(state["config"], dict):
+        bad("config", f"is a {type(state['config']).__name__}, not a dict")
