@@ -75,12 +75,13 @@ def check_memory(cfg, build) -> None:
         raise ConfigError(reason)
 
 
-def divergence(result, data, beta: float = 1.0, final=None) -> str:
+def divergence(result, data, beta: float = 1.0, final=None, cfg=None) -> str:
     """Why a run counts as diverged ('' if it does not): its objective is not finite, or it ends worse than the
     trivial solution, the collapsed code that ignores z (objective n H(w) at every beta: recon n H(w), KL 0), and
     worse than its own initial objective, by more than 1% + 0.01 nats. The objective is recon + beta KL; `final` is
     the evaluated (headline) metrics, else the last logged training window is used. (A short run that improved on
-    its start but not yet on n H(w) is not diverged.)"""
+    its start but not yet on n H(w) is not diverged.) With the run's cfg, the reason also names the settings besides
+    the learning rate that scale an update, where the run moves them (step_suspects)."""
     history = result.history
     if not history:
         return ""
@@ -92,34 +93,50 @@ def divergence(result, data, beta: float = 1.0, final=None) -> str:
         kl_total = sum(kl.values()) if isinstance(kl, dict) else 0.0
         last = None if loss is None else loss + (beta - 1.0) * kl_total
     if last is None or not math.isfinite(last):
-        return f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
+        return (f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
+                + step_suspects(cfg))
     start = getattr(result, "initial_loss", None)
     worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
     if last > worst + 0.01 * worst + 0.01:
         return (f"training diverged: the final objective {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
                 + (f" and the initial objective {start:.4g}" if start is not None else "")
-                + ": the run learned less than a decoder that ignores z; lower optim.lr")
+                + ": the run learned less than a decoder that ignores z; lower optim.lr" + step_suspects(cfg))
     return ""
 
 
 # the keys whose values set the initial parameters and the loss's scale: the suspects of a loss that is not finite
 # before any update (infer.result.divergence, cause 'init')
 INIT_SUSPECTS = ("model", "guide", "data", "objective", "train.beta", "train.warmup_start")
+STEP_SUSPECTS = ("optim.betas",)  # what else shapes an update's size, besides the learning rate a divergence names
 
 
 def explained(err, cfg, text: str = None) -> str:
     """err's one line (text, where given), with init_suspects(cfg) appended where the cause is a setting no check
     names by itself: a loss not finite at the initial parameters (a DivergenceError with cause 'init') or a model or
-    guide that failed on the data before any training (guides.check: 'model(x) failed ...')."""
+    guide that failed on the data before any training (guides.check: 'model(x) failed ...'); and, for a divergence
+    blamed on the learning rate (cause 'lr'), the other settings that scale an update (STEP_SUSPECTS) where the run
+    moves them from their defaults."""
     text = str(err) if text is None else text
-    suspect = getattr(err, "cause", None) == "init" or text.startswith(("model(x) failed", "guide(x) failed"))
-    return text + init_suspects(cfg) if cfg is not None and suspect else text
+    if cfg is None:
+        return text
+    cause = getattr(err, "cause", None)
+    if cause == "init" or text.startswith(("model(x) failed", "guide(x) failed")):
+        return text + init_suspects(cfg)
+    if cause == "lr":  # the update diverged: Adam's betas scale it too
+        return text + step_suspects(cfg)
+    return text
 
 
-def init_suspects(cfg) -> str:
-    """'; this run sets k=v, ... away from their defaults' for the INIT_SUSPECTS keys whose values differ from
-    the config composed with the same model, guide and objective ('' where none does, or where that composition
-    fails): what a DivergenceError at the initial parameters cannot name by itself."""
+def step_suspects(cfg) -> str:
+    """'; this run also sets optim.betas=... away from their defaults': the settings besides the learning rate
+    that scale an update (STEP_SUSPECTS), where this run moves them ('' for none, or no cfg)."""
+    return "" if cfg is None else init_suspects(cfg, STEP_SUSPECTS, lead="this run also sets")
+
+
+def init_suspects(cfg, keys=INIT_SUSPECTS, lead: str = "this run sets") -> str:
+    """'; <lead> k=v, ... away from their defaults' for the `keys` (and the keys under them) whose values
+    differ from the config composed with the same model, guide and objective ('' where none does, or where that
+    composition fails): what a DivergenceError at the initial parameters cannot name by itself."""
     from cli.keys import compose_config
 
     try:
@@ -135,8 +152,8 @@ def init_suspects(cfg) -> str:
         return {prefix: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value}
 
     changed = []
-    for key in INIT_SUSPECTS:
+    for key in keys:
         have, want = leaves(cfg, key), leaves(default, key)
         changed += [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in have.items() if k in want and want[k] != v]
-    return f"; this run sets {', '.join(changed)} away from their defaults" if changed else ""
+    return f"; {lead} {', '.join(changed)} away from their defaults" if changed else ""

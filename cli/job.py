@@ -201,7 +201,7 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
     from infer.weights import kl_weight
 
     beta = kl_weight(max(result.steps - 1, 0), cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start)
-    reason = cli.divergence(result, data, beta=beta)
+    reason = cli.divergence(result, data, beta=beta, cfg=cfg)
     if reason:
         diverged_outputs(out, result, head, reason, good)
         raise Diverged(reason)
@@ -214,7 +214,7 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
     with serial_blas():  # as in training: the thread count changes no number
         metrics, grids = evaluate_run(model, guide, data, cfg, result)
     metrics = {**head, **metrics}
-    reason = cli.divergence(result, data, beta=beta, final=metrics)
+    reason = cli.divergence(result, data, beta=beta, final=metrics, cfg=cfg)
     if reason:
         metrics.update(status="diverged", reason=reason)
         if good is not None:

@@ -394,3 +394,24 @@ def test_the_gaussian_frontier_at_a_rate_beyond_float64s_separations_is_its_limi
 
     assert distortion_at_rate(3, 5000.0) == 0.0  # a = 2 (e^{2R} - 1) overflows: it raised 'a must be finite'
     assert distortion_at_rate(3, 300.0) == 0.0 and distortion_above_frontier(3, 5000.0, 0.05) == 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a divergence blamed on the learning rate names the other settings that scale an update
+
+
+@pytest.mark.parametrize("steps, kind", [(100, "finite"), (300, "non-finite")])
+def test_a_divergence_with_adams_betas_moved_names_them_beside_the_learning_rate(tmp_path, steps, kind):
+    # beta2 = 1e-30 makes every step lr-sized whatever the gradient: the line said only 'lower optim.lr'
+    n = 3 if kind == "finite" else 5
+    proc = run_cli(*TINY, f"data.n={n}", f"train.steps={steps}", "optim.betas=[0.9,1e-30]", cwd=tmp_path)
+    line = last_error_line(proc)
+    assert line.startswith("error: training diverged") and "optim.lr" in line, line
+    assert "non-finite" in line if kind == "non-finite" else "non-finite" not in line, line
+    assert line.endswith("this run also sets optim.betas=[0.9, 1e-30] away from their defaults"), line
+
+
+def test_a_divergence_at_the_default_betas_names_only_the_learning_rate(tmp_path):
+    proc = run_cli(*TINY, "data.n=5", "train.steps=100", "optim.lr=10", cwd=tmp_path)
+    line = last_error_line(proc)
+    assert line.startswith("error: training diverged") and "optim.lr" in line and "also sets" not in line, line
