@@ -2,6 +2,7 @@
 option in conf/<group>/; what is refused is named in one line, with the closest known keys.
 """
 import difflib
+import functools
 import itertools
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def leaf_keys(node, prefix="") -> list:
             out.append(path)
             out += leaf_keys(v, path + ".")
     return out
+
+
+def value_keys(cfg: dict) -> list:
+    """The key paths of a container config that hold a value, not a node: 'train.steps', not 'train'."""
+    node = OmegaConf.create(cfg)
+    return [k for k in leaf_keys(cfg) if not isinstance(OmegaConf.select(node, k), DictConfig)]
 
 
 _ABSENT = object()
@@ -173,7 +180,7 @@ def check_keys(overrides, multirun: bool) -> None:
             raise ConfigError(f"cannot compose the config: {one_line(err)}") from None
         sweep = (base.get("hydra", {}).get("sweeper", {}) or {}).get("params") or {}
         base.pop("hydra", None)
-        known = [k for k in leaf_keys(base) if not isinstance(OmegaConf.select(OmegaConf.create(base), k), DictConfig)]
+        known = functools.partial(value_keys, base)  # only a refusal's suggestions need them
         where = " for " + ", ".join(f"{k.lstrip('+')}={v}" for k, v in combo.items()) if combo else ""
         for o in plain:
             key = o.key_or_group
@@ -181,7 +188,7 @@ def check_keys(overrides, multirun: bool) -> None:
                 raise ConfigError(f"~{key}: deleting config keys is not allowed; set {key} to a value instead")
             if not has_key(base, key):
                 elsewhere = other_options_with(key)
-                hint = f"; it is a key of {', '.join(elsewhere)}" if elsewhere else suggest(key, known)
+                hint = f"; it is a key of {', '.join(elsewhere)}" if elsewhere else suggest(key, known())
                 raise ConfigError(f"{key} is not a config key{where}{hint}")
             if (o.is_add() and not o.is_force_add()) and has_key(base, key):
                 raise ConfigError(f"+{key}: {key} already exists; override it without '+': {key}=...")
@@ -192,4 +199,4 @@ def check_keys(overrides, multirun: bool) -> None:
                               f"run its sweep (python run.py -m ...), or set {', '.join(unset)} for a single run")
         for key in sweep:  # an experiment's own sweep keys
             if key.split("@")[0] not in GROUPS and not key.startswith("hydra") and not has_key(base, key):
-                raise ConfigError(f"{key} (swept by the experiment) is not a config key{suggest(key, known)}")
+                raise ConfigError(f"{key} (swept by the experiment) is not a config key{suggest(key, known())}")
