@@ -144,9 +144,12 @@ def dlgm_reference(model, guide, data, z2_panels: int = 1000, eps2_panels: int =
     z2 = (((edges[1:] + edges[:-1]) / 2)[:, None] + half * x10).reshape(-1)
     log_w2 = (half * w10).reshape(-1).log() + log_normal(z2)
     mu, sd = gaussian(prior, z2[:, None])
+    # log_w2 + log_normal(z1, mu, sd), with the terms that do not depend on z1 taken once (it was 80% of this test)
+    log_w2_sd, inv_sd = log_w2 - sd.log() - LOG_SQRT_2PI, 1.0 / sd
 
     def log_p_z1(z1):
-        return torch.cat([torch.logsumexp(log_w2 + log_normal(c[:, None], mu, sd), -1) for c in z1.split(1024)])
+        return torch.cat([torch.logsumexp(log_w2_sd - 0.5 * ((c[:, None] - mu) * inv_sd) ** 2, -1)
+                          for c in z1.split(1024)])
 
     # p(z1) reaches mu(z2) +- 12 sd(z2) for z2 within 8 prior sd (early in training sd(z2) can exceed 10)
     inside = z2.abs() <= 8
