@@ -20,9 +20,9 @@ def _fresh_param_store():
 
 
 def run_cli(*overrides, cwd, timeout=300):
-    """Run `python run.py overrides...` in cwd (outputs land there); return the CompletedProcess."""
-    import subprocess
+    """Run `python run.py overrides...` in cwd (outputs land there); return the CompletedProcess. The process is
+    forked from one that has imported torch, Pyro, Hydra and ArviZ (tests/zygote.py)."""
+    import zygote
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return zygote.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=env, timeout=timeout)
