@@ -7,13 +7,14 @@ from pyro import poutine
 from pyro.distributions import Delta
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from .fast_step import StepHandler, weights_summary
 from .noise import SobolNoise
 from .plan import traced_step
 from .validate import NOISE, check
+
 LATTICE_HALF_WIDTH = 8.0  # the lattice covers eps in [-8, 8]: the mass outside is 1e-15
 
 
@@ -30,63 +31,6 @@ def _closed_form(fn, *args):
         return fn(*args)
     except NotImplementedError:
         return None
-
-
-class _Sites:
-    """The sample sites of one run, in order, as a trace's `nodes` (what ClosedFormELBO._terms reads)."""
-
-    def __init__(self):
-        self.nodes = OrderedDict()
-
-
-def _summary(weights) -> tuple:
-    """(mean weight, whether all weights are equal) of the data weights."""
-    return float(weights.mean()), bool(torch.allclose(weights, weights.mean()))
-
-
-class _Step(Messenger):
-    """The fast path's one handler for one step, in place of trace, replay, DataWeights, LatentScale and the noise
-    handler: in the guide run (`guide` None) it scales every sample site by its data weight (and latent sites by
-    beta), draws Gaussian noise through `noise` and records the sites; in the model run (`guide` = the guide's
-    sites) it scales the same way, replays the guide's latent values and records the sites. The scales, values and
-    draws are those of the general path (same handlers' arithmetic, same RNG calls in the same order)."""
-
-    def __init__(self, weights, beta, noise, guide=None, plate="data", summary=None):
-        super().__init__()
-        self.w, self.beta, self.noise, self.guide, self.plate = weights, beta, noise, guide, plate
-        self.mean_w, self.equal = summary if summary is not None else _summary(weights)
-        self._w_at = {}
-        self.sites = _Sites()
-
-    def _pyro_sample(self, msg):
-        if site_is_subsample(msg):
-            return
-        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
-        if frame is not None:
-            w = self._w_at.get(frame.dim)
-            if w is None:
-                w = self._w_at[frame.dim] = (self.w.reshape((-1,) + (1,) * (-frame.dim - 1))
-                                              if frame.dim is not None else self.w)
-            scale = msg["scale"]  # 1.0 * w is w: one op fewer per site in the traced plan
-            msg["scale"] = w if not torch.is_tensor(scale) and scale == 1.0 else scale * w
-        elif self.equal:
-            msg["scale"] = msg["scale"] * self.mean_w
-        else:
-            raise ValueError(f"site '{msg['name']}' lies outside the '{self.plate}' plate, so it couples the data "
-                             "points; that needs equal data weights")
-        if (torch.is_tensor(self.beta) or self.beta != 1.0) and not msg["is_observed"]:
-            msg["scale"] = msg["scale"] * self.beta
-        if self.guide is None:
-            if self.noise is not None:
-                self.noise._pyro_sample(msg)
-        elif not msg["is_observed"]:
-            guide_msg = self.guide.nodes.get(msg["name"])
-            if guide_msg is not None:
-                msg["done"], msg["value"], msg["infer"] = True, guide_msg["value"], guide_msg["infer"]
-
-    def _pyro_post_sample(self, msg):
-        if not site_is_subsample(msg):
-            self.sites.nodes[msg["name"]] = msg
 
 
 class ClosedFormELBO(ELBO):
@@ -166,16 +110,16 @@ class ClosedFormELBO(ELBO):
         return OrderedDict((k, torch.cat([t[k] for t in terms])) for k in terms[0])
 
     def fast_terms(self, model, guide, x, weights, beta: float = 1.0) -> "OrderedDict[str, torch.Tensor]":
-        """particle_terms of DataWeights(weights)- and LatentScale(beta)-scaled model and guide on x, through one light
-        handler per run (_Step) instead of Pyro's trace and replay: the same terms, the same draws, less Python per
-        step. Needs vectorised particles (num_particles > 1); infer.fit checks it against particle_terms once (a
-        golden-value check) and falls back to the general path where they differ."""
+        """particle_terms of DataWeights(weights)- and LatentScale(beta)-scaled model and guide on x, through one
+        light handler per run (infer.fast_step.StepHandler) instead of Pyro's trace and replay: the same terms, the
+        same draws, less Python per step. Needs vectorised particles (num_particles > 1); infer.fit checks it against
+        particle_terms once (a golden-value check) and falls back to the general path where they differ."""
         noise = None
         if self.noise != "mc":
             noise = getattr(self, "_fast_noise", None)
             if noise is None:
                 noise = self._fast_noise = self._new_noise()
-            noise.draw()  # this step's noise; its _pyro_sample is called by _Step, not by the stack
+            noise.draw()  # this step's noise; its _pyro_sample is called by StepHandler, not by the stack
         return self._fast_terms(model, guide, x, weights, beta, noise)
 
     def _new_noise(self):
@@ -189,11 +133,11 @@ class ClosedFormELBO(ELBO):
         particles = pyro.plate("num_particles_vectorized", self.num_particles, dim=-self.max_plate_nesting)
         cached = getattr(self, "_weights_summary", None)
         if cached is None or cached[0] is not weights:
-            cached = self._weights_summary = (weights, _summary(weights))
+            cached = self._weights_summary = (weights, weights_summary(weights))
         summary = cached[1]
-        with _Step(weights, beta, noise, summary=summary) as guide_run, particles:
+        with StepHandler(weights, beta, noise, summary=summary) as guide_run, particles:
             guide(x)
-        with _Step(weights, beta, None, guide=guide_run.sites, summary=summary) as model_run, particles:
+        with StepHandler(weights, beta, None, guide=guide_run.sites, summary=summary) as model_run, particles:
             model(x)
         terms = self._terms(model_run.sites, guide_run.sites, parents)
         self._noise = noise

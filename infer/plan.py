@@ -156,11 +156,11 @@ def traced_step(elbo, model, guide, x, weights, params=None):
     against the eager fast path (loss and gradients) before it uses it, and again at every log step."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from .elbo import _summary
+    from .fast_step import weights_summary
 
     noise = elbo._new_noise() if elbo.noise != "mc" else None
     dummy = torch.zeros((), device=x.device)
-    elbo._weights_summary = (weights, _summary(weights))  # Python numbers: computed before tracing
+    elbo._weights_summary = (weights, weights_summary(weights))  # Python numbers: computed before tracing
     if elbo.closed_form:  # the dependency analysis runs the model: once, before tracing, not inside the graph
         with torch.random.fork_rng():
             elbo.model_parents(model, (x,), {})
