@@ -11,11 +11,10 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from .fast_step import StepHandler, weights_summary
-from .noise import SobolNoise
+from .noise import LATTICE_HALF_WIDTH, SobolNoise
 from .plan import traced_step
 from .validate import NOISE, check
 
-LATTICE_HALF_WIDTH = 8.0  # the lattice covers eps in [-8, 8]: the mass outside is 1e-15
 
 
 def _per_particle(term: torch.Tensor, dims: int) -> torch.Tensor:

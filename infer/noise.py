@@ -6,6 +6,9 @@ from pyro.distributions import Independent, Normal, TransformedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+LATTICE_HALF_WIDTH = 8.0  # the lattice noise (training's and evaluation's) covers eps in [-8, 8]: the N(0, 1) mass
+#                          outside is 1e-15
+
 
 def gaussian_base(fn):
     """The Normal inside fn (possibly wrapped in Independent) and how many event dims were reinterpreted."""

@@ -20,7 +20,8 @@ from torch import nn
 
 from models.nets import LogGain, floored
 
-from .elbo import LATTICE_HALF_WIDTH, ClosedFormELBO
+from .elbo import ClosedFormELBO
+from .noise import LATTICE_HALF_WIDTH
 from .noise import SobolNoise
 
 

@@ -39,7 +39,7 @@ from models import DLGM, VAE, OneBit  # noqa: E402
 N, STEPS = 1000, 150  # STEPS: a multiple of WARMUP
 SETUP, ENGINE, STACK_ENGINE = {"vae": [], "dlgm": []}, {}, {}
 importlib.import_module("infer.engine").GRAPH_MIN_STEPS = 0  # the traced plan even for these short timing runs
-L = 8.0  # the lattice half width, as infer.elbo.LATTICE_HALF_WIDTH
+from infer.noise import LATTICE_HALF_WIDTH as L  # noqa: E402  the lattice half width
 
 
 def pair(name, n=N):
