@@ -8,7 +8,7 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import Densities, check_call, on_parameter_dtype, sample_range
+from .densities import Densities, check_call, in_float64, on_parameter_dtype, sample_range
 from .inner import Direct, Inner
 from .quadrature import Outer, adapt, initial_breaks, refine
 
@@ -46,6 +46,7 @@ class EvidenceQuantities:
 
 
 @flush_denormals()
+@in_float64
 @on_parameter_dtype
 def evidence(model, guide, data, tol: float = 1e-4) -> dict:
     """log p(x_k) and the NLL by quadrature of the model alone, in nats per data point: {log_px, nll, error,

@@ -50,7 +50,8 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, on_parameter_dtype, sample_range
+from .densities import (MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, in_float64, on_parameter_dtype,
+                        sample_range)
 from .evidence import EvidenceQuantities, evidence, evidence_setup
 from .flowbreaks import flow_breaks
 from .inner import Direct, Inner
@@ -155,6 +156,7 @@ def _base_breaks(dens: Densities, count: int = 4096, seed: int = 0):
 
 
 @flush_denormals()
+@in_float64
 @on_parameter_dtype
 def exact(model, guide, data, tol: float = 1e-4) -> dict:
     """The loss terms and the evidence by quadrature, in nats per data point: a dict with loss, recon,

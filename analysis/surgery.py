@@ -7,7 +7,7 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import MASS_TOLERANCE, Densities, check_call, on_parameter_dtype, sample_range
+from .densities import MASS_TOLERANCE, Densities, check_call, in_float64, on_parameter_dtype, sample_range
 from .inner import Direct, Inner
 from .quadrature import Outer, adapt, initial_breaks, lse, refine
 
@@ -53,6 +53,7 @@ def _surgery_numbers(dens, est):
 
 
 @flush_denormals()
+@in_float64
 @on_parameter_dtype
 def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     """ELBO surgery for the top latent t (z, or z2 of the DLGM): avg_kl = sum_k w_k KL(q(t|x_k) || p(t)) splits

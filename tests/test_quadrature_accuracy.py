@@ -2,16 +2,19 @@
 evaluation written here, for trained runs at n = 1000 (vae + gaussian guide, dlgm + structured guide, vae + flow
 guide) and for a vae with a fixed spline flow guide whose first bins are steep and narrow (steep_spline_vae).
 
-The reference shares no code with analysis.exact. It reads the trained networks directly, evaluates every density
-in float64 (the Bernoulli likelihood as -softplus(f) for a 0-bit and -softplus(-f) for a 1-bit, which does not
-cancel) and integrates by composite Gauss-Legendre 20 on panels bisected until Gauss-Legendre 10 agrees to 1e-10 on
-each: expectations under q in q's own noise (z = m + s eps for a Gaussian, z = T(eps) through the flow's transforms),
-the evidence in z (for the dlgm, p(z1) by a fixed fine Gauss-Legendre grid in z2 shared by every z1 node). The
-reference's own error estimate is checked to be far below the tolerance, so the comparison measures exact() alone.
+The reference shares no code with analysis.exact. It reads float64 copies of the trained networks directly (the
+networks' own function: a float32 network would round every node to float32 first, which near a steep decoder
+boundary moves the integrals by a few 1e-7), evaluates every density in float64 (the Bernoulli likelihood as
+-softplus(f) for a 0-bit and -softplus(-f) for a 1-bit, which does not cancel) and integrates by composite Gauss-
+Legendre 20 on panels bisected until Gauss-Legendre 10 agrees to 1e-10 on each: expectations under q in q's own
+noise (z = m + s eps for a Gaussian, z = T(eps) through the flow's transforms), the evidence in z (for the dlgm,
+p(z1) by a fixed fine Gauss-Legendre grid in z2 shared by every z1 node). The reference's own error estimate is
+checked to be far below the tolerance, so the comparison measures exact() alone.
 
 The fast tests train briefly (the features that broke the quadrature are already there: decoder logits below -15
 on the 0-bits, a flow whose spline has steep bins); the slow one trains with the command line's recipes.
 """
+import copy
 import math
 
 import numpy as np
@@ -70,17 +73,22 @@ def log_normal(z, loc=0.0, scale=1.0):
     return -0.5 * ((z - loc) / scale) ** 2 - torch.log(torch.as_tensor(scale, dtype=torch.float64)) - LOG_SQRT_2PI
 
 
+def dtype_of(net) -> torch.dtype:
+    return next(net.parameters()).dtype
+
+
 def log_likelihoods(decoder, z):
-    """log p(x0|z), log p(x1|z) for z (M,) float64: (M, 2). The decoder runs as the model runs it (float32)."""
+    """log p(x0|z), log p(x1|z) for z (M,) float64: (M, 2). The decoder runs in its own dtype (float64 for the
+    trained runs' copies, float32 for the fixed spline's vae, whose guide exact() evaluates as it is)."""
     with torch.no_grad():
-        f = torch.cat([decoder(c[:, None].float()) for c in z.split(2048)]).double()
+        f = torch.cat([decoder(c[:, None].to(dtype_of(decoder))) for c in z.split(2048)]).double()
     return torch.stack([-F.softplus(f).sum(-1), -F.softplus(-f).sum(-1)], -1)
 
 
 def gaussian(net, inputs):
     """(loc, scale) of a models.nets.GaussianNet at float64 inputs (M, d), as float64 (M,)."""
     with torch.no_grad():
-        loc, scale = net(inputs.float())
+        loc, scale = net(inputs.to(dtype_of(net)))
     return loc.double()[:, 0], scale.double()[:, 0]
 
 
@@ -99,7 +107,8 @@ def vae_reference(model, guide, data, flow: bool) -> dict:
     log_px, errors = evidence_1d(lambda z: ll(z) + log_normal(z)[:, None])
     errors = [errors]
     if flow:
-        fn = poutine.trace(guide).get_trace(data.x).nodes["z"]["fn"]  # TransformedDistribution, batch (2,)
+        x = data.x.to(dtype_of(model))  # the guide's too (a copy of the same dtype, or a function)
+        fn = poutine.trace(guide).get_trace(x).nodes["z"]["fn"]  # TransformedDistribution, batch (2,)
 
         def forward(eps, k):  # z = T_k(eps), log |dT_k/d eps|
             y, ladj = eps[:, None, None].expand(-1, 2, 1), 0.0
@@ -225,6 +234,7 @@ def trained(kind: str, steps: int):
 def check(kind: str, steps: int):
     model, guide, data = trained(kind, steps)
     result = exact(model, guide, data)
+    model, guide = copy.deepcopy(model).double(), copy.deepcopy(guide).double()  # the networks' own function
     ref = (dlgm_reference(model, guide, data) if kind.startswith("dlgm")
            else vae_reference(model, guide, data, kind == "flow"))
     check_bound(kind, result, ref, data)
