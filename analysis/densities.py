@@ -9,6 +9,7 @@ data's device, where the quadrature runs. JointMarginal
 gives the per-point marginals and the entropy of a joint guide; sample_range the integration range of draws;
 check_call the refusals (one-line ValueError) of every public function of analysis.exact, before any work.
 """
+import contextlib
 import copy
 import functools
 import inspect
@@ -79,7 +80,8 @@ def in_float64(fn):
     them. That rounding (a relative shift of up to 6e-8 per node) is no error the refinement can see: near the steep
     decision boundary of a vae's decoder at n = 1000 (8000 steps) it moved exact()'s recon[x0] by 3.6e-7, where the
     reported error was 1.1e-7. A model or guide that is not a plain nn.Module is evaluated as it is: a function, and
-    a PyroModule (Pyro's autoguides: their prototype trace and non-leaf tensors do not survive a copy)."""
+    a PyroModule (Pyro's autoguides: their prototype trace and non-leaf tensors do not survive a copy), and any module
+    that cannot be copied."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -93,12 +95,21 @@ def in_float64(fn):
         if not plain or any(p.dtype != torch.float32 for m in (model, guide) for p in m.parameters()
                             if p.is_floating_point()):
             return fn(*args, **kwargs)
+        from infer.checks import already_checked, inputs_checked
+
         store = pyro.get_param_store()
         state = store.get_state()
         wide = {"params": {k: v.detach().double() if v.dtype == torch.float32 else v
                            for k, v in state["params"].items()}, "constraints": state["constraints"]}
-        bound.arguments.update(model=copy.deepcopy(model).double(), guide=copy.deepcopy(guide).double())
-        with store.scope(wide):
+        try:
+            copies = {"model": copy.deepcopy(model).double(), "guide": copy.deepcopy(guide).double()}
+        except Exception:  # noqa: BLE001  a module that cannot be copied (non-leaf tensors): evaluated as it is
+            return fn(*args, **kwargs)
+        data = bound.arguments.get("data")
+        checked = already_checked(model, guide, data)  # the copies are the same model and guide
+        bound.arguments.update(copies)
+        with store.scope(wide), (inputs_checked(bound.arguments["model"], bound.arguments["guide"], data) if checked
+                                 else contextlib.nullcontext()):
             return fn(*bound.args, **bound.kwargs)
 
     return wrapped
