@@ -9,7 +9,8 @@ support or density do not fit the model (infer.fit.check_inputs, as analysis.rep
 Modules, one job each: analysis.quadrature (the Gauss-Kronrod rule, the outer adaptation in u and the refinement),
 analysis.densities (site log-densities on grids, the joint guide's marginals, the input checks), analysis.seeding
 (the inner panels seeded at the features in v), analysis.inner (the adaptive inner integrals), analysis.flowbreaks
-(where a flow guide's map is not smooth, in its base noise), analysis.evidence
+(where a flow guide's map is not smooth, in its base noise), analysis.precision (float64 copies of float32
+networks, so that no node is rounded to float32), analysis.evidence
 (evidence()), analysis.surgery (surgery()), analysis.posterior (posterior_grid()); this one holds exact() and
 re-exports the other three public functions.
 
@@ -50,8 +51,8 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import (MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, in_float64, on_parameter_dtype,
-                        sample_range)
+from .densities import MARGINAL_PANELS, MASS_TOLERANCE, Densities, check_call, sample_range
+from .precision import in_float64, on_parameter_dtype
 from .evidence import EvidenceQuantities, evidence, evidence_setup
 from .flowbreaks import flow_breaks
 from .inner import Direct, Inner

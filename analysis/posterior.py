@@ -12,7 +12,8 @@ from pyro import poutine
 
 from infer.runtime import flush_denormals
 
-from .densities import Densities, check_call, on_parameter_dtype, sample_range
+from .densities import Densities, check_call, sample_range
+from .precision import on_parameter_dtype
 from .inner import Direct, Inner
 from .quadrature import lse
 

@@ -7,7 +7,8 @@ import torch
 
 from infer.runtime import flush_denormals
 
-from .densities import MASS_TOLERANCE, Densities, check_call, in_float64, on_parameter_dtype, sample_range
+from .densities import MASS_TOLERANCE, Densities, check_call, sample_range
+from .precision import in_float64, on_parameter_dtype
 from .inner import Direct, Inner
 from .quadrature import Outer, adapt, initial_breaks, lse, refine
 
