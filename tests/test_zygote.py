@@ -16,13 +16,9 @@ def both(tmp_path, *overrides):
     and run dir."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = []
-    for name, fresh in (("forked", "0"), ("fresh", "1")):
-        os.environ["ONEBIT_TESTS_FRESH_PROCESSES"] = fresh
-        try:
-            proc = zygote.run([sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={name}"],
-                              tmp_path, env, 300)
-        finally:
-            os.environ.pop("ONEBIT_TESTS_FRESH_PROCESSES")
+    for name, fresh in (("forked", False), ("fresh", True)):
+        proc = zygote.run([sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={name}"], tmp_path,
+                          env, 300, fresh=fresh)
         out.append((proc, tmp_path / name))
     return out
 

@@ -97,8 +97,11 @@ class Zygote:
 ZYGOTE = Zygote()
 
 
-def run(argv, cwd, env, timeout):
-    """What run_cli runs: forked from the zygote, or (ONEBIT_TESTS_FRESH_PROCESSES=1) a fresh interpreter."""
-    if os.environ.get("ONEBIT_TESTS_FRESH_PROCESSES") == "1":
+def run(argv, cwd, env, timeout, fresh: bool = None):
+    """What run_cli runs: forked from the zygote, or a fresh interpreter where `fresh` says so (by default, where
+    ONEBIT_TESTS_FRESH_PROCESSES=1)."""
+    if fresh is None:
+        fresh = os.environ.get("ONEBIT_TESTS_FRESH_PROCESSES") == "1"
+    if fresh:
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return ZYGOTE.run(argv, cwd, env, timeout)
