@@ -68,14 +68,14 @@ def in_float64(fn):
             return fn(*args, **kwargs)
         from infer.checks import already_checked, inputs_checked
 
-        store = pyro.get_param_store()
-        state = store.get_state()
-        wide = {"params": {k: v.detach().double() if v.dtype == torch.float32 else v
-                           for k, v in state["params"].items()}, "constraints": state["constraints"]}
         try:
             copies = {"model": copy.deepcopy(model).double(), "guide": copy.deepcopy(guide).double()}
         except Exception:  # noqa: BLE001  a module that cannot be copied (non-leaf tensors): evaluated as it is
             return fn(*args, **kwargs)
+        store = pyro.get_param_store()
+        state = store.get_state()
+        wide = {"params": {k: v.detach().double() if v.dtype == torch.float32 else v
+                           for k, v in state["params"].items()}, "constraints": state["constraints"]}
         data = bound.arguments.get("data")
         checked = already_checked(model, guide, data)  # the copies are the same model and guide
         bound.arguments.update(copies)
