@@ -145,11 +145,11 @@ class ClosedFormELBO(ELBO):
             terms = OrderedDict((k, v * factor) for k, v in terms.items())
         return terms
 
-    def traced_step(self, model, guide, x, weights, params=None, split=False):
+    def traced_step(self, model, guide, x, weights, params=None):
         """The fast path's step traced once into a graph of tensor ops (infer.plan.traced_step): a function
         beta -> (names, means, loss), with `params` also setting their gradients (the joint graph); checked by
         infer.fit against the eager fast path before and while it trains."""
-        return traced_step(self, model, guide, x, weights, params, split)
+        return traced_step(self, model, guide, x, weights, params)
 
     def _terms(self, model_trace, guide_trace, parents):
         dims = self._dims

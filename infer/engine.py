@@ -24,7 +24,7 @@ def _engine(elbo, model, guide, model_w, guide_w, x, weights, beta, params, step
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = elbo.traced_step(model, guide, x, weights, params, split=torch.get_num_threads() >= 2)
+            plan = elbo.traced_step(model, guide, x, weights, params)
             beta_t = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
             with torch.random.fork_rng():
                 args = plan.inputs(beta_t)

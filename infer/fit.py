@@ -16,7 +16,6 @@ from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
 from .checks import check_arguments, checked_device, check_data
 from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
-from .split_plan import on_threads
 from .prepare import adam, prepare, restore
 from .recipe import learning_rate, recipe
 from .result import FitResult, divergence, last_update, Window
@@ -141,11 +140,6 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         elbo, model, guide, data, x, scale, model_w, guide_w, params, needs_guide, log_every, steps - start, device,
         v["engine"])
     backward_done = getattr(compute, "backward_done", False)
-    halves_args = None  # a step's inputs, for the check of the halves on two threads
-    if plan is not None and plan.halves is not None:
-        result.engine += ", data split in halves"
-        with torch.random.fork_rng():
-            halves_args = plan.inputs(torch.as_tensor(scale.beta, dtype=torch.float32, device=device))
     found_inf = torch.zeros((), device=device)  # sticky: 1 from the first non-finite step on
     bad = torch.zeros((), device=device)  # how many steps since (and with) the first non-finite one
     one = torch.ones((), device=device)
@@ -168,10 +162,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     result.setup_seconds = t0 - setup
     bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
     optimizer_step = optimizer.update if fused else optimizer.step  # LeanAdam's step without torch's per-call wrapper
-    with pyro.validation_enabled(False), warnings.catch_warnings(), on_threads(plan, halves_args):
-        # (the fit check ran with validation)
-        if plan is not None and plan.halves is not None and plan.halves.parallel:
-            result.engine += " on 2 threads"
+    with pyro.validation_enabled(False), warnings.catch_warnings():  # the fit check ran with validation
         # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
         warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
         for step in bar:

@@ -139,7 +139,7 @@ def draws_random(module) -> bool:
                for node in module.graph.nodes if node.op == "call_function")
 
 
-def traced_step(elbo, model, guide, x, weights, params=None, split=False):
+def traced_step(elbo, model, guide, x, weights, params=None):
     """The fast path's step traced once into a graph of tensor ops (torch.fx make_fx, tracing mode 'real'), for a
     structure that does not change between steps: a function beta -> (names, means, loss) that draws this step's
     noise (as fast_terms does) and returns the particle means of the terms (a (T,) tensor in the order of `names`)
@@ -152,34 +152,34 @@ def traced_step(elbo, model, guide, x, weights, params=None, split=False):
     13-20% faster per dlgm step at n = 1000 than the forward graph under autograd, with the same loss and gradients
     to the bit. Without `params`, gradients come from autograd over the graph's ops.
 
-    With `split` (and params), where infer.split_plan.splits says the objective is a sum over the data points and
-    the step is large enough, the joint graph is traced once per half of the data and the halves' outputs summed
-    (infer.split_plan.Halves: two threads can then run one half each; `step.halves` is set, else None).
-
     Python control flow that depends on values is frozen at its traced branch, so infer.fit checks the graph
     against the eager fast path (loss and gradients) before it uses it, and again at every log step."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     from .fast_step import weights_summary
-    from .split_plan import halves_of, splits
 
     noise = elbo._new_noise() if elbo.noise != "mc" else None
     dummy = torch.zeros((), device=x.device)
+    elbo._weights_summary = (weights, weights_summary(weights))  # Python numbers: computed before tracing
     if elbo.closed_form:  # the dependency analysis runs the model: once, before tracing, not inside the graph
         with torch.random.fork_rng():
             elbo.model_parents(model, (x,), {})
-    names = []
+    names, reached = [], []
     params = list(params) if params is not None else None
 
-    def forward_on(xs, ws):
-        def forward(step_noise, beta):
-            if noise is not None:
-                noise.set(step_noise)
-            terms = elbo._fast_terms(model, guide, xs, ws, beta, noise)
-            names[:] = list(terms)
-            means = elbo.means(terms)
-            return means, elbo.objective_of_means(list(terms), means)
-        return forward
+    def forward(step_noise, beta):
+        if noise is not None:
+            noise.set(step_noise)
+        terms = elbo._fast_terms(model, guide, x, weights, beta, noise)
+        names[:] = list(terms)
+        means = elbo.means(terms)
+        return means, elbo.objective_of_means(list(terms), means)
 
-    forward = forward_on(x, weights)
+    def joint(step_noise, beta):
+        means, loss = forward(step_noise, beta)
+        grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+        reached[:] = [g is not None for g in grads]
+        return (means, loss, *(g for g in grads if g is not None))
 
     def inputs(beta):
         if noise is None:
@@ -187,36 +187,14 @@ def traced_step(elbo, model, guide, x, weights, params=None, split=False):
         noise.draw()
         return noise.noise(), beta
 
-    def trace(xs, ws):
-        """(the simplified graph module of the step on data xs, weights ws; which params the loss reaches)"""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        reached, step_on = [], forward_on(xs, ws)
-
-        def joint(step_noise, beta):
-            means, loss = step_on(step_noise, beta)
-            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-            reached[:] = [g is not None for g in grads]
-            return (means, loss, *(g for g in grads if g is not None))
-
-        elbo._weights_summary = (ws, weights_summary(ws))  # Python numbers: computed before tracing
-        with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
-            module = make_fx(step_on if params is None else joint)(*inputs(one))
-        simplify(module)
-        return module, reached
-
     one = torch.ones((), device=x.device)
-    graph, reached = trace(x, weights)
+    with torch.random.fork_rng(), pyro.validation_enabled(False):  # validation would branch on values
+        graph = make_fx(forward if params is None else joint)(*inputs(one))
+    simplify(graph)
     random = draws_random(graph)
     if not random:  # TorchScript's trace would freeze a random op's draws
         with torch.random.fork_rng():
             graph = compiled(graph, inputs(one))
-    halves = None
-    if split and params is not None and not random and splits(elbo, model, guide, x, weights):
-        with torch.random.fork_rng():
-            halves = halves_of(trace, x, weights, reached, graph, inputs(one))
-        elbo._weights_summary = (weights, weights_summary(weights))  # the whole data's, as the eager path uses
-        graph = halves if halves is not None else graph
     targets = [p for p, r in zip(params, reached) if r] if params is not None else None
 
     betas = {}  # beta -> its tensor, made once per value
@@ -243,5 +221,4 @@ def traced_step(elbo, model, guide, x, weights, params=None, split=False):
 
     step.forward, step.graph, step.inputs, step.last_rng = forward, graph, inputs, None
     step.targets = targets  # the params whose gradients each call sets (None: a forward graph)
-    step.halves = halves  # the data-split plan (infer.split_plan.Halves) or None
     return step
