@@ -235,7 +235,7 @@ def describe(model, guide, data, result) -> dict:
         seed = (getattr(result, "recipe", None) or {}).get("seed")
     if seed is not None:
         head["seed"] = seed
-    for key in ("steps", "wall_seconds"):
+    for key in ("steps", "wall_seconds", "engine"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)
     return head

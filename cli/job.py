@@ -164,7 +164,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     except BaseException:  # killed (SIGINT, SIGTERM) or a crash: checkpoint.pt stays as fit left it
         good.discard()
         raise
-    head.update(steps=result.steps, wall_seconds=result.wall_seconds)
+    head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
                                "steps": first.steps, "wall_seconds": first.wall_seconds,

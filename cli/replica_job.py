@@ -112,7 +112,7 @@ def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
     try:
         if isinstance(result, DivergenceError):
             raise Diverged(explained(result, c))
-        head["wall_seconds"] = result.wall_seconds
+        head["wall_seconds"], head["engine"] = result.wall_seconds, result.engine
         metrics = finish(c, d, *model_guide, data, result, head)
     except Diverged as err:
         write_status(d, "diverged", str(err))

@@ -77,6 +77,12 @@ def test_the_command_line_prints_a_summary_with_estimators(tmp_path):
     assert len(list(tmp_path.rglob("metrics.json"))) == 1
 
 
+def test_metrics_json_names_the_path_that_trained(tmp_path):
+    proc = run_cli(*FAST, "hydra.run.dir=run", cwd=tmp_path)  # 30 steps: below the traced plan's minimum
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["engine"] == "fast"
+
+
 def test_a_refused_command_line_answers_without_importing_torch_or_pyro(tmp_path):
     # the checks before anything is built need neither: infer loads its torch names on first use (4.5 s -> 1.2 s)
     probe = ("import atexit, runpy, sys\n"
