@@ -72,7 +72,8 @@ def main(cfg: DictConfig) -> float:
         cli.clear_unclaimed(cfg, hc)
     try:
         cli.save_hydra_files(claim, cfg, hc)
-        metrics = run(cfg, out, multirun=multirun)
+        with cli.job.warnings_logged():
+            metrics = run(cfg, out, multirun=multirun)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.on_sigterm): the run says it was killed, then stops
         name = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
         with contextlib.suppress(OSError):

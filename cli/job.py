@@ -4,6 +4,7 @@ run() refuses bad input before training (Refused), keeps the last good checkpoin
 and marks a diverged run as such (Diverged, metrics.json without a loss); finish() evaluates and writes. A config
 with replicas > 1 goes to cli.replica_job.
 """
+import contextlib
 import logging
 import math
 import os
@@ -26,18 +27,41 @@ def progress_enabled(cfg, multirun: bool) -> bool:
 
 
 def heartbeat(steps: int, every: float = 15.0):
-    """A fit callback that logs one line at most every `every` seconds (where no progress bar shows)."""
+    """A fit callback that logs one line at most every `every` seconds (where no progress bar shows), with the
+    training time left at the pace since the first logged window."""
     import time
 
-    last = [time.perf_counter()]
+    from infer.result import duration
+
+    last, first = [time.perf_counter()], []  # first: (step, time) of the first logged window, for the pace
 
     def beat(step, row):
         now = time.perf_counter()
+        if not first:
+            first.append((step, now))
         if now - last[0] >= every:
             last[0] = now
-            log.info(f"  step {step}/{steps}: training loss {row['loss']:.4f} (window mean, lattice/MC estimate)")
+            left = ""
+            if step > first[0][0]:
+                left = f"; about {duration((now - first[0][1]) / (step - first[0][0]) * (steps - step))} left"
+            log.info(f"  step {step}/{steps}: training loss {row['loss']:.4f} (window mean, lattice/MC estimate)"
+                     + left)
 
     return beat
+
+
+@contextlib.contextmanager
+def warnings_logged():
+    """Python warnings raised while a job runs (fit's fallback to the general path, a long training, ...) go to the
+    job's log, the console and run.log, one line each, in place of Python's two lines with a source line."""
+    import warnings
+
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.warning(str(message))
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 GOOD = ".checkpoint.good.pt"  # a hard link to the last checkpoint.pt written before a good training window

@@ -1,5 +1,6 @@
 """The record of a training run: FitResult, the logging window that turns each step's loss terms into its
-history rows, and the DivergenceError (with its cause in words) that ends a run at a non-finite step."""
+history rows, the DivergenceError (with its cause in words) that ends a run at a non-finite step, and the warning
+for a training that will run long (long_run_warning)."""
 from dataclasses import dataclass, field
 
 import torch
@@ -115,4 +116,26 @@ class Window:
         return row
 
 
-__all__ = ["FitResult", "DivergenceError", "divergence", "last_update", "Window"]
+LONG_RUN_SECONDS = 1800  # fit warns once, after its first steps, when the rest of training will take longer
+PACE_STEPS, PACE_SECONDS = 10, 5.0  # the pace is taken over the first PACE_STEPS steps, or PACE_SECONDS if sooner
+
+
+def duration(seconds: float) -> str:
+    """A time span as people read it: '42 s', '12 min', '3.1 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def long_run_warning(done: int, elapsed: float, left: int):
+    """The one-line warning for a training that will run LONG_RUN_SECONDS or more at the pace of its first `done`
+    steps (`elapsed` seconds), `left` steps to go; None for a shorter one."""
+    remaining = elapsed / done * left
+    if remaining < LONG_RUN_SECONDS:
+        return None
+    return (f"fit: training will take about {duration(remaining)} more ({left} steps at {elapsed / done:.3g} s a step, "
+            f"timed over the first {done}); a step's cost grows with the particles (or IWAE's K) and with n")
+
+
+__all__ = ["FitResult", "DivergenceError", "divergence", "last_update", "Window", "duration", "long_run_warning",
+           "LONG_RUN_SECONDS"]
