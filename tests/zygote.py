@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-PRELOAD = ("torch", "pyro", "pyro.infer", "hydra", "omegaconf", "arviz", "scipy.stats", "matplotlib")
+PRELOAD = ("torch", "torch._dynamo", "pyro", "pyro.infer", "hydra", "omegaconf", "arviz", "scipy.stats", "matplotlib")
+# torch._dynamo: what torch.optim imports at its first optimizer (2 s), in every run that trains
 
 # the zygote: import PRELOAD, then for each request on stdin (one JSON line) fork a child that runs run.py, answer
 # with its pid, wait for it and answer with its exit code; EOF on stdin (the test process ended) ends it
