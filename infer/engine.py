@@ -100,7 +100,10 @@ def _fast_path_applies(elbo, model, guide, model_w, guide_w, x, weights, beta) -
             except Exception as err:  # noqa: BLE001  any failure sends training down the general path
                 reason = f"it failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
             else:
-                if list(fast) != list(general) or not all(
+                if not all(bool(torch.isfinite(t).all()) for t in general.values()):
+                    reason = ("the general path's loss terms are not finite at these parameters, so the two cannot "
+                              "be compared")
+                elif list(fast) != list(general) or not all(
                         torch.allclose(fast[k], general[k], rtol=1e-6, atol=1e-6, equal_nan=True) for k in general):
                     reason = "its loss terms differ from the general path's"
     if reason is not None:

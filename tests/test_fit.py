@@ -142,7 +142,8 @@ def test_a_divergence_on_a_rising_schedule_names_lr_final_not_lr():
 
 
 def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_learning_rate():
-    with pytest.raises(DivergenceError, match="before any update, so not the learning rate") as err:
+    with pytest.raises(DivergenceError, match="before any update, so not the learning rate") as err, \
+            pytest.warns(UserWarning, match="the general path's loss terms are not finite at these parameters"):
         vae_run(steps=20, beta=1e38 * 3)  # finite, but the weighted KL overflows float32
     assert err.value.cause == "init"
 
