@@ -15,7 +15,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .qdensity import BaseNoise, GuideDensity, log_prob64
+from .base_noise import BaseNoise
+from .qdensity import GuideDensity, log_prob64
 from .quadrature import GAUSS7_W, KRONROD_W, KRONROD_X, lse
 
 MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or exact() and surgery() refuse it

@@ -57,7 +57,7 @@ from .evidence import EvidenceQuantities, evidence, evidence_setup
 from .flowbreaks import flow_breaks
 from .inner import Direct, Inner
 from .posterior import posterior_grid
-from .qdensity import BaseNoise
+from .base_noise import BaseNoise
 from .quadrature import Joined, Outer, adapt, initial_breaks, refine
 from .surgery import surgery
 

@@ -134,7 +134,8 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
     out = {
         "bounds": bounds, "K": Ks[-1], "loss": top["loss"], "loss_se": top["se"],
         "log_px": [float(v) for v in log_px], "log_px_se": [float(v) for v in log_px_se],
-        "nll": float(-(w * log_px).sum()), "nll_se": float((w * log_px_se).sum() if joint else ((w * log_px_se) ** 2).sum().sqrt()),
+        "nll": float(-(w * log_px).sum()),
+        "nll_se": float((w * log_px_se).sum() if joint else ((w * log_px_se) ** 2).sum().sqrt()),
         "nll_khat": [d["khat"] for d in diag], "nll_ess": [d["ess"] for d in diag],
         "nll_khat_block": diag[0]["samples"],
         "joint": joint,

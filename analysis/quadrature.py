@@ -4,8 +4,8 @@ The rule (QUADPACK qk15) on [-1, 1] and log-space sums (lse) serve every integra
 (P, 2, 2): [a, b] per data point. Outer integrates the quantities that an integrand function returns per u node,
 splitting the panels whose G7/K15 difference is largest until the errors sum below tol / 4 (or stagnate); adapt
 extends the range until the integrands vanish at both ends; refine splits every panel and raises the inner level
-(finer seeded panels, tighter tolerance) until the reported numbers change by less than tol (that change is the reported error); initial_breaks
-places the first breakpoints from draws. See analysis.exact for the whole method.
+(finer seeded panels, tighter tolerance) until the reported numbers change by less than tol (that change is the
+reported error); initial_breaks places the first breakpoints from draws. See analysis.exact for the whole method.
 """
 import math
 from typing import TYPE_CHECKING

@@ -128,8 +128,8 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                       "column); 'no error bar (k of N)': only k of its N runs have a standard error that holds "
                       "(a run has none where the tail k̂ is at least 0.5).", ""]
         if sites:
-            parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it can "
-                      "be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
+            parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it "
+                      "can be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
         if "estimator" in agg:
             parts += ["Estimators (per configuration: of its quadrature runs the one with the largest integration "
                       "error; each other estimator once): "

@@ -55,7 +55,8 @@ def check_guide(model, guide, x) -> None:
     want, have = latent_sites(model_trace), latent_sites(guide_trace)
     missing, extra = [s for s in want if s not in have], [s for s in have if s not in want]
     if missing or extra:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+        parts = (([f"missing {', '.join(missing)}"] if missing else [])
+                 + ([f"extra {', '.join(extra)}"] if extra else []))
         raise GuideMismatchError(f"guide does not fit the model: {'; '.join(parts)} "
                                  f"(model latent sites: {', '.join(want)}; guide: {', '.join(have) or 'none'})")
     # an autoguide's latent sites may be Deltas: deterministic functions of auxiliary sites, which carry the density

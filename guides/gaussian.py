@@ -14,7 +14,8 @@ class GaussianGuide(nn.Module):
     def __init__(self, model, hidden: int = 32, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim"))
-        for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation), ("min_scale", min_scale)):
+        for name, value in (("hidden", hidden), ("layers", layers), ("activation", activation),
+                            ("min_scale", min_scale)):
             check(name, value)
         self.n = model.n  # the data dimension the encoder is built for
         self.encoder = GaussianNet(model.n, model.latent_dim, hidden, layers, activation, min_scale)

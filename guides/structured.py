@@ -16,7 +16,9 @@ class StructuredGuide(nn.Module):
                  gain: bool = False):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))
-        for name, value in (("hidden", hidden), ("layers", layers), ("upper_hidden", upper_hidden), ("upper_layers", upper_layers), ("activation", activation), ("min_scale", min_scale), ("gain", gain)):
+        for name, value in (("hidden", hidden), ("layers", layers), ("upper_hidden", upper_hidden),
+                            ("upper_layers", upper_layers), ("activation", activation), ("min_scale", min_scale),
+                            ("gain", gain)):
             check(name, value)
         self.n = model.n  # the data dimension the encoder is built for
         self.sites, d = tuple(model.latent_sites), model.latent_dim

@@ -1,0 +1,56 @@
+"""What a run writes into its directory: metrics.json (headed by `describe` where no config heads it), history.csv,
+checkpoint.pt, encodings.nc and the figures (write_run; analysis.report re-exports it)."""
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from infer.checkpoint import save_checkpoint
+
+log = logging.getLogger("onebit")
+
+
+def describe(model, guide, data, result) -> dict:
+    """What metrics.json's head says when no config does: model and guide names (their class or function
+    names), n, and fit()'s steps and wall_seconds (and its seed where the result records one)."""
+    def name(obj):
+        return getattr(obj, "__name__", None) or type(obj).__name__
+
+    head = {"model": name(model), "guide": name(guide), "n": data.n}
+    seed = getattr(result, "seed", None)
+    if seed is None:  # fit()'s FitResult records its seed in its recipe
+        seed = (getattr(result, "recipe", None) or {}).get("seed")
+    if seed is not None:
+        head["seed"] = seed
+    for key in ("steps", "wall_seconds", "engine"):
+        if getattr(result, key, None) is not None:
+            head[key] = getattr(result, key)
+    return head
+
+
+def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
+              title: str = None, checkpoint: bool = True) -> None:
+    """Write metrics.json, history.csv, checkpoint.pt (unless checkpoint=False: run.py writes it, with its config,
+    before evaluating), encodings.nc, and (figures=True) encodings.png and
+    training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
+    model and guide names, n, seed, steps and wall_seconds from `describe` where metrics lacks them."""
+    from . import encodings as enc
+    from .figures import encoding_figure
+    from .training_figure import training_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
+    pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
+    if checkpoint:
+        save_checkpoint(out / "checkpoint.pt", result,
+                        extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
+    enc.save(idata, out / "encodings.nc")
+    log.debug("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
+    if figures:
+        encoding_figure(idata, out / "encodings.png", title=title)
+        training_figure(result.history, out / "training.png", floor=data.entropy,
+                        optimum=metrics.get("gaussian_optimum"), title=title)
