@@ -52,11 +52,34 @@ def _build_on_meta(build, cfg):
     return build(cfg)
 
 
+def memory_refusal(n, memory_gb, base_bytes, per_n_bytes, params, particles,
+                   particles_key: str = "train.num_particles") -> str:
+    """The one-line reason a run of data length n does not fit memory_gb, or '' if it fits. The need is modelled as
+    base_bytes + per_n_bytes * n (the interpreter and libraries, then the n-wide params and particle tensors);
+    `params` and `particles` are only quoted. Where some data.n >= 1 fits, the largest is named; where none does
+    (memory_gb below the base, or the particles alone too large at n = 1), the message says what must change
+    instead, never an impossible 'data.n <= 0'."""
+    gib = 2 ** 30
+    budget, need = memory_gb * gib, base_bytes + per_n_bytes * n
+    if need <= budget:
+        return ""
+    head = (f"data.n={n} needs about {need / gib:.3g} GB to train ({params:,} params, {particles:,} particles); "
+            f"memory_gb={memory_gb}")
+    if budget <= base_bytes:
+        return (f"{head} is below the {base_bytes / gib:.2g} GB any run needs (the interpreter, torch and pyro): "
+                f"raise memory_gb above {base_bytes / gib:.2g}")
+    fits = int((budget - base_bytes) // per_n_bytes)
+    if fits < 1:
+        return (f"{head} does not fit even data.n=1 with these settings: lower {particles_key} or the networks' "
+                "widths (model.hidden, guide.hidden, ...), or raise memory_gb")
+    return (f"{head} fits data.n <= {fits:,} with these settings: lower data.n or {particles_key}, or raise "
+            "memory_gb")
+
+
 def check_memory(cfg, build) -> None:
     """Refuse, before any network is built at data.n, a run whose training step would need more than memory_gb
     (peak RSS): the base, the networks' params (network_params: their n-wide layers dominate) and the particles'
     n-wide tensors. Evaluation is chunked and stays below that peak. Raises ConfigError (one line)."""
-    from infer.validate import memory_refusal
     from models import OneBit
 
     data = OneBit(cfg.data.n, tuple(cfg.data.weights))

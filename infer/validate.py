@@ -221,37 +221,13 @@ def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
                                   f"{', '.join(needs)}")
 
 
-def memory_refusal(n, memory_gb, base_bytes, per_n_bytes, params, particles,
-                   particles_key: str = "train.num_particles") -> str:
-    """The one-line reason a run of data length n does not fit memory_gb, or '' if it fits. The need is modelled as
-    base_bytes + per_n_bytes * n (the interpreter and libraries, then the n-wide params and particle tensors);
-    `params` and `particles` are only quoted. Where some data.n >= 1 fits, the largest is named; where none does
-    (memory_gb below the base, or the particles alone too large at n = 1), the message says what must change
-    instead, never an impossible 'data.n <= 0'."""
-    gib = 2 ** 30
-    budget, need = memory_gb * gib, base_bytes + per_n_bytes * n
-    if need <= budget:
-        return ""
-    head = (f"data.n={n} needs about {need / gib:.3g} GB to train ({params:,} params, {particles:,} particles); "
-            f"memory_gb={memory_gb}")
-    if budget <= base_bytes:
-        return (f"{head} is below the {base_bytes / gib:.2g} GB any run needs (the interpreter, torch and pyro): "
-                f"raise memory_gb above {base_bytes / gib:.2g}")
-    fits = int((budget - base_bytes) // per_n_bytes)
-    if fits < 1:
-        return (f"{head} does not fit even data.n=1 with these settings: lower {particles_key} or the networks' "
-                "widths (model.hidden, guide.hidden, ...), or raise memory_gb")
-    return (f"{head} fits data.n <= {fits:,} with these settings: lower data.n or {particles_key}, or raise "
-            "memory_gb")
-
-
 def check_all(**values) -> None:
     """check(name, value) for every keyword argument."""
     for name, value in values.items():
         check(name, value)
 
 
-__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "memory_refusal",
+__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples",
            "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "KHAT_MIN_SAMPLES", "ORDERS",
            "allowed",
            "is_allowed", "is_int", "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS", "ENGINES"]

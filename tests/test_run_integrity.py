@@ -383,7 +383,7 @@ GIB, BASE = 2 ** 30, 256 * 2 ** 20
 
 @pytest.mark.parametrize("memory_gb, per_n", [(1e-9, 100.0), (0.2, 100.0), (2, 4e9), (2, 3e9)])
 def test_a_memory_refusal_never_names_a_data_n_that_cannot_be(memory_gb, per_n):
-    from infer.validate import memory_refusal
+    from cli.guards import memory_refusal
 
     line = memory_refusal(3, memory_gb, BASE, per_n, 1000, 32)
     assert line and "\n" not in line and "data.n <=" not in line and "lower data.n" not in line
@@ -391,7 +391,7 @@ def test_a_memory_refusal_never_names_a_data_n_that_cannot_be(memory_gb, per_n):
 
 
 def test_a_memory_refusal_names_the_largest_data_n_that_fits():
-    from infer.validate import memory_refusal
+    from cli.guards import memory_refusal
 
     line = memory_refusal(10 ** 6, 2, BASE, 2400.0, 65002275, 32)
     fits = int((2 * GIB - BASE) // 2400.0)
