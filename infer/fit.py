@@ -18,9 +18,10 @@ from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
 from .prepare import adam, prepare, restore
 from .recipe import learning_rate, recipe
-from .result import PACE_SECONDS, PACE_STEPS, FitResult, divergence, last_update, long_run_warning, Window
+from .result import FitResult, LongRunWarning, divergence, last_update, Window
 from .runtime import training_settings
 from .weights import kl_weight
+
 
 def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, lr_final: float = None,
         schedule: str = None, adam_betas=None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
@@ -160,7 +161,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
     bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
-    paced = None  # the long-run warning, once the first steps have set the pace ("" where none is due)
+    pace = LongRunWarning(start, steps, t0)
     optimizer_step = optimizer.update if fused else optimizer.step  # LeanAdam's step without torch's per-call wrapper
     with pyro.validation_enabled(False), warnings.catch_warnings():  # the fit check ran with validation
         # check_objective ran the precise mean-field check; Pyro's order-based one only warns on valid guides
@@ -201,10 +202,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 optimizer.found_inf, optimizer.grad_scale = found_inf, None
             optimizer_step()
             averaged.update(step + 1)
-            if paced is None and (step + 1 - start >= PACE_STEPS or time.perf_counter() - t0 >= PACE_SECONDS):
-                paced = long_run_warning(step + 1 - start, time.perf_counter() - t0, steps - step - 1) or ""
-                if paced:
-                    warnings.warn(paced, stacklevel=3)
+            pace.step_done(step)
             window.add(vec, scale.beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 if first_bad(step + 1) is not None:

@@ -1,6 +1,8 @@
 """The record of a training run: FitResult, the logging window that turns each step's loss terms into its
 history rows, the DivergenceError (with its cause in words) that ends a run at a non-finite step, and the warning
 for a training that will run long (long_run_warning)."""
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -137,5 +139,24 @@ def long_run_warning(done: int, elapsed: float, left: int):
             f"timed over the first {done}); a step's cost grows with the particles (or IWAE's K) and with n")
 
 
+class LongRunWarning:
+    """Warns once (warnings.warn) when a training loop's remaining steps will take LONG_RUN_SECONDS or more, at the
+    pace of its first PACE_STEPS steps (or of those done in PACE_SECONDS, if sooner): infer.fit's loop and a stack of
+    replicas' call step_done(step) after each step (0-based, counted from `start`; `t0` the loop's start time)."""
+
+    def __init__(self, start: int, steps: int, t0: float):
+        self.start, self.steps, self.t0, self.done = start, steps, t0, False
+
+    def step_done(self, step: int) -> None:
+        if self.done:
+            return
+        elapsed, count = time.perf_counter() - self.t0, step + 1 - self.start
+        if count >= PACE_STEPS or elapsed >= PACE_SECONDS:
+            self.done = True
+            said = long_run_warning(count, elapsed, self.steps - step - 1)
+            if said:
+                warnings.warn(said, stacklevel=3)
+
+
 __all__ = ["FitResult", "DivergenceError", "divergence", "last_update", "Window", "duration", "long_run_warning",
-           "LONG_RUN_SECONDS"]
+           "LongRunWarning", "LONG_RUN_SECONDS"]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .average import ParameterAverage, average_start
 from .engine import check_plan
 from .recipe import learning_rate
-from .result import PACE_SECONDS, PACE_STEPS, FitResult, Window, divergence, last_update, long_run_warning
+from .result import FitResult, LongRunWarning, Window, divergence, last_update
 from .runtime import blas_threads
 from .replicas import unstack
 from .weights import kl_weight
@@ -50,7 +50,7 @@ def train(stack, callback) -> list:
 
     bar = tqdm(range(steps), disable=not v["progress"], desc=f"fit x{R}", dynamic_ncols=True, mininterval=0.5)
     optimizer_step = stack.optimizer.update if stack.fused else stack.optimizer.step  # as in infer.fit
-    paced = None  # the long-run warning, once the first steps have set the pace (as in infer.fit)
+    pace = LongRunWarning(0, steps, t0)
     with pyro.validation_enabled(False), warnings.catch_warnings(), blas_threads(stack.blas):
         warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
         for step in bar:
@@ -82,10 +82,7 @@ def train(stack, callback) -> list:
                 check_plan(stack.plan, step + 1)  # fit's check: the plan against its eager forward
             optimizer_step()
             averaged.update(step + 1)
-            if paced is None and (step + 1 >= PACE_STEPS or time.perf_counter() - t0 >= PACE_SECONDS):
-                paced = long_run_warning(step + 1, time.perf_counter() - t0, steps - step - 1) or ""
-                if paced:
-                    warnings.warn(paced, stacklevel=3)
+            pace.step_done(step)
             values.append(vec)
             betas.append(beta)
             if (step + 1) % log_every == 0 or step + 1 == steps:
