@@ -191,7 +191,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
-                               "steps": first.steps, "wall_seconds": first.wall_seconds,
+                               "steps": first.steps, "wall_seconds": first.wall_seconds, "engine": first.engine,
                                "last_window_nll": first.history[-1]["nll"]}
         head["guide_phase"] = ("the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's "
                                "price")

@@ -83,6 +83,13 @@ def test_metrics_json_names_the_path_that_trained(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["engine"] == "fast"
 
 
+def test_metrics_json_names_the_path_that_trained_each_phase_of_an_exact_likelihood_run(tmp_path):
+    proc = run_cli(*FAST, "objective=exact", "objective.steps.vae=30", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (saved["model_phase"]["engine"], saved["engine"]) == ("general", "fast")  # no guide; then the guide
+
+
 def test_a_refused_command_line_answers_without_importing_torch_or_pyro(tmp_path):
     # the checks before anything is built need neither: infer loads its torch names on first use (4.5 s -> 1.2 s)
     probe = ("import atexit, runpy, sys\n"
