@@ -13,7 +13,7 @@ log = logging.getLogger("onebit")
 
 def describe(model, guide, data, result) -> dict:
     """What metrics.json's head says when no config does: model and guide names (their class or function
-    names), n, and fit()'s steps and wall_seconds (and its seed where the result records one)."""
+    names), n, and fit()'s steps, wall_seconds and engine (and its seed where the result records one)."""
     def name(obj):
         return getattr(obj, "__name__", None) or type(obj).__name__
 
@@ -34,7 +34,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     """Write metrics.json, history.csv, checkpoint.pt (unless checkpoint=False: run.py writes it, with its config,
     before evaluating), encodings.nc, and (figures=True) encodings.png and
     training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
-    model and guide names, n, seed, steps and wall_seconds from `describe` where metrics lacks them."""
+    model and guide names, n, seed, steps, wall_seconds and engine from `describe` where metrics lacks them."""
     from . import encodings as enc
     from .figures import encoding_figure
     from .training_figure import training_figure
