@@ -20,6 +20,7 @@ from .seeding import FeatureSeeding
 
 INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-level)
 RESHIFT = 300.0  # nats: a split panel's peak this far above its row's shift raises the shift (exp overflows at 709)
+LIVE_GROUP = 4  # rows are evaluated in groups by their count of live panels, rounded up to a multiple of this
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
 
 
@@ -53,11 +54,9 @@ class Inner(FeatureSeeding):
         """Kronrod and Gauss estimates, per panel (A, 2, P), of the q mass, of q times each site log-density and
         of the p mass, relative to the per-row shifts self.shift (set at the first call; raised where these panels
         peak more than RESHIFT nats above it, and _block then rescales the row's earlier estimates)."""
-        A, _, P = a.shape
         half = (b - a) / 2
         nodes = (a + b)[..., None] / 2 + half[..., None] * KRONROD_X  # (A, 2, P, 15)
-        logs = self._eval(u, nodes.permute(0, 2, 3, 1).reshape(A, P * 15, 2))
-        logs = {k: v.reshape(A, P, 15, 2).permute(0, 3, 1, 2) for k, v in logs.items()}
+        logs = self._live_logs(u, nodes, b > a)
         joint = self._joint(logs)
         if self.shift is None:
             self.shift = {J: joint[J].amax((2, 3)).nan_to_num(0.0, neginf=0.0) for J in joint}
@@ -74,6 +73,25 @@ class Inner(FeatureSeeding):
                 f["qh:" + k] = torch.where(f["q"] > 0, f["q"] * val, torch.zeros_like(val))
         return {k: ((half[..., None] * KRONROD_W * v).sum(-1), (half[..., None] * GAUSS7_W * v).sum(-1))
                 for k, v in f.items()}
+
+    def _live_logs(self, u, nodes, live):
+        """The site log-densities (A, 2, P, 15) at the nodes (A, 2, P, 15) of the panels, evaluated only up to each
+        row's last live panel (rows grouped by that count, rounded up to LIVE_GROUP panels); the nodes of the
+        panels beyond it get -inf. Those panels have zero width (the padding of rows with fewer features than
+        the fullest row of their block, or with fewer than the other data point), so they weigh nothing either
+        way: each row's estimates are the same as when every node is evaluated."""
+        A, _, P, K = nodes.shape
+        last = (live * torch.arange(1, P + 1)).amax(-1).amax(-1)  # (A,): 1 + the last live panel of either point
+        reach = ((last + LIVE_GROUP - 1) // LIVE_GROUP * LIVE_GROUP).clamp(1, P)
+        out = {}
+        for r in reach.unique().tolist():
+            rows = (reach == r).nonzero().squeeze(-1)
+            part = self._eval(u[rows], nodes[rows, :, :r].permute(0, 2, 3, 1).reshape(len(rows), r * K, 2))
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = torch.full((A, P, K, 2), -math.inf, dtype=v.dtype, device=v.device)
+                out[k][rows, :r] = v.reshape(len(rows), r, K, 2)
+        return {k: v.permute(0, 3, 1, 2) for k, v in out.items()}
 
     def _row_errors(self, est):
         """Per panel (A, 2, P), the largest |K15 - G7| among the row's integrals, relative to the row's size."""

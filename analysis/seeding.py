@@ -99,12 +99,17 @@ class FeatureSeeding:
             out = torch.where(rising, end + sign * reach, out)
         return out
 
-    def _values(self, u, points, kinds):
-        """Each feature's own log-density (q or p) at points (A, 2, F, S): a tensor of that shape."""
+    def _values(self, u, points, kinds, repeat=None):
+        """Each feature's own log-density (q or p) at points (A, 2, F, S): a tensor of that shape. With `repeat`
+        (A, 2, F), the features that repeat another in every row and data point are not evaluated: -inf there."""
         A, _, F, S = points.shape
-        lj = self._joint(self._eval(u, points.permute(0, 2, 3, 1).reshape(A, F * S, 2)))
-        lj = {J: v.reshape(A, F, S, 2).permute(0, 3, 1, 2) for J, v in lj.items()}
-        out = torch.stack([lj[J][:, :, f] for f, J in enumerate(kinds)], 2)
+        cols = list(range(F)) if repeat is None else (~repeat.flatten(0, 1).all(0)).nonzero().squeeze(-1).tolist()
+        G = len(cols)
+        lj = self._joint(self._eval(u, points[:, :, cols].permute(0, 2, 3, 1).reshape(A, G * S, 2)))
+        lj = {J: v.reshape(A, G, S, 2).permute(0, 3, 1, 2) for J, v in lj.items()}
+        out = torch.full((A, 2, F, S), -math.inf, dtype=torch.float64)
+        for g, f in enumerate(cols):
+            out[:, :, f] = lj[kinds[f]][:, :, g]
         return torch.nan_to_num(out, nan=-math.inf)
 
     def features(self, u):
@@ -131,7 +136,7 @@ class FeatureSeeding:
         resolution = RESOLUTION * torch.finfo(self.d.dtype).eps  # float32 inputs: 4 * 2**-23
         for _ in range(24):
             pts = c[rows, ..., None] + half[rows, ..., None] * steps
-            val = self._values(u[rows], pts, kinds)
+            val = self._values(u[rows], pts, kinds, repeat[rows])  # a repeat copies its first's result below
             arg = val.argmax(-1, keepdim=True)
             top = val.gather(-1, arg).squeeze(-1)
             best[rows] = top
@@ -168,7 +173,8 @@ class FeatureSeeding:
         # and runs up to 2**15 times that or the span (no drop within: its last offset)
         span = self.hi - self.lo
         deltas = ((half / 8)[..., None] * 2.0 ** torch.arange(LADDER_STEPS, dtype=torch.float64)).clamp(max=span)
-        val = self._values(u, c[..., None] + torch.cat([-deltas, deltas], -1), kinds)
+        val = self._values(u, c[..., None] + torch.cat([-deltas, deltas], -1), kinds, repeat)
+        val = val.gather(2, first[..., None].expand_as(val))  # a repeat's points are its first's
         top = torch.maximum(best, val.amax(-1))
         drop = top[..., None] - val >= 1.0
         D = LADDER_STEPS
