@@ -1,6 +1,8 @@
 """The evaluation's cheap paths give the thorough paths' numbers (analysis.exact): the refinement that skips
 numerically zero tail panels, and the inner integral's shortcuts (a row stops splitting when its error stalls, splits
-only the panels it needs, a zoom that jumps to a parabola's peak, a short width ladder). Behaviour only, no timings."""
+only the panels it needs, a zoom that jumps to a parabola's peak, a short width ladder, no evaluation of padding panels
+or of repeated features). Behaviour only, no timings."""
+import copy
 import math
 
 import pyro
@@ -12,7 +14,7 @@ import analysis.inner
 import analysis.quadrature
 import analysis.seeding
 from analysis.densities import Densities
-from analysis.exact import exact
+from analysis.exact import exact, surgery
 from analysis.inner import Inner
 from test_exact import N, data, dlgm_pair  # noqa: F401  the same trained dlgm (n = 5) as the exact tests
 
@@ -95,3 +97,33 @@ def test_the_zoom_lands_on_a_needle_and_the_inner_integral_is_exact(data, float6
     closed = torch.distributions.Normal(0.0, math.hypot(a, s)).log_prob(u) - N * math.log(2)
     for level in range(3):
         assert torch.allclose(inner(u, level=level)["lp"], closed, rtol=0, atol=1e-9), level
+
+
+def _counting_prior_net(model):
+    """A list that grows by the number of z2 values the dlgm's prior net p(z1|z2) is evaluated at, per call."""
+    counts = []
+    model.priors[0].register_forward_hook(lambda module, inputs, output: counts.append(inputs[0].numel()))
+    return counts
+
+
+def test_padding_panels_and_repeated_features_are_not_evaluated_and_change_no_number(dlgm_pair, fast, data,
+                                                                                        monkeypatch):
+    """The inner integrals skip the zero-width panels that pad a row to its block's panel count, and the feature
+    zoom skips candidates that repeat another in every row: exact() and surgery() give the numbers of evaluating
+    every node, to the bit, from fewer evaluations of the prior net."""
+    model, guide = copy.deepcopy(dlgm_pair[0]), copy.deepcopy(dlgm_pair[1])
+    skipping = _counting_prior_net(model)
+    lean, lean_split = exact(model, guide, data), surgery(model, guide, data)
+    monkeypatch.setattr(analysis.inner, "LIVE_GROUP", 10 ** 9)  # every row evaluates all of its block's panels
+    original = analysis.seeding.FeatureSeeding._values
+    monkeypatch.setattr(analysis.seeding.FeatureSeeding, "_values",
+                        lambda self, u, points, kinds, repeat=None: original(self, u, points, kinds))
+    every = _counting_prior_net(model)
+    skipping_count = sum(skipping)
+    full, full_split = exact(model, guide, data), surgery(model, guide, data)
+    assert sum(every) - skipping_count > 0.1 * skipping_count  # the skipped nodes were a real part of the work
+    for key in ("loss", "recon", "nll", "error"):
+        assert lean[key] == full[key]
+    assert lean["kl"] == full["kl"] and lean["log_px"] == full["log_px"]
+    assert lean_split == full_split
+    assert lean["loss"] == fast["loss"]

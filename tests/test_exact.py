@@ -332,34 +332,3 @@ def test_surgery_integrates_needle_guides_at_different_places_for_the_two_points
     closed_kl = 0.5 * (16.0 + 1e-10 - 1) - math.log(1e-5)  # KL(N(+-4, 1e-10) || N(0, 1)), the same for both
     assert abs(r["avg_kl"] - closed_kl) <= max(r["error"], 1e-6)
 
-
-def _counting_prior_net(model):
-    """A list that grows by the number of z2 values the dlgm's prior net p(z1|z2) is evaluated at, per call."""
-    counts = []
-    model.priors[0].register_forward_hook(lambda module, inputs, output: counts.append(inputs[0].numel()))
-    return counts
-
-
-def test_padding_panels_and_repeated_features_are_not_evaluated_and_change_no_number(dlgm_pair, dlgm_exact, data,
-                                                                                        monkeypatch):
-    """The inner integrals skip the zero-width panels that pad a row to its block's panel count, and the feature
-    zoom skips candidates that repeat another in every row: exact() and surgery() give the numbers of evaluating
-    every node, to the bit, from fewer evaluations of the prior net."""
-    from analysis import inner, seeding
-
-    model, guide = copy.deepcopy(dlgm_pair[0]), copy.deepcopy(dlgm_pair[1])
-    skipping = _counting_prior_net(model)
-    lean, lean_split = exact(model, guide, data), surgery(model, guide, data)
-    monkeypatch.setattr(inner, "LIVE_GROUP", 10 ** 9)  # every row evaluates all of its block's panels
-    original = seeding.FeatureSeeding._values
-    monkeypatch.setattr(seeding.FeatureSeeding, "_values",
-                        lambda self, u, points, kinds, repeat=None: original(self, u, points, kinds))
-    every = _counting_prior_net(model)
-    skipping_count = sum(skipping)
-    full, full_split = exact(model, guide, data), surgery(model, guide, data)
-    assert sum(every) - skipping_count > 0.1 * skipping_count  # the skipped nodes were a real part of the work
-    for key in ("loss", "recon", "nll", "error"):
-        assert lean[key] == full[key]
-    assert lean["kl"] == full["kl"] and lean["log_px"] == full["log_px"]
-    assert lean_split == full_split
-    assert lean["loss"] == dlgm_exact["loss"]
