@@ -18,6 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from .base_noise import BaseNoise
 from .qdensity import GuideDensity, log_prob64
 from .quadrature import GAUSS7_W, KRONROD_W, KRONROD_X, lse
+from .shared_draws import draws
 
 MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or exact() and surgery() refuse it
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
@@ -158,7 +159,12 @@ class Densities:
 
     def samples(self, count: int = 4096, seed: int = 0) -> dict:
         """Draws of every latent from the guide ('q:site', shape (count, 2)) and the model prior ('p:site'), plus the
-        log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic."""
+        log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic (made once per
+        evaluation inside analysis.shared_draws.shared_draws())."""
+        key = (count, seed, self.dtype, str(self.device), tuple(self.latents), tuple(self.observed))
+        return draws(key, lambda: self._samples(count, seed))
+
+    def _samples(self, count: int, seed: int) -> dict:
         out = {}
         step = self.rows(2)  # model draws per evaluation (all of them unless the data are wide)
         with torch.no_grad(), torch.random.fork_rng(), poutine.block():

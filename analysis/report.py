@@ -83,8 +83,10 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
     # exact, surgery, monte_carlo, iwae: checked once, here; MKL's matmuls serial, so torch's thread count changes no
-    # number (infer.runtime.serial_blas)
-    with inputs_checked(model, guide, data), serial_blas():
+    # number (infer.runtime.serial_blas); the quadratures' fixed-seed draws made once (shared_draws)
+    from .shared_draws import shared_draws
+
+    with inputs_checked(model, guide, data), serial_blas(), shared_draws():
         return _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples)
 
 

@@ -16,6 +16,8 @@ import analysis.seeding
 from analysis.densities import Densities
 from analysis.exact import exact, surgery
 from analysis.inner import Inner
+from guides import GaussianGuide
+from models import VAE
 from test_exact import N, data, dlgm_pair  # noqa: F401  the same trained dlgm (n = 5) as the exact tests
 
 torch.set_num_threads(1)
@@ -127,3 +129,25 @@ def test_padding_panels_and_repeated_features_are_not_evaluated_and_change_no_nu
     assert lean["kl"] == full["kl"] and lean["log_px"] == full["log_px"]
     assert lean_split == full_split
     assert lean["loss"] == fast["loss"]
+
+
+def test_one_evaluation_draws_its_quadratures_ranges_once_and_reports_the_numbers_of_separate_calls(data,
+                                                                                                      monkeypatch):
+    """evaluate() runs exact() and surgery() (on float64 copies of the networks) and posterior_grid() (on the
+    networks as they are), each of which places its ranges from fixed-seed draws (Densities.samples): they are
+    made once per dtype, and the numbers are those of the separate calls."""
+    from analysis.report import evaluate
+
+    pyro.set_rng_seed(0)
+    model = VAE(N)
+    guide = GaussianGuide(model)
+    separate = exact(model, guide, data), surgery(model, guide, data)
+    made = []
+    original = Densities._samples
+    monkeypatch.setattr(Densities, "_samples", lambda self, *args: made.append(self.dtype) or original(self, *args))
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4)
+    assert sorted(map(str, made)) == ["torch.float32", "torch.float64"]
+    assert {k: v for k, v in metrics["exact"].items() if k not in ("rate", "distortion")} == separate[0]
+    assert metrics["surgery"] == separate[1]
+    exact(model, guide, data)  # outside an evaluation nothing is kept
+    assert len(made) == 3
