@@ -30,16 +30,25 @@ def describe(model, guide, data, result) -> dict:
 
 
 def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
-              title: str = None, checkpoint: bool = True) -> None:
+              title: str = None, checkpoint: bool = True, overwrite: bool = False) -> None:
     """Write metrics.json, history.csv, checkpoint.pt (unless checkpoint=False: run.py writes it, with its config,
     before evaluating), encodings.nc, and (figures=True) encodings.png and
     training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
-    model and guide names, n, seed, steps, wall_seconds and engine from `describe` where metrics lacks them."""
+    model and guide names, n, seed, steps, wall_seconds and engine from `describe` where metrics lacks them.
+    A directory that already holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant)
+    is refused in one line (ValueError) before anything is written, unless overwrite=True."""
     from . import encodings as enc
     from .figures import encoding_figure
+    from .rundir import occupant
     from .training_figure import training_figure
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
+    held = occupant(out)
+    if held and overwrite is not True:
+        raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
+                         "overwrite=True to replace it")
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)

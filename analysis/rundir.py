@@ -11,7 +11,8 @@ it leaves no trace; a file or folder that was there before the claim is never re
 
 A run directory is never the current directory while that holds anything but a run (an empty hydra.run.dir would
 write a run's files among the user's), nor inside another run's directory (a folder above it holding a run's
-status.json), except a replica of a replica group (<group dir>/seed<s>, listed in the group's status.json).
+status.json), except a replica of a replica group (<group dir>/seed<s>, listed in the group's status.json), nor a
+folder that holds other runs below it (hydra.run.dir=outputs).
 """
 import json
 import os
@@ -114,7 +115,8 @@ def check_run_dir_setting(value, key: str = "hydra.run.dir") -> None:
 def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
     """Raise RunDirError (one line, naming key) if the absolute run dir `path` lies inside another run's directory
     (a folder above it holds a run's status.json; a replica dir <group>/seed<s> that the group's status lists is
-    its own run), or is the current directory while that holds files and no run."""
+    its own run), holds another run below it (run_below: e.g. outputs/, the folder of every run), or is the
+    current directory while that holds files and no run."""
     path = Path(path).absolute()
     for above in path.parents:
         if not is_run(above):
@@ -125,6 +127,10 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
             continue  # a replica's own dir
         raise RunDirError(f"{key}={path} is not allowed: it is inside the run directory {above} (it holds a run's "
                           f"{STATUS}); no run writes into another run's directory: choose a {key} outside it")
+    below = run_below(path)
+    if below is not None:
+        raise RunDirError(f"{key}={path} is not allowed: it holds the run directory {below} (a folder of runs, not a "
+                          f"run's); a run's files would mix with theirs: choose a new {key}")
     try:
         here = Path.cwd()
     except OSError:
@@ -132,3 +138,30 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
     if path == here and not is_run(path) and any(path.iterdir()):
         raise RunDirError(f"{key}={path} is not allowed: it is the current directory, which holds other files; "
                           f"choose a new or empty directory for {key}")
+
+
+def run_below(path, depth: int = 4, folders: int = 10000):
+    """The first run directory found strictly below path (breadth first, down to `depth` levels, looking into at most
+    `folders` folders), other than the replica dirs that path's own status.json lists; None if there is none."""
+    path = Path(path)
+    own = read_status(path).get("replicas") if is_run(path) else None
+    own = set(own) if isinstance(own, list) else set()
+    level, seen = [path], 0
+    for _ in range(depth):
+        deeper = []
+        for folder in level:
+            seen += 1
+            if seen > folders:
+                return None
+            try:
+                entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for entry in entries:
+                if folder == path and entry.name in own:
+                    continue
+                if is_run(entry.path):
+                    return Path(entry.path)
+                deeper.append(Path(entry.path))
+        level = deeper
+    return None

@@ -27,7 +27,7 @@ def network_params(cfg, build) -> int:
             _, model, guide = _build_on_meta(build, small)
         except Exception as err:  # noqa: BLE001  e.g. hydra's InstantiationException around torch's RuntimeError
             cause = err.__cause__ or err.__context__ or err
-            if not ("allocate" in str(cause) or isinstance(cause, MemoryError)):
+            if not ("allocate" in str(cause) or "overflow" in str(cause) or isinstance(cause, MemoryError)):
                 raise
             raise ConfigError(f"the networks these settings describe cannot be allocated even at data.n={n} (torch: "
                               f"out of memory): memory_gb={cfg.memory_gb} fits far less; lower the model.* and "
@@ -86,6 +86,10 @@ def check_memory(cfg, build) -> None:
     params = network_params(cfg, build)
     particles_key = "objective.K" if "K" in cfg.objective else "train.num_particles"
     particles = OmegaConf.select(cfg, particles_key)
+    if "nodes" in cfg.objective:  # objective=exact: its lattice, nodes (x inner_nodes where z1 has its own), is the
+        #                           model phase's particles
+        particles_key = "objective.nodes"
+        particles = cfg.objective.nodes * (cfg.objective.get("inner_nodes", 1) if cfg.model.name == "dlgm" else 1)
     replicas = cfg.get("replicas", 1)
     if replicas > 1:  # every replica's own networks and their stacked copies; one stack's particles at a time
         from infer.fit_replicas import stack_size

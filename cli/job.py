@@ -244,7 +244,7 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
         if good is not None:
             metrics["checkpoint"] = good.restore()
     write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
-              title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
+              title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}", overwrite=True)  # claimed
     if reason:
         raise Diverged(reason)
     return metrics

@@ -34,6 +34,9 @@ def check_group_choices(argv) -> None:
             raise ConfigError(f"{arg}: {group} needs an option: {group} must be one of {', '.join(options)}")
         if not sep:
             continue
+        if value.strip() in ("null", ""):  # an optional group (pair, experiment): Hydra takes no null choice
+            raise ConfigError(f"{arg} is not allowed: {group} must be one of {', '.join(options)}; leave {group} out "
+                              "to choose none")
         chosen[group] = value
         if value.strip()[:1] in ("[", "{"):  # split at its commas it would be named by a fragment ('model=[vae')
             raise ConfigError(f"{group}={value} is not allowed: {group} must be one option, one of "

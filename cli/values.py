@@ -7,7 +7,7 @@ what spans keys (eval.samples with eval.replicates, seed with replicas, what rep
 from omegaconf import DictConfig, OmegaConf
 
 from cli.state import ConfigError
-from infer.validate import CONFIG_RULES, MAX_SEED, MAX_THREADS, is_finite, is_int
+from infer.validate import CONFIG_RULES, MAX_DRAWS, MAX_SEED, MAX_STEPS, MAX_THREADS, is_finite, is_int
 
 
 def _bool(v) -> bool:
@@ -25,12 +25,13 @@ COMMAND_LINE_RULES = {
                  "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
     "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
-    "train.progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "train.progress": (lambda v: v == "auto" or _bool(v), "auto, true or false"),
     "train.resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a path to a checkpoint.pt"),
-    "eval.samples": (lambda v: is_int(v) and v >= 10000, "an integer >= 10000 (final numbers need 10^4 draws)"),
+    "eval.samples": (lambda v: is_int(v) and 10000 <= v <= MAX_DRAWS,
+                     f"an integer in [10000, {MAX_DRAWS}] (final numbers need 10^4 draws)"),
     "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "eval.tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
-    "eval.iwae_k": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval.iwae_k": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS // 2, f"an integer in [1, {MAX_DRAWS // 2}]"),
     "eval.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
     "eval.figures": (_bool, "true or false"),
     "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -39,10 +40,10 @@ COMMAND_LINE_RULES = {
     "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
     "guide.gain": (_bool, "true or false"),
-    "objective.nodes": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "objective.inner_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "objective.steps.vae": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "objective.steps.dlgm": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "objective.nodes": (lambda v: is_int(v) and 2 <= v <= MAX_DRAWS, f"an integer in [2, {MAX_DRAWS}]"),
+    "objective.inner_nodes": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}]"),
+    "objective.steps.vae": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
+    "objective.steps.dlgm": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
     "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
 }
 RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}

@@ -93,8 +93,17 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
         raise
 
 
+def _numpy_globals() -> list:
+    """What torch.load(weights_only=True) must be allowed to rebuild for numpy's RNG state (an ndarray of uint32)."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path, label: str = None) -> dict:
-    """Read a checkpoint written by save_checkpoint and check every entry it returns (check_checkpoint); raise
+    """Read a checkpoint written by save_checkpoint (torch.load with weights_only: tensors, numbers, strings and
+    numpy's RNG state; nothing that runs code) and check every entry it returns (check_checkpoint); raise
     CheckpointError with a one-line reason otherwise, naming `label` (the argument or config key that gave the
     path, e.g. 'train.resume'), the path and the bad entry."""
     if not isinstance(path, (str, os.PathLike)):
@@ -107,8 +116,13 @@ def load_checkpoint(path, label: str = None) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{where} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):  # a checkpoint holds tensors, numbers, strings and
+            #                                                          numpy's RNG state, and runs no code when read
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
+        if "Weights only load failed" in str(err):  # a pickle of other objects: loading it could run any code
+            raise CheckpointError(f"{where} is not a checkpoint this project wrote: it holds Python objects of other "
+                                  "kinds (not loaded: reading them could run code)") from None
         raise CheckpointError(f"{where} is not a readable torch file ({type(err).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in KEYS):
         have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__

@@ -20,6 +20,11 @@ ENGINES = ("auto", "general")
 MAX_SEED = 2 ** 32 - 1  # numpy's RNG (seeded with torch's and Python's by pyro.set_rng_seed) takes seeds below 2**32
 MAX_THREADS = 1024  # torch's thread pool: 20000 threads aborted (libgomp: thread creation failed), 100000 segfaulted
 ORDERS = ("linear", "quadratic")
+MAX_STEPS = 10 ** 9  # a step budget beyond any run (weeks at 1 ms a step); tqdm's len() overflowed at 10**20
+MAX_LAYERS = 100  # hidden layers of a network, or latent layers of a DLGM: far beyond the study's 2-3; a depth of 10**6
+# hung the memory check, which builds the networks (on the meta device) layer by layer
+MAX_DRAWS = 2 ** 24  # draws per data point of an evaluation (eval.samples, khat_samples, 2 x iwae_k): 1000x the
+# default; 10**12 tried to allocate 8 TB after training
 
 
 def is_int(v) -> bool:
@@ -38,6 +43,10 @@ def is_finite(v) -> bool:
 
 def _int_at_least(low):
     return lambda v: is_int(v) and v >= low
+
+
+def _layers(low):
+    return lambda v: is_int(v) and low <= v <= MAX_LAYERS
 
 
 def _pair(test):
@@ -65,7 +74,7 @@ def _weights(v) -> bool:
 
 RULES = {
     # training (infer.fit)
-    "steps": (_int_at_least(1), "an integer >= 1"),
+    "steps": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
     "lr": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "lr_final": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "schedule": (lambda v: v in SCHEDULES, " or ".join(SCHEDULES)),
@@ -94,13 +103,13 @@ RULES = {
                           "number)"),
     # networks (models, guides)
     "latent_dim": (_int_at_least(1), "an integer >= 1"),
-    "depth": (_int_at_least(2), "an integer >= 2"),
+    "depth": (_layers(2), f"an integer in [2, {MAX_LAYERS}]"),
     "hidden": (_int_at_least(1), "an integer >= 1"),
-    "layers": (_int_at_least(0), "an integer >= 0"),
+    "layers": (_layers(0), f"an integer in [0, {MAX_LAYERS}]"),
     "prior_hidden": (_int_at_least(1), "an integer >= 1"),
-    "prior_layers": (_int_at_least(0), "an integer >= 0"),
+    "prior_layers": (_layers(0), f"an integer in [0, {MAX_LAYERS}]"),
     "upper_hidden": (_int_at_least(1), "an integer >= 1"),
-    "upper_layers": (_int_at_least(0), "an integer >= 0"),
+    "upper_layers": (_layers(0), f"an integer in [0, {MAX_LAYERS}]"),
     "activation": (lambda v: v in ACTIVATIONS, ", ".join(ACTIVATIONS[:-1]) + " or " + ACTIVATIONS[-1]),
     "min_scale": (lambda v: is_finite(v) and 0 < v <= 1, "a number in (0, 1]: a floor on a Gaussian's scale, at most "
                   "the prior's unit scale (1e30 made the loss or the evidence overflow)"),
@@ -132,11 +141,12 @@ RULES = {
     # numbers; in Python, samples must be a multiple of replicates, at least 2 per replicate: check_samples)
     "tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "replicates": (_int_at_least(2), "an integer >= 2"),
-    "iwae_k": (_int_at_least(1), "an integer >= 1"),
+    "iwae_k": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS // 2, f"an integer in [1, {MAX_DRAWS // 2}]"),
     "exact": (lambda v: isinstance(v, bool), "true or false"),
     "eval_seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-    "khat_samples": (lambda v: v is None or (is_int(v) and v >= KHAT_MIN_SAMPLES),
-                     f"an integer >= {KHAT_MIN_SAMPLES} (or None: the default, analysis.report.khat_draws)"),
+    "khat_samples": (lambda v: v is None or (is_int(v) and KHAT_MIN_SAMPLES <= v <= MAX_DRAWS),
+                     f"an integer in [{KHAT_MIN_SAMPLES}, {MAX_DRAWS}] (or None: the default, "
+                     "analysis.report.khat_draws)"),
     "points": (_int_at_least(2), "an integer >= 2"),
     "nll_samples": (_int_at_least(2), "an integer >= 2"),
     "chunk": (_int_at_least(1), "an integer >= 1"),
@@ -205,6 +215,9 @@ def check_samples(samples, replicates) -> None:
     multiple of it with at least 2 draws per replicate (a replicate's draws are samples // replicates: a remainder
     would be dropped silently)."""
     check("replicates", replicates)
+    if is_int(samples) and samples > MAX_DRAWS:
+        raise ValueError(f"samples={samples} is not allowed: samples must be at most {MAX_DRAWS} (draws per data "
+                         "point)")
     if not (is_int(samples) and samples >= 2 * replicates and samples % replicates == 0):
         raise ValueError(f"samples={shown(samples)} is not allowed with replicates={replicates}: samples must be an "
                          f"integer multiple of replicates, at least 2 x replicates = {2 * replicates} (e.g. "
@@ -228,6 +241,7 @@ def check_all(**values) -> None:
 
 
 __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples",
-           "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "KHAT_MIN_SAMPLES", "ORDERS",
+           "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "MAX_STEPS", "MAX_LAYERS", "MAX_DRAWS",
+           "KHAT_MIN_SAMPLES", "ORDERS",
            "allowed",
            "is_allowed", "is_int", "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS", "ENGINES"]

@@ -57,7 +57,7 @@ def test_a_group_of_keys_set_to_one_value_is_refused_naming_it(tmp_path):
 
 def test_a_missing_mandatory_value_is_refused_naming_the_key(tmp_path):
     proc = run_cli(*TINY, "train.steps=???", cwd=tmp_path)  # it crashed mid-run (MissingMandatoryValue)
-    one_line_error(proc, "train.steps=??? is not allowed", "train.steps must be an integer >= 1")
+    one_line_error(proc, "train.steps=??? is not allowed", "train.steps must be an integer in [1, 1000000000]")
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
     assert refusal("train.resume=???").startswith("train.resume=??? is not allowed")  # it ran without resuming
 
@@ -415,3 +415,105 @@ def test_a_divergence_at_the_default_betas_names_only_the_learning_rate(tmp_path
     proc = run_cli(*TINY, "data.n=5", "train.steps=100", "optim.lr=10", cwd=tmp_path)
     line = last_error_line(proc)
     assert line.startswith("error: training diverged") and "optim.lr" in line and "also sets" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes beyond any run: refused before training (they crashed after it, or hung), with the bound named
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("train.steps=99999999999999999999", "train.steps must be an integer in [1, 1000000000]"),  # OverflowError
+    ("model.depth=1000000", "model.depth must be an integer in [2, 100]"),  # the memory check hung
+    ("model.layers=1000000", "model.layers must be an integer in [0, 100]"),
+    ("eval.samples=1000000000000", "eval.samples must be an integer in [10000, 16777216]"),  # 8 TB after training
+    ("eval.iwae_k=1000000000000", "eval.iwae_k must be an integer in [1, 8388608]"),
+    ("train.progress=1", "train.progress must be auto, true or false"),  # 1 == True passed as a boolean
+])
+def test_a_size_beyond_any_run_is_refused_naming_its_bound(override, allowed):
+    model = ["model=dlgm"] if "depth" in override else []
+    assert allowed in refusal(*model, override)
+
+
+def test_fit_refuses_a_step_budget_beyond_any_run():
+    from infer.validate import check
+
+    with pytest.raises(ValueError, match=r"steps=10\*\*20|steps=100000000000000000000 is not allowed: steps must be "
+                                         r"an integer in \[1, 1000000000\]"):
+        check("steps", 10 ** 20)
+
+
+def test_evaluate_refuses_more_draws_than_any_evaluation_needs():
+    from infer.validate import check_samples
+
+    with pytest.raises(ValueError, match=r"samples=1000000000000 is not allowed: samples must be at most 16777216"):
+        check_samples(10 ** 12, 16)
+
+
+def test_the_exact_objectives_lattice_is_held_to_the_memory_budget(tmp_path):
+    proc = run_cli(*TINY, "objective=exact", "objective.nodes=10000000", "memory_gb=0.5", cwd=tmp_path)  # 8 TB at 10**12
+    one_line_error(proc, "10,000,000 particles", "lower objective.nodes")
+    assert not list(tmp_path.iterdir())
+
+
+def test_networks_too_wide_to_count_are_refused_in_one_line(tmp_path):
+    proc = run_cli(*TINY, "model.hidden=1000000000000", cwd=tmp_path)  # torch: storage size overflowed
+    one_line_error(proc, "cannot be allocated", "model.* and guide.* widths")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("choice", ["pair=null", "+experiment=null"])
+def test_no_option_for_an_optional_group_is_refused_naming_the_options(tmp_path, choice):
+    proc = run_cli(*TINY, choice, cwd=tmp_path)  # Hydra: "Config group override must be a string or a list"
+    group = choice.lstrip("+").split("=")[0]
+    one_line_error(proc, f"{choice} is not allowed: {group} must be one of", f"leave {group} out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is already written is never mixed with or replaced
+
+
+def test_a_folder_of_runs_is_refused_as_a_run_directory(finished_run, tmp_path):
+    folder = tmp_path / "runs"
+    shutil.copytree(finished_run, folder / "one")
+    before = snapshot(folder)
+    proc = run_cli(*TINY, f"hydra.run.dir={folder}", cwd=tmp_path)  # it wrote a run beside the runs it holds
+    one_line_error(proc, f"hydra.run.dir={folder} is not allowed: it holds the run directory {folder / 'one'}")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == ["one"]
+
+
+def test_write_run_refuses_a_directory_that_holds_a_run_unless_told_to_overwrite(finished_run, tmp_path):
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    data = OneBit(3)
+    model = VAE(3)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=20)
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4)
+    with pytest.raises(ValueError, match=r"already holds a run with status 'ok'; .*overwrite=True") as err:
+        write_run(run, model, guide, data, result, metrics, grids, figures=False)
+    assert "\n" not in str(err.value) and snapshot(run) == before
+    write_run(run, model, guide, data, result, metrics, grids, figures=False, overwrite=True)
+    assert snapshot(run)["metrics.json"] != before["metrics.json"]
+
+
+def test_a_checkpoint_holding_other_python_objects_is_refused_without_running_them(tmp_path):
+    import os
+
+    from infer.checkpoint import load_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"params": Payload(), "optimizer": {}, "rng": {}, "step": 1}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"is not a checkpoint this project wrote: it holds Python objects"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
