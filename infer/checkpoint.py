@@ -120,7 +120,7 @@ def load_checkpoint(path, label: str = None) -> dict:
             #                                                          numpy's RNG state, and runs no code when read
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        if "Weights only load failed" in str(err):  # a pickle of other objects: loading it could run any code
+        if "unsupported global" in str(err).lower():  # a pickle of other objects: loading it could run any code
             raise CheckpointError(f"{where} is not a checkpoint this project wrote: it holds Python objects of other "
                                   "kinds (not loaded: reading them could run code)") from None
         raise CheckpointError(f"{where} is not a readable torch file ({type(err).__name__})") from None
