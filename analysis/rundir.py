@@ -142,7 +142,8 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
 
 def run_below(path, depth: int = 4, folders: int = 10000):
     """The first run directory found strictly below path (breadth first, down to `depth` levels, looking into at most
-    `folders` folders), other than the replica dirs that path's own status.json lists; None if there is none."""
+    `folders` folders), other than the replica dirs that path's own status.json lists and hidden folders (.hydra/,
+    the backups of a replaced run, .replaced.<pid>/); None if there is none."""
     path = Path(path)
     own = read_status(path).get("replicas") if is_run(path) else None
     own = set(own) if isinstance(own, list) else set()
@@ -158,8 +159,8 @@ def run_below(path, depth: int = 4, folders: int = 10000):
             except OSError:
                 continue
             for entry in entries:
-                if folder == path and entry.name in own:
-                    continue
+                if entry.name.startswith(".") or folder == path and entry.name in own:
+                    continue  # .hydra/, a replaced run's backup (.replaced.<pid>/), or this run's own replicas
                 if is_run(entry.path):
                     return Path(entry.path)
                 deeper.append(Path(entry.path))

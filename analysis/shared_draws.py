@@ -1,8 +1,9 @@
 """The fixed-seed draws of one evaluation, made once: exact(), surgery() and posterior_grid() each place their
-integration ranges from the same draws of the guide and the model prior (Densities.samples: 4096 per data point,
-seed 0, with the prior draws' log-likelihoods over all n bits). Inside shared_draws() (analysis.report.evaluate)
-the first call computes them and every later call with the same key gets the same tensors; outside it, every call
-computes its own. The draws are read, never written, by their users."""
+integration ranges from draws of the guide and the model prior (Densities.samples: 4096 per data point, seed 0,
+with the prior draws' log-likelihoods over all n bits), the same for the same settings and dtype (the quadratures
+run on float64 copies of float32 networks, posterior_grid on the networks as they are). Inside shared_draws()
+(analysis.report.evaluate) the first call with a key computes them and every later call gets the same tensors;
+outside it, every call computes its own. The draws are read, never written, by their users."""
 import contextlib
 import contextvars
 
