@@ -38,7 +38,34 @@ def check_flags(args) -> None:
             value = value or (args[i + 1] if i + 1 < len(args) else "")
             if value not in FLAG_VALUES[flag]:
                 raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
+        following = value or (args[i + 1] if i + 1 < len(args) else "-")
+        if flag in ("--info", "-i") and not following.startswith("-") and following not in FLAG_VALUES[flag]:
+            # argparse would take the override as --info's value and print its usage
+            raise ConfigError(f"{flag} {following}: {flag} takes one of {', '.join(FLAG_VALUES[flag])}, or nothing, "
+                              f"before the overrides (e.g. python run.py {flag} config {following})")
+        if flag in CONFIG_FLAGS:
+            _check_config_flag(flag, following)
     check_order(args)
+
+
+CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
+def _check_config_flag(flag, value) -> None:
+    """Refuse, in one line, a primary config other than conf/config.yaml (run.py's task reads its keys) and a
+    --config-dir that is not a directory (Hydra printed its search path over several lines and exited 1)."""
+    from pathlib import Path
+
+    if flag in ("--config-dir", "-cd"):
+        if not Path(value).is_dir():
+            raise ConfigError(f"{flag} {value}: {flag} must name an existing directory of config groups (it is "
+                              "added to conf/ in the search path)")
+        return
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    if value == "config" and flag in ("--config-name", "-cn") or Path(value).resolve() == conf:
+        return  # the primary config itself
+    raise ConfigError(f"{flag} {value}: run.py has one primary config, conf/config.yaml; choose settings with "
+                      "key=value overrides, +experiment=<name>, or --config-dir <dir> for your own config groups")
 
 
 def _override_positions(args) -> list:

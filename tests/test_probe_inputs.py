@@ -450,7 +450,7 @@ def test_evaluate_refuses_more_draws_than_any_evaluation_needs():
 
 
 def test_the_exact_objectives_lattice_is_held_to_the_memory_budget(tmp_path):
-    proc = run_cli(*TINY, "objective=exact", "objective.nodes=10000000", "memory_gb=0.5", cwd=tmp_path)  # 8 TB at 10**12
+    proc = run_cli(*TINY, "objective=exact", "objective.nodes=10000000", "memory_gb=0.5", cwd=tmp_path)  # 8 TB: 1e12
     one_line_error(proc, "10,000,000 particles", "lower objective.nodes")
     assert not list(tmp_path.iterdir())
 
@@ -517,3 +517,20 @@ def test_a_checkpoint_holding_other_python_objects_is_refused_without_running_th
     with pytest.raises(ValueError, match=r"is not a checkpoint this project wrote: it holds Python objects"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hydra's own options
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cfg", "job", "data.n=abc"], ["data.n='abc' is not allowed"]),  # printed the config, exit 0
+    (["--help", "optim.lr=-1"], ["optim.lr=-1 is not allowed"]),
+    (["--info", "data.n=5"], ["--info data.n=5: --info takes one of all, config"]),  # argparse's usage, 8 lines
+    (["--config-name", "foo"], ["--config-name foo: run.py has one primary config"]),  # 8 lines, exit 1
+    (["--config-dir", "/nonexistent/onebit"], ["--config-dir /nonexistent/onebit: --config-dir must name an existing"]),
+])
+def test_hydras_options_with_bad_values_are_refused_in_one_line(tmp_path, args, words):
+    proc = run_cli(*args, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert not list(tmp_path.iterdir())
