@@ -116,6 +116,10 @@ def preflight(overrides, multirun: bool) -> list:
     """Check the command line before Hydra runs; return the overrides that pin the output dir it resolved (and,
     with hydra.job.chdir=true, a relative train.resume as the absolute path checked here: the job reads it from its
     run dir). A single run is validated in full and its directory claimed here, so a refused run creates nothing."""
+    for arg in overrides:
+        if arg.lstrip("+~").partition("=")[0] == "hydra.mode":  # a sweep that the checks above took for a single run
+            raise ConfigError(f"{arg} is not allowed: hydra.mode is set by run.py's options; start a sweep with -m "
+                              "(python run.py -m key=a,b)")
     check_group_choices(overrides)
     check_keys(overrides, multirun)
     if multirun:

@@ -534,3 +534,9 @@ def test_hydras_options_with_bad_values_are_refused_in_one_line(tmp_path, args, 
     proc = run_cli(*args, cwd=tmp_path)
     one_line_error(proc, *words)
     assert not list(tmp_path.iterdir())
+
+
+def test_hydra_mode_is_left_to_the_options(tmp_path):
+    proc = run_cli(*TINY, "hydra.mode=MULTIRUN", cwd=tmp_path)  # it left a run dir 'running' for ever
+    one_line_error(proc, "hydra.mode=MULTIRUN is not allowed", "-m")
+    assert not list(tmp_path.iterdir())
