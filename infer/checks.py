@@ -137,10 +137,12 @@ def check_checkpoint_path(path, name: str = "checkpoint_path") -> None:
         return
     if not isinstance(path, (str, os.PathLike)) or os.fspath(path) in ("", b""):
         raise refuse(name, path, f"{name} must be a file path (str or pathlib.Path), or None")
+    if os.path.isdir(path):
+        raise refuse(name, os.fspath(path), f"{name} must be a file path, and this is a folder (name a file in it, "
+                                            f"e.g. {os.path.join(os.fspath(path), 'checkpoint.pt')!r})")
     if not _folder_exists(path):
         raise refuse(name, os.fspath(path), f"{name} must be a file in a folder that exists (create "
-                                            f"{os.path.dirname(os.path.abspath(os.fspath(path)))!r} first; not a "
-                                            "folder itself)")
+                                            f"{os.path.dirname(os.path.abspath(os.fspath(path)))!r} first)")
 
 
 def _check_elbo(elbo) -> None:

@@ -221,6 +221,12 @@ def test_fit_refuses_a_checkpoint_path_in_a_missing_folder_before_training(vae, 
     assert rows == []
 
 
+def test_fit_refuses_a_folder_as_its_checkpoint_path_naming_a_file_in_it(vae, tmp_path):
+    one_line_value_error(lambda: fit_with(*vae[:2], checkpoint_path=tmp_path),  # it said: create its parent first
+                         rf"^checkpoint_path=.* is not allowed: checkpoint_path must be a file path, and this is a "
+                         rf"folder \(name a file in it, e.g. '{tmp_path / 'checkpoint.pt'}'\)")
+
+
 def test_fit_resumes_from_a_checkpoint_path_as_from_the_loaded_checkpoint(vae, tmp_path):
     from infer.checkpoint import load_checkpoint
 
