@@ -14,7 +14,7 @@ def build(cfg: DictConfig):
     from models import OneBit
 
     def spec(node):
-        return {k: v for k, v in OmegaConf.to_container(node).items() if k != "name"}
+        return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}  # in the root
 
     data = OneBit(cfg.data.n, tuple(cfg.data.weights))
     model = instantiate(spec(cfg.model), n=data.n)

@@ -100,7 +100,14 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed (check_structure first)."""
     check_structure(cfg)
     for key, (test, allowed) in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT)
+        except Exception as err:  # noqa: BLE001  omegaconf's errors of an interpolation that resolves to nothing
+            head, _, last = key.rpartition(".")
+            raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(last)._value()
+            why = str(err).splitlines()[0].split(" full_key:")[0]
+            raise ConfigError(f"{key}={raw} is not allowed: its interpolation does not resolve ({why}); {key} must "
+                              f"be {allowed}") from None
         if isinstance(value, str) and value == _ABSENT:
             continue
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

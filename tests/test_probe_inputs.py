@@ -540,3 +540,22 @@ def test_hydra_mode_is_left_to_the_options(tmp_path):
     proc = run_cli(*TINY, "hydra.mode=MULTIRUN", cwd=tmp_path)  # it left a run dir 'running' for ever
     one_line_error(proc, "hydra.mode=MULTIRUN is not allowed", "-m")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# interpolations
+
+
+def test_an_interpolation_that_resolves_to_nothing_is_refused_naming_the_key_and_what_is_allowed():
+    line = refusal("train.steps=${oops}")  # omegaconf's own line named neither
+    assert line == ("train.steps=${oops} is not allowed: its interpolation does not resolve (Interpolation key "
+                    "'oops' not found); train.steps must be an integer in [1, 1000000000]")
+
+
+def test_a_network_key_may_take_another_keys_value_by_interpolation():
+    from cli.build import build
+    from cli.keys import compose_config
+
+    cfg = compose_config([*TINY, "model.hidden=${guide.hidden}", "guide.hidden=7"])  # refused: 'not found'
+    data, model, guide = build(cfg)
+    assert [m.out_features for m in model.decoder if hasattr(m, "out_features")][:2] == [7, 7]
