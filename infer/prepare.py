@@ -128,11 +128,20 @@ def restore(resume, names, store, result, window, device):
     if missing:
         raise ValueError(f"resume: the checkpoint has no params {', '.join(missing)}; it was written for another "
                          "model or guide")
+    extra = sorted(set(resume["params"]) - set(names))
+    if extra:  # a checkpoint of a larger model: resuming would drop its params silently
+        raise ValueError(f"resume: the checkpoint has params this model and guide do not ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}); it was written for another model or guide")
     for name in names:
-        want, have = tuple(store.get_param(name).unconstrained().shape), tuple(resume["params"][name].shape)
+        mine, saved = store.get_param(name).unconstrained(), resume["params"][name]
+        want, have = tuple(mine.shape), tuple(saved.shape)
         if want != have:
             raise ValueError(f"resume: the checkpoint's param {name} has shape {have} but this model/guide's has "
                              f"shape {want}; it was written for another model, guide or data.n")
+        if saved.dtype != mine.dtype:  # copy_ would round it silently
+            raise ValueError(f"resume: the checkpoint's param {name} is {str(saved.dtype).removeprefix('torch.')} but "
+                             f"this model/guide's is {str(mine.dtype).removeprefix('torch.')}; it was written for a "
+                             "model and guide of another dtype")
     saved = resume.get("buffers", {})
     odd = sorted(k for k, b in saved.items() if k not in result.buffers or b.shape != result.buffers[k].shape)
     if odd:
