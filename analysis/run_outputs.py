@@ -42,6 +42,17 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     from .rundir import occupant
     from .training_figure import training_figure
 
+    from infer.validate import shown
+
+    if not isinstance(out, (str, Path)) or not str(out).strip():
+        raise ValueError(f"out={shown(out)} is not allowed: out must be a directory's path (str or pathlib.Path)")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics={shown(metrics)} is not allowed: metrics must be the dict evaluate() returns first")
+    if not hasattr(result, "history") or not hasattr(result, "steps"):
+        raise ValueError(f"result={shown(result)} is not allowed: result must be what fit() returned")
+    if grids is not None and not isinstance(grids, dict):
+        raise ValueError(f"grids={shown(grids)} is not allowed: grids must be None or the dict evaluate() returns "
+                         "second")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")

@@ -365,6 +365,23 @@ def test_write_run_puts_fits_seed_into_metrics_json(vae, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["seed"] == 7
 
 
+@pytest.mark.parametrize("bad, line", [
+    ({"metrics": None}, r"^metrics=None is not allowed: metrics must be the dict evaluate\(\) returns first"),
+    ({"result": None}, r"^result=None is not allowed: result must be what fit\(\) returned"),
+    ({"grids": 3}, r"^grids=3 is not allowed: grids must be None or the dict evaluate\(\) returns second"),
+    ({"out": None}, r"^out=None is not allowed: out must be a directory's path"),
+])
+def test_write_run_refuses_arguments_that_are_not_what_fit_and_evaluate_return(vae, tmp_path, bad, line):
+    from analysis.report import write_run
+
+    model, guide, data = vae
+    args = dict(out=tmp_path / "run", result=fit_with(model, guide), metrics={}, grids=None)
+    args.update(bad)  # TypeError and AttributeError before
+    one_line_value_error(lambda: write_run(args["out"], model, guide, data, args["result"], args["metrics"],
+                                           args["grids"], figures=False), line)
+    assert not (tmp_path / "run").exists()
+
+
 # F12: constructors and functions name their bad argument
 
 @pytest.mark.parametrize("guide_class", [GaussianGuide, StructuredGuide, MeanFieldGuide, FlowGuide, MixtureGuide])
