@@ -50,11 +50,18 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, activation: str = "
     for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name}={value!r} is not allowed: {name} must be an integer >= 1")
-    blocks, width = ([LogGain(in_dim, gain_rate, gain_floor)] if gain else []), in_dim
-    for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
-        width = hidden
-    blocks.append(nn.Linear(width, out_dim))
+    try:
+        blocks, width = ([LogGain(in_dim, gain_rate, gain_floor)] if gain else []), in_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+            width = hidden
+        blocks.append(nn.Linear(width, out_dim))
+    except RuntimeError as err:  # torch cannot allocate the weights (or even count their bytes)
+        if "alloc" not in str(err) and "overflow" not in str(err):
+            raise
+        why = "its size overflows" if "overflow" in str(err) else "out of memory"
+        raise ValueError(f"hidden={hidden} is not allowed: a network {in_dim} -> {layers} x {hidden} -> {out_dim} "
+                         f"cannot be allocated (torch: {why}); lower hidden") from None
     return nn.Sequential(*blocks)
 
 

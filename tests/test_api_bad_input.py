@@ -456,3 +456,9 @@ def test_fit_refuses_a_checkpoint_dict_with_a_corrupt_entry_before_training(vae,
     state = {**load_checkpoint(path), "rng": None}
     error = one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=state), r"^resume")
     assert "rng" in str(error)
+
+
+def test_a_network_too_wide_to_allocate_is_refused_naming_its_width():
+    one_line_value_error(lambda: VAE(N, hidden=10 ** 12),  # torch's RuntimeError before
+                         r"^hidden=1000000000000 is not allowed: a network 1 -> 2 x 1000000000000 -> 3 cannot be "
+                         r"allocated \(torch: (out of memory|its size overflows)\); lower hidden")
