@@ -38,14 +38,20 @@ def check_flags(args) -> None:
             value = value or (args[i + 1] if i + 1 < len(args) else "")
             if value not in FLAG_VALUES[flag]:
                 raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
+        if flag in CONFIG_FLAGS:
+            _check_config_flag(flag, value or (args[i + 1] if i + 1 < len(args) else ""))
+    check_order(args)
+
+
+def check_info_value(args) -> None:
+    """Refuse, in one line, --info followed by an override (argparse would take it as --info's value and print its
+    usage). Checked after the overrides' keys and values, so that a bad one is named first."""
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
         following = value or (args[i + 1] if i + 1 < len(args) else "-")
         if flag in ("--info", "-i") and not following.startswith("-") and following not in FLAG_VALUES[flag]:
-            # argparse would take the override as --info's value and print its usage
             raise ConfigError(f"{flag} {following}: {flag} takes one of {', '.join(FLAG_VALUES[flag])}, or nothing, "
                               f"before the overrides (e.g. python run.py {flag} config {following})")
-        if flag in CONFIG_FLAGS:
-            _check_config_flag(flag, following)
-    check_order(args)
 
 
 CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
