@@ -238,13 +238,17 @@ def test_fit_resumes_from_a_checkpoint_path_as_from_the_loaded_checkpoint(vae, t
     assert [row["loss"] for row in by_path.history] == [row["loss"] for row in by_dict.history]
 
 
-def test_fit_refuses_a_checkpoint_with_params_this_model_and_guide_lack(vae, tmp_path):
+def saved_state(model, guide, tmp_path) -> dict:
+    """The checkpoint of a 4-step fit, as load_checkpoint reads it."""
     from infer.checkpoint import load_checkpoint
 
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=tmp_path / "ck.pt")
+    return load_checkpoint(tmp_path / "ck.pt")
+
+
+def test_fit_refuses_a_checkpoint_with_params_this_model_and_guide_lack(vae, tmp_path):
     model, guide, _ = vae
-    path = tmp_path / "ck.pt"
-    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
-    state = load_checkpoint(path)
+    state = saved_state(model, guide, tmp_path)
     state["params"]["decoder$$$extra.weight"] = torch.zeros(3)  # resumed silently, the param dropped
     one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=state),
                          r"^resume: the checkpoint has params this model and guide do not "
@@ -252,12 +256,8 @@ def test_fit_refuses_a_checkpoint_with_params_this_model_and_guide_lack(vae, tmp
 
 
 def test_fit_refuses_a_checkpoint_whose_params_have_another_dtype(vae, tmp_path):
-    from infer.checkpoint import load_checkpoint
-
     model, guide, _ = vae
-    path = tmp_path / "ck.pt"
-    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
-    state = load_checkpoint(path)
+    state = saved_state(model, guide, tmp_path)
     state["params"] = {k: v.double() for k, v in state["params"].items()}  # rounded to float32 silently
     one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=state),
                          r"^resume: the checkpoint's param .* is float64 but this model/guide's is float32")
