@@ -98,13 +98,23 @@ def check_structure(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed (check_structure first)."""
-    check_structure(cfg)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        check_structure(cfg)
+    except OmegaConfBaseException as err:  # a group set to an interpolation that resolves to nothing (train=${x})
+        key = getattr(err, "full_key", None) or "the config"
+        why = str(err).splitlines()[0].split(" full_key:")[0]
+        raise ConfigError(f"{key} is not allowed as it is set: its interpolation does not resolve ({why})") from None
     for key, (test, allowed) in RULES.items():
         try:
             value = OmegaConf.select(cfg, key, default=_ABSENT)
         except Exception as err:  # noqa: BLE001  omegaconf's errors of an interpolation that resolves to nothing
             head, _, last = key.rpartition(".")
-            raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(last)._value()
+            try:
+                raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(last)._value()
+            except Exception:  # noqa: BLE001  the interpolation sits higher up, in the group itself
+                raw = "<an interpolation>"
             why = str(err).splitlines()[0].split(" full_key:")[0]
             raise ConfigError(f"{key}={raw} is not allowed: its interpolation does not resolve ({why}); {key} must "
                               f"be {allowed}") from None

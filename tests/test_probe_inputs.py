@@ -559,3 +559,8 @@ def test_a_network_key_may_take_another_keys_value_by_interpolation():
     cfg = compose_config([*TINY, "model.hidden=${guide.hidden}", "guide.hidden=7"])  # refused: 'not found'
     data, model, guide = build(cfg)
     assert [m.out_features for m in model.decoder if hasattr(m, "out_features")][:2] == [7, 7]
+
+
+def test_a_group_set_to_an_interpolation_that_resolves_to_nothing_is_refused_naming_it():
+    assert refusal("train=${oops}") == ("train is not allowed as it is set: its interpolation does not resolve "
+                                        "(Interpolation key 'oops' not found)")
