@@ -5,9 +5,9 @@ the model's latent sites works; the model's Bernoulli likelihood and Normal site
 and each evaluation is chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n. The model and guide
 are fed on the dtype and device of their parameters (parameter_place: the data and the latent values cast there; a
 float32 model gets float32 inputs, a float64 model float64 ones), and every log-density comes back float64 on the
-data's device, where the quadrature runs. JointMarginal
-gives the per-point marginals and the entropy of a joint guide; sample_range the integration range of draws;
-check_call the refusals (one-line ValueError) of every public function of analysis.exact, before any work.
+data's device, where the quadrature runs. JointMarginal gives the per-point marginals and the entropy of a joint
+guide; check_call the refusals (one-line ValueError) of every public function of analysis.exact, before any work
+(sample_range, the integration range of draws, lives in analysis.shared_draws and is re-exported here).
 """
 
 import pyro
@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from .base_noise import BaseNoise
 from .qdensity import GuideDensity, log_prob64
 from .quadrature import GAUSS7_W, KRONROD_W, KRONROD_X, lse
-from .shared_draws import draws
+from .shared_draws import draws, sample_range  # noqa: F401  sample_range: re-exported
 
 MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or exact() and surgery() refuse it
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
@@ -184,15 +184,6 @@ class Densities:
             out["p:" + n] = self.back(torch.cat(prior[n]).reshape(count, -1)).expand(count, 2)
         out["p:loglik"] = torch.cat(loglik)
         return out
-
-
-def sample_range(draws: torch.Tensor, pad: float = 10.0) -> tuple:
-    """(lo, hi) covering draws (count, ...) beyond their 0.1% / 99.9% quantiles by `pad` robust standard deviations."""
-    d = draws.reshape(-1)
-    d = d[torch.isfinite(d)]
-    q = torch.quantile(d, torch.tensor([0.001, 0.16, 0.84, 0.999], dtype=d.dtype))
-    s = max(float(q[2] - q[1]) / 2, 1e-3)
-    return float(q[0]) - pad * s, float(q[3]) + pad * s
 
 
 MARGINAL_PANELS = 128  # Gauss-Kronrod panels per point for the marginals of a joint guide

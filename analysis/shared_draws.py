@@ -3,9 +3,12 @@ integration ranges from draws of the guide and the model prior (Densities.sample
 with the prior draws' log-likelihoods over all n bits), the same for the same settings and dtype (the quadratures
 run on float64 copies of float32 networks, posterior_grid on the networks as they are). Inside shared_draws()
 (analysis.report.evaluate) the first call with a key computes them and every later call gets the same tensors;
-outside it, every call computes its own. The draws are read, never written, by their users."""
+outside it, every call computes its own. The draws are read, never written, by their users. sample_range turns
+draws into an integration range."""
 import contextlib
 import contextvars
+
+import torch
 
 _DRAWS = contextvars.ContextVar("onebit_shared_draws", default=None)
 
@@ -29,3 +32,12 @@ def draws(key: tuple, compute) -> dict:
     if key not in cache:
         cache[key] = compute()
     return dict(cache[key])
+
+
+def sample_range(draws: torch.Tensor, pad: float = 10.0) -> tuple:
+    """(lo, hi) covering draws (count, ...) beyond their 0.1% / 99.9% quantiles by `pad` robust standard deviations."""
+    d = draws.reshape(-1)
+    d = d[torch.isfinite(d)]
+    q = torch.quantile(d, torch.tensor([0.001, 0.16, 0.84, 0.999], dtype=d.dtype))
+    s = max(float(q[2] - q[1]) / 2, 1e-3)
+    return float(q[0]) - pad * s, float(q[3]) + pad * s
