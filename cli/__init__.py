@@ -22,7 +22,15 @@ replica_job (replicas > 1), imported by run.py, not here.
 import signal
 import sys
 
-from cli.checks import HYDRA_FLAGS, check_flags, check_info_value, check_order, hydra_flag_overrides, preflight
+from cli.checks import (
+    HYDRA_FLAGS,
+    check_flags,
+    check_info_value,
+    check_order,
+    check_package,
+    hydra_flag_overrides,
+    preflight,
+)
 from cli.guards import check_memory, divergence, network_params
 from cli.keys import check_group_choices, check_keys, compose_config, single_line
 from cli.resume import load_resume, resume_note, trajectory_config
@@ -59,6 +67,7 @@ def main(hydra_main, argv) -> int:
             if not multirun and not any(a.split("=")[0] in ("--config-dir", "-cd") for a in args):
                 validate(compose_config(overrides))  # a printed config holds only allowed values, as a run's does
             check_info_value(args)
+            check_package(args, overrides)
             hydra_main()
             return STATE["exit"]
         overrides = [a for a in args if not a.startswith("-")]

@@ -1,11 +1,12 @@
 """The preflight: a command line checked before Hydra creates anything (its flags, keys and values), a single
 run's directory claimed and a multirun's sweep directory claimed, so that a refused run leaves no trace.
 """
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cli.keys import check_group_choices, check_keys, compose_config, one_line, parse_overrides
+from cli.keys import check_group_choices, check_keys, compose_config, composition_error, parse_overrides
 from cli.resume import load_resume
 from cli.rundirs import claim_for
 from cli.state import STATE, ConfigError
@@ -40,7 +41,24 @@ def check_flags(args) -> None:
                 raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
         if flag in CONFIG_FLAGS:
             _check_config_flag(flag, value or (args[i + 1] if i + 1 < len(args) else ""))
+        if flag == "--experimental-rerun":
+            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            if not os.path.isfile(path):  # Hydra warned over two lines first
+                raise ConfigError(f"{flag} {path}: no such file; {flag} takes a run's .hydra/config.pickle")
     check_order(args)
+
+
+def check_package(args, overrides) -> None:
+    """Refuse, in one line, --package naming no node of the composed config (Hydra: exit 1)."""
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag in ("--package", "-p"):
+            package = value or (args[i + 1] if i + 1 < len(args) else "")
+            cfg = compose_config(overrides, hydra_cfg=True)
+            if package != "_global_" and OmegaConf.select(cfg, package, default=None) is None:
+                tops = ", ".join(k for k in cfg if k != "hydra")
+                raise ConfigError(f"{flag} {package}: no such node in the config; {flag} takes a key of it, e.g. one "
+                                  f"of {tops}, hydra")
 
 
 def check_info_value(args) -> None:
@@ -135,7 +153,7 @@ def preflight(overrides, multirun: bool) -> list:
     try:
         cfg = compose_config(composed[0], hydra_cfg=True)
     except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"cannot compose the config: {one_line(err)}") from None
+        raise composition_error(err) from None
     if multirun:
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)

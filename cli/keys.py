@@ -137,6 +137,24 @@ def one_line(err) -> str:
     return text.replace("To append to your config use +", "(no '+' either: ") if "+" in text else text
 
 
+def composition_error(err) -> ConfigError:
+    """Hydra's failure to compose, as one line: an override that cannot be merged (a dict or null where the key takes
+    a value) is named with what its key allows, where the table of allowed values knows it."""
+    import re
+
+    from cli.values import RULES
+
+    text = one_line(err)
+    merge = re.match(r"Error merging override (\+*)([^=]+)=(.*)", text)
+    if merge:
+        key, value = merge.group(2), merge.group(3)
+        if key in RULES:
+            return ConfigError(f"{key}={value} is not allowed: {key} must be {RULES[key][1]}")
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            return ConfigError(f"{key}={value} is not allowed: {key} must name a directory")
+    return ConfigError(f"cannot compose the config: {text}")
+
+
 def parse_overrides(overrides):
     """Hydra's parsed overrides; ConfigError (one line) for a command line Hydra cannot parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -180,7 +198,7 @@ def check_keys(overrides, multirun: bool) -> None:
         try:
             base = OmegaConf.to_container(compose_config(base_overrides, hydra_cfg=True))
         except Exception as err:  # noqa: BLE001  hydra's composition errors
-            raise ConfigError(f"cannot compose the config: {one_line(err)}") from None
+            raise composition_error(err) from None
         sweep = (base.get("hydra", {}).get("sweeper", {}) or {}).get("params") or {}
         base.pop("hydra", None)
         known = functools.partial(value_keys, base)  # only a refusal's suggestions need them

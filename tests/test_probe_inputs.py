@@ -529,6 +529,10 @@ def test_a_checkpoint_holding_other_python_objects_is_refused_without_running_th
     (["--info", "data.n=5"], ["--info data.n=5: --info takes one of all, config"]),  # argparse's usage, 8 lines
     (["--config-name", "foo"], ["--config-name foo: run.py has one primary config"]),  # 8 lines, exit 1
     (["--config-dir", "/nonexistent/onebit"], ["--config-dir /nonexistent/onebit: --config-dir must name an existing"]),
+    (["--cfg", "job", "--package", "foo"], ["--package foo: no such node in the config"]),  # exit 1
+    (["--experimental-rerun", "/nonexistent/config.pickle"], ["no such file"]),  # a two-line warning first
+    (["hydra.run.dir=null"], ["hydra.run.dir=null is not allowed: hydra.run.dir must name a directory"]),
+    (["data.weights={a:0.5,b:0.5}"], ["data.weights={a:0.5,b:0.5} is not allowed: data.weights must be two"]),
 ])
 def test_hydras_options_with_bad_values_are_refused_in_one_line(tmp_path, args, words):
     proc = run_cli(*args, cwd=tmp_path)
