@@ -25,24 +25,30 @@ VALUE_FLAGS = ("--package", "-p", "--config-path", "-cp", "--config-name", "-cn"
                "--experimental-rerun", "--shell-completion", "-sc")
 
 
+def _flag_value(args, i: int, missing: str = "") -> str:
+    """The value of the flag args[i]: after its '=' (--cfg=job), else the next argument, else `missing`."""
+    value = args[i].partition("=")[2]
+    return value or (args[i + 1] if i + 1 < len(args) else missing)
+
+
 def check_flags(args) -> None:
     """Refuse, in one line, a dash argument that is neither -m/--multirun nor one of Hydra's flags (argparse would
     print its usage and exit after the run dir was claimed), and --cfg without job, hydra or all."""
     for i, arg in enumerate(args):
         if not arg.startswith("-"):
             continue
-        flag, _, value = arg.partition("=")
+        flag = arg.partition("=")[0]
         if flag not in RUN_FLAGS + HYDRA_FLAGS:
             raise ConfigError(f"{arg} is not an option of run.py: its options are -m/--multirun and Hydra's own "
                               "(--help, --cfg job, --info, ...); settings are key=value overrides (e.g. data.n=5)")
         if flag in ("--cfg", "-c"):
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            value = _flag_value(args, i)
             if value not in FLAG_VALUES[flag]:
                 raise ConfigError(f"{flag} {value}: {flag} must be followed by job, hydra or all")
         if flag in CONFIG_FLAGS:
-            _check_config_flag(flag, value or (args[i + 1] if i + 1 < len(args) else ""))
+            _check_config_flag(flag, _flag_value(args, i))
         if flag == "--experimental-rerun":
-            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            path = _flag_value(args, i)
             if not os.path.isfile(path):  # Hydra warned over two lines first
                 raise ConfigError(f"{flag} {path}: no such file; {flag} takes a run's .hydra/config.pickle")
     check_order(args)
@@ -51,9 +57,9 @@ def check_flags(args) -> None:
 def check_package(args, overrides) -> None:
     """Refuse, in one line, --package naming no node of the composed config (Hydra: exit 1)."""
     for i, arg in enumerate(args):
-        flag, _, value = arg.partition("=")
+        flag = arg.partition("=")[0]
         if flag in ("--package", "-p"):
-            package = value or (args[i + 1] if i + 1 < len(args) else "")
+            package = _flag_value(args, i)
             cfg = compose_config(overrides, hydra_cfg=True)
             if package != "_global_" and OmegaConf.select(cfg, package, default=None) is None:
                 tops = ", ".join(k for k in cfg if k != "hydra")
@@ -65,8 +71,8 @@ def check_info_value(args) -> None:
     """Refuse, in one line, --info followed by an override (argparse would take it as --info's value and print its
     usage). Checked after the overrides' keys and values, so that a bad one is named first."""
     for i, arg in enumerate(args):
-        flag, _, value = arg.partition("=")
-        following = value or (args[i + 1] if i + 1 < len(args) else "-")
+        flag = arg.partition("=")[0]
+        following = _flag_value(args, i, missing="-")
         if flag in ("--info", "-i") and not following.startswith("-") and following not in FLAG_VALUES[flag]:
             raise ConfigError(f"{flag} {following}: {flag} takes one of {', '.join(FLAG_VALUES[flag])}, or nothing, "
                               f"before the overrides (e.g. python run.py {flag} config {following})")
