@@ -31,18 +31,21 @@ def describe(model, guide, data, result) -> dict:
 
 def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
               title: str = None, checkpoint: bool = True, overwrite: bool = False) -> None:
-    """Write metrics.json, history.csv, checkpoint.pt (unless checkpoint=False: run.py writes it, with its config,
-    before evaluating), encodings.nc, and (figures=True) encodings.png and
-    training.png into out. result is fit()'s return value; grids come from evaluate(). metrics.json gets the
-    model and guide names, n, seed, steps, wall_seconds and engine from `describe` where metrics lacks them.
-    A directory that already holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant)
-    is refused in one line (ValueError) before anything is written, unless overwrite=True."""
-    from . import encodings as enc
-    from .figures import encoding_figure
-    from .rundir import occupant
-    from .training_figure import training_figure
+    """Write a run into the directory out (made if missing): status.json, metrics.json, history.csv, checkpoint.pt
+    (unless checkpoint=False), encodings.nc and (figures=True) encodings.png and training.png. result is fit()'s
+    return value; grids come from evaluate(). metrics.json gets the model and guide names, n, seed, steps,
+    wall_seconds and engine from `describe` where metrics lacks them.
 
+    The directory is claimed as the command line claims a run's (analysis.claim.Claim): a directory that already
+    holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant), or that lies inside
+    another run's directory, is refused in one line (ValueError) before anything is written. overwrite=True replaces
+    the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/ and figures too) are moved
+    aside first and deleted once the new run is written, or put back if writing fails; files that are not a run's
+    are never touched."""
     from infer.validate import shown
+
+    from .claim import Claim
+    from .rundir import occupant
 
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise ValueError(f"out={shown(out)} is not allowed: out must be a directory's path (str or pathlib.Path)")
@@ -53,13 +56,35 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if grids is not None and not isinstance(grids, dict):
         raise ValueError(f"grids={shown(grids)} is not allowed: grids must be None or the dict evaluate() returns "
                          "second")
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite={shown(overwrite)} is not allowed: overwrite must be True or False")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
     held = occupant(out)
-    if held and overwrite is not True:
+    if held and not overwrite:
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")
+    claim = Claim(out, allow_existing=bool(held), replace=bool(held), key="out")
+    try:
+        write_outputs(out, model, guide, data, result, metrics, grids, figures=figures, title=title,
+                      checkpoint=checkpoint)
+    except BaseException:
+        claim.release()
+        raise
+    status = metrics.get("status") if metrics.get("status") in ("diverged", "failed") else "ok"
+    claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
+
+
+def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
+                  title: str = None, checkpoint: bool = True) -> None:
+    """Write a run's outputs (write_run's files but status.json) into out, a directory its caller has claimed (the
+    command line's job, or write_run): nothing here checks what the directory holds."""
+    from . import encodings as enc
+    from .figures import encoding_figure
+    from .training_figure import training_figure
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)

@@ -220,7 +220,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
     """After training: refuse a diverged result (history and a metrics.json saying so, the last good checkpoint),
     else evaluate and write the run's outputs into `out`; return the metrics. The objective is judged at the KL
     weight the run's last step trained with (below train.beta while the warmup lasts). Raises Diverged."""
-    from analysis.report import evaluate_run, write_run
+    from analysis.report import evaluate_run
+    from analysis.run_outputs import write_outputs
     from infer.runtime import serial_blas
     from infer.weights import kl_weight
 
@@ -243,8 +244,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
         metrics.update(status="diverged", reason=reason)
         if good is not None:
             metrics["checkpoint"] = good.restore()
-    write_run(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
-              title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}", overwrite=True)  # claimed
+    write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
+                  title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")  # its dir claimed
     if reason:
         raise Diverged(reason)
     return metrics

@@ -502,6 +502,36 @@ def test_write_run_refuses_a_directory_that_holds_a_run_unless_told_to_overwrite
     assert snapshot(run)["metrics.json"] != before["metrics.json"]
 
 
+def test_write_run_with_overwrite_replaces_the_previous_run_whole_and_keeps_files_that_are_not_a_runs(
+        finished_run, tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import StructuredGuide
+    from infer import fit
+    from models import DLGM, OneBit
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # a command-line vae run: .hydra/, status.json, checkpoint.pt, figures
+    (run / "notes.txt").write_text("mine")
+    old = snapshot(run)
+    data = OneBit(3)
+    model = DLGM(3)
+    guide = StructuredGuide(model)
+    result = fit(model, guide, data, steps=20, seed=3)
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4)
+    write_run(run, model, guide, data, result, metrics, grids, figures=False, overwrite=True)
+    now = snapshot(run)
+    assert not any(name.startswith(".hydra") or name.endswith(".png") for name in now)  # the old run's, all gone
+    assert not any(name.startswith(".replaced") for name in now) and now["notes.txt"] == old["notes.txt"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "ok" and "loss" not in status  # the new run's record, not the vae's
+    assert json.loads((run / "metrics.json").read_text())["model"] == "DLGM"
+    from infer.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoint.pt")["model"] == "DLGM"  # the new run's checkpoint, not the vae's
+
+
 def test_a_checkpoint_holding_other_python_objects_is_refused_without_running_them(tmp_path):
     import os
 
