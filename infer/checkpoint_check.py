@@ -72,12 +72,19 @@ def _optimizer_problem(state) -> str:
 def _history_problem(history) -> str:
     if not isinstance(history, list):
         return f"is not a list of rows (it is {type(history).__name__})"
+    last = 0
     for i, row in enumerate(history):
         if not (isinstance(row, dict) and all(isinstance(k, str) for k in row)):
             return f"row {i} is not a dict of named values"
         step = row.get("step")
         if not (is_int(step) and step >= 0):
             return f"row {i}'s step is {shown(step)}, not an integer >= 0"
+        if step <= last:
+            return f"row {i}'s step {step} does not follow the step before it ({last})"
+        last = step
+        missing = [k for k in ("lr", "loss") if k not in row]
+        if missing:
+            return f"row {i} has no {missing[0]} (a row fit logs holds step, lr, the loss terms and loss)"
         odd = [k for k, v in row.items() if not (v is None or isinstance(v, (int, float, str)))]
         if odd:
             return f"row {i}'s {odd[0]} is a {type(row[odd[0]]).__name__}, not a number"
@@ -102,7 +109,7 @@ def check_checkpoint(state: dict, where: str) -> None:
     """Raise CheckpointError (one line, starting with `where`, naming the entry) unless every entry resuming reads
     has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
     (its moments finite); rng the torch, numpy and python generators' states (each restorable); step an integer
-    >= 0; history a list of rows with integer steps; window None or a (k, T) tensor with k betas; initial_loss None
+    >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss; window None or a (k, T) tensor with k betas; initial_loss None
     or a number; buffers {name: tensor}; average None or {start, count (integers >= 0), means (finite float
     tensors)}; config a dict."""
     def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
@@ -126,6 +133,8 @@ def check_checkpoint(state: dict, where: str) -> None:
     if why:
         bad("rng", why)
     why = _history_problem(state.get("history", []))
+    if not why and state.get("history") and state["history"][-1]["step"] > step:
+        why = f"ends at step {state['history'][-1]['step']}, after the checkpoint's step {step}"
     if why:
         bad("history", why)
     why = _window_problem(state.get("window"))

@@ -120,6 +120,25 @@ def prepare(model, guide, data, elbo, v, device, start=0):
                            guide_w=guide_w if needs_guide else None)
 
 
+def moments_problem(optimizer) -> str:
+    """Why an optimizer's loaded state does not fit its params ('' if it does): every state tensor but the step
+    count has its param's shape, the step count is one number >= 0, and a second moment (..._sq) is >= 0."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(value):
+                    continue
+                where = f"param {i}" + (f" of group {g}" if len(optimizer.param_groups) > 1 else "")
+                if key == "step":
+                    if value.numel() != 1 or not bool(value.reshape(()) >= 0):
+                        return f"the step count of {where} is not one number >= 0"
+                elif tuple(value.shape) != tuple(p.shape):
+                    return f"{key} of {where} has shape {tuple(value.shape)} where the param has {tuple(p.shape)}"
+                elif key.endswith("_sq") and bool((value < 0).any()):
+                    return f"{key} of {where} holds negative values: a second moment is >= 0"
+    return ""
+
+
 def restore(resume, names, store, result, window, device):
     """Put a checkpoint's params (by name, shape-checked), buffers, optimiser, RNG, history and window in place.
     Raises ValueError (one line) if the checkpoint's Adam betas differ from result.recipe's adam_betas: loading its
@@ -162,10 +181,14 @@ def restore(resume, names, store, result, window, device):
         result.optimizer.load_state_dict(resume["optimizer"])
     except (ValueError, KeyError) as err:
         raise ValueError(f"resume: the checkpoint's optimizer state does not fit these params ({err})") from None
+    why = moments_problem(result.optimizer)
+    if why:
+        raise ValueError(f"resume: the checkpoint's optimizer state does not fit these params ({why}); it was written "
+                         "for another model or guide, or it is corrupt")
     set_rng_state(resume["rng"])
     result.history = list(resume.get("history", []))
     result.initial_loss = resume.get("initial_loss")
     window.load(resume.get("window"), device)
 
 
-__all__ = ["reset_parameters", "adam", "prepare", "restore"]
+__all__ = ["reset_parameters", "adam", "prepare", "restore", "moments_problem"]

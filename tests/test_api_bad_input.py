@@ -462,3 +462,39 @@ def test_a_network_too_wide_to_allocate_is_refused_naming_its_width():
     one_line_value_error(lambda: VAE(N, hidden=10 ** 12),  # torch's RuntimeError before
                          r"^hidden=1000000000000 is not allowed: a network 1 -> 2 x 1000000000000 -> 3 cannot be "
                          r"allocated \(torch: (out of memory|its size overflows)\); lower hidden")
+
+
+def corrupt_moments(state):
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(99)
+
+
+def negative_second_moment(state):
+    moments = state["optimizer"]["state"][1]
+    moments["exp_avg_sq"] = torch.full_like(moments["exp_avg_sq"], -5.0)
+
+
+def history_row_without_its_loss(state):
+    state["history"] = [{"step": 1}]
+
+
+def history_past_the_checkpoint(state):
+    state["history"] = [dict(state["history"][-1], step=state["step"] + 10)]
+
+
+@pytest.mark.parametrize("corrupt, line", [
+    (corrupt_moments, r"optimizer state does not fit these params \(exp_avg of param 0 has shape \(99,\) where the "
+                      r"param has"),
+    (negative_second_moment, r"exp_avg_sq of param 1 holds negative values"),
+    (history_row_without_its_loss, r"history entry row 0 has no lr"),
+    (history_past_the_checkpoint, r"history entry ends at step 14, after the checkpoint's step 4"),
+], ids=["moment-shape", "negative-second-moment", "history-row", "history-past-step"])
+def test_fit_refuses_a_checkpoint_whose_optimizer_state_or_history_is_corrupt(vae, tmp_path, corrupt, line):
+    from infer.checkpoint import load_checkpoint
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    state = load_checkpoint(path)
+    corrupt(state)
+    torch.save(state, tmp_path / "bad.pt")
+    one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=str(tmp_path / "bad.pt")), line)
