@@ -42,12 +42,15 @@ def plates(site):
 
 def check_guide(model, guide, x) -> None:
     """Raise GuideMismatchError with a one-line message unless guide(x) runs and samples exactly model(x)'s latent
-    sites, in the same plates, with the same shapes, inside the model's support, each reparameterisable."""
+    sites, in the same plates, with the same shapes and dtypes, inside the model's support, each reparameterisable."""
     with pyro.validation_enabled(True), poutine.block():
         guide_trace = _trace(guide, x, "guide")
         model_trace = _trace(model, x, "model")
     seen = {role: [n for n, s in t.nodes.items() if s["type"] == "sample" and s["is_observed"]]
             for role, t in (("model", model_trace), ("guide", guide_trace))}
+    if seen["guide"] and seen["model"]:
+        raise GuideMismatchError(f"guide observes {', '.join(seen['guide'])}: a guide samples only the model's latent "
+                                 "sites, with no obs= (the model observes x)")
     if seen["guide"]:
         raise GuideMismatchError("model and guide look swapped: the model must observe x (pyro.sample(..., obs=x)) "
                                  f"and the guide nothing (model observes: {', '.join(seen['model']) or 'nothing'}; "
@@ -68,6 +71,10 @@ def check_guide(model, guide, x) -> None:
             raise GuideMismatchError(f"guide site '{name}' has shape {tuple(q['value'].shape)} and event shape "
                                      f"{tuple(q['fn'].event_shape)}; the model's is {tuple(p['value'].shape)} "
                                      f"with event shape {tuple(p['fn'].event_shape)}")
+        if q["value"].dtype != p["value"].dtype:
+            raise GuideMismatchError(f"guide site '{name}' draws {str(q['value'].dtype).removeprefix('torch.')} values; "
+                                     f"the model's are {str(p['value'].dtype).removeprefix('torch.')} (build the "
+                                     "guide's parameters and distributions in the model's dtype)")
         if plates(q) != plates(p):
             raise GuideMismatchError(f"guide site '{name}' is in plates {plates(q) or 'none'}; the model samples it "
                                      f"in plates {plates(p) or 'none'} (use the same pyro.plate names)")

@@ -498,3 +498,22 @@ def test_fit_refuses_a_checkpoint_whose_optimizer_state_or_history_is_corrupt(va
     corrupt(state)
     torch.save(state, tmp_path / "bad.pt")
     one_line_value_error(lambda: fit_with(model, guide, steps=8, log_every=2, resume=str(tmp_path / "bad.pt")), line)
+
+
+def float64_guide(x):
+    with pyro.plate("data", 2):
+        pyro.sample("z", dist.Normal(torch.zeros(2, 1, dtype=torch.float64), 1.0).to_event(1))
+
+
+def guide_observing_x(x):
+    with pyro.plate("data", 2):
+        pyro.sample("z", dist.Normal(torch.zeros(2, 1), 1.0).to_event(1))
+        pyro.sample("x", dist.Bernoulli(logits=torch.zeros(2, N)).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("guide, line", [
+    (float64_guide, r"^guide site 'z' draws float64 values; the model's are float32"),
+    (guide_observing_x, r"^guide observes x: a guide samples only the model's latent sites, with no obs="),
+], ids=["dtype", "observes-x"])
+def test_fit_refuses_a_guide_of_another_dtype_or_one_that_observes_x_in_one_line(guide, line):
+    one_line_value_error(lambda: fit_with(VAE(N, hidden=4), guide), line)
