@@ -124,9 +124,13 @@ def divergence(result, data, beta: float = 1.0, final=None, cfg=None) -> str:
                 + step_suspects(cfg))
     start = getattr(result, "initial_loss", None)
     worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
-    if last > worst + 0.01 * worst + 0.01:
+    bound = worst + 0.01 * worst + 0.01
+    if last > bound:
+        above = [row for row in history if not row.get("objective", row.get("loss")) <= bound]  # nan included
+        first = (f"; its logged objective first went above them at step {above[0]['step']} "
+                 f"({above[0].get('objective', above[0].get('loss')):.4g})") if above else ""
         return (f"training diverged: the final objective {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
-                + (f" and the initial objective {start:.4g}" if start is not None else "")
+                + (f" and the initial objective {start:.4g}" if start is not None else "") + first
                 + ": the run learned less than a decoder that ignores z; lower optim.lr" + step_suspects(cfg))
     return ""
 

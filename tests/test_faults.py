@@ -338,3 +338,16 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
     proc = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'file'}", cwd=tmp_path)
     assert proc.returncode == 2
     one_line_error(proc, "is a file")
+
+
+def test_a_finite_blow_up_is_called_diverged_naming_the_first_logged_step_above_the_no_latent_loss():
+    from types import SimpleNamespace
+
+    from cli.guards import divergence
+    from models import OneBit
+
+    history = [{"step": 1, "objective": 3.6, "loss": 3.6}, {"step": 2, "objective": 2.2e13, "loss": 2.2e13},
+               {"step": 3, "objective": 2.2e10, "loss": 2.2e10}]
+    reason = divergence(SimpleNamespace(history=history, initial_loss=3.61), OneBit(5))
+    assert reason.startswith("training diverged: the final objective 2.2e+10 is above the no-latent loss")
+    assert "first went above them at step 2 (2.2e+13)" in reason and "\n" not in reason
