@@ -149,7 +149,9 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     metrics_path = job / "metrics.json"
     if not metrics_path.exists():
         row["status"] = "failed"
-        row["error"] = row.get("error") or "no metrics.json (and no status.json: killed before it started?)"
+        row["error"] = row.get("error") or (
+            "its status.json says ok but its metrics.json is missing (deleted or moved since)" if status
+            else "no metrics.json (and no status.json: killed before it started?)")
         return row
     try:
         metrics = json.loads(metrics_path.read_text())

@@ -36,6 +36,10 @@ __all__ = ["ID_COLUMNS", "LN2", "ORIGINAL", "collect", "encodings_figure", "expe
            "sweep_figures", "tables"]
 
 
+class NotASweep(ValueError):
+    """A directory that holds no sweep to summarise (a single run's, or one without job directories)."""
+
+
 def summarize(sweep_dir, figures: bool = True) -> dict:
     """Read this sweep's runs (job_dirs: only the jobs of its multirun.yaml) and write summary.csv,
     summary_by_config.csv, summary.md and the sweep figures.
@@ -46,7 +50,15 @@ def summarize(sweep_dir, figures: bool = True) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    from .rundir import is_run
+
+    if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists():
+        raise NotASweep(f"{sweep_dir} is a run's directory (it holds a run's status.json), not a sweep's: give the "
+                        "folder that holds the sweep's multirun.yaml and job directories")
     found = collect(sweep_dir)
+    if not found["rows"] and not found["missing"] and not (sweep_dir / "multirun.yaml").exists():
+        raise NotASweep(f"{sweep_dir} holds no sweep (no multirun.yaml and no job directory): give the folder a "
+                        "`python run.py -m` sweep wrote (hydra.sweep.dir)")
     jobs, agg = tables(found["rows"])
     missing = found["missing"]
     files = [sweep_dir / "summary.csv", sweep_dir / "summary_by_config.csv", sweep_dir / "summary.md"]
@@ -75,7 +87,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     try:
         result = summarize(argv[0])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotASweep) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print((Path(argv[0]) / "summary.md").read_text())

@@ -282,3 +282,29 @@ def test_the_encodings_grid_has_a_row_per_guide_and_varying_override(tmp_path, m
     assert sorted({row for row, _ in cells}) == sorted(
         f"vae ({g} guide, train.beta={b})" for g in ("flow", "gaussian") for b in ("0.5", "2"))
     assert len(cells) == 8 and all(v is not None for v in cells.values())
+
+
+def test_an_ok_run_that_lost_its_metrics_is_listed_as_such_not_as_killed_before_it_started(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    lost = job(sweep, ["seed=1"], num=1, m=metrics(1, 1.0))
+    (lost / "metrics.json").unlink()
+    _, md = summary(sweep)
+    assert "its status.json says ok but its metrics.json is missing" in md and "killed before it started" not in md
+
+
+@pytest.mark.parametrize("kind", ["a run's directory", "an empty folder"])
+def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_writes_nothing(tmp_path, kind):
+    from analysis.sweep import main
+
+    folder = tmp_path / "run"
+    if kind == "a run's directory":
+        _run_dir(folder, ["seed=0"], metrics(0, 1.0), "ok")
+    else:
+        folder.mkdir()
+    before = sorted(p.name for p in folder.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(folder)])
+    assert exit_.value.code == 2 and sorted(p.name for p in folder.rglob("*")) == before
