@@ -5,6 +5,7 @@ import glob
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import pyro
@@ -116,8 +117,10 @@ def load_checkpoint(path, label: str = None) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{where} does not exist")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):  # a checkpoint holds tensors, numbers, strings and
-            #                                                          numpy's RNG state, and runs no code when read
+        with torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():  # a checkpoint holds
+            # tensors, numbers, strings and numpy's RNG state, and runs no code when read; torch's warnings about
+            # a file that is not its own (a plain pickle) would come before the one line that says so
+            warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
         if "unsupported global" in str(err).lower():  # a pickle of other objects: loading it could run any code
