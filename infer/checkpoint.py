@@ -75,6 +75,7 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
              "initial_loss": getattr(result, "initial_loss", None),
              "buffers": {k: v.detach().cpu().clone() for k, v in result.buffers.items()},
              **({"average": average} if average is not None else {}),
+             **({"fit": dict(result.recipe)} if isinstance(getattr(result, "recipe", None), dict) else {}),
              **(extra or {})}
     for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
         try:

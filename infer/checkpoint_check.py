@@ -157,5 +157,7 @@ def check_checkpoint(state: dict, where: str) -> None:
         if nonfinite:
             bad("average", f"holds non-finite means (mean {nonfinite[0][0]}: {nonfinite[0][1]} of {nonfinite[0][2]} "
                            "are nan or inf)")
+    if state.get("fit") is not None and not isinstance(state["fit"], dict):
+        bad("fit", f"is a {type(state['fit']).__name__}, not a dict of the settings fit trained with")
     if "config" in state and state["config"] is not None and not isinstance(state["config"], dict):
         bad("config", f"is a {type(state['config']).__name__}, not a dict")

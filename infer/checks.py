@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import numbers
 import os
+import warnings
 
 import torch
 
@@ -194,7 +195,44 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
         if steps < start:
             raise ValueError(f"steps={steps} is not allowed: the checkpoint is at step {start}, and steps must be at "
                              f"least that (it is the total step budget, not the steps still to run)")
+        check_resume_settings(resume, values, elbo)
+
+
+# what decides a training trajectory and what its history means: fit refuses a resume that changes one of them
+# (steps may change: the lr schedule then changes, and fit warns); the command line's cli.resume.TRAJECTORY. Adam's
+# betas are checked against the checkpoint's optimizer state itself (infer.prepare.restore), older files too.
+TRAJECTORY = ("lr", "lr_final", "schedule", "beta", "warmup", "warmup_start", "average", "objective",
+              "num_particles", "noise", "log_every", "freeze_model")
+
+
+def check_resume_settings(resume, values, elbo) -> None:
+    """Raise ValueError (one line, naming each setting with the checkpoint's value and this fit's) where the
+    checkpoint records the fit settings it was trained with (its 'fit' entry, FitResult.recipe) and this fit would
+    change one that decides the trajectory (TRAJECTORY): it would no longer continue the run it resumes. A changed
+    step budget is allowed with a warning. A checkpoint without the entry (an older version's) is not checked."""
+    saved = resume.get("fit")
+    if not isinstance(saved, dict):
+        return
+    now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__, "num_particles": getattr(elbo, "num_particles", None),
+           "noise": getattr(elbo, "noise", None)}
+
+    def same(a, b):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    differ = [k for k in TRAJECTORY if k in saved and not same(saved[k], now.get(k))]
+    if differ:
+        shown_ = ", ".join(f"{k}={saved[k]!r} (this fit: {now.get(k)!r})" for k in differ[:4])
+        raise ValueError(f"resume is not allowed with other settings than its checkpoint's: it was trained with "
+                         f"{shown_}{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}; pass the "
+                         "checkpoint's values to continue its run")
+    budget = saved.get("steps")
+    if isinstance(budget, int) and budget != values["steps"]:
+        warnings.warn(f"steps={values['steps']} differs from the checkpoint's budget {budget}: the lr schedule "
+                      f"changes from step {int(resume['step'])} on, so this is neither run's trajectory",
+                      stacklevel=4)
 
 
 __all__ = ["check_data", "check_sizes", "check_inputs", "inputs_checked", "check_checkpoint_path", "checked_device",
-           "check_arguments"]
+           "check_arguments", "check_resume_settings"]

@@ -126,7 +126,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                                     "warmup_start", "seed", "average")},
                                "adam_betas": tuple(v["adam_betas"]),
                                "num_particles": getattr(elbo, "num_particles", None),
-                               "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__})
+                               "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
+                               "log_every": log_every, "freeze_model": v["freeze_model"]})
     window = Window()
     averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:

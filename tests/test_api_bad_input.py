@@ -517,3 +517,26 @@ def guide_observing_x(x):
 ], ids=["dtype", "observes-x"])
 def test_fit_refuses_a_guide_of_another_dtype_or_one_that_observes_x_in_one_line(guide, line):
     one_line_value_error(lambda: fit_with(VAE(N, hidden=4), guide), line)
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"lr": 1e-2}, r"it was trained with lr=0\.003 \(this fit: 0\.01\)"),
+    ({"log_every": 3}, r"it was trained with log_every=2 \(this fit: 3\)"),
+    ({"beta": 0.5}, r"it was trained with beta=1\.0 \(this fit: 0\.5\)"),
+    ({"elbo": ClosedFormELBO(num_particles=8)}, r"it was trained with num_particles=4 \(this fit: 8\)"),
+], ids=["lr", "log_every", "beta", "particles"])
+def test_fit_refuses_a_resume_that_changes_what_its_checkpoint_was_trained_with(vae, tmp_path, change, line):
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    kwargs = {"steps": 8, "log_every": 2, **change}
+    one_line_value_error(lambda: fit_with(model, guide, resume=str(path), **kwargs),
+                         r"^resume is not allowed with other settings than its checkpoint's: " + line)
+
+
+def test_fit_warns_once_where_a_resume_changes_the_step_budget_and_so_the_lr_schedule(vae, tmp_path):
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    with pytest.warns(UserWarning, match=r"^steps=8 differs from the checkpoint's budget 4: the lr schedule changes"):
+        fit_with(model, guide, steps=8, log_every=2, resume=str(path))
