@@ -123,12 +123,30 @@ def job_dirs(sweep_dir: Path) -> tuple:
     return sorted(r for job in launched for r in launches[job]), launched, left_out, missing
 
 
+def _group_replicas(job: Path, overrides: list) -> list:
+    """A replica's overrides with its group's `replicas` (a replica dir records replicas=1, so that `python run.py
+    <its overrides>` runs it alone; the sweep trained it in a group, as the group's overrides say, or its config)."""
+    from .rundir import REPLICA_DIR, read_status
+
+    listed = read_status(job.parent).get("replicas")
+    if not (REPLICA_DIR.fullmatch(job.name) and isinstance(listed, list) and job.name in listed):
+        return overrides
+    parent = job.parent / ".hydra" / "overrides.yaml"
+    try:
+        given = [str(o) for o in (_yaml(parent) or [])] if parent.exists() else []
+    except Exception:  # noqa: BLE001  a half-written file: the replica's own overrides, less replicas=1
+        given = []
+    key = lambda o: o.lstrip("+~").partition("=")[0]  # noqa: E731
+    return [o for o in overrides if key(o) != "replicas"] + [o for o in given if key(o) == "replicas"]
+
+
 def read_job(job: Path, sweep_dir: Path) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
     overrides, cfg = [], {}
     if (job / ".hydra" / "overrides.yaml").exists():
         overrides = [str(o) for o in (_yaml(job / ".hydra" / "overrides.yaml") or [])]
+    overrides = _group_replicas(job, overrides)
     if (job / ".hydra" / "config.yaml").exists():
         try:
             cfg = _yaml(job / ".hydra" / "config.yaml") or {}

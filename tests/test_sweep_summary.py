@@ -308,3 +308,14 @@ def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_wri
     with pytest.raises(SystemExit) as exit_:
         main([str(folder)])
     assert exit_.value.code == 2 and sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_a_sweep_of_replicas_names_the_groups_replicas_not_the_replica_dirs_replicas_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["data.n=5", "replicas=2"])
+    group = job(sweep, ["data.n=5", "replicas=2"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    for seed in (0, 1):  # as run.py writes a replica's dir: `python run.py <its overrides>` runs it alone
+        (group / f"seed{seed}" / ".hydra" / "overrides.yaml").write_text(f"- data.n=5\n- seed={seed}\n- replicas=1\n")
+    _, md = summary(sweep)
+    assert "replicas=2" in md and "replicas=1" not in md
