@@ -80,6 +80,9 @@ def main(cfg: DictConfig) -> float:
             claim.status("failed", cli.killed_reason(name, out))
         raise
     except Refused as err:
+        if multirun and claim.moved:  # the earlier run this job would have replaced stays, labelled as it was
+            cli.refuse_replacing_job(claim, cfg, hc, err)
+            return cli.fail(None, "refused", err, multirun)
         return cli.fail(claim, "refused", err, multirun)
     except Diverged as err:
         return cli.fail(claim, "diverged", err, multirun)

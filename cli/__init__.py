@@ -39,6 +39,7 @@ from cli.rundirs import (
     clear_unclaimed,
     fail,
     record_unclaimed,
+    refuse_replacing_job,
     release_unstarted,
     replica_dir,
     save_hydra_files,
@@ -50,7 +51,8 @@ from cli.values import COMMAND_LINE_RULES, validate
 
 __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_for", "clear_unclaimed", "divergence",
            "fail", "killed_reason", "load_resume", "main", "network_params", "on_sigterm", "record_unclaimed",
-           "replica_dir", "resume_note", "save_hydra_files", "trajectory_config", "validate", "write_json"]
+           "refuse_replacing_job", "replica_dir", "resume_note", "save_hydra_files", "trajectory_config", "validate",
+           "write_json"]
 
 
 def main(hydra_main, argv) -> int:

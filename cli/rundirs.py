@@ -37,7 +37,7 @@ def clear_unclaimed(cfg, hc) -> None:
             pass
 
 
-def record_unclaimed(cfg, hc, err) -> None:
+def record_unclaimed(cfg, hc, err, reason: str = None) -> None:
     """A sweep job whose own directory could not be claimed (it holds another run, or cannot be written) is
     recorded in <sweep dir>/_refused/job<num>/ (its .hydra files and status.json = refused, with the reason), so
     that the sweep summary lists it; nothing is written into the directory it could not claim."""
@@ -47,9 +47,18 @@ def record_unclaimed(cfg, hc, err) -> None:
     try:
         claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
         save_hydra_files(claim, cfg, hc)
-        claim.status("refused", f"its job dir could not be claimed: {single_line(err)}")
+        claim.status("refused", reason or f"its job dir could not be claimed: {single_line(err)}")
     except (RunDirError, OSError):
         pass  # the sweep dir itself cannot be written: the line on stderr is all there is
+
+
+def refuse_replacing_job(claim, cfg, hc, err) -> None:
+    """A sweep job refused before training (overwrite=true) in a directory whose earlier run its claim had moved
+    aside: that run goes back whole, its status.json too, so its numbers keep their own label; the refusal is
+    recorded apart, in <sweep dir>/_refused/job<num>/ (record_unclaimed), where the sweep summary lists it."""
+    claim.release()
+    record_unclaimed(cfg, hc, err, reason=f"{single_line(err)} (refused before training; the earlier run in "
+                                          f"{claim.path} is kept as it was)")
 
 
 def live_owner(out):

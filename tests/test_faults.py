@@ -351,3 +351,18 @@ def test_a_finite_blow_up_is_called_diverged_naming_the_first_logged_step_above_
     reason = divergence(SimpleNamespace(history=history, initial_loss=3.61), OneBit(5))
     assert reason.startswith("training diverged: the final objective 2.2e+10 is above the no-latent loss")
     assert "first went above them at step 2 (2.2e+13)" in reason and "\n" not in reason
+
+
+def test_a_job_refused_while_overwriting_a_finished_sweep_keeps_that_run_as_it_was_and_is_listed_refused(tmp_path):
+    first = run_cli("-m", *FAST, "seed=0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    job = next(p.parent for p in (tmp_path / "sweep").glob("*/status.json"))
+    before = snapshot(job)
+    # train.progress is left out of job dir names: the job maps onto the finished job's dir, and is refused there
+    again = run_cli("-m", *FAST, "seed=0", "train.progress=bogus", "overwrite=true", "hydra.sweep.dir=sweep",
+                    cwd=tmp_path)
+    assert again.returncode == 1, again.stderr  # a sweep with a job that did not end well
+    after = snapshot(job)
+    assert {k: v for k, v in after.items() if k != "run.log"} == {k: v for k, v in before.items() if k != "run.log"}
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "REFUSED" in md and "train.progress='bogus' is not allowed" in md and "is kept as it was" in md
