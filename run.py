@@ -71,7 +71,10 @@ def main(cfg: DictConfig) -> float:
     if multirun:
         cli.clear_unclaimed(cfg, hc)
     try:
-        cli.save_hydra_files(claim, cfg, hc)
+        if not multirun and cli.sweep_job_resumed_in_place(cfg, out):  # it stays its sweep's job
+            cli.save_resume_overrides(claim, hc)
+        else:
+            cli.save_hydra_files(claim, cfg, hc)
         with cli.job.warnings_logged():
             metrics = run(cfg, out, multirun=multirun)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.on_sigterm): the run says it was killed, then stops

@@ -43,6 +43,8 @@ from cli.rundirs import (
     release_unstarted,
     replica_dir,
     save_hydra_files,
+    save_resume_overrides,
+    sweep_job_resumed_in_place,
     write_json,
 )
 from cli.signals import interrupted, killed_reason, on_sigterm
@@ -51,8 +53,8 @@ from cli.values import COMMAND_LINE_RULES, validate
 
 __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_for", "clear_unclaimed", "divergence",
            "fail", "killed_reason", "load_resume", "main", "network_params", "on_sigterm", "record_unclaimed",
-           "refuse_replacing_job", "replica_dir", "resume_note", "save_hydra_files", "trajectory_config", "validate",
-           "write_json"]
+           "refuse_replacing_job", "replica_dir", "resume_note", "save_hydra_files", "save_resume_overrides",
+           "sweep_job_resumed_in_place", "trajectory_config", "validate", "write_json"]
 
 
 def main(hydra_main, argv) -> int:

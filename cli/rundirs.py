@@ -110,6 +110,27 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     return claim
 
 
+def sweep_job_resumed_in_place(cfg, out) -> bool:
+    """Whether this run resumes a sweep job in place: train.resume names a checkpoint inside `out`, whose
+    .hydra/hydra.yaml records a sweep's job (hydra.mode MULTIRUN). Its .hydra files then stay the job's, so that its
+    sweep's summary still counts it as that job (save_resume_overrides records how it was resumed)."""
+    resume = OmegaConf.select(cfg, "train.resume")
+    if not resume or Path(str(resume)).absolute().parent != Path(out).absolute():
+        return False
+    try:
+        saved = OmegaConf.load(Path(out) / ".hydra" / "hydra.yaml")
+    except Exception:  # noqa: BLE001  none, or unreadable: not a sweep job's dir that can be told
+        return False
+    return str(OmegaConf.select(saved, "hydra.mode", default=None)) == "MULTIRUN"
+
+
+def save_resume_overrides(claim, hc) -> None:
+    """.hydra/resume_overrides.yaml: the command line that resumed a sweep job in place (its own .hydra files kept)."""
+    folder = Path(claim.path) / ".hydra"
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "resume_overrides.yaml")
+
+
 def save_hydra_files(claim, cfg, hc) -> None:
     """.hydra/config.yaml, overrides.yaml and hydra.yaml, as Hydra writes them (hydra.output_subdir is null so that
     Hydra itself writes nothing before the run's directory is claimed)."""

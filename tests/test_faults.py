@@ -366,3 +366,20 @@ def test_a_job_refused_while_overwriting_a_finished_sweep_keeps_that_run_as_it_w
     assert {k: v for k, v in after.items() if k != "run.log"} == {k: v for k, v in before.items() if k != "run.log"}
     md = (tmp_path / "sweep" / "summary.md").read_text()
     assert "REFUSED" in md and "train.progress='bogus' is not allowed" in md and "is kept as it was" in md
+
+
+def test_a_killed_sweep_job_resumed_in_place_stays_a_job_of_its_sweep(tmp_path):
+    first = run_cli("-m", *FAST, "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    job = next(p for p in (tmp_path / "sweep").iterdir() if "seed=1" in p.name)
+    (job / "status.json").write_text(json.dumps({"status": "running", "pid": 999999}))  # as SIGKILL leaves it
+    for name in ("metrics.json", "history.csv", "encodings.nc"):
+        (job / name).unlink()
+    resumed = run_cli(*FAST, "seed=1", f"train.resume='{job / 'checkpoint.pt'}'", f"hydra.run.dir='{job}'",
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    from analysis.sweep import summarize
+
+    result = summarize(tmp_path / "sweep", figures=False)
+    assert len(result["jobs"]) == 2 and not result["failed"] and not result["missing"] and not result["left_out"]
+    assert (job / ".hydra" / "resume_overrides.yaml").exists()
