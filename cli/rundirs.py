@@ -171,13 +171,21 @@ def replica_dir(path: Path, cfg) -> Path:
     return Path(path)
 
 
+def to_log_file(line: str, level: int = logging.ERROR) -> None:
+    """Log `line` to the run's log file(s) only (the root logger's FileHandlers: run.log), not to the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
     after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
     line = single_line(err)
     print(f"error: {line}", file=sys.stderr)
-    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log)
-        log.error(line)
+    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log); the
+        to_log_file(line)  # console has the line above once
     if claim is not None:
         if status == "refused" and not multirun:
             claim.release()

@@ -383,3 +383,15 @@ def test_a_killed_sweep_job_resumed_in_place_stays_a_job_of_its_sweep(tmp_path):
     result = summarize(tmp_path / "sweep", figures=False)
     assert len(result["jobs"]) == 2 and not result["failed"] and not result["missing"] and not result["left_out"]
     assert (job / ".hydra" / "resume_overrides.yaml").exists()
+
+
+def test_a_sweep_jobs_error_reaches_the_console_once_and_its_run_log():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = run_cli("-m", *FAST, "optim.lr=1e6", "seed=0", "hydra.sweep.dir=sweep", cwd=Path(tmp))
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert sum(line.startswith("error: training diverged") for line in lines) == 1
+        assert not any(line.startswith("training diverged") for line in lines)  # the bare copy the log printed
+        log = next(Path(tmp, "sweep").glob("*/run.log")).read_text()
+        assert "[ERROR] training diverged" in log
