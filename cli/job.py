@@ -148,9 +148,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
         resume = cli.load_resume(cfg)
     note = cli.resume_note(cfg, resume)
-    if note.get("resumed", {}).get("schedule_changed"):
-        log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
-                    + note["resumed"]["schedule_changed"])
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
@@ -167,7 +164,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             log.info(f"model trained by its exact likelihood: {model_steps} steps in {first.wall_seconds:.1f} s, "
                      f"final window NLL {first.history[-1]['nll']:.4f} [randomised lattice]; now the guide, "
                      "against the frozen model")
-        with warnings.catch_warnings():  # a changed step budget: the note above says so in the config's words
+        with warnings.catch_warnings():  # a changed step budget: the note below says so in the config's words
             warnings.filterwarnings("ignore", message=r"steps=\d+ differs from the checkpoint's budget")
             result = fit(model, guide, data, elbo=elbo, steps=cfg.train.steps, lr=cfg.optim.lr,
                          lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
@@ -191,6 +188,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     except BaseException:  # killed (SIGINT, SIGTERM) or a crash: checkpoint.pt stays as fit left it
         good.discard()
         raise
+    if note.get("resumed", {}).get("schedule_changed"):  # once the checkpoint was restored (not before a refusal)
+        log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
+                    + note["resumed"]["schedule_changed"])
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",

@@ -109,9 +109,9 @@ def check_checkpoint(state: dict, where: str) -> None:
     """Raise CheckpointError (one line, starting with `where`, naming the entry) unless every entry resuming reads
     has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
     (its moments finite); rng the torch, numpy and python generators' states (each restorable); step an integer
-    >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss; window None or a (k, T) tensor with k betas; initial_loss None
-    or a number; buffers {name: tensor}; average None or {start, count (integers >= 0), means (finite float
-    tensors)}; config a dict."""
+    >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss; window None
+    or a (k, T) tensor with k betas; initial_loss None or a number; fit None or a dict; buffers {name: tensor};
+    average None or {start, count (integers >= 0), means (finite float tensors)}; config a dict."""
     def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
         raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
 

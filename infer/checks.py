@@ -209,12 +209,12 @@ def check_resume_settings(resume, values, elbo) -> None:
     """Raise ValueError (one line, naming each setting with the checkpoint's value and this fit's) where the
     checkpoint records the fit settings it was trained with (its 'fit' entry, FitResult.recipe) and this fit would
     change one that decides the trajectory (TRAJECTORY): it would no longer continue the run it resumes. A changed
-    step budget is allowed with a warning. A checkpoint without the entry (an older version's) is not checked."""
+    step budget is allowed (warn_budget_change). A checkpoint without the entry (an older version's) is not checked."""
     saved = resume.get("fit")
     if not isinstance(saved, dict):
         return
-    now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__, "num_particles": getattr(elbo, "num_particles", None),
-           "noise": getattr(elbo, "noise", None)}
+    now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
+           "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None)}
 
     def same(a, b):
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -227,12 +227,17 @@ def check_resume_settings(resume, values, elbo) -> None:
         raise ValueError(f"resume is not allowed with other settings than its checkpoint's: it was trained with "
                          f"{shown_}{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}; pass the "
                          "checkpoint's values to continue its run")
-    budget = saved.get("steps")
-    if isinstance(budget, int) and budget != values["steps"]:
-        warnings.warn(f"steps={values['steps']} differs from the checkpoint's budget {budget}: the lr schedule "
-                      f"changes from step {int(resume['step'])} on, so this is neither run's trajectory",
-                      stacklevel=4)
+
+
+def warn_budget_change(resume, steps: int, stacklevel: int = 2) -> None:
+    """Warn (one line) where a resume's step budget differs from the one its checkpoint was trained with: the lr
+    schedule is a function of the budget. fit calls it once the checkpoint is restored (not before a refusal)."""
+    saved = resume.get("fit") if isinstance(resume, dict) else None
+    budget = saved.get("steps") if isinstance(saved, dict) else None
+    if isinstance(budget, int) and budget != steps:
+        warnings.warn(f"steps={steps} differs from the checkpoint's budget {budget}: the lr schedule changes from "
+                      f"step {int(resume['step'])} on, so this is neither run's trajectory", stacklevel=stacklevel + 1)
 
 
 __all__ = ["check_data", "check_sizes", "check_inputs", "inputs_checked", "check_checkpoint_path", "checked_device",
-           "check_arguments", "check_resume_settings"]
+           "check_arguments", "check_resume_settings", "warn_budget_change"]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
 from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
-from .checks import check_arguments, checked_device, check_data
+from .checks import check_arguments, checked_device, check_data, warn_budget_change
 from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
 from .prepare import adam, prepare, restore
@@ -132,6 +132,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:
         restore(resume, names, store, result, window, device)
+        warn_budget_change(resume, steps, stacklevel=4)  # fit <- _fit <- _train: the caller of fit
         averaged.load(resume.get("average"), device, int(resume["step"]))
         for group in optimizer.param_groups:  # a checkpoint of another Adam variant: same state, our kernel
             group["fused"] = fused or None

@@ -540,3 +540,17 @@ def test_fit_warns_once_where_a_resume_changes_the_step_budget_and_so_the_lr_sch
     fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
     with pytest.warns(UserWarning, match=r"^steps=8 differs from the checkpoint's budget 4: the lr schedule changes"):
         fit_with(model, guide, steps=8, log_every=2, resume=str(path))
+
+
+def test_a_resume_refused_for_its_params_does_not_first_warn_of_a_changed_step_budget(vae, tmp_path):
+    import warnings
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    other = VAE(N, hidden=8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        one_line_value_error(lambda: fit_with(other, GaussianGuide(other, hidden=4), steps=8, log_every=2,
+                                              resume=str(path)), r"has shape")
+    assert not [w for w in seen if "budget" in str(w.message)]
