@@ -11,11 +11,40 @@ from infer.checkpoint import save_checkpoint
 log = logging.getLogger("onebit")
 
 
+def config_names() -> dict:
+    """{class: its name on the command line} of the models and guides conf/model/*.yaml and conf/guide/*.yaml
+    build (their _target_ and name), read once; {} where the conf folder or a target cannot be read."""
+    if _NAMES is None:
+        import importlib
+
+        import yaml
+
+        names = {}
+        conf = Path(__file__).resolve().parents[1] / "conf"
+        for group in ("model", "guide"):
+            for path in sorted((conf / group).glob("*.yaml")):
+                try:
+                    node = yaml.safe_load(path.read_text()) or {}
+                    node = node.get(group, node)  # a model's keys sit under `model:` (@package _global_)
+                    module, _, attr = str(node["_target_"]).rpartition(".")
+                    names[getattr(importlib.import_module(module), attr)] = str(node["name"])
+                except Exception:  # noqa: BLE001  a file that is not a group option: its class keeps its own name
+                    continue
+        globals()["_NAMES"] = names
+    return _NAMES
+
+
+_NAMES = None
+
+
 def describe(model, guide, data, result) -> dict:
-    """What metrics.json's head says when no config does: model and guide names (their class or function
-    names), n, and fit()'s steps, wall_seconds and engine (and its seed where the result records one)."""
+    """What metrics.json's head says when no config does: model and guide names (the command line's name of a
+    class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
+    a sweep summary; else their class or function names), n, and fit()'s steps, wall_seconds and engine (and its
+    seed where the result records one)."""
     def name(obj):
-        return getattr(obj, "__name__", None) or type(obj).__name__
+        known = config_names().get(type(obj))
+        return known or getattr(obj, "__name__", None) or type(obj).__name__
 
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     seed = getattr(result, "seed", None)

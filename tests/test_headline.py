@@ -199,7 +199,7 @@ def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
     metrics, grids = evaluate(model, guide, data, samples=512, replicates=4)
     write_run(tmp_path, model, guide, data, result, metrics, grids, figures=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert (saved["model"], saved["guide"], saved["n"], saved["steps"]) == ("VAE", "GaussianGuide", 5, 3)
+    assert (saved["model"], saved["guide"], saved["n"], saved["steps"]) == ("vae", "gaussian", 5, 3)  # as run.py names them
     assert saved["wall_seconds"] > 0 and saved["engine"] == result.engine == "fast"
     assert "?" not in summary_lines(saved)[0]
 

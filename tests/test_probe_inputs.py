@@ -526,10 +526,10 @@ def test_write_run_with_overwrite_replaces_the_previous_run_whole_and_keeps_file
     assert not any(name.startswith(".replaced") for name in now) and now["notes.txt"] == old["notes.txt"]
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "ok" and "loss" not in status  # the new run's record, not the vae's
-    assert json.loads((run / "metrics.json").read_text())["model"] == "DLGM"
+    assert json.loads((run / "metrics.json").read_text())["model"] == "dlgm"
     from infer.checkpoint import load_checkpoint
 
-    assert load_checkpoint(run / "checkpoint.pt")["model"] == "DLGM"  # the new run's checkpoint, not the vae's
+    assert load_checkpoint(run / "checkpoint.pt")["model"] == "dlgm"  # the new run's checkpoint, not the vae's
 
 
 def test_a_checkpoint_holding_other_python_objects_is_refused_without_running_them(tmp_path):
