@@ -110,15 +110,26 @@ def job_dirs(sweep_dir: Path) -> tuple:
     index = {}
     for i, combo in enumerate(expected):
         index.setdefault(_norm(combo), set()).add(i)
-    launched, left_out, done = [], [], set()
+    launched, left_out, done, by_num = [], [], set(), {}
     for job in sorted(launches):
         nums = index.get(_norm(_overrides(job)), set())
         mode, num = _hydra_job(job)
         if nums and mode != "RUN" and (num is None or num in nums):
             launched.append(job)
             done |= {num} if num is not None else nums
+            if num is not None:
+                by_num.setdefault(num, []).append(job)
         else:
             left_out.append(job)
+    from .rundir import read_status
+
+    for num, jobs in by_num.items():  # one job number, two dirs (an earlier launch's run put back where this launch's
+        if len(jobs) > 1:  # job was refused, recorded in _refused/): the latest started is this launch's
+            latest = max(jobs, key=lambda j: (str(read_status(j).get("started", "")), "_refused" in j.parts))
+            for job in jobs:
+                if job != latest:
+                    launched.remove(job)
+                    left_out.append(job)
     missing = [" ".join(combo) for i, combo in enumerate(expected) if i not in done]
     return sorted(r for job in launched for r in launches[job]), launched, left_out, missing
 

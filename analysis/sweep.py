@@ -50,11 +50,11 @@ def summarize(sweep_dir, figures: bool = True) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
-    from .rundir import is_run
+    from .rundir import is_run, read_status
 
-    if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists():
-        raise NotASweep(f"{sweep_dir} is a run's directory (it holds a run's status.json), not a sweep's: give the "
-                        "folder that holds the sweep's multirun.yaml and job directories")
+    if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists() and not read_status(sweep_dir).get("replicas"):
+        raise NotASweep(f"{sweep_dir} is a single run's directory (it holds a run's status.json), not a sweep's or a "
+                        "replica group's: give the folder that holds the sweep's multirun.yaml and job directories")
     found = collect(sweep_dir)
     if not found["rows"] and not found["missing"] and not (sweep_dir / "multirun.yaml").exists():
         raise NotASweep(f"{sweep_dir} holds no sweep (no multirun.yaml and no job directory): give the folder a "

@@ -319,3 +319,23 @@ def test_a_sweep_of_replicas_names_the_groups_replicas_not_the_replica_dirs_repl
         (group / f"seed{seed}" / ".hydra" / "overrides.yaml").write_text(f"- data.n=5\n- seed={seed}\n- replicas=1\n")
     _, md = summary(sweep)
     assert "replicas=2" in md and "replicas=1" not in md
+
+
+def test_an_earlier_launchs_run_put_back_under_this_launchs_job_number_is_left_out_for_its_refusal_record(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0", "data.n=5"])
+    old = job(sweep, ["seed=0", "data.n=5"], num=0, m=metrics(0, 1.0))
+    status = json.loads((old / "status.json").read_text())
+    (old / "status.json").write_text(json.dumps({**status, "started": "2026-01-01T00:00:00"}))
+    record = job(sweep / "_refused", ["seed=0", "data.n=5"], num=0, status="refused")
+    status = json.loads((record / "status.json").read_text())
+    (record / "status.json").write_text(json.dumps({**status, "started": "2026-01-02T00:00:00"}))
+    result, md = summary(sweep)
+    assert result["failed"] and not result["missing"] and result["left_out"] == [str(old.relative_to(sweep))]
+
+
+def test_a_single_run_of_replicas_is_summarised_per_seed(tmp_path):
+    group = job(tmp_path, ["replicas=2"], replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    result, _ = summary(group)
+    assert len(result["jobs"]) == 2 and not result["failed"]
