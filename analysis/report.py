@@ -15,7 +15,7 @@ from infer.runtime import serial_blas
 from models import VAE
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
-from .run_outputs import describe, write_run  # noqa: F401  re-exported: the README's API, run.py, the tests
+from .run_outputs import describe, write_run  # noqa: F401  re-exported: the README's API and the tests
 from .summary_text import summary_lines  # noqa: F401  re-exported: run.py and the tests import it from here
 
 log = logging.getLogger("onebit")

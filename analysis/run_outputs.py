@@ -1,5 +1,6 @@
-"""What a run writes into its directory: metrics.json (headed by `describe` where no config heads it), history.csv,
-checkpoint.pt, encodings.nc and the figures (write_run; analysis.report re-exports it)."""
+"""What a run writes into its directory: status.json, metrics.json (headed by `describe` where no config heads it),
+history.csv, checkpoint.pt, encodings.nc and the figures. write_run (analysis.report re-exports it) claims the
+directory and writes them; write_outputs writes them into a directory its caller claimed (run.py's jobs)."""
 import json
 import logging
 from pathlib import Path
@@ -66,15 +67,16 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     wall_seconds and engine from `describe` where metrics lacks them.
 
     The directory is claimed as the command line claims a run's (analysis.claim.Claim): a directory that already
-    holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant), or that lies inside
-    another run's directory, is refused in one line (ValueError) before anything is written. overwrite=True replaces
-    the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/ and figures too) are moved
-    aside first and deleted once the new run is written, or put back if writing fails; files that are not a run's
-    are never touched."""
+    holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant), one whose run is still
+    running (live_owner), one inside another run's directory, one that holds runs below it, or the current
+    directory while it holds other files, is refused in one line (ValueError) before anything is written.
+    overwrite=True replaces the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/
+    and figures too) are moved aside first and deleted once the new run is written, or put back if writing fails;
+    files that are not a run's are never touched."""
     from infer.validate import shown
 
     from .claim import Claim
-    from .rundir import occupant
+    from .rundir import live_owner, occupant
 
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise ValueError(f"out={shown(out)} is not allowed: out must be a directory's path (str or pathlib.Path)")
@@ -91,6 +93,10 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
     held = occupant(out)
+    pid = live_owner(out) if held else None
+    if pid is not None:  # replacing it would pull its files from under a run that is still writing them
+        raise ValueError(f"out={out} is not allowed: the run there is still running (pid {pid}); wait for it to end, "
+                         "or choose another directory")
     if held and not overwrite:
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")

@@ -166,3 +166,24 @@ def run_below(path, depth: int = 4, folders: int = 10000):
                 deeper.append(Path(entry.path))
         level = deeper
     return None
+
+
+def live_owner(out):
+    """The pid of the process running the run in `out`, when its status.json says running and names a live Python
+    process other than this one; None otherwise (no run, a run that ended, or one killed by SIGKILL whose status
+    still says running)."""
+    status = read_status(out)
+    pid = status.get("pid")
+    if status.get("status") != "running" or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    try:  # a pid the OS has given to another program since is not the run
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return pid if b"python" in handle.read() else None
+    except OSError:
+        return pid

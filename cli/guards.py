@@ -126,7 +126,8 @@ def divergence(result, data, beta: float = 1.0, final=None, cfg=None) -> str:
     worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
     bound = worst + 0.01 * worst + 0.01
     if last > bound:
-        above = [row for row in history if not row.get("objective", row.get("loss")) <= bound]  # nan included
+        above = [row for row in history if row.get("phase") != "model"  # objective=exact's model phase: its NLL
+                 and not row.get("objective", row.get("loss")) <= bound]  # nan included
         first = (f"; its logged objective first went above them at step {above[0]['step']} "
                  f"({above[0].get('objective', above[0].get('loss')):.4g})") if above else ""
         return (f"training diverged: the final objective {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"

@@ -192,6 +192,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
                     + note["resumed"]["schedule_changed"])
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
+    if not cfg.train.checkpoint_every:  # fit wrote it too, unless it resumed a finished run; before the phases'
+        save_checkpoint(out / "checkpoint.pt", result, extra=extra)  # histories join (its steps are the guide's)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
                                "steps": first.steps, "wall_seconds": first.wall_seconds, "engine": first.engine,
@@ -200,8 +202,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                                "price")
         result.history = [{"phase": "model", **row} for row in first.history] + [
             {"phase": "guide", **row, "step": first.steps + row["step"]} for row in result.history]
-    if not cfg.train.checkpoint_every:  # fit wrote the final one otherwise
-        save_checkpoint(out / "checkpoint.pt", result, extra=extra)
     try:
         return finish(cfg, out, model, guide, data, result, head, good=good)
     finally:

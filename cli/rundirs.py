@@ -61,29 +61,6 @@ def refuse_replacing_job(claim, cfg, hc, err) -> None:
                                           f"{claim.path} is kept as it was)")
 
 
-def live_owner(out):
-    """The pid of the process running the run in `out`, when its status.json says running and names a live Python
-    process other than this one; None otherwise (no run, a run that ended, or one killed by SIGKILL whose status
-    still says running)."""
-    from analysis.rundir import read_status
-
-    status = read_status(out)
-    pid = status.get("pid")
-    if status.get("status") != "running" or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        return pid
-    try:  # a pid the OS has given to another program since is not the run
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return pid if b"python" in handle.read() else None
-    except OSError:
-        return pid
-
-
 def claim_for(cfg, out: Path, fresh: bool = False):
     """The Claim on `out` for this run: the one preflight made for a single run, or a new one (a sweep job: fresh,
     so that a job never takes over an earlier job's claim on the same dir; a run without the CLI).
@@ -94,6 +71,8 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     held = STATE.get("claim")
     if not fresh and held is not None and Path(held.path) == Path(out).absolute():
         return held
+    from analysis.rundir import live_owner
+
     pid = live_owner(out)
     if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
         from analysis.rundir import RunDirError

@@ -52,6 +52,18 @@ def _temp_pattern(path) -> str:
     return os.path.join(folder, f".{name}.*.tmp")
 
 
+def plain(value):
+    """value with numpy and 0-dim torch numbers as the Python numbers they equal, through dicts, lists and tuples:
+    what torch.load(weights_only=True) reads back (it refuses numpy scalars)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic) or isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
 def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None, optimizer_state=None,
                     average=None) -> None:
     """Write the current param store values, the model's and guide's buffers, result.optimizer's state, the RNG
@@ -75,7 +87,7 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
              "initial_loss": getattr(result, "initial_loss", None),
              "buffers": {k: v.detach().cpu().clone() for k, v in result.buffers.items()},
              **({"average": average} if average is not None else {}),
-             **({"fit": dict(result.recipe)} if isinstance(getattr(result, "recipe", None), dict) else {}),
+             **({"fit": plain(result.recipe)} if isinstance(getattr(result, "recipe", None), dict) else {}),
              **(extra or {})}
     for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
         try:

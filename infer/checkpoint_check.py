@@ -157,7 +157,11 @@ def check_checkpoint(state: dict, where: str) -> None:
         if nonfinite:
             bad("average", f"holds non-finite means (mean {nonfinite[0][0]}: {nonfinite[0][1]} of {nonfinite[0][2]} "
                            "are nan or inf)")
-    if state.get("fit") is not None and not isinstance(state["fit"], dict):
-        bad("fit", f"is a {type(state['fit']).__name__}, not a dict of the settings fit trained with")
+    fit = state.get("fit")
+    scalar = (type(None), bool, int, float, str)
+    if fit is not None and not (isinstance(fit, dict) and all(
+            isinstance(v, scalar) or isinstance(v, (list, tuple)) and all(isinstance(e, scalar) for e in v)
+            for v in fit.values())):
+        bad("fit", "is not a dict of the settings fit trained with (numbers, strings, or tuples of numbers)")
     if "config" in state and state["config"] is not None and not isinstance(state["config"], dict):
         bad("config", f"is a {type(state['config']).__name__}, not a dict")

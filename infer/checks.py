@@ -186,10 +186,12 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
                                  f"trains the model alone by its marginal likelihood ({name} must be {default!r})")
     check_sizes(data, model=model, guide=guide if needs_guide else None)
     for name, value in values.items():  # numpy scalars as the Python numbers they equal (Python's RNG takes no
-        if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):  # numpy int as a seed)
-            values[name] = int(value)
-        elif isinstance(value, numbers.Real) and not isinstance(value, (float, int, bool)):
+        if isinstance(value, numbers.Integral) and type(value) not in (int, bool):  # numpy int as a seed; a
+            values[name] = int(value)  # checkpoint's torch.load(weights_only=True) refuses any numpy number)
+        elif isinstance(value, numbers.Real) and type(value) not in (float, int, bool):
             values[name] = float(value)
+        elif isinstance(value, (list, tuple)) and any(type(v) not in (float, int, bool) for v in value):
+            values[name] = type(value)(float(v) if isinstance(v, numbers.Real) else v for v in value)
     if resume is not None:
         start = int(resume["step"])
         if steps < start:

@@ -554,3 +554,27 @@ def test_a_resume_refused_for_its_params_does_not_first_warn_of_a_changed_step_b
         one_line_value_error(lambda: fit_with(other, GaussianGuide(other, hidden=4), steps=8, log_every=2,
                                               resume=str(path)), r"has shape")
     assert not [w for w in seen if "budget" in str(w.message)]
+
+
+def test_a_fit_given_numpy_numbers_writes_a_checkpoint_that_resumes(vae, tmp_path):
+    import numpy as np
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=np.int64(0), lr=np.float64(1e-3), adam_betas=(np.float64(0.9), 0.99),
+             log_every=2, checkpoint_path=path)
+    resumed = fit_with(model, guide, steps=4, lr=1e-3, adam_betas=(0.9, 0.99), log_every=2, resume=str(path))
+    assert resumed.steps == 4
+
+
+def test_a_checkpoint_whose_fit_settings_are_not_plain_values_is_refused_in_one_line(vae, tmp_path):
+    from infer.checkpoint import load_checkpoint
+
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=0, log_every=2, checkpoint_path=path)
+    state = load_checkpoint(path)
+    state["fit"]["lr"] = torch.tensor([1.0, 2.0])
+    torch.save(state, tmp_path / "bad.pt")
+    one_line_value_error(lambda: fit_with(model, guide, steps=4, log_every=2, resume=str(tmp_path / "bad.pt")),
+                         r"its fit entry is not a dict of the settings fit trained with")

@@ -598,3 +598,30 @@ def test_a_network_key_may_take_another_keys_value_by_interpolation():
 def test_a_group_set_to_an_interpolation_that_resolves_to_nothing_is_refused_naming_it():
     assert refusal("train=${oops}") == ("train is not allowed as it is set: its interpolation does not resolve "
                                         "(Interpolation key 'oops' not found)")
+
+
+def test_write_run_refuses_to_replace_a_run_that_is_still_running(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from analysis.report import write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    training = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "status.json").write_text(json.dumps({"status": "running", "pid": training.pid}))
+        before = snapshot(run)
+        model = VAE(3, hidden=4)
+        guide = GaussianGuide(model, hidden=4)
+        result = fit(model, guide, OneBit(3), steps=5)
+        with pytest.raises(ValueError, match=rf"the run there is still running \(pid {training.pid}\)") as err:
+            write_run(run, model, guide, OneBit(3), result, {}, figures=False, overwrite=True)
+        assert "\n" not in str(err.value) and snapshot(run) == before
+    finally:
+        training.kill()
+        training.wait()
