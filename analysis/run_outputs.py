@@ -1,6 +1,7 @@
 """What a run writes into its directory: status.json, metrics.json (headed by `describe` where no config heads it),
 history.csv, checkpoint.pt, encodings.nc and the figures. write_run (analysis.report re-exports it) claims the
 directory and writes them; write_outputs writes them into a directory its caller claimed (run.py's jobs)."""
+import functools
 import json
 import logging
 from pathlib import Path
@@ -12,30 +13,26 @@ from infer.checkpoint import save_checkpoint
 log = logging.getLogger("onebit")
 
 
+@functools.lru_cache(maxsize=None)
 def config_names() -> dict:
     """{class: its name on the command line} of the models and guides conf/model/*.yaml and conf/guide/*.yaml
     build (their _target_ and name), read once; {} where the conf folder or a target cannot be read."""
-    if _NAMES is None:
-        import importlib
+    import importlib
 
-        import yaml
+    import yaml
 
-        names = {}
-        conf = Path(__file__).resolve().parents[1] / "conf"
-        for group in ("model", "guide"):
-            for path in sorted((conf / group).glob("*.yaml")):
-                try:
-                    node = yaml.safe_load(path.read_text()) or {}
-                    node = node.get(group, node)  # a model's keys sit under `model:` (@package _global_)
-                    module, _, attr = str(node["_target_"]).rpartition(".")
-                    names[getattr(importlib.import_module(module), attr)] = str(node["name"])
-                except Exception:  # noqa: BLE001  a file that is not a group option: its class keeps its own name
-                    continue
-        globals()["_NAMES"] = names
-    return _NAMES
-
-
-_NAMES = None
+    names = {}
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("model", "guide"):
+        for path in sorted((conf / group).glob("*.yaml")):
+            try:
+                node = yaml.safe_load(path.read_text()) or {}
+                node = node.get(group, node)  # a model's keys sit under `model:` (@package _global_)
+                module, _, attr = str(node["_target_"]).rpartition(".")
+                names[getattr(importlib.import_module(module), attr)] = str(node["name"])
+            except Exception:  # noqa: BLE001  a file that is not a group option: its class keeps its own name
+                continue
+    return names
 
 
 def describe(model, guide, data, result) -> dict:
