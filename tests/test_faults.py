@@ -395,3 +395,20 @@ def test_a_sweep_jobs_error_reaches_the_console_once_and_its_run_log():
         assert not any(line.startswith("training diverged") for line in lines)  # the bare copy the log printed
         log = next(Path(tmp, "sweep").glob("*/run.log")).read_text()
         assert "[ERROR] training diverged" in log
+
+
+def test_an_iwae_trained_run_is_judged_by_its_own_bound_not_by_its_poorer_elbo():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from cli.guards import divergence
+    from models import OneBit
+
+    history = [{"step": 300, "objective": 0.988, "loss": 0.988}]
+    result = SimpleNamespace(history=history, initial_loss=3.49)
+    elbo_of_an_iwae_guide = {"loss": 12.17, "kl": {"z": 11.2}, "loss_estimator": "exact"}
+    assert divergence(result, OneBit(5), final=elbo_of_an_iwae_guide,
+                      cfg=OmegaConf.create({"objective": {"name": "iwae"}})) == ""
+    assert "the final objective [exact] 12.17 is above" in divergence(
+        result, OneBit(5), final=elbo_of_an_iwae_guide, cfg=OmegaConf.create({"objective": {"name": "elbo"}}))
