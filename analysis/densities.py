@@ -94,9 +94,9 @@ class Densities:
         points = self.x.shape[-2]
         sizes = {n: mt.nodes[n]["value"].numel() // points for n in self.latents}
         if sum(sizes.values()) > 2 or any(s != 1 for s in sizes.values()):
-            raise ValueError(f"exact quadrature handles at most 2 scalar latents, one per site; this model has "
-                             f"{', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data point; "
-                             "use analysis.iwae.iwae instead")
+            raise ValueError(f"exact quadrature handles at most 2 latent sites of one scalar each per data point; "
+                             f"this model has {', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data "
+                             "point")
         self.joint = need_q and self.q.kind == "joint"
         if self.joint and len(self.latents) > 1:
             raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "
