@@ -126,7 +126,8 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
             parts += ["loss SE [MC]: the mean over a configuration's runs of each run's own Monte Carlo standard "
                       "error (how precisely one run's loss is estimated), not the sd over seeds (the ± of the loss "
                       "column); 'no error bar (k of N)': only k of its N runs have a standard error that holds "
-                      "(a run has none where the tail k̂ is at least 0.5).", ""]
+                      "(a run has one only where its tail k̂ is below 0.5 by 2 of its sd: finite variance, so a "
+                      "CLT standard error holds).", ""]
         if sites:
             parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it "
                       "can be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
