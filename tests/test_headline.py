@@ -318,3 +318,11 @@ def test_a_surgery_that_cannot_integrate_q_is_skipped_with_its_reason_and_the_re
     assert "surgery" not in metrics and "no ELBO surgery" in metrics["surgery_skipped"]
     assert metrics["loss_estimator"] == "exact"
     assert any("surgery    skipped: q(z|x_k) integrates" in line for line in summary_lines(metrics))
+
+
+def test_an_exact_value_the_quadrature_resolves_is_printed_with_its_digits_and_one_within_its_error_as_zero():
+    exact_block = {"loss": 0.69315, "nll": 0.693141, "gap": 9.45e-6, "recon": 0.6931, "recon_per_dim": 0.6931,
+                   "kl": {"z2": 5.75e-4, "z1": -2.0e-8}, "error": 7.7e-8, "estimator": "exact quadrature"}
+    lines = summary_lines({"exact": exact_block, "loss_estimator": "exact"})
+    assert "ELBO gap 9.45e-06 [exact]" in lines[1]  # 4 decimals printed it as 0.0000
+    assert "rate[z2] 5.75e-04 + rate[z1] 0.0000 [exact]" in lines[2]  # -2e-8 is within the 7.7e-8 error of 0
