@@ -90,8 +90,10 @@ def summary_lines(m: dict) -> list:
             lines.append(f"  loss       {loss}   (check of the exact loss: {mc['loss'] - e['loss']:+.2e})")
         else:
             lines.append(f"  loss       {loss}")
+        order = list((e or {}).get("kl") or {})  # the sites in the exact line's order, where there is one
+        mc_kl = {**{k: mc["kl"][k] for k in order if k in mc["kl"]}, **mc["kl"]}
         lines.append(f"  recon      {mc['recon']:.4f} {tag}   recon/dim {mc['recon_per_dim']:.3e} {tag}   "
-                     + _kl_text(mc["kl"], tag))
+                     + _kl_text(mc_kl, tag))
     if "model_phase" in m and e is not None:
         lines.append(f"  the model was trained by its exact likelihood ({m['model_phase']['steps']} steps), then the "
                      f"guide against it, frozen: NLL {e['nll']:.4f} [exact] is the model's, the ELBO gap "

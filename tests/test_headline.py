@@ -326,3 +326,12 @@ def test_an_exact_value_the_quadrature_resolves_is_printed_with_its_digits_and_o
     lines = summary_lines({"exact": exact_block, "loss_estimator": "exact"})
     assert "ELBO gap 9.45e-06 [exact]" in lines[1]  # 4 decimals printed it as 0.0000
     assert "rate[z2] 5.75e-04 + rate[z1] 0.0000 [exact]" in lines[2]  # -2e-8 is within the 7.7e-8 error of 0
+
+
+def test_the_monte_carlo_line_names_the_sites_in_the_exact_lines_order():
+    exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+                   "kl": {"z2": 2.4373, "z1": -1.7236}, "error": 5e-8, "estimator": "exact quadrature"}
+    mc = {"kind": "RQMC lattice", "loss": 0.7147, "loss_se": 0.0034, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+          "kl": {"z1": -1.7244, "z2": 2.4373}}
+    lines = summary_lines({"exact": exact_block, "montecarlo": mc, "loss_estimator": "exact"})
+    assert "rate[z2] 2.4373 + rate[z1] -1.7244 [RQMC lattice]" in lines[4]
