@@ -332,6 +332,6 @@ def test_the_monte_carlo_line_names_the_sites_in_the_exact_lines_order():
     exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
                    "kl": {"z2": 2.4373, "z1": -1.7236}, "error": 5e-8, "estimator": "exact quadrature"}
     mc = {"kind": "RQMC lattice", "loss": 0.7147, "loss_se": 0.0034, "recon": 0.0018, "recon_per_dim": 1.8e-6,
-          "kl": {"z1": -1.7244, "z2": 2.4373}}
+          "kl": {"z1": -1.7244, "z2": 2.4373}, "estimator": "randomised quasi-Monte Carlo, lattice rule"}
     lines = summary_lines({"exact": exact_block, "montecarlo": mc, "loss_estimator": "exact"})
     assert "rate[z2] 2.4373 + rate[z1] -1.7244 [RQMC lattice]" in lines[4]
