@@ -96,7 +96,7 @@ class Densities:
         if sum(sizes.values()) > 2 or any(s != 1 for s in sizes.values()):
             raise ValueError(f"exact quadrature handles at most 2 latent sites of one scalar each per data point; "
                              f"this model has {', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data "
-                             "point")
+                             "point (analysis.iwae.iwae bounds its likelihood)")
         self.joint = need_q and self.q.kind == "joint"
         if self.joint and len(self.latents) > 1:
             raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "

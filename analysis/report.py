@@ -135,7 +135,7 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
 
         metrics["exact_skipped"] = skipped
         metrics["iwae"] = iwae(model, guide, data, K=iwae_k, samples=max(IWAE_SAMPLES, 2 * iwae_k), seed=seed)
-        metrics["iwae"]["note"] = f"{skipped}: importance-sampled bounds (analysis.iwae.iwae) stand in"
+        metrics["iwae"]["note"] = f"{skipped}: importance-sampled bounds stand in"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         psis = diagnose(log_weights(model, guide, data, khat_samples or khat_draws(samples, data.n)))
