@@ -159,9 +159,21 @@ def parse_overrides(overrides):
     """Hydra's parsed overrides; ConfigError (one line) for a command line Hydra cannot parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(list(overrides))
+        return parser.parse_overrides(list(overrides))
     except Exception as err:  # noqa: BLE001  hydra's OverrideParseException
+        for override in overrides:  # name the one that does not parse
+            try:
+                parser.parse_overrides([override])
+            except Exception:  # noqa: BLE001
+                key, eq, value = str(override).partition("=")
+                if eq and any(c in value for c in "=,[]{}():"):
+                    hint = (f"; a value holding = , [ ] {{ }} ( ) or : must be quoted as a whole: "
+                            f"{key}='{value}'")
+                else:
+                    hint = ""
+                raise ConfigError(f"{override} cannot be parsed ({one_line(err)}){hint}") from None
         raise ConfigError(f"cannot parse the command line: {one_line(err)}") from None
 
 

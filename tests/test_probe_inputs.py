@@ -625,3 +625,9 @@ def test_write_run_refuses_to_replace_a_run_that_is_still_running(tmp_path):
     finally:
         training.kill()
         training.wait()
+
+
+def test_an_override_hydra_cannot_parse_is_named_with_how_to_quote_it(tmp_path):
+    proc = run_cli("train.resume=/tmp/a=b/c.pt", cwd=tmp_path)
+    one_line_error(proc, "train.resume=/tmp/a=b/c.pt cannot be parsed", "must be quoted as a whole: "
+                   "train.resume='/tmp/a=b/c.pt'")
