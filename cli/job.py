@@ -244,7 +244,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
     metrics = {**head, **metrics}
     reason = cli.divergence(result, data, beta=beta, final=metrics, cfg=cfg)
     if reason:
-        metrics.update(status="diverged", reason=reason)
+        # no normal-looking headline: the loss that was judged stays, under a name that says so
+        metrics.update(status="diverged", reason=reason, loss=None, loss_judged_diverged=metrics.get("loss"))
         if good is not None:
             metrics["checkpoint"] = good.restore()
     write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,

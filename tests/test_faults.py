@@ -2,6 +2,7 @@
 failing jobs, results are never overwritten, mixed or mislabelled, resumes check what they resume."""
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -412,3 +413,13 @@ def test_an_iwae_trained_run_is_judged_by_its_own_bound_not_by_its_poorer_elbo()
                       cfg=OmegaConf.create({"objective": {"name": "iwae"}})) == ""
     assert "the final objective [exact] 12.17 is above" in divergence(
         result, OneBit(5), final=elbo_of_an_iwae_guide, cfg=OmegaConf.create({"objective": {"name": "elbo"}}))
+
+
+def test_a_run_judged_diverged_after_its_evaluation_has_no_normal_looking_loss(tmp_path):
+    proc = run_cli("model=vae", "guide=mixture", "objective=closed_form", "data.n=2", "train.steps=30",
+                   "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "eval.figures=false",
+                   "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["loss"] is None
+    assert metrics["loss_judged_diverged"] > 2 * math.log(2)  # the number it was judged by, named as such
