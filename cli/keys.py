@@ -199,6 +199,11 @@ def check_keys(overrides, multirun: bool) -> None:
                 raise ConfigError(f"{o.input_line} sweeps {o.key_or_group} over several options; add -m to run a "
                                   "multirun")
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            if o.key_or_group == "experiment" and len(values) > 1:  # each brings its own sweep (hydra.sweeper.params)
+                raise ConfigError(f"{o.input_line} sweeps experiment over several options: an experiment brings its "
+                                  "own sweep, which a sweep of experiments would drop (each job would run one "
+                                  "default config); run one experiment per command, e.g. python run.py -m "
+                                  f"+experiment={values[0]}")
             groups[("+" if o.is_add() else "") + o.key_or_group] = values
             continue
         if o.is_sweep_override() and not multirun:

@@ -631,3 +631,9 @@ def test_an_override_hydra_cannot_parse_is_named_with_how_to_quote_it(tmp_path):
     proc = run_cli("train.resume=/tmp/a=b/c.pt", cwd=tmp_path)
     one_line_error(proc, "train.resume=/tmp/a=b/c.pt cannot be parsed", "must be quoted as a whole: "
                    "train.resume='/tmp/a=b/c.pt'")
+
+
+def test_a_sweep_over_experiments_is_refused_before_any_job(tmp_path):
+    proc = run_cli("-m", "+experiment=study,rate_distortion", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, "sweeps experiment over several options: an experiment brings its own sweep")
+    assert not (tmp_path / "sweep").exists()
