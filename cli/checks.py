@@ -161,6 +161,9 @@ def preflight(overrides, multirun: bool) -> list:
     except Exception as err:  # noqa: BLE001
         raise composition_error(err) from None
     if multirun:
+        from cli.launcher import check_launcher
+
+        check_launcher(cfg)
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:

@@ -637,3 +637,16 @@ def test_a_sweep_over_experiments_is_refused_before_any_job(tmp_path):
     proc = run_cli("-m", "+experiment=study,rate_distortion", "hydra.sweep.dir=sweep", cwd=tmp_path)
     one_line_error(proc, "sweeps experiment over several options: an experiment brings its own sweep")
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=0 is not allowed: hydra.launcher.n_jobs must be an integer"),
+    ("hydra.launcher.prefer=bogus", "hydra.launcher.prefer='bogus' is not allowed"),
+    ("hydra.launcher.backend=bogus", "hydra.launcher.backend='bogus' is not allowed"),
+    ("+hydra.launcher.bogus=1", "hydra.launcher.bogus is not a setting of the joblib launcher"),
+    ("hydra.launcher.timeout=6", "hydra.launcher.timeout=6.0 is not allowed: hydra.launcher.timeout must be null"),
+], ids=["n_jobs", "prefer", "backend", "unknown", "timeout"])
+def test_a_bad_joblib_launcher_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
+    proc = run_cli("-m", "hydra/launcher=joblib", *TINY, "seed=0,1", setting, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, line)
+    assert not (tmp_path / "sweep").exists()
