@@ -41,11 +41,14 @@ def _site(name: str) -> str:
     return "joint" if name.startswith("_") else name
 
 
-def _kl_text(kl: dict, tag: str, error=None) -> str:
-    """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)].
-    With an exact block's integration error, its values get the digits that error supports (_ex)."""
-    def f(v):
-        return _ex(v, error) if tag == "[exact]" else f"{v:.4f}".replace("-0.0000", "0.0000")
+def _four(value: float) -> str:
+    """4 decimals, and no -0.0000."""
+    return f"{value:.4f}".replace("-0.0000", "0.0000")
+
+
+def _kl_text(kl: dict, tag: str, f=_four) -> str:
+    """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)],
+    each value written by f (an exact block's: with the digits its integration error supports, _ex)."""
 
     if len(kl) == 1:
         (site, value), = kl.items()
@@ -74,7 +77,7 @@ def summary_lines(m: dict) -> list:
         lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   "
                   f"ELBO gap {_ex(e['gap'], err)} [exact]",
                   f"  recon      {e['recon']:.4f} [exact]   recon/dim {e['recon_per_dim']:.3e} [exact]   "
-                  + _kl_text(e["kl"], "[exact]", err)]
+                  + _kl_text(e["kl"], "[exact]", lambda v: _ex(v, err))]
         if "total_correlation_per_point" in e:
             lines.append(f"  joint guide: KL = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
                          f"{e['total_correlation_per_point']:.4f} [exact]")
@@ -97,7 +100,7 @@ def summary_lines(m: dict) -> list:
     if "model_phase" in m and e is not None:
         lines.append(f"  the model was trained by its exact likelihood ({m['model_phase']['steps']} steps), then the "
                      f"guide against it, frozen: NLL {e['nll']:.4f} [exact] is the model's, the ELBO gap "
-                     f"{e['gap']:.4f} [exact] the guide family's price")
+                     f"{_ex(e['gap'], e.get('error'))} [exact] the guide family's price")
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
         lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "
