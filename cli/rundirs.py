@@ -71,12 +71,10 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     held = STATE.get("claim")
     if not fresh and held is not None and Path(held.path) == Path(out).absolute():
         return held
-    from analysis.rundir import live_owner
+    from analysis.rundir import RunDirError, live_owner
 
     pid = live_owner(out)
     if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
-        from analysis.rundir import RunDirError
-
         key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
         raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid {pid}); "
                           f"wait for it to end, or choose another {key}")

@@ -109,8 +109,6 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
 
 def _numpy_globals() -> list:
     """What torch.load(weights_only=True) must be allowed to rebuild for numpy's RNG state (an ndarray of uint32)."""
-    import numpy as np
-
     multiarray = getattr(np, "_core", None) or np.core
     return [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, type(np.dtype(np.uint32))]
 

@@ -217,13 +217,7 @@ def check_resume_settings(resume, values, elbo) -> None:
         return
     now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
            "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None)}
-
-    def same(a, b):
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        return a == b
-
-    differ = [k for k in TRAJECTORY if k in saved and not same(saved[k], now.get(k))]
+    differ = [k for k in TRAJECTORY if k in saved and saved[k] != now.get(k)]  # plain numbers and strings
     if differ:
         shown_ = ", ".join(f"{k}={saved[k]!r} (this fit: {now.get(k)!r})" for k in differ[:4])
         raise ValueError(f"resume is not allowed with other settings than its checkpoint's: it was trained with "
