@@ -22,9 +22,9 @@ def _ex(value: float, error=None) -> str:
     return f"{value:.4f}"
 
 
-def _header(m: dict) -> str:
-    """'vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)', with
-    only the parts that are known."""
+def _header(m: dict) -> list:
+    """['vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)'], with
+    only the parts that are known; and a line naming the KL weight where the run trained with beta != 1."""
     who = " + ".join(p for p in (m.get("model"), f"{m['guide']} guide" if m.get("guide") else None) if p)
     facts = ", ".join(f"{k}={m[k]}" for k in ("n", "seed") if m.get(k) is not None)
     head = ", ".join(p for p in (who, facts) if p) or "run"
@@ -33,7 +33,12 @@ def _header(m: dict) -> str:
         timing.append(f"{m['steps']} steps" + (f" in {m['wall_seconds']:.1f} s" if m.get("wall_seconds") else ""))
     if m.get("eval_seconds") is not None:
         timing.append(f"evaluation {m['eval_seconds']:.1f} s")
-    return head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"
+    lines = [head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"]
+    if m.get("beta") is not None and m["beta"] != 1:  # the run's objective was not the loss reported below
+        b = m["beta"]
+        lines.append(f"  trained with KL weight beta={b:g}: its objective was recon + {b:g} KL; the loss below is "
+                     "the ELBO's (recon + KL), which this run did not minimise")
+    return lines
 
 
 def _site(name: str) -> str:
@@ -71,7 +76,7 @@ def summary_lines(m: dict) -> list:
         e = m  # exact()'s own dict: its numbers are exact, not an old metrics.json's Monte Carlo ones
     elif e is None and mc is None and "kind" in m and "loss_se" in m:
         mc = m  # monte_carlo()'s own dict
-    lines = [_header(m)]
+    lines = _header(m)
     if e is not None:
         err = e.get("error")
         lines += [f"  loss       {e['loss']:.4f} [exact]   NLL {e['nll']:.4f} [exact]   "

@@ -152,7 +152,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, **note}
+            "seed": cfg.seed, **kl_weight_fact(cfg), **note}
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
@@ -206,6 +206,13 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         return finish(cfg, out, model, guide, data, result, head, good=good)
     finally:
         good.discard()
+
+
+def kl_weight_fact(cfg) -> dict:
+    """{'beta': train.beta} where the KL weight the run trained with is not 1 (its objective was recon + beta KL, not
+    the loss its metrics report), else {}."""
+    beta = float(cfg.train.beta)
+    return {} if beta == 1.0 else {"beta": beta}
 
 
 def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:

@@ -184,6 +184,25 @@ def test_a_run_below_the_gaussian_optimum_is_said_to_be_below_it(vae5_metrics):
     assert "0.2000 below it" in line and "-0.2" not in line
 
 
+def test_a_run_trained_with_a_kl_weight_says_its_objective_was_not_the_loss_reported(vae5_metrics):
+    lines = summary_lines({**vae5_metrics, "beta": 0.25})
+    assert "beta=0.25" in lines[1] and "recon + 0.25 KL" in lines[1] and "did not minimise" in lines[1]
+    assert lines[2].split()[:3] == ["loss", f"{vae5_metrics['loss']:.4f}", "[exact]"]
+
+
+def test_a_run_at_kl_weight_one_has_no_kl_weight_line(vae5_metrics):
+    assert not any("beta" in line for line in summary_lines({**vae5_metrics, "beta": 1.0}))
+
+
+def test_the_command_line_records_a_kl_weight_other_than_one_and_only_then():
+    from omegaconf import OmegaConf
+
+    from cli.job import kl_weight_fact
+
+    assert kl_weight_fact(OmegaConf.create({"train": {"beta": 0.5}})) == {"beta": 0.5}
+    assert kl_weight_fact(OmegaConf.create({"train": {"beta": 1}})) == {}
+
+
 def test_a_withheld_error_bar_is_said_beside_the_number(vae5_metrics):
     mc = {**vae5_metrics["montecarlo"], "loss_se": None, "loss_note": "heavy tail: Pareto k-hat 0.83"}
     m = {k: v for k, v in vae5_metrics.items() if k not in ("exact", "surgery")}
