@@ -7,6 +7,19 @@ from .aggregate import _metric
 from .jobs import _norm, _overrides
 
 
+# The per-configuration table's columns beyond the loss terms: metrics.json key -> header, each with its estimator
+# ({est}: the headline's, whose value it is computed from); COLUMN_NOTE says what each is.
+EXTRA_COLUMNS = {"exact.nll": "NLL [exact]", "exact.gap": "ELBO gap [exact]",
+                 "gap_to_gaussian_optimum": "above the Gaussian optimum [{est}]", "khat.max": "k̂ max [PSIS]",
+                 "surgery.mutual_info": "I_q(x;z) [exact]", "surgery.marginal_kl": "KL(q(z)‖p(z)) [exact]"}
+RUN_COLUMNS = {"loss_se": "loss_se [MC]", "recon_per_dim": "recon_per_dim [loss_estimator]",
+               "exact.loss": "exact.loss [exact]", "khat.max": "khat.max [PSIS]", "wall_seconds": "training s"}
+COLUMN_NOTE = ("NLL = -log p(x) of the model, ELBO gap = loss - NLL; above the Gaussian optimum: the loss minus the "
+               "best loss any Gaussian encoder reaches (the 1-D vae with equal weights); k̂ max: the PSIS tail index of "
+               "p(x,z)/q(z|x) at the worse data point (importance draws); I_q(x;z) and KL(q(z)‖p(z)): the ELBO "
+               "surgery of the top latent z (z2 of the dlgm), avg KL(q(z|x)‖p(z)) = I_q(x;z) + KL(q(z)‖p(z)).")
+
+
 def _pm(mean, sd, digits=4, sci=False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
@@ -101,14 +114,14 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         sites = sorted({c[3:-5] for c in agg if c.startswith("kl.") and c.endswith("_mean")})
         sites = [] if sites == ["z"] else sites  # one latent site: its term is the rate column itself
         rate_col = "exact.rate" if loss_est == "exact" and "exact.rate_mean" in agg else "rate"
-        extra = [c for c in ("exact.nll", "exact.gap", "gap_to_gaussian_optimum", "khat.max", "surgery.mutual_info",
-                             "surgery.marginal_kl") if f"{c}_mean" in agg]
+        extra = [c for c in EXTRA_COLUMNS if f"{c}_mean" in agg]
         okeys = [c for c in agg if c.startswith("override:")]
         header = (["model", "guide", "n"] + [c.split(":", 1)[1] for c in okeys] + ["seeds", f"loss [{loss_est}]"]
                   + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
                   + [f"recon/dim [{rec_est}]"]
                   + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])
-                  + [f"rate[{s}]" for s in sites] + extra)
+                  + [f"rate[{s}] [{loss_est}]" for s in sites]
+                  + [EXTRA_COLUMNS[c].format(est=loss_est) for c in extra])
         body = []
         for _, r in agg.iterrows():
             row = [r["model"], r["guide"], r["n"]] + [r[c] for c in okeys] + [int(r["seeds"])]
@@ -118,8 +131,9 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
             row.append(_cell(r, rec_col, digits=3, sci=True) + _estimator_note(r, rec_est))
             if f"{rate_col}_mean" in agg:
                 row.append(_cell(r, rate_col))
-            row += [_cell(r, f"kl.{s}") for s in sites]
-            row += [_cell(r, c) for c in extra]
+            row += [_cell(r, f"kl.{s}") + _estimator_note(r, loss_est) for s in sites]
+            row += [_cell(r, c) + (_estimator_note(r, loss_est) if "{est}" in EXTRA_COLUMNS[c] else "")
+                    for c in extra]
             body.append(row)
         parts += ["## By configuration", "", _md_table(header, body), ""]
         if loss_est != "exact":
@@ -131,6 +145,8 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         if sites:
             parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it "
                       "can be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
+        if extra:
+            parts += [COLUMN_NOTE, ""]
         if "estimator" in agg:
             parts += ["Estimators (per configuration: of its quadrature runs the one with the largest integration "
                       "error; each other estimator once): "
@@ -144,7 +160,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         cols += ["duplicate_of"] if not dupes.empty else []
         body = [[("" if v is None or (isinstance(v, float) and math.isnan(v)) else
                   (f"{v:.4g}" if isinstance(v, float) else v)) for v in r] for r in ok[cols].itertuples(index=False)]
-        parts += ["## Runs", "", _md_table(cols, body), ""]
+        parts += ["## Runs", "", _md_table([RUN_COLUMNS.get(c, c) for c in cols], body), ""]
     parts += ["## Failed and missing jobs", ""]
     if failed.empty and not missing:
         parts.append("None.")

@@ -72,8 +72,8 @@ def check_guide(model, guide, x) -> None:
                                      f"{tuple(q['fn'].event_shape)}; the model's is {tuple(p['value'].shape)} "
                                      f"with event shape {tuple(p['fn'].event_shape)}")
         if q["value"].dtype != p["value"].dtype:
-            raise GuideMismatchError(f"guide site '{name}' draws {str(q['value'].dtype).removeprefix('torch.')} values; "
-                                     f"the model's are {str(p['value'].dtype).removeprefix('torch.')} (build the "
+            got, want = (str(t["value"].dtype).removeprefix("torch.") for t in (q, p))
+            raise GuideMismatchError(f"guide site '{name}' draws {got} values; the model's are {want} (build the "
                                      "guide's parameters and distributions in the model's dtype)")
         if plates(q) != plates(p):
             raise GuideMismatchError(f"guide site '{name}' is in plates {plates(q) or 'none'}; the model samples it "

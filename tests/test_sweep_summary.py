@@ -180,16 +180,27 @@ def test_an_exact_column_is_used_only_when_every_run_has_the_exact_value(tmp_pat
     loss = next(v for k, v in row.items() if k.startswith("loss ["))
     assert loss.startswith("3.0000 ± ")  # the mean of all three headlines, not 1.5 over the exact two
     assert "exact (2 of 3), RQMC lattice (1 of 3)" in md
-    assert row["exact.nll"].endswith("(2 of 3)")
+    assert row["NLL [exact]"].endswith("(2 of 3)")
     estimators = next(line for line in md.splitlines() if line.startswith("Estimators"))
     assert RQMC in estimators and "error = change under refinement" in estimators
+
+
+def test_every_number_column_of_the_by_configuration_table_names_its_estimator(tmp_path):
+    for seed, loss in enumerate((1.0, 2.0)):
+        m = {**metrics(seed, loss), "kl": {"z1": 0.2, "z2": 0.3}, "khat": [0.1, 0.2], "gaussian_optimum": 0.9,
+             "gap_to_gaussian_optimum": loss - 0.9, "surgery": {"mutual_info": 0.4, "marginal_kl": 0.1}}
+        m["exact"]["gap"] = 0.05
+        job(tmp_path, [f"seed={seed}"], m=m)
+    header = list(config_table(summary(tmp_path)[1])[0])
+    numbers = [h for h in header if h not in ("model", "guide", "n", "seeds")]
+    assert len(numbers) >= 11 and all(h.endswith("]") and "[" in h for h in numbers), numbers
 
 
 def test_the_exact_column_is_the_exact_mean_when_every_run_has_one(tmp_path):
     for seed, loss in enumerate((1.0, 2.0)):
         job(tmp_path, [f"seed={seed}"], m=metrics(seed, loss))
     row = config_table(summary(tmp_path)[1])[0]
-    assert row["loss [exact]"] == "1.5000 ± 0.7071" and row["exact.nll"] == "1.4500 ± 0.7071"
+    assert row["loss [exact]"] == "1.5000 ± 0.7071" and row["NLL [exact]"] == "1.4500 ± 0.7071"
 
 
 def test_a_loss_standard_error_is_printed_only_where_every_run_has_one(tmp_path):
