@@ -10,7 +10,7 @@ from cli.keys import check_group_choices, check_keys, compose_config, compositio
 from cli.resume import load_resume
 from cli.rundirs import claim_for
 from cli.state import STATE, ConfigError
-from cli.sweep import check_job_dirs, check_seed_overlap, claim_sweep, sweep_jobs
+from cli.sweep import check_job_dirs, check_seed_overlap, check_some_job_runs, claim_sweep, sweep_jobs
 from cli.values import validate
 
 # Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
@@ -167,6 +167,7 @@ def preflight(overrides, multirun: bool) -> list:
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:
+            check_some_job_runs(jobs)
             check_seed_overlap(jobs, cfg)
             check_job_dirs(jobs, cfg, sweep_dir)
         claim_sweep(sweep_dir, bool(cfg.get("overwrite", False)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from cli.keys import compose_config, parse_overrides
+from cli.keys import compose_config, parse_overrides, single_line
 from cli.state import STATE, ConfigError
 
 SWEEP_LOCK = ".sweep.lock"
@@ -25,6 +25,26 @@ def sweep_jobs(overrides, cfg):
         return BasicSweeper.split_arguments(parse_overrides(args), None)[0]
     except Exception:  # noqa: BLE001  a sweep the basic sweeper refuses: Hydra says so itself
         return None
+
+
+def check_some_job_runs(jobs) -> None:
+    """Refuse, before any job starts, a sweep whose every job would be refused for its config's values (a bad value
+    they share, e.g. `-m data.n=1,5 train.steps=-1`): ConfigError in one line naming the key, as a single run's.
+    A sweep in which some job runs starts: each refused job is recorded in the sweep dir, and its summary lists it.
+    Composes one job's config where the first one is fine (all of them only when the first is refused)."""
+    from cli.values import validate
+
+    first = None
+    for job in jobs:
+        try:
+            validate(compose_config(list(job), hydra_cfg=True))
+            return
+        except ConfigError as err:
+            first = first or err
+        except Exception:  # noqa: BLE001  a job Hydra cannot compose: Hydra says so in the job
+            return
+    if first is not None:
+        raise ConfigError(f"{single_line(first)} (so in all {len(jobs)} jobs of the sweep: none was started)")
 
 
 def _settings(job) -> dict:

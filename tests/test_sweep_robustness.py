@@ -48,6 +48,21 @@ def test_a_sweep_into_a_dir_another_sweep_holds_is_refused_before_any_job_runs(t
     assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock"]
 
 
+def test_a_bad_value_every_job_shares_refuses_the_sweep_before_any_job_starts(tmp_path):
+    proc = run_cli("-m", *FAST, "seed=0,1", "train.steps=-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "train.steps=-1 is not allowed", "all 2 jobs", "none was started")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
+def test_a_bad_value_in_some_jobs_refuses_those_jobs_and_the_others_run(tmp_path):
+    proc = run_cli("-m", *FAST, "train.steps=-1,50", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    found = {s["status"] for s in statuses(tmp_path / "sweep").values()}
+    assert found == {"ok", "refused"}
+
+
 @pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_the_claim_on_a_sweep_dir_ends_with_its_sweep(tmp_path):
     sweep = tmp_path / "sweep"
