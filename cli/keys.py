@@ -134,7 +134,9 @@ def single_line(err) -> str:
 def one_line(err) -> str:
     """A Hydra error's message on one line (its advice to append with '+' reworded: '+' is refused there too)."""
     text = single_line(err)
-    return text.replace("To append to your config use +", "(no '+' either: ") if "+" in text else text
+    if "To append to your config use +" in text:
+        return text.replace("To append to your config use +", "(no '+' either: ") + ")"
+    return text
 
 
 def composition_error(err) -> ConfigError:
@@ -150,6 +152,12 @@ def composition_error(err) -> ConfigError:
         key, value = merge.group(2), merge.group(3)
         if key in RULES:
             return ConfigError(f"{key}={value} is not allowed: {key} must be {RULES[key][1]}")
+        if key.startswith("hydra.launcher."):
+            from cli.launcher import allowed_setting
+
+            allowed = allowed_setting(key.removeprefix("hydra.launcher."))
+            if allowed is not None:
+                return ConfigError(f"{key}={value} is not allowed: {key} must be {allowed}")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
             return ConfigError(f"{key}={value} is not allowed: {key} must name a directory")
     return ConfigError(f"cannot compose the config: {text}")

@@ -1,6 +1,10 @@
-"""The joblib launcher's settings, checked before a sweep starts: joblib refuses a bad one only once the sweep has
-begun (a traceback, a sweep dir of missing jobs), or takes it silently (an unknown key, a backend it ignores)."""
+"""The launcher's settings, checked before a sweep starts. The launchers refuse a bad one only once the sweep has
+begun (a traceback, a sweep dir of missing jobs), or take it silently (an unknown key, a setting they ignore):
+Hydra's basic launcher has no settings, joblib's and submitit's are checked here against what works for a job of
+this app (one process that writes one run dir); another launcher is left to Hydra."""
 import re
+import shutil
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -11,39 +15,119 @@ BACKENDS = (None, "loky", "multiprocessing", "threading")
 DISPATCH = re.compile(r"\s*(all|\d+|(\d+\s*\*\s*)?n_jobs)\s*")  # joblib's pre_dispatch: 'all', N or 'k*n_jobs'
 
 
+def _int_at_least(low: int, null: bool = False):
+    return lambda v: (null and v is None) or (is_int(v) and v >= low)
+
+
+def _text(null: bool = True):
+    return lambda v: (null and v is None) or (isinstance(v, str) and v.strip() != "")
+
+
 # key -> (test, what is allowed); hydra_plugins.hydra_joblib_launcher.config.JobLibLauncherConf's keys
-RULES = {
+JOBLIB = {
     "n_jobs": (lambda v: is_int(v) and v != 0, "an integer other than 0 (-1: one job per core)"),
     "backend": (lambda v: v in BACKENDS, "null, loky, multiprocessing or threading"),
     "prefer": (lambda v: v in ("processes", "threads"), "processes or threads"),
     "require": (lambda v: v in (None, "sharedmem"), "null or sharedmem"),
-    "verbose": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "verbose": (_int_at_least(0), "an integer >= 0"),
     "timeout": (lambda v: v is None, "null: a job joblib times out is killed with no record of it (no status.json, "
                                      "listed as missing); stop a sweep with SIGINT or SIGTERM instead"),
     "pre_dispatch": (lambda v: is_int(v) and v >= 1 or isinstance(v, str) and DISPATCH.fullmatch(v) is not None,
                      "all, an integer >= 1 or k*n_jobs"),
     "batch_size": (lambda v: v == "auto", "auto (the launcher's schema makes it a string, which joblib takes only "
                                           "as auto)"),
-    "temp_folder": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "null or a folder's path"),
+    "temp_folder": (_text(), "null or a folder's path"),
     "max_nbytes": (lambda v: v is None or is_int(v) and v >= 0 or isinstance(v, str)
                    and re.fullmatch(r"\d+[KMG]?", v) is not None, "null, an integer >= 0 or a size such as 1M"),
     "mmap_mode": (lambda v: v in (None, "r+", "r", "w+", "c"), "null, r+, r, w+ or c"),
 }
 
+# hydra_plugins.hydra_submitit_launcher.config.LocalQueueConf's keys (BaseQueueConf's)
+SUBMITIT = {
+    "submitit_folder": (_text(null=False), "a folder's path (submitit's logs and pickles; %j: the job id)"),
+    "timeout_min": (_int_at_least(1), "an integer >= 1 (minutes; a job past it is stopped and requeued, and the "
+                                      "requeued job resumes from its checkpoint.pt)"),
+    "cpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "gpus_per_node": (_int_at_least(0, null=True), "null or an integer >= 0"),
+    "tasks_per_node": (lambda v: v == 1, "1: each task runs the whole job, so two tasks would train one run twice "
+                                         "into one dir (replicas=R trains R seeds in one task)"),
+    "mem_gb": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "nodes": (lambda v: v == 1, "1: a job is one process on one node"),
+    "name": (_text(null=False), "a job name"),
+    "stderr_to_stdout": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+# hydra_plugins.hydra_submitit_launcher.config.SlurmQueueConf's keys besides BaseQueueConf's
+SLURM = {
+    **{key: (_text(), "null or a string") for key in ("partition", "qos", "comment", "constraint", "exclude", "gres",
+                                                       "mem_per_gpu", "mem_per_cpu", "account")},
+    "cpus_per_gpu": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "gpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "signal_delay_s": (_int_at_least(0), "an integer >= 0"),
+    "max_num_timeout": (_int_at_least(0), "an integer >= 0 (requeues after a timeout or preemption: each resumes "
+                                          "from the job's checkpoint.pt)"),
+    "additional_parameters": (lambda v: isinstance(v, dict), "a mapping of sbatch options"),
+    "array_parallelism": (_int_at_least(1), "an integer >= 1"),
+    "setup": (lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v),
+              "null or a list of shell commands"),
+}
+
+# the launcher's class name (its _target_'s last part) -> (its name on the command line, its settings)
+LAUNCHERS = {"BasicLauncher": ("basic", {}), "JoblibLauncher": ("joblib", JOBLIB),
+             "LocalLauncher": ("submitit_local", SUBMITIT), "SlurmLauncher": ("submitit_slurm", {**SUBMITIT, **SLURM})}
+
+
+def _writable_place(path: Path) -> bool:
+    """Whether `path` is, or can be created as, a folder (the folders this creates to find out are removed)."""
+    created = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path.is_dir()
+    except OSError:
+        return False
+    finally:
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def allowed_setting(key: str):
+    """What hydra.launcher.<key> allows in the first known launcher that has it, or None."""
+    for _, rules in LAUNCHERS.values():
+        if key in rules:
+            return rules[key][1]
+    return None
+
 
 def check_launcher(cfg) -> None:
-    """Raise ConfigError (one line naming hydra.launcher.<key> and what it allows) for a joblib launcher setting
-    joblib would refuse once the sweep has started, or ignore; other launchers are left to Hydra."""
+    """Raise ConfigError (one line naming hydra.launcher.<key> and what it allows) for a launcher setting the
+    launcher would refuse once the sweep has started, or ignore, or that would break a job (basic, joblib,
+    submitit_local, submitit_slurm); another launcher is left to Hydra."""
     launcher = OmegaConf.select(cfg, "hydra.launcher")
-    if launcher is None or "joblib" not in str(launcher.get("_target_", "")):
+    if launcher is None:
         return
+    kind = str(launcher.get("_target_", "")).rpartition(".")[2]
+    if kind not in LAUNCHERS:
+        return
+    name, rules = LAUNCHERS[kind]
     values = OmegaConf.to_container(launcher, resolve=True)
     for key, value in values.items():
         if key == "_target_":
             continue
-        if key not in RULES:
-            raise ConfigError(f"hydra.launcher.{key} is not a setting of the joblib launcher (it has "
-                              f"{', '.join(RULES)})")
-        test, allowed = RULES[key]
+        if key not in rules:
+            has = f"it has {', '.join(rules)}" if rules else "it has none"
+            raise ConfigError(f"hydra.launcher.{key} is not a setting of the {name} launcher ({has})")
+        test, allowed = rules[key]
         if not test(value):
             raise ConfigError(f"hydra.launcher.{key}={value!r} is not allowed: hydra.launcher.{key} must be {allowed}")
+    if "submitit_folder" in values:
+        folder = Path(values["submitit_folder"].split("%j")[0]).absolute()
+        if not _writable_place(folder):
+            raise ConfigError(f"hydra.launcher.submitit_folder={values['submitit_folder']!r} is not allowed: "
+                              f"{folder} cannot be created (hydra.launcher.submitit_folder must be a folder this "
+                              "process can write)")
+    if kind == "SlurmLauncher" and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=submitit_slurm is not allowed here: SLURM's sbatch is not on PATH (on this "
+                          "machine use hydra/launcher=submitit_local or joblib)")

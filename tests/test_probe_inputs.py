@@ -650,3 +650,67 @@ def test_a_bad_joblib_launcher_setting_is_refused_before_the_sweep_starts(tmp_pa
     proc = run_cli("-m", "hydra/launcher=joblib", *TINY, "seed=0,1", setting, "hydra.sweep.dir=sweep", cwd=tmp_path)
     one_line_error(proc, line)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_setting_the_basic_launcher_does_not_have_is_refused_before_the_sweep_starts(tmp_path):
+    proc = run_cli("-m", *TINY, "seed=0,1", "+hydra.launcher.foo=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, "hydra.launcher.foo is not a setting of the basic launcher (it has none)")
+    assert not (tmp_path / "sweep").exists()
+
+
+SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+
+
+def submitit_config(**settings):
+    """A composed config's hydra node as hydra/launcher=submitit_local makes it (LocalQueueConf's defaults)."""
+    from omegaconf import OmegaConf
+
+    launcher = {"_target_": SUBMITIT_LOCAL, "submitit_folder": "/tmp/onebit-sweep/.submitit/%j", "timeout_min": 60,
+                "cpus_per_task": None, "gpus_per_node": None, "tasks_per_node": 1, "mem_gb": None, "nodes": 1,
+                "name": "run", "stderr_to_stdout": False}
+    return OmegaConf.create({"hydra": {"launcher": {**launcher, **settings}}})
+
+
+def test_the_submitit_launchers_defaults_pass():
+    from cli.launcher import check_launcher
+
+    check_launcher(submitit_config())
+
+
+@pytest.mark.parametrize("settings, line", [
+    ({"timeout_min": 0}, "hydra.launcher.timeout_min=0 is not allowed: hydra.launcher.timeout_min must be an integer >= 1"),
+    ({"tasks_per_node": 2}, "hydra.launcher.tasks_per_node=2 is not allowed: hydra.launcher.tasks_per_node must be 1"),
+    ({"nodes": 0}, "hydra.launcher.nodes=0 is not allowed: hydra.launcher.nodes must be 1"),
+    ({"mem_gb": -5}, "hydra.launcher.mem_gb=-5 is not allowed"),
+    ({"foo": 1}, "hydra.launcher.foo is not a setting of the submitit_local launcher (it has submitit_folder,"),
+    ({"submitit_folder": "/proc/nope/%j"}, "hydra.launcher.submitit_folder='/proc/nope/%j' is not allowed: "
+                                            "/proc/nope cannot be created"),
+], ids=["timeout_min", "tasks_per_node", "nodes", "mem_gb", "unknown", "folder"])
+def test_a_bad_submitit_launcher_setting_is_refused_in_one_line(settings, line):
+    from cli.launcher import check_launcher
+    from cli.state import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        check_launcher(submitit_config(**settings))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_the_slurm_launcher_is_refused_where_there_is_no_sbatch(monkeypatch):
+    import shutil
+
+    from cli.launcher import check_launcher
+    from cli.state import ConfigError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    config = submitit_config()
+    config.hydra.launcher._target_ = SUBMITIT_LOCAL.replace("LocalLauncher", "SlurmLauncher")
+    with pytest.raises(ConfigError, match="submitit_slurm is not allowed here: SLURM's sbatch is not on PATH"):
+        check_launcher(config)
+
+
+def test_a_launcher_setting_of_the_wrong_type_is_named_with_what_it_allows():
+    from cli.keys import composition_error
+
+    err = composition_error(ValueError("Error merging override hydra.launcher.cpus_per_task=abc"))
+    assert str(err) == ("hydra.launcher.cpus_per_task=abc is not allowed: hydra.launcher.cpus_per_task must be null "
+                        "or an integer >= 1")
