@@ -12,7 +12,6 @@ the output directory, records how the run ended and returns the headline loss to
 """
 import contextlib
 import logging
-import math
 import signal
 import sys
 import traceback
@@ -46,7 +45,8 @@ def parallel_jobs(hc) -> int:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra task: run() into Hydra's output dir and record how it ended (status.json); log the summary; return the
-    headline loss for sweepers (nan for a job that did not end well, so no sweeper mistakes it for a result)."""
+    headline loss for sweepers (for a job that did not end well: nan, so no sweeper mistakes it for a result; None
+    under optuna, which marks the trial failed: cli.failed_value)."""
     from hydra.core.hydra_config import HydraConfig
 
     from analysis.rundir import RunDirError
@@ -62,6 +62,7 @@ def main(cfg: DictConfig) -> float:
     if multirun and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a joblib worker: SIGTERM as SIGINT
         with contextlib.suppress(ValueError):  # not in the main thread: leave it
             signal.signal(signal.SIGTERM, cli.on_sigterm)
+    requeue = cli.requeued(cfg, out, hc.overrides.task) if multirun else ""
     try:
         claim = cli.claim_for(cfg, out, fresh=multirun)
     except RunDirError as err:
@@ -70,6 +71,8 @@ def main(cfg: DictConfig) -> float:
         return cli.fail(None, "refused", err, multirun)
     if multirun:
         cli.clear_unclaimed(cfg, hc)
+    if requeue:
+        log.info(requeue)
     try:
         if not multirun and cli.sweep_job_resumed_in_place(cfg, out):  # it stays its sweep's job
             cli.save_resume_overrides(claim, hc)
@@ -82,6 +85,10 @@ def main(cfg: DictConfig) -> float:
         with contextlib.suppress(OSError):
             claim.status("failed", cli.killed_reason(name, out))
         raise
+    except SystemExit as err:  # a launcher stopped the job (submitit: its timeout or a preemption; it requeues it)
+        with contextlib.suppress(OSError):
+            claim.status("failed", cli.stopped_reason(err, out), stopped_by_launcher=True)
+        raise
     except Refused as err:
         if multirun and claim.moved:  # the earlier run this job would have replaced stays, labelled as it was
             cli.refuse_replacing_job(claim, cfg, hc, err)
@@ -92,6 +99,11 @@ def main(cfg: DictConfig) -> float:
     except OSError as err:
         return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
     except Exception as err:  # noqa: BLE001  a crash: one line here, the traceback in run.log
+        if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (timed out too often)
+            with contextlib.suppress(OSError):
+                claim.status("failed", f"stopped by the launcher: {cli.single_line(err)}"
+                             + (" (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""))
+            raise
         try:
             (out / "traceback.txt").write_text(traceback.format_exc())
         except OSError:
@@ -105,7 +117,7 @@ def main(cfg: DictConfig) -> float:
     claim.status("ok", "finished", loss=metrics.get("loss"))
     log.info(f"outputs: {out}")
     loss = metrics.get("loss")
-    return float(loss) if loss is not None else math.nan
+    return float(loss) if loss is not None else cli.failed_value()
 
 
 if __name__ == "__main__":

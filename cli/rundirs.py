@@ -158,7 +158,7 @@ def to_log_file(line: str, level: int = logging.ERROR) -> None:
 
 def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
-    after training, nothing left behind by a single run refused before training. Returns nan for sweepers."""
+    after training, nothing left behind by a single run refused before training. Returns failed_value() for sweepers."""
     line = single_line(err)
     print(f"error: {line}", file=sys.stderr)
     if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log); the
@@ -170,7 +170,19 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
             claim.status(status, line)
             log.info(f"outputs: {claim.path}")
     STATE["exit"] = max(STATE["exit"], code)
-    return math.nan
+    return failed_value()
+
+
+def failed_value():
+    """What a job that did not end well returns to its sweeper: nan, so that no sweeper mistakes it for a result; None
+    under the optuna sweeper, which then marks the trial failed and goes on (optuna refuses nan: the sweep ends)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sweeper = str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
+    except ValueError:  # no Hydra app (a test)
+        sweeper = ""
+    return None if "optuna" in sweeper.lower() else math.nan
 
 
 def write_json(path, obj) -> None:

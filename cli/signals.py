@@ -114,3 +114,40 @@ def interrupted(multirun: bool) -> int:
         where = f"; outputs so far in {STATE['claim'].path}"
     print(f"error: interrupted by {name}{where}", file=sys.stderr)
     return 128 + int(signum)
+
+
+def stopped_reason(err: SystemExit, out) -> str:
+    """status.json's reason for a sweep job its launcher stopped (SystemExit inside the job: submitit's timeout or a
+    preemption, after which it requeues the job)."""
+    resumes = (" its requeued job resumes from checkpoint.pt" if (Path(out) / "checkpoint.pt").exists()
+               else " its requeued job starts it again (no checkpoint.pt yet)")
+    return f"stopped by the launcher (exit {err.code}: its timeout or a preemption);{resumes}"
+
+
+def requeued(cfg, out, task) -> str:
+    """Ready a sweep job that its launcher requeued after stopping it (status.json 'failed' with stopped_by_launcher,
+    written by stopped_reason's caller, for a job with these overrides `task`, its process gone): it resumes in place
+    from its checkpoint.pt (train.resume set), or, with none written yet, replaces the stopped attempt (overwrite).
+    Returns the note to log, or '' for any other job (left as it is)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from analysis.rundir import live_owner, read_status
+
+    status = read_status(out)
+    if status.get("status") != "failed" or not status.get("stopped_by_launcher") or live_owner(out) is not None:
+        return ""
+    if cfg.get("overwrite", False) or OmegaConf.select(cfg, "train.resume"):
+        return ""
+    try:
+        saved = list(OmegaConf.load(Path(out) / ".hydra" / "overrides.yaml"))
+    except Exception:  # noqa: BLE001  none, or unreadable: not this job's earlier attempt that can be told
+        return ""
+    if saved != list(task):
+        return ""
+    checkpoint = Path(out).absolute() / "checkpoint.pt"
+    with open_dict(cfg):
+        if checkpoint.is_file():
+            cfg.train.resume = str(checkpoint)
+            return f"requeued by the launcher: resuming from {checkpoint}"
+        cfg.overwrite = True
+    return "requeued by the launcher: starting again (the stopped attempt wrote no checkpoint.pt)"

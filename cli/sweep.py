@@ -145,10 +145,21 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
                 break
 
 
+def holds_sweep(sweep_dir: Path) -> bool:
+    """Whether sweep_dir holds an earlier sweep: its multirun.yaml (Hydra's basic sweeper), optimization_results.yaml
+    (the optuna sweeper, which writes no multirun.yaml), or a job dir (a folder holding status.json)."""
+    if any((sweep_dir / name).exists() for name in ("multirun.yaml", "optimization_results.yaml")):
+        return True
+    try:
+        return any((child / "status.json").is_file() for child in sweep_dir.iterdir() if child.is_dir())
+    except OSError:
+        return False
+
+
 def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     """Claim sweep_dir for this sweep alone: an exclusive lock on <sweep_dir>/.sweep.lock, held until this process
     ends (the kernel drops it with the process, so a killed sweep leaves no stale claim). Raises RunDirError if
-    another sweep holds it, or if it already holds a finished sweep (multirun.yaml) and overwrite is false; a
+    another sweep holds it, or if it already holds a sweep (holds_sweep) and overwrite is false; a
     refused claim removes what it created. A sweep_dir that holds a run, or lies inside a run's directory, is
     refused before anything is created."""
     import fcntl
@@ -187,7 +198,7 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
         os.close(fd)
         raise RunDirError(f"sweep dir {sweep_dir} is in use by another sweep ({holder or 'still running'}); wait "
                           "for it to end, or choose another hydra.sweep.dir") from None
-    if (sweep_dir / "multirun.yaml").exists() and not overwrite:
+    if holds_sweep(sweep_dir) and not overwrite:
         undo(fd)
         raise RunDirError(f"sweep dir {sweep_dir} already holds a sweep; choose another hydra.sweep.dir, or "
                           "set overwrite=true")

@@ -252,3 +252,92 @@ def test_a_replicas_dir_holds_what_its_single_run_writes_and_its_overrides_rerun
     assert alone.returncode == 0, alone.stderr
     assert OmegaConf.load(tmp_path / "alone" / ".hydra" / "config.yaml") == config
     assert not (tmp_path / "alone" / "seed1").exists()  # one run, not a stack again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a job its launcher stopped and requeued (submitit: its timeout or a preemption)
+
+TASK = ["model=vae", "data.n=5", "seed=0"]
+
+
+def stopped_job(folder: Path, checkpoint: bool = True, task=TASK) -> Path:
+    """A job dir as a launcher's stop leaves it: status.json failed, stopped_by_launcher, its process gone."""
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(task), folder / ".hydra" / "overrides.yaml")
+    if checkpoint:
+        (folder / "checkpoint.pt").write_bytes(b"a checkpoint")
+    status = {"status": "failed", "reason": "stopped by the launcher", "pid": 2 ** 22 + 1, "stopped_by_launcher": True}
+    (folder / "status.json").write_text(json.dumps(status))
+    return folder
+
+
+def job_config(**train):
+    return OmegaConf.create({"overwrite": False, "train": {"resume": None, **train}})
+
+
+def test_a_requeued_job_resumes_from_the_checkpoint_its_stopped_attempt_wrote(tmp_path):
+    from cli.signals import requeued
+
+    out, cfg = stopped_job(tmp_path / "job"), job_config()
+    assert "resuming from" in requeued(cfg, out, TASK)
+    assert cfg.train.resume == str((out / "checkpoint.pt").absolute()) and not cfg.overwrite
+
+
+def test_a_requeued_job_whose_attempt_wrote_no_checkpoint_starts_again_in_its_dir(tmp_path):
+    from cli.signals import requeued
+
+    out, cfg = stopped_job(tmp_path / "job", checkpoint=False), job_config()
+    assert "starting again" in requeued(cfg, out, TASK)
+    assert cfg.overwrite and cfg.train.resume is None
+
+
+@pytest.mark.parametrize("case", ["another job's overrides", "not stopped by a launcher", "overwrite", "resume"])
+def test_a_job_is_resumed_only_where_the_launcher_stopped_this_same_job(tmp_path, case):
+    from cli.signals import requeued
+
+    out = stopped_job(tmp_path / "job", task=["model=vae", "data.n=5", "seed=1"] if case.startswith("another")
+                      else TASK)
+    if case == "not stopped by a launcher":
+        (out / "status.json").write_text(json.dumps({"status": "failed", "reason": "crashed", "pid": 2 ** 22 + 1}))
+    cfg = job_config(resume="/elsewhere/checkpoint.pt" if case == "resume" else None)
+    cfg.overwrite = case == "overwrite"
+    before = OmegaConf.to_yaml(cfg)
+    assert requeued(cfg, out, TASK) == "" and OmegaConf.to_yaml(cfg) == before
+
+
+def test_a_folder_holding_job_dirs_or_an_optuna_result_holds_a_sweep(tmp_path):
+    from cli.sweep import holds_sweep
+
+    assert not holds_sweep(tmp_path)
+    (tmp_path / "optimization_results.yaml").write_text("name: optuna\n")
+    assert holds_sweep(tmp_path)
+    other = tmp_path / "other"
+    (other / "job0").mkdir(parents=True)
+    assert not holds_sweep(other)
+    (other / "job0" / "status.json").write_text("{}")
+    assert holds_sweep(other)
+
+
+def test_a_failed_job_returns_nan_to_a_sweeper_outside_optuna():
+    import math
+
+    from cli.rundirs import failed_value
+
+    assert math.isnan(failed_value())
+
+
+@pytest.mark.slow  # a job past submitit's timeout (about 30 s of a 1-minute timeout_min) and its requeue: ~1.5 min
+def test_a_job_submitit_stops_at_its_timeout_is_requeued_and_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    job = ["model=vae", "data.n=5", "seed=0", "train.steps=40000", "eval.samples=10000", "eval.replicates=4",
+           "eval.figures=false"]
+    stopped = run_cli("-m", *job, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1",
+                      "hydra.sweep.dir=stopped", cwd=tmp_path, timeout=600)
+    assert stopped.returncode == 0, stopped.stderr
+    (folder,) = [p.parent for p in (tmp_path / "stopped").glob("*/status.json")]
+    assert "requeued by the launcher: resuming from" in (folder / "run.log").read_text()
+    plain = run_cli("-m", *job, "hydra.sweep.dir=plain", cwd=tmp_path, timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    (other,) = [p.parent for p in (tmp_path / "plain").glob("*/status.json")]
+    loss = [json.loads((d / "metrics.json").read_text())["loss"] for d in (folder, other)]
+    assert loss[0] == loss[1]
