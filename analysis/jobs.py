@@ -172,7 +172,7 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     status = read_status(job)
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
-        row["error"] = status.get("reason") or ("killed or still running" if status["status"] == "running" else "")
+        row["error"] = status.get("reason") or (_running(job, status, row) if status["status"] == "running" else "")
         if status["status"] != "diverged" or not (job / "metrics.json").exists():
             return row
     metrics_path = job / "metrics.json"
@@ -236,3 +236,22 @@ def collect(sweep_dir) -> dict:
     runs, launched, left_out, missing = job_dirs(sweep_dir)
     return {"rows": [read_job(j, sweep_dir) for j in runs], "launched": launched, "left_out": left_out,
             "missing": missing}
+
+
+def _running(job: Path, status: dict, row: dict) -> str:
+    """Why a job's status.json still says running: its process is alive (pid), or gone without recording how (then
+    the row's status is failed), or on another host, where this one cannot tell."""
+    import socket
+
+    from .rundir import live_owner
+
+    host = status.get("host")
+    if host and host != socket.gethostname():
+        return f"still running on {host}, or killed there (its status.json says running; this host cannot tell)"
+    pid = live_owner(job)
+    if pid is not None:
+        return f"still running (pid {pid})"
+    row["status"] = "failed"
+    resumes = "; its checkpoint.pt resumes it" if (job / "checkpoint.pt").exists() else ""
+    return (f"killed: its process (pid {status.get('pid')}) ended without recording how (SIGKILL, out of memory, or "
+            f"its launcher){resumes}")

@@ -16,6 +16,7 @@ folder that holds other runs below it (hydra.run.dir=outputs).
 """
 import json
 import os
+import socket
 import re
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def write_status(path, status: str, reason: str = "", **extra) -> None:
     # a replica group's members stay listed as it ends (a new run in the dir starts without them)
     kept = {k: old[k] for k in ("replicas",) if k in old and status != "running"}
     record = {"status": status, "reason": " ".join(str(reason).split()),
-              "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(), **kept, **extra}
+              "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(),
+              "host": socket.gethostname(), **kept, **extra}
     if status != "running":
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_atomic(Path(path) / STATUS, json.dumps(record, indent=2) + "\n")

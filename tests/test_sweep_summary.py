@@ -350,3 +350,41 @@ def test_a_single_run_of_replicas_is_summarised_per_seed(tmp_path):
     group = job(tmp_path, ["replicas=2"], replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
     result, _ = summary(group)
     assert len(result["jobs"]) == 2 and not result["failed"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a job whose status.json still says running
+
+
+def running_job(tmp_path, **status):
+    path = job(tmp_path, ["seed=1"], m=None, status="running")
+    (path / "status.json").write_text(json.dumps({"status": "running", "reason": "", **status}))
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    return path
+
+
+def test_a_job_whose_process_ended_without_recording_how_is_listed_killed(tmp_path):
+    import socket
+
+    running_job(tmp_path, pid=2 ** 22 + 7, host=socket.gethostname())  # no such process: SIGKILL left it running
+    md = summary(tmp_path)[1]
+    assert "1 failed" in md and "killed: its process (pid 4194311) ended without recording how" in md
+
+
+def test_a_job_still_training_is_listed_running_with_its_pid(tmp_path):
+    import subprocess
+    import sys
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running_job(tmp_path, pid=alive.pid)
+        md = summary(tmp_path)[1]
+    finally:
+        alive.kill()
+    assert "1 running" in md and f"still running (pid {alive.pid})" in md
+
+
+def test_a_job_running_on_another_host_is_not_judged_from_this_one(tmp_path):
+    running_job(tmp_path, pid=2 ** 22 + 7, host="node-that-is-not-this-one")
+    md = summary(tmp_path)[1]
+    assert "1 running" in md and "still running on node-that-is-not-this-one, or killed there" in md
