@@ -161,9 +161,11 @@ def preflight(overrides, multirun: bool) -> list:
     except Exception as err:  # noqa: BLE001
         raise composition_error(err) from None
     if multirun:
-        from cli.launcher import check_launcher
+        from cli.launcher import check_launcher, tolerate_lost_jobs
 
         check_launcher(cfg)
+        if "submitit" in str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")):
+            tolerate_lost_jobs()
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:

@@ -131,3 +131,31 @@ def check_launcher(cfg) -> None:
     if kind == "SlurmLauncher" and shutil.which("sbatch") is None:
         raise ConfigError("hydra/launcher=submitit_slurm is not allowed here: SLURM's sbatch is not on PATH (on this "
                           "machine use hydra/launcher=submitit_local or joblib)")
+
+
+def tolerate_lost_jobs() -> None:
+    """Under the submitit launchers, a job that ends without a result (killed: SIGKILL, out of memory, cancelled)
+    makes Hydra's launcher raise at once, with a traceback, while the other jobs still run, unwatched, and the sweep
+    summary is written before they end. Patched here: such a job's result is a completed job that returns nan (the
+    value of any job that did not end well), after the launcher has waited for every job; its status.json still says
+    running, and the summary lists it as killed (analysis.jobs). A no-op without submitit."""
+    try:
+        from submitit.core import core, utils
+    except ImportError:
+        return
+    if getattr(core.Job.results, "tolerant", False):
+        return
+    results = core.Job.results
+
+    def tolerant(job):
+        try:
+            return results(job)
+        except utils.UncompletedJobError:
+            import math
+
+            from hydra.core.utils import JobReturn, JobStatus
+
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)]
+
+    tolerant.tolerant = True
+    core.Job.results = tolerant

@@ -341,3 +341,18 @@ def test_a_job_submitit_stops_at_its_timeout_is_requeued_and_resumes_to_the_numb
     (other,) = [p.parent for p in (tmp_path / "plain").glob("*/status.json")]
     loss = [json.loads((d / "metrics.json").read_text())["loss"] for d in (folder, other)]
     assert loss[0] == loss[1]
+
+
+def test_a_submitit_job_lost_without_a_result_is_a_nan_result_after_the_others(monkeypatch):
+    core = pytest.importorskip("submitit.core.core")
+    from submitit.core import utils
+
+    from cli.launcher import tolerate_lost_jobs
+
+    def lost(job):
+        raise utils.UncompletedJobError("Job 123 has not produced any output (state: FAILED)")
+
+    monkeypatch.setattr(core.Job, "results", lost)
+    tolerate_lost_jobs()
+    (ret,) = core.Job.results(object())
+    assert ret.status.name == "COMPLETED" and ret.return_value != ret.return_value  # nan
