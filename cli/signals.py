@@ -22,20 +22,22 @@ def on_sigterm(signum, frame):
 
 
 def _children() -> list:
-    """The pids of this process's worker processes: its children (Linux /proc; [] elsewhere), less the resource
-    trackers of multiprocessing and loky (they end by themselves when this process does)."""
-    me, out = os.getpid(), []
+    """The pids of this process's worker processes: its descendants (Linux /proc; [] elsewhere: joblib's workers are
+    its children, submitit_local's jobs their children), less the resource trackers of multiprocessing and loky
+    (they end by themselves when this process does)."""
+    parent, commands = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != me:
-                continue
-            command = (stat.parent / "cmdline").read_bytes()
+            pid = int(stat.parent.name)
+            parent[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            commands[pid] = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if b"resource_tracker" not in command:
-            out.append(int(stat.parent.name))
-    return out
+    out, frontier = [], {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in out}
+        out += sorted(frontier)
+    return [pid for pid in out if b"resource_tracker" not in commands.get(pid, b"")]
 
 
 def _alive(pid: int) -> bool:
@@ -52,8 +54,9 @@ def _alive(pid: int) -> bool:
 
 
 def stop_workers(grace: float = 10.0) -> list:
-    """End the sweep's worker processes (the joblib launcher's): SIGTERM each (a worker's run records that it was
-    killed), wait up to `grace` seconds, then SIGKILL those left. Returns their pids."""
+    """End the sweep's worker processes (joblib's workers, submitit_local's jobs and their controllers): SIGTERM each
+    (a joblib worker's run records that it was killed; submitit's jobs ignore it), wait up to `grace` seconds, then
+    SIGKILL those left (mark_killed records their runs). Returns their pids."""
     import time
 
     pids = _children()
@@ -67,7 +70,10 @@ def stop_workers(grace: float = 10.0) -> list:
         if _alive(pid):
             with __import__("contextlib").suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in pids:  # reap them (they are our children)
+    end = time.monotonic() + 3.0  # SIGKILL lands asynchronously: mark_killed judges them gone
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:  # reap them (our children among them)
         with __import__("contextlib").suppress(OSError):
             os.waitpid(pid, os.WNOHANG)
     return pids
