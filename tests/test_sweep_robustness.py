@@ -356,3 +356,24 @@ def test_a_submitit_job_lost_without_a_result_is_a_nan_result_after_the_others(m
     tolerate_lost_jobs()
     (ret,) = core.Job.results(object())
     assert ret.status.name == "COMPLETED" and ret.return_value != ret.return_value  # nan
+
+
+def test_a_sweeps_workers_are_all_its_descendants_so_a_launchers_grandchild_jobs_are_stopped_too():
+    from cli.signals import _children
+
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+            "time.sleep(30)")
+    child, grandchildren = subprocess.Popen([sys.executable, "-c", code]), []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len([p for p in _children() if p != child.pid]) < 1:
+            time.sleep(0.1)
+        found = _children()
+        grandchildren = [p for p in found if p != child.pid and
+                         int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == child.pid]
+    finally:
+        for p in [*grandchildren, child.pid]:
+            with __import__("contextlib").suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+        child.wait()
+    assert child.pid in found and len(grandchildren) == 1
