@@ -12,6 +12,7 @@ the output directory, records how the run ended and returns the headline loss to
 """
 import contextlib
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -30,9 +31,13 @@ log = logging.getLogger("onebit")
 
 def parallel_jobs(hc) -> int:
     """How many of a sweep's jobs run at once: the joblib launcher's n_jobs (negative as joblib reads it: -1 is
-    every core), else 1 (the basic launcher runs them one after another)."""
+    every core); submitit_local's: every job of the sweep (its preflight put their count in ONEBIT_SWEEP_JOBS);
+    else 1 (the basic launcher runs them one after another)."""
     launcher = hc.launcher
-    if "joblib" not in str(launcher.get("_target_", "")):
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return max(1, int(os.environ.get("ONEBIT_SWEEP_JOBS", "1")))
+    if "joblib" not in target:
         return 1
     n_jobs = launcher.get("n_jobs") or 1
     if n_jobs < 0:

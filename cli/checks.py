@@ -169,6 +169,7 @@ def preflight(overrides, multirun: bool) -> list:
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:
+            os.environ["ONEBIT_SWEEP_JOBS"] = str(len(jobs))  # submitit_local runs them all at once (run.parallel_jobs)
             check_some_job_runs(jobs)
             check_seed_overlap(jobs, cfg)
             check_job_dirs(jobs, cfg, sweep_dir)

@@ -105,6 +105,16 @@ def test_a_sweeps_parallel_jobs_are_the_joblib_launchers_n_jobs():
     assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": basic}})) == 1
 
 
+def test_a_submitit_local_sweeps_jobs_all_run_at_once(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from run import parallel_jobs
+
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    monkeypatch.setenv("ONEBIT_SWEEP_JOBS", "4")  # the sweep's preflight counted its jobs
+    assert parallel_jobs(OmegaConf.create({"launcher": {"_target_": local}})) == 4
+
+
 def trained_parameters(threads):
     """The parameters of a dlgm at n = 1000 (where a 2-thread matmul would split its 1000-long inner dim) after
     100 steps with `threads` torch threads."""
