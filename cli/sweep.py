@@ -147,13 +147,22 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
 
 def holds_sweep(sweep_dir: Path) -> bool:
     """Whether sweep_dir holds an earlier sweep: its multirun.yaml (Hydra's basic sweeper), optimization_results.yaml
-    (the optuna sweeper, which writes no multirun.yaml), or a job dir (a folder holding status.json)."""
+    (the optuna sweeper, which writes no multirun.yaml), or a sweep's job dir (a folder whose .hydra/hydra.yaml says
+    MULTIRUN, as optuna's jobs leave them before its results are written). A lone run there is not a sweep: the job
+    that maps onto its dir is refused, and the others run."""
     if any((sweep_dir / name).exists() for name in ("multirun.yaml", "optimization_results.yaml")):
         return True
     try:
-        return any((child / "status.json").is_file() for child in sweep_dir.iterdir() if child.is_dir())
+        children = [child for child in sweep_dir.iterdir() if child.is_dir()]
     except OSError:
         return False
+    for child in children:
+        try:
+            if "mode: MULTIRUN" in (child / ".hydra" / "hydra.yaml").read_text():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:

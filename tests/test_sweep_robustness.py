@@ -305,16 +305,17 @@ def test_a_job_is_resumed_only_where_the_launcher_stopped_this_same_job(tmp_path
     assert requeued(cfg, out, TASK) == "" and OmegaConf.to_yaml(cfg) == before
 
 
-def test_a_folder_holding_job_dirs_or_an_optuna_result_holds_a_sweep(tmp_path):
+def test_a_folder_holding_a_sweeps_job_dirs_or_an_optuna_result_holds_a_sweep(tmp_path):
     from cli.sweep import holds_sweep
 
     assert not holds_sweep(tmp_path)
     (tmp_path / "optimization_results.yaml").write_text("name: optuna\n")
     assert holds_sweep(tmp_path)
     other = tmp_path / "other"
-    (other / "job0").mkdir(parents=True)
-    assert not holds_sweep(other)
+    (other / "job0" / ".hydra").mkdir(parents=True)
     (other / "job0" / "status.json").write_text("{}")
+    assert not holds_sweep(other)  # a lone run: not a sweep
+    (other / "job0" / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
     assert holds_sweep(other)
 
 
