@@ -172,7 +172,9 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
     status = read_status(job)
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
-        row["error"] = status.get("reason") or (_running(job, status, row) if status["status"] == "running" else "")
+        row["error"] = status.get("reason") or ""
+        if status["status"] == "running" and not row["error"]:
+            row["status"], row["error"] = _running(job, status)
         if status["status"] != "diverged" or not (job / "metrics.json").exists():
             return row
     metrics_path = job / "metrics.json"
@@ -238,20 +240,21 @@ def collect(sweep_dir) -> dict:
             "missing": missing}
 
 
-def _running(job: Path, status: dict, row: dict) -> str:
-    """Why a job's status.json still says running: its process is alive (pid), or gone without recording how (then
-    the row's status is failed), or on another host, where this one cannot tell."""
+def _running(job: Path, status: dict) -> tuple:
+    """(status, why) of a job whose status.json still says running: running where its process is alive (pid) or
+    where it ran on another host, which this one cannot tell; failed where its process is gone without recording
+    how."""
     import socket
 
     from .rundir import live_owner
 
     host = status.get("host")
     if host and host != socket.gethostname():
-        return f"still running on {host}, or killed there (its status.json says running; this host cannot tell)"
+        return "running", (f"still running on {host}, or killed there (its status.json says running; this host "
+                           "cannot tell)")
     pid = live_owner(job)
     if pid is not None:
-        return f"still running (pid {pid})"
-    row["status"] = "failed"
+        return "running", f"still running (pid {pid})"
     resumes = "; its checkpoint.pt resumes it" if (job / "checkpoint.pt").exists() else ""
-    return (f"killed: its process (pid {status.get('pid')}) ended without recording how (SIGKILL, out of memory, or "
-            f"its launcher){resumes}")
+    return "failed", (f"killed: its process (pid {status.get('pid')}) ended without recording how (SIGKILL, out of "
+                      f"memory, or its launcher){resumes}")

@@ -16,8 +16,8 @@ folder that holds other runs below it (hydra.run.dir=outputs).
 """
 import json
 import os
-import socket
 import re
+import socket
 import time
 from pathlib import Path
 
