@@ -48,7 +48,7 @@ def parallel_jobs(hc) -> int:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig):
     """Hydra task: run() into Hydra's output dir and record how it ended (status.json); log the summary; return the
     headline loss for sweepers (for a job that did not end well: nan, so no sweeper mistakes it for a result; None
     under optuna, which marks the trial failed: cli.failed_value)."""

@@ -156,7 +156,7 @@ def to_log_file(line: str, level: int = logging.ERROR) -> None:
             handler.handle(record)
 
 
-def fail(claim, status: str, err, multirun: bool, code: int = 2) -> float:
+def fail(claim, status: str, err, multirun: bool, code: int = 2):
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
     after training, nothing left behind by a single run refused before training. Returns failed_value() for sweepers."""
     line = single_line(err)
