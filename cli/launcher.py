@@ -55,6 +55,8 @@ SUBMITIT = {
     "nodes": (lambda v: v == 1, "1: a job is one process on one node"),
     "name": (_text(null=False), "a job name"),
     "stderr_to_stdout": (lambda v: isinstance(v, bool), "true or false"),
+    "setup": (lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v),
+              "null or a list of shell commands"),  # not in LocalQueueConf (+hydra.launcher.setup=...): submitit's own
 }
 
 # hydra_plugins.hydra_submitit_launcher.config.SlurmQueueConf's keys besides BaseQueueConf's
@@ -68,8 +70,6 @@ SLURM = {
                                           "from the job's checkpoint.pt)"),
     "additional_parameters": (lambda v: isinstance(v, dict), "a mapping of sbatch options"),
     "array_parallelism": (_int_at_least(1), "an integer >= 1"),
-    "setup": (lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v),
-              "null or a list of shell commands"),
 }
 
 # the launcher's class name (its _target_'s last part) -> (its name on the command line, its settings)
