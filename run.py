@@ -92,7 +92,7 @@ def main(cfg: DictConfig):
         raise
     except SystemExit as err:  # a launcher stopped the job (submitit: its timeout or a preemption; it requeues it)
         with contextlib.suppress(OSError):
-            claim.status("failed", cli.stopped_reason(err, out), stopped_by_launcher=True)
+            claim.status("failed", cli.stopped_reason(err, out, cfg.get("replicas") or 1), stopped_by_launcher=True)
         raise
     except Refused as err:
         if multirun and claim.moved:  # the earlier run this job would have replaced stays, labelled as it was

@@ -122,11 +122,15 @@ def interrupted(multirun: bool) -> int:
     return 128 + int(signum)
 
 
-def stopped_reason(err: SystemExit, out) -> str:
+def stopped_reason(err: SystemExit, out, replicas: int = 1) -> str:
     """status.json's reason for a sweep job its launcher stopped (SystemExit inside the job: submitit's timeout or a
     preemption, after which it requeues the job)."""
-    resumes = (" its requeued job resumes from checkpoint.pt" if (Path(out) / "checkpoint.pt").exists()
-               else " its requeued job starts it again (no checkpoint.pt yet)")
+    if replicas > 1:
+        resumes = " its requeued job trains the replicas again (a replica group does not resume)"
+    elif (Path(out) / "checkpoint.pt").exists():
+        resumes = " its requeued job resumes from checkpoint.pt"
+    else:
+        resumes = " its requeued job starts it again (no checkpoint.pt yet)"
     return f"stopped by the launcher (exit {err.code}: its timeout or a preemption);{resumes}"
 
 

@@ -378,3 +378,12 @@ def test_a_sweeps_workers_are_all_its_descendants_so_a_launchers_grandchild_jobs
                 os.kill(p, signal.SIGKILL)
         child.wait()
     assert child.pid in found and len(grandchildren) == 1
+
+
+def test_a_stopped_job_says_what_its_requeued_job_will_do(tmp_path):
+    from cli.signals import stopped_reason
+
+    assert "starts it again (no checkpoint.pt yet)" in stopped_reason(SystemExit(144), tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"a checkpoint")
+    assert "resumes from checkpoint.pt" in stopped_reason(SystemExit(144), tmp_path)
+    assert "a replica group does not resume" in stopped_reason(SystemExit(144), tmp_path, replicas=3)
