@@ -67,7 +67,7 @@ def main(cfg: DictConfig):
     if multirun and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a joblib worker: SIGTERM as SIGINT
         with contextlib.suppress(ValueError):  # not in the main thread: leave it
             signal.signal(signal.SIGTERM, cli.on_sigterm)
-    requeue = cli.requeued(cfg, out, hc.overrides.task) if multirun else ""
+    requeue = cli.requeued(cfg, out) if multirun else ""
     try:
         claim = cli.claim_for(cfg, out, fresh=multirun)
     except RunDirError as err:
@@ -90,9 +90,13 @@ def main(cfg: DictConfig):
         with contextlib.suppress(OSError):
             claim.status("failed", cli.killed_reason(name, out))
         raise
-    except SystemExit as err:  # a launcher stopped the job (submitit: its timeout or a preemption; it requeues it)
+    except SystemExit as err:  # submitit stopped the job (its timeout or a preemption), and may requeue it
+        job = cli.launcher_job()
         with contextlib.suppress(OSError):
-            claim.status("failed", cli.stopped_reason(err, out, cfg.get("replicas") or 1), stopped_by_launcher=True)
+            if job:
+                claim.status("failed", cli.stopped_reason(err, out, cfg.get("replicas") or 1), stopped_by_launcher=job)
+            else:
+                claim.status("failed", f"exited (SystemExit {err.code}) before it finished")
         raise
     except Refused as err:
         if multirun and claim.moved:  # the earlier run this job would have replaced stays, labelled as it was
@@ -104,11 +108,9 @@ def main(cfg: DictConfig):
     except OSError as err:
         return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
     except Exception as err:  # noqa: BLE001  a crash: one line here, the traceback in run.log
-        if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (timed out too often)
-            with contextlib.suppress(OSError):
-                claim.status("failed", f"stopped by the launcher: {cli.single_line(err)}"
-                             + (" (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""))
-            raise
+        if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (no requeue left)
+            resumes = " (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""
+            return cli.fail(claim, "failed", f"stopped by the launcher: {err}{resumes}", multirun)
         try:
             (out / "traceback.txt").write_text(traceback.format_exc())
         except OSError:

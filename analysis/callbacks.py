@@ -59,7 +59,7 @@ class SweepSummary(Callback):
         atexit.register(self._at_exit)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        self._summarize(self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute())
+        self._summarize(self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute(), ended=True)
 
     def _at_exit(self) -> None:
         if self.done or self.sweep_dir is None or not self.sweep_dir.is_dir():
@@ -75,16 +75,16 @@ class SweepSummary(Callback):
         else:
             log.error("sweep summary of %s failed: %s", self.sweep_dir, proc.stderr.strip().splitlines()[-1:])
 
-    def _summarize(self, sweep_dir: Path) -> None:
+    def _summarize(self, sweep_dir: Path, ended: bool = False) -> None:
         with signals_held():  # a SIGINT/SIGTERM arriving meanwhile is delivered once the summary is written
-            self._write_summary(sweep_dir)
+            self._write_summary(sweep_dir, ended)
             self.done = True
 
-    def _write_summary(self, sweep_dir: Path) -> None:
+    def _write_summary(self, sweep_dir: Path, ended: bool = False) -> None:
         try:
             from analysis.sweep import summarize
 
-            result = summarize(sweep_dir, figures=self.figures)
+            result = summarize(sweep_dir, figures=self.figures, ended=ended)
             jobs = result["jobs"]
             bad = jobs[jobs["status"] != "ok"]
             LAST["failed"] = [(r["job"], f"{r['status']}: {r.get('error') or ''}") for _, r in bad.iterrows()]

@@ -151,7 +151,7 @@ def _group_replicas(job: Path, overrides: list) -> list:
     return [o for o in overrides if key(o) != "replicas"] + [o for o in given if key(o) == "replicas"]
 
 
-def read_job(job: Path, sweep_dir: Path) -> dict:
+def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
     overrides, cfg = [], {}
@@ -174,7 +174,7 @@ def read_job(job: Path, sweep_dir: Path) -> dict:
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""
         if status["status"] == "running" and not row["error"]:
-            row["status"], row["error"] = _running(job, status)
+            row["status"], row["error"] = _running(job, status, ended)
         if status["status"] != "diverged" or not (job / "metrics.json").exists():
             return row
     metrics_path = job / "metrics.json"
@@ -231,30 +231,33 @@ def _norm(overrides) -> frozenset:
     return frozenset(str(o).lstrip("+~").replace(" ", "") for o in overrides)
 
 
-def collect(sweep_dir) -> dict:
+def collect(sweep_dir, ended: bool = False) -> dict:
     """This sweep's runs (job_dirs): dict(rows=[one row per run dir], launched=[its job dirs], left_out=[job dirs of
-    other launches], missing=[override strings of its jobs without a directory])."""
+    other launches], missing=[override strings of its jobs without a directory]). ended: the sweep's launcher has
+    returned every job (its end callback), so a job whose status.json still says running was lost, wherever it ran."""
     sweep_dir = Path(sweep_dir)
     runs, launched, left_out, missing = job_dirs(sweep_dir)
-    return {"rows": [read_job(j, sweep_dir) for j in runs], "launched": launched, "left_out": left_out,
+    return {"rows": [read_job(j, sweep_dir, ended) for j in runs], "launched": launched, "left_out": left_out,
             "missing": missing}
 
 
-def _running(job: Path, status: dict) -> tuple:
+def _running(job: Path, status: dict, ended: bool = False) -> tuple:
     """(status, why) of a job whose status.json still says running: running where its process is alive (pid) or
-    where it ran on another host, which this one cannot tell; failed where its process is gone without recording
-    how."""
+    where it ran on another host, which this one cannot tell, unless the sweep has ended (every job returned); failed
+    where its process is gone without recording how."""
     import socket
 
     from .rundir import live_owner
 
     host = status.get("host")
-    if host and host != socket.gethostname():
+    elsewhere = bool(host) and host != socket.gethostname()
+    if elsewhere and not ended:
         return "running", (f"still running on {host}, or killed there (its status.json says running; this host "
                            "cannot tell)")
-    pid = live_owner(job)
+    pid = None if elsewhere else live_owner(job)
     if pid is not None:
         return "running", f"still running (pid {pid})"
     resumes = "; its checkpoint.pt resumes it" if (job / "checkpoint.pt").exists() else ""
-    return "failed", (f"killed: its process (pid {status.get('pid')}) ended without recording how (SIGKILL, out of "
-                      f"memory, or its launcher){resumes}")
+    where = f" on {host}" if elsewhere else ""
+    return "failed", (f"killed: its process (pid {status.get('pid')}{where}) ended without recording how (SIGKILL, "
+                      f"out of memory, or its launcher){resumes}")

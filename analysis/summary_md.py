@@ -8,16 +8,18 @@ from .jobs import _norm, _overrides
 
 
 # The per-configuration table's columns beyond the loss terms: metrics.json key -> header, each with its estimator
-# ({est}: the headline's, whose value it is computed from); COLUMN_NOTE says what each is.
+# ({est}: the headline's, whose value it is computed from); COLUMN_NOTES say what they are.
 EXTRA_COLUMNS = {"exact.nll": "NLL [exact]", "exact.gap": "ELBO gap [exact]",
                  "gap_to_gaussian_optimum": "above the Gaussian optimum [{est}]", "khat.max": "k̂ max [PSIS]",
                  "surgery.mutual_info": "I_q(x;z) [exact]", "surgery.marginal_kl": "KL(q(z)‖p(z)) [exact]"}
 RUN_COLUMNS = {"loss_se": "loss_se [MC]", "recon_per_dim": "recon_per_dim [loss_estimator]",
                "exact.loss": "exact.loss [exact]", "khat.max": "khat.max [PSIS]", "wall_seconds": "training s"}
-COLUMN_NOTE = ("NLL = -log p(x) of the model, ELBO gap = loss - NLL; above the Gaussian optimum: the loss minus the "
-               "best loss any Gaussian encoder reaches (the 1-D vae with equal weights); k̂ max: the PSIS tail index of "
-               "p(x,z)/q(z|x) at the worse data point (importance draws); I_q(x;z) and KL(q(z)‖p(z)): the ELBO "
-               "surgery of the top latent z (z2 of the dlgm), avg KL(q(z|x)‖p(z)) = I_q(x;z) + KL(q(z)‖p(z)).")
+COLUMN_NOTES = {"exact.nll": "NLL = -log p(x) of the model", "exact.gap": "ELBO gap = loss - NLL",
+                "gap_to_gaussian_optimum": "above the Gaussian optimum: the loss minus the best loss any Gaussian "
+                                           "encoder reaches (the 1-D vae with equal weights)",
+                "khat.max": "k̂ max: the PSIS tail index of p(x,z)/q(z|x) at the worse data point (importance draws)",
+                "surgery.mutual_info": "I_q(x;z) and KL(q(z)‖p(z)): the ELBO surgery of the top latent z (z2 of the "
+                                       "dlgm), avg KL(q(z|x)‖p(z)) = I_q(x;z) + KL(q(z)‖p(z))"}
 
 
 def _pm(mean, sd, digits=4, sci=False) -> str:
@@ -145,8 +147,9 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         if sites:
             parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it "
                       "can be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
-        if extra:
-            parts += [COLUMN_NOTE, ""]
+        notes = [COLUMN_NOTES[c] for c in extra if c in COLUMN_NOTES]
+        if notes:
+            parts += ["; ".join(notes) + ".", ""]
         if "estimator" in agg:
             parts += ["Estimators (per configuration: of its quadrature runs the one with the largest integration "
                       "error; each other estimator once): "

@@ -40,7 +40,7 @@ class NotASweep(ValueError):
     """A directory that holds no sweep to summarise (a single run's, or one without job directories)."""
 
 
-def summarize(sweep_dir, figures: bool = True) -> dict:
+def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
     """Read this sweep's runs (job_dirs: only the jobs of its multirun.yaml) and write summary.csv,
     summary_by_config.csv, summary.md and the sweep figures.
 
@@ -55,7 +55,7 @@ def summarize(sweep_dir, figures: bool = True) -> dict:
     if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists() and not read_status(sweep_dir).get("replicas"):
         raise NotASweep(f"{sweep_dir} is a single run's directory (it holds a run's status.json), not a sweep's or a "
                         "replica group's: give the folder that holds the sweep's multirun.yaml and job directories")
-    found = collect(sweep_dir)
+    found = collect(sweep_dir, ended)  # ended: every job has returned (the sweep's end callback)
     if not found["rows"] and not found["missing"] and not (sweep_dir / "multirun.yaml").exists():
         raise NotASweep(f"{sweep_dir} holds no sweep (no multirun.yaml and no job directory): give the folder a "
                         "`python run.py -m` sweep wrote (hydra.sweep.dir)")

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from cli.keys import check_group_choices, check_keys, compose_config, composition_error, parse_overrides
 from cli.resume import load_resume
-from cli.rundirs import claim_for
+from cli.rundirs import claim_for, failed_value
 from cli.state import STATE, ConfigError
 from cli.sweep import check_job_dirs, check_seed_overlap, check_some_job_runs, claim_sweep, sweep_jobs
 from cli.values import validate
@@ -164,12 +164,14 @@ def preflight(overrides, multirun: bool) -> list:
         from cli.launcher import check_launcher, tolerate_lost_jobs
 
         check_launcher(cfg)
-        if "submitit" in str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")):
-            tolerate_lost_jobs()
+        launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+        if "submitit" in launcher:
+            tolerate_lost_jobs(failed_value(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")))
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:
-            os.environ["ONEBIT_SWEEP_JOBS"] = str(len(jobs))  # submitit_local runs them all at once (run.parallel_jobs)
+            if launcher.endswith("LocalLauncher"):  # submitit_local runs them all at once (run.parallel_jobs)
+                os.environ["ONEBIT_SWEEP_JOBS"] = str(len(jobs))
             check_some_job_runs(jobs)
             check_seed_overlap(jobs, cfg)
             check_job_dirs(jobs, cfg, sweep_dir)

@@ -2,6 +2,7 @@
 begun (a traceback, a sweep dir of missing jobs), or take it silently (an unknown key, a setting they ignore):
 Hydra's basic launcher has no settings, joblib's and submitit's are checked here against what works for a job of
 this app (one process that writes one run dir); another launcher is left to Hydra."""
+import math
 import re
 import shutil
 from pathlib import Path
@@ -45,8 +46,12 @@ JOBLIB = {
 # hydra_plugins.hydra_submitit_launcher.config.LocalQueueConf's keys (BaseQueueConf's)
 SUBMITIT = {
     "submitit_folder": (_text(null=False), "a folder's path (submitit's logs and pickles; %j: the job id)"),
-    "timeout_min": (_int_at_least(1), "an integer >= 1 (minutes; a job past it is stopped and requeued, and the "
-                                      "requeued job resumes from its checkpoint.pt)"),
+    "timeout_min": (_int_at_least(1), "an integer >= 1 (minutes; a job past it is stopped, and requeued up to "
+                                      "max_num_timeout times, resuming from its checkpoint.pt)"),
+    "signal_delay_s": (_int_at_least(0), "an integer >= 0"),
+    "max_num_timeout": (_int_at_least(0), "an integer >= 0 (requeues after a timeout or preemption, each resuming "
+                                          "from the job's checkpoint.pt; submitit's default: 3 for submitit_local, "
+                                          "0 for submitit_slurm)"),
     "cpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
     "gpus_per_node": (_int_at_least(0, null=True), "null or an integer >= 0"),
     "tasks_per_node": (lambda v: v == 1, "1: each task runs the whole job, so two tasks would train one run twice "
@@ -65,9 +70,6 @@ SLURM = {
                                                        "mem_per_gpu", "mem_per_cpu", "account")},
     "cpus_per_gpu": (_int_at_least(1, null=True), "null or an integer >= 1"),
     "gpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
-    "signal_delay_s": (_int_at_least(0), "an integer >= 0"),
-    "max_num_timeout": (_int_at_least(0), "an integer >= 0 (requeues after a timeout or preemption: each resumes "
-                                          "from the job's checkpoint.pt)"),
     "additional_parameters": (lambda v: isinstance(v, dict), "a mapping of sbatch options"),
     "array_parallelism": (_int_at_least(1), "an integer >= 1"),
 }
@@ -133,29 +135,26 @@ def check_launcher(cfg) -> None:
                           "machine use hydra/launcher=submitit_local or joblib)")
 
 
-def tolerate_lost_jobs() -> None:
+def tolerate_lost_jobs(value=math.nan) -> None:
     """Under the submitit launchers, a job that ends without a result (killed: SIGKILL, out of memory, cancelled)
     makes Hydra's launcher raise at once, with a traceback, while the other jobs still run, unwatched, and the sweep
-    summary is written before they end. Patched here: such a job's result is a completed job that returns nan (the
-    value of any job that did not end well), after the launcher has waited for every job; its status.json still says
-    running, and the summary lists it as killed (analysis.jobs). A no-op without submitit."""
+    summary is written before they end. Patched here: such a job's result is a completed job that returns `value`
+    (that of any job that did not end well: cli.rundirs.failed_value), after the launcher has waited for every job;
+    its status.json still says running, and the summary lists it as killed (analysis.jobs). A no-op without
+    submitit."""
     try:
         from submitit.core import core, utils
     except ImportError:
         return
-    if getattr(core.Job.results, "tolerant", False):
-        return
-    results = core.Job.results
+    results = getattr(core.Job.results, "original", core.Job.results)
 
     def tolerant(job):
         try:
             return results(job)
         except utils.UncompletedJobError:
-            import math
-
             from hydra.core.utils import JobReturn, JobStatus
 
-            return [JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)]
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=value)]
 
-    tolerant.tolerant = True
+    tolerant.original = results
     core.Job.results = tolerant

@@ -173,16 +173,18 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2):
     return failed_value()
 
 
-def failed_value():
+def failed_value(sweeper: str = None):
     """What a job that did not end well returns to its sweeper: nan, so that no sweeper mistakes it for a result; None
-    under the optuna sweeper, which then marks the trial failed and goes on (optuna refuses nan: the sweep ends)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    under the optuna sweeper, which then marks the trial failed and goes on (optuna refuses nan: the sweep ends).
+    sweeper: the sweeper's _target_ (default: the running job's, from HydraConfig)."""
+    if sweeper is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
 
-        sweeper = str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
-    except ValueError:  # no Hydra app (a test)
-        sweeper = ""
-    return None if "optuna" in sweeper.lower() else math.nan
+            sweeper = str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
+        except ValueError:  # no Hydra app (a test)
+            sweeper = ""
+    return None if "optuna" in str(sweeper).lower() else math.nan
 
 
 def write_json(path, obj) -> None:

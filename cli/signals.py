@@ -122,42 +122,48 @@ def interrupted(multirun: bool) -> int:
     return 128 + int(signum)
 
 
-def stopped_reason(err: SystemExit, out, replicas: int = 1) -> str:
-    """status.json's reason for a sweep job its launcher stopped (SystemExit inside the job: submitit's timeout or a
-    preemption, after which it requeues the job)."""
-    if replicas > 1:
-        resumes = " its requeued job trains the replicas again (a replica group does not resume)"
-    elif (Path(out) / "checkpoint.pt").exists():
-        resumes = " its requeued job resumes from checkpoint.pt"
-    else:
-        resumes = " its requeued job starts it again (no checkpoint.pt yet)"
-    return f"stopped by the launcher (exit {err.code}: its timeout or a preemption);{resumes}"
-
-
-def requeued(cfg, out, task) -> str:
-    """Ready a sweep job that its launcher requeued after stopping it (status.json 'failed' with stopped_by_launcher,
-    written by stopped_reason's caller, for a job with these overrides `task`, its process gone): it resumes in place
-    from its checkpoint.pt (train.resume set), or, with none written yet, replaces the stopped attempt (overwrite).
-    Returns the note to log, or '' for any other job (left as it is)."""
-    from omegaconf import OmegaConf, open_dict
-
-    from analysis.rundir import live_owner, read_status
-
-    status = read_status(out)
-    if status.get("status") != "failed" or not status.get("stopped_by_launcher") or live_owner(out) is not None:
-        return ""
-    if cfg.get("overwrite", False) or OmegaConf.select(cfg, "train.resume"):
+def launcher_job() -> str:
+    """The id of the submitit job this process runs ('' outside submitit): the same for a job and its requeued copies
+    (submitit's local executor and SLURM keep it across a requeue), so a requeue is told from a new launch by it."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
         return ""
     try:
-        saved = list(OmegaConf.load(Path(out) / ".hydra" / "overrides.yaml"))
-    except Exception:  # noqa: BLE001  none, or unreadable: not this job's earlier attempt that can be told
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # noqa: BLE001  an environment submitit cannot read: no requeue can be recognised
         return ""
-    if saved != list(task):
+
+
+def stopped_reason(err: SystemExit, out, replicas: int = 1) -> str:
+    """status.json's reason for a sweep job its launcher stopped (SystemExit inside a submitit job: its timeout or a
+    preemption, after which submitit requeues it while requeues are left: hydra.launcher.max_num_timeout)."""
+    if replicas > 1:
+        then = "a requeued job trains the replicas again (a replica group does not resume)"
+    elif (Path(out) / "checkpoint.pt").exists():
+        then = "a requeued job resumes from checkpoint.pt"
+    else:
+        then = "a requeued job starts it again (no checkpoint.pt yet)"
+    return f"stopped by the launcher (exit {err.code}: its timeout or a preemption); {then}"
+
+
+def requeued(cfg, out) -> str:
+    """Ready a sweep job that its launcher requeued after stopping it: status.json 'failed' with stopped_by_launcher
+    naming this submitit job (launcher_job). It resumes in place from its checkpoint.pt (train.resume set, whatever
+    the command line gave), or, with none written yet, replaces the stopped attempt (overwrite). Returns the note to
+    log, or '' for any other job (left as it is)."""
+    from omegaconf import open_dict
+
+    from analysis.rundir import read_status
+
+    job = launcher_job()
+    status = read_status(out)
+    if not job or status.get("status") != "failed" or status.get("stopped_by_launcher") != job:
         return ""
     checkpoint = Path(out).absolute() / "checkpoint.pt"
     with open_dict(cfg):
-        if checkpoint.is_file():
-            cfg.train.resume = str(checkpoint)
-            return f"requeued by the launcher: resuming from {checkpoint}"
+        if checkpoint.is_file() and not (cfg.get("replicas") or 1) > 1:
+            cfg.train.resume, cfg.overwrite = str(checkpoint), False
+            return f"requeued by the launcher (job {job}): resuming from {checkpoint}"
         cfg.overwrite = True
-    return "requeued by the launcher: starting again (the stopped attempt wrote no checkpoint.pt)"
+    return f"requeued by the launcher (job {job}): starting again"

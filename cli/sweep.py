@@ -40,11 +40,14 @@ def check_some_job_runs(jobs) -> None:
             validate(compose_config(list(job), hydra_cfg=True))
             return
         except ConfigError as err:
+            if "interpolation" in str(err):  # e.g. ${hydra:...}, which resolves only inside a job: the job judges
+                return
             first = first or err
         except Exception:  # noqa: BLE001  a job Hydra cannot compose: Hydra says so in the job
             return
     if first is not None:
-        raise ConfigError(f"{single_line(first)} (so in all {len(jobs)} jobs of the sweep: none was started)")
+        raise ConfigError(f"{single_line(first)} (every one of the sweep's {len(jobs)} jobs is refused, this is the "
+                          "first one's reason: none was started)")
 
 
 def _settings(job) -> dict:

@@ -51,7 +51,8 @@ def test_a_sweep_into_a_dir_another_sweep_holds_is_refused_before_any_job_runs(t
 def test_a_bad_value_every_job_shares_refuses_the_sweep_before_any_job_starts(tmp_path):
     proc = run_cli("-m", *FAST, "seed=0,1", "train.steps=-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 2
-    one_line_error(proc, "train.steps=-1 is not allowed", "all 2 jobs", "none was started")
+    one_line_error(proc, "train.steps=-1 is not allowed", "every one of the sweep's 2 jobs is refused",
+                   "none was started")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -257,52 +258,63 @@ def test_a_replicas_dir_holds_what_its_single_run_writes_and_its_overrides_rerun
 # ---------------------------------------------------------------------------------------------------------------
 # a job its launcher stopped and requeued (submitit: its timeout or a preemption)
 
-TASK = ["model=vae", "data.n=5", "seed=0"]
+JOB = "4242"  # the submitit job id of the job and of its requeued copies
 
 
-def stopped_job(folder: Path, checkpoint: bool = True, task=TASK) -> Path:
-    """A job dir as a launcher's stop leaves it: status.json failed, stopped_by_launcher, its process gone."""
-    (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(task), folder / ".hydra" / "overrides.yaml")
+@pytest.fixture
+def in_submitit_job(monkeypatch):
+    """This process as submitit's local executor runs a job (the environment submitit.JobEnvironment reads)."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", JOB)
+
+
+def stopped_job(folder: Path, checkpoint: bool = True, job=JOB) -> Path:
+    """A job dir as a launcher's stop leaves it: status.json failed, stopped_by_launcher naming its submitit job."""
+    folder.mkdir(parents=True)
     if checkpoint:
         (folder / "checkpoint.pt").write_bytes(b"a checkpoint")
-    status = {"status": "failed", "reason": "stopped by the launcher", "pid": 2 ** 22 + 1, "stopped_by_launcher": True}
+    status = {"status": "failed", "reason": "stopped by the launcher", "pid": 2 ** 22 + 1, "stopped_by_launcher": job}
     (folder / "status.json").write_text(json.dumps(status))
     return folder
 
 
-def job_config(**train):
-    return OmegaConf.create({"overwrite": False, "train": {"resume": None, **train}})
+def job_config(overwrite=False, **train):
+    return OmegaConf.create({"overwrite": overwrite, "replicas": 1, "train": {"resume": None, **train}})
 
 
-def test_a_requeued_job_resumes_from_the_checkpoint_its_stopped_attempt_wrote(tmp_path):
+@pytest.mark.parametrize("given", [{}, {"overwrite": True}, {"resume": "/elsewhere/checkpoint.pt"}],
+                         ids=["plain", "overwrite", "another resume"])
+def test_a_requeued_job_resumes_from_the_checkpoint_its_stopped_attempt_wrote(tmp_path, in_submitit_job, given):
     from cli.signals import requeued
 
-    out, cfg = stopped_job(tmp_path / "job"), job_config()
-    assert "resuming from" in requeued(cfg, out, TASK)
+    out, cfg = stopped_job(tmp_path / "job"), job_config(**given)
+    assert "resuming from" in requeued(cfg, out)
     assert cfg.train.resume == str((out / "checkpoint.pt").absolute()) and not cfg.overwrite
 
 
-def test_a_requeued_job_whose_attempt_wrote_no_checkpoint_starts_again_in_its_dir(tmp_path):
+def test_a_requeued_job_whose_attempt_wrote_no_checkpoint_starts_again_in_its_dir(tmp_path, in_submitit_job):
     from cli.signals import requeued
 
     out, cfg = stopped_job(tmp_path / "job", checkpoint=False), job_config()
-    assert "starting again" in requeued(cfg, out, TASK)
+    assert "starting again" in requeued(cfg, out)
     assert cfg.overwrite and cfg.train.resume is None
 
 
-@pytest.mark.parametrize("case", ["another job's overrides", "not stopped by a launcher", "overwrite", "resume"])
-def test_a_job_is_resumed_only_where_the_launcher_stopped_this_same_job(tmp_path, case):
+@pytest.mark.parametrize("case", ["another submitit job", "not stopped by a launcher", "not in a submitit job"])
+def test_a_job_is_resumed_only_where_the_launcher_stopped_this_same_job(tmp_path, monkeypatch, case):
     from cli.signals import requeued
 
-    out = stopped_job(tmp_path / "job", task=["model=vae", "data.n=5", "seed=1"] if case.startswith("another")
-                      else TASK)
+    if case != "not in a submitit job":
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+        monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", JOB)
+    else:
+        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    out = stopped_job(tmp_path / "job", job="999" if case == "another submitit job" else JOB)
     if case == "not stopped by a launcher":
         (out / "status.json").write_text(json.dumps({"status": "failed", "reason": "crashed", "pid": 2 ** 22 + 1}))
-    cfg = job_config(resume="/elsewhere/checkpoint.pt" if case == "resume" else None)
-    cfg.overwrite = case == "overwrite"
+    cfg = job_config()
     before = OmegaConf.to_yaml(cfg)
-    assert requeued(cfg, out, TASK) == "" and OmegaConf.to_yaml(cfg) == before
+    assert requeued(cfg, out) == "" and OmegaConf.to_yaml(cfg) == before
 
 
 def test_a_folder_holding_a_sweeps_job_dirs_or_an_optuna_result_holds_a_sweep(tmp_path):
@@ -366,12 +378,17 @@ def test_a_sweeps_workers_are_all_its_descendants_so_a_launchers_grandchild_jobs
             "time.sleep(30)")
     child, grandchildren = subprocess.Popen([sys.executable, "-c", code]), []
     try:
+        def parent(pid):
+            try:
+                return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                return None
+
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len([p for p in _children() if p != child.pid]) < 1:
+        while time.monotonic() < deadline and not grandchildren:
             time.sleep(0.1)
-        found = _children()
-        grandchildren = [p for p in found if p != child.pid and
-                         int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == child.pid]
+            found = _children()
+            grandchildren = [p for p in found if p != child.pid and parent(p) == child.pid]
     finally:
         for p in [*grandchildren, child.pid]:
             with __import__("contextlib").suppress(OSError):
