@@ -404,3 +404,34 @@ def test_a_stopped_job_says_what_its_requeued_job_will_do(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"a checkpoint")
     assert "resumes from checkpoint.pt" in stopped_reason(SystemExit(144), tmp_path)
     assert "a replica group does not resume" in stopped_reason(SystemExit(144), tmp_path, replicas=3)
+
+
+def test_a_lost_submitit_job_returns_what_the_sweeper_takes_for_a_failed_job(monkeypatch):
+    core = pytest.importorskip("submitit.core.core")
+    from submitit.core import utils
+
+    from cli.launcher import tolerate_lost_jobs
+    from cli.rundirs import failed_value
+
+    def lost(job):
+        raise utils.UncompletedJobError("Job 123 has not produced any output (state: FAILED)")
+
+    monkeypatch.setattr(core.Job, "results", lost)
+    tolerate_lost_jobs(failed_value("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"))
+    (ret,) = core.Job.results(object())
+    assert ret.return_value is None  # optuna refuses nan; None fails the trial and the sweep goes on
+
+
+def test_a_sweep_whose_values_resolve_only_inside_a_job_is_left_to_its_jobs():
+    from cli.sweep import check_some_job_runs
+
+    resume = "train.resume=${hydra:runtime.output_dir}/checkpoint.pt"
+    check_some_job_runs([["seed=0", resume], ["seed=1", resume]])  # no ConfigError: each job resolves it
+
+
+def test_a_bad_value_in_every_job_is_refused_naming_the_first_jobs_reason():
+    from cli.state import ConfigError
+    from cli.sweep import check_some_job_runs
+
+    with pytest.raises(ConfigError, match=r"^train.steps=-1 is not allowed: .*every one of the sweep's 2 jobs"):
+        check_some_job_runs([["train.steps=-1"], ["train.steps=0"]])

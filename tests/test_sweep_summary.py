@@ -388,3 +388,12 @@ def test_a_job_running_on_another_host_is_not_judged_from_this_one(tmp_path):
     running_job(tmp_path, pid=2 ** 22 + 7, host="node-that-is-not-this-one")
     md = summary(tmp_path)[1]
     assert "1 running" in md and "still running on node-that-is-not-this-one, or killed there" in md
+
+
+def test_once_the_sweep_has_ended_a_job_still_running_on_another_host_is_listed_killed(tmp_path):
+    from analysis.sweep import summarize
+
+    running_job(tmp_path, pid=2 ** 22 + 7, host="node-that-is-not-this-one")
+    summarize(tmp_path, figures=False, ended=True)
+    md = (tmp_path / "summary.md").read_text()
+    assert "1 failed" in md and "killed: its process (pid 4194311 on node-that-is-not-this-one)" in md
