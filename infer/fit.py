@@ -4,6 +4,7 @@ One recipe per model (infer.recipe) gives fit's defaults and the command line's.
 modules: infer.prepare (everything before the first step), infer.engine (which path computes the loss),
 infer.result (the history, the logging window and DivergenceError).
 """
+import math
 import time
 import warnings
 
@@ -142,6 +143,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
             group["fused"] = fused or None
 
     setup = time.perf_counter()
+    before = trained_seconds(resume)  # a resumed run's training time counts its earlier sessions'
     compute, term_names, result.engine, plan = loss_closure(
         elbo, model, guide, data, x, scale, model_w, guide_w, params, needs_guide, log_every, steps - start, device,
         v["engine"])
@@ -161,8 +163,9 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         result.steps = at
         if torch.is_tensor(result.initial_loss):
             result.initial_loss = float(result.initial_loss)
-        save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state,
-                        average=average_state)
+        save_checkpoint(checkpoint_path, result, extra={**(checkpoint_extra or {}),
+                                                        "wall_seconds": before + time.perf_counter() - setup},
+                        rng=rng, window=window_state, average=average_state)
 
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
@@ -223,7 +226,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     averaged.apply()
     if start < steps and not final_check(compute, start, steps):
         raise last_update(steps, v, result)
-    result.steps, result.wall_seconds = steps, time.perf_counter() - setup
+    result.steps, result.wall_seconds = steps, before + time.perf_counter() - setup
     result.window = window.state()
     if torch.is_tensor(result.initial_loss):
         result.initial_loss = float(result.initial_loss)
@@ -233,3 +236,10 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
 
 
 __all__ = ["fit"]
+
+
+def trained_seconds(resume) -> float:
+    """The training seconds a checkpoint's run had spent before it was written (0 for a fresh run, or a checkpoint
+    written before they were recorded)."""
+    value = (resume or {}).get("wall_seconds")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0

@@ -345,3 +345,19 @@ def test_an_objective_without_a_guide_trains_the_model_by_its_nll():
 def test_a_missing_guide_is_refused_for_an_objective_that_needs_one():
     with pytest.raises(ValueError, match="guide=None is not allowed"):
         fit(VAE(5, hidden=8), None, OneBit(5), steps=5)
+
+
+def test_a_resumed_runs_training_time_counts_the_time_before_its_checkpoint(tmp_path):
+    first = vae_run(steps=30, checkpoint_path=tmp_path / "c.pt")
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert state["wall_seconds"] == pytest.approx(first.wall_seconds, abs=0.05)
+    state["wall_seconds"] = 1000.0  # as if the first session had trained for 1000 s
+    resumed = vae_run(steps=60, resume=state)
+    assert 1000.0 < resumed.wall_seconds < 1000.0 + 10 * first.wall_seconds + 5
+
+
+@pytest.mark.parametrize("recorded", [None, float("nan"), -1.0, "abc"])
+def test_a_checkpoint_without_a_usable_training_time_resumes_counting_from_zero(tmp_path, recorded):
+    from infer.fit import trained_seconds
+
+    assert trained_seconds({"wall_seconds": recorded}) == 0.0 and trained_seconds(None) == 0.0

@@ -348,7 +348,8 @@ def test_a_job_submitit_stops_at_its_timeout_is_requeued_and_resumes_to_the_numb
                       "hydra.sweep.dir=stopped", cwd=tmp_path, timeout=600)
     assert stopped.returncode == 0, stopped.stderr
     (folder,) = [p.parent for p in (tmp_path / "stopped").glob("*/status.json")]
-    assert "requeued by the launcher: resuming from" in (folder / "run.log").read_text()
+    log = (folder / "run.log").read_text()
+    assert "requeued by the launcher (job " in log and "): resuming from " in log
     plain = run_cli("-m", *job, "hydra.sweep.dir=plain", cwd=tmp_path, timeout=600)
     assert plain.returncode == 0, plain.stderr
     (other,) = [p.parent for p in (tmp_path / "plain").glob("*/status.json")]
