@@ -123,16 +123,18 @@ def interrupted(multirun: bool) -> int:
 
 
 def launcher_job() -> str:
-    """The id of the submitit job this process runs ('' outside submitit): the same for a job and its requeued copies
-    (submitit's local executor and SLURM keep it across a requeue), so a requeue is told from a new launch by it."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return ""
-    try:
-        import submitit
-
-        return str(submitit.JobEnvironment().job_id)
-    except Exception:  # noqa: BLE001  an environment submitit cannot read: no requeue can be recognised
-        return ""
+    """The id of the submitit job this process runs ('' outside submitit), as submitit's JobEnvironment reads it
+    from the environment: the same for a job and its requeued copies (submitit's local executor and SLURM keep it
+    across a requeue), so a requeue is told from a new launch by it."""
+    env = os.environ
+    executor = env.get("SUBMITIT_EXECUTOR", "")
+    if executor == "local":
+        return env.get("SUBMITIT_LOCAL_JOB_ID", "")
+    if executor == "slurm":
+        if env.get("SLURM_ARRAY_JOB_ID"):
+            return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+        return env.get("SLURM_JOB_ID", "")
+    return ""
 
 
 def stopped_reason(err: SystemExit, out, replicas: int = 1) -> str:

@@ -436,3 +436,19 @@ def test_a_bad_value_in_every_job_is_refused_naming_the_first_jobs_reason():
 
     with pytest.raises(ConfigError, match=r"^train.steps=-1 is not allowed: .*every one of the sweep's 2 jobs"):
         check_some_job_runs([["train.steps=-1"], ["train.steps=0"]])
+
+
+@pytest.mark.parametrize("env, job", [({"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242"}, "4242"),
+                                      ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "81"}, "81"),
+                                      ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "81", "SLURM_ARRAY_JOB_ID": "7",
+                                        "SLURM_ARRAY_TASK_ID": "3"}, "7_3"),
+                                      ({}, "")], ids=["local", "slurm", "slurm array", "no launcher"])
+def test_a_submitit_job_is_known_by_the_id_submitit_gives_it(monkeypatch, env, job):
+    from cli.signals import launcher_job
+
+    for key in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID",
+                "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launcher_job() == job
