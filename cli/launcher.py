@@ -10,14 +10,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cli.state import ConfigError
-from infer.validate import is_int
+from infer.validate import _int_at_least, is_int
 
 BACKENDS = (None, "loky", "multiprocessing", "threading")
 DISPATCH = re.compile(r"\s*(all|\d+|(\d+\s*\*\s*)?n_jobs)\s*")  # joblib's pre_dispatch: 'all', N or 'k*n_jobs'
 
 
-def _int_at_least(low: int, null: bool = False):
-    return lambda v: (null and v is None) or (is_int(v) and v >= low)
+def _or_null(test):
+    return lambda v: v is None or test(v)
 
 
 def _text(null: bool = True):
@@ -52,11 +52,11 @@ SUBMITIT = {
     "max_num_timeout": (_int_at_least(0), "an integer >= 0 (requeues after a timeout or preemption, each resuming "
                                           "from the job's checkpoint.pt; submitit's default: 3 for submitit_local, "
                                           "0 for submitit_slurm)"),
-    "cpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
-    "gpus_per_node": (_int_at_least(0, null=True), "null or an integer >= 0"),
+    "cpus_per_task": (_or_null(_int_at_least(1)), "null or an integer >= 1"),
+    "gpus_per_node": (_or_null(_int_at_least(0)), "null or an integer >= 0"),
     "tasks_per_node": (lambda v: v == 1, "1: each task runs the whole job, so two tasks would train one run twice "
                                          "into one dir (replicas=R trains R seeds in one task)"),
-    "mem_gb": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "mem_gb": (_or_null(_int_at_least(1)), "null or an integer >= 1"),
     "nodes": (lambda v: v == 1, "1: a job is one process on one node"),
     "name": (_text(null=False), "a job name"),
     "stderr_to_stdout": (lambda v: isinstance(v, bool), "true or false"),
@@ -68,8 +68,8 @@ SUBMITIT = {
 SLURM = {
     **{key: (_text(), "null or a string") for key in ("partition", "qos", "comment", "constraint", "exclude", "gres",
                                                        "mem_per_gpu", "mem_per_cpu", "account")},
-    "cpus_per_gpu": (_int_at_least(1, null=True), "null or an integer >= 1"),
-    "gpus_per_task": (_int_at_least(1, null=True), "null or an integer >= 1"),
+    "cpus_per_gpu": (_or_null(_int_at_least(1)), "null or an integer >= 1"),
+    "gpus_per_task": (_or_null(_int_at_least(1)), "null or an integer >= 1"),
     "additional_parameters": (lambda v: isinstance(v, dict), "a mapping of sbatch options"),
     "array_parallelism": (_int_at_least(1), "an integer >= 1"),
 }
