@@ -160,12 +160,11 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         return divergence(step, at_start, start, v, result, needs_guide)
 
     def write_checkpoint(at, rng, window_state, average_state):
-        result.steps = at
+        result.steps, result.wall_seconds = at, before + time.perf_counter() - setup  # the checkpoint records both
         if torch.is_tensor(result.initial_loss):
             result.initial_loss = float(result.initial_loss)
-        save_checkpoint(checkpoint_path, result, extra={**(checkpoint_extra or {}),
-                                                        "wall_seconds": before + time.perf_counter() - setup},
-                        rng=rng, window=window_state, average=average_state)
+        save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state,
+                        average=average_state)
 
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
