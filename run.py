@@ -71,6 +71,9 @@ def main(cfg: DictConfig):
     try:
         claim = cli.claim_for(cfg, out, fresh=multirun)
     except RunDirError as err:
+        repeat = cli.repeated_trial(out) if multirun else None
+        if repeat is not None:  # optuna suggested a finished trial again: what its job returned
+            return repeat[0]
         if multirun:  # recorded in the sweep dir, so the summary lists it
             cli.record_unclaimed(cfg, hc, err)
         return cli.fail(None, "refused", err, multirun)

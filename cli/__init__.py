@@ -33,6 +33,7 @@ from cli.checks import (
 )
 from cli.guards import check_memory, divergence, network_params
 from cli.keys import check_group_choices, check_keys, compose_config, single_line
+from cli.optuna_sweep import repeated_trial
 from cli.resume import load_resume, resume_note, trajectory_config
 from cli.rundirs import (
     claim_for,
@@ -54,8 +55,8 @@ from cli.values import COMMAND_LINE_RULES, validate
 
 __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_for", "clear_unclaimed", "divergence",
            "fail", "failed_value", "killed_reason", "launcher_job", "load_resume", "main", "network_params",
-           "on_sigterm", "record_unclaimed", "refuse_replacing_job", "replica_dir", "requeued", "resume_note",
-           "save_hydra_files", "save_resume_overrides", "stopped_reason", "sweep_job_resumed_in_place",
+           "on_sigterm", "record_unclaimed", "refuse_replacing_job", "repeated_trial", "replica_dir", "requeued",
+           "resume_note", "save_hydra_files", "save_resume_overrides", "stopped_reason", "sweep_job_resumed_in_place",
            "trajectory_config", "validate", "write_json"]
 
 
@@ -96,5 +97,7 @@ def main(hydra_main, argv) -> int:
         failed = LAST.get("failed") or []
         for job, reason in failed:
             print(f"failed: {job}: {reason}", file=sys.stderr)
-        return 1 if failed else STATE["exit"]
+        if STATE.get("sweep_stopped"):  # the optuna sweeper stopped early, or has no best value (cli.optuna_sweep)
+            print(f"stopped: {STATE['sweep_stopped']}", file=sys.stderr)
+        return 1 if failed or STATE.get("sweep_stopped") else STATE["exit"]
     return STATE["exit"]

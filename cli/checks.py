@@ -165,8 +165,13 @@ def preflight(overrides, multirun: bool) -> list:
 
         check_launcher(cfg)
         launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+        sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
         if "submitit" in launcher:
-            tolerate_lost_jobs(failed_value(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")))
+            tolerate_lost_jobs(failed_value(sweeper))
+        if "optuna" in sweeper.lower():
+            from cli.optuna_sweep import prepare
+
+            prepare()
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
         if jobs is not None:

@@ -420,7 +420,7 @@ def test_a_lost_submitit_job_returns_what_the_sweeper_takes_for_a_failed_job(mon
     monkeypatch.setattr(core.Job, "results", lost)
     tolerate_lost_jobs(failed_value("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"))
     (ret,) = core.Job.results(object())
-    assert ret.return_value is None  # optuna refuses nan; None fails the trial and the sweep goes on
+    assert ret.return_value is None  # optuna refuses nan; None fails the trial
 
 
 def test_a_sweep_whose_values_resolve_only_inside_a_job_is_left_to_its_jobs():

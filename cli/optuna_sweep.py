@@ -1,0 +1,130 @@
+"""The optuna sweeper (`hydra/sweeper=optuna`, package hydra-optuna-sweeper) made to end as the other sweeps do.
+
+Every job that does not end well returns None to optuna (cli.rundirs.failed_value), which marks its trial failed.
+Left as it is, the sweeper then:
+* logs "Return value must be float-castable. Got 'None'" for each such trial (the job has printed its own line);
+* logs that a batch's failures exceed `hydra.sweeper.max_failure_rate` and goes on anyway (it stops only for a job
+  that raised, and ours never do);
+* ends with optuna's traceback "No trials are completed yet" when every trial failed;
+* prints optuna's own INFO lines (ANSI-coloured) and alembic's plugin set-up lines.
+
+prepare() (run by the preflight of an optuna sweep) changes that:
+* the sweep stops, once every trial of the batch is told to optuna, when the batch's failures exceed
+  max_failure_rate (optuna's default 0.0: the first failed trial), with one line on why (STATE['sweep_stopped']);
+* a sweep whose every trial failed ends without a best value: optimization_results.yaml says so;
+* either way the sweep summary is written, each failed job gets its `failed:` line, and the exit code is 1;
+* optuna's own lines below warnings are silent.
+
+repeated_trial() returns, for a trial optuna suggests again (the same overrides, so the same job dir), what the job
+of this sweep in that dir returned: the same config and seed give the same numbers, so it is not trained again.
+"""
+import logging
+import re
+import sys
+from pathlib import Path
+
+from cli.state import STATE
+
+log = logging.getLogger("onebit")
+SWEEPER_LOG = "hydra_plugins.hydra_optuna_sweeper._impl"  # the sweeper's logger (logging.getLogger(__name__))
+NO_TRIAL = "No trials are completed yet"  # optuna's ValueError from study.best_trial when every trial failed
+
+
+class StopSweep(Exception):
+    """A batch of trials failed more often than hydra.sweeper.max_failure_rate allows."""
+
+
+class FailedTrialLines(logging.Filter):
+    """On the sweeper's logger: drops the line about a failed job's None (its job printed why it failed), and turns
+    the line saying a batch's failures exceed max_failure_rate into StopSweep. The sweeper logs that line after it has
+    told optuna every trial of the batch, and goes on to raise the jobs' own errors, which ours do not hold: raising
+    here stops the sweep at that point. A logger's filters run inside the logging call, so the exception reaches
+    the sweeper's code, and through it the sweep() of prepare()."""
+
+    RATE = re.compile(r"out of (\d+) with max_failure_rate=(\S+?)\.?$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        rate = self.RATE.search(text)
+        if text.startswith("Failed ") and rate:
+            batch, allowed = rate.groups()
+            raise StopSweep(f"a batch of {batch} trial(s) had more failed trials than hydra.sweeper.max_failure_rate="
+                            f"{allowed} allows (0.0, optuna's default, stops at the first failed trial; up to 1.0 goes "
+                            "on past failed trials)")
+        return "Return value must be float-castable. Got 'None'" not in text
+
+
+def quiet_optuna() -> None:
+    """optuna's own log lines below warnings off, and its warnings through the root logger (the run's format), not
+    its ANSI-coloured handler."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _results_without_best(sweeper) -> None:
+    """optimization_results.yaml for a sweep whose every trial failed: no best value (the folder then holds a sweep,
+    as after any optuna sweep: cli.sweep.holds_sweep)."""
+    from omegaconf import OmegaConf
+
+    path = Path(str(sweeper.config.hydra.sweep.dir)) / "optimization_results.yaml"
+    OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
+                                     "note": "every trial failed: no best value"}), path)
+
+
+def prepare() -> None:
+    """Install the above for this process's optuna sweep: quiet logs, the filter, and the sweeper's sweep() wrapped
+    so that StopSweep and optuna's "No trials are completed yet" end the sweep normally (the summary is written
+    by the multirun's end callback; cli.main prints the failed jobs and the reason, and exits 1). A no-op where
+    hydra-optuna-sweeper is not installed."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+    except ImportError:
+        return
+    quiet_optuna()
+    sweeper_log = logging.getLogger(SWEEPER_LOG)
+    if not any(isinstance(f, FailedTrialLines) for f in sweeper_log.filters):
+        sweeper_log.addFilter(FailedTrialLines())
+    sweep = getattr(OptunaSweeperImpl.sweep, "original", OptunaSweeperImpl.sweep)
+
+    def ending_sweep(self, arguments):
+        try:
+            return sweep(self, arguments)
+        except StopSweep as stop:
+            STATE["sweep_stopped"] = f"the optuna sweep stopped early: {stop}"
+        except ValueError as err:
+            if NO_TRIAL not in str(err):
+                raise
+            STATE["sweep_stopped"] = "the optuna sweep has no best value: every trial failed"
+            _results_without_best(self)
+        log.error(STATE["sweep_stopped"])
+
+    ending_sweep.original = sweep
+    OptunaSweeperImpl.sweep = ending_sweep
+
+
+def repeated_trial(out: Path):
+    """For a trial that repeats a finished job of this optuna sweep (its job dir `out` holds a run that ended): what
+    that job returned, as a 1-tuple (its loss where it ended ok, else None: the trial fails again); None where this
+    is no such trial (not optuna, or no run that ended there). The repeat's overrides, and so its config, are that
+    job's: the job dir's name is made of them (hydra.job.override_dirname, less keys that change no number), and the
+    sweep dir holds only this sweep's jobs (a folder holding an earlier sweep is refused: cli.sweep.holds_sweep)."""
+    from analysis.rundir import read_status
+    from cli.rundirs import failed_value
+
+    if failed_value() is not None:  # not optuna
+        return None
+    status = read_status(out)
+    ended, loss = status.get("status"), status.get("loss")
+    if ended in (None, "running"):
+        return None
+    if ended == "ok" and isinstance(loss, (int, float)):
+        print(f"this trial repeats the finished job in {out} (the same overrides): its loss {loss} is reused, not "
+              "retrained")  # printed, not logged: the job's log file would be that run's run.log
+        return (float(loss),)
+    print(f"error: this trial repeats the job in {out} (the same overrides), which ended {ended!r}: it fails again, "
+          "not retrained", file=sys.stderr)
+    return (None,)

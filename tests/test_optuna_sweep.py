@@ -1,0 +1,92 @@
+"""The optuna sweeper ends as the other sweeps do (cli.optuna_sweep): failed trials, a sweep with no best value, a
+repeated trial, and optuna's own log lines."""
+import json
+import logging
+
+import pytest
+from conftest import run_cli
+
+from cli.optuna_sweep import FailedTrialLines, StopSweep, repeated_trial
+
+JOB = ["data.n=5", "train.steps=100", "eval.samples=10000", "eval.replicates=4", "eval.figures=false",
+       "hydra/sweeper=optuna", "hydra.sweeper.n_jobs=1"]
+
+
+def _record(text: str) -> logging.LogRecord:
+    return logging.LogRecord("hydra_plugins.hydra_optuna_sweeper._impl", logging.WARNING, __file__, 0, text, None, None)
+
+
+def test_the_sweepers_line_about_a_failed_jobs_none_is_dropped():
+    assert not FailedTrialLines().filter(_record("Failed experiment: Return value must be float-castable. Got 'None'."))
+    assert FailedTrialLines().filter(_record("Best value: 1.25"))
+
+
+def test_failures_above_max_failure_rate_stop_the_sweep_naming_the_key():
+    line = ("Failed [ValueError(\"Return value must be float-castable. Got 'None'.\")] times out of 2 with "
+            "max_failure_rate=0.0.")
+    with pytest.raises(StopSweep, match=r"a batch of 2 trial\(s\).*hydra.sweeper.max_failure_rate=0.0 allows"):
+        FailedTrialLines().filter(_record(line))
+
+
+def _status(path, **status):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "status.json").write_text(json.dumps(status))
+    return path
+
+
+@pytest.fixture
+def under_optuna(monkeypatch):
+    import cli.rundirs
+
+    monkeypatch.setattr(cli.rundirs, "failed_value", lambda sweeper=None: None)
+
+
+def test_a_repeated_trial_of_a_job_that_ended_ok_gets_its_loss(tmp_path, under_optuna):
+    assert repeated_trial(_status(tmp_path / "job", status="ok", loss=1.25)) == (1.25,)
+
+
+def test_a_repeated_trial_of_a_job_that_diverged_fails_again(tmp_path, under_optuna, capsys):
+    assert repeated_trial(_status(tmp_path / "job", status="diverged", reason="training diverged")) == (None,)
+    assert "which ended 'diverged': it fails again" in capsys.readouterr().err
+
+
+def test_a_job_dir_still_running_or_empty_is_no_repeated_trial(tmp_path, under_optuna):
+    assert repeated_trial(_status(tmp_path / "job", status="running", pid=1)) is None
+    assert repeated_trial(tmp_path / "nothing") is None
+
+
+def test_outside_optuna_a_finished_job_dir_is_no_repeated_trial(tmp_path):
+    assert repeated_trial(_status(tmp_path / "job", status="ok", loss=1.25)) is None
+
+
+def test_an_optuna_sweep_reuses_a_repeated_trials_result_and_prints_none_of_optunas_own_lines(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "its loss" in r.stdout and "is reused, not retrained" in r.stdout
+    assert len(list((tmp_path / "s").glob("*/status.json"))) == 1
+    best = (tmp_path / "s" / "optimization_results.yaml").read_text()
+    loss = json.loads(next((tmp_path / "s").glob("*/metrics.json")).read_text())["loss"]
+    assert f"best_value: {loss}" in best
+    assert "setup plugin" not in r.stdout + r.stderr and "\x1b[" not in r.stdout + r.stderr
+
+
+def test_an_optuna_sweep_whose_every_trial_failed_ends_in_one_line_without_a_best_value(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(1000)", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=1.0",
+                "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "stopped: the optuna sweep has no best value: every trial failed" in r.stderr
+    assert "best_value: null" in (tmp_path / "s" / "optimization_results.yaml").read_text()
+    assert (tmp_path / "s" / "summary.md").exists()
+
+
+def test_an_optuna_sweep_stops_at_a_batch_above_max_failure_rate(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(1000)", "hydra.sweeper.n_trials=3", "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "stopped: the optuna sweep stopped early" in r.stderr and "max_failure_rate=0.0" in r.stderr
+    assert r.stdout.count("Launching 1 jobs") == 1  # the first failed batch was the last
+    assert "failed: " in r.stderr and (tmp_path / "s" / "summary.md").exists()
