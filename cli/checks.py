@@ -162,8 +162,10 @@ def preflight(overrides, multirun: bool) -> list:
         raise composition_error(err) from None
     if multirun:
         from cli.launcher import check_launcher, tolerate_lost_jobs
+        from cli.sweeper import check_sweeper
 
         check_launcher(cfg)
+        check_sweeper(cfg)
         launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
         sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
         if "submitit" in launcher:

@@ -152,12 +152,13 @@ def composition_error(err) -> ConfigError:
         key, value = merge.group(2), merge.group(3)
         if key in RULES:
             return ConfigError(f"{key}={value} is not allowed: {key} must be {RULES[key][1]}")
-        if key.startswith("hydra.launcher."):
-            from cli.launcher import allowed_setting
+        for section in ("launcher", "sweeper"):
+            if key.startswith(f"hydra.{section}."):
+                from importlib import import_module
 
-            allowed = allowed_setting(key.removeprefix("hydra.launcher."))
-            if allowed is not None:
-                return ConfigError(f"{key}={value} is not allowed: {key} must be {allowed}")
+                allowed = import_module(f"cli.{section}").allowed_setting(key.removeprefix(f"hydra.{section}."))
+                if allowed is not None:
+                    return ConfigError(f"{key}={value} is not allowed: {key} must be {allowed}")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
             return ConfigError(f"{key}={value} is not allowed: {key} must name a directory")
     return ConfigError(f"cannot compose the config: {text}")

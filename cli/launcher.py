@@ -1,7 +1,7 @@
-"""The launcher's settings, checked before a sweep starts. The launchers refuse a bad one only once the sweep has
-begun (a traceback, a sweep dir of missing jobs), or take it silently (an unknown key, a setting they ignore):
-Hydra's basic launcher has no settings, joblib's and submitit's are checked here against what works for a job of
-this app (one process that writes one run dir); another launcher is left to Hydra."""
+"""The launcher's settings, checked before a sweep starts (the sweeper's: cli.sweeper). The launchers refuse a bad
+one only once the sweep has begun (a traceback, a sweep dir of missing jobs), or take it silently (an unknown key, a
+setting they ignore): Hydra's basic launcher has no settings, joblib's and submitit's are checked here against what
+works for a job of this app (one process that writes one run dir); another launcher is left to Hydra."""
 import math
 import re
 import shutil
@@ -103,6 +103,20 @@ def allowed_setting(key: str):
     return None
 
 
+def check_settings(section: str, owner: str, rules: dict, values: dict) -> None:
+    """Raise ConfigError (one line naming <section>.<key> and what it allows) for a key of `values` that `rules`
+    (key -> (test, what is allowed)) does not have, or a value its test refuses; _target_ and defaults are Hydra's."""
+    for key, value in values.items():
+        if key in ("_target_", "defaults"):
+            continue
+        if key not in rules:
+            has = f"it has {', '.join(rules)}" if rules else "it has none"
+            raise ConfigError(f"{section}.{key} is not a setting of {owner} ({has})")
+        test, allowed = rules[key]
+        if not test(value):
+            raise ConfigError(f"{section}.{key}={value!r} is not allowed: {section}.{key} must be {allowed}")
+
+
 def check_launcher(cfg) -> None:
     """Raise ConfigError (one line naming hydra.launcher.<key> and what it allows) for a launcher setting the
     launcher would refuse once the sweep has started, or ignore, or that would break a job (basic, joblib,
@@ -115,15 +129,7 @@ def check_launcher(cfg) -> None:
         return
     name, rules = LAUNCHERS[kind]
     values = OmegaConf.to_container(launcher, resolve=True)
-    for key, value in values.items():
-        if key == "_target_":
-            continue
-        if key not in rules:
-            has = f"it has {', '.join(rules)}" if rules else "it has none"
-            raise ConfigError(f"hydra.launcher.{key} is not a setting of the {name} launcher ({has})")
-        test, allowed = rules[key]
-        if not test(value):
-            raise ConfigError(f"hydra.launcher.{key}={value!r} is not allowed: hydra.launcher.{key} must be {allowed}")
+    check_settings("hydra.launcher", f"the {name} launcher", rules, values)
     if "submitit_folder" in values:
         folder = Path(values["submitit_folder"].split("%j")[0]).absolute()
         if not _writable_place(folder):

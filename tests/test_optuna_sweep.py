@@ -90,3 +90,22 @@ def test_an_optuna_sweep_stops_at_a_batch_above_max_failure_rate(tmp_path):
     assert "stopped: the optuna sweep stopped early" in r.stderr and "max_failure_rate=0.0" in r.stderr
     assert r.stdout.count("Launching 1 jobs") == 1  # the first failed batch was the last
     assert "failed: " in r.stderr and (tmp_path / "s" / "summary.md").exists()
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 is not allowed: hydra.sweeper.n_trials must be an integer"),
+    ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0 is not allowed"),
+    ("hydra.sweeper.max_failure_rate=2", "hydra.sweeper.max_failure_rate=2.0 is not allowed: "
+                                         "hydra.sweeper.max_failure_rate must be a number in [0, 1]"),
+    ("hydra.sweeper.max_failure_rate=abc", "hydra.sweeper.max_failure_rate=abc is not allowed"),
+    ("hydra.sweeper.direction=[minimize,maximize]", "hydra.sweeper.direction=['minimize', 'maximize'] is not "
+                                                    "allowed: hydra.sweeper.direction must be minimize or maximize"),
+    ("+hydra.sweeper.foo=1", "hydra.sweeper.foo is not a setting of the optuna sweeper (it has sampler,"),
+    ("+hydra.sweeper.sampler.foo=1", "hydra.sweeper.sampler.foo is not a setting of the optuna.samplers.TPESampler"),
+    ("hydra.sweeper.sampler.seed=-1", "hydra.sweeper.sampler.seed=-1 is not allowed"),
+], ids=["n_trials", "n_jobs", "rate", "rate_type", "two_directions", "unknown", "sampler_key", "sampler_seed"])
+def test_a_bad_optuna_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", setting, "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: " + line), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "s").exists()

@@ -714,3 +714,15 @@ def test_a_launcher_setting_of_the_wrong_type_is_named_with_what_it_allows():
     err = composition_error(ValueError("Error merging override hydra.launcher.cpus_per_task=abc"))
     assert str(err) == ("hydra.launcher.cpus_per_task=abc is not allowed: hydra.launcher.cpus_per_task must be null "
                         "or an integer >= 1")
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("hydra.sweeper.max_batch_size=0", "hydra.sweeper.max_batch_size=0 is not allowed: hydra.sweeper.max_batch_size "
+                                       "must be null or an integer >= 1"),
+    ("hydra.sweeper.max_batch_size=abc", "hydra.sweeper.max_batch_size=abc is not allowed"),
+    ("+hydra.sweeper.foo=1", "hydra.sweeper.foo is not a setting of the basic sweeper (it has max_batch_size, params)"),
+], ids=["max_batch_size", "wrong_type", "unknown"])
+def test_a_bad_basic_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
+    proc = run_cli("-m", *TINY, "seed=0,1", setting, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, line)
+    assert not (tmp_path / "sweep").exists()
