@@ -138,7 +138,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed} is not allowed with replicas={replicas}: replicas train the seeds seed .. "
                           f"seed + replicas - 1, and seeds must be <= {MAX_SEED}: seed must be <= "
                           f"{MAX_SEED - replicas + 1}")
-    check_device(cfg.device)
+    if not str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith("SlurmLauncher"):
+        check_device(cfg.device)  # under submitit_slurm the jobs run on other nodes: each job checks its own
     if replicas > 1:  # what replicas can train (infer.fit_replicas): the closed-form ELBO on lattice or qmc noise
         if OmegaConf.select(cfg, "train.resume"):
             raise ConfigError(f"train.resume is not allowed with replicas={replicas}: resume one replica as a single "

@@ -726,3 +726,20 @@ def test_a_bad_basic_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path
     proc = run_cli("-m", *TINY, "seed=0,1", setting, "hydra.sweep.dir=sweep", cwd=tmp_path)
     one_line_error(proc, line)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_cuda_sweep_for_slurm_nodes_is_not_refused_on_a_submitting_host_without_a_gpu(monkeypatch):
+    import torch
+    from omegaconf import open_dict
+
+    from cli.keys import compose_config
+    from cli.state import ConfigError
+    from cli.values import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_config(["device=cuda"], hydra_cfg=True)
+    with pytest.raises(ConfigError, match="this machine has no CUDA device"):
+        validate(cfg)  # a run here, or a sweep's job on this machine
+    with open_dict(cfg):
+        cfg.hydra.launcher = {"_target_": SUBMITIT_LOCAL.replace("LocalLauncher", "SlurmLauncher")}
+    validate(cfg)  # the jobs run on the cluster's nodes, and each checks its own device there
