@@ -72,6 +72,8 @@ class SweepSummary(Callback):
                               text=True)
         if proc.returncode == 0:
             log.info("sweep summary (after a failed job) in %s", self.sweep_dir / "summary.md")
+        elif "holds no sweep" in proc.stderr:  # no job of it ran (the sweeper failed first): nothing to summarise
+            log.info("no job of the sweep in %s ran: no summary", self.sweep_dir)
         else:
             log.error("sweep summary of %s failed: %s", self.sweep_dir, proc.stderr.strip().splitlines()[-1:])
 
@@ -81,9 +83,9 @@ class SweepSummary(Callback):
             self.done = True
 
     def _write_summary(self, sweep_dir: Path, ended: bool = False) -> None:
-        try:
-            from analysis.sweep import summarize
+        from analysis.sweep import NotASweep, summarize
 
+        try:
             result = summarize(sweep_dir, figures=self.figures, ended=ended)
             jobs = result["jobs"]
             bad = jobs[jobs["status"] != "ok"]
@@ -92,6 +94,8 @@ class SweepSummary(Callback):
             log.info("sweep summary: %d jobs, %d runs (%d failed, %d missing, %d job dirs of other launches left "
                      "out) in %s", len(result["launched"]), len(result["jobs"]), len(result["failed"]),
                      len(result["missing"]), len(result["left_out"]), sweep_dir / "summary.md")
+        except NotASweep:  # no job of it ran (e.g. its sweeper refused it first): nothing to summarise
+            LAST["failed"] = []
         except Exception as err:  # the sweep's own results stay on disk; say why the summary is absent
             log.error("sweep summary of %s failed: %s: %s", sweep_dir, type(err).__name__, err)
             LAST.setdefault("failed", [(str(sweep_dir), f"the sweep summary failed: {type(err).__name__}: {err}")])

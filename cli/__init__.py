@@ -91,6 +91,10 @@ def main(hydra_main, argv) -> int:
     except BaseException:  # Hydra's own exit (SystemExit) or a crash outside the task: no stale 'running' dir
         release_unstarted()
         raise
+    if STATE.get("sweep_refused"):  # the sweeper refused the sweep before any job (cli.optuna_sweep)
+        STATE["sweep_undo"]()
+        print(f"error: {STATE['sweep_refused']}", file=sys.stderr)
+        return 2
     if multirun:
         from analysis.callbacks import LAST
 

@@ -12,6 +12,8 @@ prepare() (run by the preflight of an optuna sweep) changes that:
 * the sweep stops, once every trial of the batch is told to optuna, when the batch's failures exceed
   max_failure_rate (optuna's default 0.0: the first failed trial), with one line on why (STATE['sweep_stopped']);
 * a sweep whose every trial failed ends without a best value: optimization_results.yaml says so;
+* a search space or setting optuna refuses before any trial (`interval(1,0)`, a storage URL it cannot open) is one
+  line, exit 2, and the sweep dir goes (STATE['sweep_refused']);
 * either way the sweep summary is written, each failed job gets its `failed:` line, and the exit code is 1;
 * optuna's own lines below warnings are silent.
 
@@ -23,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 
+from cli.keys import single_line
 from cli.state import STATE
 
 log = logging.getLogger("onebit")
@@ -95,8 +98,11 @@ def prepare() -> None:
             return sweep(self, arguments)
         except StopSweep as stop:
             STATE["sweep_stopped"] = f"the optuna sweep stopped early: {stop}"
-        except ValueError as err:
-            if NO_TRIAL not in str(err):
+        except Exception as err:  # noqa: BLE001  sorted below; anything else is raised again
+            if not self.job_idx:  # before any trial: its search space (interval(1,0)) or a setting (storage URL)
+                STATE["sweep_refused"] = f"the optuna sweeper refused the sweep before any trial: {single_line(err)}"
+                return
+            if not (isinstance(err, ValueError) and NO_TRIAL in str(err)):
                 raise
             STATE["sweep_stopped"] = "the optuna sweep has no best value: every trial failed"
             _results_without_best(self)

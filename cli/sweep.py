@@ -217,3 +217,4 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}, started {__import__('time').strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
     STATE["sweep_lock"] = fd
+    STATE["sweep_undo"] = lambda: undo(fd)  # a sweep its sweeper refuses before any job (cli.optuna_sweep) leaves none

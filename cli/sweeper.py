@@ -4,6 +4,7 @@ trial (a second optimisation direction: run.py returns one number). Checked here
 another sweeper is left to Hydra. What a wrong-typed value allows is named too (cli.keys.composition_error)."""
 from omegaconf import OmegaConf
 
+from cli.keys import single_line
 from cli.launcher import _or_null, _text, check_settings
 from cli.state import ConfigError
 from infer.validate import _int_at_least, is_int
@@ -82,6 +83,22 @@ def check_sweeper(cfg) -> None:
     name, rules = SWEEPERS[kind]
     values = OmegaConf.to_container(sweeper, resolve=False, enum_to_str=True)
     check_settings("hydra.sweeper", f"the {name} sweeper", rules, values)
+    custom = values.get("custom_search_space")
+    if custom:
+        import logging
+
+        from hydra.utils import get_method
+
+        quiet = logging.getLogger("hydra.utils")  # get_method logs the error on several lines before raising it
+        quiet.disabled = True
+        try:
+            get_method(custom)
+        except Exception as err:  # noqa: BLE001  Hydra's: the path cannot be imported, or is no callable
+            raise ConfigError(f"hydra.sweeper.custom_search_space={custom!r} is not allowed: "
+                              f"{single_line(err)}; it must be the dotted path of a function (config, trial) -> None"
+                              ) from None
+        finally:
+            quiet.disabled = False
     sampler = values.get("sampler")
     if isinstance(sampler, dict):
         keys = _sampler_keys(sampler.get("_target_"))

@@ -103,9 +103,25 @@ def test_an_optuna_sweep_stops_at_a_batch_above_max_failure_rate(tmp_path):
     ("+hydra.sweeper.foo=1", "hydra.sweeper.foo is not a setting of the optuna sweeper (it has sampler,"),
     ("+hydra.sweeper.sampler.foo=1", "hydra.sweeper.sampler.foo is not a setting of the optuna.samplers.TPESampler"),
     ("hydra.sweeper.sampler.seed=-1", "hydra.sweeper.sampler.seed=-1 is not allowed"),
-], ids=["n_trials", "n_jobs", "rate", "rate_type", "two_directions", "unknown", "sampler_key", "sampler_seed"])
+    ("hydra.sweeper.custom_search_space=nowhere.fn", "hydra.sweeper.custom_search_space='nowhere.fn' is not allowed"),
+], ids=["n_trials", "n_jobs", "rate", "rate_type", "two_directions", "unknown", "sampler_key", "sampler_seed",
+        "custom_search_space"])
 def test_a_bad_optuna_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", setting, "hydra.sweep.dir=s", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: " + line), r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("optim.lr=interval(1,0)", "The `low` value must be smaller than or equal to the `high` value"),
+    ("hydra.sweeper.storage=bogus://x", "Can't load plugin: sqlalchemy.dialects:bogus"),
+], ids=["search_space", "storage"])
+def test_a_search_space_or_setting_optuna_refuses_before_any_trial_is_one_line_and_leaves_no_sweep_dir(tmp_path, setting,
+                                                                                                       line):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", setting, "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: the optuna sweeper refused the sweep before any trial: ") and line in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stdout + r.stderr
+    assert not (tmp_path / "s").exists()
