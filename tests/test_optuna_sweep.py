@@ -117,8 +117,8 @@ def test_a_bad_optuna_sweeper_setting_is_refused_before_the_sweep_starts(tmp_pat
     ("optim.lr=interval(1,0)", "The `low` value must be smaller than or equal to the `high` value"),
     ("hydra.sweeper.storage=bogus://x", "Can't load plugin: sqlalchemy.dialects:bogus"),
 ], ids=["search_space", "storage"])
-def test_a_search_space_or_setting_optuna_refuses_before_any_trial_is_one_line_and_leaves_no_sweep_dir(tmp_path, setting,
-                                                                                                       line):
+def test_a_search_space_or_setting_optuna_refuses_before_any_trial_is_one_line_without_a_sweep_dir(tmp_path, setting,
+                                                                                                     line):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", setting, "hydra.sweep.dir=s", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
