@@ -35,11 +35,39 @@ def config_names() -> dict:
     return names
 
 
+# the command line's objective names (conf/objective/*.yaml) of the classes infer.objectives.make_objective builds
+OBJECTIVE_NAMES = {"ClosedFormELBO": "closed_form", "Trace_ELBO": "elbo", "TraceMeanField_ELBO": "meanfield_elbo",
+                   "IWAE": "iwae", "MarginalLikelihood": "exact"}
+
+
+def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
+               steps: int = None, free_bits: float = 0.0, particles: int = None) -> dict:
+    """metrics.json's facts on what a run minimised where that was not the -ELBO its loss reports, else {}: beta (a
+    KL weight other than 1), kl_weight_final with warmup (a warm-up longer than the run: the KL weight of its last
+    step), free_bits (> 0: each site's KL term floored in the objective) and iwae_K (objective iwae: the
+    importance-weighted bound with K samples). The same facts from the command line's config and from fit()'s
+    recipe (describe), so that runs written either way are labelled alike."""
+    from infer.weights import kl_weight
+
+    facts = {}
+    if float(beta) != 1.0:
+        facts["beta"] = float(beta)
+    if steps is not None and warmup and steps < warmup:  # the weight never reached beta
+        facts["kl_weight_final"] = kl_weight(max(int(steps) - 1, 0), float(beta), int(warmup), float(warmup_start))
+        facts["warmup"] = int(warmup)
+    if free_bits and float(free_bits) > 0:
+        facts["free_bits"] = float(free_bits)
+    if objective == "iwae" and particles and int(particles) > 1:
+        facts["iwae_K"] = int(particles)
+    return facts
+
+
 def describe(model, guide, data, result) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
     a sweep summary; else their class or function names), n, and fit()'s steps, wall_seconds and engine (and its
-    seed where the result records one)."""
+    seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
+    minimised where that was not the -ELBO (trained_on)."""
     def name(obj):
         known = config_names().get(type(obj))
         return known or getattr(obj, "__name__", None) or type(obj).__name__
@@ -53,6 +81,12 @@ def describe(model, guide, data, result) -> dict:
     for key in ("steps", "wall_seconds", "engine"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)
+    plan = getattr(result, "recipe", None) or {}
+    if plan.get("objective"):  # what fit() trained on, named as the command line names it
+        head["objective"] = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+        head.update(trained_on(head["objective"], plan.get("beta", 1.0), plan.get("warmup") or 0,
+                               plan.get("warmup_start") or 0.0, plan.get("steps"), plan.get("free_bits") or 0.0,
+                               plan.get("num_particles")))
     return head
 
 

@@ -24,7 +24,7 @@ def _ex(value: float, error=None) -> str:
 
 def _header(m: dict) -> list:
     """['vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)'], with
-    only the parts that are known; and a line naming the KL weight where the run trained with beta != 1."""
+    only the parts that are known; and a line saying what the run minimised where it was not the -ELBO (_trained_on)."""
     who = " + ".join(p for p in (m.get("model"), f"{m['guide']} guide" if m.get("guide") else None) if p)
     facts = ", ".join(f"{k}={m[k]}" for k in ("n", "seed") if m.get(k) is not None)
     head = ", ".join(p for p in (who, facts) if p) or "run"
@@ -34,11 +34,27 @@ def _header(m: dict) -> list:
     if m.get("eval_seconds") is not None:
         timing.append(f"evaluation {m['eval_seconds']:.1f} s")
     lines = [head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"]
-    if m.get("beta") is not None and m["beta"] != 1:  # the run's objective was not the loss reported below
-        b = m["beta"]
-        lines.append(f"  trained with KL weight beta={b:g}: its objective was recon + {b:g} KL; the loss below is "
-                     "the ELBO's (recon + KL), which this run did not minimise")
+    trained = _trained_on(m)
+    if trained:  # the run's objective was not the loss reported below
+        lines.append(f"  trained on {trained}: the loss below is the ELBO's (recon + KL), which this run did not "
+                     "minimise")
     return lines
+
+
+def _trained_on(m: dict) -> str:
+    """What the run minimised, where metrics.json says it was not the -ELBO (analysis.run_outputs.trained_on), as
+    text; '' for a plain ELBO run."""
+    parts = []
+    if m.get("iwae_K"):
+        parts.append(f"the IWAE-{m['iwae_K']} bound (objective=iwae)")
+    if m.get("beta") is not None and m["beta"] != 1:
+        parts.append(f"KL weight beta={m['beta']:g} (recon + {m['beta']:g} KL)")
+    if m.get("kl_weight_final") is not None:
+        parts.append(f"a KL weight still rising at its last step, {m['kl_weight_final']:.3g} (its warm-up, "
+                     f"{m.get('warmup')} steps, is longer than the run)")
+    if m.get("free_bits"):
+        parts.append(f"free bits {m['free_bits']:g} (each latent site's KL term floored at {m['free_bits']:g} nats)")
+    return "; ".join(parts)
 
 
 def _site(name: str) -> str:

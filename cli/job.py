@@ -152,7 +152,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, **kl_weight_fact(cfg), **note}
+            "seed": cfg.seed, **objective_facts(cfg), **note}
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
@@ -208,11 +208,14 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         good.discard()
 
 
-def kl_weight_fact(cfg) -> dict:
-    """{'beta': train.beta} where the KL weight the run trained with is not 1 (its objective was recon + beta KL, not
-    the loss its metrics report), else {}."""
-    beta = float(cfg.train.beta)
-    return {} if beta == 1.0 else {"beta": beta}
+def objective_facts(cfg) -> dict:
+    """What the run minimised where that was not the -ELBO its metrics report (analysis.run_outputs.trained_on: a KL
+    weight other than 1, a warm-up longer than the run, free bits, the IWAE bound), from its config; else {}."""
+    from analysis.run_outputs import trained_on
+
+    objective = cfg.objective
+    return trained_on(objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps,
+                      objective.get("free_bits", 0.0), objective.get("K"))
 
 
 def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:

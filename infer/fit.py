@@ -132,6 +132,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "adam_betas": tuple(v["adam_betas"]),
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
+                               "free_bits": getattr(elbo, "free_bits", 0.0),
                                "log_every": log_every, "freeze_model": v["freeze_model"]})
     window = Window()
     averaged = ParameterAverage(params, average_start(steps, v["average"]))

@@ -195,12 +195,47 @@ def test_a_run_at_kl_weight_one_has_no_kl_weight_line(vae5_metrics):
 
 
 def test_the_command_line_records_a_kl_weight_other_than_one_and_only_then():
+    from cli.job import objective_facts
+
+    assert objective_facts(_cfg(beta=0.5)) == {"beta": 0.5}
+    assert objective_facts(_cfg()) == {}
+
+
+def _cfg(beta=1.0, warmup=0, steps=300, objective="closed_form", **options):
     from omegaconf import OmegaConf
 
-    from cli.job import kl_weight_fact
+    return OmegaConf.create({"train": {"beta": beta, "warmup": warmup, "warmup_start": 0.0, "steps": steps},
+                             "objective": {"name": objective, "free_bits": 0.0, **options}})
 
-    assert kl_weight_fact(OmegaConf.create({"train": {"beta": 0.5}})) == {"beta": 0.5}
-    assert kl_weight_fact(OmegaConf.create({"train": {"beta": 1}})) == {}
+
+def test_a_warmup_longer_than_the_run_is_recorded_with_the_last_steps_kl_weight():
+    from cli.job import objective_facts
+
+    facts = objective_facts(_cfg(warmup=1000, steps=300))
+    assert facts == {"kl_weight_final": pytest.approx(299 / 1000), "warmup": 1000}
+    assert objective_facts(_cfg(warmup=300, steps=300)) == {}  # the weight reached beta
+
+
+def test_free_bits_and_the_iwae_bound_are_recorded_as_what_the_run_minimised():
+    from cli.job import objective_facts
+
+    assert objective_facts(_cfg(free_bits=0.5)) == {"free_bits": 0.5}
+    assert objective_facts(_cfg(objective="iwae", K=16)) == {"iwae_K": 16}
+
+
+@pytest.mark.parametrize("facts, text", [
+    ({"beta": 0.5}, "trained on KL weight beta=0.5 (recon + 0.5 KL): the loss below is the ELBO's"),
+    ({"iwae_K": 16}, "trained on the IWAE-16 bound (objective=iwae): the loss below is the ELBO's"),
+    ({"kl_weight_final": 0.299, "warmup": 1000}, "a KL weight still rising at its last step, 0.299 (its warm-up, 1000"),
+    ({"free_bits": 0.5}, "free bits 0.5 (each latent site's KL term floored at 0.5 nats)"),
+], ids=["beta", "iwae", "warmup", "free_bits"])
+def test_the_summary_says_what_the_run_minimised_where_it_was_not_the_elbo(vae5_metrics, facts, text):
+    lines = summary_lines({**vae5_metrics, **facts})
+    assert any(text in line for line in lines[:2])
+
+
+def test_a_plain_elbo_run_has_no_line_on_what_it_minimised(vae5_metrics):
+    assert not any("trained on" in line for line in summary_lines(vae5_metrics))
 
 
 def test_a_withheld_error_bar_is_said_beside_the_number(vae5_metrics):
@@ -221,6 +256,22 @@ def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
     assert (saved["model"], saved["guide"], saved["n"], saved["steps"]) == ("vae", "gaussian", 5, 3)  # as run.py names them
     assert saved["wall_seconds"] > 0 and saved["engine"] == result.engine == "fast"
     assert "?" not in summary_lines(saved)[0]
+
+
+def test_write_run_records_what_a_python_run_minimised_as_the_command_line_does(vae5, tmp_path):
+    from infer import fit
+    from infer.objectives import IWAE
+
+    model, guide, data = vae5
+    metrics, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False)
+    for name, options, facts in [("beta", {"beta": 0.5, "warmup": 100}, {"objective": "closed_form", "beta": 0.5,
+                                                                          "kl_weight_final": pytest.approx(0.005),
+                                                                          "warmup": 100}),
+                                 ("iwae", {"elbo": IWAE(num_particles=4)}, {"objective": "iwae", "iwae_K": 4})]:
+        result = fit(model, guide, data, steps=2, log_every=1, seed=0, **options)
+        write_run(tmp_path / name, model, guide, data, result, metrics, figures=False, checkpoint=False)
+        saved = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert {k: saved.get(k) for k in facts} == facts
 
 
 def test_the_figure_shows_the_runs_khat(vae5, vae5_metrics):
