@@ -28,8 +28,9 @@ def _yscale(ax, values, linthresh=1e-2):
 
 
 def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None):
-    """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step. history:
-    FitResult.history (list of dicts) or a DataFrame.
+    """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step, under `title`
+    (e.g. the run's model, guide, n and seed); where the objective the run minimised is not the loss (beta, a warm-up,
+    free bits, the IWAE bound), it too, dashed. history: FitResult.history (list of dicts) or a DataFrame.
 
     floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
     A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
@@ -42,11 +43,16 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         fig = _new_figure(13, 3.6)
         ax_l, ax_r, ax_k = fig.subplots(1, 3)
         ax_l.plot(df["step"], df["loss"], color="black", lw=1.5, label="loss")
+        curves = [df["loss"].values]
+        if "objective" in df and not np.allclose(df["objective"], df["loss"], rtol=1e-6, equal_nan=True):
+            # beta, a warm-up, free bits or the IWAE bound: what the run minimised is not the -ELBO above
+            ax_l.plot(df["step"], df["objective"], color="#1f77b4", ls="--", lw=1.2, label="objective (minimised)")
+            curves.append(df["objective"].values)
         if floor is not None:
             ax_l.axhline(floor, color="0.5", ls=":", lw=1.2, label=f"entropy floor {floor:.4f}")
         if optimum is not None:
             ax_l.axhline(optimum, color=HOLE_COLOR, ls="--", lw=1.2, label=f"Gaussian optimum {optimum:.4f}")
-        _yscale(ax_l, np.concatenate([df["loss"].values] + [[v] for v in (floor, optimum) if v is not None]))
+        _yscale(ax_l, np.concatenate(curves + [[v] for v in (floor, optimum) if v is not None]))
         loss_title = "loss (nats per data point)"
         later = df["loss"].values[max(1, len(df) // 20):]
         refs = [v for v in (floor, optimum) if v is not None]
@@ -62,18 +68,18 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         cols = _palette(len(kls))
         sites = [c.split("_", 1)[1] for c in kls]
         if not kls:  # trained without a guide (objective=exact): no rate
-            title = "no rate: the model was trained by its exact likelihood"
+            rate_title = "no rate: the model was trained by its exact likelihood"
         elif len(kls) == 1:  # one latent site: its term is the KL
             ax_k.plot(df["step"], df[kls[0]], color=cols[0], lw=1.5, label=f"KL[{sites[0]}] = rate")
-            title = f"KL(q({sites[0]}|x) || p({sites[0]}))"
+            rate_title = f"KL(q({sites[0]}|x) || p({sites[0]}))"
         else:  # several: each term is E[log q(s|.) - log p(s|parents)], only their sum is a KL
             for c, site, col in zip(kls, sites, cols):
                 ax_k.plot(df["step"], df[c], color=col, lw=1.2, label=f"rate[{site}]")
             ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1.5, label="rate = KL(q || p) total")
-            title = "rate = KL total; rate[s] = E[log q(s|.) - log p(s|parents)]"
+            rate_title = "rate = KL total; rate[s] = E[log q(s|.) - log p(s|parents)]"
         scale = _yscale(ax_k, df[kls].sum(axis=1).values if len(kls) > 1 else df[kls].values.reshape(-1)) \
             if kls else "linear"
-        ax_k.set_title(title + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
+        ax_k.set_title(rate_title + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
         for ax in (ax_l, ax_r, ax_k):
             ax.set_xlabel("step")
             ax.legend(fontsize=8)

@@ -142,6 +142,18 @@ def test_encoding_and_training_figures_write_png(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == PNG
 
 
+def test_the_training_figure_is_headed_by_its_title_and_shows_an_objective_that_is_not_the_loss():
+    from analysis.training_figure import training_figure
+
+    history = [{"step": s, "lr": 1e-3, "loss": 2.0 / s + 0.7, "recon": 1.0 / s, "rate_z": 0.5,
+                "objective": 1.0 / s + 0.6} for s in range(1, 21)]
+    fig = training_figure(history, title="vae + gaussian, n=5, seed=0")
+    assert fig._suptitle.get_text() == "vae + gaussian, n=5, seed=0"
+    assert "objective (minimised)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plain = training_figure([{**h, "objective": h["loss"]} for h in history])
+    assert "objective (minimised)" not in [t.get_text() for t in plain.axes[0].get_legend().get_texts()]
+
+
 # --- sweep summaries ---------------------------------------------------------------------------------------------
 
 def fake_job(sweep, n, seed, loss=None, model="vae"):
