@@ -9,6 +9,7 @@ without metrics.json is a failed run). collect does both for a sweep directory.
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger("onebit.sweep")
@@ -46,6 +47,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def informative_khat_max(metrics: dict) -> float:
+    """The largest PSIS k-hat over the data points whose importance weights are not nearly constant (psis.ess_fraction
+    below analysis.psis.CONSTANT_ESS: there k-hat fits a shape to sampling noise and says nothing); nan where no
+    point's k-hat is informative, so that a summary leaves it out rather than averaging noise."""
+    from .psis import CONSTANT_ESS
+
+    khat = metrics.get("khat") or []
+    ess = (metrics.get("psis") or {}).get("ess_fraction") or [None] * len(khat)
+    kept = [float(k) for k, e in zip(khat, ess) if e is None or e < CONSTANT_ESS]
+    return max(kept) if kept else math.nan
 
 
 def _candidates(sweep_dir: Path) -> list:
@@ -193,6 +206,8 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
     row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")})
+    if "khat.max" in row:
+        row["khat.max"] = informative_khat_max(metrics)
     if (job / "encodings.nc").exists():
         row["encodings"] = str(job / "encodings.nc")
     return row

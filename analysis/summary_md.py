@@ -17,7 +17,9 @@ RUN_COLUMNS = {"loss_se": "loss_se [MC]", "recon_per_dim": "recon_per_dim [loss_
 COLUMN_NOTES = {"exact.nll": "NLL = -log p(x) of the model", "exact.gap": "ELBO gap = loss - NLL",
                 "gap_to_gaussian_optimum": "above the Gaussian optimum: the loss minus the best loss any Gaussian "
                                            "encoder reaches (the 1-D vae with equal weights)",
-                "khat.max": "k̂ max: the PSIS tail index of p(x,z)/q(z|x) at the worse data point (importance draws)",
+                "khat.max": "k̂ max: the PSIS tail index of p(x,z)/q(z|x) at the worse data point (importance draws; "
+                            "left out where the weights are nearly constant, ESS/S ≥ 0.99: q matches the posterior up "
+                            "to noise, and k̂ fits a shape to that noise)",
                 "surgery.mutual_info": "I_q(x;z) and KL(q(z)‖p(z)): the ELBO surgery of the top latent z (z2 of the "
                                        "dlgm), avg KL(q(z|x)‖p(z)) = I_q(x;z) + KL(q(z)‖p(z))"}
 
@@ -25,7 +27,12 @@ COLUMN_NOTES = {"exact.nll": "NLL = -log p(x) of the model", "exact.gap": "ELBO 
 def _pm(mean, sd, digits=4, sci=False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
-    f = (lambda v: f"{v:.{digits - 1}e}") if sci else (lambda v: f"{v:.{digits}f}")
+    if sci:
+        f = lambda v: f"{v:.{digits - 1}e}"  # noqa: E731
+    elif 0 < abs(mean) < 10 ** (1 - digits):  # too small for the decimals (an ELBO gap of 2e-5 would read 0.0000)
+        f = lambda v: f"{v:.2e}"  # noqa: E731
+    else:
+        f = lambda v: f"{v:.{digits}f}"  # noqa: E731
     if sd is None or (isinstance(sd, float) and math.isnan(sd)):
         return f(mean)
     return f"{f(mean)} ± {f(sd)}"

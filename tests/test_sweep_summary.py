@@ -397,3 +397,22 @@ def test_once_the_sweep_has_ended_a_job_still_running_on_another_host_is_listed_
     summarize(tmp_path, figures=False, ended=True)
     md = (tmp_path / "summary.md").read_text()
     assert "1 failed" in md and "killed: its process (pid 4194311 on node-that-is-not-this-one)" in md
+
+
+def test_the_summary_leaves_out_a_khat_the_near_constant_weights_make_uninformative():
+    import math
+
+    from analysis.jobs import informative_khat_max
+
+    psis = {"ess_fraction": [0.99999, 0.7]}
+    assert informative_khat_max({"khat": [1.4, 0.6], "psis": psis}) == 0.6
+    assert math.isnan(informative_khat_max({"khat": [1.4, 0.6], "psis": {"ess_fraction": [0.999, 0.995]}}))
+    assert informative_khat_max({"khat": [0.3, 0.6]}) == 0.6  # no ESS recorded: every k-hat counts
+
+
+def test_a_mean_too_small_for_four_decimals_is_written_with_its_digits():
+    from analysis.summary_md import _pm
+
+    assert _pm(2.1e-05, 1.5e-05) == "2.10e-05 ± 1.50e-05"
+    assert _pm(0.7176, 0.0017) == "0.7176 ± 0.0017"
+    assert _pm(0.0, 0.0) == "0.0000 ± 0.0000"
