@@ -81,10 +81,51 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
     overwrite = bool(cfg.get("overwrite", False))
+    if in_place and not overwrite:
+        check_in_place_resume(cfg, out)
     claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
                   key="hydra.sweep.dir" if fresh else "hydra.run.dir")
     STATE["claim"] = claim
     return claim
+
+
+IN_PLACE_FREE = ("train.resume", "overwrite", "train.progress", "eval.figures", "threads")  # change no number
+
+
+def _dotted(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested dict (lists kept whole)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_in_place_resume(cfg, out) -> None:
+    """Refuse (RunDirError, one line) a resume into the directory of its own checkpoint (without overwrite=true)
+    that would replace a finished run's results (status ok), or that would change the config of the sweep job there:
+    its .hydra files stay the job's (sweep_job_resumed_in_place), and its sweep's summary reports it under them."""
+    from analysis.rundir import RunDirError, read_status
+
+    out = Path(out).absolute()
+    if read_status(out).get("status") == "ok":
+        raise RunDirError(f"output dir {out} holds a finished run (status ok): resuming it in place would replace its "
+                          "results; resume it into another dir (hydra.run.dir), or set overwrite=true to replace them")
+    if not sweep_job_resumed_in_place(cfg, out):
+        return
+    try:
+        saved = _dotted(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
+    except Exception:  # noqa: BLE001  unreadable: the resume's own checks (checkpoint vs config) still run
+        return
+    now = _dotted({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in IN_PLACE_FREE and saved.get(k) != now.get(k)]
+    if changed:
+        key = changed[0]
+        raise RunDirError(f"{key}={now.get(key)!r} is not allowed in place: the sweep job in {out} ran with "
+                          f"{key}={saved.get(key)!r}, and its sweep's summary reports it under its own config; resume "
+                          "it with the job's config, or into another dir (hydra.run.dir), where it is a run of its own")
 
 
 def sweep_job_resumed_in_place(cfg, out) -> bool:

@@ -106,13 +106,29 @@ def test_hydras_print_flags_still_print(tmp_path):
 # a refused run never loses the run that was in its directory (findings 1, 2, 3)
 
 
+def _killed(run: Path) -> Path:
+    """The run as a killed one leaves it (status failed): what an in-place resume is for."""
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "status": "failed", "reason": "killed by SIGKILL"}))
+    return run
+
+
 def test_a_refused_in_place_resume_leaves_the_run_as_it_was(tmp_path, finished_run):
-    run = copy_of(finished_run, tmp_path)
+    run = _killed(copy_of(finished_run, tmp_path))
     before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
     proc = run_cli(*TINY, "train.steps=40", f"train.resume={run / 'checkpoint.pt'}", f"hydra.run.dir={run}",
                    "memory_gb=0.0001", cwd=tmp_path)
     one_line_error(proc, "memory_gb=0.0001")
     assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
+
+
+def test_an_in_place_resume_of_a_finished_run_is_refused_without_overwrite(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli(*TINY, "train.steps=40", f"train.resume={run / 'checkpoint.pt'}", f"hydra.run.dir={run}",
+                   cwd=tmp_path)
+    one_line_error(proc, "holds a finished run (status ok): resuming it in place would replace its results")
+    assert snapshot(run) == before
 
 
 def test_a_refused_overwrite_keeps_the_previous_run(tmp_path, finished_run):

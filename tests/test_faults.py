@@ -386,6 +386,21 @@ def test_a_killed_sweep_job_resumed_in_place_stays_a_job_of_its_sweep(tmp_path):
     assert (job / ".hydra" / "resume_overrides.yaml").exists()
 
 
+def test_a_killed_sweep_job_resumed_in_place_with_another_config_is_refused_and_left_as_it_was(tmp_path):
+    first = run_cli("-m", *FAST, "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    job = next(p for p in (tmp_path / "sweep").iterdir() if "seed=1" in p.name)
+    (job / "status.json").write_text(json.dumps({"status": "running", "pid": 999999}))  # as SIGKILL leaves it
+    before = snapshot(job)
+    steps = next(int(a.split("=")[1]) for a in FAST if a.startswith("train.steps="))
+    resumed = run_cli(*FAST, "seed=1", f"train.steps={2 * steps}", f"train.resume='{job / 'checkpoint.pt'}'",
+                      f"hydra.run.dir='{job}'", cwd=tmp_path)
+    assert resumed.returncode == 2 and resumed.stderr.startswith(f"error: train.steps={2 * steps} is not allowed in "
+                                                                 f"place: the sweep job in {job} ran with "
+                                                                 f"train.steps={steps}"), resumed.stderr
+    assert snapshot(job) == before
+
+
 def test_a_sweep_jobs_error_reaches_the_console_once_and_its_run_log():
     import tempfile
 
