@@ -118,7 +118,8 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
                 skipped = f"the exact quadrature returned non-finite {bad}"
                 if math.isfinite(failed.get("nll", math.nan)):
                     metrics["exact_nll"] = failed["nll"]
-    metrics = {"n": data.n, **headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
+    weights = {} if data.weights == (0.5, 0.5) else {"weights": list(data.weights), "entropy_floor": data.entropy}
+    metrics = {"n": data.n, **weights, **headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
     if "exact" in metrics:
         try:
             metrics["surgery"] = surgery(model, guide, data, tol=tol)

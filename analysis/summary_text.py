@@ -26,14 +26,17 @@ def _header(m: dict) -> list:
     """['vae + gaussian guide, n=1000, seed=0: 8000 steps in 35.9 s, evaluation 3.6 s (nats per data point)'], with
     only the parts that are known; and a line saying what the run minimised where it was not the -ELBO (_trained_on)."""
     who = " + ".join(p for p in (m.get("model"), f"{m['guide']} guide" if m.get("guide") else None) if p)
-    facts = ", ".join(f"{k}={m[k]}" for k in ("n", "seed") if m.get(k) is not None)
+    facts = ", ".join(f"{k}={m[k]}" for k in ("n", "weights", "seed") if m.get(k) is not None)
     head = ", ".join(p for p in (who, facts) if p) or "run"
     timing = []
     if m.get("steps") is not None:
         timing.append(f"{m['steps']} steps" + (f" in {m['wall_seconds']:.1f} s" if m.get("wall_seconds") else ""))
     if m.get("eval_seconds") is not None:
         timing.append(f"evaluation {m['eval_seconds']:.1f} s")
-    lines = [head + (": " + ", ".join(timing) if timing else "") + " (nats per data point)"]
+    unit = " (nats per data point)" if m.get("weights") is None else (
+        f" (nats per data point, weighted by w; floor H(w) = {m['entropy_floor']:.4f})" if m.get("entropy_floor")
+        is not None else " (nats per data point, weighted by w)")
+    lines = [head + (": " + ", ".join(timing) if timing else "") + unit]
     trained = _trained_on(m)
     if trained:  # the run's objective was not the loss reported below
         lines.append(f"  trained on {trained}: the loss below is the ELBO's (recon + KL), which this run did not "

@@ -405,3 +405,19 @@ def test_the_monte_carlo_line_names_the_sites_in_the_exact_lines_order():
           "kl": {"z1": -1.7244, "z2": 2.4373}, "estimator": "randomised quasi-Monte Carlo, lattice rule"}
     lines = summary_lines({"exact": exact_block, "montecarlo": mc, "loss_estimator": "exact"})
     assert "rate[z2] 2.4373 + rate[z1] -1.7244 [RQMC lattice]" in lines[4]
+
+
+def test_unequal_data_weights_are_recorded_and_named_in_the_summary_with_their_floor():
+    from infer import fit
+
+    data = OneBit(3, weights=(0.3, 0.7))
+    model = VAE(3, hidden=8, layers=1)
+    guide = GaussianGuide(model, hidden=8, layers=1)
+    fit(model, guide, data, steps=2, log_every=1, seed=0)
+    metrics, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False)
+    assert metrics["weights"] == [0.3, 0.7] and metrics["entropy_floor"] == pytest.approx(data.entropy)
+    assert "weights=[0.3, 0.7]" in summary_lines(metrics)[0] and "floor H(w) = 0.6109" in summary_lines(metrics)[0]
+
+
+def test_equal_data_weights_are_the_default_and_not_recorded(vae5_metrics):
+    assert "weights" not in vae5_metrics and "weighted" not in summary_lines(vae5_metrics)[0]
