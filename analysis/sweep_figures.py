@@ -78,8 +78,11 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
             for (label, key, df), color in zip(curves, colors):
                 model_color[key["model"]] = "0.3" if key["model"] in model_color else color
                 sd = df[f"{col}_sd"].fillna(0) if f"{col}_sd" in df else None
+                tag = est  # where the configurations' estimators differ ('headline'), each curve names its own
+                if est == "headline" and "loss_estimator" in df:
+                    tag = " / ".join(sorted({str(t) for t in df["loss_estimator"]}))
                 ax.errorbar(df["n"].astype(float), df[f"{col}_mean"], yerr=sd, color=color, marker="o", ms=5,
-                            capsize=3, lw=1.5, label=f"{label} [{est}]")
+                            capsize=3, lw=1.5, label=f"{label} [{tag}]")
                 seeds = _runs(jobs, key)
                 if col in seeds:
                     ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)

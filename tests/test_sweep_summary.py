@@ -279,6 +279,25 @@ def test_sweep_figures_draw_a_curve_per_guide_and_varying_override(tmp_path, mon
                                 for b in ("0.5", "2")), name
 
 
+def test_where_the_curves_estimators_differ_each_curve_names_its_own(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from analysis.sweep import summarize
+
+    k = 0
+    for guide, exact in (("gaussian", True), ("flow", False)):
+        for n in (5, 10):
+            job(tmp_path, [f"guide={guide}", f"data.n={n}"], num=k,
+                m=metrics(0, 1.0 + k / 10, n=n, guide=guide, exact=exact, se=0.01))
+            k += 1
+    legends = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: legends.update(
+        {Path(path).name: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]}))
+    summarize(tmp_path)
+    curves = sorted(t for t in legends["loss_vs_n.png"] if t.startswith("vae ("))
+    assert curves == ["vae (flow guide) [RQMC lattice]", "vae (gaussian guide) [exact]"]
+
+
 def test_the_encodings_grid_has_a_row_per_guide_and_varying_override(tmp_path, monkeypatch):
     import analysis.sweep_figures
     from analysis.sweep import encodings_figure, summarize
