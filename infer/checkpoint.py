@@ -90,6 +90,8 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
              **({"fit": plain(result.recipe)} if isinstance(getattr(result, "recipe", None), dict) else {}),
              **({"wall_seconds": float(result.wall_seconds)}  # the training time so far: a resume adds to it
                 if isinstance(getattr(result, "wall_seconds", None), (int, float)) else {}),
+             **({"engine": result.engine}  # the path(s) that trained so far: a resume on another adds it
+                if isinstance(getattr(result, "engine", None), str) else {}),
              **(extra or {})}
     for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
         try:

@@ -148,6 +148,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     compute, term_names, result.engine, plan = loss_closure(
         elbo, model, guide, data, x, scale, model_w, guide_w, params, needs_guide, log_every, steps - start, device,
         v["engine"])
+    result.engine = resumed_engine((resume or {}).get("engine"), result.engine, start)
     backward_done = getattr(compute, "backward_done", False)
     found_inf = torch.zeros((), device=device)  # sticky: 1 from the first non-finite step on
     bad = torch.zeros((), device=device)  # how many steps since (and with) the first non-finite one
@@ -236,6 +237,14 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
 
 
 __all__ = ["fit"]
+
+
+def resumed_engine(earlier, engine: str, start: int) -> str:
+    """The path that trained a run, over all its sessions: `engine` (this session's, from step start + 1), or, where
+    its checkpoint's run had trained on another, e.g. 'graph to step 280, then fast'."""
+    if not isinstance(earlier, str) or not earlier or not start or earlier == engine:
+        return engine
+    return f"{earlier} to step {start}, then {engine}"
 
 
 def trained_seconds(resume) -> float:

@@ -361,3 +361,12 @@ def test_a_checkpoint_without_a_usable_training_time_resumes_counting_from_zero(
     from infer.fit import trained_seconds
 
     assert trained_seconds({"wall_seconds": recorded}) == 0.0 and trained_seconds(None) == 0.0
+
+
+def test_a_run_resumed_on_another_path_names_both_paths_with_the_step_they_changed_at(tmp_path):
+    first = vae_run(steps=30, checkpoint_path=tmp_path / "c.pt", engine="general")
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert state["engine"] == first.engine == "general"
+    resumed = vae_run(steps=60, resume=state)  # auto: the fast path
+    assert resumed.engine == "general to step 30, then fast"
+    assert vae_run(steps=60, resume=load_checkpoint(tmp_path / "c.pt"), engine="general").engine == "general"
