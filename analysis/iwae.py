@@ -56,6 +56,23 @@ def block_diagnose(lw: torch.Tensor, block: int = KHAT_BLOCK) -> list:
     return out
 
 
+def bound(model, guide, data, K: int, samples: int, chunk: int = 8192, per: int = 1) -> dict:
+    """The IWAE-K loss -sum_k w_k E[log mean_K w] over max(samples // K, 2) independent repeats: {'loss', 'se' (the
+    spread of the repeats: log mean_K w has finite variance whatever the weights' tail), 'log_px' (per point),
+    'repeats'}; per: 2 for a joint guide's weights, which count both points' log p(x_k). Draws from torch's RNG."""
+    w = data.w.double()
+    repeats = max(samples // K, 2)
+    est = []
+    for start in range(0, repeats, max(1, chunk // K)):
+        r = min(max(1, chunk // K), repeats - start)
+        lw = log_weights(model, guide, data.x, r * K, chunk=chunk).reshape(r, K, -1)
+        est.append(_logmeanexp(lw, 1) / per)  # (r, N)
+    est = torch.cat(est)  # (repeats, N)
+    loss = -(est * w).sum(1)
+    return {"loss": float(loss.mean()), "se": float(loss.std() / math.sqrt(repeats)),
+            "log_px": [float(v) for v in est.mean(0)], "repeats": repeats}
+
+
 def _logmeanexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(t, dim) - math.log(t.shape[dim])
 
@@ -112,18 +129,7 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
-        bounds = {}
-        for k in Ks:
-            repeats = max(samples // k, 2)
-            est = []
-            for start in range(0, repeats, max(1, chunk // k)):
-                r = min(max(1, chunk // k), repeats - start)
-                lw = log_weights(model, guide, data.x, r * k, chunk=chunk).reshape(r, k, -1)
-                est.append(_logmeanexp(lw, 1) / per)  # (r, N)
-            est = torch.cat(est)  # (repeats, N)
-            loss = -(est * w).sum(1)
-            bounds[k] = {"loss": float(loss.mean()), "se": float(loss.std() / math.sqrt(repeats)),
-                         "log_px": [float(v) for v in est.mean(0)], "repeats": repeats}
+        bounds = {k: bound(model, guide, data, k, samples, chunk, per) for k in Ks}
         lw = log_weights(model, guide, data.x, nll_samples, chunk=chunk)  # (S, N)
     log_px = _logmeanexp(lw, 0)
     ratio = (lw - log_px).exp()  # w / mean(w)

@@ -41,7 +41,8 @@ def on_cpu(*modules) -> bool:
 
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
-             iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None) -> tuple:
+             iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
+             trained_K: int = None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
     The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
@@ -63,6 +64,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     up to 4 x samples where that is cheap, i.e. small n). It runs on the CPU: a model or guide trained on another
     device (fit(device='cuda')) is moved to the CPU first, in place.
 
+    trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
+    minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the spread of its repeats).
+
     Refused in one line before any work (ValueError naming the argument), with the command line's bounds for its
     eval.* keys: samples not a multiple of replicates (an integer >= 2) with at least 2 draws per replicate (the
     command line also asks samples >= 10^4 for a run's final numbers), noise not lattice, qmc or mc, tol not a
@@ -79,6 +83,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     check("exact", exact)
     check("eval_seed", seed, label="seed")
     check("khat_samples", khat_samples)
+    if trained_K is not None:
+        check("iwae_k", trained_K, label="trained_K")
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
@@ -87,7 +93,27 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     from .shared_draws import shared_draws
 
     with inputs_checked(model, guide, data), serial_blas(), shared_draws():
-        return _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples)
+        metrics, grids = _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed,
+                                   khat_samples)
+        if trained_K is not None:  # the IWAE-K bound the run was trained on, at its final parameters
+            t0 = time.perf_counter()
+            metrics["trained_objective"] = trained_bound(model, guide, data, trained_K, samples, seed,
+                                                         metrics["psis"]["joint"])
+            metrics["eval_seconds"] += time.perf_counter() - t0
+        return metrics, grids
+
+
+def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool) -> dict:
+    """The IWAE-K loss (analysis.iwae.bound) from `samples` draws per data point (at least 2 repeats of K), seeded
+    with `seed` (forked), named and with its estimator: the objective an objective=iwae run minimised."""
+    from .iwae import bound
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1)
+    out.update(name=f"IWAE-{K}", estimator=f"importance sampling: {out['repeats']} repeats of log mean_K w, K = {K}, "
+                                           "per data point; ± their spread (finite variance for any weights' tail)")
+    return out
 
 
 def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples) -> tuple:
@@ -220,5 +246,6 @@ def evaluate_run(model, guide, data, cfg, result) -> tuple:
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
     metrics, grids = evaluate(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
-                              noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k, seed=cfg.seed)
+                              noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k, seed=cfg.seed,
+                              trained_K=cfg.objective.K if cfg.objective.name == "iwae" else None)
     return {**head, **metrics}, grids

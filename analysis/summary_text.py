@@ -125,6 +125,10 @@ def summary_lines(m: dict) -> list:
         lines.append(f"  the model was trained by its exact likelihood ({m['model_phase']['steps']} steps), then the "
                      f"guide against it, frozen: NLL {e['nll']:.4f} [exact] is the model's, the ELBO gap "
                      f"{_ex(e['gap'], e.get('error'))} [exact] the guide family's price")
+    t = m.get("trained_objective")
+    if isinstance(t, dict) and "loss" in t:  # what an objective=iwae run minimised, at its final parameters
+        lines.append(f"  {t.get('name', 'trained objective')} loss (the objective it trained on) "
+                     f"{_pm(t['loss'], t.get('se'))} [importance sampling]")
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
         lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "

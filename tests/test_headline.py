@@ -421,3 +421,19 @@ def test_unequal_data_weights_are_recorded_and_named_in_the_summary_with_their_f
 
 def test_equal_data_weights_are_the_default_and_not_recorded(vae5_metrics):
     assert "weights" not in vae5_metrics and "weighted" not in summary_lines(vae5_metrics)[0]
+
+
+def test_an_iwae_trained_run_reports_its_trained_bound_between_the_nll_and_the_elbo(vae5):
+    model, guide, data = vae5
+    metrics, _ = evaluate(model, guide, data, samples=4096, replicates=4, trained_K=8)
+    t = metrics["trained_objective"]
+    assert t["name"] == "IWAE-8" and t["repeats"] == 512
+    assert metrics["exact"]["nll"] - 4 * t["se"] <= t["loss"] <= metrics["exact"]["loss"] + 4 * t["se"]
+    assert any(line.strip().startswith("IWAE-8 loss (the objective it trained on)") and "[importance sampling]" in line
+               for line in summary_lines(metrics))
+
+
+def test_trained_k_is_refused_in_one_line_unless_a_positive_integer(vae5):
+    model, guide, data = vae5
+    with pytest.raises(ValueError, match="trained_K"):
+        evaluate(model, guide, data, samples=512, replicates=4, trained_K=0)
