@@ -108,18 +108,14 @@ def main(cfg: DictConfig):
         return cli.fail(claim, "refused", err, multirun)
     except Diverged as err:
         return cli.fail(claim, "diverged", err, multirun)
-    except OSError as err:
-        return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
-    except Exception as err:  # noqa: BLE001  a crash: one line here, the traceback in run.log
-        if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (no requeue left)
-            resumes = " (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""
-            return cli.fail(claim, "failed", f"stopped by the launcher: {err}{resumes}", multirun)
-        try:
-            (out / "traceback.txt").write_text(traceback.format_exc())
-        except OSError:
-            pass
-        return cli.fail(claim, "failed", f"crashed: {type(err).__name__}: {err} (traceback in {out}/traceback.txt)",
-                        multirun, code=1)
+    except Exception as err:  # noqa: BLE001  a crash (or an OSError) before training: the run it replaces stays
+        if not claim.moved:
+            return crashed(claim, out, err, multirun)
+        reason = f"crashed before training: {type(err).__name__}: {err} (the run that was in {out} is kept as it was)"
+        if multirun:
+            cli.refuse_replacing_job(claim, cfg, hc, reason)
+            claim = None
+        return cli.fail(claim, "refused", reason, multirun, code=1)
     from analysis.report import summary_lines
 
     for line in (summary_lines(metrics) if "replicas" not in metrics else []):  # a replica group logged its own
@@ -128,6 +124,22 @@ def main(cfg: DictConfig):
     log.info(f"outputs: {out}")
     loss = metrics.get("loss")
     return float(loss) if loss is not None else cli.failed_value()
+
+
+def crashed(claim, out: Path, err: Exception, multirun: bool):
+    """A run that crashed once training had begun: one line, status failed (a crash: its traceback in
+    <out>/traceback.txt; an OSError: the outputs could not be written; submitit's stop for good: how to resume)."""
+    if isinstance(err, OSError):
+        return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
+    if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (no requeue left)
+        resumes = " (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""
+        return cli.fail(claim, "failed", f"stopped by the launcher: {err}{resumes}", multirun)
+    try:
+        (out / "traceback.txt").write_text(traceback.format_exc())
+    except OSError:
+        pass
+    return cli.fail(claim, "failed", f"crashed: {type(err).__name__}: {err} (traceback in {out}/traceback.txt)",
+                    multirun, code=1)
 
 
 if __name__ == "__main__":

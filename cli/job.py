@@ -153,6 +153,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, **objective_facts(cfg), **note}
+    commit_claim(out)
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
@@ -206,6 +207,14 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         return finish(cfg, out, model, guide, data, result, head, good=good)
     finally:
         good.discard()
+
+
+def commit_claim(out: Path) -> None:
+    """Training starts: the files of the run this one replaces (overwrite=true) go now (analysis.claim.Claim.commit).
+    Until here every failure, a crash too, puts them back (run.py)."""
+    claim = cli.STATE.get("claim")
+    if claim is not None and Path(claim.path) == Path(out).absolute():
+        claim.commit()
 
 
 def objective_facts(cfg) -> dict:

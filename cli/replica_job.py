@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 import cli
 from cli.build import Diverged, Refused, build, build_objective, refusals
 from cli.guards import explained
-from cli.job import finish, objective_facts, progress_enabled
+from cli.job import commit_claim, finish, objective_facts, progress_enabled
 
 log = logging.getLogger("onebit")
 
@@ -38,6 +38,7 @@ def run_replicas(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     logs = [replica_log(d) for d in dirs]
 
     def start():  # after fit_replicas' checks, before its first step: the replicas' dirs, listed in out's status
+        commit_claim(out)
         for d, c in zip(dirs, configs):
             cli.replica_dir(d, c)
         write_status(out, "running", replicas=[d.name for d in dirs])

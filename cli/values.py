@@ -7,7 +7,7 @@ what spans keys (eval.samples with eval.replicates, seed with replicas, what rep
 from omegaconf import DictConfig, OmegaConf
 
 from cli.state import ConfigError
-from infer.validate import CONFIG_RULES, MAX_DRAWS, MAX_SEED, MAX_STEPS, MAX_THREADS, is_finite, is_int
+from infer.validate import CONFIG_RULES, MAX_DRAWS, MAX_SEED, MAX_STEPS, MAX_THREADS, is_finite, is_int, range_note
 
 
 def _bool(v) -> bool:
@@ -16,13 +16,14 @@ def _bool(v) -> bool:
 
 # The allowed values of every config key: the library's own table (infer.validate: the bounds fit, the models and
 # the objectives check again when called from Python), plus the keys only the command line has.
+MAX_REPLICAS = 1000  # seeds per job: replicas=4294967295 hung building the list of seeds before the memory check
 COMMAND_LINE_RULES = {
     # a run needs a seed (it names the run dir, and replicas train seed .. seed + replicas - 1) and a thread count
     "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
     "threads": (lambda v: is_int(v) and 1 <= v <= MAX_THREADS, f"an integer >= 1 and <= {MAX_THREADS}"),
     "overwrite": (_bool, "true or false"),
-    "replicas": (lambda v: is_int(v) and v >= 1,
-                 "an integer >= 1 (seeds seed .. seed + replicas - 1, trained together)"),
+    "replicas": (lambda v: is_int(v) and 1 <= v <= MAX_REPLICAS,
+                 f"an integer in [1, {MAX_REPLICAS}] (seeds seed .. seed + replicas - 1, trained together)"),
     "memory_gb": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "train.num_particles": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (the lattice and RQMC noise need two)"),
     "train.progress": (lambda v: v == "auto" or _bool(v), "auto, true or false"),
@@ -35,7 +36,6 @@ COMMAND_LINE_RULES = {
     "eval.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
     "eval.figures": (_bool, "true or false"),
     "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "guide.flows": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "guide.count_bins": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
@@ -126,7 +126,7 @@ def validate(cfg: DictConfig) -> None:
         except TypeError:
             ok = False
         if not ok:
-            raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}")
+            raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}{range_note(value)}")
     from infer.validate import check_samples
 
     try:

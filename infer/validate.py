@@ -27,9 +27,13 @@ MAX_DRAWS = 2 ** 24  # draws per data point of an evaluation (eval.samples, khat
 # default; 10**12 tried to allocate 8 TB after training
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # torch's sizes and counts: a larger integer overflowed in torch.empty (a traceback)
+FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflowed a parameter
+
+
 def is_int(v) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    """An integer (Python or numpy) within int64, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and INT64[0] <= v <= INT64[1]
 
 
 def is_number(v) -> bool:
@@ -38,7 +42,18 @@ def is_number(v) -> bool:
 
 
 def is_finite(v) -> bool:
-    return is_number(v) and math.isfinite(v)
+    """A real number within float32's range (the networks' dtype), not a bool."""
+    return is_number(v) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+
+
+def range_note(value) -> str:
+    """Why a number that looks allowed is not: beyond int64 (an integer) or beyond float32's range (a finite real),
+    as text to append to a refusal; '' otherwise."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        return " (integers must lie within int64, below 2**63)"
+    if is_number(value) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        return f" (numbers must lie within float32's range, ±{FLOAT32_MAX:.4g}, in which the networks compute)"
+    return ""
 
 
 def _int_at_least(low):
@@ -122,14 +137,14 @@ RULES = {
     "gain_floor": (lambda v: v is None or is_finite(v), "null (no floor) or a finite number (the lowest log-gain)"),
     # guides (the command line's guide.* keys allow the same)
     "components": (_int_at_least(1), "an integer >= 1"),
-    "flows": (_int_at_least(1), "an integer >= 1"),
+    "flows": (_layers(1), f"an integer in [1, {MAX_LAYERS}] (flow layers)"),
     "count_bins": (_int_at_least(2), "an integer >= 2"),
     "bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "order": (lambda v: v in ORDERS, " or ".join(ORDERS)),
     "spread": (lambda v: is_finite(v) and v >= 0, "a finite number >= 0"),
     # Pyro's autoguides (guide=autonormal, guide=autoiaf)
     "init_scale": (lambda v: is_finite(v) and v > 0, "a finite number > 0 (the initial scale of AutoNormal)"),
-    "num_transforms": (_int_at_least(1), "an integer >= 1 (AutoIAFNormal's flow layers)"),
+    "num_transforms": (_layers(1), f"an integer in [1, {MAX_LAYERS}] (AutoIAFNormal's flow layers)"),
     "hidden_dim": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(is_int(h) and h >= 1 for h in v),
                    "a non-empty list of integers >= 1, e.g. [32] (AutoIAFNormal's hidden layer widths)"),
     # a model's or guide's name: a label in metrics.json and in the run dir's name
@@ -199,7 +214,7 @@ def shown(value) -> str:
 
 def refuse(label: str, value, allowed_text: str) -> ValueError:
     """The project's one-line ValueError: `<label>=<value> is not allowed: <allowed_text>` (value as `shown`)."""
-    return ValueError(f"{label}={shown(value)} is not allowed: {allowed_text}")
+    return ValueError(f"{label}={shown(value)} is not allowed: {allowed_text}{range_note(value)}")
 
 
 def check(name: str, value, label: str = None) -> None:
@@ -244,4 +259,5 @@ __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_
            "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "MAX_STEPS", "MAX_LAYERS", "MAX_DRAWS",
            "KHAT_MIN_SAMPLES", "ORDERS",
            "allowed",
-           "is_allowed", "is_int", "is_number", "is_finite", "SCHEDULES", "NOISE", "ACTIVATIONS", "INITS", "ENGINES"]
+           "is_allowed", "is_int", "is_number", "is_finite", "range_note", "INT64", "FLOAT32_MAX", "SCHEDULES", "NOISE",
+           "ACTIVATIONS", "INITS", "ENGINES"]

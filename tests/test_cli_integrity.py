@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 TINY = ["data.n=3", "train.steps=20", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
         "eval.figures=false"]
@@ -262,3 +262,24 @@ def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
     finally:
         signal.signal(signal.SIGTERM, old)
     assert order == [[], ["SIGTERM"]]
+
+
+def test_a_run_that_crashes_before_training_keeps_the_run_it_was_to_replace(tmp_path, finished_run):
+    import zygote
+
+    run = copy_of(finished_run, tmp_path)
+    before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # a crash in building the run, as an overflow in a guide's init was
+        "import cli.build\n"
+        "def build_objective(cfg):\n"
+        "    raise RuntimeError('value cannot be converted to type float without overflow')\n"
+        "cli.build.build_objective = build_objective\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{ROOT}")
+    proc = zygote.run([sys.executable, str(ROOT / "run.py"), *TINY, "overwrite=true", f"hydra.run.dir={run}"],
+                      cwd=tmp_path, env=env, timeout=300, fresh=True)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: crashed before training: RuntimeError: value cannot be converted")
+    assert "is kept as it was" in proc.stderr and proc.stderr.count("\n") == 1
+    assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before

@@ -743,3 +743,36 @@ def test_a_cuda_sweep_for_slurm_nodes_is_not_refused_on_a_submitting_host_withou
     with open_dict(cfg):
         cfg.hydra.launcher = {"_target_": SUBMITIT_LOCAL.replace("LocalLauncher", "SlurmLauncher")}
     validate(cfg)  # the jobs run on the cluster's nodes, and each checks its own device there
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["guide=mixture", "guide.spread=1e39"], "guide.spread=1e+39 is not allowed: guide.spread must be a finite number "
+                                             ">= 0 (numbers must lie within float32's range"),
+    (["objective.free_bits=1e39"], "objective.free_bits=1e+39 is not allowed"),
+    (["model.hidden=9223372036854775808"], "model.hidden=9223372036854775808 is not allowed: model.hidden must be an "
+                                           "integer >= 1 (integers must lie within int64, below 2**63)"),
+    (["guide=flow", "guide.count_bins=9223372036854775808"], "guide.count_bins=9223372036854775808 is not allowed"),
+    (["replicas=4294967295"], "replicas=4294967295 is not allowed: replicas must be an integer in [1, 1000]"),
+    (["guide=flow", "guide.flows=100000"], "guide.flows=100000 is not allowed: guide.flows must be an integer in "
+                                           "[1, 100]"),
+    (["guide=autoiaf", "guide.num_transforms=100000"], "guide.num_transforms=100000 is not allowed"),
+], ids=["float32_spread", "float32_free_bits", "int64_hidden", "int64_count_bins", "replicas", "flows",
+        "num_transforms"])
+def test_a_number_beyond_what_torch_or_a_run_can_hold_is_refused_before_anything_is_built(overrides, line):
+    from cli.keys import compose_config
+    from cli.state import ConfigError
+    from cli.values import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides, hydra_cfg=True))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_the_python_api_names_an_int64_overflow_and_a_float32_overflow():
+    from guides import MixtureGuide
+    from models import VAE
+
+    with pytest.raises(ValueError, match=r"hidden=9223372036854775808 is not allowed: .*within int64"):
+        VAE(5, hidden=2 ** 63)
+    with pytest.raises(ValueError, match=r"spread=1e\+39 is not allowed: .*float32's range"):
+        MixtureGuide(VAE(5), spread=1e39)
