@@ -4,7 +4,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .rundir import BACKUP, STATUS, RunDirError, check_run_dir_place, occupant, previous_run, read_status, write_status
+from .rundir import (BACKUP, STATUS, RunDirError, check_path_length, check_run_dir_place, occupant, previous_run,
+                     read_status, write_status)
 
 
 class Claim:
@@ -32,6 +33,7 @@ class Claim:
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
         self.hydra_before = set()
         self.backup = path / f"{BACKUP}.{os.getpid()}"
+        check_path_length(path, key)
         if path.exists() and not path.is_dir():
             raise RunDirError(f"output dir {path} is a file, not a directory (choose another {key})")
         check_run_dir_place(path, key)

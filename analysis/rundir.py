@@ -114,6 +114,32 @@ def check_run_dir_setting(value, key: str = "hydra.run.dir") -> None:
                           "write the run's files into the current directory)")
 
 
+def check_path_length(path, key: str = "hydra.run.dir") -> None:
+    """Raise RunDirError (one line, naming key) if the absolute run dir `path` has a folder name longer than its
+    filesystem allows (NAME_MAX: 255 bytes on most), or is longer than a path may be (PATH_MAX): the OS would refuse
+    it with ENAMETOOLONG at the first look."""
+    path = Path(path).absolute()
+    probe = path.parent
+    while True:
+        try:
+            if probe.exists() or probe == probe.parent:
+                break
+        except OSError:  # the name itself is too long to look up
+            pass
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        if len(part.encode()) > name_max:
+            raise RunDirError(f"{key}=.../{part[:40]}... is not allowed: that folder name is {len(part.encode())} "
+                              f"bytes, and this filesystem allows at most {name_max}: choose a shorter {key}")
+    if len(str(path).encode()) >= path_max:
+        raise RunDirError(f"{key}={str(path)[:60]}... is not allowed: the path is {len(str(path).encode())} bytes, "
+                          f"and this system allows fewer than {path_max}: choose a shorter {key}")
+
+
 def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
     """Raise RunDirError (one line, naming key) if the absolute run dir `path` lies inside another run's directory
     (a folder above it holds a run's status.json; a replica dir <group>/seed<s> that the group's status lists is

@@ -776,3 +776,12 @@ def test_the_python_api_names_an_int64_overflow_and_a_float32_overflow():
         VAE(5, hidden=2 ** 63)
     with pytest.raises(ValueError, match=r"spread=1e\+39 is not allowed: .*float32's range"):
         MixtureGuide(VAE(5), spread=1e39)
+
+
+@pytest.mark.parametrize("name, line", [
+    ("a" * 300, "that folder name is 300 bytes, and this filesystem allows at most"),
+    ("/".join(["b" * 220] * 20), "the path is"),
+], ids=["folder_name", "path"])
+def test_a_run_dir_name_too_long_for_the_filesystem_is_refused_in_one_line(tmp_path, name, line):
+    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    one_line_error(proc, "hydra.run.dir=", line)
