@@ -52,6 +52,24 @@ def _temp_pattern(path) -> str:
     return os.path.join(folder, f".{name}.*.tmp")
 
 
+# a checkpoint's own entries (save_checkpoint): fit's checkpoint_extra may not take their names
+OWN_KEYS = ("params", "optimizer", "rng", "step", "history", "window", "initial_loss", "buffers", "average", "fit",
+            "wall_seconds", "engine")
+
+
+def storable(value) -> bool:
+    """Whether torch.load(weights_only=True) reads `value` back, once plain(): None, bools, numbers, strings,
+    tensors, and dicts (with such keys), lists and tuples of them."""
+    value = plain(value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and storable(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(storable(v) for v in value)
+    return False
+
+
 def plain(value):
     """value with numpy and 0-dim torch numbers as the Python numbers they equal, through dicts, lists and tuples:
     what torch.load(weights_only=True) reads back (it refuses numpy scalars)."""
@@ -92,7 +110,7 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
                 if isinstance(getattr(result, "wall_seconds", None), (int, float)) else {}),
              **({"engine": result.engine}  # the path(s) that trained so far: a resume on another adds it
                 if isinstance(getattr(result, "engine", None), str) else {}),
-             **(extra or {})}
+             **plain(extra or {})}
     for orphan in glob.glob(_temp_pattern(path)):  # left by a save that was killed between write and rename
         try:
             os.remove(orphan)

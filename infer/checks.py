@@ -144,6 +144,15 @@ def check_checkpoint_path(path, name: str = "checkpoint_path") -> None:
     if not _folder_exists(path):
         raise refuse(name, os.fspath(path), f"{name} must be a file in a folder that exists (create "
                                             f"{os.path.dirname(os.path.abspath(os.fspath(path)))!r} first)")
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:  # the checkpoint is written as a temporary file in its folder, then renamed (infer.checkpoint)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".onebit-probe."):
+            pass
+    except OSError as err:
+        raise refuse(name, os.fspath(path), f"{name} must be a file in a folder this process can write ({folder}: "
+                                            f"{err.strerror or err})") from None
 
 
 def _check_elbo(elbo) -> None:
@@ -172,6 +181,18 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
         raise refuse("checkpoint_extra", checkpoint_extra, "checkpoint_extra must be a dict of entries to add to "
                                                            "every checkpoint, or None")
+    if checkpoint_extra:
+        from .checkpoint import OWN_KEYS, storable
+
+        for key, value in checkpoint_extra.items():
+            if key in OWN_KEYS:
+                raise refuse("checkpoint_extra", {key: "..."}, f"checkpoint_extra may not hold {key!r}: a checkpoint's "
+                                                                f"own entries are {', '.join(OWN_KEYS)}")
+            if not isinstance(key, str) or not storable(value):
+                raise refuse(f"checkpoint_extra[{key!r}]", value, "checkpoint_extra's entries must be named by strings "
+                                                                  "and hold None, bools, numbers, strings, tensors, or "
+                                                                  "dicts, lists and tuples of them (what a checkpoint "
+                                                                  "reads back)")
     needs_guide = getattr(elbo, "needs_guide", True)
     if needs_guide and guide is None:
         raise ValueError("guide=None is not allowed: this objective needs a guide (only an objective with "

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -370,3 +371,27 @@ def test_a_run_resumed_on_another_path_names_both_paths_with_the_step_they_chang
     resumed = vae_run(steps=60, resume=state)  # auto: the fast path
     assert resumed.engine == "general to step 30, then fast"
     assert vae_run(steps=60, resume=load_checkpoint(tmp_path / "c.pt"), engine="general").engine == "general"
+
+
+def test_a_checkpoint_path_in_a_folder_that_cannot_be_written_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"checkpoint_path='/proc/x.pt' is not allowed: .*a folder this process can "
+                                         r"write"):
+        vae_run(steps=3000, checkpoint_path="/proc/x.pt")
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"step": "three"}, "checkpoint_extra may not hold 'step'"),
+    ({"epoch": object()}, "checkpoint_extra['epoch']="),
+], ids=["own_key", "unstorable"])
+def test_checkpoint_extra_that_would_spoil_the_checkpoint_is_refused(tmp_path, extra, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        vae_run(steps=3, checkpoint_path=tmp_path / "c.pt", checkpoint_extra=extra)
+
+
+def test_numpy_numbers_in_checkpoint_extra_are_stored_as_numbers_and_resume(tmp_path):
+    import numpy as np
+
+    vae_run(steps=3, checkpoint_path=tmp_path / "c.pt", checkpoint_extra={"epoch": np.int64(3)})
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert state["epoch"] == 3 and type(state["epoch"]) is int
+    vae_run(steps=6, resume=state)
