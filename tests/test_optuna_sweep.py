@@ -106,10 +106,32 @@ def test_an_optuna_sweep_stops_at_a_batch_above_max_failure_rate(tmp_path):
     ("hydra.sweeper.custom_search_space=nowhere.fn", "hydra.sweeper.custom_search_space='nowhere.fn' is not allowed"),
 ], ids=["n_trials", "n_jobs", "rate", "rate_type", "two_directions", "unknown", "sampler_key", "sampler_seed",
         "custom_search_space"])
-def test_a_bad_optuna_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
+def test_a_bad_optuna_sweeper_setting_is_refused_in_one_line_naming_it(setting, line):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", setting, "hydra.sweep.dir=s", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: " + line), r.stderr
+    from cli.state import ConfigError
+    from cli.sweeper import check_sweeper
+
+    with pytest.raises(ConfigError) as err:
+        check_sweeper(sweep_config("hydra/sweeper=optuna", "optim.lr=choice(0.001)", setting))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def sweep_config(*overrides):
+    """The config a sweep's preflight checks (its first job's values; a value Hydra cannot merge, as the preflight
+    reports it: cli.keys.composition_error)."""
+    from cli.checks import _first_values
+    from cli.keys import compose_config, composition_error
+
+    try:
+        return compose_config(_first_values(list(overrides)), hydra_cfg=True)
+    except Exception as err:  # noqa: BLE001
+        raise composition_error(err) from None
+
+
+def test_a_bad_optuna_sweeper_setting_exits_2_before_the_sweep_starts(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli("-m", *JOB, "optim.lr=choice(0.001)", "hydra.sweeper.n_trials=0", "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: hydra.sweeper.n_trials=0 is not allowed"), r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "s").exists()
 
 

@@ -722,9 +722,20 @@ def test_a_launcher_setting_of_the_wrong_type_is_named_with_what_it_allows():
     ("hydra.sweeper.max_batch_size=abc", "hydra.sweeper.max_batch_size=abc is not allowed"),
     ("+hydra.sweeper.foo=1", "hydra.sweeper.foo is not a setting of the basic sweeper (it has max_batch_size, params)"),
 ], ids=["max_batch_size", "wrong_type", "unknown"])
-def test_a_bad_basic_sweeper_setting_is_refused_before_the_sweep_starts(tmp_path, setting, line):
-    proc = run_cli("-m", *TINY, "seed=0,1", setting, "hydra.sweep.dir=sweep", cwd=tmp_path)
-    one_line_error(proc, line)
+def test_a_bad_basic_sweeper_setting_is_refused_in_one_line_naming_it(setting, line):
+    from test_optuna_sweep import sweep_config
+
+    from cli.state import ConfigError
+    from cli.sweeper import check_sweeper
+
+    with pytest.raises(ConfigError) as err:
+        check_sweeper(sweep_config(*TINY, "seed=0,1", setting))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_a_bad_basic_sweeper_setting_exits_2_before_the_sweep_starts(tmp_path):
+    proc = run_cli("-m", *TINY, "seed=0,1", "hydra.sweeper.max_batch_size=0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, "hydra.sweeper.max_batch_size=0 is not allowed")
     assert not (tmp_path / "sweep").exists()
 
 
