@@ -64,10 +64,15 @@ def _layers(low):
     return lambda v: is_int(v) and low <= v <= MAX_LAYERS
 
 
+def _ordered(v) -> bool:
+    """A sequence with an order (a list, tuple, tensor or array; a set's or dict's order is an accident)."""
+    return not isinstance(v, (set, frozenset, dict, str, bytes)) and hasattr(v, "__getitem__")
+
+
 def _pair(test):
     def check(v):
         try:
-            return len(v) == 2 and all(test(b) for b in v)
+            return _ordered(v) and len(v) == 2 and all(test(b) for b in v)
         except TypeError:
             return False
     return check
@@ -82,7 +87,8 @@ WEIGHT_MIN = 1.1754943508222875e-38  # float32's smallest normal number: the dat
 
 def _weights(v) -> bool:
     try:
-        return (len(v) == 2 and all(is_finite(w) and w >= WEIGHT_MIN for w in v) and abs(sum(v) - 1) <= 1e-9)
+        return (_ordered(v) and len(v) == 2 and all(is_finite(w) and w >= WEIGHT_MIN for w in v)
+                and abs(sum(v) - 1) <= 1e-9)
     except TypeError:
         return False
 

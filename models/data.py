@@ -16,8 +16,9 @@ class OneBit:
 
     def __post_init__(self):
         check("n", self.n)
+        unordered = isinstance(self.weights, (str, bytes, set, frozenset, dict))  # a set's order is an accident
         try:
-            weights = self.weights if isinstance(self.weights, (str, bytes)) else tuple(self.weights)
+            weights = self.weights if unordered else tuple(self.weights)
         except TypeError:  # not iterable (None, a number): refused by name below
             weights = self.weights
         check("weights", weights)

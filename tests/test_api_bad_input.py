@@ -578,3 +578,14 @@ def test_a_checkpoint_whose_fit_settings_are_not_plain_values_is_refused_in_one_
     torch.save(state, tmp_path / "bad.pt")
     one_line_value_error(lambda: fit_with(model, guide, steps=4, log_every=2, resume=str(tmp_path / "bad.pt")),
                          r"its fit entry is not a dict of the settings fit trained with")
+
+
+@pytest.mark.parametrize("value", [{0.3, 0.7}, {0.3: "a", 0.7: "b"}], ids=["set", "dict"])
+def test_an_unordered_pair_is_refused_where_an_ordered_one_is_asked(value):
+    from infer import fit
+    from models import OneBit
+
+    with pytest.raises(ValueError, match=r"^weights=.* is not allowed"):
+        OneBit(5, value)
+    with pytest.raises(ValueError, match=r"^adam_betas=.* is not allowed"):
+        fit(None, None, OneBit(5), adam_betas={0.9, 0.99} if isinstance(value, set) else {0.9: 1, 0.99: 2})
