@@ -198,7 +198,8 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     mass = result["per_point"]["q_mass"]
     if any(abs(m - 1) > MASS_TOLERANCE for m in mass):
         raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
-                         "guide has no density there (a point mass such as AutoDelta or AutoLaplaceApproximation?)")
+                         "guide has no density there, or one this grid cannot integrate (a point mass such as "
+                         "AutoDelta or AutoLaplaceApproximation; a density with jumps, such as a Uniform's)")
     panels, est, result, error = refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol, est)
     if dens.base is None:
         nodes, joint_note = f"{panels.shape[0] * 15} nodes per data point", ""

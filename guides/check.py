@@ -32,6 +32,20 @@ def _base(fn):
     return fn
 
 
+def _masked(site) -> bool:
+    """Whether any of a site's log-density is masked out: a poutine.mask on the site, or a .mask() on its
+    distribution (a MaskedDistribution anywhere in its wrappers) whose mask is not all true."""
+    import torch
+
+    masks = [site.get("mask")]
+    fn = site["fn"]
+    while fn is not None:
+        if isinstance(fn, dist.MaskedDistribution):
+            masks.append(fn._mask)
+        fn = getattr(fn, "base_dist", None)
+    return any(m is not None and not bool(torch.as_tensor(m).all()) for m in masks)
+
+
 DATA_PLATE = "data"  # the plate every model and guide samples its per-point sites in
 
 
@@ -87,6 +101,9 @@ def check_guide(model, guide, x) -> None:
         if isinstance(_base(guide_trace.nodes[name]["fn"]), dist.Delta):
             raise GuideMismatchError(f"guide site '{name}' is a point mass (Delta): it has no density, so its ELBO is "
                                      "no bound on log p(x); use a guide with a density (e.g. guide=gaussian)")
+        if _masked(guide_trace.nodes[name]):
+            raise GuideMismatchError(f"guide site '{name}' is masked (poutine.mask or .mask()): its log-density is "
+                                     "left out of the ELBO, so the loss is no bound on log p(x); unmask it")
     for name, site in guide_trace.nodes.items():
         if name in have and not site["fn"].has_rsample:
             raise GuideMismatchError(f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "

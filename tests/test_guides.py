@@ -64,3 +64,18 @@ def test_a_laplace_guide_is_refused_because_its_latent_is_a_point_mass():
     model = VAE(3)
     with pytest.raises(GuideMismatchError, match="is a point mass"):
         check_guide(model, AutoLaplaceApproximation(model), OneBit(3).x)
+
+
+def test_a_masked_guide_site_is_refused_its_loss_would_bound_nothing():
+    import pyro
+    import pyro.distributions as dist
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def masked(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[-2], 1), 1.0).to_event(1).mask(False))
+
+    with pytest.raises(ValueError, match="guide site 'z' is masked"):
+        check_guide(VAE(5, hidden=8), masked, OneBit(5).x)
