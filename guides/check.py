@@ -16,13 +16,27 @@ def latent_sites(trace):
             and not site["infer"].get("is_auxiliary")]
 
 
-def _trace(fn, x, role):
+def _trace(fn, x, role, how: str = ""):
     try:
         return poutine.trace(fn).get_trace(x)
     except Exception as err:  # noqa: BLE001  any failure of a user's callable is reported in one line
         first = (str(err).strip().splitlines() or [""])[0]
-        raise GuideMismatchError(f"{role}(x) failed on data of shape {tuple(x.shape)}: "
+        raise GuideMismatchError(f"{role}(x) failed on data of shape {tuple(x.shape)}{how}: "
                                  f"{type(err).__name__}: {first}") from err
+
+
+PARTICLES = 2  # the particles of the check that model and guide run as the objectives run them (check_particles)
+
+
+def check_particles(model, guide, x) -> None:
+    """Raise GuideMismatchError (one line) unless guide(x), then model(x) on the guide's draws, run with PARTICLES
+    particles in a plate left of the data plate (dim -2), as the objectives run them: a guide that reshapes as if
+    there were one particle, or draws the model cannot take (inf), is refused before training, not in its first
+    step with a multi-line error."""
+    how = f" with {PARTICLES} vectorised particles (a plate at dim -2, left of the data plate, as the objectives draw"
+    with pyro.validation_enabled(True), poutine.block(), pyro.plate("num_particles_vectorized", PARTICLES, dim=-2):
+        guide_trace = _trace(guide, x, "guide", how + " them)")
+        _trace(poutine.replay(model, trace=guide_trace), x, "model", how + " them, on the guide's draws)")
 
 
 def _base(fn):
@@ -108,3 +122,4 @@ def check_guide(model, guide, x) -> None:
         if name in have and not site["fn"].has_rsample:
             raise GuideMismatchError(f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "
                                      "the objectives need rsample()")
+    check_particles(model, guide, x)

@@ -79,3 +79,36 @@ def test_a_masked_guide_site_is_refused_its_loss_would_bound_nothing():
 
     with pytest.raises(ValueError, match="guide site 'z' is masked"):
         check_guide(VAE(5, hidden=8), masked, OneBit(5).x)
+
+
+def test_a_guide_that_fails_with_vectorised_particles_is_refused_in_one_line_before_training():
+    import pyro
+    import pyro.distributions as dist
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def one_particle(x):  # reshapes as if each data point had one draw
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[-2], 1), 1.0).to_event(1)).view(2, 1)
+
+    with pytest.raises(ValueError, match=r"^guide\(x\) failed .* with 2 vectorised particles .*: RuntimeError: "
+                                         r"shape '\[2, 1\]' is invalid") as err:
+        check_guide(VAE(5, hidden=8), one_particle, OneBit(5).x)
+    assert "\n" not in str(err.value)
+
+
+def test_draws_the_model_cannot_take_are_refused_in_one_line_naming_the_model_on_the_guides_draws():
+    import pyro
+    import pyro.distributions as dist
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def infinite(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[-2], 1), float("inf")).to_event(1))
+
+    with pytest.raises(ValueError, match=r"^model\(x\) failed .* on the guide's draws\): ValueError") as err:
+        check_guide(VAE(5, hidden=8), infinite, OneBit(5).x)
+    assert "\n" not in str(err.value)
