@@ -32,9 +32,12 @@ def check_particles(model, guide, x) -> None:
     """Raise GuideMismatchError (one line) unless guide(x), then model(x) on the guide's draws, run with PARTICLES
     particles in a plate left of the data plate (dim -2), as the objectives run them: a guide that reshapes as if
     there were one particle, or draws the model cannot take (inf), is refused before training, not in its first
-    step with a multi-line error."""
+    step with a multi-line error. The caller's RNG is left as it was: a run's numbers do not depend on the check."""
+    import torch
+
     how = f" with {PARTICLES} vectorised particles (a plate at dim -2, left of the data plate, as the objectives draw"
-    with pyro.validation_enabled(True), poutine.block(), pyro.plate("num_particles_vectorized", PARTICLES, dim=-2):
+    with torch.random.fork_rng(), pyro.validation_enabled(True), poutine.block(), \
+            pyro.plate("num_particles_vectorized", PARTICLES, dim=-2):  # its draws leave the caller's RNG alone
         guide_trace = _trace(guide, x, "guide", how + " them)")
         _trace(poutine.replay(model, trace=guide_trace), x, "model", how + " them, on the guide's draws)")
 

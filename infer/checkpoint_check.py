@@ -1,6 +1,7 @@
 """What a checkpoint must hold to be resumed: check_checkpoint raises CheckpointError (one line naming the entry)
 unless every entry has the type and shape infer.checkpoint.save_checkpoint writes, its tensors finite and its RNG
 states restorable."""
+import math
 import random
 
 import numpy as np
@@ -88,6 +89,10 @@ def _history_problem(history) -> str:
         odd = [k for k, v in row.items() if not (v is None or isinstance(v, (int, float, str)))]
         if odd:
             return f"row {i}'s {odd[0]} is a {type(row[odd[0]]).__name__}, not a number"
+        for key in ("lr", "loss"):  # a logged row's learning rate and loss: finite numbers (a diverged run logs none)
+            v = row[key]
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                return f"row {i}'s {key} is {shown(v)}, not a finite number"
     return ""
 
 
@@ -102,6 +107,8 @@ def _window_problem(window) -> str:
             isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
         return (f"values (shape {tuple(values.shape)}) and betas ({len(betas)}) do not make a window: a (k, T) "
                 "float tensor and k numbers")
+    if not bool(torch.isfinite(values).all()) or not all(math.isfinite(b) for b in betas):
+        return "holds non-finite values or betas (the steps since the last log of a run that trained)"
     return ""
 
 
@@ -138,6 +145,12 @@ def check_checkpoint(state: dict, where: str) -> None:
     if why:
         bad("history", why)
     why = _window_problem(state.get("window"))
+    window = state.get("window")
+    if not why and window is not None:  # the steps since the last logged row, one window row each
+        since = step - (state["history"][-1]["step"] if state.get("history") else 0)
+        if window["values"].shape[0] != since:
+            why = (f"holds {window['values'].shape[0]} steps, where the checkpoint's step {step} is {since} past the "
+                   "last logged row")
     if why:
         bad("window", why)
     initial = state.get("initial_loss")

@@ -77,8 +77,17 @@ class Window:
 
     def __init__(self):
         self.values, self.betas = [], []
+        self.loaded = None  # the shape of a resumed window's rows, checked against the first new one
 
     def add(self, vec, beta):
+        if self.loaded is not None:
+            if tuple(vec.shape) != self.loaded:
+                from .checkpoint_check import CheckpointError
+
+                raise CheckpointError(f"resume: its window entry holds {self.loaded[-1]} values a step, where this "
+                                      f"run logs {vec.shape[-1]} (its loss terms and the objective); it cannot be "
+                                      "resumed: resume another checkpoint, or start afresh")
+            self.loaded = None
         self.values.append(vec)
         self.betas.append(beta)
 
@@ -93,6 +102,7 @@ class Window:
         if state:
             self.values = list(state["values"].to(device).unbind(0))
             self.betas = list(state["betas"])
+            self.loaded = tuple(self.values[0].shape) if self.values else None
 
     def row(self, step, rate, names, needs_guide) -> dict:
         """The window means: each term (KL terms unweighted: divided by each step's beta), the objective, beta."""

@@ -395,3 +395,36 @@ def test_numpy_numbers_in_checkpoint_extra_are_stored_as_numbers_and_resume(tmp_
     state = load_checkpoint(tmp_path / "c.pt")
     assert state["epoch"] == 3 and type(state["epoch"]) is int
     vae_run(steps=6, resume=state)
+
+
+@pytest.fixture(scope="module")
+def mid_window_checkpoint(tmp_path_factory):
+    """A checkpoint written between two logged rows (step 225, last row at 220: a window of 5 steps)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("window")
+
+    def keep(step, row):
+        if step == 230:
+            shutil.copy(folder / "c.pt", folder / "c225.pt")
+
+    vae_run(steps=250, checkpoint_path=folder / "c.pt", checkpoint_every=45, callback=keep)  # logs every 10 steps
+    state = load_checkpoint(folder / "c225.pt")
+    assert state["step"] == 225 and state["window"]["values"].shape[0] == 5
+    return state
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda s: s["window"]["values"].fill_(float("nan")), "its window entry holds non-finite values"),
+    (lambda s: s["window"].update(values=torch.cat([s["window"]["values"]] * 2), betas=s["window"]["betas"] * 2),
+     "its window entry holds 10 steps, where the checkpoint's step 225 is 5 past the last logged row"),
+    (lambda s: s["history"][-1].update(loss="abc"), "its history entry row 21's loss is 'abc', not a finite number"),
+    (lambda s: s["window"].update(values=s["window"]["values"][:, :1]), "its window entry holds 1 values a step"),
+], ids=["nan_window", "window_rows", "history_value", "window_width"])
+def test_a_checkpoint_whose_window_or_history_is_spoiled_is_refused_in_one_line(mid_window_checkpoint, spoil, words):
+    import copy
+
+    state = copy.deepcopy(mid_window_checkpoint)
+    spoil(state)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        vae_run(steps=250, resume=state)
