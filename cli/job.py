@@ -153,14 +153,13 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, **objective_facts(cfg), **note}
-    commit_claim(out)
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
             first = fit(model, None, data, elbo=marginal, steps=model_steps, lr=cfg.optim.lr,
                         lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                         seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
-                        threads=cfg.threads, device=cfg.device,
+                        threads=cfg.threads, device=cfg.device, on_start=lambda: commit_claim(out),
                         callback=None if progress_enabled(cfg, multirun) else heartbeat(model_steps))
             log.info(f"model trained by its exact likelihood: {model_steps} steps in {first.wall_seconds:.1f} s, "
                      f"final window NLL {first.history[-1]['nll']:.4f} [randomised lattice]; now the guide, "
@@ -174,7 +173,8 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                          seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                          resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads, device=cfg.device,
                          freeze_model=cfg.train.freeze_model or exact_phase, init="keep" if exact_phase else "reset",
-                         checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra, callback=good)
+                         checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra, callback=good,
+                         on_start=lambda: commit_claim(out))
     except FloatingPointError as err:
         good.discard()
         raise Diverged(str(err)) from None
@@ -210,8 +210,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
 
 
 def commit_claim(out: Path) -> None:
-    """Training starts: the files of the run this one replaces (overwrite=true) go now (analysis.claim.Claim.commit).
-    Until here every failure, a crash too, puts them back (run.py)."""
+    """Training starts (fit's on_start: after every check of fit's too): the files of the run this one replaces
+    (overwrite=true) go now (analysis.claim.Claim.commit). Until then every failure, a crash too, puts them back
+    (run.py)."""
     claim = cli.STATE.get("claim")
     if claim is not None and Path(claim.path) == Path(out).absolute():
         claim.commit()

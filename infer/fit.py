@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
 from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
-from .checks import check_arguments, checked_device, check_data, warn_budget_change
+from .checks import check_arguments, check_callable, checked_device, check_data, warn_budget_change
 from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
 from .prepare import adam, prepare, restore
@@ -29,7 +29,7 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
         seed=None, log_every: int = 100, progress: bool = False, resume: dict = None, callback=None,
         checkpoint_path=None, checkpoint_every: int = 0, checkpoint_extra: dict = None, threads=1,
         init: str = "reset", freeze_model: bool = False, device="cpu", engine: str = "auto",
-        average: float = None) -> FitResult:
+        average: float = None, on_start=None) -> FitResult:
     """Minimise elbo's loss of guide against model on the weighted one-bit data with Adam (fused).
 
     Defaults: every argument left None comes from the model's recipe (recipe(model)): steps, lr, lr_final,
@@ -77,7 +77,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     checkpoint_every > 0, every checkpoint_every steps: checkpoint_every=0 means "only at the end", as the command
     line's train.checkpoint_every=0. The KL terms are weighted by `beta` through LatentScale (poutine-style scaling
     of the latent sites of model and guide); with `warmup` > 0 the weight rises linearly from warmup_start * beta
-    to beta over that many steps. `callback(step, row)` runs at each log.
+    to beta over that many steps. `callback(step, row)` runs at each log; `on_start()` once, after every check
+    and before the first step (the command line commits a replacement run's claim there).
 
     average: the parameters fit ends with are the mean of the iterates over the last ceil(average * steps) steps
     (Polyak-Ruppert averaging, infer.average; 0: the last iterate). The history logs the iterates' losses; the
@@ -100,9 +101,12 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     check_data(data)
     resume = resume_state(resume)
     check_arguments(model, guide, data, elbo, steps, resume, values, callback, checkpoint_path, checkpoint_extra)
+    if on_start is not None:
+        check_callable("on_start", on_start, "a callable on_start(), or None", 0)
     device = checked_device(device)
     with training_settings(threads):
-        return _fit(model, guide, data, elbo, values, resume, callback, checkpoint_path, checkpoint_extra, device)
+        return _fit(model, guide, data, elbo, {**values, "on_start": on_start}, resume, callback, checkpoint_path,
+                    checkpoint_extra, device)
 
 
 def _fit(model, guide, data, elbo, v, resume, callback, checkpoint_path, checkpoint_extra, device):
@@ -168,6 +172,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
         save_checkpoint(checkpoint_path, result, extra=checkpoint_extra, rng=rng, window=window_state,
                         average=average_state)
 
+    if v.get("on_start") is not None:  # every check passed, the engine chosen: the first step comes next
+        v["on_start"]()
     t0 = time.perf_counter()
     result.setup_seconds = t0 - setup
     bar = tqdm(range(start, steps), disable=not v["progress"], desc="fit", dynamic_ncols=True, mininterval=0.5)
@@ -241,9 +247,12 @@ __all__ = ["fit"]
 
 def resumed_engine(earlier, engine: str, start: int) -> str:
     """The path that trained a run, over all its sessions: `engine` (this session's, from step start + 1), or, where
-    its checkpoint's run had trained on another, e.g. 'graph to step 280, then fast'."""
-    if not isinstance(earlier, str) or not earlier or not start or earlier == engine:
+    its checkpoint's run had trained on another, e.g. 'graph to step 280, then fast' (a session on the path of the
+    one before it adds nothing)."""
+    if not isinstance(earlier, str) or not earlier or not start:
         return engine
+    if earlier.rpartition(", then ")[2] == engine:  # the path its last session trained on goes on
+        return earlier
     return f"{earlier} to step {start}, then {engine}"
 
 

@@ -264,22 +264,29 @@ def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
     assert order == [[], ["SIGTERM"]]
 
 
-def test_a_run_that_crashes_before_training_keeps_the_run_it_was_to_replace(tmp_path, finished_run):
+@pytest.mark.parametrize("hook, code, line", [
+    ("import cli.build\n"  # a crash in building the run, as an overflow in a guide's init was
+     "def build_objective(cfg):\n"
+     "    raise RuntimeError('value cannot be converted to type float without overflow')\n"
+     "cli.build.build_objective = build_objective\n",
+     1, "error: crashed before training: RuntimeError: value cannot be converted"),
+    ("import sys, infer.fit\n"  # a refusal by fit's own checks, after the run's dir was claimed
+     "def check_arguments(*args, **kwargs):\n"
+     "    raise ValueError('checkpoint_path=x is not allowed: refused by fit')\n"
+     "sys.modules['infer.fit'].check_arguments = check_arguments\n",
+     2, "error: checkpoint_path=x is not allowed: refused by fit"),
+], ids=["crash", "refused_by_fit"])
+def test_a_run_that_fails_before_training_keeps_the_run_it_was_to_replace(tmp_path, finished_run, hook, code, line):
     import zygote
 
     run = copy_of(finished_run, tmp_path)
     before = {k: v for k, v in snapshot(run).items() if k != "run.log"}
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(  # a crash in building the run, as an overflow in a guide's init was
-        "import cli.build\n"
-        "def build_objective(cfg):\n"
-        "    raise RuntimeError('value cannot be converted to type float without overflow')\n"
-        "cli.build.build_objective = build_objective\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{ROOT}")
+    folder = tmp_path / "hook"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(hook)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{folder}{os.pathsep}{ROOT}")
     proc = zygote.run([sys.executable, str(ROOT / "run.py"), *TINY, "overwrite=true", f"hydra.run.dir={run}"],
                       cwd=tmp_path, env=env, timeout=300, fresh=True)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith("error: crashed before training: RuntimeError: value cannot be converted")
-    assert "is kept as it was" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
     assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
