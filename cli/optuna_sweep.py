@@ -9,8 +9,9 @@ Left as it is, the sweeper then:
 * prints optuna's own INFO lines (ANSI-coloured) and alembic's plugin set-up lines.
 
 prepare() (run by the preflight of an optuna sweep) changes that:
-* the sweep stops, once every trial of the batch is told to optuna, when the batch's failures exceed
-  max_failure_rate (optuna's default 0.0: the first failed trial), with one line on why (STATE['sweep_stopped']);
+* the sweep stops before its next batch when a batch's failures exceed max_failure_rate (optuna's default 0.0:
+  the first failed trial), with one line on why (STATE['sweep_stopped']); the launcher's results decide, not the
+  sweeper's log lines;
 * a sweep whose every trial failed ends without a best value: optimization_results.yaml says so;
 * a search space or setting optuna refuses before any trial (`interval(1,0)`, a storage URL it cannot open) is one
   line, exit 2, and the sweep dir goes (STATE['sweep_refused']);
@@ -21,7 +22,6 @@ repeated_trial() returns, for a trial optuna suggests again (the same overrides,
 of this sweep in that dir returned: the same config and seed give the same numbers, so it is not trained again.
 """
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -30,7 +30,6 @@ from cli.state import STATE
 
 log = logging.getLogger("onebit")
 SWEEPER_LOG = "hydra_plugins.hydra_optuna_sweeper._impl"  # the sweeper's logger (logging.getLogger(__name__))
-NO_TRIAL = "No trials are completed yet"  # optuna's ValueError from study.best_trial when every trial failed
 
 
 class StopSweep(Exception):
@@ -38,23 +37,14 @@ class StopSweep(Exception):
 
 
 class FailedTrialLines(logging.Filter):
-    """On the sweeper's logger: drops the line about a failed job's None (its job printed why it failed), and turns
-    the line saying a batch's failures exceed max_failure_rate into StopSweep. The sweeper logs that line after it has
-    told optuna every trial of the batch, and goes on to raise the jobs' own errors, which ours do not hold: raising
-    here stops the sweep at that point. A logger's filters run inside the logging call, so the exception reaches
-    the sweeper's code, and through it the sweep() of prepare()."""
-
-    RATE = re.compile(r"out of (\d+) with max_failure_rate=(\S+?)\.?$")
+    """On the sweeper's logger: drops its lines about our failed jobs (each job printed why it failed, and
+    ending_sweep says why the sweep stops): "Return value must be float-castable. Got 'None'", and the count of a
+    batch's failures against max_failure_rate, which the sweeper logs and then ignores for jobs that return None."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        rate = self.RATE.search(text)
-        if text.startswith("Failed ") and rate:
-            batch, allowed = rate.groups()
-            raise StopSweep(f"a batch of {batch} trial(s) had more failed trials than hydra.sweeper.max_failure_rate="
-                            f"{allowed} allows (0.0, optuna's default, stops at the first failed trial; up to 1.0 goes "
-                            "on past failed trials)")
-        return "Return value must be float-castable. Got 'None'" not in text
+        return not ("Return value must be float-castable. Got 'None'" in text
+                    or text.startswith("Failed ") and "with max_failure_rate=" in text)
 
 
 def quiet_optuna() -> None:
@@ -94,18 +84,37 @@ def prepare() -> None:
     sweep = getattr(OptunaSweeperImpl.sweep, "original", OptunaSweeperImpl.sweep)
 
     def ending_sweep(self, arguments):
+        from hydra.core.utils import JobStatus
+
+        batches, launch = [], self.launcher.launch  # per launched batch: (failed trials, trials)
+
+        def launching(*args, **kwargs):  # a batch above max_failure_rate stops the sweep before the next one
+            if batches and batches[-1][0] > self.max_failure_rate * batches[-1][1]:
+                failed, count = batches[-1]
+                raise StopSweep(f"{failed} of the {count} trials of its last batch failed, more than "
+                                f"hydra.sweeper.max_failure_rate={self.max_failure_rate} allows (0.0, optuna's "
+                                "default, stops at the first failed trial; 1.0 goes on past failed trials)")
+            returns = launch(*args, **kwargs)
+            failed = sum(r.status != JobStatus.COMPLETED or r._return_value is None for r in returns)
+            batches.append((failed, len(returns)))
+            return returns
+
+        self.launcher.launch = launching
         try:
             return sweep(self, arguments)
         except StopSweep as stop:
             STATE["sweep_stopped"] = f"the optuna sweep stopped early: {stop}"
         except Exception as err:  # noqa: BLE001  sorted below; anything else is raised again
-            if not self.job_idx:  # before any trial: its search space (interval(1,0)) or a setting (storage URL)
-                STATE["sweep_refused"] = f"the optuna sweeper refused the sweep before any trial: {single_line(err)}"
+            if not batches:  # before any trial: its search space (interval(1,0)) or a setting (a storage URL)
+                STATE["sweep_refused"] = ("the optuna sweeper refused the sweep before any trial: "
+                                          f"{single_line(err) or type(err).__name__}")
                 return
-            if not (isinstance(err, ValueError) and NO_TRIAL in str(err)):
-                raise
+            if not isinstance(err, ValueError) or any(failed < count for failed, count in batches):
+                raise  # optuna's best trial cannot be found only where no trial completed
             STATE["sweep_stopped"] = "the optuna sweep has no best value: every trial failed"
             _results_without_best(self)
+        finally:
+            self.launcher.launch = launch
         log.error(STATE["sweep_stopped"])
 
     ending_sweep.original = sweep
@@ -119,9 +128,9 @@ def repeated_trial(out: Path):
     job's: the job dir's name is made of them (hydra.job.override_dirname, less keys that change no number), and the
     sweep dir holds only this sweep's jobs (a folder holding an earlier sweep is refused: cli.sweep.holds_sweep)."""
     from analysis.rundir import read_status
-    from cli.rundirs import failed_value
+    from cli.rundirs import failed_value, is_sweep_job
 
-    if failed_value() is not None:  # not optuna
+    if failed_value() is not None or not is_sweep_job(out):  # not optuna, or a lone run's dir, not a sweep job's
         return None
     status = read_status(out)
     ended, loss = status.get("status"), status.get("loss")

@@ -81,8 +81,8 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     resume = OmegaConf.select(cfg, "train.resume")
     in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
     overwrite = bool(cfg.get("overwrite", False))
-    if in_place and not overwrite:
-        check_in_place_resume(cfg, out)
+    if in_place:
+        check_in_place_resume(cfg, out, overwrite)
     claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
                   key="hydra.sweep.dir" if fresh else "hydra.run.dir")
     STATE["claim"] = claim
@@ -103,14 +103,15 @@ def _dotted(node, prefix: str = "") -> dict:
     return out
 
 
-def check_in_place_resume(cfg, out) -> None:
-    """Refuse (RunDirError, one line) a resume into the directory of its own checkpoint (without overwrite=true)
-    that would replace a finished run's results (status ok), or that would change the config of the sweep job there:
-    its .hydra files stay the job's (sweep_job_resumed_in_place), and its sweep's summary reports it under them."""
+def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
+    """Refuse (RunDirError, one line) a resume into the directory of its own checkpoint that would replace a finished
+    run's results (status ok; overwrite=true allows it), or that would change the config of the sweep job there
+    (whatever overwrite says: its .hydra files stay the job's, sweep_job_resumed_in_place, and its sweep's summary
+    reports it under them)."""
     from analysis.rundir import RunDirError, read_status
 
     out = Path(out).absolute()
-    if read_status(out).get("status") == "ok":
+    if not overwrite and read_status(out).get("status") == "ok":
         raise RunDirError(f"output dir {out} holds a finished run (status ok): resuming it in place would replace its "
                           "results; resume it into another dir (hydra.run.dir), or set overwrite=true to replace them")
     if not sweep_job_resumed_in_place(cfg, out):
@@ -135,6 +136,11 @@ def sweep_job_resumed_in_place(cfg, out) -> bool:
     resume = OmegaConf.select(cfg, "train.resume")
     if not resume or Path(str(resume)).absolute().parent != Path(out).absolute():
         return False
+    return is_sweep_job(out)
+
+
+def is_sweep_job(out) -> bool:
+    """Whether `out` holds a sweep's job: its .hydra/hydra.yaml records hydra.mode MULTIRUN (not a lone run)."""
     try:
         saved = OmegaConf.load(Path(out) / ".hydra" / "hydra.yaml")
     except Exception:  # noqa: BLE001  none, or unreadable: not a sweep job's dir that can be told
