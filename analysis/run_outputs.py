@@ -40,11 +40,14 @@ OBJECTIVE_NAMES = {"ClosedFormELBO": "closed_form", "Trace_ELBO": "elbo", "Trace
                    "IWAE": "iwae", "MarginalLikelihood": "exact"}
 
 
+TRAINED_ON = ("beta", "kl_weight_final", "warmup", "free_bits", "iwae_K")  # the keys trained_on may write
+
+
 def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
                steps: int = None, free_bits: float = 0.0, particles: int = None) -> dict:
     """metrics.json's facts on what a run minimised where that was not the -ELBO its loss reports, else {}: beta (a
-    KL weight other than 1), kl_weight_final with warmup (a warm-up longer than the run: the KL weight of its last
-    step), free_bits (> 0: each site's KL term floored in the objective) and iwae_K (objective iwae: the
+    KL weight other than 1), kl_weight_final with warmup (a warm-up as long as the run or longer: the KL weight of
+    its last step), free_bits (> 0: each site's KL term floored in the objective) and iwae_K (objective iwae: the
     importance-weighted bound with K samples). The same facts from the command line's config and from fit()'s
     recipe (describe), so that runs written either way are labelled alike."""
     from infer.weights import kl_weight
@@ -52,9 +55,9 @@ def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup
     facts = {}
     if float(beta) != 1.0:
         facts["beta"] = float(beta)
-    if steps is not None and warmup and steps < warmup:  # the weight never reached beta
-        facts["kl_weight_final"] = kl_weight(max(int(steps) - 1, 0), float(beta), int(warmup), float(warmup_start))
-        facts["warmup"] = int(warmup)
+    last = kl_weight(max(int(steps) - 1, 0), float(beta), int(warmup), float(warmup_start)) if steps else beta
+    if last != float(beta):  # the weight had not reached beta by the last step: a warm-up as long as the run, or longer
+        facts["kl_weight_final"], facts["warmup"] = last, int(warmup)
     if free_bits and float(free_bits) > 0:
         facts["free_bits"] = float(free_bits)
     if objective == "iwae" and particles and int(particles) > 1:
@@ -163,5 +166,6 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     log.debug("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
     if figures:
         encoding_figure(idata, out / "encodings.png", title=title)
+        minimised = any(k in metrics for k in TRAINED_ON)  # the run minimised something other than the -ELBO
         training_figure(result.history, out / "training.png", floor=data.entropy,
-                        optimum=metrics.get("gaussian_optimum"), title=title)
+                        optimum=metrics.get("gaussian_optimum"), title=title, objective=minimised)

@@ -54,7 +54,7 @@ def _trained_on(m: dict) -> str:
         parts.append(f"KL weight beta={m['beta']:g} (recon + {m['beta']:g} KL)")
     if m.get("kl_weight_final") is not None:
         parts.append(f"a KL weight still rising at its last step, {m['kl_weight_final']:.3g} (its warm-up, "
-                     f"{m.get('warmup')} steps, is longer than the run)")
+                     f"{m.get('warmup')} steps, had not ended when the run did)")
     if m.get("free_bits"):
         parts.append(f"free bits {m['free_bits']:g} (each latent site's KL term floored at {m['free_bits']:g} nats)")
     return "; ".join(parts)

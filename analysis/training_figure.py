@@ -27,10 +27,12 @@ def _yscale(ax, values, linthresh=1e-2):
     return "linear"
 
 
-def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None):
+def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None,
+                    objective: bool = False):
     """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step, under `title`
-    (e.g. the run's model, guide, n and seed); where the objective the run minimised is not the loss (beta, a warm-up,
-    free bits, the IWAE bound), it too, dashed. history: FitResult.history (list of dicts) or a DataFrame.
+    (e.g. the run's model, guide, n and seed); with `objective` (the run minimised something other than the -ELBO:
+    beta, a warm-up, free bits, the IWAE bound; analysis.run_outputs.trained_on), the objective too, dashed.
+    history: FitResult.history (list of dicts) or a DataFrame.
 
     floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
     A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
@@ -44,8 +46,7 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         ax_l, ax_r, ax_k = fig.subplots(1, 3)
         ax_l.plot(df["step"], df["loss"], color="black", lw=1.5, label="loss")
         curves = [df["loss"].values]
-        if "objective" in df and not np.allclose(df["objective"], df["loss"], rtol=1e-6, equal_nan=True):
-            # beta, a warm-up, free bits or the IWAE bound: what the run minimised is not the -ELBO above
+        if objective and "objective" in df:  # beta, a warm-up, free bits, the IWAE bound: not the -ELBO above
             ax_l.plot(df["step"], df["objective"], color="#1f77b4", ls="--", lw=1.2, label="objective (minimised)")
             curves.append(df["objective"].values)
         if floor is not None:

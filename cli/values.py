@@ -126,7 +126,7 @@ def validate(cfg: DictConfig) -> None:
         except TypeError:
             ok = False
         if not ok:
-            raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}{range_note(value)}")
+            raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}{range_note(value, allowed)}")
     from infer.validate import check_samples
 
     try:

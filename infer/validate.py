@@ -46,12 +46,14 @@ def is_finite(v) -> bool:
     return is_number(v) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
-def range_note(value) -> str:
-    """Why a number that looks allowed is not: beyond int64 (an integer) or beyond float32's range (a finite real),
-    as text to append to a refusal; '' otherwise."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
-        return " (integers must lie within int64, below 2**63)"
-    if is_number(value) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+def range_note(value, allowed_text: str = "") -> str:
+    """Why a number that its rule's words would allow is refused, as text to append to the refusal ('' otherwise):
+    an integer above int64 where the rule has no upper bound ('an integer >= k'), a finite real beyond float32's range
+    where the rule asks 'a finite number'."""
+    unbounded = "integer >=" in allowed_text and "<=" not in allowed_text and "[" not in allowed_text
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > INT64[1] and unbounded):
+        return " (integers must lie within int64: at most 2**63 - 1)"
+    if is_number(value) and math.isfinite(value) and abs(value) > FLOAT32_MAX and "finite number" in allowed_text:
         return f" (numbers must lie within float32's range, ±{FLOAT32_MAX:.4g}, in which the networks compute)"
     return ""
 
@@ -220,7 +222,7 @@ def shown(value) -> str:
 
 def refuse(label: str, value, allowed_text: str) -> ValueError:
     """The project's one-line ValueError: `<label>=<value> is not allowed: <allowed_text>` (value as `shown`)."""
-    return ValueError(f"{label}={shown(value)} is not allowed: {allowed_text}{range_note(value)}")
+    return ValueError(f"{label}={shown(value)} is not allowed: {allowed_text}{range_note(value, allowed_text)}")
 
 
 def check(name: str, value, label: str = None) -> None:

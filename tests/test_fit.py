@@ -428,3 +428,11 @@ def test_a_checkpoint_whose_window_or_history_is_spoiled_is_refused_in_one_line(
     spoil(state)
     with pytest.raises(ValueError, match=re.escape(words)):
         vae_run(steps=250, resume=state)
+
+
+def test_a_second_resume_on_the_same_path_adds_nothing_to_the_engine():
+    from infer.fit import resumed_engine
+
+    assert resumed_engine("graph to step 280, then fast", "fast", 500) == "graph to step 280, then fast"
+    assert resumed_engine("graph to step 280, then fast", "graph", 500) == ("graph to step 280, then fast to step "
+                                                                            "500, then graph")

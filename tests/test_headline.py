@@ -213,7 +213,9 @@ def test_a_warmup_longer_than_the_run_is_recorded_with_the_last_steps_kl_weight(
 
     facts = objective_facts(_cfg(warmup=1000, steps=300))
     assert facts == {"kl_weight_final": pytest.approx(299 / 1000), "warmup": 1000}
-    assert objective_facts(_cfg(warmup=300, steps=300)) == {}  # the weight reached beta
+    assert objective_facts(_cfg(warmup=300, steps=300)) == {"kl_weight_final": pytest.approx(299 / 300),
+                                                            "warmup": 300}  # its last step's weight: 299/300
+    assert objective_facts(_cfg(warmup=300, steps=301)) == {}  # the last step trained at beta
 
 
 def test_free_bits_and_the_iwae_bound_are_recorded_as_what_the_run_minimised():
@@ -226,7 +228,8 @@ def test_free_bits_and_the_iwae_bound_are_recorded_as_what_the_run_minimised():
 @pytest.mark.parametrize("facts, text", [
     ({"beta": 0.5}, "trained on KL weight beta=0.5 (recon + 0.5 KL): the loss below is the ELBO's"),
     ({"iwae_K": 16}, "trained on the IWAE-16 bound (objective=iwae): the loss below is the ELBO's"),
-    ({"kl_weight_final": 0.299, "warmup": 1000}, "a KL weight still rising at its last step, 0.299 (its warm-up, 1000"),
+    ({"kl_weight_final": 0.299, "warmup": 1000}, "a KL weight still rising at its last step, 0.299 (its warm-up, 1000 "
+                                                 "steps, had not ended"),
     ({"free_bits": 0.5}, "free bits 0.5 (each latent site's KL term floored at 0.5 nats)"),
 ], ids=["beta", "iwae", "warmup", "free_bits"])
 def test_the_summary_says_what_the_run_minimised_where_it_was_not_the_elbo(vae5_metrics, facts, text):

@@ -761,7 +761,7 @@ def test_a_cuda_sweep_for_slurm_nodes_is_not_refused_on_a_submitting_host_withou
                                              ">= 0 (numbers must lie within float32's range"),
     (["objective.free_bits=1e39"], "objective.free_bits=1e+39 is not allowed"),
     (["model.hidden=9223372036854775808"], "model.hidden=9223372036854775808 is not allowed: model.hidden must be an "
-                                           "integer >= 1 (integers must lie within int64, below 2**63)"),
+                                           "integer >= 1 (integers must lie within int64: at most 2**63 - 1)"),
     (["guide=flow", "guide.count_bins=9223372036854775808"], "guide.count_bins=9223372036854775808 is not allowed"),
     (["replicas=4294967295"], "replicas=4294967295 is not allowed: replicas must be an integer in [1, 1000]"),
     (["guide=flow", "guide.flows=100000"], "guide.flows=100000 is not allowed: guide.flows must be an integer in "
