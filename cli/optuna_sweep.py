@@ -106,8 +106,11 @@ def prepare() -> None:
             STATE["sweep_stopped"] = f"the optuna sweep stopped early: {stop}"
         except Exception as err:  # noqa: BLE001  sorted below; anything else is raised again
             if not batches:  # before any trial: its search space (interval(1,0)) or a setting (a storage URL)
-                STATE["sweep_refused"] = ("the optuna sweeper refused the sweep before any trial: "
-                                          f"{single_line(err) or type(err).__name__}")
+                why = single_line(err) or f"{type(err).__name__}, with no message"
+                if self.storage and not single_line(err):  # optuna 2.x's database storage fails so on SQLAlchemy 2
+                    why += (f", opening hydra.sweeper.storage={self.storage!r} (optuna 2's database storage needs "
+                            "SQLAlchemy < 2; null keeps the study in memory)")
+                STATE["sweep_refused"] = f"the optuna sweeper refused the sweep before any trial: {why}"
                 return
             if not isinstance(err, ValueError) or any(failed < count for failed, count in batches):
                 raise  # optuna's best trial cannot be found only where no trial completed
