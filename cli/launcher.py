@@ -117,19 +117,30 @@ def check_settings(section: str, owner: str, rules: dict, values: dict) -> None:
             raise ConfigError(f"{section}.{key}={value!r} is not allowed: {section}.{key} must be {allowed}")
 
 
+def checked_section(cfg, section: str, table: dict, resolve: bool = True):
+    """The settings {key: value} of cfg's hydra.<section> (launcher, sweeper), checked by check_settings against the
+    rules of its kind in `table` ({class name: (its command-line name, its rules)}); None for a kind not there
+    (left to Hydra)."""
+    node = OmegaConf.select(cfg, f"hydra.{section}")
+    if node is None:
+        return None
+    kind = str(node.get("_target_", "")).rpartition(".")[2]
+    if kind not in table:
+        return None
+    name, rules = table[kind]
+    values = OmegaConf.to_container(node, resolve=resolve, enum_to_str=True)
+    check_settings(f"hydra.{section}", f"the {name} {section}", rules, values)
+    return values
+
+
 def check_launcher(cfg) -> None:
     """Raise ConfigError (one line naming hydra.launcher.<key> and what it allows) for a launcher setting the
     launcher would refuse once the sweep has started, or ignore, or that would break a job (basic, joblib,
     submitit_local, submitit_slurm); another launcher is left to Hydra."""
-    launcher = OmegaConf.select(cfg, "hydra.launcher")
-    if launcher is None:
+    values = checked_section(cfg, "launcher", LAUNCHERS)
+    if values is None:
         return
-    kind = str(launcher.get("_target_", "")).rpartition(".")[2]
-    if kind not in LAUNCHERS:
-        return
-    name, rules = LAUNCHERS[kind]
-    values = OmegaConf.to_container(launcher, resolve=True)
-    check_settings("hydra.launcher", f"the {name} launcher", rules, values)
+    kind = str(OmegaConf.select(cfg, "hydra.launcher._target_")).rpartition(".")[2]
     if "submitit_folder" in values:
         folder = Path(values["submitit_folder"].split("%j")[0]).absolute()
         if not _writable_place(folder):

@@ -92,23 +92,13 @@ def claim_for(cfg, out: Path, fresh: bool = False):
 IN_PLACE_FREE = ("train.resume", "overwrite", "train.progress", "eval.figures", "threads")  # change no number
 
 
-def _dotted(node, prefix: str = "") -> dict:
-    """{dotted key: value} of a nested dict (lists kept whole)."""
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     """Refuse (RunDirError, one line) a resume into the directory of its own checkpoint that would replace a finished
     run's results (status ok; overwrite=true allows it), or that would change the config of the sweep job there
     (whatever overwrite says: its .hydra files stay the job's, sweep_job_resumed_in_place, and its sweep's summary
     reports it under them)."""
     from analysis.rundir import RunDirError, read_status
+    from cli.resume import _flat
 
     out = Path(out).absolute()
     if not overwrite and read_status(out).get("status") == "ok":
@@ -117,10 +107,10 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     if not sweep_job_resumed_in_place(cfg, out):
         return
     try:
-        saved = _dotted(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
+        saved = _flat(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
     except Exception:  # noqa: BLE001  unreadable: the resume's own checks (checkpoint vs config) still run
         return
-    now = _dotted({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
+    now = _flat({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
     changed = [k for k in sorted(set(saved) | set(now)) if k not in IN_PLACE_FREE and saved.get(k) != now.get(k)]
     if changed:
         key = changed[0]

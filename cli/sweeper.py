@@ -2,10 +2,8 @@
 setting only once the sweep has begun (an AssertionError or TypeError traceback, exit 1), or take it and fail every
 trial (a second optimisation direction: run.py returns one number). Checked here against what works for this app;
 another sweeper is left to Hydra. What a wrong-typed value allows is named too (cli.keys.composition_error)."""
-from omegaconf import OmegaConf
-
 from cli.keys import single_line
-from cli.launcher import _or_null, _text, check_settings
+from cli.launcher import _or_null, _text, checked_section
 from cli.state import ConfigError
 from infer.validate import _int_at_least, is_int
 
@@ -74,15 +72,9 @@ def check_sweeper(cfg) -> None:
     """Raise ConfigError (one line naming hydra.sweeper.<key> and what it allows) for a sweeper setting the sweeper
     would refuse once the sweep has started, or that would fail every job (basic and optuna sweepers; the optuna
     sampler's keys and seed); another sweeper is left to Hydra."""
-    sweeper = OmegaConf.select(cfg, "hydra.sweeper")
-    if sweeper is None:
+    values = checked_section(cfg, "sweeper", SWEEPERS, resolve=False)
+    if values is None:
         return
-    kind = str(sweeper.get("_target_", "")).rpartition(".")[2]
-    if kind not in SWEEPERS:
-        return
-    name, rules = SWEEPERS[kind]
-    values = OmegaConf.to_container(sweeper, resolve=False, enum_to_str=True)
-    check_settings("hydra.sweeper", f"the {name} sweeper", rules, values)
     custom = values.get("custom_search_space")
     if custom:
         import logging
