@@ -108,8 +108,8 @@ def main(cfg: DictConfig):
         return cli.fail(claim, "refused", err, multirun)
     except Diverged as err:
         return cli.fail(claim, "diverged", err, multirun)
-    except Exception as err:  # noqa: BLE001  a crash (or an OSError) before training: the run it replaces stays
-        if not claim.moved:
+    except Exception as err:  # noqa: BLE001  a crash, or an OSError: one line (before training, the run it replaces
+        if not claim.moved:  # stays as it was: claim.moved holds that run's files until fit's on_start commits)
             return crashed(claim, out, err, multirun)
         reason = f"crashed before training: {type(err).__name__}: {err} (the run that was in {out} is kept as it was)"
         if multirun:
