@@ -58,14 +58,16 @@ def quiet_optuna() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _results_without_best(sweeper) -> None:
-    """optimization_results.yaml for a sweep whose every trial failed: no best value (the folder then holds a sweep,
-    as after any optuna sweep: cli.sweep.holds_sweep)."""
+def _results(sweeper, best, note: str) -> None:
+    """optimization_results.yaml for a sweep that ended without optuna's own (the folder then holds a sweep, as after
+    any optuna sweep: cli.sweep.holds_sweep): best = (value, the job's overrides) of the best completed trial, or
+    None, and a note on why."""
     from omegaconf import OmegaConf
 
     path = Path(str(sweeper.config.hydra.sweep.dir)) / "optimization_results.yaml"
-    OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
-                                     "note": "every trial failed: no best value"}), path)
+    value, overrides = best if best is not None else (None, None)
+    OmegaConf.save(OmegaConf.create({"name": "optuna", "best_overrides": overrides, "best_value": value,
+                                     "note": note}), path)
 
 
 def prepare() -> None:
@@ -87,6 +89,7 @@ def prepare() -> None:
         from hydra.core.utils import JobStatus
 
         batches, launch = [], self.launcher.launch  # per launched batch: (failed trials, trials)
+        completed = []  # (value, overrides) of every trial that returned a value
 
         def launching(*args, **kwargs):  # a batch above max_failure_rate stops the sweep before the next one
             if batches and batches[-1][0] > self.max_failure_rate * batches[-1][1]:
@@ -95,8 +98,9 @@ def prepare() -> None:
                                 f"hydra.sweeper.max_failure_rate={self.max_failure_rate} allows (0.0, optuna's "
                                 "default, stops at the first failed trial; 1.0 goes on past failed trials)")
             returns = launch(*args, **kwargs)
-            failed = sum(r.status != JobStatus.COMPLETED or r._return_value is None for r in returns)
-            batches.append((failed, len(returns)))
+            done = [r for r in returns if r.status == JobStatus.COMPLETED and r._return_value is not None]
+            completed.extend((float(r._return_value), list(r.overrides)) for r in done)
+            batches.append((len(returns) - len(done), len(returns)))
             return returns
 
         self.launcher.launch = launching
@@ -104,6 +108,10 @@ def prepare() -> None:
             return sweep(self, arguments)
         except StopSweep as stop:
             STATE["sweep_stopped"] = f"the optuna sweep stopped early: {stop}"
+            pick = max if "maximize" in str(self.direction) else min
+            _results(self, pick(completed, key=lambda c: c[0]) if completed else None,
+                     "the sweep stopped early (hydra.sweeper.max_failure_rate): the best of the trials that completed"
+                     if completed else "the sweep stopped early (hydra.sweeper.max_failure_rate): no trial completed")
         except Exception as err:  # noqa: BLE001  sorted below; anything else is raised again
             if not batches:  # before any trial: its search space (interval(1,0)) or a setting (a storage URL)
                 why = single_line(err) or f"{type(err).__name__}, with no message"
@@ -115,7 +123,7 @@ def prepare() -> None:
             if not isinstance(err, ValueError) or any(failed < count for failed, count in batches):
                 raise  # optuna's best trial cannot be found only where no trial completed
             STATE["sweep_stopped"] = "the optuna sweep has no best value: every trial failed"
-            _results_without_best(self)
+            _results(self, None, "every trial failed: no best value")
         finally:
             self.launcher.launch = launch
         log.error(STATE["sweep_stopped"])

@@ -95,6 +95,8 @@ def test_an_optuna_sweep_stops_at_a_batch_above_max_failure_rate(tmp_path):
     assert "stopped: the optuna sweep stopped early" in r.stderr and "max_failure_rate=0.0" in r.stderr
     assert r.stdout.count("Launching 1 jobs") == 1  # the first failed batch was the last
     assert "failed: " in r.stderr and (tmp_path / "s" / "summary.md").exists()
+    results = (tmp_path / "s" / "optimization_results.yaml").read_text()
+    assert "best_value: null" in results and "stopped early (hydra.sweeper.max_failure_rate): no trial" in results
 
 
 @pytest.mark.parametrize("setting, line", [
@@ -152,3 +154,17 @@ def test_a_search_space_or_setting_optuna_refuses_before_any_trial_is_one_line_w
     assert r.stderr.startswith("error: the optuna sweeper refused the sweep before any trial: ") and line in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stdout + r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_stopped_early_records_the_best_trial_that_completed(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # seed 2: TPE suggests 0.001 three times, then 1000 (which diverges and stops the sweep)
+    r = run_cli("-m", *JOB, "optim.lr=choice(0.001,1000)", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=2",
+                "hydra.sweep.dir=s", cwd=tmp_path)
+    assert r.returncode == 1 and "stopped: the optuna sweep stopped early" in r.stderr, r.stderr
+    from omegaconf import OmegaConf
+
+    results = OmegaConf.load(tmp_path / "s" / "optimization_results.yaml")
+    loss = json.loads(next((tmp_path / "s").glob("*optim.lr=0.001*/metrics.json")).read_text())["loss"]
+    assert results.best_value == loss and "optim.lr=0.001" in results.best_overrides
+    assert "the best of the trials that completed" in results.note
