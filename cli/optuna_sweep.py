@@ -72,9 +72,9 @@ def _results(sweeper, best, note: str) -> None:
 
 def prepare() -> None:
     """Install the above for this process's optuna sweep: quiet logs, the filter, and the sweeper's sweep() wrapped
-    so that StopSweep and optuna's "No trials are completed yet" end the sweep normally (the summary is written
-    by the multirun's end callback; cli.main prints the failed jobs and the reason, and exits 1). A no-op where
-    hydra-optuna-sweeper is not installed."""
+    so that a batch above max_failure_rate (StopSweep) and the missing best trial of a sweep whose every trial
+    failed end the sweep normally (the summary is written by the multirun's end callback; cli.main prints the failed
+    jobs and the reason, and exits 1). A no-op where hydra-optuna-sweeper is not installed."""
     try:
         from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
     except ImportError:
@@ -120,7 +120,7 @@ def prepare() -> None:
                             "SQLAlchemy < 2; null keeps the study in memory)")
                 STATE["sweep_refused"] = f"the optuna sweeper refused the sweep before any trial: {why}"
                 return
-            if not isinstance(err, ValueError) or any(failed < count for failed, count in batches):
+            if not isinstance(err, ValueError) or completed:
                 raise  # optuna's best trial cannot be found only where no trial completed
             STATE["sweep_stopped"] = "the optuna sweep has no best value: every trial failed"
             _results(self, None, "every trial failed: no best value")
