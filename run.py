@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def main(cfg: DictConfig):
     except Exception as err:  # noqa: BLE001  a crash, or an OSError: one line (before training, the run it replaces
         if not claim.moved:  # stays as it was: claim.moved holds that run's files until fit's on_start commits)
             return crashed(claim, out, err, multirun)
-        reason = f"crashed before training: {type(err).__name__}: {err} (the run that was in {out} is kept as it was)"
+        reason = (f"crashed before training: {type(err).__name__}: {err} (the run that was in {out} is kept as it was;"
+                  f" traceback in {traceback_outside(out)})")
         if multirun:
             cli.refuse_replacing_job(claim, cfg, hc, reason)
             claim = None
@@ -140,6 +142,18 @@ def crashed(claim, out: Path, err: Exception, multirun: bool):
         pass
     return cli.fail(claim, "failed", f"crashed: {type(err).__name__}: {err} (traceback in {out}/traceback.txt)",
                     multirun, code=1)
+
+
+def traceback_outside(out: Path) -> str:
+    """Write the current exception's traceback into the system's temp folder (the run dir holds the run a crash left
+    untouched); return the file's path."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"onebit-{out.name[:100]}-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(traceback.format_exc())
+        return path
+    except OSError as err:
+        return f"no file: {err.strerror or err}"
 
 
 if __name__ == "__main__":

@@ -290,3 +290,7 @@ def test_a_run_that_fails_before_training_keeps_the_run_it_was_to_replace(tmp_pa
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
     assert {k: v for k, v in snapshot(run).items() if k != "run.log"} == before
+    if code == 1:  # a crash names where its traceback is; the run dir holds the run it kept
+        path = proc.stderr.split("traceback in ")[1].rstrip(")\n")
+        assert "RuntimeError: value cannot be converted" in Path(path).read_text()
+        Path(path).unlink()
