@@ -4,9 +4,16 @@ and estimator a summary shows for a metric."""
 ID_COLUMNS = ("job", "status", "duplicate_of", "model", "guide", "n", "seed", "beta", "overrides")
 
 
+def _named_groups(rows) -> set:
+    """The groups among model and guide whose option every run's name column says (model=vae: model vae); where
+    an option is named otherwise (an option of one's own under --config-dir, say model=bigvae named vae), its
+    override stays a key of its own, so that two options are never taken for one configuration."""
+    return {g for g in ("model", "guide") if all(str(r["_overrides"].get(g, r.get(g))) == str(r.get(g)) for r in rows)}
+
+
 def _group_keys(rows) -> list:
     """Aggregation keys: model, guide, n and every other override key that varies, except the seed."""
-    skip = {"seed", "model", "guide", "data.n", "hydra.job.chdir"}
+    skip = {"seed", "data.n", "hydra.job.chdir"} | _named_groups(rows)
     keys = sorted({k for r in rows for k in r["_overrides"] if k not in skip
                    and len({str(q["_overrides"].get(k)) for q in rows}) > 1})
     return ["model", "guide", "n"] + [f"override:{k}" for k in keys]
@@ -73,9 +80,10 @@ def tables(rows) -> tuple:
     integration error."""
     import pandas as pd
 
+    named = _named_groups(rows)
     jobs = pd.DataFrame([{**{k: v for k, v in r.items() if k != "_overrides"},
                           **{f"override:{k}": v for k, v in r["_overrides"].items()
-                             if k not in ("seed", "model", "guide", "data.n")}} for r in rows])
+                             if k not in {"seed", "data.n"} | named}} for r in rows])
     for col in ID_COLUMNS:
         if col not in jobs:
             jobs[col] = None

@@ -24,6 +24,12 @@ COLUMN_NOTES = {"exact.nll": "NLL = -log p(x) of the model", "exact.gap": "ELBO 
                                        "dlgm), avg KL(q(z|x)‖p(z)) = I_q(x;z) + KL(q(z)‖p(z))"}
 
 
+def _override_header(column: str) -> str:
+    """A varying override's column header: its key; 'model option' where the model (guide) column shows the
+    option's name, which an option of one's own may share with another (see aggregate._named_groups)."""
+    key = column.split(":", 1)[1]
+    return f"{key} option" if key in ("model", "guide") else key
+
 def _pm(mean, sd, digits=4, sci=False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
@@ -125,7 +131,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         rate_col = "exact.rate" if loss_est == "exact" and "exact.rate_mean" in agg else "rate"
         extra = [c for c in EXTRA_COLUMNS if f"{c}_mean" in agg]
         okeys = [c for c in agg if c.startswith("override:")]
-        header = (["model", "guide", "n"] + [c.split(":", 1)[1] for c in okeys] + ["seeds", f"loss [{loss_est}]"]
+        header = (["model", "guide", "n"] + [_override_header(c) for c in okeys] + ["seeds", f"loss [{loss_est}]"]
                   + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
                   + [f"recon/dim [{rec_est}]"]
                   + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])

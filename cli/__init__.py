@@ -23,16 +23,17 @@ import signal
 import sys
 
 from cli.checks import (
-    HYDRA_FLAGS,
+    PRINT_FLAGS,
     check_flags,
     check_info_value,
     check_order,
     check_package,
+    config_dirs,
     hydra_flag_overrides,
     preflight,
 )
 from cli.guards import check_memory, divergence, network_params
-from cli.keys import check_group_choices, check_keys, compose_config, single_line
+from cli.keys import EXTRA_DIRS, check_group_choices, check_keys, compose_config, single_line
 from cli.optuna_sweep import repeated_trial
 from cli.resume import load_resume, resume_note, trajectory_config
 from cli.rundirs import (
@@ -66,18 +67,18 @@ def main(hydra_main, argv) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         check_flags(args)
-        if any(a.split("=")[0] in HYDRA_FLAGS for a in args):  # Hydra prints (help, config, info): keys checked
-            overrides = hydra_flag_overrides(args)
+        EXTRA_DIRS[:] = config_dirs(args)
+        overrides = hydra_flag_overrides(args)
+        if any(a.split("=")[0] in PRINT_FLAGS for a in args):  # Hydra prints (help, config, info): keys checked
             check_group_choices(overrides)
             check_keys(overrides, multirun=True)
             check_order(args, printing=True)
-            if not multirun and not any(a.split("=")[0] in ("--config-dir", "-cd") for a in args):
+            if not multirun:
                 validate(compose_config(overrides))  # a printed config holds only allowed values, as a run's does
             check_info_value(args)
             check_package(args, overrides)
             hydra_main()
             return STATE["exit"]
-        overrides = [a for a in args if not a.startswith("-")]
         pins = preflight(overrides, multirun)
     except ValueError as err:  # ConfigError, RunDirError, CheckpointError
         print(f"error: {single_line(err)}", file=sys.stderr)

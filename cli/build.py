@@ -22,6 +22,45 @@ def build(cfg: DictConfig):
     return data, model, guide
 
 
+# what build passes each group's _target_ besides its node's keys
+INJECTED = {"model": ("n",), "guide": ("model",)}
+NOT_ARGUMENTS = ("name", "_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Raise ConfigError, in one line, where the model's or the guide's _target_ cannot be imported, or would not
+    take its node's keys (a config group of one's own, from --config-dir, included): before anything is built."""
+    import inspect
+
+    from hydra._internal.utils import _locate  # hydra.utils.get_object logs its failure over lines first
+
+    for group, injected in INJECTED.items():
+        node = cfg.get(group)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not isinstance(target, str):
+            raise ConfigError(f"{group}._target_ is not set: a {group} option must name what it builds (e.g. "
+                              f"_target_: {'models.VAE' if group == 'model' else 'guides.GaussianGuide'})")
+        try:
+            built = _locate(target)
+        except Exception as err:  # noqa: BLE001  hydra's ImportError around the import's own error
+            cause = err.__cause__ or err
+            why = " ".join(f"{type(cause).__name__}: {cause}".split())
+            raise ConfigError(f"{group}._target_={target} cannot be imported ({why}); the module must be on "
+                              "PYTHONPATH") from None
+        try:
+            signature = inspect.signature(built)
+        except (TypeError, ValueError):
+            continue  # a builtin without a signature: instantiate will say
+        keys = [k for k in node if k not in NOT_ARGUMENTS]
+        try:
+            signature.bind(**{k: None for k in (*keys, *injected)})
+        except TypeError as err:
+            takes = ", ".join(p for p in signature.parameters if p not in injected) or "nothing"
+            option = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None) or node.get("name", "?")
+            raise ConfigError(f"{group}={option} does not fit {target}: {err} (its {group} keys must be among: "
+                              f"{takes})") from None
+
+
 def build_objective(cfg: DictConfig):
     """The Pyro ELBO cfg.objective names (infer.objectives.make_objective); its other keys are its options.
     K (iwae) is the particle count in place of train.num_particles."""

@@ -18,6 +18,8 @@ HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
                "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun")
 RUN_FLAGS = ("-m", "--multirun", "-r", "--run")
+# --config-dir adds a directory of config groups: the preflight runs with it (cli.keys.EXTRA_DIRS)
+PRINT_FLAGS = tuple(f for f in HYDRA_FLAGS if f not in ("--config-dir", "-cd"))
 FLAG_VALUES = {"--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"),
                "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
                "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
@@ -115,6 +117,12 @@ def _override_positions(args) -> list:
     return out
 
 
+def config_dirs(args) -> list:
+    """The absolute directories that --config-dir/-cd add to the search path."""
+    return [Path(_flag_value(args, i)).absolute() for i, a in enumerate(args)
+            if a.partition("=")[0] in ("--config-dir", "-cd")]
+
+
 def hydra_flag_overrides(args) -> list:
     """The key=value overrides of a command line that carries Hydra's flags (their own values left out)."""
     return [args[i] for i in _override_positions(args)]
@@ -128,7 +136,7 @@ def check_order(args, printing: bool = False) -> None:
     too (argparse printed its usage: 'unrecognized arguments'). That case is checked by check_order(args,
     printing=True), after the keys, so that a bad key is named first; check_flags checks the other."""
     at = _override_positions(args)
-    if not at or printing != any(a.split("=")[0] in HYDRA_FLAGS for a in args):
+    if not at or printing != any(a.split("=")[0] in PRINT_FLAGS for a in args):
         return
     for i, arg in enumerate(args):
         if i > at[0] and arg.startswith("-") and (not printing or i < at[-1]):

@@ -17,8 +17,24 @@ REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run need
 RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
 
 
+# the directories a command line's --config-dir adds to the search path, after conf/ (as Hydra adds it: a file in
+# conf/ wins over one of the same name there); set by cli.main before the preflight
+EXTRA_DIRS: list = []
+
+
+def search_dirs() -> list:
+    """The config directories in Hydra's search order: conf/, then those of --config-dir."""
+    return [CONF, *EXTRA_DIRS]
+
+
 def group_options(group: str) -> list:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted({p.stem for folder in search_dirs() for p in (folder / group).glob("*.yaml")})
+
+
+def option_file(group: str, option: str) -> Path:
+    """The yaml Hydra composes for group=option: the first in the search path."""
+    return next((f for f in (d / group / f"{option}.yaml" for d in search_dirs()) if f.is_file()),
+                CONF / group / f"{option}.yaml")
 
 
 def check_group_choices(argv) -> None:
@@ -55,7 +71,7 @@ def check_group_choices(argv) -> None:
 
 def pair_choices(pair: str) -> dict:
     """{'model': option, 'guide': option} that conf/pair/<pair>.yaml chooses (its `override /group: option`)."""
-    node = OmegaConf.to_container(OmegaConf.load(CONF / "pair" / f"{pair}.yaml"))
+    node = OmegaConf.to_container(OmegaConf.load(option_file("pair", pair)))
     out = {}
     for entry in (node or {}).get("defaults", []):
         if isinstance(entry, dict):
@@ -107,7 +123,7 @@ def other_options_with(key: str) -> list:
         return []
     found = []
     for option in group_options(group):
-        node = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+        node = OmegaConf.to_container(OmegaConf.load(option_file(group, option)))
         node = node.get(group, node) if isinstance(node, dict) else {}
         if has_key(node, rest):
             found.append(f"{group}={option}")
@@ -122,8 +138,13 @@ def compose_config(overrides, hydra_cfg=False):
 
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    overrides = list(overrides)
+    if EXTRA_DIRS and not any(o.lstrip("+").startswith("hydra.searchpath=") for o in overrides):
+        paths = ",".join(f"'file://{d}'" for d in EXTRA_DIRS)  # --config-dir's place: after conf/
+        overrides.append(f"hydra.searchpath=[{paths}]")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+        cfg = compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+    return cfg
 
 
 def single_line(err) -> str:

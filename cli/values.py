@@ -157,6 +157,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"replicas={replicas} is not allowed with guide={cfg.guide.name}: its networks cannot "
                               "take a replica dimension; replicas train the gaussian, structured, meanfield and flow "
                               "guides (or use replicas=1)")
+    from cli.build import check_targets
+
+    check_targets(cfg)
 
 
 def check_device(device: str) -> None:
