@@ -165,3 +165,26 @@ def test_khat_depends_on_the_seed_only_not_on_which_blocks_ran_before_it(model, 
     with_exact, _ = evaluate(model, guide, data, samples=512, replicates=4, seed=3)
     without, _ = evaluate(model, guide, data, samples=512, replicates=4, seed=3, exact=False)
     assert with_exact["khat"] == without["khat"]
+
+
+def test_the_quadrature_of_a_trained_autonormal_runs_in_float64(data):
+    """No node is rounded to float32: the numbers are those of a float64 model and a float64 param store (AutoNormal
+    reads its locs and scales from the store), to the last bit."""
+    import copy
+
+    from infer import fit
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = VAE(N, hidden=8)
+    guide = AutoNormal(model, init_scale=0.1)
+    fit(model, guide, data, steps=150, seed=0)
+    store = pyro.get_param_store()
+    state = store.get_state()
+    wide = {"params": {k: v.detach().double() for k, v in state["params"].items()},
+            "constraints": state["constraints"]}
+    with store.scope(wide):
+        reference = exact(copy.deepcopy(model).double(), guide, data)
+    result = exact(model, guide, data)
+    assert result["loss"] == reference["loss"] and result["nll"] == reference["nll"]
+    assert all(v.dtype == torch.float32 for v in store.get_state()["params"].values())  # the store is put back
