@@ -92,7 +92,15 @@ def main(cfg: DictConfig):
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.on_sigterm): the run says it was killed, then stops
         name = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
         with contextlib.suppress(OSError):
-            claim.status("failed", cli.killed_reason(name, out))
+            if claim.moved:  # before training (fit's on_start commits): the run it was to replace goes back whole
+                kept = f"killed by {name} before training (the run that was in {out} is kept as it was)"
+                if multirun:
+                    cli.refuse_replacing_job(claim, cfg, hc, kept)
+                else:
+                    claim.release()
+                cli.STATE["kept_run"] = kept
+            else:
+                claim.status("failed", cli.killed_reason(name, out))
         raise
     except SystemExit as err:  # submitit stopped the job (its timeout or a preemption), and may requeue it
         job = cli.launcher_job()

@@ -79,8 +79,11 @@ def occupant(path) -> str:
     if not path.is_dir():
         return ""
     status = read_status(path)
+    backups = sorted(path.glob(".replaced.*"))  # a replacement killed before training (SIGKILL) left these
+    kept = (f" (the run it was replacing is kept in {backups[-1]}: move its files back into {path} to restore it; "
+            "overwrite=true deletes it)" if backups else "")
     if status:
-        return f"a run with status '{status.get('status', '?')}'"
+        return f"a run with status '{status.get('status', '?')}'{kept}"
     found = [name for name in OUTPUTS if (path / name).exists()]
     return f"a run's outputs ({', '.join(found)})" if found else ""
 

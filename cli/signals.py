@@ -116,6 +116,8 @@ def interrupted(multirun: bool) -> int:
         mark_killed(sweep_dir, pids, name)
         where = (f"; its unfinished runs say 'killed by {name}' in status.json; the sweep summary is written to "
                  f"{sweep_dir}/summary.md")
+    elif STATE.get("kept_run"):
+        where = f" {STATE['kept_run'].partition(' by ' + name + ' ')[2]}"
     elif STATE.get("claim") is not None:
         where = f"; outputs so far in {STATE['claim'].path}"
     print(f"error: interrupted by {name}{where}", file=sys.stderr)

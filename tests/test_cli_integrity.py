@@ -275,7 +275,12 @@ def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
      "    raise ValueError('checkpoint_path=x is not allowed: refused by fit')\n"
      "sys.modules['infer.fit'].check_arguments = check_arguments\n",
      2, "error: checkpoint_path=x is not allowed: refused by fit"),
-], ids=["crash", "refused_by_fit"])
+    ("import cli.build\n"  # Ctrl-C while the run is being built, before training
+     "def build_objective(cfg):\n"
+     "    raise KeyboardInterrupt\n"
+     "cli.build.build_objective = build_objective\n",
+     130, "error: interrupted by SIGINT before training (the run that was in"),
+], ids=["crash", "refused_by_fit", "interrupted"])
 def test_a_run_that_fails_before_training_keeps_the_run_it_was_to_replace(tmp_path, finished_run, hook, code, line):
     import zygote
 

@@ -433,3 +433,14 @@ def test_a_valid_run_prints_no_runtime_warning(tmp_path):
     proc = run_cli("seed=1", "data.n=3", "train.steps=20", "eval.figures=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_a_dir_whose_replacement_was_killed_before_training_names_where_the_old_run_is(tmp_path):
+    from analysis.claim import Claim
+    from analysis.rundir import RunDirError, write_status
+
+    write_status(tmp_path, "running")  # the replacement, SIGKILLed before its training began
+    (tmp_path / ".replaced.4242").mkdir()
+    (tmp_path / ".replaced.4242" / "metrics.json").write_text("{}")
+    with pytest.raises(RunDirError, match=r"the run it was replacing is kept in .*\.replaced\.4242: move its files"):
+        Claim(tmp_path)
