@@ -1,6 +1,7 @@
 """The guide/model fit check: trace both once and refuse a guide that does not cover the model's latents."""
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
@@ -33,7 +34,6 @@ def check_particles(model, guide, x) -> None:
     particles in a plate left of the data plate (dim -2), as the objectives run them: a guide that reshapes as if
     there were one particle, or draws the model cannot take (inf), is refused before training, not in its first
     step with a multi-line error. The caller's RNG is left as it was: a run's numbers do not depend on the check."""
-    import torch
 
     how = f" with {PARTICLES} vectorised particles (a plate at dim -2, left of the data plate, as the objectives draw"
     with torch.random.fork_rng(), pyro.validation_enabled(True), poutine.block(), \
@@ -52,7 +52,6 @@ def _base(fn):
 def _masked(site) -> bool:
     """Whether any of a site's log-density is masked out: a poutine.mask on the site, or a .mask() on its
     distribution (a MaskedDistribution anywhere in its wrappers) whose mask is not all true."""
-    import torch
 
     masks = [site.get("mask")]
     fn = site["fn"]
@@ -61,6 +60,11 @@ def _masked(site) -> bool:
             masks.append(fn._mask)
         fn = getattr(fn, "base_dist", None)
     return any(m is not None and not bool(torch.as_tensor(m).all()) for m in masks)
+
+
+def _scalar(scale) -> str:
+    scale = torch.as_tensor(scale)
+    return f"{scale.item():g}" if scale.numel() == 1 else f"a tensor of shape {tuple(scale.shape)}"
 
 
 DATA_PLATE = "data"  # the plate every model and guide samples its per-point sites in
@@ -79,6 +83,10 @@ def check_guide(model, guide, x) -> None:
         model_trace = _trace(model, x, "model")
     seen = {role: [n for n, s in t.nodes.items() if s["type"] == "sample" and s["is_observed"]]
             for role, t in (("model", model_trace), ("guide", guide_trace))}
+    fixed = [n for n in seen["guide"] if guide_trace.nodes[n]["infer"].get("_deterministic")]
+    if fixed:
+        raise GuideMismatchError(f"guide site '{fixed[0]}' is a pyro.deterministic: a guide here samples only the "
+                                 "model's latent sites (compute derived values after training, from the draws)")
     if seen["guide"] and seen["model"]:
         raise GuideMismatchError(f"guide observes {', '.join(seen['guide'])}: a guide samples only the model's latent "
                                  "sites, with no obs= (the model observes x)")
@@ -96,6 +104,18 @@ def check_guide(model, guide, x) -> None:
     # an autoguide's latent sites may be Deltas: deterministic functions of auxiliary sites, which carry the density
     auxiliary = [n for n, site in guide_trace.nodes.items()
                  if site["type"] == "sample" and site["infer"].get("is_auxiliary")]
+    free = [n for n in want if not isinstance(_base(guide_trace.nodes[n]["fn"]), dist.Delta)]
+    if auxiliary and free:  # an auxiliary site's density is in the loss, but nothing integrates it out
+        raise GuideMismatchError(f"guide site '{auxiliary[0]}' is auxiliary (is_auxiliary=True) while the latent site "
+                                 f"'{free[0]}' has a density of its own: the loss is then no bound on log p(x); "
+                                 "auxiliary sites are allowed only where every latent site is a deterministic "
+                                 "function of them (a Delta, as in Pyro's AutoContinuous guides)")
+    for name in [*auxiliary, *want]:
+        scale = guide_trace.nodes[name]["scale"]
+        if not bool(torch.all(torch.as_tensor(scale) == 1)):
+            raise GuideMismatchError(f"guide site '{name}' is scaled (poutine.scale, scale={_scalar(scale)}): its "
+                                     "log-density enters the loss scaled, so the loss is no bound on log p(x); "
+                                     "remove the scale (train.beta weighs the KL)")
     for name in want:
         p, q = model_trace.nodes[name], guide_trace.nodes[name]
         if p["fn"].event_shape != q["fn"].event_shape or q["value"].shape != p["value"].shape:

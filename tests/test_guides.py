@@ -112,3 +112,57 @@ def test_draws_the_model_cannot_take_are_refused_in_one_line_naming_the_model_on
     with pytest.raises(ValueError, match=r"^model\(x\) failed .* on the guide's draws\): ValueError") as err:
         check_guide(VAE(5, hidden=8), infinite, OneBit(5).x)
     assert "\n" not in str(err.value)
+
+
+def _normal_z(x, loc=0.0):
+    import pyro
+    import pyro.distributions as dist
+
+    return pyro.sample("z", dist.Normal(torch.zeros(x.shape[-2], 1) + loc, 1.0).to_event(1))
+
+
+def test_a_scaled_guide_site_is_refused_its_loss_would_bound_nothing():
+    import pyro
+    from pyro import poutine
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def scaled(x):
+        with pyro.plate("data", x.shape[-2]), poutine.scale(scale=2.0):
+            _normal_z(x)
+
+    with pytest.raises(ValueError, match=r"guide site 'z' is scaled \(poutine.scale, scale=2\)"):
+        check_guide(VAE(3), scaled, OneBit(3).x)
+
+
+def test_an_auxiliary_site_beside_a_latent_with_its_own_density_is_refused():
+    import pyro
+    import pyro.distributions as dist
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def auxiliary(x):
+        with pyro.plate("data", x.shape[-2]):
+            u = pyro.sample("u", dist.Normal(torch.zeros(x.shape[-2], 1), 1.0).to_event(1),
+                            infer={"is_auxiliary": True})
+            _normal_z(x, 0.1 * u)
+
+    with pytest.raises(ValueError, match=r"guide site 'u' is auxiliary .* latent site 'z' has a density of its own"):
+        check_guide(VAE(3), auxiliary, OneBit(3).x)
+
+
+def test_a_deterministic_guide_site_is_named_as_such():
+    import pyro
+
+    from guides.check import check_guide
+    from models import VAE, OneBit
+
+    def derived(x):
+        with pyro.plate("data", x.shape[-2]):
+            z = _normal_z(x)
+            pyro.deterministic("z_sq", z ** 2, event_dim=1)
+
+    with pytest.raises(ValueError, match=r"guide site 'z_sq' is a pyro.deterministic"):
+        check_guide(VAE(3), derived, OneBit(3).x)
