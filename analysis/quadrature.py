@@ -184,18 +184,32 @@ def _edge_panels(panels, est, quantities, margin=20.0, count=6):
     return torch.cat(out)
 
 
+EXTENSIONS = 4  # how often adapt may double the range before it calls the integrands' tails too heavy
+
+
+class HeavyTails(ValueError):
+    """An integrand still above e^-20 of its peak at an end of the range after EXTENSIONS doublings: the range
+    cuts off mass that the refinement (which splits panels, never widens the range) cannot see."""
+
+
 def adapt(outer, breaks, quantities=None):
-    """outer.run from breaks, extending the range (up to 4 times) until the integrands (`quantities`; None: all of
-    them) vanish at both ends."""
+    """outer.run from breaks, extending the range (up to EXTENSIONS times) until the integrands (`quantities`;
+    None: all of them) vanish at both ends; HeavyTails where they still do not (a Student-t or Cauchy guide: the
+    tails of q(z)·z² decay as a power, and a truncated integral would be reported with an error that misses them)."""
     panels, est = outer.run(breaks)
-    for _ in range(4):
+    for _ in range(EXTENSIONS):
         extra = _edge_panels(panels, est, quantities or list(est))
         if extra is None:
-            break
+            return panels, est
         more = outer.evaluate(extra, 0)
         panels = torch.cat([panels, extra])
         est = {k: tuple(torch.cat([a, b]) for a, b in zip(est[k], more[k])) for k in est}
         panels, est = outer.run(panels=panels, est=est)
+    if _edge_panels(panels, est, quantities or list(est)) is not None:
+        lo, hi = float(panels[:, 0].min()), float(panels[:, 1].max())
+        raise HeavyTails(f"the integrands do not vanish at the ends of the quadrature's range [{lo:.3g}, {hi:.3g}] "
+                         f"after {EXTENSIONS} doublings: the guide's tails are too heavy for the quadrature (a "
+                         "power-law tail, as a Student-t's or a Cauchy's), so no exact value is computed")
     return panels, est
 
 

@@ -114,7 +114,9 @@ def summary_lines(m: dict) -> list:
         else:
             loss = f"{mc['loss']:.4f} {tag}, no error bar: {mc.get('loss_note', 'no reliable standard error')}"
         if e is not None:
-            lines.append(f"  loss       {loss}   (check of the exact loss: {mc['loss'] - e['loss']:+.2e})")
+            diff = mc["loss"] - e["loss"]
+            lines.append(f"  loss       {loss}   (check of the exact loss: {diff:+.2e}"
+                         f"{_disagreement(diff, mc.get('loss_se'), e.get('error'))})")
         else:
             lines.append(f"  loss       {loss}")
         order = list((e or {}).get("kl") or {})  # the sites in the exact line's order, where there is one
@@ -173,13 +175,33 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     if exact_nll is not None:
         below = exact_nll["nll"] - i["loss"]
         if below > 0:  # an upper bound of the NLL in expectation: its estimate is below only by sampling error
-            lines[0] += (f"; {below:.4f} below the exact NLL, a bound's sampling error"
-                         + (f" ({below / i['loss_se']:.1f} SE)" if i.get("loss_se") else ""))
+            far = i.get("loss_se") and below > DISAGREE_SE * i["loss_se"]
+            lines[0] += (f"; {below:.4f} below the exact NLL, "
+                         + (f"{below / i['loss_se']:.1f} SE: too far for a bound's sampling error (the guide's "
+                            "log-density does not match the law of its draws)" if far else
+                            "a bound's sampling error" + (f" ({below / i['loss_se']:.1f} SE)" if i.get("loss_se")
+                                                          else "")))
         gap = i["nll"] - exact_nll["nll"]
         lines[-1] += (f"; {abs(gap):.4f} {'above' if gap >= 0 else 'below'} the exact NLL"
                       + (": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
     lines.append(f"             ({i['note']})")
     return lines
+
+
+DISAGREE_SE = 5  # a Monte Carlo estimate this many standard errors from an exact value is no sampling error
+
+
+def _disagreement(diff, se, error) -> str:
+    """', N SE: ...' where a Monte Carlo estimate that has an error bar misses the exact value by more than
+    DISAGREE_SE of its standard error (with the quadrature's own error added): the two estimates see different
+    densities (a guide whose log-density does not match the law of its draws, say); '' otherwise."""
+    if se is None or not se > 0:
+        return ""
+    scale = math.hypot(se, error or 0.0)
+    if abs(diff) <= DISAGREE_SE * scale:
+        return ""
+    return (f", {abs(diff) / scale:.0f} SE: the two estimates disagree beyond their errors: the guide's "
+            "log-density and the law of its draws differ, so neither is to be trusted")
 
 
 def _khat_lines(m: dict) -> list:

@@ -332,3 +332,28 @@ def test_surgery_integrates_needle_guides_at_different_places_for_the_two_points
     closed_kl = 0.5 * (16.0 + 1e-10 - 1) - math.log(1e-5)  # KL(N(+-4, 1e-10) || N(0, 1)), the same for both
     assert abs(r["avg_kl"] - closed_kl) <= max(r["error"], 1e-6)
 
+
+
+def student_t_guide(df):
+    """q(z|x_k) = StudentT(df, loc_k, 0.5): power-law tails for small df."""
+    loc = torch.tensor([[-1.0], [1.0]])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.StudentT(df, loc, 0.5).to_event(1))
+
+    return guide
+
+
+def test_a_guide_with_power_law_tails_gets_no_exact_value(data):
+    """The quadrature's range would cut off the tails of q(z)·z² (a Student-t(3)'s decay as z^-2), and the
+    refinement, which splits panels but never widens the range, would not see what is missing."""
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match="the guide's tails are too heavy for the quadrature"):
+        exact(VAE(data.n, hidden=8), student_t_guide(3.0), data)
+
+
+def test_a_guide_with_light_enough_tails_is_integrated(data):
+    pyro.set_rng_seed(0)
+    result = exact(VAE(data.n, hidden=8), student_t_guide(30.0), data)
+    assert math.isfinite(result["loss"]) and result["error"] < 1e-5

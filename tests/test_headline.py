@@ -313,6 +313,22 @@ def test_importance_sampled_numbers_are_compared_with_the_exact_nll_when_it_exis
     assert "a log-mean of K weights has finite variance whatever the weights' k-hat" in bound  # why its ± holds
 
 
+def test_an_importance_sampled_bound_far_below_the_exact_nll_is_not_called_sampling_error(vae5_metrics):
+    iw = {"K": 1000, "loss": 0.70, "loss_se": 0.003, "nll": 0.71, "nll_se": 0.002, "note": "no quadrature"}
+    m = {k: v for k, v in vae5_metrics.items() if k not in ("exact", "surgery")}
+    bound = next(s for s in summary_lines({**m, "iwae": iw, "exact_nll": {"nll": 0.7322}}) if "IWAE-1000" in s)
+    assert "0.0322 below the exact NLL, 10.7 SE: too far for a bound's sampling error" in bound
+
+
+def test_a_monte_carlo_loss_that_misses_the_exact_one_by_many_errors_is_flagged(vae5_metrics):
+    m = vae5_metrics
+    check = next(s for s in summary_lines(m) if "check of the exact loss" in s)
+    assert "disagree" not in check  # a sound guide: within its errors
+    mc = {**m["montecarlo"], "loss": m["exact"]["loss"] + 0.5, "loss_se": 0.001}
+    check = next(s for s in summary_lines({**m, "montecarlo": mc}) if "check of the exact loss" in s)
+    assert "500 SE: the two estimates disagree beyond their errors" in check
+
+
 @pytest.mark.slow
 def test_evaluation_at_n_one_million_stays_within_2_gb():
     import subprocess
