@@ -124,6 +124,12 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
         path = sweep_dir / subdir
         what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"
         what = what if len(what) <= 100 else what[:97] + "..."
+        if len(Path(subdir).parts) != 1 or subdir in (".", ".."):  # a '/' in a value: folders, or a way out
+            shown = subdir if len(subdir) <= 80 else subdir[:77] + "..."
+            raise ConfigError(f"hydra.sweep.subdir: the job dir of {what} would be '{shown}', not one folder in "
+                              f"{sweep_dir} (a '/' in an override value, such as a path, makes folders, and '..' "
+                              "leaves the sweep dir): list that key in hydra.job.config.override_dirname."
+                              "exclude_keys, or set 'hydra.sweep.subdir=${hydra:job.num}'")
         if path in taken:
             raise ConfigError(f"hydra.sweep.subdir: the jobs {taken[path]} and {what} would share the job dir "
                               f"{path} (overwrite, eval.figures and train.progress change no result and are left "

@@ -119,6 +119,14 @@ def test_a_file_in_place_of_a_job_dir_refuses_the_sweep_up_front(tmp_path):
     assert sorted(p.name for p in sweep.iterdir()) == [blocker.name] and blocker.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("path", ["ck/full.pt", "../../outside/full.pt"], ids=["folders", "way_out"])
+def test_a_path_in_a_swept_value_that_would_make_job_dir_folders_refuses_the_sweep(tmp_path, path):
+    proc = run_cli("-m", f"train.resume={tmp_path / path}", "train.steps=200,300", f"hydra.sweep.dir={tmp_path / 's'}",
+                   cwd=tmp_path)
+    one_line_error(proc, "hydra.sweep.subdir", "not one folder in", "exclude_keys")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_job_dir_name_longer_than_the_filesystem_allows_refuses_the_sweep_up_front(tmp_path):
     many = ["train.beta=1.0", "train.warmup=0", "train.warmup_start=0.0", "train.average=0.0",
             "train.checkpoint_every=1000", "train.log_every=100", "eval.tol=1e-4", "eval.iwae_k=1000",
