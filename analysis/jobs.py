@@ -206,6 +206,10 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
     row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")})
+    if row["status"] == "ok" and metrics.get("status") not in (None, "ok"):  # its metrics.json says otherwise
+        row["status"] = str(metrics["status"])
+        row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"
+                                                 + ("" if status else " (and it has no status.json)"))
     if "khat.max" in row:
         row["khat.max"] = informative_khat_max(metrics)
     if (job / "encodings.nc").exists():

@@ -325,6 +325,18 @@ def test_an_ok_run_that_lost_its_metrics_is_listed_as_such_not_as_killed_before_
     assert "its status.json says ok but its metrics.json is missing" in md and "killed before it started" not in md
 
 
+def test_a_diverged_run_that_lost_its_status_json_is_still_diverged(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    diverged = job(sweep, ["seed=1"], num=1, m={"seed": 1, "n": 5, "model": "vae", "guide": "gaussian",
+                                               "status": "diverged", "reason": "loss nan at step 12", "loss": None})
+    (diverged / "status.json").unlink()
+    result, md = summary(sweep)
+    assert "1 ok, 1 not ok" in md and "loss nan at step 12" in md
+
+
 @pytest.mark.parametrize("kind", ["a run's directory", "an empty folder"])
 def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_writes_nothing(tmp_path, kind):
     from analysis.sweep import main
