@@ -178,6 +178,10 @@ def preflight(overrides, multirun: bool) -> list:
         sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
         if "submitit" in launcher:
             tolerate_lost_jobs(failed_value(sweeper))
+        if "joblib" in launcher.lower():
+            from cli import joblib_launch
+
+            joblib_launch.install(failed_value(sweeper))
         if "optuna" in sweeper.lower():
             from cli.optuna_sweep import prepare
 

@@ -1,6 +1,8 @@
 """The run directories: each run (or sweep job, or replica) claims its own directory, records its .hydra files,
 and records how it ended in status.json (fail); a sweep job that cannot claim its directory is recorded apart.
 """
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -73,20 +75,37 @@ def claim_for(cfg, out: Path, fresh: bool = False):
         return held
     from analysis.rundir import RunDirError, live_owner
 
-    pid = live_owner(out)
-    if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
-        key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
-        raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid {pid}); "
-                          f"wait for it to end, or choose another {key}")
-    resume = OmegaConf.select(cfg, "train.resume")
-    in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
-    overwrite = bool(cfg.get("overwrite", False))
-    if in_place:
-        check_in_place_resume(cfg, out, overwrite)
-    claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
-                  key="hydra.sweep.dir" if fresh else "hydra.run.dir")
+    with _locked(out):  # of two runs claiming one existing dir at once, the second sees the first's status
+        pid = live_owner(out)
+        if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
+            key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
+            raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid "
+                              f"{pid}); wait for it to end, or choose another {key}")
+        resume = OmegaConf.select(cfg, "train.resume")
+        in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
+        overwrite = bool(cfg.get("overwrite", False))
+        if in_place:
+            check_in_place_resume(cfg, out, overwrite)
+        claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
+                      key="hydra.sweep.dir" if fresh else "hydra.run.dir")
     STATE["claim"] = claim
     return claim
+
+
+@contextlib.contextmanager
+def _locked(out):
+    """An exclusive flock on the directory `out` while it is claimed, where it exists (a new dir is claimed
+    exclusively by creating its status.json: analysis.claim.Claim)."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 IN_PLACE_FREE = ("train.resume", "overwrite", "train.progress", "eval.figures", "threads")  # change no number

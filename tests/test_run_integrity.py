@@ -444,3 +444,47 @@ def test_a_dir_whose_replacement_was_killed_before_training_names_where_the_old_
     (tmp_path / ".replaced.4242" / "metrics.json").write_text("{}")
     with pytest.raises(RunDirError, match=r"the run it was replacing is kept in .*\.replaced\.4242: move its files"):
         Claim(tmp_path)
+
+
+def _claim_after(barrier, path, queue):
+    """Claim path with overwrite=true as soon as the barrier lets go, slowed between the check for a live run and
+    the status it writes (where an unlocked claim lets a second claim in)."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    import analysis.claim
+    from cli.rundirs import claim_for
+
+    init = analysis.claim.Claim.__init__
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.5)
+        init(self, *args, **kwargs)
+
+    analysis.claim.Claim.__init__ = slow
+    barrier.wait()
+    try:
+        claim_for(OmegaConf.create({"overwrite": True, "train": {"resume": None}}), path, fresh=True)
+        queue.put("claimed")
+    except ValueError as err:
+        queue.put(str(err))
+    time.sleep(1.0)  # alive while the other one looks
+
+
+def test_of_two_runs_replacing_one_run_at_once_exactly_one_gets_its_dir(tmp_path):
+    import multiprocessing
+
+    from analysis.rundir import write_status
+
+    write_status(tmp_path, "ok", "finished")
+    (tmp_path / "metrics.json").write_text("{}")
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_claim_after, args=(barrier, tmp_path, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(queue.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join()
+    assert outcomes[0] == "claimed" and "is in use: the run there is still running" in outcomes[1]

@@ -460,3 +460,32 @@ def test_a_submitit_job_is_known_by_the_id_submitit_gives_it(monkeypatch, env, j
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert launcher_job() == job
+
+
+def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
+    """A worker lost to SIGKILL (the out-of-memory killer) makes loky end the whole pool: the jobs that were running
+    are lost and listed as killed, and the jobs not started yet still run (cli/joblib_launch.py)."""
+    import zygote
+
+    folder = tmp_path / "hook"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import os, cli.build\n"
+        "_build = cli.build.build_objective\n"
+        "def build_objective(cfg):\n"
+        "    if cfg.seed == 1:\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "    return _build(cfg)\n"
+        "cli.build.build_objective = build_objective\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{folder}{os.pathsep}{ROOT}")
+    sweep = tmp_path / "sweep"
+    proc = zygote.run([sys.executable, str(ROOT / "run.py"), "-m", "data.n=3", "train.steps=50", "eval.figures=false",
+                       "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
+                      cwd=tmp_path, env=env, timeout=600, fresh=True)
+    assert proc.returncode == 1, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "Traceback" not in said and "a joblib worker died (exit codes {SIGKILL(-9)})" in said
+    status = {p.name.split(",")[1]: json.loads((p / "status.json").read_text())["status"]
+              for p in sweep.iterdir() if (p / "status.json").exists()}
+    assert status["seed=1"] == "running" and status["seed=2"] == status["seed=3"] == "ok"  # 2, 3 ran after the loss
+    assert "failed: data.n=3,seed=1,train.steps=50: failed: killed" in proc.stderr

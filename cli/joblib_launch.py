@@ -1,0 +1,108 @@
+"""Hydra's joblib launcher, made to outlive a lost worker.
+
+A joblib worker killed from outside (SIGKILL, the out-of-memory killer) makes loky end every worker of the pool and
+joblib raise TerminatedWorkerError: Hydra's launcher then ends the whole sweep with a traceback, and the jobs not
+started yet never run. Here (installed by cli.checks.preflight under hydra/launcher=joblib) the sweep goes on: the
+jobs of the batch that ended keep their results (read back from their job dirs' status.json), the ones that were
+running when the pool died are lost (their status.json still says running, and the sweep summary lists them as
+killed; a checkpoint.pt resumes them), and the jobs not started yet are launched again, in a new pool, with their
+own job numbers. The launch itself is Hydra's (hydra_joblib_launcher._core.launch: execute_job per job, loky), so a
+sweep that loses no worker runs exactly as before.
+"""
+import logging
+import math
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ENDED = ("ok", "diverged", "failed", "refused")
+
+
+def install(value=math.nan) -> None:
+    """Make JoblibLauncher.launch this module's launch; lost jobs return `value` (cli.rundirs.failed_value). A
+    no-op without the joblib launcher plugin."""
+    try:
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+    except ImportError:
+        return
+
+    def patched(self, job_overrides, initial_job_idx):
+        return launch(self, job_overrides, initial_job_idx, value)
+
+    JoblibLauncher.launch = patched
+
+
+def launch(launcher, job_overrides, initial_job_idx: int, value=math.nan) -> list:
+    """Hydra's joblib launch of job_overrides (numbered from initial_job_idx) that relaunches, after a lost worker,
+    the jobs that had not started; returns one JobReturn per job, in order."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log, filter_overrides, setup_globals
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job, process_joblib_cfg
+    from joblib import Parallel, delayed
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    joblib_cfg = launcher.joblib
+    joblib_cfg["backend"] = "loky"  # as Hydra's launcher: its threading backend is incompatible with Hydra
+    process_joblib_cfg(joblib_cfg)
+    log.info("Joblib.Parallel({}) is launching {} jobs".format(",".join(f"{k}={v}" for k, v in joblib_cfg.items()),
+                                                               len(job_overrides)))
+    log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
+    for idx, overrides in enumerate(job_overrides):
+        log.info("\t#{} : {}".format(idx, " ".join(filter_overrides(overrides))))
+    singleton_state = Singleton.get_state()
+    todo = {initial_job_idx + i: list(o) for i, o in enumerate(job_overrides)}
+    done = {}
+    while todo:
+        try:
+            runs = Parallel(**joblib_cfg)(
+                delayed(execute_job)(idx, overrides, launcher.hydra_context, launcher.config,
+                                     launcher.task_function, singleton_state)
+                for idx, overrides in todo.items())
+        except TerminatedWorkerError as err:
+            before, lost = len(todo), []
+            for idx, overrides in list(todo.items()):
+                state, result = job_state(launcher.config, overrides, idx, value)
+                if state == "unstarted":
+                    continue
+                done[idx] = result
+                del todo[idx]
+                if state == "lost":
+                    lost.append(idx)
+            if len(todo) == before:  # no job started or ended: a new pool would die the same way
+                raise
+            codes = re.search(r"exit codes of the workers are (\{[^}]*\})", str(err))
+            why = f"exit codes {codes.group(1)}" if codes else type(err).__name__
+            log.warning(f"a joblib worker died ({why}); joblib ends every worker then: the jobs that were running "
+                        f"({', '.join(f'#{i - initial_job_idx}' for i in lost) or 'none'}) are lost (their "
+                        f"status.json says running; the summary lists them as killed), and the {len(todo)} not "
+                        "started yet run on")
+            continue
+        done.update(zip(todo, runs))
+        todo = {}
+    return [done[initial_job_idx + i] for i in range(len(job_overrides))]
+
+
+def job_state(config, overrides, idx: int, value) -> tuple:
+    """('ended' | 'lost' | 'unstarted', JobReturn or None) of job number idx after its pool died, from its job
+    dir's status.json (an ended job: its loss, or `value` where it did not end well; a job still said to be
+    running: lost) or a refusal recorded for it (cli.rundirs.record_unclaimed)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from analysis.rundir import read_status
+    from cli.sweep import _job_subdir
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    folder = sweep_dir / _job_subdir(overrides, idx, config)
+    status = read_status(folder) if folder.is_dir() else {}
+    refused = (sweep_dir / "_refused" / f"job{idx}").exists()
+    if not status and not refused:
+        return "unstarted", None
+    ended = status.get("status") in ENDED or refused
+    loss = status.get("loss") if status.get("status") == "ok" else None
+    result = JobReturn(overrides=list(overrides), working_dir=str(folder), status=JobStatus.COMPLETED,
+                       _return_value=float(loss) if loss is not None else value)
+    return ("ended" if ended else "lost"), result
