@@ -104,6 +104,27 @@ def _hydra_job(job: Path) -> tuple:
     return (str(mode) if mode is not None else None), (int(num) if str(num).isdigit() else None)
 
 
+SWEEP_LOCK = ".sweep.lock"  # cli.sweep.claim_sweep writes the launch's pid and start time into it
+
+
+def _started_before_launch(sweep_dir: Path, launches) -> list:
+    """The job dirs whose run started before the sweep last launched into sweep_dir (its .sweep.lock says when):
+    an earlier launch's, even where their overrides match this one's (a relaunch with overwrite=true that was
+    interrupted before it reached them; optuna, which writes no multirun.yaml)."""
+    import re
+
+    from .rundir import read_status
+
+    try:
+        found = re.search(r"started (\S+)", (sweep_dir / SWEEP_LOCK).read_text())
+    except OSError:
+        return []
+    if not found:
+        return []
+    return [job for job in launches
+            if (started := str(read_status(job).get("started") or "")) and started < found.group(1)]
+
+
 def job_dirs(sweep_dir: Path) -> tuple:
     """(runs, launched, left_out, missing) of the sweep last launched into sweep_dir.
 
@@ -114,16 +135,19 @@ def job_dirs(sweep_dir: Path) -> tuple:
     a sweep started at the same time, or by a single run (hydra.mode RUN) matches none: it is left out. runs: the
     run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
     left_out: the job directories of other launches; missing: the override strings of combinations without a
-    job directory of this launch. Without a multirun.yaml that can be expanded every job directory counts and
-    missing is []."""
+    job directory of this launch. A job dir whose run started before this launch (.sweep.lock) is left out too.
+    Without a multirun.yaml that can be expanded every other job directory counts and missing is []."""
     launches = _launches(_candidates(sweep_dir))
+    earlier = _started_before_launch(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
+    for job in earlier:
+        launches.pop(job)
     expected = expected_jobs(sweep_dir)
     if not expected:
-        return sorted(r for runs in launches.values() for r in runs), sorted(launches), [], []
+        return sorted(r for runs in launches.values() for r in runs), sorted(launches), sorted(earlier), []
     index = {}
     for i, combo in enumerate(expected):
         index.setdefault(_norm(combo), set()).add(i)
-    launched, left_out, done, by_num = [], [], set(), {}
+    launched, left_out, done, by_num = [], list(earlier), set(), {}
     for job in sorted(launches):
         nums = index.get(_norm(_overrides(job)), set())
         mode, num = _hydra_job(job)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from analysis.jobs import SWEEP_LOCK
 from cli.keys import compose_config, parse_overrides, single_line
 from cli.state import STATE, ConfigError
-
-SWEEP_LOCK = ".sweep.lock"
 
 
 def sweep_jobs(overrides, cfg):

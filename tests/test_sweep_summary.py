@@ -337,6 +337,26 @@ def test_a_diverged_run_that_lost_its_status_json_is_still_diverged(tmp_path):
     assert "1 ok, 1 not ok" in md and "loss nan at step 12" in md
 
 
+def started(job_dir: Path, when: str) -> None:
+    record = json.loads((job_dir / "status.json").read_text())
+    (job_dir / "status.json").write_text(json.dumps({**record, "started": when}))
+
+
+@pytest.mark.parametrize("with_multirun_yaml", [True, False], ids=["basic", "optuna"])
+def test_a_job_dir_an_earlier_launch_left_is_not_this_launchs_even_where_its_overrides_match(tmp_path,
+                                                                                         with_multirun_yaml):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    if with_multirun_yaml:
+        multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    (sweep / ".sweep.lock").write_text("pid 1, started 2026-12-02T10:00:00\n")
+    started(job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0)), "2026-12-02T10:00:05")
+    started(job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0)), "2026-12-02T09:00:00")  # the earlier launch's
+    result, md = summary(sweep)
+    assert list(result["jobs"]["seed"]) == [0] and result["left_out"] == ["seed=1"]
+    assert result["missing"] == (["seed=1"] if with_multirun_yaml else [])
+
+
 @pytest.mark.parametrize("kind", ["a run's directory", "an empty folder"])
 def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_writes_nothing(tmp_path, kind):
     from analysis.sweep import main
