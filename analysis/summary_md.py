@@ -139,7 +139,10 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                   + [EXTRA_COLUMNS[c].format(est=loss_est) for c in extra])
         body = []
         for _, r in agg.iterrows():
-            row = [r["model"], r["guide"], r["n"]] + [r[c] for c in okeys] + [int(r["seeds"])]
+            seeds = int(r["seeds"])
+            runs = int(r.get("runs", seeds)) if r.get("runs") == r.get("runs") else seeds
+            row = ([r["model"], r["guide"], r["n"]] + [r[c] for c in okeys]
+                   + [seeds if runs <= seeds else f"{seeds} of {runs} ({runs - seeds} not ok)"])
             row.append(_cell(r, loss_col) + _estimator_note(r, loss_est))
             if loss_est != "exact":
                 row.append(_se_cell(r))

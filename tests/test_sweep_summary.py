@@ -357,6 +357,18 @@ def test_a_job_dir_an_earlier_launch_left_is_not_this_launchs_even_where_its_ove
     assert result["missing"] == (["seed=1"] if with_multirun_yaml else [])
 
 
+def test_a_configuration_some_of_whose_seeds_failed_says_how_many_of_its_runs_it_averages(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1,2"], {"seed": "0,1,2"})
+    for seed in (0, 1):
+        job(sweep, [f"seed={seed}"], num=seed, m=metrics(seed, 1.0 + seed))
+    job(sweep, ["seed=2"], num=2, m={"seed": 2, "n": 5, "model": "vae", "guide": "gaussian", "status": "diverged",
+                                     "reason": "loss nan at step 3", "loss": None}, status="diverged")
+    _, md = summary(sweep)
+    assert "| 2 of 3 (1 not ok) |" in md
+
+
 @pytest.mark.parametrize("kind", ["a run's directory", "an empty folder"])
 def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_writes_nothing(tmp_path, kind):
     from analysis.sweep import main
