@@ -139,7 +139,8 @@ def _encodings(model, guide, data, samples, grids, chunk, khat):
                         "estimator": f"guide and prior samples, {samples} per data point"
                                      + ("; exact densities by quadrature" if grids else "")})
     if khat:
-        idata.attrs.update({"khat": [float(k) for k in khat["khat"]], "khat_samples": int(khat["samples"])})
+        idata.attrs.update({"khat": [float(k) for k in khat["khat"]], "khat_samples": int(khat["samples"]),
+                            "khat_joint": int(bool(khat.get("joint")))})  # one k-hat of q(z_0, z_1): both points
     return idata
 
 

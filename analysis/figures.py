@@ -90,7 +90,8 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
         prior = np.asarray(ex[f"{site}_prior"].values, dtype=float) if f"{site}_prior" in ex else None
         post = np.asarray(ex[f"{site}_posterior"].values, dtype=float) if f"{site}_posterior" in ex else None
         return {"grid": grid, "prior": prior, "aggregate": agg, "q": q, "posterior": post, "labels": labels,
-                "source": "exact", "khat": _run_khat(idata)}
+                "source": "exact", "khat": _run_khat(idata),
+                "khat_joint": bool(idata.attrs.get("khat_joint"))}
 
     qs = idata.posterior[site].values[..., component]          # (chain, draw, K)
     qs = qs.reshape(-1, qs.shape[-1])
@@ -107,7 +108,8 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
         lw = idata.sample_stats["log_weight"].values.reshape(-1, qs.shape[1])
         post = np.stack([_kde(qs[:, k], grid, weights=_smoothed_weights(lw[:, k])[0]) for k in range(qs.shape[1])])
     return {"grid": grid, "prior": prior, "aggregate": (w[:, None] * q).sum(0), "q": q, "posterior": post,
-            "labels": labels, "source": "kde", "khat": _run_khat(idata)}
+            "labels": labels, "source": "kde", "khat": _run_khat(idata),
+            "khat_joint": bool(idata.attrs.get("khat_joint"))}
 
 
 def _run_khat(idata):
@@ -155,7 +157,8 @@ def _draw_conditionals(ax, d, site, legend=True):
             p = post[k]
             ax.fill_between(g, q, p, color=col, alpha=0.3, lw=0)
             name = "p" if d["source"] == "exact" else "~p"
-            extra = f", k-hat {d['khat'][k]:.2f} [PSIS]" if d.get("khat") else ""
+            extra = ((f", joint k-hat {d['khat'][k]:.2f} [PSIS, both points]" if d.get("khat_joint")
+                      else f", k-hat {d['khat'][k]:.2f} [PSIS]") if d.get("khat") else "")
             ax.plot(g, p, color=col, lw=1.5, ls="--", dashes=(4, 2),
                     label=f"{name}({site}|{lab}) true{extra}")
             tv.append(total_variation(g, p, q))

@@ -188,3 +188,19 @@ def test_the_quadrature_of_a_trained_autonormal_runs_in_float64(data):
     result = exact(model, guide, data)
     assert result["loss"] == reference["loss"] and result["nll"] == reference["nll"]
     assert all(v.dtype == torch.float32 for v in store.get_state()["params"].values())  # the store is put back
+
+
+def test_the_encodings_figure_labels_a_joint_guides_one_k_hat_as_joint(data):
+    from analysis.encodings import encodings
+    from analysis.figures import encoding_figure
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = VAE(N, hidden=8)
+    guide = AutoMultivariateNormal(model)
+    guide(data.x)
+    idata = encodings(model, guide, data, samples=200, khat={"khat": [0.86, 0.86], "samples": 1024, "joint": True})
+    fig = encoding_figure(idata)
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert any("joint k-hat 0.86 [PSIS, both points]" in t for t in labels), labels
+    assert not any(", k-hat 0.86 [PSIS]" in t for t in labels)
