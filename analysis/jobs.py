@@ -107,22 +107,28 @@ def _hydra_job(job: Path) -> tuple:
 SWEEP_LOCK = ".sweep.lock"  # cli.sweep.claim_sweep writes the launch's pid and start time into it
 
 
-def _started_before_launch(sweep_dir: Path, launches) -> list:
-    """The job dirs whose run started before the sweep last launched into sweep_dir (its .sweep.lock says when):
-    an earlier launch's, even where their overrides match this one's (a relaunch with overwrite=true that was
-    interrupted before it reached them; optuna, which writes no multirun.yaml)."""
+def launch_started(sweep_dir: Path) -> str:
+    """When the sweep last launched into sweep_dir began ('YYYY-MM-DDTHH:MM:SS', as status.json's 'started'), from
+    its .sweep.lock; '' where unknown."""
     import re
-
-    from .rundir import read_status
 
     try:
         found = re.search(r"started (\S+)", (sweep_dir / SWEEP_LOCK).read_text())
     except OSError:
+        return ""
+    return found.group(1) if found else ""
+
+
+def _started_before_launch(sweep_dir: Path, launches) -> list:
+    """The job dirs whose run started before the sweep last launched into sweep_dir (its .sweep.lock says when):
+    an earlier launch's, even where their overrides match this one's (a relaunch with overwrite=true that was
+    interrupted before it reached them; optuna, which writes no multirun.yaml)."""
+    from .rundir import read_status
+
+    since = launch_started(sweep_dir)
+    if not since:
         return []
-    if not found:
-        return []
-    return [job for job in launches
-            if (started := str(read_status(job).get("started") or "")) and started < found.group(1)]
+    return [job for job in launches if (started := str(read_status(job).get("started") or "")) and started < since]
 
 
 def job_dirs(sweep_dir: Path) -> tuple:

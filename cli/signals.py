@@ -80,16 +80,22 @@ def stop_workers(grace: float = 10.0) -> list:
 
 
 def mark_killed(sweep_dir: Path, pids, name: str) -> int:
-    """Every run of this sweep (status.json 'running', written by this process or one of its workers `pids`) whose
-    process is gone, or is this one, gets status failed: 'killed by <name>'. Returns how many."""
+    """Every run of this sweep (status.json 'running', written by this process, one of its workers `pids`, or any
+    process of this host since this launch began: joblib ends its workers on SIGINT before they can be listed)
+    whose process is gone, or is this one, gets status failed: 'killed by <name>'. Returns how many."""
+    import socket
+
+    from analysis.jobs import launch_started
     from analysis.rundir import read_status, write_status
 
+    since, host = launch_started(Path(sweep_dir)), socket.gethostname()
     count = 0
     for path in sorted(Path(sweep_dir).rglob("status.json")):
         status = read_status(path.parent)
         pid = status.get("pid")
-        if status.get("status") != "running" or (pid != os.getpid() and pid not in pids) or (
-                pid != os.getpid() and _alive(pid)):
+        ours = pid == os.getpid() or pid in pids or (  # or a worker joblib ended before we could list it
+            since and str(status.get("started") or "") >= since and status.get("host", host) == host)
+        if status.get("status") != "running" or not ours or (pid != os.getpid() and _alive(pid)):
             continue
         write_status(path.parent, "failed", killed_reason(name, path.parent))
         count += 1
