@@ -8,7 +8,8 @@ def _named_groups(rows) -> set:
     """The groups among model and guide whose option every run's name column says (model=vae: model vae); where
     an option is named otherwise (an option of one's own under --config-dir, say model=bigvae named vae), its
     override stays a key of its own, so that two options are never taken for one configuration."""
-    return {g for g in ("model", "guide") if all(str(r["_overrides"].get(g, r.get(g))) == str(r.get(g)) for r in rows)}
+    return {g for g in ("model", "guide") if all(str(r["_overrides"].get(g, r.get(g))) == str(r.get(g))
+                                                 for r in rows if r.get(g) is not None)}
 
 
 def _group_keys(rows) -> list:
@@ -105,7 +106,8 @@ def tables(rows) -> tuple:
     agg = grouped[numeric].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
     agg = pd.concat([grouped.size().rename("seeds"), agg], axis=1).reset_index()
-    tried = jobs[jobs["duplicate_of"].isna()].fillna({k: "" for k in keys}).astype({k: str for k in keys})
+    tried = jobs[jobs["duplicate_of"].isna()].astype({k: object for k in keys}).fillna({k: "" for k in keys})
+    tried = tried.astype({k: str for k in keys})
     counts = tried.groupby(keys, dropna=False).size()  # every run of a configuration, failed ones too
     agg["runs"] = [int(counts.get(tuple(str(r[k]) for k in keys) if len(keys) > 1 else str(r[keys[0]]),
                                   r["seeds"])) for _, r in agg.iterrows()]

@@ -18,7 +18,8 @@ class Claim:
     back; a replacing claim moves the previous run's files, large ones too, into .replaced.<pid>/ and moves them
     back (moved)."""
 
-    def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir"):
+    def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir",
+                 launch: str = ""):
         """Create `path` (and its parents) and mark it running. Raises RunDirError if path is a file, cannot be
         created, lies inside another run's directory or is a current directory holding other files
         (check_run_dir_place), or already holds a run (unless allow_existing).
@@ -29,6 +30,7 @@ class Claim:
         <path>/.replaced.<pid>/ at once, so the new run's outputs never mix with the old ones; release() moves them
         back, and they are deleted (commit) once the run ends as ok, diverged or failed, i.e. after it passed every
         check before training. Files that are not a run's (someone's precious.png) are never moved or removed."""
+        self.launch = launch  # the sweep launch this job belongs to (analysis.jobs.launch_of), in its status.json
         self.path = path = Path(path).absolute()
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
         self.hydra_before = set()
@@ -99,7 +101,7 @@ class Claim:
             self._move_back(keep_status=True)
             extra = {"kept": f"the outputs of the run that was here (status '{old.get('status', '?')}') are kept: "
                              "this run was refused before it trained", **extra}
-        write_status(self.path, status, reason, **extra)
+        write_status(self.path, status, reason, **({"launch": self.launch} if self.launch else {}), **extra)
 
     def commit(self) -> None:
         """The run passed every check before training: delete the replaced run's files, and the backups that earlier

@@ -107,28 +107,42 @@ def _hydra_job(job: Path) -> tuple:
 SWEEP_LOCK = ".sweep.lock"  # cli.sweep.claim_sweep writes the launch's pid and start time into it
 
 
-def launch_started(sweep_dir: Path) -> str:
-    """When the sweep last launched into sweep_dir began ('YYYY-MM-DDTHH:MM:SS', as status.json's 'started'), from
-    its .sweep.lock; '' where unknown."""
-    import re
-
+def launch_of(sweep_dir: Path) -> str:
+    """The id of the sweep last launched into sweep_dir: its .sweep.lock's line ('pid <pid>, started <time>'), which
+    each of its jobs copies into its status.json ('launch'); '' where unknown."""
     try:
-        found = re.search(r"started (\S+)", (sweep_dir / SWEEP_LOCK).read_text())
+        return (Path(sweep_dir) / SWEEP_LOCK).read_text().strip()
     except OSError:
         return ""
+
+
+def launch_started(sweep_dir: Path) -> str:
+    """When the sweep last launched into sweep_dir began ('YYYY-MM-DDTHH:MM:SS', as status.json's 'started'); ''
+    where unknown."""
+    import re
+
+    found = re.search(r"started (\S+)", launch_of(sweep_dir))
     return found.group(1) if found else ""
 
 
+def of_this_launch(status: dict, sweep_dir: Path) -> bool:
+    """Whether a job's status.json belongs to the sweep last launched into sweep_dir: by the launch id it copied
+    (clock-free), or, for a status.json without one, by its start time against the launch's; True where neither
+    can tell."""
+    launch = launch_of(sweep_dir)
+    if status.get("launch") and launch:
+        return status["launch"] == launch
+    since, started = launch_started(sweep_dir), str(status.get("started") or "")
+    return not (since and started and started < since)
+
+
 def _started_before_launch(sweep_dir: Path, launches) -> list:
-    """The job dirs whose run started before the sweep last launched into sweep_dir (its .sweep.lock says when):
-    an earlier launch's, even where their overrides match this one's (a relaunch with overwrite=true that was
-    interrupted before it reached them; optuna, which writes no multirun.yaml)."""
+    """The job dirs of an earlier launch into sweep_dir (of_this_launch false), even where their overrides match
+    this one's (a relaunch with overwrite=true that was interrupted before it reached them; optuna, which writes
+    no multirun.yaml)."""
     from .rundir import read_status
 
-    since = launch_started(sweep_dir)
-    if not since:
-        return []
-    return [job for job in launches if (started := str(read_status(job).get("started") or "")) and started < since]
+    return [job for job in launches if (status := read_status(job)) and not of_this_launch(status, sweep_dir)]
 
 
 def job_dirs(sweep_dir: Path) -> tuple:

@@ -87,6 +87,13 @@ def _runs_wide(guide, wide, data) -> bool:
                if site["type"] == "sample" and not site["is_observed"] and site["value"].is_floating_point())
 
 
+def _restore(own: dict) -> None:
+    """Put back the PyroModules' own parameter tensors (the store's), as they were before a float64 scope."""
+    for m, params in own.items():
+        m._parameters.clear()
+        m._parameters.update(params)
+
+
 def in_float64(fn):
     """Decorator of the quadratures fn(model, guide, data, ...) of analysis.exact: a model or guide that is a plain
     torch.nn.Module computing in float32 runs as a float64 copy (parameters and buffers), and the param store's
@@ -109,6 +116,8 @@ def in_float64(fn):
         model, guide = bound.arguments.get("model"), bound.arguments.get("guide")
         if not all(isinstance(m, torch.nn.Module) for m in (model, guide)):  # a function's params: its own dtype
             return fn(*args, **kwargs)
+        own = {m: dict(m._parameters) for part in (model, guide) if isinstance(part, PyroModule)
+               for m in part.modules()}  # a PyroModule points its attributes at a scope's float64 params
         copies = {role: c for role, c in (("model", _copied(model)), ("guide", _copied(guide))) if c is not None}
         store = pyro.get_param_store()
         state = store.get_state()
@@ -119,13 +128,19 @@ def in_float64(fn):
         wide = {"params": {k: v.detach().double() if v.dtype == torch.float32 else v
                            for k, v in state["params"].items()}, "constraints": state["constraints"]}
         data = bound.arguments.get("data")
-        if not all(role in copies or (_set_up(m) and (not _float32(m) or role == "guide" and _runs_wide(m, wide, data)))
-                   for role, m in (("model", model), ("guide", guide))):
+        wide_ok = all(role in copies or (_set_up(m) and (not _float32(m) or role == "guide"
+                                                           and _runs_wide(m, wide, data)))
+                      for role, m in (("model", model), ("guide", guide)))
+        _restore(own)  # the probe's scope too
+        if not wide_ok:
             return fn(*args, **kwargs)  # one part keeps float32 tensors of its own: both as they are, one dtype
         checked = already_checked(model, guide, data)  # the copies are the same model and guide
         bound.arguments.update(copies)
-        with store.scope(wide), (inputs_checked(bound.arguments["model"], bound.arguments["guide"], data) if checked
-                                 else contextlib.nullcontext()):
-            return fn(*bound.args, **bound.kwargs)
+        try:
+            with store.scope(wide), (inputs_checked(bound.arguments["model"], bound.arguments["guide"], data)
+                                     if checked else contextlib.nullcontext()):
+                return fn(*bound.args, **bound.kwargs)
+        finally:
+            _restore(own)
 
     return wrapped

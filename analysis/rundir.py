@@ -64,7 +64,7 @@ def write_status(path, status: str, reason: str = "", **extra) -> None:
         raise ValueError(f"status must be one of {', '.join(STATES)}, got {status!r}")
     old = read_status(path)
     # a replica group's members stay listed as it ends (a new run in the dir starts without them)
-    kept = {k: old[k] for k in ("replicas",) if k in old and status != "running"}
+    kept = {k: old[k] for k in ("replicas", "launch") if k in old and status != "running"}
     record = {"status": status, "reason": " ".join(str(reason).split()),
               "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(),
               "host": socket.gethostname(), **kept, **extra}
@@ -79,9 +79,9 @@ def occupant(path) -> str:
     if not path.is_dir():
         return ""
     status = read_status(path)
-    backups = sorted(path.glob(".replaced.*"))  # a replacement killed before training (SIGKILL) left these
+    backups = sorted(path.glob(".replaced.*"), key=lambda p: p.stat().st_mtime)  # replacements SIGKILLed before
     kept = (f" (the run it was replacing is kept in {backups[-1]}: move its files back into {path} to restore it; "
-            "overwrite=true deletes it)" if backups else "")
+            "a run there with overwrite=true deletes it)" if backups else "")  # training left these
     if status:
         return f"a run with status '{status.get('status', '?')}'{kept}"
     found = [name for name in OUTPUTS if (path / name).exists()]

@@ -175,7 +175,7 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     if exact_nll is not None:
         below = exact_nll["nll"] - i["loss"]
         if below > 0:  # an upper bound of the NLL in expectation: its estimate is below only by sampling error
-            far = i.get("loss_se") and below > DISAGREE_SE * i["loss_se"]
+            far = i.get("loss_se") and below > DISAGREE_SE * math.hypot(i["loss_se"], exact_nll.get("error") or 0)
             lines[0] += (f"; {below:.4f} below the exact NLL, "
                          + (f"{below / i['loss_se']:.1f} SE: too far for a bound's sampling error (the guide's "
                             "log-density does not match the law of its draws)" if far else
@@ -200,8 +200,8 @@ def _disagreement(diff, se, error) -> str:
     scale = math.hypot(se, error or 0.0)
     if abs(diff) <= DISAGREE_SE * scale:
         return ""
-    return (f", {abs(diff) / scale:.0f} SE: the two estimates disagree beyond their errors: the guide's "
-            "log-density and the law of its draws differ, so neither is to be trusted")
+    return (f", {abs(diff) / scale:.0f} SE: the two estimates disagree beyond their errors: check that the guide's "
+            "log-density is that of the law of its draws")
 
 
 def _khat_lines(m: dict) -> list:

@@ -1,4 +1,5 @@
-"""Hydra's joblib launcher, made to outlive a lost worker.
+"""Hydra's joblib launcher, made to outlive a lost worker (launch() follows hydra-joblib-launcher 1.2's
+_core.launch line by line, but for the relaunch: compare it there on an upgrade of the plugin).
 
 A joblib worker killed from outside (SIGKILL, the out-of-memory killer) makes loky end every worker of the pool and
 joblib raise TerminatedWorkerError: Hydra's launcher then ends the whole sweep with a traceback, and the jobs not
@@ -89,16 +90,20 @@ def launch(launcher, job_overrides, initial_job_idx: int, value=math.nan) -> lis
 def job_state(config, overrides, idx: int, value) -> tuple:
     """('ended' | 'lost' | 'unstarted', JobReturn or None) of job number idx after its pool died, from its job
     dir's status.json (an ended job: its loss, or `value` where it did not end well; a job still said to be
-    running: lost) or a refusal recorded for it (cli.rundirs.record_unclaimed)."""
+    running: lost) or a refusal recorded for it (cli.rundirs.record_unclaimed); a status.json an earlier launch
+    left (analysis.jobs.of_this_launch) is no sign of this one's job: unstarted."""
     from hydra.core.utils import JobReturn, JobStatus
 
+    from analysis.jobs import of_this_launch
     from analysis.rundir import read_status
     from cli.sweep import _job_subdir
 
     sweep_dir = Path(str(config.hydra.sweep.dir))
     folder = sweep_dir / _job_subdir(overrides, idx, config)
     status = read_status(folder) if folder.is_dir() else {}
-    refused = (sweep_dir / "_refused" / f"job{idx}").exists()
+    status = status if status and of_this_launch(status, sweep_dir) else {}  # not an earlier launch's
+    record = read_status(sweep_dir / "_refused" / f"job{idx}")
+    refused = bool(record) and of_this_launch(record, sweep_dir)
     if not status and not refused:
         return "unstarted", None
     ended = status.get("status") in ENDED or refused

@@ -47,7 +47,7 @@ def record_unclaimed(cfg, hc, err, reason: str = None) -> None:
     from analysis.rundir import RunDirError
 
     try:
-        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)))
+        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)), launch=_launch())
         save_hydra_files(claim, cfg, hc)
         claim.status("refused", reason or f"its job dir could not be claimed: {single_line(err)}")
     except (RunDirError, OSError):
@@ -87,17 +87,32 @@ def claim_for(cfg, out: Path, fresh: bool = False):
         if in_place:
             check_in_place_resume(cfg, out, overwrite)
         claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
-                      key="hydra.sweep.dir" if fresh else "hydra.run.dir")
+                      key="hydra.sweep.dir" if fresh else "hydra.run.dir", launch=_launch() if fresh else "")
     STATE["claim"] = claim
     return claim
 
 
+def _launch() -> str:
+    """The running sweep's launch id (analysis.jobs.launch_of of its sweep dir); '' outside a Hydra multirun."""
+    from analysis.jobs import launch_of
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return launch_of(Path(str(HydraConfig.get().sweep.dir)))
+    except ValueError:  # no Hydra app
+        return ""
+
+
 @contextlib.contextmanager
 def _locked(out):
-    """An exclusive flock on the directory `out` while it is claimed, where it exists (a new dir is claimed
-    exclusively by creating its status.json: analysis.claim.Claim)."""
+    """An exclusive flock, while `out` is claimed, on `out` or, where it does not exist yet, on its nearest existing
+    parent: two claims of one dir, new or not, take turns, and the second sees the first's status.json."""
+    folder = Path(out).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield
         return

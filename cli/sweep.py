@@ -10,6 +10,8 @@ from analysis.jobs import SWEEP_LOCK
 from cli.keys import compose_config, parse_overrides, single_line
 from cli.state import STATE, ConfigError
 
+DEFAULT_SUBDIR = "${hydra:job.override_dirname}"  # conf/config.yaml's hydra.sweep.subdir: job dirs named by values
+
 
 def sweep_jobs(overrides, cfg):
     """Every job of the sweep, as the overrides Hydra's basic sweeper gives it (the config's hydra.sweeper.params,
@@ -93,7 +95,7 @@ def _job_subdir(job, num: int, cfg) -> str:
     name = get_overrides_dirname(parsed, exclude_keys=list(od.exclude_keys), item_sep=od.item_sep,
                                  kv_sep=od.kv_sep)
     raw = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
-    if raw == "${hydra:job.override_dirname}":
+    if raw == DEFAULT_SUBDIR:
         return name
     from omegaconf import read_write
 
@@ -123,12 +125,16 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
         path = sweep_dir / subdir
         what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"
         what = what if len(what) <= 100 else what[:97] + "..."
-        if len(Path(subdir).parts) != 1 or subdir in (".", ".."):  # a '/' in a value: folders, or a way out
+        by_values = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") == DEFAULT_SUBDIR
+        inside = os.path.normpath(path).startswith(os.path.normpath(sweep_dir) + os.sep)
+        if not inside or (by_values and len(Path(subdir).parts) != 1):  # a '/' in a value: folders, or a way out
             shown = subdir if len(subdir) <= 80 else subdir[:77] + "..."
-            raise ConfigError(f"hydra.sweep.subdir: the job dir of {what} would be '{shown}', not one folder in "
-                              f"{sweep_dir} (a '/' in an override value, such as a path, makes folders, and '..' "
-                              "leaves the sweep dir): list that key in hydra.job.config.override_dirname."
-                              "exclude_keys, or set 'hydra.sweep.subdir=${hydra:job.num}'")
+            raise ConfigError(f"hydra.sweep.subdir: the job dir of {what} would be '{shown}', "
+                              + (f"outside {sweep_dir} ('..' leaves it)" if not inside else
+                                 f"not one folder in {sweep_dir} (a '/' in an override value, such as a path, "
+                                 "makes folders)")
+                              + ": list that key in hydra.job.config.override_dirname.exclude_keys, or set "
+                              "'hydra.sweep.subdir=${hydra:job.num}'")
         if path in taken:
             raise ConfigError(f"hydra.sweep.subdir: the jobs {taken[path]} and {what} would share the job dir "
                               f"{path} (overwrite, eval.figures and train.progress change no result and are left "
@@ -192,11 +198,18 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     created = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]
     lock = sweep_dir / SWEEP_LOCK
     new_lock = not lock.exists()
+    try:
+        earlier = b"" if new_lock else lock.read_bytes()  # the last launch's id (analysis.jobs.launch_of)
+    except OSError:
+        earlier = b""
 
     def undo(fd):
-        os.close(fd)
         if new_lock:
             lock.unlink(missing_ok=True)
+        elif earlier:  # the sweep that was there stays the last launched: its summary still finds its jobs
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, earlier, 0)
+        os.close(fd)
         for folder in created:  # innermost first; only while empty
             try:
                 folder.rmdir()

@@ -105,11 +105,11 @@ def check_guide(model, guide, x) -> None:
     auxiliary = [n for n, site in guide_trace.nodes.items()
                  if site["type"] == "sample" and site["infer"].get("is_auxiliary")]
     free = [n for n in want if not isinstance(_base(guide_trace.nodes[n]["fn"]), dist.Delta)]
-    if auxiliary and free:  # an auxiliary site's density is in the loss, but nothing integrates it out
-        raise GuideMismatchError(f"guide site '{auxiliary[0]}' is auxiliary (is_auxiliary=True) while the latent site "
-                                 f"'{free[0]}' has a density of its own: the loss is then no bound on log p(x); "
-                                 "auxiliary sites are allowed only where every latent site is a deterministic "
-                                 "function of them (a Delta, as in Pyro's AutoContinuous guides)")
+    if auxiliary and len(free) == len(want):  # its density is in the loss, and no latent is a function of it
+        raise GuideMismatchError(f"guide site '{auxiliary[0]}' is auxiliary (is_auxiliary=True) while every latent "
+                                 f"site ({', '.join(free)}) has a density of its own: the loss is then no bound on "
+                                 "log p(x); an auxiliary site must carry the density of latent sites that are "
+                                 "deterministic functions of it (Deltas, as in Pyro's autoguides)")
     for name in [*auxiliary, *want]:
         scale = guide_trace.nodes[name]["scale"]
         if not bool(torch.all(torch.as_tensor(scale) == 1)):

@@ -183,11 +183,12 @@ def test_the_quadrature_of_a_trained_autonormal_runs_in_float64(data):
     state = store.get_state()
     wide = {"params": {k: v.detach().double() for k, v in state["params"].items()},
             "constraints": state["constraints"]}
+    result = exact(model, guide, data)
+    assert all(v.dtype == torch.float32 for v in store.get_state()["params"].values())  # the store is put back
+    assert all(p.dtype == torch.float32 for p in guide.parameters())  # and the guide's own tensors
     with store.scope(wide):
         reference = exact(copy.deepcopy(model).double(), guide, data)
-    result = exact(model, guide, data)
     assert result["loss"] == reference["loss"] and result["nll"] == reference["nll"]
-    assert all(v.dtype == torch.float32 for v in store.get_state()["params"].values())  # the store is put back
 
 
 def test_the_encodings_figure_labels_a_joint_guides_one_k_hat_as_joint(data):

@@ -149,7 +149,7 @@ def test_an_auxiliary_site_beside_a_latent_with_its_own_density_is_refused():
                             infer={"is_auxiliary": True})
             _normal_z(x, 0.1 * u)
 
-    with pytest.raises(ValueError, match=r"guide site 'u' is auxiliary .* latent site 'z' has a density of its own"):
+    with pytest.raises(ValueError, match=r"guide site 'u' is auxiliary .* every latent site \(z\) has a density of its own"):
         check_guide(VAE(3), auxiliary, OneBit(3).x)
 
 

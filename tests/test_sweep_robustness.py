@@ -127,6 +127,15 @@ def test_a_path_in_a_swept_value_that_would_make_job_dir_folders_refuses_the_swe
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_nested_job_dir_layout_of_ones_own_runs_and_is_summarised(tmp_path):
+    proc = run_cli("-m", "hydra.sweep.subdir=${model.name}/${hydra:job.num}", "data.n=3", "train.steps=20",
+                   "eval.figures=false", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 jobs, 2 runs (0 failed, 0 missing" in proc.stdout + proc.stderr
+    launch = (tmp_path / "s" / ".sweep.lock").read_text().strip()  # each job records its launch: no clocks compared
+    assert [json.loads(p.read_text())["launch"] for p in (tmp_path / "s").rglob("status.json")] == [launch] * 2
+
+
 def test_a_job_dir_name_longer_than_the_filesystem_allows_refuses_the_sweep_up_front(tmp_path):
     many = ["train.beta=1.0", "train.warmup=0", "train.warmup_start=0.0", "train.average=0.0",
             "train.checkpoint_every=1000", "train.log_every=100", "eval.tol=1e-4", "eval.iwae_k=1000",
@@ -493,3 +502,25 @@ def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
               for p in sweep.iterdir() if (p / "status.json").exists()}
     assert status["seed=1"] == "running" and status["seed=2"] == status["seed=3"] == "ok"  # 2, 3 ran after the loss
     assert "failed: data.n=3,seed=1,train.steps=50: failed: killed" in proc.stderr
+
+
+def test_after_a_lost_worker_an_earlier_launchs_job_dir_is_no_sign_of_this_launchs_job(tmp_path):
+    """A relaunch with overwrite=true into the same sweep dir: a job not started yet when a worker died still has
+    the earlier launch's status.json, and is relaunched, not taken for ended (cli/joblib_launch.job_state)."""
+    from omegaconf import open_dict
+
+    from analysis.rundir import write_status
+    from cli.joblib_launch import job_state
+    from cli.keys import compose_config
+
+    sweep = tmp_path / "sweep"
+    cfg = compose_config(["seed=0", f"hydra.sweep.dir={sweep}"], hydra_cfg=True)
+    with open_dict(cfg):
+        cfg.hydra.job.override_dirname = "seed=0"
+    folder = sweep / "seed=0"
+    folder.mkdir(parents=True)
+    (sweep / ".sweep.lock").write_text("pid 2, started 2026-12-02T10:00:00\n")
+    write_status(folder, "ok", "finished", launch="pid 1, started 2026-12-02T09:00:00", loss=1.0)
+    assert job_state(cfg, ["seed=0"], 0, float("nan"))[0] == "unstarted"
+    write_status(folder, "ok", "finished", launch="pid 2, started 2026-12-02T10:00:00", loss=1.0)
+    assert job_state(cfg, ["seed=0"], 0, float("nan"))[0] == "ended"
