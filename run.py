@@ -140,7 +140,9 @@ def crashed(claim, out: Path, err: Exception, multirun: bool):
     """A run that crashed once training had begun: one line, status failed (a crash: its traceback in
     <out>/traceback.txt; an OSError: the outputs could not be written; submitit's stop for good: how to resume)."""
     if isinstance(err, OSError):
-        return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}", multirun)
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return cli.fail(claim, "failed", f"cannot write the run's outputs in {out}: {err.strerror or err}{where}",
+                        multirun)
     if type(err).__module__.startswith("submitit"):  # submitit stopped the job for good (no requeue left)
         resumes = " (its checkpoint.pt resumes it)" if (out / "checkpoint.pt").exists() else ""
         return cli.fail(claim, "failed", f"stopped by the launcher: {err}{resumes}", multirun)

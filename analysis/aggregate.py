@@ -1,6 +1,7 @@
 """A sweep's rows as tables: one row per run, with the runs that repeat a (configuration, seed) marked, and the
 seeds aggregated per configuration (mean, sd and count of the runs that have each metric); _metric names the column
 and estimator a summary shows for a metric."""
+NO_RESULT_KEYS = ("overwrite", "eval.figures", "train.progress")  # change no number (conf: override_dirname)
 ID_COLUMNS = ("job", "status", "duplicate_of", "model", "guide", "n", "seed", "beta", "overrides")
 
 
@@ -14,7 +15,7 @@ def _named_groups(rows) -> set:
 
 def _group_keys(rows) -> list:
     """Aggregation keys: model, guide, n and every other override key that varies, except the seed."""
-    skip = {"seed", "data.n", "hydra.job.chdir"} | _named_groups(rows)
+    skip = {"seed", "data.n", "hydra.job.chdir", *NO_RESULT_KEYS} | _named_groups(rows)
     keys = sorted({k for r in rows for k in r["_overrides"] if k not in skip
                    and len({str(q["_overrides"].get(k)) for q in rows}) > 1})
     return ["model", "guide", "n"] + [f"override:{k}" for k in keys]
@@ -24,7 +25,7 @@ def fixed_overrides(rows) -> list:
     """The overrides every run of the sweep shares, as sorted 'key=value' strings (no column of the tables)."""
     if not rows:
         return []
-    keys = set.intersection(*(set(r["_overrides"]) for r in rows))
+    keys = set.intersection(*(set(r["_overrides"]) for r in rows)) - set(NO_RESULT_KEYS)
     return sorted(f"{k}={rows[0]['_overrides'][k]}" for k in keys
                   if len({str(r["_overrides"][k]) for r in rows}) == 1)
 

@@ -109,11 +109,11 @@ def _locked(out):
     """An exclusive flock, while `out` is claimed, on `out` or, where it does not exist yet, on its nearest existing
     parent: two claims of one dir, new or not, take turns, and the second sees the first's status.json."""
     folder = Path(out).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    except OSError:  # a name too long, a file in the way: the Claim refuses it in one line
         yield
         return
     try:

@@ -479,3 +479,13 @@ def test_a_mean_too_small_for_four_decimals_is_written_with_its_digits():
     assert _pm(2.1e-05, 1.5e-05) == "2.10e-05 ± 1.50e-05"
     assert _pm(0.7176, 0.0017) == "0.7176 ± 0.0017"
     assert _pm(0.0, 0.0) == "0.0000 ± 0.0000"
+
+
+def test_overrides_that_change_no_number_neither_split_configurations_nor_fill_the_fixed_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    job(sweep, ["seed=0", "overwrite=true", "eval.figures=false"], m=metrics(0, 1.0))
+    job(sweep, ["seed=1", "eval.figures=false"], m=metrics(1, 1.2))
+    result, md = summary(sweep)
+    assert len(result["aggregated"]) == 1 and "overwrite" not in md.split("## Runs")[0]
+    assert "eval.figures" not in md.split("## By configuration")[0]
