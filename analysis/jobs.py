@@ -125,18 +125,18 @@ def launch_started(sweep_dir: Path) -> str:
     return found.group(1) if found else ""
 
 
-def of_this_launch(status: dict, sweep_dir: Path) -> bool:
+def of_this_launch(status: dict, sweep_dir: Path, unknown: bool = True) -> bool:
     """Whether a job's status.json belongs to the sweep last launched into sweep_dir: by the launch id it copied
-    (clock-free), or, for a status.json without one, by its start time against the launch's; True where neither
-    can tell."""
+    (clock-free), or, for a status.json without one, by its start time against the launch's; `unknown` where
+    neither can tell."""
     launch = launch_of(sweep_dir)
     if status.get("launch") and launch:
         return status["launch"] == launch
     since, started = launch_started(sweep_dir), str(status.get("started") or "")
-    return not (since and started and started < since)
+    return started >= since if since and started else unknown
 
 
-def _started_before_launch(sweep_dir: Path, launches) -> list:
+def _of_earlier_launches(sweep_dir: Path, launches) -> list:
     """The job dirs of an earlier launch into sweep_dir (of_this_launch false), even where their overrides match
     this one's (a relaunch with overwrite=true that was interrupted before it reached them; optuna, which writes
     no multirun.yaml)."""
@@ -158,7 +158,7 @@ def job_dirs(sweep_dir: Path) -> tuple:
     job directory of this launch. A job dir whose run started before this launch (.sweep.lock) is left out too.
     Without a multirun.yaml that can be expanded every other job directory counts and missing is []."""
     launches = _launches(_candidates(sweep_dir))
-    earlier = _started_before_launch(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
+    earlier = _of_earlier_launches(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
     for job in earlier:
         launches.pop(job)
     expected = expected_jobs(sweep_dir)

@@ -85,18 +85,15 @@ def mark_killed(sweep_dir: Path, pids, name: str) -> int:
     whose process is gone, or is this one, gets status failed: 'killed by <name>'. Returns how many."""
     import socket
 
-    from analysis.jobs import launch_of, launch_started
+    from analysis.jobs import of_this_launch
     from analysis.rundir import read_status, write_status
 
-    launch, since, host = launch_of(Path(sweep_dir)), launch_started(Path(sweep_dir)), socket.gethostname()
-    count = 0
+    host, count = socket.gethostname(), 0
     for path in sorted(Path(sweep_dir).rglob("status.json")):
         status = read_status(path.parent)
         pid = status.get("pid")
-        here = (status["launch"] == launch if status.get("launch") else  # this launch's, by its id or its time
-                bool(since) and str(status.get("started") or "") >= since)
-        ours = pid == os.getpid() or pid in pids or (here and status.get("host", host) == host)  # or a worker
-        # joblib ended before we could list it
+        ours = pid == os.getpid() or pid in pids or (  # or a worker joblib ended before we could list it
+            of_this_launch(status, Path(sweep_dir), unknown=False) and status.get("host", host) == host)
         if status.get("status") != "running" or not ours or (pid != os.getpid() and _alive(pid)):
             continue
         write_status(path.parent, "failed", killed_reason(name, path.parent))
