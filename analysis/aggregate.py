@@ -107,8 +107,8 @@ def tables(rows) -> tuple:
     agg = grouped[numeric].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
     agg = pd.concat([grouped.size().rename("seeds"), agg], axis=1).reset_index()
-    tried = jobs[jobs["duplicate_of"].isna()].astype({k: object for k in keys}).fillna({k: "" for k in keys})
-    tried = tried.astype({k: str for k in keys})
+    tried = jobs[jobs["duplicate_of"].isna()]
+    tried = pd.DataFrame({k: ["" if pd.isna(v) else str(v) for v in tried[k]] for k in keys})
     counts = tried.groupby(keys, dropna=False).size()  # every run of a configuration, failed ones too
     agg["runs"] = [int(counts.get(tuple(str(r[k]) for k in keys) if len(keys) > 1 else str(r[keys[0]]),
                                   r["seeds"])) for _, r in agg.iterrows()]

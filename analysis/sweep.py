@@ -96,4 +96,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("arviz").setLevel(logging.WARNING)  # "arviz_base not installed": its preview API, unused
     main()
