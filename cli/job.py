@@ -90,6 +90,7 @@ class GoodCheckpoint:
         tmp.unlink(missing_ok=True)
         os.link(self.path, tmp)
         os.replace(tmp, self.good)
+        tmp.unlink(missing_ok=True)  # rename does nothing where both already name one file: tmp would stay
         self.step = step
 
     def __call__(self, step, row) -> None:

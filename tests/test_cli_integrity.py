@@ -239,6 +239,17 @@ def test_the_good_checkpoint_is_the_one_written_before_the_divergence(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"step 10"
 
 
+def test_a_good_checkpoint_linked_twice_leaves_no_temporary_link(tmp_path):
+    from run import GoodCheckpoint
+    from models import OneBit
+
+    good = GoodCheckpoint(tmp_path, OneBit(3, (0.5, 0.5)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"step 10")
+    good(10, {"objective": 2.0})
+    good(20, {"objective": 2.0})  # checkpoint.pt not saved again: the link already names the same file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.good.pt", "checkpoint.pt"]
+
+
 def test_a_run_still_in_its_kl_warmup_is_not_called_diverged(tmp_path):
     proc = run_cli(*TINY, "train.warmup=1000", "train.steps=50", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
