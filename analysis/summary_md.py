@@ -30,6 +30,7 @@ def _override_header(column: str) -> str:
     key = column.split(":", 1)[1]
     return f"{key} option" if key in ("model", "guide") else key
 
+
 def _pm(mean, sd, digits=4, sci=False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
@@ -139,8 +140,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                   + [EXTRA_COLUMNS[c].format(est=loss_est) for c in extra])
         body = []
         for _, r in agg.iterrows():
-            seeds = int(r["seeds"])
-            runs = int(r.get("runs", seeds)) if r.get("runs") == r.get("runs") else seeds
+            seeds, runs = int(r["seeds"]), int(r.get("runs", r["seeds"]))  # runs: failed ones too (aggregate)
             row = ([r["model"], r["guide"], r["n"]] + [r[c] for c in okeys]
                    + [seeds if runs <= seeds else f"{seeds} of {runs} ({runs - seeds} not ok)"])
             row.append(_cell(r, loss_col) + _estimator_note(r, loss_est))
