@@ -34,7 +34,6 @@ def check_particles(model, guide, x) -> None:
     particles in a plate left of the data plate (dim -2), as the objectives run them: a guide that reshapes as if
     there were one particle, or draws the model cannot take (inf), is refused before training, not in its first
     step with a multi-line error. The caller's RNG is left as it was: a run's numbers do not depend on the check."""
-
     how = f" with {PARTICLES} vectorised particles (a plate at dim -2, left of the data plate, as the objectives draw"
     with torch.random.fork_rng(), pyro.validation_enabled(True), poutine.block(), \
             pyro.plate("num_particles_vectorized", PARTICLES, dim=-2):  # its draws leave the caller's RNG alone
@@ -52,7 +51,6 @@ def _base(fn):
 def _masked(site) -> bool:
     """Whether any of a site's log-density is masked out: a poutine.mask on the site, or a .mask() on its
     distribution (a MaskedDistribution anywhere in its wrappers) whose mask is not all true."""
-
     masks = [site.get("mask")]
     fn = site["fn"]
     while fn is not None:
