@@ -148,7 +148,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                 row.append(_se_cell(r))
             row.append(_cell(r, rec_col, digits=3, sci=True) + _estimator_note(r, rec_est))
             if f"{rate_col}_mean" in agg:
-                row.append(_cell(r, rate_col))
+                row.append(_cell(r, rate_col) + (_estimator_note(r, loss_est) if rate_col == "rate" else ""))
             row += [_cell(r, f"kl.{s}") + _estimator_note(r, loss_est) for s in sites]
             row += [_cell(r, c) + (_estimator_note(r, loss_est) if "{est}" in EXTRA_COLUMNS[c] else "")
                     for c in extra]

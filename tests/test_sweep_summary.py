@@ -1,6 +1,7 @@
 """The sweep summary (analysis.sweep) on hand-made sweep directories laid out as Hydra and run.py write them:
 it counts this sweep's jobs only, each run once, and every number in it says over which runs and by which
 estimator it was computed."""
+import itertools
 import json
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def config_table(md: str) -> list:
     """The rows of summary.md's 'By configuration' table as dicts of header -> cell."""
     lines = md.split("## By configuration")[1].strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [line for line in lines[2:] if line.startswith("|")]
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[2:]))  # this table's rows only
     return [dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in rows]
 
 
@@ -194,6 +195,15 @@ def test_every_number_column_of_the_by_configuration_table_names_its_estimator(t
     header = list(config_table(summary(tmp_path)[1])[0])
     numbers = [h for h in header if h not in ("model", "guide", "n", "seeds")]
     assert len(numbers) >= 11 and all(h.endswith("]") and "[" in h for h in numbers), numbers
+
+
+def test_where_configurations_differ_in_estimator_each_rate_cell_names_its_own(tmp_path):
+    job(tmp_path, ["data.n=5"], m=metrics(0, 1.0, n=5))
+    job(tmp_path, ["data.n=10"], m=metrics(0, 2.0, n=10, exact=False, se=0.01))
+    rows = config_table(summary(tmp_path)[1])
+    rate = next(k for k in rows[0] if k.startswith("rate (= KL)"))
+    assert rate == "rate (= KL) [headline]"
+    assert sorted(r[rate] for r in rows) == ["0.5000 [RQMC lattice]", "0.5000 [exact]"]
 
 
 def test_the_exact_column_is_the_exact_mean_when_every_run_has_one(tmp_path):
