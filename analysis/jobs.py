@@ -107,6 +107,15 @@ def _hydra_job(job: Path) -> tuple:
 SWEEP_LOCK = ".sweep.lock"  # cli.sweep.claim_sweep writes the launch's pid and start time into it
 
 
+def launch_line() -> str:
+    """This process's launch id, as claim_sweep writes it into .sweep.lock: 'pid <pid>, started <local time>' (the
+    time in status.json's 'started' format, which launch_started reads back)."""
+    import os
+    import time
+
+    return f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+
+
 def launch_of(sweep_dir: Path) -> str:
     """The id of the sweep last launched into sweep_dir: its .sweep.lock's line ('pid <pid>, started <time>'), which
     each of its jobs copies into its status.json ('launch'); '' where unknown."""

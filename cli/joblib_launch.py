@@ -96,10 +96,10 @@ def job_state(config, overrides, idx: int, value) -> tuple:
 
     from analysis.jobs import of_this_launch
     from analysis.rundir import read_status
-    from cli.sweep import _job_subdir
+    from cli.sweep import job_subdir
 
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    folder = sweep_dir / _job_subdir(overrides, idx, config)
+    folder = sweep_dir / job_subdir(overrides, idx, config)
     status = read_status(folder) if folder.is_dir() else {}
     status = status if status and of_this_launch(status, sweep_dir) else {}  # not an earlier launch's
     record = read_status(sweep_dir / "_refused" / f"job{idx}")

@@ -138,19 +138,23 @@ def compose_config(overrides, hydra_cfg=False):
 
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
-    overrides = list(overrides)
-    if EXTRA_DIRS:  # --config-dir's place: after conf/, before a hydra.searchpath of one's own
-        own = next((o for o in overrides if o.lstrip("+").startswith("hydra.searchpath=")), None)
-        paths = [f"'file://{d}'" for d in EXTRA_DIRS]
-        if own is None:
-            overrides.append(f"hydra.searchpath=[{','.join(paths)}]")
-        else:
-            listed = own.partition("=")[2].strip()
-            inner = listed[1:-1].strip() if listed.startswith("[") and listed.endswith("]") else listed
-            overrides[overrides.index(own)] = f"hydra.searchpath=[{','.join(paths + ([inner] if inner else []))}]"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
-    return cfg
+        return compose("config", overrides=_with_config_dirs(list(overrides)), return_hydra_config=hydra_cfg)
+
+
+def _with_config_dirs(overrides: list) -> list:
+    """The overrides with --config-dir's dirs on hydra.searchpath, where Hydra puts them: after conf/, before a
+    hydra.searchpath of one's own."""
+    if not EXTRA_DIRS:
+        return overrides
+    paths = [f"'file://{d}'" for d in EXTRA_DIRS]
+    own = next((o for o in overrides if o.lstrip("+").startswith("hydra.searchpath=")), None)
+    if own is None:
+        return [*overrides, f"hydra.searchpath=[{','.join(paths)}]"]
+    listed = own.partition("=")[2].strip()
+    inner = listed[1:-1].strip() if listed.startswith("[") and listed.endswith("]") else listed
+    return [f"hydra.searchpath=[{','.join(paths + ([inner] if inner else []))}]" if o is own else o
+            for o in overrides]
 
 
 def single_line(err) -> str:

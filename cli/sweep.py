@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from analysis.jobs import SWEEP_LOCK
+from analysis.jobs import SWEEP_LOCK, launch_line
 from cli.keys import compose_config, parse_overrides, single_line
 from cli.state import STATE, ConfigError
 
@@ -85,7 +85,7 @@ def check_seed_overlap(jobs, cfg) -> None:
                     f"apart (seed=0,{max(replicas, other[1])},...) or raise replicas instead")
 
 
-def _job_subdir(job, num: int, cfg) -> str:
+def job_subdir(job, num: int, cfg) -> str:
     """The job directory name Hydra will give job number num (hydra.sweep.subdir, resolved as Hydra does)."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.hydra_config import HydraConfig
@@ -119,7 +119,7 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
     taken = {}
     for num, job in enumerate(jobs):
         try:
-            subdir = _job_subdir(job, num, cfg)
+            subdir = job_subdir(job, num, cfg)
         except Exception:  # noqa: BLE001  an exotic subdir: Hydra resolves it itself
             return
         path = sweep_dir / subdir
@@ -233,6 +233,6 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
         raise RunDirError(f"sweep dir {sweep_dir} already holds a sweep; choose another hydra.sweep.dir, or "
                           "set overwrite=true")
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}, started {__import__('time').strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+    os.write(fd, f"{launch_line()}\n".encode())
     STATE["sweep_lock"] = fd
     STATE["sweep_undo"] = lambda: undo(fd)  # a sweep its sweeper refuses before any job (cli.optuna_sweep) leaves none
