@@ -83,13 +83,25 @@ def _launches(candidates: list) -> dict:
     return out
 
 
+def task_overrides(job: Path):
+    """The job's task overrides: its .hydra/overrides.yaml, or where that file is lost, empty or unreadable (a
+    half-written file) the same list in its .hydra/hydra.yaml (hydra.overrides.task); None where neither reads."""
+    hydra = job / ".hydra"
+    for path, key in ((hydra / "overrides.yaml", None), (hydra / "hydra.yaml", "hydra.overrides.task")):
+        try:
+            value = _yaml(path) if path.exists() else None
+        except Exception:  # noqa: BLE001  a half-written file: try the other
+            value = None
+        if key is not None:
+            value = select(value, key) if isinstance(value, dict) else None
+        if isinstance(value, list):
+            return [str(o) for o in value]
+    return None
+
+
 def _overrides(job: Path) -> list:
-    """The job's task overrides (.hydra/overrides.yaml), [] when it has none."""
-    path = job / ".hydra" / "overrides.yaml"
-    try:
-        return [str(o) for o in (_yaml(path) or [])] if path.exists() else []
-    except Exception:  # a half-written file: the job matches no combination
-        return []
+    """The job's task overrides (task_overrides), [] where it has none or none can be read."""
+    return task_overrides(job) or []
 
 
 def _hydra_job(job: Path) -> tuple:
@@ -166,6 +178,8 @@ def job_dirs(sweep_dir: Path) -> tuple:
     left_out: the job directories of other launches; missing: the override strings of combinations without a
     job directory of this launch. A job dir whose run started before this launch (.sweep.lock) is left out too.
     Without a multirun.yaml that can be expanded every other job directory counts and missing is []."""
+    from .rundir import read_status
+
     launches = _launches(_candidates(sweep_dir))
     earlier = _of_earlier_launches(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
     for job in earlier:
@@ -178,8 +192,13 @@ def job_dirs(sweep_dir: Path) -> tuple:
         index.setdefault(_norm(combo), set()).add(i)
     launched, left_out, done, by_num = [], list(earlier), set(), {}
     for job in sorted(launches):
-        nums = index.get(_norm(_overrides(job)), set())
         mode, num = _hydra_job(job)
+        overrides = task_overrides(job)
+        if overrides is not None:
+            nums = index.get(_norm(overrides), set())
+        else:  # neither overrides file reads: its job number, where this launch ran it, says which combination it is
+            nums = {num} if num is not None and num < len(expected) and of_this_launch(
+                read_status(job), sweep_dir, unknown=False) else set()
         if nums and mode != "RUN" and (num is None or num in nums):
             launched.append(job)
             done |= {num} if num is not None else nums
@@ -187,8 +206,6 @@ def job_dirs(sweep_dir: Path) -> tuple:
                 by_num.setdefault(num, []).append(job)
         else:
             left_out.append(job)
-    from .rundir import read_status
-
     for num, jobs in by_num.items():  # one job number, two dirs (an earlier launch's run put back where this launch's
         if len(jobs) > 1:  # job was refused, recorded in _refused/): the latest started is this launch's
             latest = max(jobs, key=lambda j: (str(read_status(j).get("started", "")), "_refused" in j.parts))
@@ -208,11 +225,7 @@ def _group_replicas(job: Path, overrides: list) -> list:
     listed = read_status(job.parent).get("replicas")
     if not (REPLICA_DIR.fullmatch(job.name) and isinstance(listed, list) and job.name in listed):
         return overrides
-    parent = job.parent / ".hydra" / "overrides.yaml"
-    try:
-        given = [str(o) for o in (_yaml(parent) or [])] if parent.exists() else []
-    except Exception:  # noqa: BLE001  a half-written file: the replica's own overrides, less replicas=1
-        given = []
+    given = _overrides(job.parent)  # none readable: the replica's own overrides, less replicas=1
     key = lambda o: o.lstrip("+~").partition("=")[0]  # noqa: E731
     return [o for o in overrides if key(o) != "replicas"] + [o for o in given if key(o) == "replicas"]
 
@@ -220,10 +233,8 @@ def _group_replicas(job: Path, overrides: list) -> list:
 def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
-    overrides, cfg = [], {}
-    if (job / ".hydra" / "overrides.yaml").exists():
-        overrides = [str(o) for o in (_yaml(job / ".hydra" / "overrides.yaml") or [])]
-    overrides = _group_replicas(job, overrides)
+    cfg = {}
+    overrides = _group_replicas(job, _overrides(job))
     if (job / ".hydra" / "config.yaml").exists():
         try:
             cfg = _yaml(job / ".hydra" / "config.yaml") or {}

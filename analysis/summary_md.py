@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 from .aggregate import _metric
-from .jobs import _norm, _overrides
+from .jobs import _norm, _overrides, task_overrides
 
 
 # The per-configuration table's columns beyond the loss terms: metrics.json key -> header, each with its estimator
@@ -191,4 +191,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         other = taken.get(_norm(m.split()))
         parts.append(f"- MISSING {m} (no job directory of this sweep" + (
             f"; its directory {_names([other], sweep_dir)} holds another launch's job)" if other else ")"))
+    for d in (d for d in left_out if task_overrides(Path(d)) is None):
+        parts.append(f"- UNREADABLE {_names([d], sweep_dir)}: neither its .hydra/overrides.yaml nor its "
+                     ".hydra/hydra.yaml can be read, so which job it ran is unknown")
     return "\n".join(parts) + "\n"

@@ -499,3 +499,43 @@ def test_overrides_that_change_no_number_neither_split_configurations_nor_fill_t
     result, md = summary(sweep)
     assert len(result["aggregated"]) == 1 and "overwrite" not in md.split("## Runs")[0]
     assert "eval.figures" not in md.split("## By configuration")[0]
+
+
+@pytest.mark.parametrize("corrupt", ["seed: [1\n", ""])
+def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hydra_yaml_records(tmp_path, corrupt):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+    (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
+    result, md = summary(sweep)
+    assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
+
+
+def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path):
+    from analysis.jobs import SWEEP_LOCK
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    (sweep / SWEEP_LOCK).write_text("pid 1, started 2026-12-02T00:00:00")
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+    (hurt / ".hydra" / "overrides.yaml").write_text("seed: [1\n")
+    (hurt / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 1, started 2026-12-02T00:00:00"}))
+    result, md = summary(sweep)
+    assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
+
+
+def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+    for name in ("overrides.yaml", "hydra.yaml"):
+        (hurt / ".hydra" / name).write_text("x: [\n")
+    _, md = summary(sweep)
+    assert "- MISSING seed=1" in md and "- UNREADABLE `seed=1`: neither its .hydra/overrides.yaml nor" in md
