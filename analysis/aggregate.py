@@ -1,7 +1,10 @@
 """A sweep's rows as tables: one row per run, with the runs that repeat a (configuration, seed) marked, and the
 seeds aggregated per configuration (mean, sd and count of the runs that have each metric); _metric names the column
 and estimator a summary shows for a metric."""
-NO_RESULT_KEYS = ("overwrite", "eval.figures", "train.progress")  # change no number (conf: override_dirname)
+# Keys that change no number a run writes: the summary leaves them out of its configurations, a run resumed in place
+# may change them, and conf/config.yaml leaves them out of a sweep's job dir names (override_dirname.exclude_keys,
+# which a test holds equal to this).
+NO_RESULT_KEYS = ("overwrite", "eval.figures", "train.progress")
 ID_COLUMNS = ("job", "status", "duplicate_of", "model", "guide", "n", "seed", "beta", "overrides")
 
 

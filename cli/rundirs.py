@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from analysis.aggregate import NO_RESULT_KEYS
 from cli.keys import single_line
 from cli.state import STATE
 
@@ -123,7 +124,7 @@ def _locked(out):
         os.close(fd)  # closing releases the lock
 
 
-IN_PLACE_FREE = ("train.resume", "overwrite", "train.progress", "eval.figures", "threads")  # change no number
+IN_PLACE_FREE = ("train.resume", "threads", *NO_RESULT_KEYS)  # change no number
 
 
 def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:

@@ -66,3 +66,11 @@ def test_python_with_the_default_networks_gives_the_command_lines_numbers_bit_fo
     python, _ = evaluate(model, guide, data, samples=samples, replicates=replicates, seed=seed)
     assert (python["loss"], python["exact"]["nll"], python["montecarlo"]["loss"]) == (
         cli["loss"], cli["exact"]["nll"], cli["montecarlo"]["loss"])
+
+
+def test_a_sweeps_job_dir_names_leave_out_exactly_the_keys_that_change_no_number():
+    from analysis.aggregate import NO_RESULT_KEYS
+
+    conf = yaml.safe_load((CONF / "config.yaml").read_text())
+    excluded = conf["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
+    assert sorted(excluded) == sorted(NO_RESULT_KEYS)
