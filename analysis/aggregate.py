@@ -126,7 +126,7 @@ def _metric(agg, base, prefer_exact=True):
     """(column, estimator tag) of a metric in the aggregated table: its exact value (quadrature) when every run of
     every configuration has one; else the headline (metrics.json's top level: each run's most accurate estimate),
     tagged by the runs' loss_estimator, or 'headline' when the configurations' estimators differ (each row then
-    names its own, see summary_md._estimator_note)."""
+    names its own, see summary_md._tagged)."""
     col = f"exact.{base}"
     if prefer_exact and f"{col}_count" in agg and (agg[f"{col}_count"] == agg["seeds"]).all():
         return col, "exact"

@@ -76,9 +76,10 @@ def _md_table(header, body) -> str:
     return "\n".join(lines)
 
 
-def _estimator_note(r, tag) -> str:
-    """' [estimator]' after a headline cell when the table's rows differ in estimator, else ''."""
-    return f" [{r.get('loss_estimator')}]" if tag == "headline" else ""
+def _tagged(cell: str, r, tag) -> str:
+    """A cell with ' [estimator]' after it when it is a headline cell of a table whose rows differ in estimator
+    (tag 'headline'); an empty cell stays empty, as a run without the value has no estimator to name."""
+    return f"{cell} [{r.get('loss_estimator')}]" if tag == "headline" and cell else cell
 
 
 def _plural(k, noun) -> str:
@@ -143,15 +144,14 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
             seeds, runs = int(r["seeds"]), int(r.get("runs", r["seeds"]))  # runs: failed ones too (aggregate)
             row = ([r["model"], r["guide"], r["n"]] + [r[c] for c in okeys]
                    + [seeds if runs <= seeds else f"{seeds} of {runs} ({runs - seeds} not ok)"])
-            row.append(_cell(r, loss_col) + _estimator_note(r, loss_est))
+            row.append(_tagged(_cell(r, loss_col), r, loss_est))
             if loss_est != "exact":
                 row.append(_se_cell(r))
-            row.append(_cell(r, rec_col, digits=3, sci=True) + _estimator_note(r, rec_est))
+            row.append(_tagged(_cell(r, rec_col, digits=3, sci=True), r, rec_est))
             if f"{rate_col}_mean" in agg:
-                row.append(_cell(r, rate_col) + (_estimator_note(r, loss_est) if rate_col == "rate" else ""))
-            row += [_cell(r, f"kl.{s}") + _estimator_note(r, loss_est) for s in sites]
-            row += [_cell(r, c) + (_estimator_note(r, loss_est) if "{est}" in EXTRA_COLUMNS[c] else "")
-                    for c in extra]
+                row.append(_tagged(_cell(r, rate_col), r, loss_est if rate_col == "rate" else None))
+            row += [_tagged(_cell(r, f"kl.{s}"), r, loss_est) for s in sites]
+            row += [_tagged(_cell(r, c), r, loss_est if "{est}" in EXTRA_COLUMNS[c] else None) for c in extra]
             body.append(row)
         parts += ["## By configuration", "", _md_table(header, body), ""]
         if loss_est != "exact":

@@ -206,6 +206,14 @@ def test_where_configurations_differ_in_estimator_each_rate_cell_names_its_own(t
     assert sorted(r[rate] for r in rows) == ["0.5000 [RQMC lattice]", "0.5000 [exact]"]
 
 
+def test_a_headline_cell_a_configuration_has_no_value_for_stays_empty_without_an_estimator_tag(tmp_path):
+    job(tmp_path, ["data.n=5"], m={**metrics(0, 1.0, n=5), "gap_to_gaussian_optimum": 0.1})
+    job(tmp_path, ["data.n=10"], m=metrics(0, 2.0, n=10, exact=False, se=0.01))  # no Gaussian optimum (latent_dim=2)
+    rows = config_table(summary(tmp_path)[1])
+    gap = "above the Gaussian optimum [headline]"
+    assert sorted(r[gap] for r in rows) == ["", "0.1000 [exact]"]
+
+
 def test_the_exact_column_is_the_exact_mean_when_every_run_has_one(tmp_path):
     for seed, loss in enumerate((1.0, 2.0)):
         job(tmp_path, [f"seed={seed}"], m=metrics(seed, loss))
