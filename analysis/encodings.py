@@ -138,7 +138,7 @@ def _encodings(model, guide, data, samples, grids, chunk, khat):
     idata.attrs.update({"n": int(data.n), "weights": list(map(float, data.weights)), "latent_sites": order,
                         "estimator": f"guide and prior samples, {samples} per data point"
                                      + ("; exact densities by quadrature" if grids else "")})
-    if khat:
+    if khat and not khat.get("narrow"):  # a q of bounded support: its k-hat says nothing (psis.narrow_support)
         idata.attrs.update({"khat": [float(k) for k in khat["khat"]], "khat_samples": int(khat["samples"]),
                             "khat_joint": int(bool(khat.get("joint")))})  # one k-hat of q(z_0, z_1): both points
     return idata

@@ -11,7 +11,7 @@ from pyro import poutine
 
 from infer.runtime import flush_denormals
 
-from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, sample_traces
+from .psis import CONSTANT_ESS, diagnose, log_weights_from_traces, narrow_support, sample_traces
 from .qdensity import is_joint
 
 KHAT_CLT = 0.5  # a CLT standard error needs finite variance: k-hat < 1/2
@@ -86,14 +86,16 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
     Returns {'bounds': {K: {'loss', 'se', 'log_px': per point, 'repeats'}}, 'loss', 'loss_se', 'K' (the
     largest K), 'nll', 'nll_se', 'log_px', 'log_px_se', 'nll_khat', 'nll_ess', 'estimator'}. The IWAE loss decreases
     towards the NLL as K grows; the NLL estimate is consistent but, like any importance sampler, biased high (log p
-    low) when q misses posterior mass.
+    low) when q misses posterior mass. Both hold only where q's support is the model's (psis.narrow_support): a q
+    of bounded support (a Uniform q of a real latent) makes them tend to -log of the mass inside it.
 
     Error bars only where they hold. A bound's 'se' is the spread of its repeats: log mean_K w has finite variance
     even for Pareto-tailed weights (log w has exponential tails), so it holds; a bound's estimate may fall below
     the NLL by that sampling error. 'nll_se' and 'log_px_se' are None (with 'nll_note') unless the data put the
     PSIS k-hat of the importance weights (block_diagnose) below 0.5 by 2 of its sd: with infinite variance the
     delta-method SE does not hold. The note adds that the estimate itself is unreliable above
-    min(1 - 1/log10 S, 0.7).
+    min(1 - 1/log10 S, 0.7). Where q's support is narrower than the model's they are None too, and the note says
+    why ('narrow': which sites).
 
     A joint guide (one density over both data points, e.g. AutoIAFNormal) has only joint weights: the bounds and
     the NLL are then those of log p(x_0, x_1) / N (equal data weights only), every 'log_px' entry holds that
@@ -122,7 +124,8 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
     check_inputs(model, guide, data)
     w = data.w.double()
     with torch.random.fork_rng(), poutine.block():
-        joint = is_joint(*sample_traces(model, guide, data.x, 1))
+        traces = sample_traces(model, guide, data.x, 1)
+    joint, narrow = is_joint(*traces), narrow_support(*traces)
     if joint and not bool(torch.allclose(w, w.mean())):
         raise ValueError("a joint guide couples the data points: its bounds need equal data weights")
     per = data.x.shape[-2] if joint else 1  # a joint weight counts every point's log p(x_k) once
@@ -149,7 +152,11 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
                      f"NLL from {nll_samples} draws per data point (delta-method standard error)"
                      + ("; joint guide: joint weights, log p(x_0, x_1) / N per point" if joint else ""),
     }
-    if worst["khat"] + 2 * worst["sd"] >= KHAT_CLT and worst["ess_fraction"] < CONSTANT_ESS:
+    if narrow:  # bounded weights, so a good k-hat, and yet the estimate misses the mass outside q's support
+        out["nll_se"], out["log_px_se"], out["narrow"] = None, None, narrow
+        out["nll_note"] = (f"{narrow}: its weights never see the posterior mass outside that support, so the "
+                           "estimate tends to -log of the mass inside it (biased high) and no standard error holds")
+    elif worst["khat"] + 2 * worst["sd"] >= KHAT_CLT and worst["ess_fraction"] < CONSTANT_ESS:
         out["nll_se"], out["log_px_se"] = None, None
         out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights "
                            f"(mean over blocks of {worst['samples']} draws; not below {KHAT_CLT} by 2 sd), their "

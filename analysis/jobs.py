@@ -52,9 +52,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def informative_khat_max(metrics: dict) -> float:
     """The largest PSIS k-hat over the data points whose importance weights are not nearly constant (psis.ess_fraction
     below analysis.psis.CONSTANT_ESS: there k-hat fits a shape to sampling noise and says nothing); nan where no
-    point's k-hat is informative, so that a summary leaves it out rather than averaging noise."""
+    point's k-hat is informative, so that a summary leaves it out rather than averaging noise; nan too where q's
+    support is narrower than the model's (psis.narrow: bounded weights, whose k-hat says nothing of the mass outside
+    it)."""
     from .psis import CONSTANT_ESS
 
+    if (metrics.get("psis") or {}).get("narrow"):
+        return math.nan
     khat = metrics.get("khat") or []
     ess = (metrics.get("psis") or {}).get("ess_fraction") or [None] * len(khat)
     kept = [float(k) for k, e in zip(khat, ess) if e is None or e < CONSTANT_ESS]

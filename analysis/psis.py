@@ -23,6 +23,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
 from guides.check import DATA_PLATE, plates
@@ -84,6 +85,29 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
     if is_joint(guide_trace, model_trace):
         return (per_point.sum(1, keepdim=True) + shared).expand(samples, points).T.numpy()
     return (per_point + shared).T.numpy()
+
+
+def _unwrapped(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
+def narrow_support(guide_trace, model_trace) -> str:
+    """'' where every latent site of the guide has the model's support; else which sites do not, e.g. "q(z) has
+    support Interval where the model's z is real". A q narrower than the posterior's support (a Uniform q
+    of a real latent) gives importance weights that never see the mass outside it: they are bounded, so k-hat reads
+    as good, yet importance estimates of log p(x) converge to the log of the mass inside q's support, not to log
+    p(x), and their standard error measures nothing of that bias."""
+    parts = []
+    for name, q in _sample_sites(guide_trace, observed=False):
+        p = model_trace.nodes.get(name)
+        if p is None or p["type"] != "sample" or p["is_observed"]:
+            continue
+        qs, ps = _unwrapped(q["fn"].support), _unwrapped(p["fn"].support)
+        if ps is constraints.real and qs is not constraints.real:
+            parts.append(f"q({name}) has support {type(qs).__name__.strip('_')} where the model's {name} is real")
+    return "; ".join(parts)
 
 
 def threshold(samples: int) -> float:

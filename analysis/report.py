@@ -117,7 +117,7 @@ def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bo
 
 
 def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed, khat_samples) -> tuple:
-    from .psis import diagnose, log_weights, sample_traces
+    from .psis import diagnose, log_weights, narrow_support, sample_traces
     from .qdensity import is_joint
 
     t0 = time.perf_counter()
@@ -167,11 +167,16 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
         torch.manual_seed(seed)
         psis = diagnose(log_weights(model, guide, data, khat_samples or khat_draws(samples, data.n)))
     with torch.random.fork_rng(), poutine.block():
-        joint = is_joint(*sample_traces(model, guide, data.x, 1))
+        traces = sample_traces(model, guide, data.x, 1)
+    joint, narrow = is_joint(*traces), narrow_support(*traces)
     metrics["khat"] = [d["khat"] for d in psis]
     metrics["psis"] = {key: ([d[key] for d in psis] if key in ("khat", "sd", "ess", "ess_fraction", "verdict")
                              else psis[0][key]) for key in psis[0]}
     metrics["psis"]["joint"] = joint
+    if narrow:  # bounded weights read as a good k-hat; they say nothing of the mass outside q's support
+        metrics["psis"]["narrow"] = narrow
+        metrics["psis"]["verdict"] = [f"not informative: {narrow}, so the weights never see the posterior mass "
+                                      "outside it"] * len(psis)
     if joint:
         metrics["khat_note"] = "joint guide: k-hat of the joint weights p(x_0, z_0) p(x_1, z_1) / q(z_0, z_1)"
     for block in (metrics, metrics.get("exact"), metrics["montecarlo"]):  # the rate-distortion plane's coordinates

@@ -92,6 +92,40 @@ def test_khat_is_small_for_a_guide_wider_than_the_posterior():
     assert len(ks) == 2 and all(k < GOOD for k in ks)
 
 
+def uniform_guide(x):
+    """q(z|x_k) = Uniform(-1, 1): bounded weights (a good-looking k-hat) that never see the posterior's mass
+    outside [-1, 1]."""
+    with pyro.plate("data", x.shape[-2]):
+        pyro.sample("z", dist.Uniform(-x.new_ones(1), x.new_ones(1)).to_event(1))
+
+
+def test_a_guide_of_bounded_support_gets_no_nll_error_bar_from_importance_sampling():
+    from analysis.iwae import iwae
+
+    out = iwae(Collapsed(4), uniform_guide, OneBit(4), K=(1, 8), samples=4096, nll_samples=4096, seed=0)
+    exact_nll = 4 * math.log(2)  # the collapsed model: p(x) = 2^-n whatever z
+    inside = math.erf(1 / math.sqrt(2))  # the prior mass in [-1, 1]: the estimate is 0.38 above, no sampling error
+    assert out["nll"] == pytest.approx(exact_nll - math.log(inside), abs=0.01)
+    assert out["nll_se"] is None and "q(z) has support Interval where the model's z is real" in out["nll_note"]
+
+
+def test_a_guide_of_bounded_support_gets_no_khat_verdict_and_its_summary_says_why():
+    from analysis.report import evaluate
+    from analysis.summary_text import summary_lines
+
+    model, _ = tiny_vae()
+    metrics, _ = evaluate(model, uniform_guide, OneBit(5), samples=2048, replicates=2, seed=0)
+    assert metrics["psis"]["narrow"] and all(v.startswith("not informative") for v in metrics["psis"]["verdict"])
+    line = next(v for v in summary_lines(metrics) if "PSIS k-hat" in v)
+    assert "not informative: q(z) has support Interval" in line and "good" not in line
+
+
+def test_a_guide_with_the_models_support_is_judged_by_its_khat():
+    from analysis.psis import narrow_support, sample_traces
+
+    assert narrow_support(*sample_traces(Collapsed(4), normal_guide(1.0), OneBit(4).x, 8)) == ""
+
+
 def test_khat_is_large_for_a_guide_narrower_than_the_posterior():
     from analysis.psis import BAD, khat
 
