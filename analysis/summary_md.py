@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .aggregate import _metric
 from .jobs import _norm, _overrides, task_overrides
+from .summary_text import _site, rate_terms_note
 
 
 # The per-configuration table's columns beyond the loss terms: metrics.json key -> header, each with its estimator
@@ -137,7 +138,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                   + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
                   + [f"recon/dim [{rec_est}]"]
                   + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])
-                  + [f"rate[{s}] [{loss_est}]" for s in sites]
+                  + [f"rate[{_site(s)}] [{loss_est}]" for s in sites]
                   + [EXTRA_COLUMNS[c].format(est=loss_est) for c in extra])
         body = []
         for _, r in agg.iterrows():
@@ -161,8 +162,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                       "(a run has one only where its tail k̂ is below 0.5 by 2 of its sd: finite variance, so a "
                       "CLT standard error holds).", ""]
         if sites:
-            parts += ["rate[s] = E_q[log q(s|.) - log p(s|parents)]: a latent site's term of the rate, not a KL (it "
-                      "can be negative); only their sum, the rate, is the KL of q to the model's prior.", ""]
+            parts += [rate_terms_note(sites) + ".", ""]
         notes = [COLUMN_NOTES[c] for c in extra if c in COLUMN_NOTES]
         if notes:
             parts += ["; ".join(notes) + ".", ""]

@@ -65,6 +65,16 @@ def _site(name: str) -> str:
     return "joint" if name.startswith("_") else name
 
 
+def rate_terms_note(sites) -> str:
+    """What each rate[s] printed for a run with several latent sites is (sites: its kl dict's keys)."""
+    where = ""
+    if any(s.startswith("_") for s in sites):  # a joint autoguide's auxiliary draw u, and the sites made of it
+        where = (", where a site the guide makes of its joint draw u (a point mass) has for log q(s|.) its "
+                 "transform's log-Jacobian (0 for a real site), and rate[joint] = E_q[log q(u|x)]")
+    return (f"rate[s] = E_q[log q(s|.) - log p(s|parents)]{where}: a term of the rate, not a KL (it can be negative); "
+            "only their sum, the rate, is the KL of q to the model's prior")
+
+
 def _four(value: float) -> str:
     """4 decimals, and no -0.0000."""
     return f"{value:.4f}".replace("-0.0000", "0.0000")
@@ -133,8 +143,7 @@ def summary_lines(m: dict) -> list:
                      f"{_pm(t['loss'], t.get('se'))} [importance sampling]")
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
-        lines.append("  (rate[s] = E_q[log q(s|.) - log p(s|parents)], a layer's term, not a KL: it can be negative; "
-                     "only their sum, the rate, is the KL of q to the model's prior)")
+        lines.append(f"  ({rate_terms_note(kl)})")
     if "surgery" in m:
         s = m["surgery"]
         t = s.get("site", "z")

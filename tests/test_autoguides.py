@@ -205,3 +205,22 @@ def test_the_encodings_figure_labels_a_joint_guides_one_k_hat_as_joint(data):
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert any("joint k-hat 0.86 [PSIS, both points]" in t for t in labels), labels
     assert not any(", k-hat 0.86 [PSIS]" in t for t in labels)
+
+
+def test_a_joint_autoguides_site_terms_are_what_the_summary_says_they_are(data):
+    """rate[z2] of a site the guide makes of its joint draw (a point mass, log q 0 on a real site) is
+    -E_q[log p(z2)]: checked against draws of the guide, and the summary's note says so."""
+    from analysis.montecarlo import monte_carlo
+    from analysis.summary_text import summary_lines
+
+    pyro.set_rng_seed(3)
+    model = DLGM(N, hidden=8, prior_hidden=8)
+    guide = AutoMultivariateNormal(model)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, guide, data, samples=4096, replicates=4, noise="mc")
+    with torch.no_grad(), pyro.plate("draws", 20000, dim=-3):
+        z2 = pyro.poutine.trace(guide).get_trace(data.x).nodes["z2"]["value"]  # (draws, 2, latent_dim)
+    cross = -dist.Normal(0.0, 1.0).log_prob(z2).sum(-1).mean(0)  # -E_q[log p(z2)] per data point
+    assert mc["kl"]["z2"] == pytest.approx(float((data.w * cross).sum()), abs=3e-3)  # both sampling errors < 5e-4
+    note = next(line for line in summary_lines(mc) if "rate[s]" in line)
+    assert "rate[joint] = E_q[log q(u|x)]" in note and "transform's log-Jacobian (0 for a real site)" in note
