@@ -273,7 +273,12 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
-    row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")})
+    arguments = metrics.get("arguments")
+    if not overrides and isinstance(arguments, dict) and arguments:  # a run written from Python: its networks' settings
+        row["_overrides"] = {str(k): str(v) for k, v in arguments.items()}
+        row["overrides"] = " ".join(f"{k}={v}" for k, v in row["_overrides"].items())
+    row.update({k: v for k, v in flatten(metrics).items()
+                if k not in ("model", "guide", "n", "seed", "status") and not k.startswith("arguments.")})
     if row["status"] == "ok" and metrics.get("status") not in (None, "ok"):  # its metrics.json says otherwise
         row["status"] = str(metrics["status"])
         row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"

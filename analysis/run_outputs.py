@@ -68,7 +68,9 @@ def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup
 def describe(model, guide, data, result) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
-    a sweep summary; else their class or function names), n, and fit()'s steps, wall_seconds and engine (and its
+    a sweep summary; else their class or function names), the settings such a class was built with that its
+    command-line option does not set ('arguments', keyed as overrides: {"model.hidden": 16}; a sweep summary reads
+    them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
     seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
     minimised where that was not the -ELBO (trained_on)."""
     def name(obj):
@@ -76,6 +78,13 @@ def describe(model, guide, data, result) -> dict:
         return known or getattr(obj, "__name__", None) or type(obj).__name__
 
     head = {"model": name(model), "guide": name(guide), "n": data.n}
+    from models.arguments import changed_arguments
+
+    known = config_names()
+    arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
+                 for k, v in changed_arguments(obj).items()}
+    if arguments:  # the settings its networks were built with that the command line's option does not set
+        head["arguments"] = arguments
     seed = getattr(result, "seed", None)
     if seed is None:  # fit()'s FitResult records its seed in its recipe
         seed = (getattr(result, "recipe", None) or {}).get("seed")

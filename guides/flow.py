@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributions.transforms import AffineTransform
 
 from infer.validate import check_all, check_model_argument
+from models.arguments import records_arguments
 from models.nets import GaussianNet
 
 
@@ -53,6 +54,7 @@ class FlowGuide(nn.Module):
     Sites are sampled from dist.ConditionalTransformedDistribution(...).condition(context), which broadcasts over
     leading particle dims (a context of shape (2, n) serves samples of shape (P, 2, d))."""
 
+    @records_arguments
     def __init__(self, model, hidden: int = 32, layers: int = 2, flows: int = 1, count_bins: int = 8,
                  bound: float = 5.0, order: str = "linear", activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()

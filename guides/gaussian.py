@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from infer.validate import check, check_model_argument
+from models.arguments import records_arguments
 from models.nets import GaussianNet
 
 
 class GaussianGuide(nn.Module):
     """q(z|x) = N(mu(x), diag sigma(x)^2) for the model's single latent site `z`."""
 
+    @records_arguments
     def __init__(self, model, hidden: int = 32, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim"))

@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from infer.validate import check, check_model_argument
+from models.arguments import records_arguments
 from models.nets import GaussianNet
 
 
 class MeanFieldGuide(nn.Module):
     """q(z1|x) q(z2|x) ... q(z_L|x): every latent site is encoded from x independently."""
 
+    @records_arguments
     def __init__(self, model, hidden: int = 64, layers: int = 2, activation: str = "elu", min_scale: float = 1e-5):
         super().__init__()
         check_model_argument(model, needs=("n", "latent_dim", "latent_sites"))

@@ -22,6 +22,7 @@ from torch.distributions import constraints
 from torch.nn import functional as F
 
 from infer.validate import check_all, check_model_argument
+from models.arguments import records_arguments
 from models.nets import GaussianNet, mlp
 
 
@@ -83,6 +84,7 @@ class MixtureGuide(nn.Module):
     Gaussians amortised on x. The component means start spread over [-spread, spread] (spread: a finite number >= 0)
     to break their symmetry."""
 
+    @records_arguments
     def __init__(self, model, components: int = 3, hidden: int = 32, layers: int = 2, upper_hidden: int = 64,
                  upper_layers: int = 2, activation: str = "elu", min_scale: float = 1e-5, spread: float = 1.0):
         super().__init__()

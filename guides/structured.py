@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from infer.validate import check, check_model_argument
+from models.arguments import records_arguments
 from models.nets import GaussianNet
 
 
 class StructuredGuide(nn.Module):
     """q(z1|x) q(z2|z1) ... q(z_L|z_{L-1}): the guide runs the model's chain upwards from x."""
 
+    @records_arguments
     def __init__(self, model, hidden: int = 64, layers: int = 2, upper_hidden: int = 64, upper_layers: int = 2,
                  activation: str = "elu", min_scale: float = 1e-5,
                  gain: bool = False):

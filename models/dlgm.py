@@ -6,6 +6,7 @@ from torch import nn
 
 from infer.validate import check
 
+from .arguments import records_arguments
 from .nets import GaussianNet, mlp
 
 
@@ -20,6 +21,7 @@ class DLGM(nn.Module):
     the default 0.0 keeps a 3-layer prior net from flattening in its first steps (README, "The DLGM at n = 1000").
     Every default is the command line's (conf/model/dlgm.yaml; tests/test_defaults.py holds them equal)."""
 
+    @records_arguments
     def __init__(self, n: int, depth: int = 2, latent_dim: int = 1, hidden: int = 64, layers: int = 2,
                  prior_hidden: int = 32, prior_layers: int = 3, activation: str = "elu", min_scale: float = 1e-5,
                  gain: bool = False, prior_gain: bool = True, prior_gain_rate: float = 10.0,

@@ -6,6 +6,7 @@ from torch import nn
 
 from infer.validate import check
 
+from .arguments import records_arguments
 from .nets import mlp
 
 
@@ -14,6 +15,7 @@ class VAE(nn.Module):
 
     latent_sites = ("z",)
 
+    @records_arguments
     def __init__(self, n: int, latent_dim: int = 1, hidden: int = 32, layers: int = 2, activation: str = "elu",
                  gain: bool = True):
         super().__init__()

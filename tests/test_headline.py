@@ -261,6 +261,17 @@ def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
     assert "?" not in summary_lines(saved)[0]
 
 
+def test_a_python_run_records_the_network_settings_its_command_line_option_does_not_set():
+    from analysis.run_outputs import describe
+    from guides import GaussianGuide
+    from models import VAE
+
+    model = VAE(5, hidden=16)
+    head = describe(model, GaussianGuide(model, layers=3), OneBit(5), result=None)
+    assert head["arguments"] == {"model.hidden": 16, "guide.layers": 3}
+    assert "arguments" not in describe(VAE(5), GaussianGuide(VAE(5)), OneBit(5), result=None)
+
+
 def test_write_run_records_what_a_python_run_minimised_as_the_command_line_does(vae5, tmp_path):
     from infer import fit
     from infer.objectives import IWAE

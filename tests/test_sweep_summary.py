@@ -141,6 +141,17 @@ def test_without_multirun_yaml_every_job_dir_below_counts(tmp_path):
     assert sorted(result["jobs"]["seed"]) == [0, 1] and result["left_out"] == []
 
 
+def test_runs_written_from_python_with_other_networks_are_other_configurations(tmp_path):
+    for name, seed, arguments in [("a", 0, {}), ("b", 1, {}), ("c", 0, {"model.hidden": 16}),
+                                  ("d", 1, {"model.hidden": 16})]:
+        (tmp_path / name).mkdir()
+        m = {**metrics(seed, 1.0 + seed + len(arguments)), **({"arguments": arguments} if arguments else {})}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+        (tmp_path / name / "status.json").write_text(json.dumps({"status": "ok"}))
+    rows = config_table(summary(tmp_path)[1])
+    assert sorted((r["model.hidden"], r["seeds"]) for r in rows) == [("", "2"), ("16", "2")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # each run once
 
