@@ -66,10 +66,13 @@ def informative_khat_max(metrics: dict) -> float:
 
 
 def _candidates(sweep_dir: Path) -> list:
-    """Every directory below sweep_dir that holds .hydra/ or metrics.json (a job, or a replica of one), sorted."""
+    """Every directory below sweep_dir that holds .hydra/ or metrics.json (a job, or a replica of one), sorted; not
+    the files of a replaced run kept aside in a job dir (analysis.rundir.BACKUP: .replaced.<pid>/)."""
+    from .rundir import BACKUP
+
     found = {p.parent for p in sweep_dir.rglob("metrics.json")}
     found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir() and p.parent != sweep_dir}
-    return sorted(found)
+    return sorted(p for p in found if not any(part.startswith(BACKUP) for part in p.relative_to(sweep_dir).parts))
 
 
 def _launches(candidates: list) -> dict:

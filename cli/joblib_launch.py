@@ -5,10 +5,12 @@ A joblib worker killed from outside (SIGKILL, the out-of-memory killer) makes lo
 joblib raise TerminatedWorkerError: Hydra's launcher then ends the whole sweep with a traceback, and the jobs not
 started yet never run. Here (installed by cli.checks.preflight under hydra/launcher=joblib) the sweep goes on: the
 jobs of the batch that ended keep their results (read back from their job dirs' status.json), the ones that were
-running when the pool died are lost (their status.json still says running, and the sweep summary lists them as
-killed; a checkpoint.pt resumes them), and the jobs not started yet are launched again, in a new pool, with their
-own job numbers. The launch itself is Hydra's (hydra_joblib_launcher._core.launch: execute_job per job, loky), so a
-sweep that loses no worker runs exactly as before.
+running when the pool died are lost, the jobs not started yet are launched again, in a new pool, with their own
+job numbers, and then each lost job runs again, alone in a pool of its own, so that the job whose worker died cannot
+take it down a second time: it resumes from its checkpoint.pt, or starts again where it wrote none
+(cli.signals.requeued). A job that loses its worker again, alone, stays lost: its status.json says running, and the
+sweep summary lists it as killed. The launch itself is Hydra's (hydra_joblib_launcher._core.launch: execute_job
+per job, loky), so a sweep that loses no worker runs exactly as before.
 """
 import logging
 import math
@@ -55,36 +57,54 @@ def launch(launcher, job_overrides, initial_job_idx: int, value=math.nan) -> lis
     for idx, overrides in enumerate(job_overrides):
         log.info("\t#{} : {}".format(idx, " ".join(filter_overrides(overrides))))
     singleton_state = Singleton.get_state()
+
+    def run(jobs: dict) -> list:
+        return Parallel(**joblib_cfg)(delayed(execute_job)(idx, overrides, launcher.hydra_context, launcher.config,
+                                                           launcher.task_function, singleton_state)
+                                      for idx, overrides in jobs.items())
+
     todo = {initial_job_idx + i: list(o) for i, o in enumerate(job_overrides)}
-    done = {}
+    done, again = {}, {}
     while todo:
         try:
-            runs = Parallel(**joblib_cfg)(
-                delayed(execute_job)(idx, overrides, launcher.hydra_context, launcher.config,
-                                     launcher.task_function, singleton_state)
-                for idx, overrides in todo.items())
+            done.update(zip(todo, run(todo)))
+            todo = {}
         except TerminatedWorkerError as err:
             before, lost = len(todo), []
             for idx, overrides in list(todo.items()):
                 state, result = job_state(launcher.config, overrides, idx, value)
                 if state == "unstarted":
                     continue
-                done[idx] = result
                 del todo[idx]
                 if state == "lost":
+                    again[idx] = overrides
                     lost.append(idx)
+                else:
+                    done[idx] = result
             if len(todo) == before:  # no job started or ended: a new pool would die the same way
                 raise
-            codes = re.search(r"exit codes of the workers are (\{[^}]*\})", str(err))
-            why = f"exit codes {codes.group(1)}" if codes else type(err).__name__
-            log.warning(f"a joblib worker died ({why}); joblib ends every worker then: the jobs that were running "
-                        f"({', '.join(f'#{i - initial_job_idx}' for i in lost) or 'none'}) are lost (their "
-                        f"status.json says running; the summary lists them as killed), and the {len(todo)} not "
-                        "started yet run on")
-            continue
-        done.update(zip(todo, runs))
-        todo = {}
+            log.warning(f"a joblib worker died ({_why(err)}); joblib ends every worker then: the jobs that were "
+                        f"running ({', '.join(f'#{i - initial_job_idx}' for i in lost) or 'none'}) are lost, and "
+                        f"run again, one at a time, once the {len(todo)} not started yet have run")
+    for idx, overrides in again.items():  # alone in its pool: a job lost beside the one whose worker died now ends
+        try:
+            done[idx] = run({idx: overrides})[0]
+        except TerminatedWorkerError as err:
+            state, result = job_state(launcher.config, overrides, idx, value)
+            if result is None:  # it never started: the pool itself cannot run
+                raise
+            done[idx] = result
+            if state == "lost":
+                log.warning(f"job #{idx - initial_job_idx} lost its worker again, alone ({_why(err)}): its "
+                            "status.json says running, the summary lists it as killed, and its checkpoint.pt (where "
+                            "it wrote one) resumes it")
     return [done[initial_job_idx + i] for i in range(len(job_overrides))]
+
+
+def _why(err) -> str:
+    """loky's exit codes of the dead workers, from its TerminatedWorkerError."""
+    codes = re.search(r"exit codes of the workers are (\{[^}]*\})", str(err))
+    return f"exit codes {codes.group(1)}" if codes else type(err).__name__
 
 
 def job_state(config, overrides, idx: int, value) -> tuple:

@@ -157,22 +157,39 @@ def stopped_reason(err: SystemExit, out, replicas: int = 1) -> str:
 
 
 def requeued(cfg, out) -> str:
-    """Ready a sweep job that its launcher requeued after stopping it: status.json 'failed' with stopped_by_launcher
-    naming this submitit job (launcher_job). It resumes in place from its checkpoint.pt (train.resume set, whatever
-    the command line gave), or, with none written yet, replaces the stopped attempt (overwrite). Returns the note to
-    log, or '' for any other job (left as it is)."""
+    """Ready a sweep job that its launcher runs again: one it requeued after stopping it (status.json 'failed' with
+    stopped_by_launcher naming this submitit job, launcher_job), or one of this launch lost with its joblib worker
+    (lost_job) that cli.joblib_launch relaunches. It resumes in place from its checkpoint.pt (train.resume set,
+    whatever the command line gave), or, with none written yet, replaces the attempt (overwrite). Returns the note
+    to log, or '' for any other job (left as it is)."""
     from omegaconf import open_dict
 
     from analysis.rundir import read_status
 
     job = launcher_job()
     status = read_status(out)
-    if not job or status.get("status") != "failed" or status.get("stopped_by_launcher") != job:
+    if job and status.get("status") == "failed" and status.get("stopped_by_launcher") == job:
+        who = f"requeued by the launcher (job {job})"
+    elif lost_job(out):
+        who = "relaunched after its joblib worker was lost"
+    else:
         return ""
     checkpoint = Path(out).absolute() / "checkpoint.pt"
     with open_dict(cfg):
         if checkpoint.is_file() and not (cfg.get("replicas") or 1) > 1:
             cfg.train.resume, cfg.overwrite = str(checkpoint), False
-            return f"requeued by the launcher (job {job}): resuming from {checkpoint}"
+            return f"{who}: resuming from {checkpoint}"
         cfg.overwrite = True
-    return f"requeued by the launcher (job {job}): starting again"
+    return f"{who}: starting again"
+
+
+def lost_job(out) -> bool:
+    """Whether `out` holds a job of the running sweep launch (status.json 'launch', cli.rundirs._launch) that was
+    lost: still said to be running, by a process that is gone (a joblib worker killed with its pool). Only the
+    launcher runs a job number again within its launch, so such a job is its own rerun."""
+    from analysis.rundir import live_owner, read_status
+    from cli.rundirs import _launch
+
+    status, launch = read_status(out), _launch()
+    return (bool(launch) and status.get("status") == "running" and status.get("launch") == launch
+            and live_owner(out) is None)

@@ -322,6 +322,51 @@ def test_a_requeued_job_whose_attempt_wrote_no_checkpoint_starts_again_in_its_di
     assert cfg.overwrite and cfg.train.resume is None
 
 
+LAUNCH = "pid 7, started 2026-12-02T06:00:00"
+
+
+def lost_joblib_job(folder: Path, checkpoint: bool, launch=LAUNCH, pid=2 ** 22 + 1) -> Path:
+    """A job dir as a worker killed with its pool leaves it: status.json still running, with its launch and pid."""
+    folder.mkdir(parents=True)
+    if checkpoint:
+        (folder / "checkpoint.pt").write_bytes(b"a checkpoint")
+    (folder / "status.json").write_text(json.dumps({"status": "running", "pid": pid, "launch": launch}))
+    return folder
+
+
+@pytest.mark.parametrize("checkpoint, then", [(True, "resuming from"), (False, "starting again")])
+def test_a_job_of_this_launch_lost_with_its_worker_is_rerun_from_its_checkpoint_or_afresh(tmp_path, monkeypatch,
+                                                                                           checkpoint, then):
+    import cli.rundirs
+    from cli.signals import requeued
+
+    monkeypatch.setattr(cli.rundirs, "_launch", lambda: LAUNCH)
+    out, cfg = lost_joblib_job(tmp_path / "job", checkpoint), job_config()
+    assert requeued(cfg, out) == f"relaunched after its joblib worker was lost: {then}" + (
+        f" {(out / 'checkpoint.pt').absolute()}" if checkpoint else "")
+    assert bool(cfg.train.resume) == checkpoint and cfg.overwrite == (not checkpoint)
+
+
+@pytest.mark.parametrize("case", ["an earlier launch", "still running", "ended"])
+def test_a_job_dir_that_is_not_this_launchs_lost_job_is_left_as_it_is(tmp_path, monkeypatch, case):
+    import cli.rundirs
+    from cli.signals import requeued
+
+    monkeypatch.setattr(cli.rundirs, "_launch", lambda: LAUNCH)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = lost_joblib_job(tmp_path / "job", True, launch="pid 3, started 2026-12-01T06:00:00"
+                              if case == "an earlier launch" else LAUNCH,
+                              pid=alive.pid if case == "still running" else 2 ** 22 + 1)
+        if case == "ended":
+            (out / "status.json").write_text(json.dumps({"status": "ok", "launch": LAUNCH}))
+        cfg = job_config()
+        assert requeued(cfg, out) == "" and cfg.train.resume is None and not cfg.overwrite
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 @pytest.mark.parametrize("case", ["another submitit job", "not stopped by a launcher", "not in a submitit job"])
 def test_a_job_is_resumed_only_where_the_launcher_stopped_this_same_job(tmp_path, monkeypatch, case):
     from cli.signals import requeued
@@ -476,18 +521,21 @@ def test_a_submitit_job_is_known_by_the_id_submitit_gives_it(monkeypatch, env, j
     assert launcher_job() == job
 
 
-def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
-    """A worker lost to SIGKILL (the out-of-memory killer) makes loky end the whole pool: the jobs that were running
-    are lost and listed as killed, and the jobs not started yet still run (cli/joblib_launch.py)."""
+def joblib_sweep_killing_seed_1(tmp_path, once: bool):
+    """A joblib sweep (2 workers) of seeds 0, 1, 2 whose seed 1 SIGKILLs its own worker as it builds its objective
+    (as the out-of-memory killer would), every time or (once) on its first try only; (process, {seed: status})."""
     import zygote
 
     folder = tmp_path / "hook"
     folder.mkdir()
+    mark = tmp_path / "killed_once"
     (folder / "sitecustomize.py").write_text(
-        "import os, cli.build\n"
+        "import os, pathlib, cli.build\n"
         "_build = cli.build.build_objective\n"
         "def build_objective(cfg):\n"
-        "    if cfg.seed == 1:\n"
+        f"    mark = pathlib.Path({str(mark)!r})\n"
+        f"    if cfg.seed == 1 and not ({once} and mark.exists()):\n"
+        "        mark.touch()\n"
         "        os.kill(os.getpid(), 9)\n"
         "    return _build(cfg)\n"
         "cli.build.build_objective = build_objective\n")
@@ -497,14 +545,29 @@ def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
                        "eval.samples=10000", "eval.replicates=4", "seed=0,1,2", "hydra/launcher=joblib",
                        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
                       cwd=tmp_path, env=env, timeout=600, fresh=True)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "a joblib worker died (exit codes {SIGKILL(-9)})" in proc.stdout + proc.stderr
+    return proc, {next(x for x in p.name.split(",") if x.startswith("seed=")):
+                  json.loads((p / "status.json").read_text())["status"]
+                  for p in sweep.iterdir() if (p / "status.json").exists()}
+
+
+def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
+    """A worker lost to SIGKILL makes loky end the whole pool: the jobs not started yet still run, and the jobs that
+    were running run again, each alone, so a job lost beside the one that killed its worker ends ok; a job that
+    kills its worker again is listed as killed (cli/joblib_launch.py)."""
+    proc, status = joblib_sweep_killing_seed_1(tmp_path, once=False)
     assert proc.returncode == 1, proc.stderr
-    said = proc.stdout + proc.stderr
-    assert "Traceback" not in said and "a joblib worker died (exit codes {SIGKILL(-9)})" in said
-    status = {next(x for x in p.name.split(",") if x.startswith("seed=")):
-              json.loads((p / "status.json").read_text())["status"]
-              for p in sweep.iterdir() if (p / "status.json").exists()}
-    assert status["seed=1"] == "running" and status["seed=2"] == "ok"  # seed 2 ran after the loss
+    assert status == {"seed=0": "ok", "seed=1": "running", "seed=2": "ok"}
     assert "seed=1,train.steps=50: failed: killed" in proc.stderr
+    assert "lost its worker again, alone" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_job_lost_with_its_worker_runs_again_and_the_sweep_ends_ok(tmp_path):
+    proc, status = joblib_sweep_killing_seed_1(tmp_path, once=True)
+    assert proc.returncode == 0, proc.stderr
+    assert status == {"seed=0": "ok", "seed=1": "ok", "seed=2": "ok"}
 
 
 def test_after_a_lost_worker_an_earlier_launchs_job_dir_is_no_sign_of_this_launchs_job(tmp_path):
