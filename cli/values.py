@@ -127,12 +127,16 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}{range_note(value, allowed)}")
-    from infer.validate import check_samples
+    from infer.validate import check_decay, check_samples
 
     try:
         check_samples(cfg.eval.samples, cfg.eval.replicates)
     except ValueError as err:
         raise ConfigError(f"eval.{err}".replace("with replicates=", "with eval.replicates=")) from None
+    try:
+        check_decay(cfg.optim.lr, cfg.optim.lr_final, cfg.optim.schedule, prefix="optim.")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     replicas = cfg.get("replicas", 1)
     if cfg.seed + replicas - 1 > MAX_SEED:
         raise ConfigError(f"seed={cfg.seed} is not allowed with replicas={replicas}: replicas train the seeds seed .. "

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from guides.check import check_guide
-from .validate import check, is_int, refuse, shown
+from .validate import check, check_decay, is_int, refuse, shown
 
 
 def checked_device(device):
@@ -173,6 +173,7 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
     integers, and its recipe goes into metrics.json)."""
     for name, value in values.items():
         check(name, value)
+    check_decay(values["lr"], values["lr_final"], values["schedule"])
     _check_elbo(elbo)
     check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
     if callback is not None:

@@ -247,6 +247,15 @@ def check_samples(samples, replicates) -> None:
                          f"{max(2, -(-samples // replicates) if is_int(samples) else 2) * replicates})")
 
 
+def check_decay(lr, lr_final, schedule, prefix: str = "") -> None:
+    """Raise ValueError (one line, naming both) where a decaying schedule (every one but constant) would raise the
+    learning rate: lr_final above lr. prefix: the keys' config group, 'optim.' on the command line."""
+    if schedule != "constant" and lr_final > lr:
+        raise ValueError(f"{prefix}lr_final={lr_final!r} is not allowed with {prefix}lr={lr!r}: the {schedule} "
+                         f"schedule decays the learning rate from {prefix}lr to {prefix}lr_final, so {prefix}lr_final "
+                         f"must be <= {prefix}lr (or {prefix}schedule=constant)")
+
+
 def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
     """Raise ValueError (one line) unless `model` is a built model with the attributes `needs` (e.g. n, latent_dim,
     latent_sites): what a guide constructor reads from the model it serves. role: the argument's name."""

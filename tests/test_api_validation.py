@@ -33,6 +33,16 @@ def test_a_bad_fit_argument_is_refused_in_one_line_naming_it(name, value):
     one_line_value_error(lambda: fit_with(**{name: value}), rf"^{name}=.* is not allowed: {name} must be")
 
 
+@pytest.mark.parametrize("schedule", ["exponential", "cosine"])
+def test_a_decaying_schedule_that_would_raise_the_learning_rate_is_refused(schedule):
+    one_line_value_error(lambda: fit_with(lr=1e-3, lr_final=1.0, schedule=schedule),
+                         rf"^lr_final=1.0 is not allowed with lr=0.001: the {schedule} schedule decays")
+
+
+def test_a_constant_schedule_ignores_lr_final():
+    assert fit_with(lr=1e-3, lr_final=1.0, schedule="constant").steps == 5
+
+
 def test_a_model_built_for_another_n_is_refused_before_training():
     model = VAE(5, hidden=8)
     one_line_value_error(lambda: fit(model, GaussianGuide(model, hidden=8), OneBit(10), steps=5),

@@ -62,6 +62,12 @@ def test_a_missing_mandatory_value_is_refused_naming_the_key(tmp_path):
     assert refusal("train.resume=???").startswith("train.resume=??? is not allowed")  # it ran without resuming
 
 
+def test_a_final_learning_rate_above_the_first_is_refused_naming_both_keys():
+    # the decay climbed to lr_final=1 and the run 'diverged', blaming optim.lr, which was its default
+    assert refusal("optim.lr_final=1").startswith("optim.lr_final=1 is not allowed with optim.lr=0.003: the "
+                                                  "exponential schedule decays the learning rate")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # replicas with what they cannot train
 
