@@ -143,6 +143,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if held and not overwrite:
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")
+    metrics = judged(result, data, metrics)
     claim = Claim(out, allow_existing=bool(held), replace=bool(held), key="out")
     try:
         write_outputs(out, model, guide, data, result, metrics, grids, figures=figures, title=title,
@@ -152,6 +153,29 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         raise
     status = metrics.get("status") if metrics.get("status") in ("diverged", "failed") else "ok"
     claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
+
+
+def judged(result, data, metrics: dict) -> dict:
+    """metrics as the command line would write them for this run: where they carry no status and the run counts as
+    diverged (infer.result.worse_than_no_latent: the headline, with the run's beta, above the no-latent loss and its
+    start, or not finite), status 'diverged' with the reason, and the headline loss moved to loss_judged_diverged
+    (a RuntimeWarning says so)."""
+    import warnings
+
+    from infer.result import worse_than_no_latent
+
+    if metrics.get("status") is not None:
+        return metrics
+    plan = getattr(result, "recipe", None) or {}
+    objective = plan.get("objective")
+    reason = worse_than_no_latent(result, data, plan.get("beta", 1.0), final=metrics,
+                                  objective=OBJECTIVE_NAMES.get(objective, objective))
+    if not reason:
+        return metrics
+    reason += "; lower lr"
+    warnings.warn(f"the run is written as diverged: {reason}", RuntimeWarning, stacklevel=3)
+    return {**metrics, "status": "diverged", "reason": reason, "loss": None,
+            "loss_judged_diverged": metrics.get("loss")}
 
 
 def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,

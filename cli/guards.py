@@ -1,7 +1,6 @@
 """A run's two guards: check_memory refuses, from the config alone, a run whose training step would not fit in
 memory_gb; divergence says why a trained run counts as diverged ('' when it does not).
 """
-import math
 
 from omegaconf import OmegaConf
 
@@ -102,47 +101,15 @@ def check_memory(cfg, build) -> None:
         raise ConfigError(reason)
 
 
-# objectives whose bound is tighter than the ELBO: a guide trained by one can have a poor ELBO and still a good
-# model (IWAE), so a run is judged by its own objective's last training window, not by the evaluated ELBO
-TIGHTER_THAN_ELBO = ("iwae",)
-
-
 def divergence(result, data, beta: float = 1.0, final=None, cfg=None) -> str:
-    """Why a run counts as diverged ('' if it does not): its objective is not finite, or it ends worse than the
-    trivial solution, the collapsed code that ignores z (objective n H(w) at every beta: recon n H(w), KL 0), and
-    worse than its own initial objective, by more than 1% + 0.01 nats. The objective is recon + beta KL; `final` is
-    the evaluated (headline) metrics, else (and for an objective in TIGHTER_THAN_ELBO, which is judged by its own
-    bound) the last logged training window is used. (A short run that improved on
-    its start but not yet on n H(w) is not diverged.) With the run's cfg, the reason also names the settings besides
-    the learning rate that scale an update, where the run moves them (step_suspects)."""
-    history = result.history
-    if not history:
-        return ""
-    trivial = data.n * data.entropy
-    trained = cfg is not None and cfg.get("objective", {}).get("name") in TIGHTER_THAN_ELBO
-    if final is None or trained:  # an IWAE-trained guide's ELBO is no measure of what it learned: its own bound is
-        last = history[-1].get("objective", history[-1]["loss"])
-        what = "final objective" if final is None else f"final {cfg.objective.name} objective (last training window)"
-    else:
-        loss, kl = final.get("loss"), final.get("kl")
-        kl_total = sum(kl.values()) if isinstance(kl, dict) else 0.0
-        last = None if loss is None else loss + (beta - 1.0) * kl_total
-        what = f"final objective [{final.get('loss_estimator', 'headline')}]"
-    if last is None or not math.isfinite(last):
-        return (f"training diverged: the loss became {last} by step {history[-1]['step']}; lower optim.lr"
-                + step_suspects(cfg))
-    start = getattr(result, "initial_loss", None)
-    worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
-    bound = worst + 0.01 * worst + 0.01
-    if last > bound:
-        above = [row for row in history if row.get("phase") != "model"  # objective=exact's model phase: its NLL
-                 and not row.get("objective", row.get("loss")) <= bound]  # nan included
-        first = (f"; its logged objective first went above them at step {above[0]['step']} "
-                 f"({above[0].get('objective', above[0].get('loss')):.4g})") if above else ""
-        return (f"training diverged: the {what} {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
-                + (f" and the initial objective {start:.4g}" if start is not None else "") + first
-                + ": the run learned less than a decoder that ignores z; lower optim.lr" + step_suspects(cfg))
-    return ""
+    """Why a trained run counts as diverged ('' if it does not): infer.result.worse_than_no_latent, judged by the
+    run's own objective where it is tighter than the ELBO (objective=iwae), with what to change: optim.lr, and the
+    settings besides it that scale an update, where the run moves them (step_suspects)."""
+    from infer.result import TIGHTER_THAN_ELBO, worse_than_no_latent
+
+    own = cfg is not None and cfg.get("objective", {}).get("name") in TIGHTER_THAN_ELBO
+    reason = worse_than_no_latent(result, data, beta, final, objective=cfg.objective.name if own else None)
+    return f"{reason}; lower optim.lr{step_suspects(cfg)}" if reason else ""
 
 
 # the keys whose values set the initial parameters and the loss's scale: the suspects of a loss that is not finite

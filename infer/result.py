@@ -1,6 +1,7 @@
 """The record of a training run: FitResult, the logging window that turns each step's loss terms into its
 history rows, the DivergenceError (with its cause in words) that ends a run at a non-finite step, and the warning
 for a training that will run long (long_run_warning)."""
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -132,6 +133,46 @@ LONG_RUN_SECONDS = 1800  # fit warns once, after its first steps, when the rest 
 PACE_STEPS, PACE_SECONDS = 10, 5.0  # the pace is taken over the first PACE_STEPS steps, or PACE_SECONDS if sooner
 
 
+# objectives whose bound is tighter than the ELBO: a guide trained by one can have a poor ELBO and still a good
+# model (IWAE), so a run is judged by its own objective's last training window, not by the evaluated ELBO
+TIGHTER_THAN_ELBO = ("iwae",)
+
+
+def worse_than_no_latent(result, data, beta: float = 1.0, final=None, objective: str = None) -> str:
+    """Why a trained run counts as diverged ('' if it does not): its objective is not finite, or it ends worse than
+    the trivial solution, the collapsed code that ignores z (objective n H(w) at every beta: recon n H(w), KL 0),
+    and worse than its own initial objective, by more than 1% + 0.01 nats. The objective is recon + beta KL; `final`
+    is the evaluated (headline) metrics, else (and where `objective` names one in TIGHTER_THAN_ELBO, judged by its
+    own bound) the last logged training window. (A short run that improved on its start but not yet on n H(w) is
+    not diverged.)"""
+    history = result.history
+    if not history:
+        return ""
+    trivial = data.n * data.entropy
+    if final is None or objective in TIGHTER_THAN_ELBO:
+        last = history[-1].get("objective", history[-1]["loss"])
+        what = "final objective" if final is None else f"final {objective} objective (last training window)"
+    else:
+        loss, kl = final.get("loss"), final.get("kl")
+        kl_total = sum(kl.values()) if isinstance(kl, dict) else 0.0
+        last = None if loss is None else loss + (beta - 1.0) * kl_total
+        what = f"final objective [{final.get('loss_estimator', 'headline')}]"
+    if last is None or not math.isfinite(last):
+        return f"training diverged: the loss became {last} by step {history[-1]['step']}"
+    start = getattr(result, "initial_loss", None)
+    worst = max(trivial, start if start is not None and math.isfinite(start) else -math.inf)
+    bound = worst + 0.01 * worst + 0.01
+    if last <= bound:
+        return ""
+    above = [row for row in history if row.get("phase") != "model"  # objective=exact's model phase: its NLL
+             and not row.get("objective", row.get("loss")) <= bound]  # nan included
+    first = (f"; its logged objective first went above them at step {above[0]['step']} "
+             f"({above[0].get('objective', above[0].get('loss')):.4g})") if above else ""
+    return (f"training diverged: the {what} {last:.4g} is above the no-latent loss n*H(w) = {trivial:.4g}"
+            + (f" and the initial objective {start:.4g}" if start is not None else "") + first
+            + ": the run learned less than a decoder that ignores z")
+
+
 def duration(seconds: float) -> str:
     """A time span as people read it: '42 s', '12 min', '3.1 h'."""
     if seconds < 120:
@@ -168,5 +209,6 @@ class LongRunWarning:
                 warnings.warn(said, stacklevel=3)
 
 
-__all__ = ["FitResult", "DivergenceError", "divergence", "last_update", "Window", "duration", "long_run_warning",
+__all__ = ["FitResult", "DivergenceError", "divergence", "worse_than_no_latent", "TIGHTER_THAN_ELBO",
+           "last_update", "Window", "duration", "long_run_warning",
            "LongRunWarning", "LONG_RUN_SECONDS"]

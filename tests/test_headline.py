@@ -272,6 +272,23 @@ def test_a_python_run_records_the_network_settings_its_command_line_option_does_
     assert "arguments" not in describe(VAE(5), GaussianGuide(VAE(5)), OneBit(5), result=None)
 
 
+def test_write_run_judges_divergence_as_the_command_line_does(vae5, vae5_metrics, tmp_path):
+    from infer import fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, seed=0)
+    metrics = vae5_metrics
+    worse = {**metrics, "loss": 10 * data.n * math.log(2)}  # far above the loss of a decoder that ignores z
+    with pytest.warns(RuntimeWarning, match="the run is written as diverged: training diverged: the final objective"):
+        write_run(tmp_path / "bad", model, guide, data, result, worse, figures=False, checkpoint=False)
+    status = json.loads((tmp_path / "bad" / "status.json").read_text())
+    saved = json.loads((tmp_path / "bad" / "metrics.json").read_text())
+    assert status["status"] == "diverged" and status["reason"].endswith("ignores z; lower lr")
+    assert saved["loss"] is None and saved["loss_judged_diverged"] == worse["loss"]
+    write_run(tmp_path / "good", model, guide, data, result, metrics, figures=False, checkpoint=False)
+    assert json.loads((tmp_path / "good" / "status.json").read_text())["status"] == "ok"
+
+
 def test_write_run_records_what_a_python_run_minimised_as_the_command_line_does(vae5, tmp_path):
     from infer import fit
     from infer.objectives import IWAE
