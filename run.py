@@ -68,6 +68,7 @@ def main(cfg: DictConfig):
     if multirun and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a joblib worker: SIGTERM as SIGINT
         with contextlib.suppress(ValueError):  # not in the main thread: leave it
             signal.signal(signal.SIGTERM, cli.on_sigterm)
+            cli.STATE["worker"] = True  # a SIGTERM sent to this worker alone ends its job, not the sweep
     requeue = cli.requeued(cfg, out) if multirun else ""
     try:
         claim = cli.claim_for(cfg, out, fresh=multirun)
@@ -101,6 +102,11 @@ def main(cfg: DictConfig):
                 cli.STATE["kept_run"] = kept
             else:
                 claim.status("failed", cli.killed_reason(name, out))
+        if cli.STATE.get("worker") and name == "SIGTERM":  # one job stopped (kill <pid>): the sweep's other jobs run
+            signal.signal(signal.SIGTERM, cli.on_sigterm)  # on, this worker takes more, and its summary lists this one
+            cli.STATE["signal"] = None
+            log.error(f"job stopped by SIGTERM: {cli.STATE.get('kept_run') or cli.killed_reason(name, out)}")
+            return cli.failed_value()
         raise
     except SystemExit as err:  # submitit stopped the job (its timeout or a preemption), and may requeue it
         job = cli.launcher_job()

@@ -7,6 +7,7 @@ STATE is a single dict per process, read and written in place by every module of
   sweep_lock  the fd of a multirun's lock on <sweep dir>/.sweep.lock (held until the process ends)
   sweep_dir   a multirun's sweep directory (set by the preflight)
   workers     the sweep's worker pids when SIGTERM arrived (set by signals.on_sigterm)
+  worker      True in a joblib worker (run.py): a SIGTERM sent to it alone ends its job, and the sweep goes on
   sweep_undo  releases a multirun's claim on its sweep dir and removes what the claim created (cli.sweep)
   sweep_stopped  why the optuna sweeper ended before its trials or without a best value (cli.optuna_sweep)
   sweep_refused  why the optuna sweeper refused its search space or settings before any trial (cli.optuna_sweep)

@@ -521,9 +521,10 @@ def test_a_submitit_job_is_known_by_the_id_submitit_gives_it(monkeypatch, env, j
     assert launcher_job() == job
 
 
-def joblib_sweep_killing_seed_1(tmp_path, once: bool):
-    """A joblib sweep (2 workers) of seeds 0, 1, 2 whose seed 1 SIGKILLs its own worker as it builds its objective
-    (as the out-of-memory killer would), every time or (once) on its first try only; (process, {seed: status})."""
+def joblib_sweep_killing_seed_1(tmp_path, once: bool, sig: int = 9):
+    """A joblib sweep (2 workers) of seeds 0, 1, 2 whose seed 1 sends `sig` to its own worker as it builds its
+    objective (SIGKILL: as the out-of-memory killer would), every time or (once) on its first try only; (process,
+    {seed: status})."""
     import zygote
 
     folder = tmp_path / "hook"
@@ -536,7 +537,7 @@ def joblib_sweep_killing_seed_1(tmp_path, once: bool):
         f"    mark = pathlib.Path({str(mark)!r})\n"
         f"    if cfg.seed == 1 and not ({once} and mark.exists()):\n"
         "        mark.touch()\n"
-        "        os.kill(os.getpid(), 9)\n"
+        f"        os.kill(os.getpid(), {sig})\n"
         "    return _build(cfg)\n"
         "cli.build.build_objective = build_objective\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{folder}{os.pathsep}{ROOT}")
@@ -546,7 +547,6 @@ def joblib_sweep_killing_seed_1(tmp_path, once: bool):
                        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
                       cwd=tmp_path, env=env, timeout=600, fresh=True)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "a joblib worker died (exit codes {SIGKILL(-9)})" in proc.stdout + proc.stderr
     return proc, {next(x for x in p.name.split(",") if x.startswith("seed=")):
                   json.loads((p / "status.json").read_text())["status"]
                   for p in sweep.iterdir() if (p / "status.json").exists()}
@@ -558,9 +558,19 @@ def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
     kills its worker again is listed as killed (cli/joblib_launch.py)."""
     proc, status = joblib_sweep_killing_seed_1(tmp_path, once=False)
     assert proc.returncode == 1, proc.stderr
+    assert "a joblib worker died (exit codes {SIGKILL(-9)})" in proc.stdout + proc.stderr
     assert status == {"seed=0": "ok", "seed=1": "running", "seed=2": "ok"}
     assert "seed=1,train.steps=50: failed: killed" in proc.stderr
     assert "lost its worker again, alone" in proc.stdout + proc.stderr
+
+
+def test_sigterm_to_one_joblib_worker_stops_its_job_and_the_sweep_goes_on(tmp_path):
+    """kill <worker pid>: that job is recorded as killed by SIGTERM, and the other jobs run to their end (it ended the
+    whole sweep, as if interrupted by SIGINT, with the job not started yet missing)."""
+    proc, status = joblib_sweep_killing_seed_1(tmp_path, once=False, sig=15)
+    assert proc.returncode == 1, proc.stderr
+    assert status == {"seed=0": "ok", "seed=1": "failed", "seed=2": "ok"}
+    assert "seed=1,train.steps=50: failed: killed by SIGTERM" in proc.stderr and "interrupted" not in proc.stderr
 
 
 @pytest.mark.slow
