@@ -305,7 +305,9 @@ def expected_jobs(sweep_dir: Path) -> list:
         task = list(select(cfg, "hydra.overrides.task", []) or [])
         params = select(cfg, "hydra.sweeper.params", {}) or {}
         args = [f"{k}={v}" for k, v in params.items()] + task
-        parsed = OverridesParser.create().parse_overrides(args)
+        sources = [Path(str(s.get("path"))) for s in select(cfg, "hydra.runtime.config_sources", []) or []
+                   if isinstance(s, dict) and s.get("schema") == "file"]
+        parsed = OverridesParser.create(config_loader=_Options(sources)).parse_overrides(args)
         keys, axes, seen = [], [], {}
         for o in parsed:
             key = o.get_key_element()
@@ -320,6 +322,18 @@ def expected_jobs(sweep_dir: Path) -> list:
     except Exception as err:  # an exotic sweeper: no missing-job check
         log.warning("could not expand the sweep in %s (%s); missing jobs are not checked", path, err)
         return []
+
+
+class _Options:
+    """A glob() sweep's choices as the sweep saw them: the options (yaml files) of a config group in the file config
+    sources its multirun.yaml records (conf/ and any --config-dir)."""
+
+    def __init__(self, folders):
+        self.folders = folders
+
+    def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None) -> list:
+        group = str(group_name).split("@")[0]
+        return sorted({p.stem for folder in self.folders for p in (folder / group).glob("*.yaml")})
 
 
 def _norm(overrides) -> frozenset:

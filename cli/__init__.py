@@ -71,7 +71,7 @@ def main(hydra_main, argv) -> int:
         overrides = hydra_flag_overrides(args)
         if any(a.split("=")[0] in PRINT_FLAGS for a in args):  # Hydra prints (help, config, info): keys checked
             check_group_choices(overrides)
-            check_keys(overrides, multirun=True)
+            check_keys(overrides, multirun=multirun)  # a sweep without -m: Hydra's 'requires --multirun' traceback
             check_order(args, printing=True)
             if not multirun:
                 validate(compose_config(overrides))  # a printed config holds only allowed values, as a run's does

@@ -188,6 +188,10 @@ def preflight(overrides, multirun: bool) -> list:
             prepare()
         sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
         jobs = sweep_jobs(overrides, cfg)
+        if jobs == []:  # e.g. range(0,0): Hydra would launch no job, write an empty summary and exit 0
+            empty = next((o.input_line for o in parse_overrides(overrides)
+                          if o.is_sweep_override() and not list(o.sweep_string_iterator())), "the sweep")
+            raise ConfigError(f"{empty} is not allowed: it sweeps over no value, so the sweep would run no job")
         if jobs is not None:
             if launcher.endswith("LocalLauncher"):  # submitit_local runs them all at once (run.parallel_jobs)
                 os.environ["ONEBIT_SWEEP_JOBS"] = str(len(jobs))

@@ -57,7 +57,11 @@ def check_group_choices(argv) -> None:
         if value.strip()[:1] in ("[", "{"):  # split at its commas it would be named by a fragment ('model=[vae')
             raise ConfigError(f"{group}={value} is not allowed: {group} must be one option, one of "
                               f"{', '.join(options)} (a list or dict is none; sweep options with -m {group}=a,b)")
-        for choice in value.split(","):
+        choices = _sweep_values(arg) if "(" in value else value.split(",")  # choice(...), glob(...): Hydra's sweeps
+        if not choices:
+            raise ConfigError(f"{arg} is not allowed: it chooses no option of {group}, whose options are "
+                              f"{', '.join(options)}")
+        for choice in choices:
             if choice and choice != "null" and choice not in options:
                 raise ConfigError(f"{group}={choice} is not allowed: {group} must be one of {', '.join(options)}")
     pair = chosen.get("pair")
@@ -67,6 +71,13 @@ def check_group_choices(argv) -> None:
             if group in chosen and chosen[group] != picks.get(group):
                 raise ConfigError(f"pair={pair} chooses model={picks.get('model')} guide={picks.get('guide')}, "
                                   f"which {group}={chosen[group]} contradicts: give pair or model/guide, not both")
+
+
+def _sweep_values(arg: str) -> list:
+    """The values an override written in Hydra's sweep syntax (choice(a,b), glob(v*), range(0,3)) stands for, as
+    strings; [the value] for one that sweeps nothing."""
+    o = parse_overrides([arg])[0]
+    return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
 
 
 def pair_choices(pair: str) -> dict:
@@ -195,11 +206,26 @@ def composition_error(err) -> ConfigError:
     return ConfigError(f"cannot compose the config: {text}")
 
 
+class GroupOptions:
+    """What a glob() sweep chooses among, for Hydra's parsed overrides (Override.config_loader, which Hydra's own
+    sweeper sets to its config loader): a config group's options (group_options, --config-dir's too); a glob() of
+    a key that is no group is refused in one line (ConfigError)."""
+
+    def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None) -> list:
+        group = str(group_name).split("@")[0]
+        if group not in GROUPS:
+            raise ConfigError(f"{group_name}=glob(...) is not allowed: glob() sweeps the options of a config group "
+                              f"({', '.join(GROUPS)}), and {group_name} is none; list its values (-m "
+                              f"{group_name}=a,b) or sweep a range (range(0,3))")
+        return group_options(group)
+
+
 def parse_overrides(overrides):
-    """Hydra's parsed overrides; ConfigError (one line) for a command line Hydra cannot parse."""
+    """Hydra's parsed overrides (a glob() sweep of a group's options reads them from GroupOptions); ConfigError (one
+    line) for a command line Hydra cannot parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
+    parser = OverridesParser.create(config_loader=GroupOptions())
     try:
         return parser.parse_overrides(list(overrides))
     except Exception as err:  # noqa: BLE001  hydra's OverrideParseException

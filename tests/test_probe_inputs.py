@@ -87,6 +87,30 @@ def test_replicas_of_a_guide_that_cannot_stack_are_refused_naming_guide_and_repl
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hydra's sweep syntax
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-m", "seed=glob(*)"], ["seed=glob(...) is not allowed: glob() sweeps the options of a config group"]),
+    (["-m", "model=glob(x*)"], ["model=glob(x*) is not allowed: it chooses no option of model"]),
+    (["-m", "seed=range(0,0)"], ["seed=range(0,0) is not allowed: it sweeps over no value"]),
+    (["--cfg", "job", "seed=0,1"], ["seed=0,1 sweeps seed over several values; add -m"]),
+    (["--info", "seed=range(0,2)"], ["seed=range(0,2) sweeps seed over several values; add -m"]),
+], ids=["glob of a plain key", "glob of no option", "empty range", "print a sweep", "info of a sweep"])
+def test_sweep_syntax_that_runs_nothing_or_needs_m_is_refused_in_one_line(tmp_path, args, words):
+    # tracebacks (ConfigLoader is not set; requires --multirun), and an empty range ran 0 jobs and exited 0
+    proc = run_cli(*args[:-1], *TINY, args[-1], cwd=tmp_path) if args[0] == "-m" else run_cli(*args, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_glob_over_a_groups_options_is_checked_option_by_option():
+    from cli.keys import check_group_choices
+
+    check_group_choices(["model=glob(v*)", "guide=glob(*)"])  # vae; every guide: all options exist
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # options after overrides
 
 

@@ -152,6 +152,19 @@ def test_runs_written_from_python_with_other_networks_are_other_configurations(t
     assert sorted((r["model.hidden"], r["seeds"]) for r in rows) == [("", "2"), ("16", "2")]
 
 
+def test_a_glob_sweep_of_a_groups_options_is_expanded_from_the_config_sources_it_ran_with(tmp_path):
+    from analysis.jobs import expected_jobs
+
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    for name in ("vae", "vae2", "dlgm"):
+        (conf / "model" / f"{name}.yaml").write_text("{}\n")
+    multirun(tmp_path, ["model=glob(v*)", "seed=0"])
+    with (tmp_path / "multirun.yaml").open("a") as f:
+        f.write(f"  runtime:\n    config_sources:\n    - path: {conf}\n      schema: file\n      provider: main\n")
+    assert expected_jobs(tmp_path) == [["model=vae", "seed=0"], ["model=vae2", "seed=0"]]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # each run once
 
