@@ -39,6 +39,16 @@ from torch.nn import functional as F
 MAX_SCALARS = 2  # latent scalars per data point the quadrature integrates
 
 
+class Unintegrable(ValueError):
+    """A model the quadrature cannot integrate, said in one line: a Pyro trace it passes through builds it again
+    with its shapes table after a newline, which is left out; _quantile_trace raises it again, with only the line,
+    outside the trace."""
+
+    def __init__(self, line: str):
+        self.line = str(line).split("\n", 1)[0]
+        super().__init__(self.line)
+
+
 class QuantileMessenger(Messenger):
     """Sets every unobserved sample site of a model to the prior quantile fn.icdf(u) of its own distribution.
 
@@ -59,17 +69,18 @@ class QuantileMessenger(Messenger):
         size = math.prod(fn.event_shape)
         scalars = len(self.sites) + size
         if size != 1 or scalars > MAX_SCALARS:
-            raise ValueError(f"model latent site '{name}' brings the model to {scalars} latent scalars per data point "
-                             f"({', '.join(self.sites + [name])}); objective exact integrates at most "
-                             f"{MAX_SCALARS} scalar latents (one per site)")
+            has = (f"model latent site '{name}' holds {size} (event shape {tuple(fn.event_shape)})" if size != 1 else
+                   f"this model has {scalars} latent sites ({', '.join(self.sites + [name])})")
+            raise Unintegrable(f"objective exact integrates at most {MAX_SCALARS} scalar latents per data point, one "
+                               f"per site; {has} (use an ELBO objective with a guide)")
         count = self.nodes[min(level, len(self.nodes) - 1)]
         above = tuple(self.nodes[:level])[::-1]  # sizes of the lattices of the latents already met
         shift = torch.rand((1, *above, 1, 1), generator=self.generator, dtype=torch.float64)
         j = torch.arange(count, dtype=torch.float64).reshape(count, *([1] * (level + 2)))
         u = ((j + shift) / count).clamp(1e-300, 1.0)  # shift in [0, 1): u in (0, 1]; u = 0 has prob 0
         base = fn.base_dist if isinstance(fn, Independent) else fn
-        refusal = ValueError(f"model latent site '{name}' has a {type(base).__name__} distribution without an "
-                             "inverse CDF; objective exact needs one (Normal, Uniform, ...)")
+        refusal = Unintegrable(f"model latent site '{name}' has a {type(base).__name__} distribution without an "
+                               "inverse CDF; objective exact needs one (Normal, Uniform, ...)")
         if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims != 1:
             raise refusal
         try:
@@ -103,8 +114,11 @@ def log_likelihood(fn, value: torch.Tensor) -> torch.Tensor:
 
 def _quantile_trace(model, x, nodes, generator):
     quantiles = QuantileMessenger(nodes, generator)
-    with poutine.block(), quantiles:
-        trace = poutine.trace(model).get_trace(x)
+    try:
+        with poutine.block(), quantiles:
+            trace = poutine.trace(model).get_trace(x)
+    except Unintegrable as err:
+        raise Unintegrable(err.line) from None
     observed = [site for name, site in trace.nodes.items() if site["type"] == "sample"
                 and not site_is_subsample(site) and name not in quantiles.sites and site["is_observed"]]
     lattice = tuple(nodes[min(level, len(nodes) - 1)] for level in range(len(quantiles.sites)))[::-1]

@@ -85,7 +85,7 @@ def prepare(model, guide, data, elbo, v, device, start=0):
         reset_parameters(model, guide)
     if needs_guide:
         check_guide(model, guide, x)
-        check_objective(elbo, model, guide, x)
+    check_objective(elbo, model, guide, x)  # objective exact: the model alone
     scale = LatentScale(kl_weight(start, v["beta"], v["warmup"], v["warmup_start"]))
     if needs_guide:
         model_w, guide_w = scale(weighted(model, data, device)), scale(weighted(guide, data, device))
