@@ -558,3 +558,93 @@ def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_miss
         (hurt / ".hydra" / name).write_text("x: [\n")
     _, md = summary(sweep)
     assert "- MISSING seed=1" in md and "- UNREADABLE `seed=1`: neither its .hydra/overrides.yaml nor" in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing the summary: whole or not at all
+
+
+def failing_writes(monkeypatch, folder: Path, error: int, name: str = ""):
+    """Make every file opened for writing in folder whose name contains name fail with the OS error `error`, as a
+    read-only folder does (EROFS) or a full disk (ENOSPC, after part of the file is written). A chmod would not
+    do: the tests may run as root."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real = builtins.open
+
+    def guarded(file, mode="r", *args, **kwargs):
+        path = Path(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else None
+        if path is not None and path.parent == folder and name in path.name and set(mode) & set("wax+"):
+            if error == errno.ENOSPC:
+                with real(file, "w") as handle:
+                    handle.write("half a fi")
+            raise OSError(error, os.strerror(error), str(file))
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+
+
+def files_of(folder: Path) -> dict:
+    """{name: bytes} of the files directly in folder."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("error, name, named", [("EROFS", "", "summary.csv"), ("ENOSPC", "summary.md", "summary.md")],
+                         ids=["read-only folder", "disk full at summary.md"])
+def test_a_summary_that_cannot_be_written_is_one_line_naming_the_file_and_the_old_summary_stays_whole(
+        tmp_path, monkeypatch, capsys, error, name, named):
+    import errno
+    import os
+
+    from analysis.sweep import main
+
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    summary(tmp_path)
+    before = files_of(tmp_path)
+    job(tmp_path, ["seed=1"], m=metrics(1, 2.0))  # a new run: the summary would change
+    failing_writes(monkeypatch, tmp_path, getattr(errno, error), name)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write {tmp_path / named}: {os.strerror(getattr(errno, error))}")
+    assert files_of(tmp_path) == before
+
+
+def test_the_sweeps_end_callback_reports_a_summary_it_cannot_write_and_leaves_the_old_one_whole(tmp_path,
+                                                                                                  monkeypatch):
+    import errno
+
+    from analysis.callbacks import LAST, SweepSummary
+
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    summary(tmp_path)
+    before = files_of(tmp_path)
+    job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    failing_writes(monkeypatch, tmp_path, errno.ENOSPC)
+    monkeypatch.delitem(LAST, "failed", raising=False)
+    SweepSummary(figures=False)._write_summary(tmp_path, ended=True)
+    [(where, reason)] = LAST["failed"]
+    assert where == str(tmp_path) and f"cannot write {tmp_path / 'summary.csv'}: No space left on device" in reason
+    assert files_of(tmp_path) == before
+
+
+def test_a_figure_that_fails_half_written_leaves_the_old_figure_whole(tmp_path, monkeypatch):
+    import analysis.sweep
+
+    job(tmp_path, ["data.n=5"], m=metrics(0, 1.0))
+    job(tmp_path, ["data.n=10"], m=metrics(0, 1.0, n=10))
+    (tmp_path / "loss_vs_n.png").write_bytes(b"the old figure")
+
+    def half_written(agg, jobs, out):
+        (Path(out) / "loss_vs_n.png").write_bytes(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(analysis.sweep, "sweep_figures", half_written)
+    analysis.sweep.summarize(tmp_path)
+    assert (tmp_path / "loss_vs_n.png").read_bytes() == b"the old figure"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
