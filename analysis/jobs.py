@@ -273,6 +273,11 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     except ValueError as err:
         row["status"], row["error"] = "failed", f"metrics.json unreadable: {err}"
         return row
+    if not isinstance(metrics, dict):
+        from .rundir import json_kind
+
+        row["status"], row["error"] = "failed", f"metrics.json unreadable: not a JSON object ({json_kind(metrics)})"
+        return row
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
             row[key] = metrics[key]

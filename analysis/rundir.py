@@ -50,6 +50,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_kind(value) -> str:
+    """What a JSON value that is not an object is, in JSON's words: 'an array', 'a string', 'a number', 'true',
+    'false' or 'null'."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {list: "an array", str: "a string"}.get(type(value), "a number")
+
+
 def read_status(path) -> dict:
     """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read)."""
     try:

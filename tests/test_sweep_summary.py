@@ -648,3 +648,17 @@ def test_a_figure_that_fails_half_written_leaves_the_old_figure_whole(tmp_path, 
     analysis.sweep.summarize(tmp_path)
     assert (tmp_path / "loss_vs_n.png").read_bytes() == b"the old figure"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt files inside a run
+
+
+@pytest.mark.parametrize("content, kind", [("[]", "an array"), ('"ok"', "a string"), ("null", "null")])
+def test_a_metrics_json_that_is_not_an_object_is_a_failed_run_saying_so(tmp_path, content, kind):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "metrics.json").write_text(content)
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"]
+    assert f"- FAILED `seed=1` (seed=1): metrics.json unreadable: not a JSON object ({kind})" in md
