@@ -101,7 +101,7 @@ def tables(rows) -> tuple:
     keys = [k for k in _group_keys(rows) if k in jobs]
     jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
     _mark_duplicates(jobs, keys)
-    ok = _counted(jobs)
+    ok = _counted(jobs).infer_objects()  # a column numeric in the counted runs (a failed run's loss "abc" aside)
     numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
                and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]
     if ok.empty:

@@ -291,11 +291,26 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         row["status"] = str(metrics["status"])
         row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"
                                                  + ("" if status else " (and it has no status.json)"))
+    if row["status"] == "ok" and not _is_number(metrics.get("loss")):  # no headline to count
+        row["status"], row["error"] = "failed", _no_headline(metrics)
     if "khat.max" in row:
         row["khat.max"] = informative_khat_max(metrics)
     if (job / "encodings.nc").exists():
         row["encodings"] = str(job / "encodings.nc")
     return row
+
+
+def _is_number(value) -> bool:
+    """Whether value is a finite number (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _no_headline(metrics: dict) -> str:
+    """Why a run whose metrics.json says ok has no headline loss to count: none recorded, or one that is no
+    finite number (quoted)."""
+    if "loss" not in metrics:
+        return "its metrics.json has no headline loss"
+    return f"its headline loss is not a finite number: {json.dumps(metrics['loss'])[:60]}"
 
 
 def expected_jobs(sweep_dir: Path) -> list:

@@ -662,3 +662,28 @@ def test_a_metrics_json_that_is_not_an_object_is_a_failed_run_saying_so(tmp_path
     result, md = summary(tmp_path)
     assert result["failed"] == ["seed=1"]
     assert f"- FAILED `seed=1` (seed=1): metrics.json unreadable: not a JSON object ({kind})" in md
+
+
+@pytest.mark.parametrize("loss, shown", [("abc", '"abc"'), (None, "null"), (float("nan"), "NaN")])
+def test_a_run_whose_headline_loss_is_not_a_number_is_a_failed_run_saying_so(tmp_path, loss, shown):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m={**metrics(1, 2.0), "loss": loss})
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"]
+    assert f"- FAILED `seed=1` (seed=1): its headline loss is not a finite number: {shown}" in md
+
+
+def test_a_run_with_no_headline_loss_is_a_failed_run_saying_so(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m={k: v for k, v in metrics(1, 2.0).items() if k != "loss"})
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"] and "- FAILED `seed=1` (seed=1): its metrics.json has no headline loss" in md
+
+
+def test_the_mean_loss_is_over_the_runs_with_a_number_for_it(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m=metrics(1, 3.0))
+    job(tmp_path, ["seed=2"], m={**metrics(2, 2.0), "loss": "abc"})
+    result, md = summary(tmp_path)
+    assert result["aggregated"].iloc[0]["loss_mean"] == pytest.approx(2.0)
+    assert config_table(md)[0]["seeds"] == "2 of 3 (1 not ok)"
