@@ -238,7 +238,22 @@ def _group_replicas(job: Path, overrides: list) -> list:
 
 
 def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
-    """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
+    """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics. A status.json that is
+    there but cannot be read is said in the row's error; the run is then judged by its metrics.json alone (as one
+    whose status.json is lost)."""
+    from .rundir import status_problem
+
+    row = _read_row(job, sweep_dir, ended)
+    problem = status_problem(job)
+    if problem:
+        said = f"its status.json is unreadable ({problem})" + (": judged by its metrics.json" if row["status"] == "ok"
+                                                               else "")
+        row["error"] = "; ".join(p for p in (row.get("error"), said) if p)
+    return row
+
+
+def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
+    """read_job's row, from the run's files as they read."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
     cfg = {}
     overrides = _group_replicas(job, _overrides(job))
@@ -251,9 +266,9 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
                 "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
-    from .rundir import read_status
+    from .rundir import STATUS, read_status
 
-    status = read_status(job)
+    status, lost = read_status(job), not (job / STATUS).exists()
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""
@@ -266,7 +281,7 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         row["status"] = "failed"
         row["error"] = row.get("error") or (
             "its status.json says ok but its metrics.json is missing (deleted or moved since)" if status
-            else "no metrics.json (and no status.json: killed before it started?)")
+            else "no metrics.json (and no status.json: killed before it started?)" if lost else "no metrics.json")
         return row
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -290,7 +305,7 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     if row["status"] == "ok" and metrics.get("status") not in (None, "ok"):  # its metrics.json says otherwise
         row["status"] = str(metrics["status"])
         row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"
-                                                 + ("" if status else " (and it has no status.json)"))
+                                                 + ("" if status or not lost else " (and it has no status.json)"))
     if row["status"] == "ok" and not _is_number(metrics.get("loss")):  # no headline to count
         row["status"], row["error"] = "failed", _no_headline(metrics)
     if "khat.max" in row:

@@ -58,12 +58,32 @@ def json_kind(value) -> str:
     return {list: "an array", str: "a string"}.get(type(value), "a number")
 
 
-def read_status(path) -> dict:
-    """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read)."""
+def _load_status(path) -> tuple:
+    """(record, problem): the status.json of a run directory as a dict ({} where it has none or it cannot be read),
+    and why it cannot be read where it is there ('' otherwise)."""
     try:
-        return json.loads((Path(path) / STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
+        record = json.loads((Path(path) / STATUS).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, ""
+    except OSError as err:
+        return {}, err.strerror or str(err)
+    except ValueError as err:  # a half-written or garbled file
+        return {}, f"not JSON: {err}"
+    if not isinstance(record, dict):
+        return {}, f"not a JSON object: {json_kind(record)}"
+    return record, ""
+
+
+def read_status(path) -> dict:
+    """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read, or holds no JSON
+    object: status_problem says why)."""
+    return _load_status(path)[0]
+
+
+def status_problem(path) -> str:
+    """Why the status.json of a run directory cannot be read ('not JSON: ...', 'not a JSON object: an array', an OS
+    error); '' where it reads as an object or there is none."""
+    return _load_status(path)[1]
 
 
 def write_status(path, status: str, reason: str = "", **extra) -> None:

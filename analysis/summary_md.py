@@ -102,10 +102,22 @@ def _names(dirs, sweep_dir, most=3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _notes(ok) -> list:
+    """summary.md's lines '## Notes' and '- NOTE `job`: ...' for the ok runs whose row records a problem (error: a
+    config.yaml or status.json that cannot be read); [] where none does."""
+    if "error" not in ok:
+        return []
+    noted = ok[ok["error"].fillna("").astype(str) != ""]
+    if noted.empty:
+        return []
+    return ["## Notes", ""] + [f"- NOTE `{r['job']}`: {r['error']}" for _, r in noted.iterrows()] + [""]
+
+
 def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
     """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
-    aggregated table, the per-run table, failed and missing jobs. launched: this sweep's job directories (replicas
-    make several runs per job); left_out: job directories of other launches; fixed: fixed_overrides."""
+    aggregated table, the per-run table, notes on ok runs (_notes), failed and missing jobs. launched: this sweep's
+    job directories (replicas make several runs per job); left_out: job directories of other launches; fixed:
+    fixed_overrides."""
     sweep_dir = Path(sweep_dir)
     failed = jobs[jobs["status"] != "ok"]
     dupes = jobs[jobs["duplicate_of"].notna()] if "duplicate_of" in jobs else jobs.iloc[:0]
@@ -180,6 +192,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         body = [[("" if v is None or (isinstance(v, float) and math.isnan(v)) else
                   (f"{v:.4g}" if isinstance(v, float) else v)) for v in r] for r in ok[cols].itertuples(index=False)]
         parts += ["## Runs", "", _md_table([RUN_COLUMNS.get(c, c) for c in cols], body), ""]
+    parts += _notes(ok)
     parts += ["## Failed and missing jobs", ""]
     if failed.empty and not missing:
         parts.append("None.")

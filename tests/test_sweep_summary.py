@@ -687,3 +687,36 @@ def test_the_mean_loss_is_over_the_runs_with_a_number_for_it(tmp_path):
     result, md = summary(tmp_path)
     assert result["aggregated"].iloc[0]["loss_mean"] == pytest.approx(2.0)
     assert config_table(md)[0]["seeds"] == "2 of 3 (1 not ok)"
+
+
+@pytest.mark.parametrize("content, why", [('{"status": "o', "not JSON: "), ("[]", "not a JSON object: an array"),
+                                          ('"ok"', "not a JSON object: a string")])
+def test_an_ok_run_whose_status_json_cannot_be_read_is_judged_by_its_metrics_and_the_summary_says_so(tmp_path,
+                                                                                                   content, why):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "status.json").write_text(content)
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and "2 ok, 0 not ok" in md
+    note = md.split("## Notes")[1].split("##")[0].strip()
+    assert note.startswith(f"- NOTE `seed=1`: its status.json is unreadable ({why}") and \
+        note.endswith("): judged by its metrics.json")
+
+
+def test_a_diverged_run_whose_status_json_cannot_be_read_is_diverged_and_says_both(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m={**metrics(1, 2.0), "status": "diverged", "reason": "loss nan at step 12",
+                                        "loss": None})
+    (hurt / "status.json").write_text("[]")
+    result, md = summary(tmp_path)
+    assert "- DIVERGED `seed=1` (seed=1): loss nan at step 12; its status.json is unreadable (not a JSON object: " \
+           "an array)" in md
+
+
+def test_a_run_without_metrics_whose_status_json_cannot_be_read_says_so_not_that_it_has_none(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=None)
+    (hurt / "status.json").write_text("{")
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"] and "no status.json" not in md
+    assert "- FAILED `seed=1` (seed=1): no metrics.json; its status.json is unreadable (not JSON: " in md
