@@ -77,17 +77,26 @@ def _candidates(sweep_dir: Path) -> list:
 
 def _launches(candidates: list) -> dict:
     """{launched job dir: [its run dirs]}: a candidate with no candidate above it is a job Hydra launched; the
-    candidates below it are its replicas' dirs (one run per seed). A job with replicas (status.json lists them,
-    or replica dirs exist) is not a run itself; any other job is its own one run."""
-    from .rundir import read_status
-
+    candidates below it are its replicas' dirs (one run per seed), and those its status.json lists though they are
+    gone (listed_replicas). A job with replicas (status.json lists them, or replica dirs exist) is not a run itself;
+    any other job is its own one run."""
     known = set(candidates)
     tops = [c for c in candidates if not any(a in known for a in c.parents)]
     out = {}
     for top in tops:
-        below = [c for c in candidates if top in c.parents]
-        out[top] = below if below or read_status(top).get("replicas") else [top]
+        below = [c for c in candidates if top in c.parents] + listed_replicas(top)
+        out[top] = sorted(set(below)) if below else [top]
     return out
+
+
+def listed_replicas(job: Path) -> list:
+    """The replica dirs (<job>/seed<s>) a job's status.json lists, whether or not they are there (a listed dir that
+    is gone is a run lost, read_job's failed row); [] for a job without replicas."""
+    from .rundir import REPLICA_DIR, read_status
+
+    listed = read_status(job).get("replicas")
+    names = listed if isinstance(listed, list) else []
+    return [job / n for n in names if isinstance(n, str) and REPLICA_DIR.fullmatch(n)]
 
 
 def task_overrides(job: Path):
@@ -243,6 +252,8 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     whose status.json is lost)."""
     from .rundir import status_problem
 
+    if not job.exists():  # a replica its group's status.json lists, whose dir is gone
+        return _lost_replica(job, sweep_dir)
     row = _read_row(job, sweep_dir, ended)
     problem = status_problem(job)
     if problem:
@@ -252,20 +263,38 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     return row
 
 
-def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
-    """read_job's row, from the run's files as they read."""
+def _head(job: Path, sweep_dir: Path, overrides: list, config_of: Path) -> dict:
+    """A row's first columns: job, status ok, overrides, and the config summary (model, guide, n, seed, beta) from
+    config_of's .hydra/config.yaml (error says so where it cannot be read)."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
     cfg = {}
-    overrides = _group_replicas(job, _overrides(job))
-    if (job / ".hydra" / "config.yaml").exists():
+    if (config_of / ".hydra" / "config.yaml").exists():
         try:
-            cfg = _yaml(job / ".hydra" / "config.yaml") or {}
+            cfg = _yaml(config_of / ".hydra" / "config.yaml") or {}
         except Exception as err:  # a half-written config: still list the job
             row["error"] = f"config.yaml unreadable: {err}"
     row["overrides"] = " ".join(overrides)
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
                 "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
+    return row
+
+
+def _lost_replica(job: Path, sweep_dir: Path) -> dict:
+    """The row of a replica whose dir is gone though its group's status.json lists it: failed, saying so, with its
+    group's config and overrides and its own seed (seed<s>)."""
+    seed = int(job.name[len("seed"):])
+    overrides = [o for o in _overrides(job.parent) if o.lstrip("+~").partition("=")[0] != "seed"] + [f"seed={seed}"]
+    row = _head(job, sweep_dir, overrides, job.parent)
+    error = f"its replica dir {job.name} is missing (its group's status.json lists it: deleted or moved since)"
+    row.update({"seed": seed, "status": "failed", "error": "; ".join(p for p in (error, row.get("error")) if p)})
+    return row
+
+
+def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
+    """read_job's row, from the run's files as they read."""
+    overrides = _group_replicas(job, _overrides(job))
+    row = _head(job, sweep_dir, overrides, job)
     from .rundir import STATUS, read_status
 
     status, lost = read_status(job), not (job / STATUS).exists()

@@ -720,3 +720,28 @@ def test_a_run_without_metrics_whose_status_json_cannot_be_read_says_so_not_that
     result, md = summary(tmp_path)
     assert result["failed"] == ["seed=1"] and "no status.json" not in md
     assert "- FAILED `seed=1` (seed=1): no metrics.json; its status.json is unreadable (not JSON: " in md
+
+
+def test_a_replica_its_group_lists_whose_dir_is_gone_is_a_failed_run_of_its_configuration(tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["data.n=5", "replicas=2"])
+    group = job(sweep, ["data.n=5", "replicas=2"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    shutil.rmtree(group / "seed1")
+    result, md = summary(sweep)
+    assert result["failed"] == ["data.n=5,replicas=2/seed1"] and "2 runs in 1 job" in md
+    assert "- FAILED `data.n=5,replicas=2/seed1` (data.n=5 replicas=2 seed=1): its replica dir seed1 is missing" in md
+    assert config_table(md)[0]["seeds"] == "1 of 2 (1 not ok)"
+
+
+def test_a_group_whose_every_replica_dir_is_gone_lists_each_as_failed(tmp_path):
+    import shutil
+
+    group = job(tmp_path, ["data.n=5", "replicas=2"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    job(tmp_path, ["data.n=10", "replicas=2"], num=1, replicas=[(0, metrics(0, 1.0, n=10))])
+    for name in ("seed0", "seed1"):
+        shutil.rmtree(group / name)
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["data.n=5,replicas=2/seed0", "data.n=5,replicas=2/seed1"]
