@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 log = logging.getLogger("onebit.sweep")
@@ -144,20 +145,23 @@ def launch_line() -> str:
     return f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}"
 
 
+LAUNCH_ID = re.compile(r"pid [0-9]+, started [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")  # launch_line's
+
+
 def launch_of(sweep_dir: Path) -> str:
     """The id of the sweep last launched into sweep_dir: its .sweep.lock's line ('pid <pid>, started <time>'), which
-    each of its jobs copies into its status.json ('launch'); '' where unknown."""
+    each of its jobs copies into its status.json ('launch'); '' where unknown: no lock, an empty one, or a line that
+    is no launch id (junk, a line cut short), which tells nothing of which jobs are this launch's."""
     try:
-        return (Path(sweep_dir) / SWEEP_LOCK).read_text().strip()
-    except OSError:
+        line = (Path(sweep_dir) / SWEEP_LOCK).read_text().strip()
+    except (OSError, ValueError):  # ValueError: bytes that are not text
         return ""
+    return line if LAUNCH_ID.fullmatch(line) else ""
 
 
 def launch_started(sweep_dir: Path) -> str:
     """When the sweep last launched into sweep_dir began ('YYYY-MM-DDTHH:MM:SS', as status.json's 'started'); ''
     where unknown."""
-    import re
-
     found = re.search(r"started (\S+)", launch_of(sweep_dir))
     return found.group(1) if found else ""
 

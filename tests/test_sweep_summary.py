@@ -745,3 +745,21 @@ def test_a_group_whose_every_replica_dir_is_gone_lists_each_as_failed(tmp_path):
         shutil.rmtree(group / name)
     result, md = summary(tmp_path)
     assert result["failed"] == ["data.n=5,replicas=2/seed0", "data.n=5,replicas=2/seed1"]
+
+
+@pytest.mark.parametrize("line", [b"not a launch id\n", b"pid 12, started\n", b"\xff\xfe junk"],
+                         ids=["junk", "cut short", "not text"])
+def test_a_sweep_lock_whose_line_is_no_launch_id_is_taken_as_unknown_and_jobs_are_matched_by_overrides(tmp_path,
+                                                                                                     line):
+    from analysis.jobs import SWEEP_LOCK
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    for seed in (0, 1):
+        done = job(sweep, [f"seed={seed}"], num=seed, m=metrics(seed, 1.0 + seed))
+        (done / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 7, started 2026-12-02T00:00:00"}))
+    (sweep / SWEEP_LOCK).write_bytes(line)
+    result, md = summary(sweep)
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["missing"] == [] and result["left_out"] == []
+    assert "2 runs in 2 jobs: 2 ok" in md
