@@ -197,10 +197,14 @@ def job_dirs(sweep_dir: Path) -> tuple:
     run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
     left_out: the job directories of other launches; missing: the override strings of combinations without a
     job directory of this launch. A job dir whose run started before this launch (.sweep.lock) is left out too.
-    Without a multirun.yaml that can be expanded every other job directory counts and missing is []."""
+    Without a multirun.yaml that can be expanded every other job directory counts and missing is []. A replica
+    group's own directory (a single run with replicas) is one job, whose runs are its replicas."""
     from .rundir import read_status
 
-    launches = _launches(_candidates(sweep_dir))
+    candidates = _candidates(sweep_dir)
+    if read_status(sweep_dir).get("replicas"):  # a single run of replicas given on its own: one job, its replicas
+        candidates = [sweep_dir] + candidates
+    launches = _launches(candidates)
     earlier = _of_earlier_launches(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
     for job in earlier:
         launches.pop(job)

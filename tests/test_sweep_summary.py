@@ -763,3 +763,10 @@ def test_a_sweep_lock_whose_line_is_no_launch_id_is_taken_as_unknown_and_jobs_ar
     result, md = summary(sweep)
     assert sorted(result["jobs"]["seed"]) == [0, 1] and result["missing"] == [] and result["left_out"] == []
     assert "2 runs in 2 jobs: 2 ok" in md
+
+
+def test_a_single_run_of_replicas_summarised_on_its_own_is_one_job_of_one_run_per_seed(tmp_path):
+    group = job(tmp_path, ["replicas=3"], replicas=[(s, metrics(s, 1.0 + s)) for s in range(3)])
+    result, md = summary(group)
+    assert "3 runs in 1 job (replicas: one run per seed): 3 ok" in md
+    assert result["launched"] == ["."] and len(result["jobs"]) == 3
