@@ -770,3 +770,13 @@ def test_a_single_run_of_replicas_summarised_on_its_own_is_one_job_of_one_run_pe
     result, md = summary(group)
     assert "3 runs in 1 job (replicas: one run per seed): 3 ok" in md
     assert result["launched"] == ["."] and len(result["jobs"]) == 3
+
+
+def test_a_sweep_with_unequal_data_weights_says_its_losses_are_w_weighted_with_floor_h_w(tmp_path):
+    for seed, weights in ((0, None), (1, [0.9, 0.1])):
+        extra = {"weights": weights, "entropy_floor": 0.3250829733914482} if weights else {}
+        job(tmp_path, [f"seed={seed}"] + ([f"data.weights=[{weights[0]},{weights[1]}]"] if weights else []),
+            m={**metrics(seed, 1.0), **extra})
+    _, md = summary(tmp_path)
+    assert "Units: nats per data point; where the data weights w are unequal (1 of the 2 runs: w = 0.9/0.1, H(w) = " \
+           "0.3251) the loss is the w-weighted mean over the data points, whose floor is H(w), not 0." in md
