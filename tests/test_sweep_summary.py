@@ -780,3 +780,12 @@ def test_a_sweep_with_unequal_data_weights_says_its_losses_are_w_weighted_with_f
     _, md = summary(tmp_path)
     assert "Units: nats per data point; where the data weights w are unequal (1 of the 2 runs: w = 0.9/0.1, H(w) = " \
            "0.3251) the loss is the w-weighted mean over the data points, whose floor is H(w), not 0." in md
+
+
+def test_runs_whose_files_name_no_n_are_summarised_together_under_an_empty_n(tmp_path):
+    for seed in (0, 1):
+        (tmp_path / f"run{seed}").mkdir()
+        m = {k: v for k, v in metrics(seed, 1.0 + seed).items() if k != "n"}
+        (tmp_path / f"run{seed}" / "metrics.json").write_text(json.dumps(m))
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and config_table(md)[0]["n"] == "" and config_table(md)[0]["seeds"] == "2"
