@@ -61,7 +61,9 @@ def informative_khat_max(metrics: dict) -> float:
     if (metrics.get("psis") or {}).get("narrow"):
         return math.nan
     khat = metrics.get("khat") or []
-    ess = (metrics.get("psis") or {}).get("ess_fraction") or [None] * len(khat)
+    ess = (metrics.get("psis") or {}).get("ess_fraction")
+    if not isinstance(ess, list) or not all(e is None or _is_number(e) for e in ess):  # none recorded, or garbled
+        ess = [None] * len(khat)
     kept = [float(k) for k, e in zip(khat, ess) if e is None or e < CONSTANT_ESS]
     return max(kept) if kept else math.nan
 
@@ -330,6 +332,10 @@ def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
 
         row["status"], row["error"] = "failed", f"metrics.json unreadable: not a JSON object ({json_kind(metrics)})"
         return row
+    wrong = _malformed(metrics)
+    if wrong:
+        row["status"], row["error"] = "failed", f"metrics.json malformed: {wrong}"
+        return row
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
@@ -350,6 +356,25 @@ def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     if (job / "encodings.nc").exists():
         row["encodings"] = str(job / "encodings.nc")
     return row
+
+
+# The metrics.json fields the summary reads as names, keys or blocks, and what each must be where it is not null.
+FIELD_KINDS = {"model": (str, "a string"), "guide": (str, "a string"), "n": (int, "a whole number"),
+               "seed": (int, "a whole number"), "status": (str, "a string"), "reason": (str, "a string"),
+               "loss_estimator": (str, "a string"), "estimator": (str, "a string"), "psis": (dict, "an object"),
+               "khat": (list, "an array")}
+
+
+def _malformed(metrics: dict) -> str:
+    """What is wrong with the first of FIELD_KINDS that metrics holds as something else ("its 'n' is a string, not a
+    whole number"); '' where none is."""
+    from .rundir import json_kind
+
+    for key, (kind, wanted) in FIELD_KINDS.items():
+        value = metrics.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"its '{key}' is {json_kind(value)}, not {wanted}"
+    return ""
 
 
 def _is_number(value) -> bool:

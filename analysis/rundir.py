@@ -51,11 +51,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def json_kind(value) -> str:
-    """What a JSON value that is not an object is, in JSON's words: 'an array', 'a string', 'a number', 'true',
-    'false' or 'null'."""
+    """What a JSON value is, in JSON's words: 'an object', 'an array', 'a string', 'a number', 'true', 'false' or
+    'null'."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    return {list: "an array", str: "a string"}.get(type(value), "a number")
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
 
 
 def _load_status(path) -> tuple:

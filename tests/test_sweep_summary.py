@@ -789,3 +789,22 @@ def test_runs_whose_files_name_no_n_are_summarised_together_under_an_empty_n(tmp
         (tmp_path / f"run{seed}" / "metrics.json").write_text(json.dumps(m))
     result, md = summary(tmp_path)
     assert result["failed"] == [] and config_table(md)[0]["n"] == "" and config_table(md)[0]["seeds"] == "2"
+
+
+@pytest.mark.parametrize("field, value, said", [("model", ["vae"], "its 'model' is an array, not a string"),
+                                                ("n", "five", "its 'n' is a string, not a whole number"),
+                                                ("status", {"ok": 1}, "its 'status' is an object, not a string"),
+                                                ("psis", "x", "its 'psis' is a string, not an object")])
+def test_a_metrics_json_field_of_the_wrong_kind_is_a_failed_run_naming_it(tmp_path, field, value, said):
+    (tmp_path / "run0").mkdir()
+    (tmp_path / "run0" / "metrics.json").write_text(json.dumps(metrics(0, 1.0)))
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "metrics.json").write_text(json.dumps({**metrics(1, 2.0), field: value}))
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["run1"] and f"- FAILED `run1` (no overrides): metrics.json malformed: {said}" in md
+
+
+def test_a_garbled_ess_record_leaves_every_khat_counted():
+    from analysis.jobs import informative_khat_max
+
+    assert informative_khat_max({"khat": [1.4, 0.6], "psis": {"ess_fraction": "ab"}}) == 1.4
