@@ -59,8 +59,8 @@ def json_kind(value) -> str:
 
 
 def _load_status(path) -> tuple:
-    """(record, problem): the status.json of a run directory as a dict ({} where it has none or it cannot be read),
-    and why it cannot be read where it is there ('' otherwise)."""
+    """(record, problem): the status.json of a run directory as a dict ({} where it has none or it cannot be read;
+    without its 'status' where that is none of STATES), and why it cannot be read where it is there ('' otherwise)."""
     try:
         record = json.loads((Path(path) / STATUS).read_text())
     except (FileNotFoundError, NotADirectoryError):
@@ -71,6 +71,9 @@ def _load_status(path) -> tuple:
         return {}, f"not JSON: {err}"
     if not isinstance(record, dict):
         return {}, f"not a JSON object: {json_kind(record)}"
+    if record.get("status") is not None and (not isinstance(record["status"], str) or record["status"] not in STATES):
+        said = json.dumps(record.pop("status"))  # no run's status: the record says nothing of how the run stands
+        return record, f"its status {said[:40]} is none of {', '.join(STATES)}"
     return record, ""
 
 
@@ -81,8 +84,8 @@ def read_status(path) -> dict:
 
 
 def status_problem(path) -> str:
-    """Why the status.json of a run directory cannot be read ('not JSON: ...', 'not a JSON object: an array', an OS
-    error); '' where it reads as an object or there is none."""
+    """Why the status.json of a run directory cannot be read ('not JSON: ...', 'not a JSON object: an array', a status
+    that is none of STATES, an OS error); '' where it reads as a run's record or there is none."""
     return _load_status(path)[1]
 
 

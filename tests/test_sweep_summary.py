@@ -808,3 +808,15 @@ def test_a_garbled_ess_record_leaves_every_khat_counted():
     from analysis.jobs import informative_khat_max
 
     assert informative_khat_max({"khat": [1.4, 0.6], "psis": {"ess_fraction": "ab"}}) == 1.4
+
+
+@pytest.mark.parametrize("said, shown", [("bogus", '"bogus"'), (["ok"], '["ok"]')])
+def test_a_status_json_whose_status_is_no_runs_status_is_said_and_the_run_judged_by_its_metrics(tmp_path, said,
+                                                                                               shown):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "status.json").write_text(json.dumps({"status": said, "reason": "finished"}))
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and "2 ok, 0 not ok" in md
+    assert f"- NOTE `seed=1`: its status.json is unreadable (its status {shown} is none of running, ok, refused, " \
+           "diverged, failed): judged by its metrics.json" in md
