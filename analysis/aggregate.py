@@ -77,6 +77,16 @@ def _counted(jobs):
     return ok[ok["duplicate_of"].isna()] if "duplicate_of" in ok else ok
 
 
+def _blank_keys(ok, keys):
+    """ok with '' for the unknown values of its key columns (a run whose metrics.json and config name no n, say),
+    so that they group together; a numeric column (n: Int64, which takes no '') holding one becomes object."""
+    ok = ok.copy()
+    for k in keys:
+        if ok[k].isna().any():
+            ok[k] = ok[k].astype(object).where(ok[k].notna(), "")
+    return ok
+
+
 def tables(rows) -> tuple:
     """(jobs, aggregated) DataFrames. jobs: one row per run; duplicate_of names the run a duplicate (same
     configuration and seed) repeats. aggregated: per configuration over its ok runs without duplicates, seeds (the
@@ -101,12 +111,12 @@ def tables(rows) -> tuple:
     keys = [k for k in _group_keys(rows) if k in jobs]
     jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
     _mark_duplicates(jobs, keys)
-    ok = _counted(jobs)
+    ok = _counted(jobs).infer_objects()  # a column numeric in the counted runs (a failed run's loss "abc" aside)
     numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
                and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]
     if ok.empty:
         return jobs, pd.DataFrame(columns=keys + ["seeds"])
-    grouped = ok.fillna({k: "" for k in keys}).groupby(keys, dropna=False, sort=True)
+    grouped = _blank_keys(ok, keys).groupby(keys, dropna=False, sort=True)
     agg = grouped[numeric].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in agg.columns]
     agg = pd.concat([grouped.size().rename("seeds"), agg], axis=1).reset_index()

@@ -98,4 +98,4 @@ class SweepSummary(Callback):
             LAST["failed"] = []
         except Exception as err:  # the sweep's own results stay on disk; say why the summary is absent
             log.error("sweep summary of %s failed: %s: %s", sweep_dir, type(err).__name__, err)
-            LAST.setdefault("failed", [(str(sweep_dir), f"the sweep summary failed: {type(err).__name__}: {err}")])
+            LAST["failed"] = [(str(sweep_dir), f"the sweep summary failed: {type(err).__name__}: {err}")]

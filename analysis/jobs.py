@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 log = logging.getLogger("onebit.sweep")
@@ -60,7 +61,9 @@ def informative_khat_max(metrics: dict) -> float:
     if (metrics.get("psis") or {}).get("narrow"):
         return math.nan
     khat = metrics.get("khat") or []
-    ess = (metrics.get("psis") or {}).get("ess_fraction") or [None] * len(khat)
+    ess = (metrics.get("psis") or {}).get("ess_fraction")
+    if not isinstance(ess, list) or not all(e is None or _is_number(e) for e in ess):  # none recorded, or garbled
+        ess = [None] * len(khat)
     kept = [float(k) for k, e in zip(khat, ess) if e is None or e < CONSTANT_ESS]
     return max(kept) if kept else math.nan
 
@@ -77,17 +80,26 @@ def _candidates(sweep_dir: Path) -> list:
 
 def _launches(candidates: list) -> dict:
     """{launched job dir: [its run dirs]}: a candidate with no candidate above it is a job Hydra launched; the
-    candidates below it are its replicas' dirs (one run per seed). A job with replicas (status.json lists them,
-    or replica dirs exist) is not a run itself; any other job is its own one run."""
-    from .rundir import read_status
-
+    candidates below it are its replicas' dirs (one run per seed), and those its status.json lists though they are
+    gone (listed_replicas). A job with replicas (status.json lists them, or replica dirs exist) is not a run itself;
+    any other job is its own one run."""
     known = set(candidates)
     tops = [c for c in candidates if not any(a in known for a in c.parents)]
     out = {}
     for top in tops:
-        below = [c for c in candidates if top in c.parents]
-        out[top] = below if below or read_status(top).get("replicas") else [top]
+        below = [c for c in candidates if top in c.parents] + listed_replicas(top)
+        out[top] = sorted(set(below)) if below else [top]
     return out
+
+
+def listed_replicas(job: Path) -> list:
+    """The replica dirs (<job>/seed<s>) a job's status.json lists, whether or not they are there (a listed dir that
+    is gone is a run lost, read_job's failed row); [] for a job without replicas."""
+    from .rundir import REPLICA_DIR, read_status
+
+    listed = read_status(job).get("replicas")
+    names = listed if isinstance(listed, list) else []
+    return [job / n for n in names if isinstance(n, str) and REPLICA_DIR.fullmatch(n)]
 
 
 def task_overrides(job: Path):
@@ -135,20 +147,23 @@ def launch_line() -> str:
     return f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%S')}"
 
 
+LAUNCH_ID = re.compile(r"pid [0-9]+, started [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")  # launch_line's
+
+
 def launch_of(sweep_dir: Path) -> str:
     """The id of the sweep last launched into sweep_dir: its .sweep.lock's line ('pid <pid>, started <time>'), which
-    each of its jobs copies into its status.json ('launch'); '' where unknown."""
+    each of its jobs copies into its status.json ('launch'); '' where unknown: no lock, an empty one, or a line that
+    is no launch id (junk, a line cut short), which tells nothing of which jobs are this launch's."""
     try:
-        return (Path(sweep_dir) / SWEEP_LOCK).read_text().strip()
-    except OSError:
+        line = (Path(sweep_dir) / SWEEP_LOCK).read_text().strip()
+    except (OSError, ValueError):  # ValueError: bytes that are not text
         return ""
+    return line if LAUNCH_ID.fullmatch(line) else ""
 
 
 def launch_started(sweep_dir: Path) -> str:
     """When the sweep last launched into sweep_dir began ('YYYY-MM-DDTHH:MM:SS', as status.json's 'started'); ''
     where unknown."""
-    import re
-
     found = re.search(r"started (\S+)", launch_of(sweep_dir))
     return found.group(1) if found else ""
 
@@ -184,10 +199,14 @@ def job_dirs(sweep_dir: Path) -> tuple:
     run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
     left_out: the job directories of other launches; missing: the override strings of combinations without a
     job directory of this launch. A job dir whose run started before this launch (.sweep.lock) is left out too.
-    Without a multirun.yaml that can be expanded every other job directory counts and missing is []."""
+    Without a multirun.yaml that can be expanded every other job directory counts and missing is []. A replica
+    group's own directory (a single run with replicas) is one job, whose runs are its replicas."""
     from .rundir import read_status
 
-    launches = _launches(_candidates(sweep_dir))
+    candidates = _candidates(sweep_dir)
+    if read_status(sweep_dir).get("replicas"):  # a single run of replicas given on its own: one job, its replicas
+        candidates = [sweep_dir] + candidates
+    launches = _launches(candidates)
     earlier = _of_earlier_launches(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
     for job in earlier:
         launches.pop(job)
@@ -238,22 +257,57 @@ def _group_replicas(job: Path, overrides: list) -> list:
 
 
 def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
-    """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics."""
+    """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics. A status.json that is
+    there but cannot be read is said in the row's error; the run is then judged by its metrics.json alone (as one
+    whose status.json is lost)."""
+    from .rundir import status_problem
+
+    if not job.exists():  # a replica its group's status.json lists, whose dir is gone
+        return _lost_replica(job, sweep_dir)
+    row = _read_row(job, sweep_dir, ended)
+    problem = status_problem(job)
+    if problem:
+        said = f"its status.json is unreadable ({problem})" + (": judged by its metrics.json" if row["status"] == "ok"
+                                                               else "")
+        row["error"] = "; ".join(p for p in (row.get("error"), said) if p)
+    return row
+
+
+def _head(job: Path, sweep_dir: Path, overrides: list, config_of: Path) -> dict:
+    """A row's first columns: job, status ok, overrides, and the config summary (model, guide, n, seed, beta) from
+    config_of's .hydra/config.yaml (error says so where it cannot be read)."""
     row = {"job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".", "status": "ok"}
     cfg = {}
-    overrides = _group_replicas(job, _overrides(job))
-    if (job / ".hydra" / "config.yaml").exists():
+    if (config_of / ".hydra" / "config.yaml").exists():
         try:
-            cfg = _yaml(job / ".hydra" / "config.yaml") or {}
+            cfg = _yaml(config_of / ".hydra" / "config.yaml") or {}
         except Exception as err:  # a half-written config: still list the job
             row["error"] = f"config.yaml unreadable: {err}"
     row["overrides"] = " ".join(overrides)
     row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
                 "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
-    from .rundir import read_status
+    return row
 
-    status = read_status(job)
+
+def _lost_replica(job: Path, sweep_dir: Path) -> dict:
+    """The row of a replica whose dir is gone though its group's status.json lists it: failed, saying so, with its
+    group's config and overrides and its own seed (seed<s>)."""
+    seed = int(job.name[len("seed"):])
+    overrides = [o for o in _overrides(job.parent) if o.lstrip("+~").partition("=")[0] != "seed"] + [f"seed={seed}"]
+    row = _head(job, sweep_dir, overrides, job.parent)
+    error = f"its replica dir {job.name} is missing (its group's status.json lists it: deleted or moved since)"
+    row.update({"seed": seed, "status": "failed", "error": "; ".join(p for p in (error, row.get("error")) if p)})
+    return row
+
+
+def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
+    """read_job's row, from the run's files as they read."""
+    overrides = _group_replicas(job, _overrides(job))
+    row = _head(job, sweep_dir, overrides, job)
+    from .rundir import STATUS, read_status
+
+    status, lost = read_status(job), not (job / STATUS).exists()
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""
@@ -266,12 +320,21 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         row["status"] = "failed"
         row["error"] = row.get("error") or (
             "its status.json says ok but its metrics.json is missing (deleted or moved since)" if status
-            else "no metrics.json (and no status.json: killed before it started?)")
+            else "no metrics.json (and no status.json: killed before it started?)" if lost else "no metrics.json")
         return row
     try:
         metrics = json.loads(metrics_path.read_text())
     except ValueError as err:
         row["status"], row["error"] = "failed", f"metrics.json unreadable: {err}"
+        return row
+    if not isinstance(metrics, dict):
+        from .rundir import json_kind
+
+        row["status"], row["error"] = "failed", f"metrics.json unreadable: not a JSON object ({json_kind(metrics)})"
+        return row
+    wrong = _malformed(metrics)
+    if wrong:
+        row["status"], row["error"] = "failed", f"metrics.json malformed: {wrong}"
         return row
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
@@ -285,12 +348,46 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     if row["status"] == "ok" and metrics.get("status") not in (None, "ok"):  # its metrics.json says otherwise
         row["status"] = str(metrics["status"])
         row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"
-                                                 + ("" if status else " (and it has no status.json)"))
+                                                 + ("" if status or not lost else " (and it has no status.json)"))
+    if row["status"] == "ok" and not _is_number(metrics.get("loss")):  # no headline to count
+        row["status"], row["error"] = "failed", _no_headline(metrics)
     if "khat.max" in row:
         row["khat.max"] = informative_khat_max(metrics)
     if (job / "encodings.nc").exists():
         row["encodings"] = str(job / "encodings.nc")
     return row
+
+
+# The metrics.json fields the summary reads as names, keys or blocks, and what each must be where it is not null.
+FIELD_KINDS = {"model": (str, "a string"), "guide": (str, "a string"), "n": (int, "a whole number"),
+               "seed": (int, "a whole number"), "status": (str, "a string"), "reason": (str, "a string"),
+               "loss_estimator": (str, "a string"), "estimator": (str, "a string"), "psis": (dict, "an object"),
+               "khat": (list, "an array")}
+
+
+def _malformed(metrics: dict) -> str:
+    """What is wrong with the first of FIELD_KINDS that metrics holds as something else ("its 'n' is a string, not a
+    whole number"); '' where none is."""
+    from .rundir import json_kind
+
+    for key, (kind, wanted) in FIELD_KINDS.items():
+        value = metrics.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"its '{key}' is {json_kind(value)}, not {wanted}"
+    return ""
+
+
+def _is_number(value) -> bool:
+    """Whether value is a finite number (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _no_headline(metrics: dict) -> str:
+    """Why a run whose metrics.json says ok has no headline loss to count: none recorded, or one that is no
+    finite number (quoted)."""
+    if "loss" not in metrics:
+        return "its metrics.json has no headline loss"
+    return f"its headline loss is not a finite number: {json.dumps(metrics['loss'])[:60]}"
 
 
 def expected_jobs(sweep_dir: Path) -> list:

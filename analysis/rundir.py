@@ -50,12 +50,43 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_status(path) -> dict:
-    """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read)."""
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: 'an object', 'an array', 'a string', 'a number', 'true', 'false' or
+    'null'."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+def _load_status(path) -> tuple:
+    """(record, problem): the status.json of a run directory as a dict ({} where it has none or it cannot be read;
+    without its 'status' where that is none of STATES), and why it cannot be read where it is there ('' otherwise)."""
     try:
-        return json.loads((Path(path) / STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
+        record = json.loads((Path(path) / STATUS).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, ""
+    except OSError as err:
+        return {}, err.strerror or str(err)
+    except ValueError as err:  # a half-written or garbled file
+        return {}, f"not JSON: {err}"
+    if not isinstance(record, dict):
+        return {}, f"not a JSON object: {json_kind(record)}"
+    if record.get("status") is not None and (not isinstance(record["status"], str) or record["status"] not in STATES):
+        said = json.dumps(record.pop("status"))  # no run's status: the record says nothing of how the run stands
+        return record, f"its status {said[:40]} is none of {', '.join(STATES)}"
+    return record, ""
+
+
+def read_status(path) -> dict:
+    """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read, or holds no JSON
+    object: status_problem says why)."""
+    return _load_status(path)[0]
+
+
+def status_problem(path) -> str:
+    """Why the status.json of a run directory cannot be read ('not JSON: ...', 'not a JSON object: an array', a status
+    that is none of STATES, an OS error); '' where it reads as a run's record or there is none."""
+    return _load_status(path)[1]
 
 
 def write_status(path, status: str, reason: str = "", **extra) -> None:

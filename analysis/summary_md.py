@@ -102,10 +102,40 @@ def _names(dirs, sweep_dir, most=3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _units(jobs) -> str:
+    """The header's sentence on units: nats per data point; where any run weights its data points unequally
+    (metrics.json 'weights', flattened to weights.x0, ...), also which runs, their weights w and floors H(w)
+    (entropy_floor), and that their loss is the w-weighted mean, whose floor is H(w), not 0."""
+    cols = [c for c in jobs if c.startswith("weights.x")]
+    weighted = jobs[jobs[cols].notna().any(axis=1)] if cols else jobs.iloc[:0]
+    if weighted.empty:
+        return "Units: nats per data point."
+    floors = {}
+    for _, r in weighted.iterrows():
+        w = "/".join(f"{r[c]:g}" for c in cols if not math.isnan(r[c]))
+        floor = r.get("entropy_floor")
+        floors[w] = f"w = {w}, H(w) = {floor:.4f}" if isinstance(floor, float) and not math.isnan(floor) else f"w = {w}"
+    who = "every run" if len(weighted) == len(jobs) else f"{len(weighted)} of the {len(jobs)} runs"
+    return (f"Units: nats per data point; where the data weights w are unequal ({who}: {'; '.join(floors.values())}) "
+            "the loss is the w-weighted mean over the data points, whose floor is H(w), not 0.")
+
+
+def _notes(ok) -> list:
+    """summary.md's lines '## Notes' and '- NOTE `job`: ...' for the ok runs whose row records a problem (error: a
+    config.yaml or status.json that cannot be read); [] where none does."""
+    if "error" not in ok:
+        return []
+    noted = ok[ok["error"].fillna("").astype(str) != ""]
+    if noted.empty:
+        return []
+    return ["## Notes", ""] + [f"- NOTE `{r['job']}`: {r['error']}" for _, r in noted.iterrows()] + [""]
+
+
 def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
     """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
-    aggregated table, the per-run table, failed and missing jobs. launched: this sweep's job directories (replicas
-    make several runs per job); left_out: job directories of other launches; fixed: fixed_overrides."""
+    aggregated table, the per-run table, notes on ok runs (_notes), failed and missing jobs. launched: this sweep's
+    job directories (replicas make several runs per job); left_out: job directories of other launches; fixed:
+    fixed_overrides."""
     sweep_dir = Path(sweep_dir)
     failed = jobs[jobs["status"] != "ok"]
     dupes = jobs[jobs["duplicate_of"].notna()] if "duplicate_of" in jobs else jobs.iloc[:0]
@@ -115,7 +145,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
     parts = [f"# Sweep summary: {sweep_dir}", "",
              f"{runs}: {int((jobs['status'] == 'ok').sum())} ok, {len(failed)} not ok "
              f"({', '.join(f'{v} {k}' for k, v in failed['status'].value_counts().items()) or 'none'}); "
-             f"{_plural(len(missing), 'job')} missing. Units: nats per data point. Seeds aggregated as mean ± sd.", ""]
+             f"{_plural(len(missing), 'job')} missing. {_units(jobs)} Seeds aggregated as mean ± sd.", ""]
     if left_out:
         parts += [f"Left out: {_plural(len(left_out), 'job directory')} of other launches into this folder "
                   f"(their overrides and job numbers match no job of this sweep's multirun.yaml): "
@@ -180,6 +210,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         body = [[("" if v is None or (isinstance(v, float) and math.isnan(v)) else
                   (f"{v:.4g}" if isinstance(v, float) else v)) for v in r] for r in ok[cols].itertuples(index=False)]
         parts += ["## Runs", "", _md_table([RUN_COLUMNS.get(c, c) for c in cols], body), ""]
+    parts += _notes(ok)
     parts += ["## Failed and missing jobs", ""]
     if failed.empty and not missing:
         parts.append("None.")

@@ -8,7 +8,8 @@ folder, of another sweep or of a single run are left out, and the summary says h
 one run per seed (its replica directories). A run without metrics.json is a failed run; a combination without a
 job directory of this launch is listed as missing. Without a multirun.yaml every job directory below counts.
 
-Outputs, in the sweep directory:
+Outputs, in the sweep directory, each written to a temporary file beside it and renamed into place (an old summary
+is replaced whole or not at all; a file that cannot be written is one line naming it and the OS error, exit 2):
 * summary.csv: one row per run: status, duplicate_of, its overrides, the config summary and every metric (nested
   blocks flattened with dots: kl.z, exact.loss, khat.x0, ...);
 * summary_by_config.csv: seeds aggregated (mean, sd, count of the runs that have the metric) per (model, guide, n,
@@ -22,6 +23,7 @@ The work is split by job: analysis.jobs (which directories are the sweep's runs,
 files and is the command line. Their public names are importable from here as well.
 """
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +35,74 @@ from .sweep_figures import LN2, ORIGINAL, encodings_figure, rate_distortion_figu
 log = logging.getLogger("onebit.sweep")
 __all__ = ["ID_COLUMNS", "LN2", "ORIGINAL", "collect", "encodings_figure", "expected_jobs", "fixed_overrides",
            "flatten", "job_dirs", "main", "markdown", "rate_distortion_figure", "read_job", "select", "summarize",
-           "sweep_figures", "tables"]
+           "sweep_figures", "tables", "write_files"]
 
 
 class NotASweep(ValueError):
     """A directory that holds no sweep to summarise (a single run's, or one without job directories)."""
+
+
+class SummaryWriteError(OSError):
+    """A summary file that cannot be written; its message names the file and the OS error."""
+
+
+def _discard(paths) -> None:
+    """Remove the files in paths that exist (temporary files of a write given up); returns None."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def write_files(writers: dict) -> list:
+    """Write every file of writers ({path: write}, write(tmp) writing the file's content to tmp) through a temporary
+    file beside it (.<name>.<pid>.tmp), each renamed into place once all are written: where one cannot be written
+    (a read-only folder, a full disk) none is replaced, the old files stay whole and no temporary file is left.
+    Returns the paths written; raises SummaryWriteError naming the file and the OS error."""
+    staged = {}
+    for path, write in writers.items():
+        staged[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            write(staged[path])
+        except OSError as err:
+            _discard(staged.values())
+            raise SummaryWriteError(f"cannot write {path}: {err.strerror or err} (no summary file was replaced)") \
+                from None
+    for path, tmp in staged.items():
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            _discard(staged.values())
+            raise SummaryWriteError(f"cannot write {path}: {err.strerror or err}") from None
+    return list(staged)
+
+
+def _figures(agg, jobs, sweep_dir: Path) -> list:
+    """Draw the sweep figures into a temporary folder in sweep_dir, then rename each into place, so that an old
+    figure is replaced whole or not at all. Returns the paths written; a figure that fails is logged and skipped
+    (a broken figure must not hide the tables)."""
+    import shutil
+    import tempfile
+
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".figures.", dir=sweep_dir))
+    except OSError as err:
+        log.warning("sweep figures not drawn: cannot write into %s: %s", sweep_dir, err.strerror or err)
+        return []
+    written = []
+    try:
+        for step in (lambda: sweep_figures(agg, jobs, scratch), lambda: [encodings_figure(jobs, scratch)],
+                     lambda: [rate_distortion_figure(jobs, scratch)]):
+            try:
+                for drawn in [p for p in step() if p is not None]:
+                    os.replace(drawn, sweep_dir / drawn.name)
+                    written.append(sweep_dir / drawn.name)
+            except Exception as err:  # noqa: BLE001
+                log.warning("sweep figure failed: %s: %s", type(err).__name__, err)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return written
 
 
 def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
@@ -46,7 +111,8 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
 
     Returns dict(jobs=DataFrame (one row per run), aggregated=DataFrame, failed=[run dirs], missing=[override
     strings], launched=[this sweep's job dirs], left_out=[job dirs of other launches], duplicates=[run dirs
-    dropped from the means], files=[paths written])."""
+    dropped from the means], files=[paths written]). Each file is written whole or not at all (write_files): where
+    the tables cannot be written, SummaryWriteError names the file and the OS error, and the old ones stay."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
@@ -61,18 +127,13 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
                         "`python run.py -m` sweep wrote (hydra.sweep.dir)")
     jobs, agg = tables(found["rows"])
     missing = found["missing"]
-    files = [sweep_dir / "summary.csv", sweep_dir / "summary_by_config.csv", sweep_dir / "summary.md"]
-    jobs.to_csv(files[0], index=False)
-    agg.to_csv(files[1], index=False)
-    files[2].write_text(markdown(jobs, agg, missing, sweep_dir, launched=found["launched"],
-                                 left_out=found["left_out"], fixed=fixed_overrides(found["rows"])))
+    text = markdown(jobs, agg, missing, sweep_dir, launched=found["launched"], left_out=found["left_out"],
+                    fixed=fixed_overrides(found["rows"]))
+    files = write_files({sweep_dir / "summary.csv": lambda tmp: jobs.to_csv(tmp, index=False),
+                         sweep_dir / "summary_by_config.csv": lambda tmp: agg.to_csv(tmp, index=False),
+                         sweep_dir / "summary.md": lambda tmp: tmp.write_text(text)})
     if figures:
-        for step in (lambda: sweep_figures(agg, jobs, sweep_dir), lambda: [encodings_figure(jobs, sweep_dir)],
-                     lambda: [rate_distortion_figure(jobs, sweep_dir)]):
-            try:
-                files += [p for p in step() if p is not None]
-            except Exception as err:  # a broken figure must not hide the tables
-                log.warning("sweep figure failed: %s: %s", type(err).__name__, err)
+        files += _figures(agg, jobs, sweep_dir)
     failed = list(jobs.loc[jobs["status"] != "ok", "job"])
     duplicates = list(jobs.loc[jobs["duplicate_of"].notna(), "job"])
     return {"jobs": jobs, "aggregated": agg, "failed": failed, "missing": missing, "files": files,
@@ -87,7 +148,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     try:
         result = summarize(argv[0])
-    except (FileNotFoundError, NotASweep) as err:
+    except (FileNotFoundError, NotASweep, SummaryWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print((Path(argv[0]) / "summary.md").read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from analysis.jobs import SWEEP_LOCK, launch_line
+from analysis.jobs import SWEEP_LOCK, launch_line, launch_of
 from cli.keys import compose_config, parse_overrides, single_line
 from cli.state import STATE, ConfigError
 
@@ -224,7 +224,7 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = lock.read_text().strip() if lock.is_file() else ""
+        holder = launch_of(sweep_dir)  # its launch id; '' where the lock's line is none (junk, not text)
         os.close(fd)
         raise RunDirError(f"sweep dir {sweep_dir} is in use by another sweep ({holder or 'still running'}); wait "
                           "for it to end, or choose another hydra.sweep.dir") from None

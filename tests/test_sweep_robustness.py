@@ -48,6 +48,25 @@ def test_a_sweep_into_a_dir_another_sweep_holds_is_refused_before_any_job_runs(t
     assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock"]
 
 
+LAUNCH = "pid 7, started 2026-12-02T00:00:00"
+
+
+@pytest.mark.parametrize("line, holder", [(f"{LAUNCH}\n".encode(), LAUNCH), (b"\xff\xfe junk", "still running")],
+                         ids=["launch id", "not text"])
+def test_a_dir_another_sweep_holds_is_refused_naming_its_launch_id_where_the_lock_has_one(tmp_path, line, holder):
+    from analysis.rundir import RunDirError
+    from cli.sweep import claim_sweep
+
+    fd = os.open(tmp_path / ".sweep.lock", os.O_CREAT | os.O_RDWR)  # a sweep running into it holds this lock
+    os.write(fd, line)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RunDirError, match=f"is in use by another sweep \\({holder}\\);"):
+            claim_sweep(tmp_path, overwrite=False)
+    finally:
+        os.close(fd)
+
+
 def test_a_bad_value_every_job_shares_refuses_the_sweep_before_any_job_starts(tmp_path):
     proc = run_cli("-m", *FAST, "seed=0,1", "train.steps=-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 2

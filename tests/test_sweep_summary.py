@@ -571,3 +571,265 @@ def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_miss
         (hurt / ".hydra" / name).write_text("x: [\n")
     _, md = summary(sweep)
     assert "- MISSING seed=1" in md and "- UNREADABLE `seed=1`: neither its .hydra/overrides.yaml nor" in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing the summary: whole or not at all
+
+
+def failing_writes(monkeypatch, folder: Path, error: int, name: str = ""):
+    """Make every file opened for writing in folder whose name contains name fail with the OS error `error`, as a
+    read-only folder does (EROFS) or a full disk (ENOSPC, after part of the file is written). A chmod would not
+    do: the tests may run as root."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real = builtins.open
+
+    def guarded(file, mode="r", *args, **kwargs):
+        path = Path(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else None
+        if path is not None and path.parent == folder and name in path.name and set(mode) & set("wax+"):
+            if error == errno.ENOSPC:
+                with real(file, "w") as handle:
+                    handle.write("half a fi")
+            raise OSError(error, os.strerror(error), str(file))
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+
+
+def files_of(folder: Path) -> dict:
+    """{name: bytes} of the files directly in folder."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("error, name, named", [("EROFS", "", "summary.csv"), ("ENOSPC", "summary.md", "summary.md")],
+                         ids=["read-only folder", "disk full at summary.md"])
+def test_a_summary_that_cannot_be_written_is_one_line_naming_the_file_and_the_old_summary_stays_whole(
+        tmp_path, monkeypatch, capsys, error, name, named):
+    import errno
+    import os
+
+    from analysis.sweep import main
+
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    summary(tmp_path)
+    before = files_of(tmp_path)
+    job(tmp_path, ["seed=1"], m=metrics(1, 2.0))  # a new run: the summary would change
+    failing_writes(monkeypatch, tmp_path, getattr(errno, error), name)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write {tmp_path / named}: {os.strerror(getattr(errno, error))}")
+    assert files_of(tmp_path) == before
+
+
+def test_the_sweeps_end_callback_reports_a_summary_it_cannot_write_and_leaves_the_old_one_whole(tmp_path,
+                                                                                                  monkeypatch):
+    import errno
+
+    from analysis.callbacks import LAST, SweepSummary
+
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    summary(tmp_path)
+    before = files_of(tmp_path)
+    job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    failing_writes(monkeypatch, tmp_path, errno.ENOSPC)
+    monkeypatch.setitem(LAST, "failed", [])  # an earlier sweep's outcome in this process: all ok
+    SweepSummary(figures=False)._write_summary(tmp_path, ended=True)
+    [(where, reason)] = LAST["failed"]
+    assert where == str(tmp_path) and f"cannot write {tmp_path / 'summary.csv'}: No space left on device" in reason
+    assert files_of(tmp_path) == before
+
+
+def test_a_figure_that_fails_half_written_leaves_the_old_figure_whole(tmp_path, monkeypatch):
+    import analysis.sweep
+
+    job(tmp_path, ["data.n=5"], m=metrics(0, 1.0))
+    job(tmp_path, ["data.n=10"], m=metrics(0, 1.0, n=10))
+    (tmp_path / "loss_vs_n.png").write_bytes(b"the old figure")
+
+    def half_written(agg, jobs, out):
+        (Path(out) / "loss_vs_n.png").write_bytes(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(analysis.sweep, "sweep_figures", half_written)
+    analysis.sweep.summarize(tmp_path)
+    assert (tmp_path / "loss_vs_n.png").read_bytes() == b"the old figure"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt files inside a run
+
+
+@pytest.mark.parametrize("content, kind", [("[]", "an array"), ('"ok"', "a string"), ("null", "null")])
+def test_a_metrics_json_that_is_not_an_object_is_a_failed_run_saying_so(tmp_path, content, kind):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "metrics.json").write_text(content)
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"]
+    assert f"- FAILED `seed=1` (seed=1): metrics.json unreadable: not a JSON object ({kind})" in md
+
+
+@pytest.mark.parametrize("loss, shown", [("abc", '"abc"'), (None, "null"), (float("nan"), "NaN")])
+def test_a_run_whose_headline_loss_is_not_a_number_is_a_failed_run_saying_so(tmp_path, loss, shown):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m={**metrics(1, 2.0), "loss": loss})
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"]
+    assert f"- FAILED `seed=1` (seed=1): its headline loss is not a finite number: {shown}" in md
+
+
+def test_a_run_with_no_headline_loss_is_a_failed_run_saying_so(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m={k: v for k, v in metrics(1, 2.0).items() if k != "loss"})
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"] and "- FAILED `seed=1` (seed=1): its metrics.json has no headline loss" in md
+
+
+def test_the_mean_loss_is_over_the_runs_with_a_number_for_it(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    job(tmp_path, ["seed=1"], m=metrics(1, 3.0))
+    job(tmp_path, ["seed=2"], m={**metrics(2, 2.0), "loss": "abc"})
+    result, md = summary(tmp_path)
+    assert result["aggregated"].iloc[0]["loss_mean"] == pytest.approx(2.0)
+    assert config_table(md)[0]["seeds"] == "2 of 3 (1 not ok)"
+
+
+@pytest.mark.parametrize("content, why", [('{"status": "o', "not JSON: "), ("[]", "not a JSON object: an array"),
+                                          ('"ok"', "not a JSON object: a string")])
+def test_an_ok_run_whose_status_json_cannot_be_read_is_judged_by_its_metrics_and_the_summary_says_so(tmp_path,
+                                                                                                   content, why):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "status.json").write_text(content)
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and "2 ok, 0 not ok" in md
+    note = md.split("## Notes")[1].split("##")[0].strip()
+    assert note.startswith(f"- NOTE `seed=1`: its status.json is unreadable ({why}") and \
+        note.endswith("): judged by its metrics.json")
+
+
+def test_a_diverged_run_whose_status_json_cannot_be_read_is_diverged_and_says_both(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m={**metrics(1, 2.0), "status": "diverged", "reason": "loss nan at step 12",
+                                        "loss": None})
+    (hurt / "status.json").write_text("[]")
+    result, md = summary(tmp_path)
+    assert "- DIVERGED `seed=1` (seed=1): loss nan at step 12; its status.json is unreadable (not a JSON object: " \
+           "an array)" in md
+
+
+def test_a_run_without_metrics_whose_status_json_cannot_be_read_says_so_not_that_it_has_none(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=None)
+    (hurt / "status.json").write_text("{")
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["seed=1"] and "no status.json" not in md
+    assert "- FAILED `seed=1` (seed=1): no metrics.json; its status.json is unreadable (not JSON: " in md
+
+
+def test_a_replica_its_group_lists_whose_dir_is_gone_is_a_failed_run_of_its_configuration(tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["data.n=5", "replicas=2"])
+    group = job(sweep, ["data.n=5", "replicas=2"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    shutil.rmtree(group / "seed1")
+    result, md = summary(sweep)
+    assert result["failed"] == ["data.n=5,replicas=2/seed1"] and "2 runs in 1 job" in md
+    assert "- FAILED `data.n=5,replicas=2/seed1` (data.n=5 replicas=2 seed=1): its replica dir seed1 is missing" in md
+    assert config_table(md)[0]["seeds"] == "1 of 2 (1 not ok)"
+
+
+def test_a_group_whose_every_replica_dir_is_gone_lists_each_as_failed(tmp_path):
+    import shutil
+
+    group = job(tmp_path, ["data.n=5", "replicas=2"], num=0, replicas=[(0, metrics(0, 1.0)), (1, metrics(1, 1.1))])
+    job(tmp_path, ["data.n=10", "replicas=2"], num=1, replicas=[(0, metrics(0, 1.0, n=10))])
+    for name in ("seed0", "seed1"):
+        shutil.rmtree(group / name)
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["data.n=5,replicas=2/seed0", "data.n=5,replicas=2/seed1"]
+
+
+@pytest.mark.parametrize("line", [b"not a launch id\n", b"pid 12, started\n", b"\xff\xfe junk"],
+                         ids=["junk", "cut short", "not text"])
+def test_a_sweep_lock_whose_line_is_no_launch_id_is_taken_as_unknown_and_jobs_are_matched_by_overrides(tmp_path,
+                                                                                                     line):
+    from analysis.jobs import SWEEP_LOCK
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    for seed in (0, 1):
+        done = job(sweep, [f"seed={seed}"], num=seed, m=metrics(seed, 1.0 + seed))
+        (done / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 7, started 2026-12-02T00:00:00"}))
+    (sweep / SWEEP_LOCK).write_bytes(line)
+    result, md = summary(sweep)
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["missing"] == [] and result["left_out"] == []
+    assert "2 runs in 2 jobs: 2 ok" in md
+
+
+def test_a_single_run_of_replicas_summarised_on_its_own_is_one_job_of_one_run_per_seed(tmp_path):
+    group = job(tmp_path, ["replicas=3"], replicas=[(s, metrics(s, 1.0 + s)) for s in range(3)])
+    result, md = summary(group)
+    assert "3 runs in 1 job (replicas: one run per seed): 3 ok" in md
+    assert result["launched"] == ["."] and len(result["jobs"]) == 3
+
+
+def test_a_sweep_with_unequal_data_weights_says_its_losses_are_w_weighted_with_floor_h_w(tmp_path):
+    for seed, weights in ((0, None), (1, [0.9, 0.1])):
+        extra = {"weights": weights, "entropy_floor": 0.3250829733914482} if weights else {}
+        job(tmp_path, [f"seed={seed}"] + ([f"data.weights=[{weights[0]},{weights[1]}]"] if weights else []),
+            m={**metrics(seed, 1.0), **extra})
+    _, md = summary(tmp_path)
+    assert "Units: nats per data point; where the data weights w are unequal (1 of the 2 runs: w = 0.9/0.1, H(w) = " \
+           "0.3251) the loss is the w-weighted mean over the data points, whose floor is H(w), not 0." in md
+
+
+def test_runs_whose_files_name_no_n_are_summarised_together_under_an_empty_n(tmp_path):
+    for seed in (0, 1):
+        (tmp_path / f"run{seed}").mkdir()
+        m = {k: v for k, v in metrics(seed, 1.0 + seed).items() if k != "n"}
+        (tmp_path / f"run{seed}" / "metrics.json").write_text(json.dumps(m))
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and config_table(md)[0]["n"] == "" and config_table(md)[0]["seeds"] == "2"
+
+
+@pytest.mark.parametrize("field, value, said", [("model", ["vae"], "its 'model' is an array, not a string"),
+                                                ("n", "five", "its 'n' is a string, not a whole number"),
+                                                ("status", {"ok": 1}, "its 'status' is an object, not a string"),
+                                                ("psis", "x", "its 'psis' is a string, not an object")])
+def test_a_metrics_json_field_of_the_wrong_kind_is_a_failed_run_naming_it(tmp_path, field, value, said):
+    (tmp_path / "run0").mkdir()
+    (tmp_path / "run0" / "metrics.json").write_text(json.dumps(metrics(0, 1.0)))
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "metrics.json").write_text(json.dumps({**metrics(1, 2.0), field: value}))
+    result, md = summary(tmp_path)
+    assert result["failed"] == ["run1"] and f"- FAILED `run1` (no overrides): metrics.json malformed: {said}" in md
+
+
+def test_a_garbled_ess_record_leaves_every_khat_counted():
+    from analysis.jobs import informative_khat_max
+
+    assert informative_khat_max({"khat": [1.4, 0.6], "psis": {"ess_fraction": "ab"}}) == 1.4
+
+
+@pytest.mark.parametrize("said, shown", [("bogus", '"bogus"'), (["ok"], '["ok"]')])
+def test_a_status_json_whose_status_is_no_runs_status_is_said_and_the_run_judged_by_its_metrics(tmp_path, said,
+                                                                                               shown):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], m=metrics(1, 2.0))
+    (hurt / "status.json").write_text(json.dumps({"status": said, "reason": "finished"}))
+    result, md = summary(tmp_path)
+    assert result["failed"] == [] and "2 ok, 0 not ok" in md
+    assert f"- NOTE `seed=1`: its status.json is unreadable (its status {shown} is none of running, ok, refused, " \
+           "diverged, failed): judged by its metrics.json" in md
