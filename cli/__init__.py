@@ -79,12 +79,14 @@ def main(hydra_main, argv) -> int:
             check_package(args, overrides)
             hydra_main()
             return STATE["exit"]
+        signal.signal(signal.SIGTERM, on_sigterm)  # from the preflight's claim on: SIGTERM as SIGINT
         pins = preflight(overrides, multirun)
     except ValueError as err:  # ConfigError, RunDirError, CheckpointError
         print(f"error: {single_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the preflight checked or claimed: what it claimed goes back
+        return interrupted(multirun, started=False)
     sys.argv = [argv[0]] + args + pins
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         hydra_main()
     except KeyboardInterrupt:

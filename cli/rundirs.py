@@ -266,14 +266,19 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
-def release_unstarted() -> None:
+def release_unstarted() -> str:
     """Release the single run's claim (preflight's) if its status still says this process is running it: Hydra
-    exited before the task recorded how the run ended (nothing of it is left behind)."""
+    exited, or was interrupted, before the task recorded how the run ended (nothing of it is left behind, and a run
+    it was to replace goes back whole). Returns what became of the dir ('' where nothing was released)."""
     from analysis.rundir import read_status
 
     claim = STATE.get("claim")
     if claim is None:
-        return
+        return ""
     status = read_status(claim.path)
-    if status.get("status") == "running" and status.get("pid") == os.getpid():
-        claim.release()
+    if status.get("status") != "running" or status.get("pid") != os.getpid():
+        return ""
+    replaced = bool(claim.moved)
+    claim.release()
+    return (f"the run that was in {claim.path} is kept as it was" if replaced
+            else f"nothing was written in {claim.path}")

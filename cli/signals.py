@@ -107,17 +107,28 @@ def killed_reason(name: str, out) -> str:
     return f"killed by {name} before it finished{resumes}"
 
 
-def interrupted(multirun: bool) -> int:
+def interrupted(multirun: bool, started: bool = True) -> int:
     """After SIGINT or SIGTERM: stop the sweep's workers, mark its unfinished runs killed, say so in one line;
-    the sweep summary is written at exit (analysis.callbacks.SweepSummary). Returns 128 + the signal."""
+    the sweep summary is written at exit (analysis.callbacks.SweepSummary). A single run interrupted before its task
+    began (in the preflight, or in Hydra's start-up), and a sweep before any job of it began (started=False, or no
+    job dir of this launch), give back what was claimed for them. Returns 128 + the signal."""
+    from cli.rundirs import release_unstarted
+
     signum = STATE["signal"] or signal.SIGINT
     name = signal.Signals(signum).name
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the summary be written
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     where = ""
-    if multirun:
+    pids = set(stop_workers()) | set(STATE.get("workers") or []) if multirun and started else set()
+    if multirun and (not started or not _jobs_begun(STATE.get("sweep_dir"))):
+        undo = STATE.pop("sweep_undo", None)
+        if undo is not None:  # the sweep's lock, and the folders it made while they are empty
+            undo()
+        where = " before any job of the sweep began (no job ran)"
+    elif not multirun and (kept := release_unstarted()):
+        where = f" before the run began ({kept})"
+    elif multirun:
         sweep_dir = STATE["sweep_dir"]
-        pids = set(stop_workers()) | set(STATE.get("workers") or [])
         mark_killed(sweep_dir, pids, name)
         where = (f"; its unfinished runs say 'killed by {name}' in status.json; the sweep summary is written to "
                  f"{sweep_dir}/summary.md")
@@ -127,6 +138,17 @@ def interrupted(multirun: bool) -> int:
         where = f"; outputs so far in {STATE['claim'].path}"
     print(f"error: interrupted by {name}{where}", file=sys.stderr)
     return 128 + int(signum)
+
+
+def _jobs_begun(sweep_dir) -> bool:
+    """Whether a job of the sweep launched into sweep_dir has begun: a status.json of this launch below it."""
+    from analysis.jobs import of_this_launch
+    from analysis.rundir import read_status
+
+    if sweep_dir is None:
+        return True
+    return any(of_this_launch(read_status(p.parent), Path(sweep_dir), unknown=False)
+               for p in Path(sweep_dir).rglob("status.json"))
 
 
 def launcher_job() -> str:

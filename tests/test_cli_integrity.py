@@ -275,6 +275,26 @@ def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
     assert order == [[], ["SIGTERM"]]
 
 
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
+def test_ctrl_c_just_after_the_preflight_claimed_a_new_dir_leaves_nothing(tmp_path, multirun):
+    import zygote
+
+    folder = tmp_path / "hook"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text("import cli\n_preflight = cli.preflight\n"
+                                             "def preflight(*args, **kwargs):\n    _preflight(*args, **kwargs)\n"
+                                             "    raise KeyboardInterrupt\ncli.preflight = preflight\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{folder}{os.pathsep}{ROOT}")
+    out = tmp_path / "new" / "dir"
+    args = ["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={out}"] if multirun else [*TINY, f"hydra.run.dir={out}"]
+    proc = zygote.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env, timeout=300, fresh=True)
+    assert proc.returncode == 130, proc.stderr
+    said = ("error: interrupted by SIGINT before any job of the sweep began (no job ran)" if multirun
+            else f"error: interrupted by SIGINT before the run began (nothing was written in {out})")
+    assert proc.stderr == said + "\n"
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("hook, code, line", [
     ("import cli.build\n"  # a crash in building the run, as an overflow in a guide's init was
      "def build_objective(cfg):\n"
@@ -291,7 +311,21 @@ def test_a_sigterm_during_the_sweep_summary_is_delivered_after_it():
      "    raise KeyboardInterrupt\n"
      "cli.build.build_objective = build_objective\n",
      130, "error: interrupted by SIGINT before training (the run that was in"),
-], ids=["crash", "refused_by_fit", "interrupted"])
+    ("import cli\n"  # Ctrl-C just after the preflight claimed the dir (it was left 'running', the run moved aside)
+     "_preflight = cli.preflight\n"
+     "def preflight(*args, **kwargs):\n"
+     "    _preflight(*args, **kwargs)\n"
+     "    raise KeyboardInterrupt\n"
+     "cli.preflight = preflight\n",
+     130, "error: interrupted by SIGINT before the run began (the run that was in"),
+    ("import cli\n"  # Ctrl-C in Hydra's start-up, before the task recorded anything
+     "_claim_for = cli.claim_for\n"
+     "def claim_for(*args, **kwargs):\n"
+     "    _claim_for(*args, **kwargs)\n"
+     "    raise KeyboardInterrupt\n"
+     "cli.claim_for = claim_for\n",
+     130, "error: interrupted by SIGINT before the run began (the run that was in"),
+], ids=["crash", "refused_by_fit", "interrupted", "interrupted_in_preflight", "interrupted_before_the_task"])
 def test_a_run_that_fails_before_training_keeps_the_run_it_was_to_replace(tmp_path, finished_run, hook, code, line):
     import zygote
 
