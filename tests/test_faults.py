@@ -204,6 +204,16 @@ def test_a_resume_may_extend_the_step_budget(tmp_path, finished):
     assert json.loads((folder / "metrics.json").read_text())["steps"] == 60
 
 
+def test_a_resumed_finished_run_writes_a_checkpoint_and_names_the_engine_that_trained_it(tmp_path, finished):
+    proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", f"hydra.run.dir={tmp_path / 'again'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 40 and state["history"] == torch.load(finished, weights_only=False)["history"]
+    engine = json.loads((finished.parent / "metrics.json").read_text())["engine"]
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["engine"] == state["engine"] == engine
+
+
 def test_a_resume_with_another_step_budget_says_in_its_metrics_that_the_lr_schedule_changed(tmp_path, finished):
     proc = run_cli(*FAST, "train.steps=60", f"train.resume={finished}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -373,6 +373,21 @@ def test_a_run_resumed_on_another_path_names_both_paths_with_the_step_they_chang
     assert vae_run(steps=60, resume=load_checkpoint(tmp_path / "c.pt"), engine="general").engine == "general"
 
 
+def test_resuming_a_finished_run_writes_its_checkpoint_which_resumes_as_the_one_it_read(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt")
+    again = vae_run(steps=30, resume=tmp_path / "c.pt", checkpoint_path=tmp_path / "again.pt")  # 0 steps to run
+    before, after = load_checkpoint(tmp_path / "c.pt"), load_checkpoint(tmp_path / "again.pt")
+    assert after["step"] == before["step"] == again.steps == 30 and after["history"] == before["history"]
+    assert all(torch.equal(after["params"][k], before["params"][k]) for k in before["params"])
+
+
+def test_a_resumed_finished_run_names_only_the_path_its_checkpoint_trained_on(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt", engine="general")
+    again = vae_run(steps=30, resume=tmp_path / "c.pt", checkpoint_path=tmp_path / "again.pt")  # auto: fast, unused
+    assert again.engine == "general"
+    assert load_checkpoint(tmp_path / "again.pt")["engine"] == "general"
+
+
 def test_a_checkpoint_path_in_a_folder_that_cannot_be_written_is_refused_before_training():
     with pytest.raises(ValueError, match=r"checkpoint_path='/proc/x.pt' is not allowed: .*a folder this process can "
                                          r"write"):
