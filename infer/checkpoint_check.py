@@ -1,8 +1,9 @@
 """What a checkpoint must hold to be resumed: check_checkpoint raises CheckpointError (one line naming the entry)
 unless every entry has the type and shape infer.checkpoint.save_checkpoint writes, its tensors finite and its RNG
-states restorable."""
+states restorable; zip_damage says which member of a checkpoint file has bytes changed since it was written."""
 import math
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -12,6 +13,21 @@ from .validate import is_int, shown
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or lacks what resuming needs."""
+
+
+def zip_damage(path) -> str:
+    """Why a checkpoint file in torch's zip format is damaged: the first member whose bytes do not match the CRC-32
+    its zip directory records, or a zip structure that cannot be read; '' where every member matches, or where the
+    file is no zip (torch.load judges it then). torch.load checks no CRC: bytes overwritten inside a tensor load as
+    other numbers. One streaming pass over the file (about 0.6 s for the 770 MB of a checkpoint at n = 1e6)."""
+    if not zipfile.is_zipfile(path):
+        return ""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.testzip()
+    except Exception as err:  # noqa: BLE001  a damaged directory or header: zipfile raises several types
+        return f"its zip directory or headers cannot be read ({type(err).__name__})"
+    return f"its member {member} does not match the CRC-32 it was written with, so its bytes changed" if member else ""
 
 
 def _tensor_dict(value, floating: bool = True) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, overwrite_in_member, run_cli
 
 FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
         "optim.lr=0.02", "eval.figures=false"]
@@ -189,6 +189,17 @@ def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_key(tmp_path
     proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", override, cwd=tmp_path)
     assert proc.returncode == 2
     one_line_error(proc, key)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_checkpoint_with_overwritten_tensor_bytes_is_refused_in_one_line_naming_the_member(tmp_path, finished):
+    import shutil
+
+    shutil.copy(finished, tmp_path / "bad.pt")
+    member = overwrite_in_member(tmp_path / "bad.pt")
+    proc = run_cli(*FAST, "train.steps=60", f"train.resume={tmp_path / 'bad.pt'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, f"train.resume={tmp_path / 'bad.pt'} is damaged", f"its member {member} ")
     assert not (tmp_path / "outputs").exists()
 
 
