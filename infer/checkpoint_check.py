@@ -112,6 +112,29 @@ def _history_problem(history) -> str:
     return ""
 
 
+def logged_every(state: dict):
+    """The log_every a checkpoint's run logged with: its fit settings' (FitResult.recipe), else its config's
+    (train.log_every); None where it records neither (an older version's)."""
+    for entry, key in (("fit", "log_every"), ("config", "train.log_every")):
+        every = state.get(entry).get(key) if isinstance(state.get(entry), dict) else None
+        if is_int(every) and every >= 1:
+            return int(every)
+    return None
+
+
+def history_gap(history: list, step: int, every: int) -> str:
+    """Why `history` (rows with increasing steps up to `step`, as _history_problem checks) is not what fit logs up to
+    `step` with log_every `every` ('' where it is): a row at every multiple of `every` (the mean of the window of
+    steps since the row before), and other rows only where a session's step budget ended between two multiples (its
+    partial window). One pass over the rows: a step of 10**9 costs no more than a short one."""
+    multiples = [row["step"] for row in history if row["step"] % every == 0]
+    for i in range(min(len(multiples) + 1, step // every)):
+        if i == len(multiples) or multiples[i] != (i + 1) * every:
+            return (f"has no row at step {(i + 1) * every}: fit logs one every log_every={every} steps up to the "
+                    f"checkpoint's step {step} (and one where a step budget ends between them)")
+    return ""
+
+
 def _window_problem(window) -> str:
     if window is None:
         return ""
@@ -132,8 +155,9 @@ def check_checkpoint(state: dict, where: str) -> None:
     """Raise CheckpointError (one line, starting with `where`, naming the entry) unless every entry resuming reads
     has the type and shape save_checkpoint writes: params {name: float tensor}, all finite; optimizer a state_dict
     (its moments finite); rng the torch, numpy and python generators' states (each restorable); step an integer
-    >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss; window None
-    or a (k, T) tensor with k betas; initial_loss None or a number; fit None or a dict; buffers {name: tensor};
+    >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss, one at every
+    multiple of its log_every (history_gap); window None or a (k, T) tensor with k betas, one per step since the
+    last row; initial_loss None or a number; fit None or a dict; buffers {name: tensor};
     average None or {start, count (integers >= 0), means (finite float tensors)}; config a dict."""
     def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
         raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
@@ -158,15 +182,19 @@ def check_checkpoint(state: dict, where: str) -> None:
     why = _history_problem(state.get("history", []))
     if not why and state.get("history") and state["history"][-1]["step"] > step:
         why = f"ends at step {state['history'][-1]['step']}, after the checkpoint's step {step}"
+    if not why and logged_every(state) is not None:
+        why = history_gap(state.get("history", []), step, logged_every(state))
     if why:
         bad("history", why)
     why = _window_problem(state.get("window"))
     window = state.get("window")
+    since = step - (state["history"][-1]["step"] if state.get("history") else 0)
     if not why and window is not None:  # the steps since the last logged row, one window row each
-        since = step - (state["history"][-1]["step"] if state.get("history") else 0)
         if window["values"].shape[0] != since:
             why = (f"holds {window['values'].shape[0]} steps, where the checkpoint's step {step} is {since} past the "
                    "last logged row")
+    elif not why and "window" in state and since:  # fit writes None only for an empty window: just after a row
+        why = f"is empty, where the checkpoint's step {step} is {since} past the last logged row"
     if why:
         bad("window", why)
     initial = state.get("initial_loss")

@@ -203,6 +203,19 @@ def test_a_checkpoint_with_overwritten_tensor_bytes_is_refused_in_one_line_namin
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_checkpoint_whose_history_lacks_a_logged_row_is_refused_in_one_line_before_training(tmp_path):
+    proc = run_cli(*FAST, "train.steps=40", "train.log_every=10", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["history"] = state["history"][:1]  # the step-10 row of four
+    torch.save(state, tmp_path / "gap.pt")
+    proc = run_cli(*FAST, "train.steps=60", "train.log_every=10", f"train.resume={tmp_path / 'gap.pt'}",
+                   f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, f"train.resume={tmp_path / 'gap.pt'}: its history entry has no row at step 20")
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, finished):
     proc = run_cli(*FAST, "train.steps=20", f"train.resume={finished}", cwd=tmp_path)
     one_line_error(proc, "train.steps")

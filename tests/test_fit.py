@@ -445,6 +445,43 @@ def test_a_checkpoint_whose_window_or_history_is_spoiled_is_refused_in_one_line(
         vae_run(steps=250, resume=state)
 
 
+@pytest.mark.parametrize("keep", [lambda steps: steps == 10, lambda steps: steps != 100],
+                         ids=["first_row_only", "one_row_dropped"])
+def test_a_checkpoint_whose_history_lacks_a_logged_step_is_refused_in_one_line_naming_it(tmp_path, keep):
+    vae_run(steps=300, checkpoint_path=tmp_path / "c.pt")  # logs every 10 steps
+    state = load_checkpoint(tmp_path / "c.pt")
+    state["history"] = [row for row in state["history"] if keep(row["step"])]
+    torch.save(state, tmp_path / "gap.pt")
+    missing = 20 if len(state["history"]) == 1 else 100
+    with pytest.raises(ValueError, match=rf"^resume='.*gap.pt' is not allowed: .*its history entry has no row at "
+                                         rf"step {missing}: fit logs one every log_every=10 steps") as err:
+        vae_run(steps=400, resume=tmp_path / "gap.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_a_history_with_the_partial_window_of_an_earlier_step_budget_resumes(tmp_path):
+    vae_run(steps=25, checkpoint_path=tmp_path / "c25.pt")  # rows at 10, 20 and 25 (a window of 5 steps)
+    vae_run(steps=40, resume=tmp_path / "c25.pt", checkpoint_path=tmp_path / "c40.pt")
+    assert [row["step"] for row in vae_run(steps=50, resume=tmp_path / "c40.pt").history] == [10, 20, 25, 30, 40, 50]
+
+
+def test_a_checkpoint_without_its_log_every_is_checked_against_the_log_every_of_the_fit_resuming_it(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt")
+    state = load_checkpoint(tmp_path / "c.pt")
+    del state["fit"]  # as an older version wrote it
+    vae_run(steps=40, resume=dict(state))
+    state["history"] = [row for row in state["history"] if row["step"] != 20]
+    with pytest.raises(ValueError, match=r"^resume: its history entry has no row at step 20: fit logs one every "
+                                         r"log_every=10 steps"):
+        vae_run(steps=40, resume=state)
+
+
+def test_a_checkpoint_with_no_window_past_its_last_logged_row_is_refused(mid_window_checkpoint):
+    with pytest.raises(ValueError, match=r"its window entry is empty, where the checkpoint's step 225 is 5 past the "
+                                         r"last logged row"):
+        vae_run(steps=250, resume={**mid_window_checkpoint, "window": None})
+
+
 def test_a_second_resume_on_the_same_path_adds_nothing_to_the_engine():
     from infer.fit import resumed_engine
 
