@@ -158,7 +158,8 @@ def check_checkpoint(state: dict, where: str) -> None:
     >= 0; history a list of rows with increasing integer steps up to step, each with its lr and loss, one at every
     multiple of its log_every (history_gap); window None or a (k, T) tensor with k betas, one per step since the
     last row; initial_loss None or a number; fit None or a dict; buffers {name: tensor};
-    average None or {start, count (integers >= 0), means (finite float tensors)}; config a dict."""
+    average None or {start, count (integers >= 0, start + count = step), means (finite float tensors)}; config a
+    dict."""
     def bad(entry, why, hint="it cannot be resumed: resume another checkpoint, or start afresh"):
         raise CheckpointError(f"{where}: its {entry} entry {why}; {hint}")
 
@@ -209,6 +210,9 @@ def check_checkpoint(state: dict, where: str) -> None:
             and all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in average["means"])):
         bad("average", "is not None or {'start': an integer >= 0, 'count': an integer >= 0, 'means': [float "
                        "tensors]}")
+    if average is not None and not average["start"] < step == average["start"] + average["count"]:
+        bad("average", f"counts {average['count']} averaged steps after step {average['start']}, where the "
+                       f"checkpoint's step is {step}: fit's running mean holds every step from its start on")
     if average is not None:
         nonfinite = _non_finite(dict(enumerate(average["means"])))
         if nonfinite:
