@@ -131,7 +131,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     import pyro  # not inside the first evaluation's clock (PSIS k-hat and encodings.nc need it)
 
     from infer import ClosedFormELBO, fit
-    from infer.checkpoint import save_checkpoint
 
     if cfg.replicas > 1:
         from cli.replica_job import run_replicas
@@ -194,8 +193,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
                     + note["resumed"]["schedule_changed"])
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
-    if not cfg.train.checkpoint_every:  # fit wrote it too, unless it resumed a finished run; before the phases'
-        save_checkpoint(out / "checkpoint.pt", result, extra=extra)  # histories join (its steps are the guide's)
     if first is not None:
         head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
                                "steps": first.steps, "wall_seconds": first.wall_seconds, "engine": first.engine,

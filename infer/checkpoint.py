@@ -11,7 +11,7 @@ import numpy as np
 import pyro
 import torch
 
-from .checkpoint_check import CheckpointError, check_checkpoint
+from .checkpoint_check import CheckpointError, check_checkpoint, zip_damage
 from .validate import is_int, refuse, shown
 
 KEYS = ("params", "optimizer", "rng", "step")
@@ -137,7 +137,8 @@ def _numpy_globals() -> list:
 
 def load_checkpoint(path, label: str = None) -> dict:
     """Read a checkpoint written by save_checkpoint (torch.load with weights_only: tensors, numbers, strings and
-    numpy's RNG state; nothing that runs code) and check every entry it returns (check_checkpoint); raise
+    numpy's RNG state; nothing that runs code), once every member of its zip matches its CRC-32 (zip_damage), and
+    check every entry it returns (check_checkpoint); raise
     CheckpointError with a one-line reason otherwise, naming `label` (the argument or config key that gave the
     path, e.g. 'train.resume'), the path and the bad entry."""
     if not isinstance(path, (str, os.PathLike)):
@@ -149,6 +150,10 @@ def load_checkpoint(path, label: str = None) -> dict:
                               f"{os.path.join(path, 'checkpoint.pt')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{where} does not exist")
+    damage = zip_damage(path)
+    if damage:
+        raise CheckpointError(f"{where} is damaged: {damage}; it cannot be resumed: resume another checkpoint, or "
+                              "start afresh")
     try:
         with torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():  # a checkpoint holds
             # tensors, numbers, strings and numpy's RNG state, and runs no code when read; torch's warnings about

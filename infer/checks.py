@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from guides.check import check_guide
+from .checkpoint_check import CheckpointError, history_gap, logged_every
 from .validate import check, check_decay, is_int, refuse, shown
 
 
@@ -233,7 +234,13 @@ def check_resume_settings(resume, values, elbo) -> None:
     """Raise ValueError (one line, naming each setting with the checkpoint's value and this fit's) where the
     checkpoint records the fit settings it was trained with (its 'fit' entry, FitResult.recipe) and this fit would
     change one that decides the trajectory (TRAJECTORY): it would no longer continue the run it resumes. A changed
-    step budget is allowed (warn_budget_change). A checkpoint without the entry (an older version's) is not checked."""
+    step budget is allowed (warn_budget_change). A checkpoint without the entry (an older version's) is not checked,
+    but its history must be the rows this fit's log_every logs (checkpoint_check.history_gap): CheckpointError."""
+    if logged_every(resume) is None:  # an older version's checkpoint: its history must be what this fit logs
+        why = history_gap(resume.get("history") or [], int(resume["step"]), values["log_every"])
+        if why:
+            raise CheckpointError(f"resume: its history entry {why}; it cannot be resumed: resume another checkpoint, "
+                                  "or start afresh")
     saved = resume.get("fit")
     if not isinstance(saved, dict):
         return

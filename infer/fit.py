@@ -152,7 +152,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     compute, term_names, result.engine, plan = loss_closure(
         elbo, model, guide, data, x, scale, model_w, guide_w, params, needs_guide, log_every, steps - start, device,
         v["engine"])
-    result.engine = resumed_engine((resume or {}).get("engine"), result.engine, start)
+    result.engine = resumed_engine((resume or {}).get("engine"), result.engine, start, steps)
     backward_done = getattr(compute, "backward_done", False)
     found_inf = torch.zeros((), device=device)  # sticky: 1 from the first non-finite step on
     bad = torch.zeros((), device=device)  # how many steps since (and with) the first non-finite one
@@ -237,20 +237,22 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     result.window = window.state()
     if torch.is_tensor(result.initial_loss):
         result.initial_loss = float(result.initial_loss)
-    if checkpoint_path and start < steps:  # also with checkpoint_every=0: "only at the end", as on the command line
-        write_checkpoint(steps, rng_state(), result.window, None)  # its params are the average
+    if checkpoint_path:  # also with checkpoint_every=0 ("only at the end", as on the command line), and for a resume
+        write_checkpoint(steps, rng_state(), result.window, None)  # of a finished run: its params are the average
     return result
 
 
 __all__ = ["fit"]
 
 
-def resumed_engine(earlier, engine: str, start: int) -> str:
-    """The path that trained a run, over all its sessions: `engine` (this session's, from step start + 1), or, where
-    its checkpoint's run had trained on another, e.g. 'graph to step 280, then fast' (a session on the path of the
-    one before it adds nothing)."""
+def resumed_engine(earlier, engine: str, start: int, steps: int = None) -> str:
+    """The path that trained a run, over all its sessions: `engine` (this session's, from step start + 1 to steps),
+    or, where its checkpoint's run had trained on another, e.g. 'graph to step 280, then fast' (a session on the
+    path of the one before it adds nothing, and so does a session that trains no step: start == steps)."""
     if not isinstance(earlier, str) or not earlier or not start:
         return engine
+    if steps is not None and steps <= start:  # a resumed finished run: only its checkpoint's path trained it
+        return earlier
     if earlier.rpartition(", then ")[2] == engine:  # the path its last session trained on goes on
         return earlier
     return f"{earlier} to step {start}, then {engine}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, overwrite_in_member, run_cli
 
 FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
         "optim.lr=0.02", "eval.figures=false"]
@@ -192,6 +192,30 @@ def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_key(tmp_path
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_checkpoint_with_overwritten_tensor_bytes_is_refused_in_one_line_naming_the_member(tmp_path, finished):
+    import shutil
+
+    shutil.copy(finished, tmp_path / "bad.pt")
+    member = overwrite_in_member(tmp_path / "bad.pt")
+    proc = run_cli(*FAST, "train.steps=60", f"train.resume={tmp_path / 'bad.pt'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, f"train.resume={tmp_path / 'bad.pt'} is damaged", f"its member {member} ")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_checkpoint_whose_history_lacks_a_logged_row_is_refused_in_one_line_before_training(tmp_path):
+    proc = run_cli(*FAST, "train.steps=40", "train.log_every=10", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["history"] = state["history"][:1]  # the step-10 row of four
+    torch.save(state, tmp_path / "gap.pt")
+    proc = run_cli(*FAST, "train.steps=60", "train.log_every=10", f"train.resume={tmp_path / 'gap.pt'}",
+                   f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, f"train.resume={tmp_path / 'gap.pt'}: its history entry has no row at step 20")
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, finished):
     proc = run_cli(*FAST, "train.steps=20", f"train.resume={finished}", cwd=tmp_path)
     one_line_error(proc, "train.steps")
@@ -202,6 +226,16 @@ def test_a_resume_may_extend_the_step_budget(tmp_path, finished):
     assert proc.returncode == 0, proc.stderr
     (folder,) = run_dirs(tmp_path)
     assert json.loads((folder / "metrics.json").read_text())["steps"] == 60
+
+
+def test_a_resumed_finished_run_writes_a_checkpoint_and_names_the_engine_that_trained_it(tmp_path, finished):
+    proc = run_cli(*FAST, "train.steps=40", f"train.resume={finished}", f"hydra.run.dir={tmp_path / 'again'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 40 and state["history"] == torch.load(finished, weights_only=False)["history"]
+    engine = json.loads((finished.parent / "metrics.json").read_text())["engine"]
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["engine"] == state["engine"] == engine
 
 
 def test_a_resume_with_another_step_budget_says_in_its_metrics_that_the_lr_schedule_changed(tmp_path, finished):

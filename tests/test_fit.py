@@ -373,6 +373,21 @@ def test_a_run_resumed_on_another_path_names_both_paths_with_the_step_they_chang
     assert vae_run(steps=60, resume=load_checkpoint(tmp_path / "c.pt"), engine="general").engine == "general"
 
 
+def test_resuming_a_finished_run_writes_its_checkpoint_which_resumes_as_the_one_it_read(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt")
+    again = vae_run(steps=30, resume=tmp_path / "c.pt", checkpoint_path=tmp_path / "again.pt")  # 0 steps to run
+    before, after = load_checkpoint(tmp_path / "c.pt"), load_checkpoint(tmp_path / "again.pt")
+    assert after["step"] == before["step"] == again.steps == 30 and after["history"] == before["history"]
+    assert all(torch.equal(after["params"][k], before["params"][k]) for k in before["params"])
+
+
+def test_a_resumed_finished_run_names_only_the_path_its_checkpoint_trained_on(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt", engine="general")
+    again = vae_run(steps=30, resume=tmp_path / "c.pt", checkpoint_path=tmp_path / "again.pt")  # auto: fast, unused
+    assert again.engine == "general"
+    assert load_checkpoint(tmp_path / "again.pt")["engine"] == "general"
+
+
 def test_a_checkpoint_path_in_a_folder_that_cannot_be_written_is_refused_before_training():
     with pytest.raises(ValueError, match=r"checkpoint_path='/proc/x.pt' is not allowed: .*a folder this process can "
                                          r"write"):
@@ -428,6 +443,43 @@ def test_a_checkpoint_whose_window_or_history_is_spoiled_is_refused_in_one_line(
     spoil(state)
     with pytest.raises(ValueError, match=re.escape(words)):
         vae_run(steps=250, resume=state)
+
+
+@pytest.mark.parametrize("keep", [lambda steps: steps == 10, lambda steps: steps != 100],
+                         ids=["first_row_only", "one_row_dropped"])
+def test_a_checkpoint_whose_history_lacks_a_logged_step_is_refused_in_one_line_naming_it(tmp_path, keep):
+    vae_run(steps=300, checkpoint_path=tmp_path / "c.pt")  # logs every 10 steps
+    state = load_checkpoint(tmp_path / "c.pt")
+    state["history"] = [row for row in state["history"] if keep(row["step"])]
+    torch.save(state, tmp_path / "gap.pt")
+    missing = 20 if len(state["history"]) == 1 else 100
+    with pytest.raises(ValueError, match=rf"^resume='.*gap.pt' is not allowed: .*its history entry has no row at "
+                                         rf"step {missing}: fit logs one every log_every=10 steps") as err:
+        vae_run(steps=400, resume=tmp_path / "gap.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_a_history_with_the_partial_window_of_an_earlier_step_budget_resumes(tmp_path):
+    vae_run(steps=25, checkpoint_path=tmp_path / "c25.pt")  # rows at 10, 20 and 25 (a window of 5 steps)
+    vae_run(steps=40, resume=tmp_path / "c25.pt", checkpoint_path=tmp_path / "c40.pt")
+    assert [row["step"] for row in vae_run(steps=50, resume=tmp_path / "c40.pt").history] == [10, 20, 25, 30, 40, 50]
+
+
+def test_a_checkpoint_without_its_log_every_is_checked_against_the_log_every_of_the_fit_resuming_it(tmp_path):
+    vae_run(steps=30, checkpoint_path=tmp_path / "c.pt")
+    state = load_checkpoint(tmp_path / "c.pt")
+    del state["fit"]  # as an older version wrote it
+    vae_run(steps=40, resume=dict(state))
+    state["history"] = [row for row in state["history"] if row["step"] != 20]
+    with pytest.raises(ValueError, match=r"^resume: its history entry has no row at step 20: fit logs one every "
+                                         r"log_every=10 steps"):
+        vae_run(steps=40, resume=state)
+
+
+def test_a_checkpoint_with_no_window_past_its_last_logged_row_is_refused(mid_window_checkpoint):
+    with pytest.raises(ValueError, match=r"its window entry is empty, where the checkpoint's step 225 is 5 past the "
+                                         r"last logged row"):
+        vae_run(steps=250, resume={**mid_window_checkpoint, "window": None})
 
 
 def test_a_second_resume_on_the_same_path_adds_nothing_to_the_engine():

@@ -324,6 +324,8 @@ def averaging_checkpoint(vae, tmp_path):
 @pytest.mark.parametrize("entry, value, words", [
     ("count", -1, "'count': an integer >= 0"),  # a ZeroDivisionError in the first averaged step
     ("means", "nan", "holds non-finite means"),  # it 'diverged at step 10 ... lower lr'
+    ("count", 1, "counts 1 averaged steps after step 5, where the checkpoint's step is 7"),  # a mean mis-weighted
+    ("start", 9, "counts 2 averaged steps after step 9"),  # its mean dropped, the averaging restarted at step 7
 ])
 def test_a_resume_refuses_a_corrupt_parameter_average_in_one_line_naming_it(vae, averaging_checkpoint, entry, value,
                                                                             words):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import overwrite_in_member, run_cli
 
 FAST = ["train.steps=30", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4", "data.n=3",
         "optim.lr=0.02", "eval.figures=false"]
@@ -298,6 +298,30 @@ def test_a_checkpoint_with_nan_params_is_refused_without_a_tensor_dump(tmp_path,
         load_checkpoint(corrupted(tmp_path, good_state, "params", params))
     assert name in one_line(err) and "non-finite" in one_line(err) and "tensor(" not in one_line(err)
     assert len(one_line(err)) < 300
+
+
+def test_a_checkpoint_whose_tensor_bytes_were_overwritten_is_refused_naming_the_damaged_member(tmp_path, good_state):
+    from infer.checkpoint import CheckpointError, load_checkpoint
+
+    path = corrupted(tmp_path, good_state, "step", good_state["step"])
+    member = overwrite_in_member(path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, label="train.resume")
+    assert one_line(err).startswith(f"train.resume={path} is damaged: its member {member} does not match")
+
+
+def test_fit_refuses_a_damaged_checkpoint_path_naming_resume_and_the_member(tmp_path, good_state):
+    from guides import GaussianGuide
+    from infer import ClosedFormELBO, fit
+    from models import VAE, OneBit
+
+    path = corrupted(tmp_path, good_state, "step", good_state["step"])
+    member = overwrite_in_member(path)
+    model = VAE(3, hidden=8)
+    with pytest.raises(ValueError) as err:
+        fit(model, GaussianGuide(model, hidden=8), OneBit(3), elbo=ClosedFormELBO(num_particles=4), steps=40,
+            lr=1e-2, log_every=5, seed=0, resume=path)
+    assert one_line(err).startswith(f"resume='{path}' is not allowed") and member in one_line(err)
 
 
 def test_a_directory_given_as_a_checkpoint_is_named_as_one(tmp_path):
