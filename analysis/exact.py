@@ -106,6 +106,9 @@ class LossQuantities:
         return torch.stack(cands).amax(0)
 
 
+
+NOT_A_DENSITY = "q(z|x_k) integrates to"  # the start of the refusal of a guide whose log_prob is no density
+
 def _summarise(dens: Densities, est, ref) -> dict:
     """The reported numbers from per-panel Kronrod estimates (nats per data point)."""
     tot = {k: K.sum(0) for k, (K, G) in est.items()}
@@ -197,9 +200,10 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     result = _summarise(dens, est, ref)
     mass = result["per_point"]["q_mass"]
     if any(abs(m - 1) > MASS_TOLERANCE for m in mass):
-        raise ValueError(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
-                         "guide has no density there, or one this grid cannot integrate (a point mass such as "
-                         "AutoDelta or AutoLaplaceApproximation; a density with jumps, such as a Uniform's)")
+        raise ValueError(f"{NOT_A_DENSITY} {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
+                         "guide's log_prob is not the log-density of the law of its draws (off by a constant, it "
+                         "integrates to e^c), or its density is one this grid cannot integrate (a point mass such as "
+                         "AutoDelta or AutoLaplaceApproximation)")
     panels, est, result, error = refine(outer, panels, result, lambda e: _summarise(dens, e, ref), _numbers, tol, est)
     if dens.base is None:
         nodes, joint_note = f"{panels.shape[0] * 15} nodes per data point", ""

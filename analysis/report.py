@@ -13,6 +13,8 @@ from pyro import poutine
 from guides.check import latent_sites
 from infer.runtime import serial_blas
 from models import VAE
+
+from .exact import NOT_A_DENSITY  # the start of the quadrature's refusal of a guide whose log_prob is no density
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
 from .run_outputs import describe, write_run  # noqa: F401  re-exported: the README's API and the tests
@@ -146,6 +148,10 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
                     metrics["exact_nll"] = failed["nll"]
     weights = {} if data.weights == (0.5, 0.5) else {"weights": list(data.weights), "entropy_floor": data.entropy}
     metrics = {"n": data.n, **weights, **headline(mc, metrics.get("exact")), "montecarlo": mc, **metrics}
+    if skipped and skipped.startswith(NOT_A_DENSITY):  # the loss of a guide whose log_prob is no density bounds nothing
+        metrics["loss_se"] = None
+        metrics["loss_note"] = ("the quadrature found q(z|x_k) does not integrate to 1, so this loss bounds no NLL, "
+                                "and its terms may read two densities (a closed-form KL, the guide's log_prob)")
     if "exact" in metrics:
         try:
             metrics["surgery"] = surgery(model, guide, data, tol=tol)

@@ -96,8 +96,10 @@ def write_status(path, status: str, reason: str = "", **extra) -> None:
     old = read_status(path)
     # a replica group's members stay listed as it ends (a new run in the dir starts without them)
     kept = {k: old[k] for k in ("replicas", "launch") if k in old and status != "running"}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    begins = status == "running" and old.get("pid") != os.getpid()  # a run of this process starts: its own time
     record = {"status": status, "reason": " ".join(str(reason).split()),
-              "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")), "pid": os.getpid(),
+              "started": now if begins else old.get("started", now), "pid": os.getpid(),
               "host": socket.gethostname(), **kept, **extra}
     if status != "running":
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -232,8 +234,8 @@ def run_below(path, depth: int = 4, folders: int = 10000):
 
 def live_owner(out):
     """The pid of the process running the run in `out`, when its status.json says running and names a live Python
-    process other than this one; None otherwise (no run, a run that ended, or one killed by SIGKILL whose status
-    still says running)."""
+    process other than this one, begun before the run's 'started'; None otherwise (no run, a run that ended, one
+    killed by SIGKILL whose status still says running, or a pid the OS has since given to another process)."""
     status = read_status(out)
     pid = status.get("pid")
     if status.get("status") != "running" or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
@@ -246,6 +248,24 @@ def live_owner(out):
         return pid
     try:  # a pid the OS has given to another program since is not the run
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return pid if b"python" in handle.read() else None
+            if b"python" not in handle.read():
+                return None
     except OSError:
         return pid
+    begun = _process_start(pid)  # nor is a Python process started after the run was (the pid reused)
+    try:
+        started = time.mktime(time.strptime(str(status.get("started")), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return pid
+    return None if begun is not None and begun > started + 2 else pid
+
+
+def _process_start(pid: int):
+    """When process pid began (seconds since the epoch, from Linux's /proc); None where that cannot be read."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

@@ -191,8 +191,12 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
                             "a bound's sampling error" + (f" ({below / i['loss_se']:.1f} SE)" if i.get("loss_se")
                                                           else "")))
         gap = i["nll"] - exact_nll["nll"]
+        se = i.get("nll_se")  # held only where the weights' k-hat says their variance is finite
+        far = bool(se) and abs(gap) > DISAGREE_SE * math.hypot(se, exact_nll.get("error") or 0)
         lines[-1] += (f"; {abs(gap):.4f} {'above' if gap >= 0 else 'below'} the exact NLL"
-                      + (": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
+                      + (f", {abs(gap) / se:.0f} SE with light-tailed weights: too far for sampling error (check that "
+                         "the guide's log-density is that of the law of its draws)" if far else
+                         ": posterior mass the guide's draws rarely reach" if gap > 0 else ""))
     lines.append(f"             ({i['note']})")
     return lines
 

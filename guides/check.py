@@ -108,6 +108,13 @@ def check_guide(model, guide, x) -> None:
                                  f"site ({', '.join(free)}) has a density of its own: the loss is then no bound on "
                                  "log p(x); an auxiliary site must carry the density of latent sites that are "
                                  "deterministic functions of it (Deltas, as in Pyro's autoguides)")
+    for name, site in guide_trace.nodes.items():  # a subsampled plate scales its sites: say that, not the scale
+        fn = site.get("fn")
+        if site["type"] == "sample" and site_is_subsample(site) and getattr(fn, "subsample_size", None) not in (
+                None, getattr(fn, "size", None)):
+            raise GuideMismatchError(f"guide plate '{name}' subsamples {fn.subsample_size} of its {fn.size} "
+                                     "elements: every step needs both data points (the loss is their weighted sum); "
+                                     "drop subsample_size")
     for name in [*auxiliary, *want]:
         scale = guide_trace.nodes[name]["scale"]
         if not bool(torch.all(torch.as_tensor(scale) == 1)):

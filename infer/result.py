@@ -63,13 +63,9 @@ def divergence(step, at_start, start, v, result, needs_guide):
         from .recipe import learning_rate
 
         cause = "lr"
-        rate = learning_rate(step - 1, v["steps"], v["lr"], v["lr_final"], v["schedule"])
-        if rate > v["lr"]:  # a schedule that rises towards lr_final: that is the rate that diverged
-            lower = f"lower lr_final (optim.lr_final={v['lr_final']:g}; the rate had risen to {rate:g} from lr)"
-        else:
-            lower = f"lower lr (optim.lr={v['lr']:g})"
+        rate = learning_rate(step - 1, v["steps"], v["lr"], v["lr_final"], v["schedule"])  # <= lr (check_decay)
         what = ("the loss or its gradients became non-finite (nan or inf); the learning rate is the likely cause: "
-                + lower)
+                f"lower lr (optim.lr={v['lr']:g}; {rate:g} at that step)")
     return DivergenceError(f"training diverged at step {step}: {what}", step=step, cause=cause, result=result)
 
 

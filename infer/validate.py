@@ -10,6 +10,7 @@ weight of inf or nan can only diverge, so it is refused before any work.
 """
 import math
 import numbers
+import os
 import re
 
 SCHEDULES = ("exponential", "cosine", "constant")
@@ -212,12 +213,14 @@ def is_allowed(name: str, value) -> bool:
 
 
 def shown(value) -> str:
-    """repr(value) where it is one short line, else '<TypeName>' (a tensor's or an nn.Module's repr spans lines)."""
+    """repr(value) where it is one short line (a path or string: up to 300 characters, so a checkpoint's path is named
+    in full), else '<TypeName>' (a tensor's or an nn.Module's repr spans lines)."""
     try:
         text = repr(value)
     except Exception:  # noqa: BLE001  a repr that fails still names its type
         text = ""
-    return text if text and "\n" not in text and len(text) <= 80 else f"<{type(value).__name__}>"
+    most = 300 if isinstance(value, (str, os.PathLike)) else 80
+    return text if text and "\n" not in text and len(text) <= most else f"<{type(value).__name__}>"
 
 
 def refuse(label: str, value, allowed_text: str) -> ValueError:

@@ -121,6 +121,15 @@ def _normal_z(x, loc=0.0):
     return pyro.sample("z", dist.Normal(torch.zeros(x.shape[-2], 1) + loc, 1.0).to_event(1))
 
 
+def test_a_guide_that_subsamples_the_data_plate_is_refused_as_subsampling_not_as_scaled():
+    def subsampled(x):
+        with pyro.plate("data", 2, subsample_size=1):
+            pyro.sample("z", dist.Normal(torch.zeros(1, 1), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match=r"guide plate 'data' subsamples 1 of its 2 elements"):
+        check_guide(VAE(3), subsampled, OneBit(3).x)
+
+
 def test_a_scaled_guide_site_is_refused_its_loss_would_bound_nothing():
     import pyro
     from pyro import poutine

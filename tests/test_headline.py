@@ -348,6 +348,35 @@ def test_an_importance_sampled_bound_far_below_the_exact_nll_is_not_called_sampl
     assert "0.0322 below the exact NLL, 10.7 SE: too far for a bound's sampling error" in bound
 
 
+@pytest.mark.parametrize("nll, far", [(0.7830, True), (0.7325, False)], ids=["77 SE above", "within its error"])
+def test_an_importance_sampled_nll_far_above_the_exact_one_with_light_tailed_weights_is_flagged(vae5_metrics, nll,
+                                                                                                 far):
+    # a guide whose log_prob was off by 0.05 read 'posterior mass the guide's draws rarely reach' at k-hat -1.8
+    iw = {"K": 1000, "loss": 0.74, "loss_se": 0.003, "nll": nll, "nll_se": 0.00066, "note": "no quadrature"}
+    m = {k: v for k, v in vae5_metrics.items() if k not in ("exact", "surgery")}
+    line = next(s for s in summary_lines({**m, "iwae": iw, "exact_nll": {"nll": 0.7322}})
+                if "NLL" in s and "importance" in s and "IWAE" not in s)
+    assert ("too far for sampling error (check that the guide's log-density" in line) == far
+
+
+def test_a_guide_whose_log_prob_is_no_density_gets_no_loss_error_bar_and_a_note(vae5):
+    from analysis.report import evaluate
+
+    model, _, data = vae5
+
+    class Offset(dist.Normal):  # its log_prob is 0.05 above a Normal's: a density that integrates to e^0.05
+        def log_prob(self, value):
+            return super().log_prob(value) + 0.05
+
+    def shifted(x):
+        with pyro.plate("data", 2):
+            pyro.sample("z", Offset(torch.tensor([[-1.0], [1.0]]), torch.ones(2, 1)).to_event(1))
+
+    metrics, _ = evaluate(model, shifted, data, samples=2048, replicates=4)
+    assert metrics["exact_skipped"].startswith("q(z|x_k) integrates to [1.0513, 1.0513]")
+    assert metrics["loss_se"] is None and "does not integrate to 1" in metrics["loss_note"]
+
+
 def test_a_monte_carlo_loss_that_misses_the_exact_one_by_many_errors_is_flagged(vae5_metrics):
     m = vae5_metrics
     check = next(s for s in summary_lines(m) if "check of the exact loss" in s)

@@ -512,3 +512,38 @@ def test_of_two_runs_replacing_one_run_at_once_exactly_one_gets_its_dir(tmp_path
     for p in procs:
         p.join()
     assert outcomes[0] == "claimed" and "is in use: the run there is still running" in outcomes[1]
+
+
+@pytest.mark.parametrize("begun_before_the_run", [True, False], ids=["its process", "a reused pid"])
+def test_a_running_status_names_its_owner_only_if_that_process_began_before_the_run(tmp_path, begun_before_the_run):
+    """A pid the OS gave to another Python process after the run was killed is not the run (reruns into the dir were
+    refused as 'in use' by it)."""
+    import subprocess
+    import sys
+    import time
+
+    from analysis.rundir import live_owner
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert alive.stdout.readline() == "up\n"  # the interpreter runs (while it execs, its cmdline is empty)
+        started = time.time() + (5 if begun_before_the_run else -60)
+        (tmp_path / "status.json").write_text(json.dumps({
+            "status": "running", "pid": alive.pid,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}))
+        assert live_owner(tmp_path) == (alive.pid if begun_before_the_run else None)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_run_that_begins_in_a_dir_records_its_own_start_not_the_last_runs(tmp_path):
+    from analysis.rundir import read_status, write_status
+
+    (tmp_path / "status.json").write_text(json.dumps({"status": "ok", "pid": 1, "started": "2020-01-01T00:00:00"}))
+    write_status(tmp_path, "running")
+    begun = read_status(tmp_path)["started"]
+    assert begun > "2026"
+    write_status(tmp_path, "ok", "finished")  # the same run ends: its start stays
+    assert read_status(tmp_path)["started"] == begun

@@ -372,8 +372,10 @@ def test_a_job_dir_that_is_not_this_launchs_lost_job_is_left_as_it_is(tmp_path, 
     from cli.signals import requeued
 
     monkeypatch.setattr(cli.rundirs, "_launch", lambda: LAUNCH)
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert alive.stdout.readline() == "up\n"  # the interpreter runs (while it execs, its cmdline is empty)
         out = lost_joblib_job(tmp_path / "job", True, launch="pid 3, started 2026-12-01T06:00:00"
                               if case == "an earlier launch" else LAUNCH,
                               pid=alive.pid if case == "still running" else 2 ** 22 + 1)
