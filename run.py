@@ -69,6 +69,8 @@ def main(cfg: DictConfig):
         with contextlib.suppress(ValueError):  # not in the main thread: leave it
             signal.signal(signal.SIGTERM, cli.on_sigterm)
             cli.STATE["worker"] = True  # a SIGTERM sent to this worker alone ends its job, not the sweep
+    if multirun and cli.sweep_stopping(hc.sweep.dir):  # a job handed out as the sweep stops: it does not start
+        return cli.failed_value()
     requeue = cli.requeued(cfg, out) if multirun else ""
     try:
         claim = cli.claim_for(cfg, out, fresh=multirun)
@@ -92,20 +94,21 @@ def main(cfg: DictConfig):
             metrics = run(cfg, out, multirun=multirun)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.on_sigterm): the run says it was killed, then stops
         name = signal.Signals(cli.STATE["signal"] or signal.SIGINT).name
+        reason = cli.killed_reason(name, out)
         with contextlib.suppress(OSError):
             if claim.moved:  # before training (fit's on_start commits): the run it was to replace goes back whole
-                kept = f"killed by {name} before training (the run that was in {out} is kept as it was)"
+                reason = f"killed by {name} before training (the run that was in {out} is kept as it was)"
                 if multirun:
-                    cli.refuse_replacing_job(claim, cfg, hc, kept)
+                    cli.refuse_replacing_job(claim, cfg, hc, reason)
                 else:
                     claim.release()
-                cli.STATE["kept_run"] = kept
+                cli.STATE["kept_run"] = reason
             else:
-                claim.status("failed", cli.killed_reason(name, out))
-        if cli.STATE.get("worker") and name == "SIGTERM":  # one job stopped (kill <pid>): the sweep's other jobs run
-            signal.signal(signal.SIGTERM, cli.on_sigterm)  # on, this worker takes more, and its summary lists this one
-            cli.STATE["signal"] = None
-            log.error(f"job stopped by SIGTERM: {cli.STATE.get('kept_run') or cli.killed_reason(name, out)}")
+                claim.status("failed", reason)
+        if cli.STATE.get("worker") and name == "SIGTERM" and not cli.sweep_stopping(hc.sweep.dir):
+            signal.signal(signal.SIGTERM, cli.on_sigterm)  # one job stopped (kill <pid>): the sweep's other jobs run
+            cli.STATE["signal"] = None  # on, this worker takes more, and the summary lists this one
+            log.error(f"job stopped by SIGTERM: {reason}")
             return cli.failed_value()
         raise
     except SystemExit as err:  # submitit stopped the job (its timeout or a preemption), and may requeue it

@@ -106,8 +106,10 @@ class LossQuantities:
         return torch.stack(cands).amax(0)
 
 
+class NotADensity(ValueError):
+    """The quadrature's refusal of a guide whose q(z|x_k) does not integrate to 1 on its grid: its log_prob is no
+    density (off by a constant), or one the grid cannot integrate."""
 
-NOT_A_DENSITY = "q(z|x_k) integrates to"  # the start of the refusal of a guide whose log_prob is no density
 
 def _summarise(dens: Densities, est, ref) -> dict:
     """The reported numbers from per-panel Kronrod estimates (nats per data point)."""
@@ -200,7 +202,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     result = _summarise(dens, est, ref)
     mass = result["per_point"]["q_mass"]
     if any(abs(m - 1) > MASS_TOLERANCE for m in mass):
-        raise ValueError(f"{NOT_A_DENSITY} {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
+        raise NotADensity(f"q(z|x_k) integrates to {[round(m, 4) for m in mass]} on the quadrature grid, not 1: the "
                          "guide's log_prob is not the log-density of the law of its draws (off by a constant, it "
                          "integrates to e^c), or its density is one this grid cannot integrate (a point mass such as "
                          "AutoDelta or AutoLaplaceApproximation)")

@@ -73,14 +73,14 @@ def describe(model, guide, data, result) -> dict:
     them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
     seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
     minimised where that was not the -ELBO (trained_on)."""
-    def name(obj):
-        known = config_names().get(type(obj))
-        return known or getattr(obj, "__name__", None) or type(obj).__name__
-
-    head = {"model": name(model), "guide": name(guide), "n": data.n}
     from models.arguments import changed_arguments
 
     known = config_names()
+
+    def name(obj):
+        return known.get(type(obj)) or getattr(obj, "__name__", None) or type(obj).__name__
+
+    head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
     if arguments:  # the settings its networks were built with that the command line's option does not set

@@ -228,6 +228,10 @@ def _khat_lines(m: dict) -> list:
     if p is None:  # an old metrics.json
         return ["  PSIS k-hat " + ", ".join(f"x{k}: {v:.2f}" for k, v in enumerate(m["khat"]))]
     points = [0] if p.get("joint") else range(len(m["khat"]))
+    if p.get("narrow"):  # bounded weights: any k-hat looks good, and says nothing of the mass outside q's support
+        values = ", ".join(f"{p['khat'][k]:.2f}" for k in points)
+        return [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: {values}, not informative: "
+                f"{p['narrow']}, so the weights never see the posterior mass outside it"]
     parts = []
     for k in points:
         label = "joint" if p.get("joint") else f"x{k}"
@@ -237,10 +241,6 @@ def _khat_lines(m: dict) -> list:
         else:
             parts.append(f"{label}: {p['khat'][k]:.2f} ± {p['sd'][k]:.2f} (ESS/S {p['ess_fraction'][k]:.3f}; "
                          f"{interpret(p['khat'][k], p['ess_fraction'][k], p['samples']).split(':')[0]})")
-    if p.get("narrow"):  # bounded weights: any k-hat looks good, and says nothing of the mass outside q's support
-        parts = [f"{p['khat'][k]:.2f}" for k in points]
-        return [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: {', '.join(parts)}, not informative: "
-                f"{p['narrow']}, so the weights never see the posterior mass outside it"]
     lines = [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: " + "; ".join(parts)]
     lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}"
                  + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")

@@ -50,7 +50,8 @@ from cli.rundirs import (
     sweep_job_resumed_in_place,
     write_json,
 )
-from cli.signals import interrupted, killed_reason, launcher_job, on_sigterm, requeued, stopped_reason
+from cli.signals import (interrupted, killed_reason, launcher_job, on_sigterm, requeued, stopped_reason,
+                         sweep_stopping)
 from cli.state import STATE, ConfigError
 from cli.values import COMMAND_LINE_RULES, validate
 
@@ -58,7 +59,7 @@ __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_
            "fail", "failed_value", "killed_reason", "launcher_job", "load_resume", "main", "network_params",
            "on_sigterm", "record_unclaimed", "refuse_replacing_job", "repeated_trial", "replica_dir", "requeued",
            "resume_note", "save_hydra_files", "save_resume_overrides", "stopped_reason", "sweep_job_resumed_in_place",
-           "trajectory_config", "validate", "write_json"]
+           "sweep_stopping", "trajectory_config", "validate", "write_json"]
 
 
 def main(hydra_main, argv) -> int:

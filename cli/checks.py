@@ -176,6 +176,7 @@ def preflight(overrides, multirun: bool) -> list:
         check_sweeper(cfg)
         launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
         sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
+        STATE["launcher"] = launcher
         if "submitit" in launcher:
             tolerate_lost_jobs(failed_value(sweeper))
         if "joblib" in launcher.lower():

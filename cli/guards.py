@@ -105,10 +105,10 @@ def divergence(result, data, beta: float = 1.0, final=None, cfg=None) -> str:
     """Why a trained run counts as diverged ('' if it does not): infer.result.worse_than_no_latent, judged by the
     run's own objective where it is tighter than the ELBO (objective=iwae), with what to change: optim.lr, and the
     settings besides it that scale an update, where the run moves them (step_suspects)."""
-    from infer.result import TIGHTER_THAN_ELBO, worse_than_no_latent
+    from infer.result import worse_than_no_latent
 
-    own = cfg is not None and cfg.get("objective", {}).get("name") in TIGHTER_THAN_ELBO
-    reason = worse_than_no_latent(result, data, beta, final, objective=cfg.objective.name if own else None)
+    objective = cfg.get("objective", {}).get("name") if cfg is not None else None
+    reason = worse_than_no_latent(result, data, beta, final, objective=objective)
     return f"{reason}; lower optim.lr{step_suspects(cfg)}" if reason else ""
 
 

@@ -90,9 +90,7 @@ def launch(launcher, job_overrides, initial_job_idx: int, value=math.nan) -> lis
         try:
             done[idx] = run({idx: overrides})[0]
         except TerminatedWorkerError as err:
-            state, result = job_state(launcher.config, overrides, idx, value)
-            if result is None:  # it never started: the pool itself cannot run
-                raise
+            state, result = job_state(launcher.config, overrides, idx, value)  # its first try's status at least
             done[idx] = result
             if state == "lost":
                 log.warning(f"job #{idx - initial_job_idx} lost its worker again, alone ({_why(err)}): its "

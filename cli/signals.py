@@ -9,11 +9,28 @@ from pathlib import Path
 from cli.state import STATE
 
 
+STOPPING = ".sweep.stopping"  # in a sweep dir while its process stops its workers: their SIGTERM ends the sweep
+
+
+def sweep_stopping(sweep_dir) -> bool:
+    """Whether the sweep in sweep_dir is stopping (its process marked it before it signalled its workers): a worker's
+    SIGTERM is then the sweep's end, not one job's."""
+    return sweep_dir is not None and (Path(sweep_dir) / STOPPING).exists()
+
+
+def _mark_stopping() -> None:
+    """Mark this process's sweep as stopping, before its workers are signalled (not in a worker)."""
+    if STATE.get("sweep_dir") is not None and not STATE.get("worker"):
+        with __import__("contextlib").suppress(OSError):
+            (Path(STATE["sweep_dir"]) / STOPPING).touch()
+
+
 def on_sigterm(signum, frame):
     """SIGTERM takes SIGINT's path: KeyboardInterrupt in the main thread, so a run records that it was killed and a
     sweep writes its summary at exit. A second SIGTERM ends the process at once."""
     STATE["signal"] = signum
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _mark_stopping()
     STATE["workers"] = _children()
     for pid in STATE["workers"]:  # a sweep's workers (joblib) stop too, and record it, before joblib ends them
         with __import__("contextlib").suppress(OSError):
@@ -59,6 +76,7 @@ def stop_workers(grace: float = 10.0) -> list:
     SIGKILL those left (mark_killed records their runs). Returns their pids."""
     import time
 
+    _mark_stopping()
     pids = _children()
     for pid in pids:
         with __import__("contextlib").suppress(OSError):
@@ -111,7 +129,8 @@ def interrupted(multirun: bool, started: bool = True) -> int:
     """After SIGINT or SIGTERM: stop the sweep's workers, mark its unfinished runs killed, say so in one line;
     the sweep summary is written at exit (analysis.callbacks.SweepSummary). A single run interrupted before its task
     began (in the preflight, or in Hydra's start-up), and a sweep before any job of it began (started=False, or no
-    job dir of this launch), give back what was claimed for them. Returns 128 + the signal."""
+    status.json of this launch, where no job waits in a SLURM queue), give back what was claimed for them. Returns
+    128 + the signal."""
     from cli.rundirs import release_unstarted
 
     signum = STATE["signal"] or signal.SIGINT
@@ -120,7 +139,8 @@ def interrupted(multirun: bool, started: bool = True) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     where = ""
     pids = set(stop_workers()) | set(STATE.get("workers") or []) if multirun and started else set()
-    if multirun and (not started or not _jobs_begun(STATE.get("sweep_dir"))):
+    queued = "Slurm" in str(STATE.get("launcher"))  # its jobs wait in SLURM's queue, out of reach: they may begin
+    if multirun and (not started or not queued and not _jobs_begun(STATE.get("sweep_dir"))):
         undo = STATE.pop("sweep_undo", None)
         if undo is not None:  # the sweep's lock, and the folders it made while they are empty
             undo()
@@ -136,6 +156,9 @@ def interrupted(multirun: bool, started: bool = True) -> int:
         where = f" {STATE['kept_run'].partition(' by ' + name + ' ')[2]}"
     elif STATE.get("claim") is not None:
         where = f"; outputs so far in {STATE['claim'].path}"
+    if multirun and STATE.get("sweep_dir") is not None:  # its workers are gone: a relaunch starts unmarked
+        with __import__("contextlib").suppress(OSError):
+            (Path(STATE["sweep_dir"]) / STOPPING).unlink(missing_ok=True)
     print(f"error: interrupted by {name}{where}", file=sys.stderr)
     return 128 + int(signum)
 

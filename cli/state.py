@@ -6,6 +6,7 @@ STATE is a single dict per process, read and written in place by every module of
   signal      the signal (SIGINT, SIGTERM) that interrupted the run or sweep, None until one does
   sweep_lock  the fd of a multirun's lock on <sweep dir>/.sweep.lock (held until the process ends)
   sweep_dir   a multirun's sweep directory (set by the preflight)
+  launcher    a multirun's hydra.launcher._target_ (set by the preflight)
   workers     the sweep's worker pids when SIGTERM arrived (set by signals.on_sigterm)
   worker      True in a joblib worker (run.py): a SIGTERM sent to it alone ends its job, and the sweep goes on
   sweep_undo  releases a multirun's claim on its sweep dir and removes what the claim created (cli.sweep)

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf, open_dict
 
 from analysis.jobs import SWEEP_LOCK, launch_line, launch_of
 from cli.keys import compose_config, parse_overrides, single_line
+from cli.signals import STOPPING
 from cli.state import STATE, ConfigError
 
 DEFAULT_SUBDIR = "${hydra:job.override_dirname}"  # conf/config.yaml's hydra.sweep.subdir: job dirs named by values
@@ -234,5 +235,6 @@ def claim_sweep(sweep_dir: Path, overwrite: bool) -> None:
                           "set overwrite=true")
     os.ftruncate(fd, 0)
     os.write(fd, f"{launch_line()}\n".encode())
+    (sweep_dir / STOPPING).unlink(missing_ok=True)  # an earlier launch's, killed while it stopped its workers
     STATE["sweep_lock"] = fd
     STATE["sweep_undo"] = lambda: undo(fd)  # a sweep its sweeper refuses before any job (cli.optuna_sweep) leaves none

@@ -41,8 +41,7 @@ MAX_SCALARS = 2  # latent scalars per data point the quadrature integrates
 
 class Unintegrable(ValueError):
     """A model the quadrature cannot integrate, said in one line: a Pyro trace it passes through builds it again
-    with its shapes table after a newline, which is left out; _quantile_trace raises it again, with only the line,
-    outside the trace."""
+    with its shapes table after a newline, which is left out."""
 
     def __init__(self, line: str):
         self.line = str(line).split("\n", 1)[0]
@@ -114,11 +113,8 @@ def log_likelihood(fn, value: torch.Tensor) -> torch.Tensor:
 
 def _quantile_trace(model, x, nodes, generator):
     quantiles = QuantileMessenger(nodes, generator)
-    try:
-        with poutine.block(), quantiles:
-            trace = poutine.trace(model).get_trace(x)
-    except Unintegrable as err:
-        raise Unintegrable(err.line) from None
+    with poutine.block(), quantiles:
+        trace = poutine.trace(model).get_trace(x)
     observed = [site for name, site in trace.nodes.items() if site["type"] == "sample"
                 and not site_is_subsample(site) and name not in quantiles.sites and site["is_observed"]]
     lattice = tuple(nodes[min(level, len(nodes) - 1)] for level in range(len(quantiles.sites)))[::-1]

@@ -622,3 +622,32 @@ def test_after_a_lost_worker_an_earlier_launchs_job_dir_is_no_sign_of_this_launc
     assert job_state(cfg, ["seed=0"], 0, float("nan"))[0] == "unstarted"
     write_status(folder, "ok", "finished", launch="pid 2, started 2026-12-02T10:00:00", loss=1.0)
     assert job_state(cfg, ["seed=0"], 0, float("nan"))[0] == "ended"
+
+
+def test_a_sweep_that_stops_its_workers_marks_itself_stopping_first(tmp_path, monkeypatch):
+    """Its workers then read their SIGTERM as the sweep's end, not as one job's (a worker that took it for its own
+    job's went on to start the next job while the sweep stopped)."""
+    from cli import signals
+    from cli.state import STATE
+
+    monkeypatch.setitem(STATE, "sweep_dir", tmp_path)
+    monkeypatch.setitem(STATE, "worker", False)
+    monkeypatch.setattr(signals, "_children", lambda: [])
+    assert not signals.sweep_stopping(tmp_path)
+    signals.stop_workers(grace=0)
+    assert signals.sweep_stopping(tmp_path)
+
+
+def test_a_new_launch_clears_a_stopping_mark_an_earlier_one_left(tmp_path, monkeypatch):
+    from cli.signals import STOPPING, sweep_stopping
+    from cli.state import STATE
+    from cli.sweep import claim_sweep
+
+    monkeypatch.setitem(STATE, "sweep_lock", None)
+    monkeypatch.setitem(STATE, "sweep_undo", None)  # claim_sweep sets both: put back after the test
+    (tmp_path / STOPPING).touch()  # the earlier launch was killed while it stopped its workers
+    claim_sweep(tmp_path, overwrite=True)
+    try:
+        assert not sweep_stopping(tmp_path)
+    finally:
+        STATE["sweep_undo"]()
