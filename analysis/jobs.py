@@ -404,7 +404,7 @@ def expected_jobs(sweep_dir: Path) -> list:
         args = [f"{k}={v}" for k, v in params.items()] + task
         sources = [Path(str(s.get("path"))) for s in select(cfg, "hydra.runtime.config_sources", []) or []
                    if isinstance(s, dict) and s.get("schema") == "file"]
-        parsed = OverridesParser.create(config_loader=_Options(sources)).parse_overrides(args)
+        parsed = OverridesParser.create(config_loader=GroupChoices(sources)).parse_overrides(args)
         keys, axes, seen = [], [], {}
         for o in parsed:
             key = o.get_key_element()
@@ -421,16 +421,21 @@ def expected_jobs(sweep_dir: Path) -> list:
         return []
 
 
-class _Options:
-    """A glob() sweep's choices as the sweep saw them: the options (yaml files) of a config group in the file config
-    sources its multirun.yaml records (conf/ and any --config-dir)."""
+def options_in(folders, group: str) -> list:
+    """The options of a config group: the stems of the yaml files in <folder>/<group>/ of each folder, sorted."""
+    return sorted({p.stem for folder in folders for p in (Path(folder) / group).glob("*.yaml")})
+
+
+class GroupChoices:
+    """What a glob() sweep chooses among, as Hydra's parsed overrides ask it (Override.config_loader, which Hydra's
+    own sweeper sets to its config loader): a config group's options in `folders` (the sweep's file config sources:
+    conf/ and any --config-dir)."""
 
     def __init__(self, folders):
         self.folders = folders
 
     def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None) -> list:
-        group = str(group_name).split("@")[0]
-        return sorted({p.stem for folder in self.folders for p in (folder / group).glob("*.yaml")})
+        return options_in(self.folders, str(group_name).split("@")[0])
 
 
 def _norm(overrides) -> frozenset:

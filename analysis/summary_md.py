@@ -112,7 +112,8 @@ def _units(jobs) -> str:
         return "Units: nats per data point."
     floors = {}
     for _, r in weighted.iterrows():
-        w = "/".join(f"{r[c]:g}" for c in cols if not math.isnan(r[c]))
+        w = "/".join(f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]) for c in cols
+                     if not (isinstance(r[c], float) and math.isnan(r[c])))  # a weight of the wrong kind as it is
         floor = r.get("entropy_floor")
         floors[w] = f"w = {w}, H(w) = {floor:.4f}" if isinstance(floor, float) and not math.isnan(floor) else f"w = {w}"
     who = "every run" if len(weighted) == len(jobs) else f"{len(weighted)} of the {len(jobs)} runs"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.jobs import GroupChoices, options_in
 from cli.state import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -28,7 +29,7 @@ def search_dirs() -> list:
 
 
 def group_options(group: str) -> list:
-    return sorted({p.stem for folder in search_dirs() for p in (folder / group).glob("*.yaml")})
+    return options_in(search_dirs(), group)
 
 
 def option_file(group: str, option: str) -> Path:
@@ -206,18 +207,19 @@ def composition_error(err) -> ConfigError:
     return ConfigError(f"cannot compose the config: {text}")
 
 
-class GroupOptions:
-    """What a glob() sweep chooses among, for Hydra's parsed overrides (Override.config_loader, which Hydra's own
-    sweeper sets to its config loader): a config group's options (group_options, --config-dir's too); a glob() of
-    a key that is no group is refused in one line (ConfigError)."""
+class GroupOptions(GroupChoices):
+    """GroupChoices of the command line's search path (conf/, then --config-dir's dirs); a glob() of a key that is no
+    group is refused in one line (ConfigError)."""
+
+    def __init__(self):
+        super().__init__(search_dirs())
 
     def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None) -> list:
-        group = str(group_name).split("@")[0]
-        if group not in GROUPS:
+        if str(group_name).split("@")[0] not in GROUPS:
             raise ConfigError(f"{group_name}=glob(...) is not allowed: glob() sweeps the options of a config group "
                               f"({', '.join(GROUPS)}), and {group_name} is none; list its values (-m "
                               f"{group_name}=a,b) or sweep a range (range(0,3))")
-        return group_options(group)
+        return super().get_group_options(group_name)
 
 
 def parse_overrides(overrides):

@@ -585,7 +585,7 @@ def test_a_joblib_sweep_outlives_a_worker_killed_by_sigkill(tmp_path):
     assert "lost its worker again, alone" in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow  # 37 s: the default suite's joblib SIGKILL case takes the same path through the relaunch
+@pytest.mark.slow  # 37 s (two loky pools), kept out of the default suite's time
 def test_sigterm_to_one_joblib_worker_stops_its_job_and_the_sweep_goes_on(tmp_path):
     """kill <worker pid>: that job is recorded as killed by SIGTERM, and the other jobs run to their end (it ended the
     whole sweep, as if interrupted by SIGINT, with the job not started yet missing)."""
