@@ -43,7 +43,7 @@ def on_cpu(*modules) -> bool:
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
              iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
-             trained_K: int = None) -> tuple:
+             trained_K: int = None, result=None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
     The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
@@ -67,6 +67,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
 
     trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
     minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the spread of its repeats).
+    result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
+    names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
+    does.
 
     Refused in one line before any work (ValueError naming the argument), with the command line's bounds for its
     eval.* keys: samples not a multiple of replicates (an integer >= 2) with at least 2 draws per replicate (the
@@ -84,6 +87,10 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     check("exact", exact)
     check("eval_seed", seed, label="seed")
     check("khat_samples", khat_samples)
+    if result is not None and not (hasattr(result, "history") and hasattr(result, "steps")):
+        from infer.validate import refuse
+
+        raise refuse("result", result, "result must be what fit() returned, or None")
     if trained_K is not None:
         check("iwae_k", trained_K, label="trained_K")
     if on_cpu(model, guide):
@@ -101,7 +108,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
             metrics["trained_objective"] = trained_bound(model, guide, data, trained_K, samples, seed,
                                                          metrics["psis"]["joint"])
             metrics["eval_seconds"] += time.perf_counter() - t0
-        return metrics, grids
+    if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
+        metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
+    return metrics, grids
 
 
 def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool) -> dict:

@@ -237,6 +237,18 @@ def test_the_summary_says_what_the_run_minimised_where_it_was_not_the_elbo(vae5_
     assert any(text in line for line in lines[:2])
 
 
+def test_evaluate_given_fits_result_says_what_the_run_minimised_as_the_command_line_does(vae5):
+    from infer import fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, seed=0, beta=0.5)
+    metrics, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result)
+    assert (metrics["model"], metrics["beta"], metrics["steps"]) == ("vae", 0.5, 3)
+    assert any("trained on KL weight beta=0.5" in line for line in summary_lines(metrics)[:2])
+    with pytest.raises(ValueError, match=r"^result=5 is not allowed: result must be what fit\(\) returned"):
+        evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=5)
+
+
 def test_a_plain_elbo_run_has_no_line_on_what_it_minimised(vae5_metrics):
     assert not any("trained on" in line for line in summary_lines(vae5_metrics))
 
