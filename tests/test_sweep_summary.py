@@ -533,13 +533,18 @@ def test_overrides_that_change_no_number_neither_split_configurations_nor_fill_t
     assert "eval.figures" not in md.split("## By configuration")[0]
 
 
-@pytest.mark.parametrize("corrupt", ["seed: [1\n", ""])
-def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hydra_yaml_records(tmp_path, corrupt):
+def two_seeds_one_hurt(tmp_path):
+    """A sweep of seeds 0 and 1, both ok: (its dir, seed 1's job dir), for a test to damage."""
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
     job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
-    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+    return sweep, job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+
+
+@pytest.mark.parametrize("corrupt", ["seed: [1\n", ""])
+def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hydra_yaml_records(tmp_path, corrupt):
+    sweep, hurt = two_seeds_one_hurt(tmp_path)
     (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
     (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
     result, md = summary(sweep)
@@ -549,12 +554,8 @@ def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hyd
 def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path):
     from analysis.jobs import SWEEP_LOCK
 
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
+    sweep, hurt = two_seeds_one_hurt(tmp_path)
     (sweep / SWEEP_LOCK).write_text("pid 1, started 2026-12-02T00:00:00")
-    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
-    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
     (hurt / ".hydra" / "overrides.yaml").write_text("seed: [1\n")
     (hurt / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 1, started 2026-12-02T00:00:00"}))
     result, md = summary(sweep)
@@ -562,11 +563,7 @@ def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_t
 
 
 def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    multirun(sweep, ["seed=0,1"], {"seed": "0,1"})
-    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
-    hurt = job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
+    sweep, hurt = two_seeds_one_hurt(tmp_path)
     for name in ("overrides.yaml", "hydra.yaml"):
         (hurt / ".hydra" / name).write_text("x: [\n")
     _, md = summary(sweep)
