@@ -260,12 +260,12 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics. A status.json that is
     there but cannot be read is said in the row's error; the run is then judged by its metrics.json alone (as one
     whose status.json is lost)."""
-    from .rundir import status_problem
+    from .rundir import load_status
 
     if not job.exists():  # a replica its group's status.json lists, whose dir is gone
         return _lost_replica(job, sweep_dir)
-    row = _read_row(job, sweep_dir, ended)
-    problem = status_problem(job)
+    status, problem = load_status(job)  # read once: the record the row is judged by, and why it may not read
+    row = _read_row(job, sweep_dir, status, ended)
     if problem:
         said = f"its status.json is unreadable ({problem})" + (": judged by its metrics.json" if row["status"] == "ok"
                                                                else "")
@@ -301,13 +301,13 @@ def _lost_replica(job: Path, sweep_dir: Path) -> dict:
     return row
 
 
-def _read_row(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
-    """read_job's row, from the run's files as they read."""
+def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> dict:
+    """read_job's row, from the run's files as they read (status: its status.json's record, {} where unreadable)."""
     overrides = _group_replicas(job, _overrides(job))
     row = _head(job, sweep_dir, overrides, job)
-    from .rundir import STATUS, read_status
+    from .rundir import STATUS
 
-    status, lost = read_status(job), not (job / STATUS).exists()
+    lost = not (job / STATUS).exists()
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""

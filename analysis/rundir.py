@@ -58,7 +58,7 @@ def json_kind(value) -> str:
     return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
 
 
-def _load_status(path) -> tuple:
+def load_status(path) -> tuple:
     """(record, problem): the status.json of a run directory as a dict ({} where it has none or it cannot be read;
     without its 'status' where that is none of STATES), and why it cannot be read where it is there ('' otherwise)."""
     try:
@@ -80,13 +80,13 @@ def _load_status(path) -> tuple:
 def read_status(path) -> dict:
     """The status.json of a run directory as a dict, or {} if it has none (or it cannot be read, or holds no JSON
     object: status_problem says why)."""
-    return _load_status(path)[0]
+    return load_status(path)[0]
 
 
 def status_problem(path) -> str:
     """Why the status.json of a run directory cannot be read ('not JSON: ...', 'not a JSON object: an array', a status
     that is none of STATES, an OS error); '' where it reads as a run's record or there is none."""
-    return _load_status(path)[1]
+    return load_status(path)[1]
 
 
 def write_status(path, status: str, reason: str = "", **extra) -> None:
