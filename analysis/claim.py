@@ -16,7 +16,7 @@ class Claim:
     Two ways back, for two kinds of claim: an in-place claim (allow_existing: a resume, or overwrite=true into a
     dir without a run) overwrites only status.json and .hydra/*, so it keeps their bytes (kept) and writes them
     back; a replacing claim moves the previous run's files, large ones too, into .replaced.<pid>/ and moves them
-    back (moved)."""
+    back (moved) until training starts, and deletes them once the new run ends ok (status)."""
 
     def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir",
                  launch: str = ""):
@@ -28,8 +28,9 @@ class Claim:
         .hydra/ files there are kept as they were, and put back by release().
         replace (with allow_existing; overwrite=true): the previous run's files (previous_run) are moved aside into
         <path>/.replaced.<pid>/ at once, so the new run's outputs never mix with the old ones; release() moves them
-        back, and they are deleted (commit) once the run ends as ok, diverged or failed, i.e. after it passed every
-        check before training. Files that are not a run's (someone's precious.png) are never moved or removed."""
+        back before training starts (commit), and they are deleted once the run ends ok; a run that diverges or
+        fails leaves them there, named in its status.json. Files that are not a run's (someone's precious.png) are
+        never moved or removed."""
         self.launch = launch  # the sweep launch this job belongs to (analysis.jobs.launch_of), in its status.json
         self.path = path = Path(path).absolute()
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
@@ -91,11 +92,20 @@ class Claim:
         self.before -= set(self.moved)
 
     def status(self, status: str, reason: str = "", **extra) -> None:
-        """Record how the run stands (write_status). A final status other than refused (ok, diverged, failed: the
-        run passed its checks and trained) commits the claim: the replaced run's files are deleted. A refused one
-        (a sweep job refused before training) puts the replaced run's files back first, status.json aside."""
-        if status in ("ok", "diverged", "failed"):
+        """Record how the run stands (write_status). Only a run that ends ok deletes the replaced run's files (and the
+        backups that earlier replacements left, .replaced.*). One that diverged or failed (killed, crashed) after it
+        began training leaves them aside in .replaced.<pid>/, named in its status.json ('replaced_run'), so that a
+        replacement gone wrong never costs the run it replaced. A refused one (a sweep job refused before training)
+        puts the replaced run's files back first, status.json aside."""
+        if status == "ok":
             self.commit()
+            self.discard_replaced()
+        elif status in ("diverged", "failed"):
+            self.commit()
+            kept = self.kept_aside()
+            if kept:
+                extra = {"replaced_run": f"the run this one replaced is kept in {kept}: move its files back into "
+                                         f"{self.path} to restore it", **extra}
         elif status == "refused" and self.moved:
             old = read_status(self.backup)
             self._move_back(keep_status=True)
@@ -104,13 +114,24 @@ class Claim:
         write_status(self.path, status, reason, **({"launch": self.launch} if self.launch else {}), **extra)
 
     def commit(self) -> None:
-        """The run passed every check before training: delete the replaced run's files, and the backups that earlier
-        killed replacements left (.replaced.*: this is the one place that handles them). Call it when training
-        starts; status() calls it at the latest."""
-        if self.moved or self.backup.exists():
-            for old in self.path.glob(BACKUP + ".*"):  # this claim's backup among them
-                shutil.rmtree(old, ignore_errors=True)
+        """The run passed every check before training and trains: it can no longer be undone (release no longer
+        moves the replaced run back). The replaced run's files stay aside in .replaced.<pid>/ until the run ends ok
+        (status). Call it when training starts; status() calls it at the latest."""
         self.moved = []
+
+    def kept_aside(self):
+        """The newest backup of a replaced run in this dir (.replaced.*, a Path), or None."""
+        try:
+            backups = sorted(self.path.glob(BACKUP + ".*"), key=lambda p: p.stat().st_mtime)
+        except OSError:  # one removed meanwhile
+            backups = list(self.path.glob(BACKUP + ".*"))
+        return backups[-1] if backups else None
+
+    def discard_replaced(self) -> None:
+        """Delete the replaced run's files and the backups earlier replacements left (.replaced.*: this is the one
+        place that removes them): the run that replaces them ended ok."""
+        for old in self.path.glob(BACKUP + ".*"):
+            shutil.rmtree(old, ignore_errors=True)
 
     def _move_back(self, keep_status: bool = False) -> None:
         for name in self.moved:

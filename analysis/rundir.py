@@ -112,9 +112,9 @@ def occupant(path) -> str:
     if not path.is_dir():
         return ""
     status = read_status(path)
-    backups = sorted(path.glob(".replaced.*"), key=lambda p: p.stat().st_mtime)  # replacements SIGKILLed before
+    backups = sorted(path.glob(".replaced.*"), key=lambda p: p.stat().st_mtime)  # replacements that did not end ok
     kept = (f" (the run it was replacing is kept in {backups[-1]}: move its files back into {path} to restore it; "
-            "a run there with overwrite=true deletes it)" if backups else "")  # training left these
+            "a run there with overwrite=true that ends ok deletes it)" if backups else "")  # training left these
     if status:
         return f"a run with status '{status.get('status', '?')}'{kept}"
     found = [name for name in OUTPUTS if (path / name).exists()]

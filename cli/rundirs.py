@@ -232,6 +232,9 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2):
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
     after training, nothing left behind by a single run refused before training. Returns failed_value() for sweepers."""
     line = single_line(err)
+    kept = claim.kept_aside() if claim is not None and status in ("diverged", "failed") else None
+    if kept:  # overwrite=true: the run this one replaced stays (analysis.claim.Claim.status)
+        line += f" (the run it replaced is kept in {kept})"
     print(f"error: {line}", file=sys.stderr)
     if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log); the
         to_log_file(line)  # console has the line above once

@@ -110,6 +110,20 @@ def test_a_finite_divergence_is_marked_and_returns_no_normal_number(tmp_path):
     assert metrics["status"] == "diverged" and metrics["loss"] is None
 
 
+def test_an_overwrite_that_diverges_keeps_the_finished_run_it_replaced(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "status.json").write_text(json.dumps({"status": "ok", "reason": "finished"}))
+    (folder / "metrics.json").write_text('{"loss": 0.7}')
+    proc = run_cli("optim.lr=1000", "train.steps=300", "eval.figures=false", "train.num_particles=8",
+                   "data.n=1000", "overwrite=true", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert proc.returncode == 2
+    one_line_error(proc, "diverged", "the run it replaced is kept in")
+    (backup,) = folder.glob(".replaced.*")
+    assert json.loads((backup / "metrics.json").read_text()) == {"loss": 0.7}
+    assert json.loads((folder / "status.json").read_text())["replaced_run"].startswith("the run this one replaced")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. results are never overwritten, mixed or mislabelled
 

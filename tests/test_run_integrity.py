@@ -137,6 +137,33 @@ def test_an_overwrite_that_trains_deletes_the_previous_runs_files_and_no_other(t
     assert (run / "metrics.json").read_text() == "new" and (run / "run.log").read_text() == "old run.log"
 
 
+@pytest.mark.parametrize("ending", ["diverged", "failed"])
+def test_an_overwrite_that_does_not_end_ok_keeps_the_replaced_run_aside_and_names_it(tmp_path, ending):
+    from analysis.claim import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    claim = Claim(run, allow_existing=True, replace=True)
+    claim.commit()  # training started
+    (run / "metrics.json").write_text("new, diverged")
+    claim.status(ending, "training diverged")
+    (backup,) = run.glob(".replaced.*")
+    assert (backup / "metrics.json").read_text() == "old metrics.json"
+    assert (backup / "checkpoint.pt").read_text() == "old checkpoint.pt"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == ending and str(backup) in status["replaced_run"]
+
+
+def test_a_run_that_ends_ok_deletes_the_backups_that_replacements_gone_wrong_left(tmp_path):
+    from analysis.claim import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    first = Claim(run, allow_existing=True, replace=True)
+    first.status("diverged", "training diverged")
+    assert list(run.glob(".replaced.*"))
+    Claim(run, allow_existing=True).status("ok", "finished")  # a resume in place of the diverged run ends ok
+    assert not list(run.glob(".replaced.*"))
+
+
 def test_an_overwrite_into_a_dir_without_a_run_removes_nothing(tmp_path):
     from analysis.claim import Claim
 
