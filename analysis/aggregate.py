@@ -87,6 +87,35 @@ def _blank_keys(ok, keys):
     return ok
 
 
+def _a_number(value) -> bool:
+    """Whether value is a number (NaN too: a missing metric), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers_only(jobs, skip) -> None:
+    """In place: a metric that some runs hold as a number and others as something else (a string, true or false: a
+    hand-edited or foreign metrics.json) is left out of its average for those others only, and their row's error
+    says so (summary.md's notes), rather than the metric dropping out of every average silently. (An array or an
+    object is flattened into columns of its own by jobs.flatten.)"""
+    import pandas as pd
+
+    from .rundir import json_kind
+
+    for col in [c for c in jobs.columns if c not in skip and not c.startswith("override:") and jobs[c].dtype == object]:
+        values = jobs[col]
+        if not any(_a_number(v) and v == v for v in values):  # a number that is not NaN
+            continue  # a text column (an estimator's name, a note)
+        odd = [i for i, v in values.items() if v is not None and not _a_number(v)]  # a missing one is NaN
+        if odd and "error" not in jobs:
+            jobs["error"] = None
+        for i in odd:
+            said = f"its '{col}' is {json_kind(values[i])}, not a number: left out of that metric's average"
+            jobs["error"] = jobs["error"].astype(object)
+            jobs.at[i, "error"] = "; ".join(p for p in (jobs.at[i, "error"], said) if isinstance(p, str) and p)
+            jobs.at[i, col] = None
+        jobs[col] = pd.to_numeric(jobs[col], errors="coerce")
+
+
 def tables(rows) -> tuple:
     """(jobs, aggregated) DataFrames. jobs: one row per run; duplicate_of names the run a duplicate (same
     configuration and seed) repeats. aggregated: per configuration over its ok runs without duplicates, seeds (the
@@ -111,6 +140,7 @@ def tables(rows) -> tuple:
     keys = [k for k in _group_keys(rows) if k in jobs]
     jobs["duplicate_of"] = jobs["duplicate_of"].astype(object)
     _mark_duplicates(jobs, keys)
+    _numbers_only(jobs, set(ID_COLUMNS) | set(keys) | {"error"})
     ok = _counted(jobs).infer_objects()  # a column numeric in the counted runs (a failed run's loss "abc" aside)
     numeric = [c for c in ok.columns if c not in ID_COLUMNS and c not in keys
                and pd.api.types.is_numeric_dtype(ok[c]) and not ok[c].isna().all()]

@@ -814,6 +814,42 @@ def test_a_metrics_json_field_of_the_wrong_kind_is_a_failed_run_naming_it(tmp_pa
     assert result["failed"] == ["run1"] and f"- FAILED `run1` (no overrides): metrics.json malformed: {said}" in md
 
 
+@pytest.mark.parametrize("value, kind", [("0.6", "a string"), (True, "true"), (False, "false")])
+def test_a_metric_of_the_wrong_kind_leaves_only_that_run_out_of_its_average_and_says_so(tmp_path, value, kind):
+    from analysis.aggregate import tables
+    from analysis.jobs import collect
+
+    for seed, rate in ((0, 0.5), (1, 0.7), (2, value)):
+        (tmp_path / f"run{seed}").mkdir()
+        (tmp_path / f"run{seed}" / "metrics.json").write_text(json.dumps({**metrics(seed, 1.0), "rate": rate}))
+    result, md = summary(tmp_path)
+    assert result["failed"] == []
+    assert f"- NOTE `run2`: its 'rate' is {kind}, not a number: left out of that metric's average" in md
+    _, agg = tables(collect(tmp_path)["rows"])
+    assert agg["rate_count"].tolist() == [2] and agg["rate_mean"].tolist() == pytest.approx([0.6])
+
+
+def test_a_summary_removes_what_a_killed_summary_left_and_nothing_of_a_live_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [tmp_path / f".figures.{dead}.x1y2", tmp_path / f".summary.md.{dead}.tmp"]
+    live = [tmp_path / f".figures.{os.getppid()}.a1b2", tmp_path / f".summary.csv.{os.getppid()}.tmp"]
+    fresh = tmp_path / f".summary_by_config.csv.{dead}.tmp"  # another host's summary may be writing it now
+    for path in left + live + [fresh]:
+        path.mkdir() if path.name.startswith(".figures") else path.write_text("half")
+    for path in left + live:
+        os.utime(path, (0, 0))
+    (tmp_path / ".figures.notes.txt").write_text("someone's")  # not a summary's leftover: no pid
+    summary(tmp_path)
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in live + [fresh]) and (tmp_path / ".figures.notes.txt").exists()
+
+
 def test_a_garbled_ess_record_leaves_every_khat_counted():
     from analysis.jobs import informative_khat_max
 
