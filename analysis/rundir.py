@@ -260,6 +260,20 @@ def live_owner(out):
     return None if begun is not None and begun > started + 2 else pid
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process pid runs on this machine (another user's too; not a zombie, which has exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _process_start(pid: int):
     """When process pid began (seconds since the epoch, from Linux's /proc); None where that cannot be read."""
     try:

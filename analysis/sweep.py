@@ -24,6 +24,7 @@ files and is the command line. Their public names are importable from here as we
 """
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +54,40 @@ def _discard(paths) -> None:
             path.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+LEFTOVER = re.compile(r"\.figures\.(?P<pid>\d+)\..+|\..+\.(?P<tmp>\d+)\.tmp")  # _figures' scratch, write_files'
+
+
+def clear_leftovers(sweep_dir: Path, quiet_for: float = 600.0) -> list:
+    """Remove what a summary killed mid-write (SIGKILL) left in sweep_dir: its figures' scratch folder
+    (.figures.<pid>.*) and its temporary files (.<name>.<pid>.tmp), where that pid runs no longer on this machine and
+    the leftover has not changed for quiet_for seconds (a summary on another host of a shared filesystem writes its
+    own for seconds). Returns the paths removed."""
+    import shutil
+    import time
+
+    from .rundir import pid_alive
+
+    removed = []
+    try:
+        entries = list(os.scandir(sweep_dir))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = LEFTOVER.fullmatch(entry.name)
+        try:
+            if not found or pid_alive(int(found["pid"] or found["tmp"])) or \
+                    time.time() - entry.stat(follow_symlinks=False).st_mtime < quiet_for:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def write_files(writers: dict) -> list:
@@ -86,7 +121,7 @@ def _figures(agg, jobs, sweep_dir: Path) -> list:
     import tempfile
 
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=".figures.", dir=sweep_dir))
+        scratch = Path(tempfile.mkdtemp(prefix=f".figures.{os.getpid()}.", dir=sweep_dir))
     except OSError as err:
         log.warning("sweep figures not drawn: cannot write into %s: %s", sweep_dir, err.strerror or err)
         return []
@@ -121,6 +156,7 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
     if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists() and not read_status(sweep_dir).get("replicas"):
         raise NotASweep(f"{sweep_dir} is a single run's directory (it holds a run's status.json), not a sweep's or a "
                         "replica group's: give the folder that holds the sweep's multirun.yaml and job directories")
+    clear_leftovers(sweep_dir)
     found = collect(sweep_dir, ended)  # ended: every job has returned (the sweep's end callback)
     if not found["rows"] and not found["missing"] and not (sweep_dir / "multirun.yaml").exists():
         raise NotASweep(f"{sweep_dir} holds no sweep (no multirun.yaml and no job directory): give the folder a "

@@ -6,6 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
+from analysis.rundir import pid_alive as _alive
 from cli.state import STATE
 
 
@@ -55,19 +56,6 @@ def _children() -> list:
         frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in out}
         out += sorted(frontier)
     return [pid for pid in out if b"resource_tracker" not in commands.get(pid, b"")]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def stop_workers(grace: float = 10.0) -> list:
