@@ -65,7 +65,8 @@ def main(cfg: DictConfig):
     if crowded:
         log.warning(crowded)
     out = Path(hc.runtime.output_dir)
-    if multirun and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a joblib worker: SIGTERM as SIGINT
+    local_task = os.environ.get("SUBMITIT_EXECUTOR") == "local"  # submitit_local's, whose SIGTERM submitit ignores
+    if multirun and (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or local_task):  # a worker: SIGTERM as SIGINT
         with contextlib.suppress(ValueError):  # not in the main thread: leave it
             signal.signal(signal.SIGTERM, cli.on_sigterm)
             cli.STATE["worker"] = True  # a SIGTERM sent to this worker alone ends its job, not the sweep

@@ -179,6 +179,7 @@ def preflight(overrides, multirun: bool) -> list:
         STATE["launcher"] = launcher
         if "submitit" in launcher:
             tolerate_lost_jobs(failed_value(sweeper))
+            _quiet_controllers()
         if "joblib" in launcher.lower():
             from cli import joblib_launch
 
@@ -214,6 +215,18 @@ def preflight(overrides, multirun: bool) -> list:
     if resume and OmegaConf.select(cfg, "hydra.job.chdir") and not Path(str(resume)).is_absolute():
         pins.append(f"train.resume={_quote(Path(str(resume)).absolute())}")  # checked here, read from the run dir
     return pins
+
+
+def _quiet_controllers() -> None:
+    """Under the submitit launchers: submitit_local's controllers in sessions of their own, and this process's SIGINT
+    ending them without their tracebacks (cli.submitit_launch, cli.signals.on_sigint)."""
+    import signal
+
+    from cli import submitit_launch
+    from cli.signals import on_sigint
+
+    submitit_launch.install()
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 def _first_values(overrides) -> list:

@@ -32,30 +32,62 @@ def on_sigterm(signum, frame):
     STATE["signal"] = signum
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _mark_stopping()
-    STATE["workers"] = _children()
-    for pid in STATE["workers"]:  # a sweep's workers (joblib) stop too, and record it, before joblib ends them
+    tasks = _end_controllers(signum)  # signalled already
+    STATE["workers"] = sorted(set(STATE.get("workers") or []) | set(_children()))
+    for pid in [p for p in STATE["workers"] if p not in tasks]:  # a sweep's workers (joblib) stop too, and record it
         with __import__("contextlib").suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def process_tree() -> dict:
+    """{pid: (parent pid, command line bytes)} of this machine's processes (Linux /proc; {} elsewhere)."""
+    tree = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            tree[int(stat.parent.name)] = (ppid, (stat.parent / "cmdline").read_bytes())
+        except (OSError, IndexError, ValueError):
+            continue
+    return tree
+
+
+def descendants(root: int, tree: dict) -> list:
+    """The pids below root in tree (process_tree), nearest first."""
+    out, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in tree.items() if ppid in frontier and pid not in out}
+        out += sorted(frontier)
+    return out
 
 
 def _children() -> list:
     """The pids of this process's worker processes: its descendants (Linux /proc; [] elsewhere: joblib's workers are
     its children, submitit_local's jobs their children), less the resource trackers of multiprocessing and loky
     (they end by themselves when this process does)."""
-    parent, commands = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            parent[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            commands[pid] = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-    out, frontier = [], {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in out}
-        out += sorted(frontier)
-    return [pid for pid in out if b"resource_tracker" not in commands.get(pid, b"")]
+    tree = process_tree()
+    return [pid for pid in descendants(os.getpid(), tree) if b"resource_tracker" not in tree[pid][1]]
+
+
+def _end_controllers(signum: int) -> list:
+    """submitit_local's controllers ended quietly, their tasks sent signum (cli.submitit_launch); the tasks' pids,
+    kept in STATE['workers'] (no longer this process's descendants). [] outside a sweep's main process."""
+    if STATE.get("worker") or "submitit" not in str(STATE.get("launcher")):
+        return []
+    from cli.submitit_launch import end_controllers
+
+    tasks = end_controllers(signum)
+    STATE["workers"] = sorted(set(STATE.get("workers") or []) | set(tasks))
+    STATE["signalled"] = sorted(set(STATE.get("signalled") or []) | set(tasks))  # stop_workers does not again
+    return tasks
+
+
+def on_sigint(signum, frame):
+    """SIGINT in a sweep's main process: as Python's default (KeyboardInterrupt in the main thread), after ending
+    submitit_local's controllers without their tracebacks (_end_controllers)."""
+    STATE["signal"] = signum
+    _end_controllers(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def stop_workers(grace: float = 10.0) -> list:
@@ -65,8 +97,8 @@ def stop_workers(grace: float = 10.0) -> list:
     import time
 
     _mark_stopping()
-    pids = _children()
-    for pid in pids:
+    pids = list(dict.fromkeys(_children() + [p for p in STATE.get("workers") or [] if _alive(p)]))  # submitit's tasks
+    for pid in [p for p in pids if p not in (STATE.get("signalled") or [])]:  # a second signal would cut one short
         with __import__("contextlib").suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     end = time.monotonic() + grace

@@ -249,6 +249,44 @@ def test_sigterm_ends_a_sweep_as_sigint_does_with_its_summary_and_no_workers_lef
     assert not [pid for pid in workers if _alive(pid)], "workers left running after the sweep ended"
 
 
+def _descendants(pid: int) -> list:
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in _children(p)]
+        out += frontier
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True),
+                                           pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow)],
+                         ids=["ctrl_c", "sigterm"])
+def test_a_submitit_local_sweep_stops_in_one_line_without_tracebacks_and_labels_its_runs(tmp_path, sig, to_group):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the sweep: submitit's job controllers printed a
+    KeyboardInterrupt traceback each, and on SIGTERM the runs said 'killed by SIGINT' (cli.submitit_launch)."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(ROOT / "run.py"), "-m", "data.n=3", "seed=0,1", "train.steps=100000",
+            "train.checkpoint_every=0", "eval.figures=false", "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(s["status"] == "running" for s in statuses(sweep).values()) < 2:
+        time.sleep(0.2) if sweep.exists() else time.sleep(0.5)
+    workers = _descendants(proc.pid)
+    time.sleep(1.0)
+    os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and err.count("error: ") == 1 and f"error: interrupted by {name}" in err, err
+    jobs = statuses(sweep)
+    assert len(jobs) == 2 and all(s["status"] == "failed" and f"killed by {name}" in s["reason"]
+                                  for s in jobs.values()), jobs
+    time.sleep(0.5)
+    assert len(workers) >= 4 and not [pid for pid in workers if _alive(pid)], "controllers or jobs left running"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a replica's directory is its single run's
 
