@@ -169,7 +169,7 @@ def preflight(overrides, multirun: bool) -> list:
     except Exception as err:  # noqa: BLE001
         raise composition_error(err) from None
     if multirun:
-        from cli.launcher import check_launcher, tolerate_lost_jobs
+        from cli.launcher import check_gpus, check_launcher, tolerate_lost_jobs
         from cli.sweeper import check_sweeper
 
         check_launcher(cfg)
@@ -200,6 +200,7 @@ def preflight(overrides, multirun: bool) -> list:
             check_some_job_runs(jobs)
             check_seed_overlap(jobs, cfg)
             check_job_dirs(jobs, cfg, sweep_dir)
+        check_gpus(cfg, jobs)  # after a device this machine lacks (check_some_job_runs)
         claim_sweep(sweep_dir, bool(cfg.get("overwrite", False)))
         STATE["sweep_dir"] = sweep_dir
         return [f"hydra.sweep.dir={_quote(sweep_dir)}"]

@@ -152,6 +152,43 @@ def check_launcher(cfg) -> None:
                           "machine use hydra/launcher=submitit_local or joblib)")
 
 
+def check_gpus(cfg, jobs=None) -> None:
+    """Raise ConfigError (one line naming device or hydra.launcher.gpus_per_node) where the submitit launchers' GPUs
+    and the jobs' devices do not fit: submitit gives a job only the GPUs it asks for (CUDA_VISIBLE_DEVICES lists
+    gpus_per_node of them, none by default), so a device=cuda[:k] job needs gpus_per_node > k (under submitit_slurm
+    gpus_per_task or a gres naming a gpu do too); a GPU asked for by cpu-only jobs would be held and never used; and
+    submitit_local runs its jobs on this machine, which must have the GPUs. jobs: the sweep's override lists (the
+    devices they set; None: cfg.device alone). A no-op under the other launchers."""
+    kind = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).rpartition(".")[2]
+    if kind not in ("LocalLauncher", "SlurmLauncher"):
+        return
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    asked = launcher.get("gpus_per_node") or 0
+    asked = asked if is_int(asked) else 0
+    devices = {line.partition("=")[2] for job in jobs or [] for line in job
+               if line.lstrip("+~").partition("=")[0] == "device"} or {str(cfg.get("device", "cpu"))}
+    slurm_gpus = kind == "SlurmLauncher" and (launcher.get("gpus_per_task") or "gpu" in str(launcher.get("gres")))
+    for device in sorted(d for d in devices if d.startswith("cuda")):
+        index = device.partition(":")[2]
+        needed = int(index) + 1 if index.isdigit() else 1
+        if asked < needed and not slurm_gpus:
+            given = launcher.get("gpus_per_node")
+            raise ConfigError(f"device={device} is not allowed with hydra.launcher.gpus_per_node="
+                              f"{'null' if given is None else given}: submitit gives a job only the GPUs it asks "
+                              f"for, so the job would see no {device}; set hydra.launcher.gpus_per_node={needed}")
+    if asked and all(d == "cpu" for d in devices):
+        raise ConfigError(f"hydra.launcher.gpus_per_node={asked} is not allowed with device=cpu: every job would hold "
+                          f"{asked} GPU(s) it never uses; set device=cuda, or hydra.launcher.gpus_per_node=0")
+    if kind == "LocalLauncher" and asked:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if asked > count:
+            raise ConfigError(f"hydra.launcher.gpus_per_node={asked} is not allowed here: this machine has {count} "
+                              f"CUDA device(s), and submitit_local runs its jobs on it; hydra.launcher.gpus_per_node "
+                              f"must be at most {count}")
+
+
 def tolerate_lost_jobs(value=math.nan) -> None:
     """Under the submitit launchers, a job that ends without a result (killed: SIGKILL, out of memory, cancelled)
     makes Hydra's launcher raise at once, with a traceback, while the other jobs still run, unwatched, and the sweep

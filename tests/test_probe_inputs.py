@@ -727,6 +727,58 @@ def test_a_bad_submitit_launcher_setting_is_refused_in_one_line(settings, line):
     assert str(err.value).startswith(line) and "\n" not in str(err.value)
 
 
+def gpu_config(kind="LocalLauncher", device="cpu", **settings):
+    config = submitit_config(**settings)
+    config.hydra.launcher._target_ = SUBMITIT_LOCAL.replace("LocalLauncher", kind)
+    config.device = device
+    return config
+
+
+@pytest.fixture
+def cuda_devices(monkeypatch):
+    """This machine as one with `n` CUDA devices (set(n))."""
+    import torch
+
+    def cuda(n):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return cuda
+
+
+@pytest.mark.parametrize("kind, device, settings, jobs, line", [
+    ("LocalLauncher", "cuda", {}, None, "device=cuda is not allowed with hydra.launcher.gpus_per_node=null: submitit "
+                                        "gives a job only the GPUs it asks for"),
+    ("SlurmLauncher", "cuda:1", {"gpus_per_node": 1}, None, "device=cuda:1 is not allowed with "
+                                                            "hydra.launcher.gpus_per_node=1"),
+    ("LocalLauncher", "cpu", {"gpus_per_node": 1}, None, "hydra.launcher.gpus_per_node=1 is not allowed with "
+                                                         "device=cpu: every job would hold 1 GPU(s) it never uses"),
+    ("LocalLauncher", "cpu", {}, [["seed=0", "device=cpu"], ["seed=0", "device=cuda"]],
+     "device=cuda is not allowed with hydra.launcher.gpus_per_node=null"),
+    ("LocalLauncher", "cuda", {"gpus_per_node": 3}, None, "hydra.launcher.gpus_per_node=3 is not allowed here: this "
+                                                          "machine has 2 CUDA device(s)"),
+], ids=["cuda_without_gpus", "index_past_the_gpus", "gpus_for_cpu_jobs", "a_swept_cuda_job", "more_than_the_machine"])
+def test_gpus_that_do_not_fit_the_jobs_devices_are_refused_in_one_line(cuda_devices, kind, device, settings, jobs,
+                                                                       line):
+    from cli.launcher import check_gpus
+    from cli.state import ConfigError
+
+    cuda_devices(2)
+    with pytest.raises(ConfigError) as err:
+        check_gpus(gpu_config(kind, device, **settings), jobs)
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, device, settings", [
+    ("LocalLauncher", "cpu", {}), ("LocalLauncher", "cuda:1", {"gpus_per_node": 2}),
+    ("SlurmLauncher", "cuda", {"gpus_per_node": 1}), ("SlurmLauncher", "cuda", {"gres": "gpu:1"}),
+    ("JoblibLauncher", "cpu", {"gpus_per_node": 1})])
+def test_gpus_that_fit_the_jobs_devices_pass(cuda_devices, kind, device, settings):
+    from cli.launcher import check_gpus
+
+    cuda_devices(2)
+    check_gpus(gpu_config(kind, device, **settings))
+
+
 def test_the_slurm_launcher_is_refused_where_there_is_no_sbatch(monkeypatch):
     import shutil
 
