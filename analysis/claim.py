@@ -19,7 +19,7 @@ class Claim:
     back (moved) until training starts, and deletes them once the new run ends ok (status)."""
 
     def __init__(self, path, allow_existing: bool = False, replace: bool = False, key: str = "hydra.run.dir",
-                 launch: str = ""):
+                 launch: str = "", job: str = ""):
         """Create `path` (and its parents) and mark it running. Raises RunDirError if path is a file, cannot be
         created, lies inside another run's directory or is a current directory holding other files
         (check_run_dir_place), or already holds a run (unless allow_existing).
@@ -32,6 +32,7 @@ class Claim:
         fails leaves them there, named in its status.json. Files that are not a run's (someone's precious.png) are
         never moved or removed."""
         self.launch = launch  # the sweep launch this job belongs to (analysis.jobs.launch_of), in its status.json
+        self.job = job  # the launcher's id of the job (submitit's: its logs' folder), in its status.json
         self.path = path = Path(path).absolute()
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
         self.hydra_before = set()
@@ -111,7 +112,8 @@ class Claim:
             self._move_back(keep_status=True)
             extra = {"kept": f"the outputs of the run that was here (status '{old.get('status', '?')}') are kept: "
                              "this run was refused before it trained", **extra}
-        write_status(self.path, status, reason, **({"launch": self.launch} if self.launch else {}), **extra)
+        tags = {**({"launch": self.launch} if self.launch else {}), **({"launcher_job": self.job} if self.job else {})}
+        write_status(self.path, status, reason, **tags, **extra)
 
     def commit(self) -> None:
         """The run passed every check before training and trains: it can no longer be undone (release no longer

@@ -308,6 +308,8 @@ def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> 
     from .rundir import STATUS
 
     lost = not (job / STATUS).exists()
+    if isinstance(status.get("launcher_job"), str) and status["launcher_job"]:
+        row["launcher_job"] = status["launcher_job"]  # submitit's job id: where its console output is
     if status.get("status") not in (None, "ok"):  # refused, diverged, failed, or still running (killed)
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""

@@ -132,6 +132,15 @@ def _notes(ok) -> list:
     return ["## Notes", ""] + [f"- NOTE `{r['job']}`: {r['error']}" for _, r in noted.iterrows()] + [""]
 
 
+def _console(job_id, sweep_dir: Path) -> str:
+    """' (submitit job <id>; ...)': where a failed job's console output is, for a job a submitit launcher ran (its
+    status.json's launcher_job); '' for another."""
+    if not isinstance(job_id, str) or not job_id:
+        return ""
+    logs = sweep_dir / ".submitit" / job_id  # the launchers' default submitit_folder: <sweep dir>/.submitit/%j
+    return f" (submitit job {job_id}" + (f"; its console output is in `.submitit/{job_id}/`)" if logs.is_dir() else ")")
+
+
 def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
     """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
     aggregated table, the per-run table, notes on ok runs (_notes), failed and missing jobs. launched: this sweep's
@@ -217,7 +226,7 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         parts.append("None.")
     for _, r in failed.iterrows():
         parts.append(f"- {str(r['status']).upper()} `{r['job']}` ({r['overrides'] or 'no overrides'}): "
-                     f"{r.get('error') or 'no reason recorded'}")
+                     f"{r.get('error') or 'no reason recorded'}{_console(r.get('launcher_job'), sweep_dir)}")
     taken = {_norm(_overrides(Path(d))): d for d in left_out}
     for m in missing:
         other = taken.get(_norm(m.split()))

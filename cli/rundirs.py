@@ -48,7 +48,8 @@ def record_unclaimed(cfg, hc, err, reason: str = None) -> None:
     from analysis.rundir import RunDirError
 
     try:
-        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)), launch=_launch())
+        claim = Claim(unclaimed_record(hc), allow_existing=bool(cfg.get("overwrite", False)), launch=_launch(),
+                      job=_job())
         save_hydra_files(claim, cfg, hc)
         claim.status("refused", reason or f"its job dir could not be claimed: {single_line(err)}")
     except (RunDirError, OSError):
@@ -88,9 +89,17 @@ def claim_for(cfg, out: Path, fresh: bool = False):
         if in_place:
             check_in_place_resume(cfg, out, overwrite)
         claim = Claim(out, allow_existing=overwrite or in_place, replace=overwrite and not in_place,
-                      key="hydra.sweep.dir" if fresh else "hydra.run.dir", launch=_launch() if fresh else "")
+                      key="hydra.sweep.dir" if fresh else "hydra.run.dir", launch=_launch() if fresh else "",
+                      job=_job() if fresh else "")
     STATE["claim"] = claim
     return claim
+
+
+def _job() -> str:
+    """The launcher's id of this job (submitit's, cli.signals.launcher_job); '' under another launcher."""
+    from cli.signals import launcher_job
+
+    return launcher_job()
 
 
 def _launch() -> str:

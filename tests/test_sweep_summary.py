@@ -850,6 +850,17 @@ def test_a_summary_removes_what_a_killed_summary_left_and_nothing_of_a_live_one(
     assert all(p.exists() for p in live + [fresh]) and (tmp_path / ".figures.notes.txt").exists()
 
 
+def test_a_failed_submitit_job_names_its_job_id_and_where_its_console_output_is(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0))
+    hurt = job(tmp_path, ["seed=1"], status="failed")
+    (hurt / "status.json").write_text(json.dumps({"status": "failed", "reason": "crashed: boom",
+                                                  "launcher_job": "4242"}))
+    (tmp_path / ".submitit" / "4242").mkdir(parents=True)
+    _, md = summary(tmp_path)
+    assert "- FAILED `seed=1` (seed=1): crashed: boom (submitit job 4242; its console output is in " \
+           "`.submitit/4242/`)" in md
+
+
 def test_a_garbled_ess_record_leaves_every_khat_counted():
     from analysis.jobs import informative_khat_max
 
