@@ -76,10 +76,15 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         else:  # several: each term is E[log q(s|.) - log p(s|parents)], only their sum is a KL
             for c, site, col in zip(kls, sites, cols):
                 ax_k.plot(df["step"], df[c], color=col, lw=1.2, label=f"rate[{site}]")
-            ax_k.plot(df["step"], df[kls].sum(axis=1), color="black", lw=1.5, label="rate = KL(q || p) total")
+            ax_k.plot(df["step"], df[kls].sum(axis=1, skipna=False), color="black", lw=1.5,
+                      label="rate = KL(q || p) total")  # a window at beta 0 logs no KL: a gap, not 0
             rate_title = "rate = KL total; rate[s] = E[log q(s|.) - log p(s|parents)]"
-        scale = _yscale(ax_k, df[kls].sum(axis=1).values if len(kls) > 1 else df[kls].values.reshape(-1)) \
-            if kls else "linear"
+        scale = _yscale(ax_k, df[kls].sum(axis=1, skipna=False).values if len(kls) > 1
+                        else df[kls].values.reshape(-1)) if kls else "linear"
+        if kls and df[kls].isna().all().all():  # infer.result.Window.row: the KL is unknown where beta = 0
+            ax_k.text(0.5, 0.5, "no KL logged: every step trained at beta = 0\n"
+                      "(the evaluation's KL is in metrics.json)", transform=ax_k.transAxes, ha="center",
+                      va="center", fontsize=9)
         ax_k.set_title(rate_title + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
         for ax in (ax_l, ax_r, ax_k):
             ax.set_xlabel("step")

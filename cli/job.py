@@ -32,7 +32,7 @@ def heartbeat(steps: int, every: float = 15.0):
     training time left at the pace since the first logged window."""
     import time
 
-    from infer.result import duration
+    from infer.result import duration, window_loss
 
     last, first = [time.perf_counter()], []  # first: (step, time) of the first logged window, for the pace
 
@@ -45,8 +45,8 @@ def heartbeat(steps: int, every: float = 15.0):
             left = ""
             if step > first[0][0]:
                 left = f"; about {duration((now - first[0][1]) / (step - first[0][0]) * (steps - step))} left"
-            log.info(f"  step {step}/{steps}: training loss {row['loss']:.4f} (window mean, lattice/MC estimate)"
-                     + left)
+            what, value = window_loss(row)
+            log.info(f"  step {step}/{steps}: training {what} {value:.4f} (window mean, lattice/MC estimate)" + left)
 
     return beat
 

@@ -19,7 +19,7 @@ from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
 from .prepare import adam, prepare, restore
 from .recipe import learning_rate, recipe
-from .result import FitResult, LongRunWarning, divergence, last_update, Window
+from .result import FitResult, LongRunWarning, Window, divergence, last_update, window_loss
 from .runtime import training_settings
 from .weights import kl_weight
 
@@ -227,7 +227,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 result.history.append(row)
                 if torch.is_tensor(result.initial_loss):
                     result.initial_loss = float(result.initial_loss)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                bar.set_postfix({window_loss(row)[0].split()[0]: f"{window_loss(row)[1]:.4f}"}, refresh=False)
                 if callback is not None:
                     callback(step + 1, row)
     averaged.apply()

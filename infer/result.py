@@ -102,13 +102,19 @@ class Window:
             self.loaded = tuple(self.values[0].shape) if self.values else None
 
     def row(self, step, rate, names, needs_guide) -> dict:
-        """The window means: each term (KL terms unweighted: divided by each step's beta), the objective, beta."""
+        """The window means: each term, the objective, beta. A KL term is logged unweighted, divided by each step's
+        beta, so it is known only at the steps whose beta > 0: its mean is over those steps, and NaN where the whole
+        window trained at beta = 0 (its rate and loss then too: the step's beta-weighted term, 0, says nothing of
+        the KL)."""
         values = torch.stack(self.values).double()  # (k, T+1): the terms, then the objective
         betas = torch.tensor(self.betas, dtype=torch.float64, device=values.device)
         if needs_guide:
             kl = torch.tensor([k.startswith("kl_") for k in names] + [False], device=values.device)
-            divisor = torch.where(kl & (betas > 0).unsqueeze(1), betas.unsqueeze(1), torch.ones_like(values))
-            means = (values / divisor).mean(0).tolist()
+            known = betas > 0
+            means = values.mean(0)
+            unweighted = (values[known] / betas[known].unsqueeze(1)).mean(0) if bool(known.any()) \
+                else torch.full_like(means, float("nan"))
+            means = torch.where(kl, unweighted, means).tolist()
             terms = dict(zip(names, means[:-1]))
             row = {"step": step, "lr": rate, "recon": terms.pop("recon")}
             # the loss terms of the latent sites, E_q[log q(s|.) - log p(s|parents)]: only their sum, the rate, is a
@@ -123,6 +129,15 @@ class Window:
             row = {"step": step, "lr": rate, "nll": means[0], "loss": means[0], "objective": means[1]}
         self.values, self.betas = [], []
         return row
+
+
+def window_loss(row: dict) -> tuple:
+    """(what, value) a progress line shows for a logged window: its loss (the -ELBO), or where that is unknown (a
+    window trained at beta = 0, whose KL no step measured: Window.row) the objective it trained on."""
+    loss = row.get("loss")
+    if loss is not None and loss == loss:
+        return "loss", loss
+    return "objective (beta 0: no KL logged)", row.get("objective", float("nan"))
 
 
 LONG_RUN_SECONDS = 1800  # fit warns once, after its first steps, when the rest of training will take longer

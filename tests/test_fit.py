@@ -33,6 +33,21 @@ def test_history_has_one_row_per_logged_step_with_every_term():
     assert {"loss", "recon", "rate_z", "rate", "lr"} <= set(result.history[0])
 
 
+def test_a_window_trained_at_beta_0_logs_no_kl_rather_than_a_kl_of_0():
+    rows = train(steps=20, beta=0.0)[2].history
+    assert all(math.isnan(row["rate_z"]) and math.isnan(row["rate"]) and math.isnan(row["loss"]) for row in rows)
+    assert all(row["objective"] == row["recon"] for row in rows)  # recon + 0 KL: what it trained on
+
+
+def test_a_warm_up_from_beta_0_logs_the_kl_of_its_steps_whose_beta_is_positive():
+    pyro.set_rng_seed(0)
+    model = VAE(5, hidden=16)
+    first, second = fit(model, GaussianGuide(model, hidden=16), OneBit(5), elbo=ClosedFormELBO(num_particles=16),
+                        steps=4, log_every=2, warmup=100, warmup_start=0.0, lr=1e-4).history  # beta 0 at step 0 only
+    assert first["rate_z"] == pytest.approx(second["rate_z"], rel=0.2)  # not halved by step 0's beta-weighted 0
+    assert first["loss"] == pytest.approx(first["recon"] + first["rate"])
+
+
 def test_the_same_seed_gives_the_same_numbers():
     assert train(seed=3)[2].history == train(seed=3)[2].history
 
