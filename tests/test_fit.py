@@ -208,6 +208,24 @@ def test_resuming_gives_the_same_history_as_an_uninterrupted_run_to_the_last_dig
     assert resumed == full
 
 
+def test_a_run_at_beta_0_resumes_to_the_history_of_an_uninterrupted_run(tmp_path):
+    def run(**kwargs):
+        model = VAE(5, hidden=16)
+        return fit(model, GaussianGuide(model, hidden=16), OneBit(5), elbo=ClosedFormELBO(num_particles=16),
+                   steps=60, log_every=10, seed=0, beta=0.0, **kwargs).history
+
+    def crash(step, row):
+        if step >= 40:
+            raise KeyboardInterrupt
+
+    full = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(callback=crash, checkpoint_path=tmp_path / "c.pt", checkpoint_every=20)
+    resumed = run(resume=load_checkpoint(tmp_path / "c.pt"))  # its rows' loss is NaN: no KL measured at beta 0
+    assert [{k: str(v) for k, v in row.items()} for row in resumed] == [{k: str(v) for k, v in row.items()}
+                                                                       for row in full]
+
+
 def test_resuming_an_n5_checkpoint_with_n10_data_is_refused_in_one_line(tmp_path):
     vae_run(steps=20, checkpoint_path=tmp_path / "c.pt", checkpoint_every=20)
     with pytest.raises(ValueError, match="param .* has shape .* another model, guide or data.n") as err:
