@@ -35,6 +35,7 @@ class Claim:
         self.job = job  # the launcher's id of the job (submitit's: its logs' folder), in its status.json
         self.path = path = Path(path).absolute()
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
+        self.started = False  # training began (commit): from then on what the run writes is never removed
         self.hydra_before = set()
         self.backup = path / f"{BACKUP}.{os.getpid()}"
         check_path_length(path, key)
@@ -120,6 +121,7 @@ class Claim:
         moves the replaced run back). The replaced run's files stay aside in .replaced.<pid>/ until the run ends ok
         (status). Call it when training starts; status() calls it at the latest."""
         self.moved = []
+        self.started = True
 
     def kept_aside(self):
         """The newest backup of a replaced run in this dir (.replaced.*, a Path), or None."""
@@ -153,7 +155,10 @@ class Claim:
         """Undo the claim of a refused run: if the claim created the run dir, remove it with everything in it (a log
         file Hydra opened, say), and the parents it created while they are empty. Otherwise remove only what
         appeared in it since the claim, put back the status.json and .hydra/ files it overwrote, and move a replaced
-        run's files back. Never removes a file or folder that was there before the claim."""
+        run's files back. Never removes a file or folder that was there before the claim, nor anything once training
+        began (commit)."""
+        if self.started:
+            return
         if self.path in self.created:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.path.is_dir():

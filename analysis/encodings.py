@@ -149,15 +149,28 @@ def _no_guide(x):
 
 
 def save(idata, path="encodings.nc"):
-    """Write the InferenceData to netCDF (h5netcdf); attrs that netCDF cannot hold are stored as strings."""
+    """Write the InferenceData to netCDF (h5netcdf, as arviz's to_netcdf lays it out: its attrs at the root, each
+    group compressed); attrs that netCDF cannot hold are stored as strings. The file is built in memory and written
+    by Python through a temporary file renamed into place (analysis.rundir.write_atomic), so that a full disk is one
+    OSError and no half file: HDF5 writing to a full disk prints tracebacks and can crash the process at exit."""
+    import io
     import json
 
-    attrs = dict(idata.attrs)
-    idata.attrs = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else v) for k, v in attrs.items()}
-    try:
-        idata.to_netcdf(str(path), engine="h5netcdf")
-    finally:
-        idata.attrs = attrs
+    import xarray as xr
+
+    from .rundir import write_atomic
+
+    attrs = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else v) for k, v in idata.attrs.items()}
+    buffer, mode = io.BytesIO(), "w"
+    if attrs:
+        xr.Dataset(attrs=attrs).to_netcdf(buffer, mode=mode, engine="h5netcdf", group="/")
+        mode = "a"
+    for group in idata._groups_all:
+        data = getattr(idata, group)
+        compress = {name: {"zlib": True} for name, values in data.variables.items() if values.dtype.kind in "biufcS"}
+        data.to_netcdf(buffer, mode=mode, group=f"//{group}", engine="h5netcdf", encoding=compress)
+        mode = "a"
+    write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -41,13 +41,24 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file renamed into place, with the usual file mode (0666 & ~umask)."""
+def write_atomic(path: Path, content) -> None:
+    """Write content (str or bytes) to path through a temporary file renamed into place, with the usual file mode
+    (0666 & ~umask). Where the write fails (a full disk: OSError) the old file stays whole and no temporary file is
+    left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(content) if isinstance(content, (bytes, bytearray)) else tmp.write_text(content)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def json_kind(value) -> str:

@@ -19,6 +19,7 @@ signals (SIGINT/SIGTERM); main, here, runs them in order. The names run.py and t
 The run itself (run.py's task): build (config -> data, model, guide, objective), job (fit, evaluate, write) and
 replica_job (replicas > 1), imported by run.py, not here.
 """
+import logging
 import signal
 import sys
 
@@ -64,7 +65,8 @@ __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_
 
 def main(hydra_main, argv) -> int:
     """Run `hydra_main` (run.py's @hydra.main task) for argv after the preflight; return the exit code."""
-    args = argv[1:]
+    logging.raiseExceptions = False  # a run.log that cannot be written (a full disk) prints no traceback per record:
+    args = argv[1:]  # the run's one line says what could not be written
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         check_flags(args)

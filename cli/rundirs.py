@@ -244,15 +244,20 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2):
     kept = claim.kept_aside() if claim is not None and status in ("diverged", "failed") else None
     if kept:  # overwrite=true: the run this one replaced stays (analysis.claim.Claim.status)
         line += f" (the run it replaced is kept in {kept})"
-    print(f"error: {line}", file=sys.stderr)
-    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log); the
-        to_log_file(line)  # console has the line above once
+    unwritten = ""
     if claim is not None:
         if status == "refused" and not multirun:
             claim.release()
         else:
-            claim.status(status, line)
-            log.info(f"outputs: {claim.path}")
+            try:
+                claim.status(status, line)
+            except OSError as problem:  # a full disk: the line says so, and what was written stays
+                unwritten = f" (its status.json could not be written: {problem.strerror or problem})"
+    print(f"error: {line}{unwritten}", file=sys.stderr)
+    if multirun and claim is not None:  # a sweep job's run.log says why it failed (not another run's log); the
+        to_log_file(line)  # console has the line above once
+    if claim is not None and not (status == "refused" and not multirun):
+        log.info(f"outputs: {claim.path}")
     STATE["exit"] = max(STATE["exit"], code)
     return failed_value()
 
@@ -288,8 +293,8 @@ def release_unstarted() -> str:
     if claim is None:
         return ""
     status = read_status(claim.path)
-    if status.get("status") != "running" or status.get("pid") != os.getpid():
-        return ""
+    if status.get("status") != "running" or status.get("pid") != os.getpid() or claim.started:
+        return ""  # ended, another's, or trained (what it wrote stays: a status.json a full disk left 'running')
     replaced = bool(claim.moved)
     claim.release()
     return (f"the run that was in {claim.path} is kept as it was" if replaced

@@ -2,6 +2,7 @@
 torch.save (atomically, with the file mode of any other output) and checked on load; the RNG and buffer state a
 checkpoint holds (rng_state, module_buffers), and fit's `resume` argument read as a checkpoint (resume_state)."""
 import glob
+import io
 import os
 import random
 import tempfile
@@ -120,12 +121,16 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
+        buffer = io.BytesIO()  # torch's zip writer turns a full disk into a C++ RuntimeError: Python's write is
+        torch.save(state, buffer)  # one OSError (ENOSPC)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            handle.write(buffer.getvalue())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
 
 

@@ -110,6 +110,35 @@ def test_a_finite_divergence_is_marked_and_returns_no_normal_number(tmp_path):
     assert metrics["status"] == "diverged" and metrics["loss"] is None
 
 
+@pytest.mark.parametrize("status_too", [False, True], ids=["outputs", "outputs_and_status"])
+def test_a_full_disk_after_training_is_one_line_and_keeps_what_was_written(tmp_path, status_too):
+    """encodings.nc, and with status_too every status.json after the claim's, fail with ENOSPC (a full disk): the
+    run dir was deleted (its checkpoint too) after HDF5's tracebacks, and the process could segfault at exit."""
+    import zygote
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, analysis.encodings, analysis.rundir, analysis.claim\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "analysis.encodings.save = full\n"
+        f"if {status_too}:\n"
+        "    _write = analysis.rundir.write_status\n"
+        "    def write_status(path, status, *args, **kwargs):\n"
+        "        return _write(path, status, *args, **kwargs) if status == 'running' else full()\n"
+        "    analysis.claim.write_status = write_status\n")
+    run = tmp_path / "run"
+    proc = zygote.run([sys.executable, str(ROOT / "run.py"), *FAST, f"hydra.run.dir={run}"], cwd=tmp_path,
+                      env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{ROOT}"),
+                      timeout=300, fresh=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = one_line_error(proc, "cannot write the run's outputs", "No space left on device")
+    assert ("its status.json could not be written" in line) == status_too
+    assert {"checkpoint.pt", "history.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "status.json").read_text())["status"] == ("running" if status_too else "failed")
+
+
 def test_an_overwrite_that_diverges_keeps_the_finished_run_it_replaced(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()

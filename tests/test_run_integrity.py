@@ -164,6 +164,37 @@ def test_a_run_that_ends_ok_deletes_the_backups_that_replacements_gone_wrong_lef
     assert not list(run.glob(".replaced.*"))
 
 
+def test_a_claim_whose_run_began_training_is_never_released(tmp_path):
+    from analysis.claim import Claim
+
+    claim = Claim(tmp_path / "run")
+    claim.commit()  # training started
+    (tmp_path / "run" / "checkpoint.pt").write_text("trained")
+    claim.release()  # e.g. a crash whose status.json could not be written still says running
+    assert (tmp_path / "run" / "checkpoint.pt").read_text() == "trained"
+
+
+def test_a_file_that_cannot_be_written_is_named_and_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from analysis.rundir import write_atomic
+
+    (tmp_path / "metrics.json").write_text("old")
+
+    def full(self, data):  # the disk fills after the first character
+        with open(self, "w") as handle:
+            handle.write(data[:1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.json'"):
+        write_atomic(tmp_path / "metrics.json", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.json").read_text() == "old"
+
+
 def test_an_overwrite_into_a_dir_without_a_run_removes_nothing(tmp_path):
     from analysis.claim import Claim
 
