@@ -88,7 +88,11 @@ class Claim:
             return
         self.backup.mkdir(exist_ok=True)
         for name in names:
-            os.replace(self.path / name, self.backup / name)
+            if _logging_to(self.path / name):  # a sweep job's run.log, which Hydra opened (append) before the claim:
+                shutil.copyfile(self.path / name, self.backup / name)  # the old run's lines aside, the file emptied,
+                os.truncate(self.path / name, 0)  # and this run's lines go on into it
+            else:
+                os.replace(self.path / name, self.backup / name)
             self.moved.append(name)
         self.kept = {}  # the moved files come back whole
         self.before -= set(self.moved)
@@ -142,6 +146,11 @@ class Claim:
             if keep_status and name == STATUS:
                 continue
             target = self.path / name
+            if _logging_to(target):  # the open run.log: the old run's lines back in place (O_APPEND writes follow)
+                with open(target, "r+b") as log, open(self.backup / name, "rb") as old:
+                    log.truncate(0)
+                    shutil.copyfileobj(old, log)
+                continue
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target, ignore_errors=True)
             elif target.exists() or target.is_symlink():
@@ -192,3 +201,13 @@ class Claim:
                 folder.rmdir()  # only if empty: another run may be using it
             except OSError:
                 break
+
+
+def _logging_to(path: Path) -> bool:
+    """Whether a logging.FileHandler of this process holds path open (Hydra's run.log of a sweep job, once a line was
+    logged: its handler opens the file at the first line)."""
+    import logging
+
+    target = os.path.abspath(path)
+    return any(isinstance(h, logging.FileHandler) and getattr(h, "stream", None) is not None
+               and os.path.abspath(h.baseFilename) == target for h in logging.getLogger().handlers)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 STATUS = "status.json"
 OUTPUTS = (STATUS, "metrics.json", "checkpoint.pt", "history.csv", "encodings.nc")
-# everything a run writes into its directory besides run.log (Hydra's log, which a new run there appends to): what
-# overwrite=true replaces, and nothing else (a file of another name there is never touched)
-RUN_FILES = OUTPUTS + ("encodings.png", "training.png", "traceback.txt", ".hydra")
+LOG = "run.log"  # Hydra's log of the run: a run resumed in place appends to it
+# everything a run writes into its directory: what overwrite=true replaces, and nothing else (a file of another name
+# there is never touched)
+RUN_FILES = OUTPUTS + ("encodings.png", "training.png", "traceback.txt", ".hydra", LOG)
 REPLICA_DIR = re.compile(r"seed[0-9]+")  # a replica group's member runs: <run dir>/seed<s> (listed in its status)
 BACKUP = ".replaced"  # <run dir>/.replaced.<pid>/: a replaced run's files, kept until the new run starts for good
 STATES = ("running", "ok", "refused", "diverged", "failed")

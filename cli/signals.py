@@ -175,7 +175,9 @@ def interrupted(multirun: bool, started: bool = True) -> int:
     elif STATE.get("kept_run"):
         where = f" {STATE['kept_run'].partition(' by ' + name + ' ')[2]}"
     elif STATE.get("claim") is not None:
-        where = f"; outputs so far in {STATE['claim'].path}"
+        kept = STATE["claim"].kept_aside()  # overwrite=true: the run it replaced stays (analysis.claim.Claim.status)
+        where = f"; outputs so far in {STATE['claim'].path}" + (f" (the run it replaced is kept in {kept})"
+                                                                  if kept else "")
     if multirun and STATE.get("sweep_dir") is not None:  # its workers are gone: a relaunch starts unmarked
         with __import__("contextlib").suppress(OSError):
             (Path(STATE["sweep_dir"]) / STOPPING).unlink(missing_ok=True)

@@ -90,7 +90,8 @@ def test_the_previous_run_is_its_known_outputs_and_nothing_else(tmp_path):
     run = a_finished_run(tmp_path / "run", extra=["precious.png", "notes.txt"])
     (run / "seed3").mkdir()  # not listed as a replica: someone's folder
     assert sorted(previous_run(run)) == sorted(["status.json", ".hydra", "metrics.json", "history.csv",
-                                                "checkpoint.pt", "encodings.nc", "training.png", "encodings.png"])
+                                                "checkpoint.pt", "encodings.nc", "training.png", "encodings.png",
+                                                "run.log"])
 
 
 def test_a_dir_that_holds_no_run_has_no_previous_run_to_replace(tmp_path):
@@ -132,9 +133,57 @@ def test_an_overwrite_that_trains_deletes_the_previous_runs_files_and_no_other(t
     run = a_finished_run(tmp_path / "run", extra=["precious.png"])
     claim = Claim(run, allow_existing=True, replace=True)
     (run / "metrics.json").write_text("new")
+    (run / "run.log").write_text("new run.log")
     claim.status("ok", "finished")
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "precious.png", "run.log", "status.json"]
-    assert (run / "metrics.json").read_text() == "new" and (run / "run.log").read_text() == "old run.log"
+    assert (run / "metrics.json").read_text() == "new" and (run / "run.log").read_text() == "new run.log"
+
+
+@pytest.fixture
+def logging_to(tmp_path):
+    """A FileHandler on the root logger writing (appending) to <tmp_path>/run/run.log, as Hydra's is in a sweep job
+    when its claim is made; removed afterwards."""
+    import logging
+
+    handlers = []
+
+    def start(path):
+        handler = logging.FileHandler(path, mode="a")
+        handler.emit(logging.makeLogRecord({"msg": "a line of this job"}))  # the handler opens the file
+        logging.getLogger().addHandler(handler)
+        handlers.append(handler)
+        return handler
+
+    yield start
+    for handler in handlers:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def test_a_sweep_jobs_open_run_log_is_emptied_for_its_run_and_the_old_lines_kept_aside(tmp_path, logging_to):
+    import logging
+
+    from analysis.claim import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    (run / "run.log").write_text("the old run's line\n")
+    handler = logging_to(run / "run.log")
+    claim = Claim(run, allow_existing=True, replace=True)
+    handler.emit(logging.makeLogRecord({"msg": "the new run's line"}))
+    claim.status("diverged", "training diverged")
+    (backup,) = run.glob(".replaced.*")
+    assert "the old run's line" in (backup / "run.log").read_text()
+    assert (run / "run.log").read_text() == "the new run's line\n"
+
+
+def test_a_refused_sweep_job_puts_the_old_run_log_back(tmp_path, logging_to):
+    from analysis.claim import Claim
+
+    run = a_finished_run(tmp_path / "run")
+    logging_to(run / "run.log")
+    before = (run / "run.log").read_text()
+    Claim(run, allow_existing=True, replace=True).status("refused", "data.n=0 is not allowed")
+    assert (run / "run.log").read_text() == before and not list(run.glob(".replaced*"))
 
 
 @pytest.mark.parametrize("ending", ["diverged", "failed"])
