@@ -144,6 +144,45 @@ def test_a_light_tailed_per_sample_loss_keeps_its_standard_error():
     assert mc["tail_khat"] < 0.5 and mc["loss_se"] > 0 and "loss_note" not in mc
 
 
+def laplace_guide(data):
+    """q(z|x_k) = Laplace(loc_k, 0.5): no Gaussian site and no flow, so no site takes the lattice or Sobol points."""
+    loc = torch.tensor([[-1.0], [1.0]])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Laplace(loc, 0.5).to_event(1))
+
+    return guide
+
+
+@pytest.mark.parametrize("noise", ["lattice", "qmc"])
+def test_a_guide_no_site_of_which_takes_the_points_is_labelled_plain_monte_carlo(vae5, noise):
+    model, _, data = vae5
+    torch.manual_seed(0)
+    mc = monte_carlo(model, laplace_guide(data), data, samples=1024, replicates=4, noise=noise)
+    assert mc["kind"] == "MC"
+    assert mc["estimator"].startswith(f"Monte Carlo (i.i.d. draws: noise={noise} was asked, but no guide site is "
+                                      "Gaussian")
+
+
+def test_plain_monte_carlo_draws_get_the_standard_error_of_the_draws(vae5, monkeypatch):
+    import analysis.montecarlo as montecarlo
+
+    model, _, data = vae5
+    called = []
+    monkeypatch.setattr(montecarlo, "replicate_se", lambda *a, **k: called.append(1) or 1.0)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, laplace_guide(data), data, samples=1024, replicates=4, noise="lattice")
+    assert not called and mc["loss_se"] is not None and mc["loss_se"] != 1.0
+
+
+def test_a_run_whose_draws_were_plain_monte_carlo_has_its_headline_labelled_so(vae5):
+    model, _, data = vae5
+    m, _ = evaluate(model, laplace_guide(data), data, samples=1024, replicates=4, exact=False)
+    assert m["loss_estimator"] == "MC" and m["estimator"].startswith("Monte Carlo (i.i.d. draws")
+    assert "[MC]" in summary_lines(m)[1] and "RQMC" not in "\n".join(summary_lines(m))
+
+
 # --- bounded memory ----------------------------------------------------------------------------------------------
 
 def test_a_chunk_holds_at_most_max_elements_values_for_any_n():
