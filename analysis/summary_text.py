@@ -160,17 +160,31 @@ def summary_lines(m: dict) -> list:
     if "iwae" in m:
         lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
     if "gap_to_gaussian_optimum" in m:
-        gap = m["gap_to_gaussian_optimum"]
-        err = e.get("error") if e is not None and m.get("loss_estimator") == "exact" else None
-        where = (f"{_ex(gap, err)} above it" if gap >= 0
-                 else f"{_ex(-gap, err)} below it (the optimum bounds Gaussian encoders only)")
-        lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is {where}")
+        lines.append(_gap_line(m, e))
     lines += _khat_lines(m)
     if e is not None:
         lines.append(f"  [exact] = {e['estimator']}")
     if mc is not None:
         lines.append(f"  [{mc['kind']}] = {mc['estimator']}")
     return lines
+
+
+def _gap_line(m: dict, e: dict = None) -> str:
+    """The Gaussian-family optimum [exact] and how far this run's headline loss is above (or below) it. The gap is
+    the headline minus an exact number, so it is the headline's estimate: [exact] with the quadrature's digits, or
+    the Monte Carlo headline's tag and ± (its standard error: the optimum's is negligible); where that headline
+    has no error bar, no gap is printed (an estimate whose error is unknown, beside an exact number)."""
+    gap, est = m["gap_to_gaussian_optimum"], m.get("loss_estimator")
+    head = f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; "
+    if est != "exact" and m.get("loss_se") is None:
+        return head + f"no gap shown: the loss [{est}] it would come from has no error bar"
+    if est == "exact":
+        err = e.get("error") if e is not None else None
+        size = _ex(abs(gap), err)
+    else:
+        size = f"{_pm(abs(gap), m['loss_se'])} [{est}]"
+    return head + (f"this run is {size} above it" if gap >= 0
+                   else f"this run is {size} below it (the optimum bounds Gaussian encoders only)")
 
 
 def _iwae_lines(i: dict, exact_nll: dict = None) -> list:

@@ -223,6 +223,23 @@ def test_a_run_below_the_gaussian_optimum_is_said_to_be_below_it(vae5_metrics):
     assert "0.2000 below it" in line and "-0.2" not in line
 
 
+@pytest.fixture(scope="module")
+def vae5_mc_metrics(vae5):
+    return evaluate(*vae5, samples=1024, replicates=4, noise="mc", exact=False)[0]
+
+
+def test_the_gap_to_the_gaussian_optimum_of_a_monte_carlo_headline_has_its_tag_and_error_bar(vae5_mc_metrics):
+    m = {**vae5_mc_metrics, "loss_se": 0.0051, "gaussian_optimum": 1.0, "gap_to_gaussian_optimum": 0.0449}
+    line = next(s for s in summary_lines(m) if "optimum" in s)
+    assert line.endswith("this run is 0.0449 ± 0.0051 [MC] above it")
+
+
+def test_the_gap_of_a_monte_carlo_headline_without_an_error_bar_is_not_shown(vae5_mc_metrics):
+    m = {**vae5_mc_metrics, "loss_se": None, "gaussian_optimum": 1.0, "gap_to_gaussian_optimum": 0.0449}
+    line = next(s for s in summary_lines(m) if "optimum" in s)
+    assert "0.0449" not in line and "no gap shown: the loss [MC] it would come from has no error bar" in line
+
+
 def test_a_run_trained_with_a_kl_weight_says_its_objective_was_not_the_loss_reported(vae5_metrics):
     lines = summary_lines({**vae5_metrics, "beta": 0.25})
     assert "beta=0.25" in lines[1] and "recon + 0.25 KL" in lines[1] and "did not minimise" in lines[1]
