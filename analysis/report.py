@@ -66,7 +66,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     device (fit(device='cuda')) is moved to the CPU first, in place.
 
     trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
-    minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the spread of its repeats).
+    minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the skew-corrected standard error of its
+    repeats).
     result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
     names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
     does.
@@ -122,7 +123,8 @@ def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bo
         torch.manual_seed(seed)
         out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1)
     out.update(name=f"IWAE-{K}", estimator=f"importance sampling: {out['repeats']} repeats of log mean_K w, K = {K}, "
-                                           "per data point; ± their spread (finite variance for any weights' tail)")
+                                           "per data point; ± the Student-t, skew-corrected standard error of the "
+                                           "repeats (finite variance for any weights' tail)")
     return out
 
 

@@ -191,7 +191,8 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     def pm(v, se, note):
         return _pm(v, se) if se is not None else f"{v:.4f} (no error bar: {note})"
 
-    why = (" (± over its repeats: a log-mean of K weights has finite variance whatever the weights' k-hat)"
+    why = (" (± over its repeats, Student-t and skew-corrected: a log-mean of K weights has finite variance "
+           "whatever the weights' k-hat)"
            if i.get("loss_se") is not None and i.get("nll_se") is None else "")
     lines = [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))} [importance sampling]{why}",
              f"  NLL        {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling]"]
