@@ -101,9 +101,10 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
     (bound): log mean_K w has finite variance even for Pareto-tailed weights (log w has exponential tails), so it
     holds; a bound's estimate may fall below the NLL by that sampling error. 'nll_se' and 'log_px_se' are None
     (with 'nll_note') unless the data put the PSIS k-hat of the importance weights (block_diagnose) below 0.5 by 2
-    of its sd: with infinite variance the delta-method SE does not hold. The note adds that the estimate itself is
-    unreliable above min(1 - 1/log10 S, 0.7). Where q's support is narrower than the model's they are None too,
-    and the note says why ('narrow': which sites).
+    of its sd (finite_variance): with infinite variance the delta-method SE does not hold. evaluate() applies the
+    same rule to the run's own k-hat (withhold_nll_se), so the ± shows only where every k-hat it prints allows it.
+    The note adds that the estimate itself is unreliable above min(1 - 1/log10 S, 0.7). Where q's support is
+    narrower than the model's they are None too, and the note says why ('narrow': which sites).
 
     A joint guide (one density over both data points, e.g. AutoIAFNormal) has only joint weights: the bounds and
     the NLL are then those of log p(x_0, x_1) / N (equal data weights only), every 'log_px' entry holds that
@@ -164,11 +165,30 @@ def iwae(model, guide, data, K=(1, 8, 64, 512), samples: int = IWAE_SAMPLES, nll
         out["nll_se"], out["log_px_se"], out["narrow"] = None, None, narrow
         out["nll_note"] = (f"{narrow}: its weights never see the posterior mass outside that support, so the "
                            "estimate tends to -log of the mass inside it (biased high) and no standard error holds")
-    elif worst["khat"] + 2 * worst["sd"] >= KHAT_CLT and worst["ess_fraction"] < CONSTANT_ESS:
-        out["nll_se"], out["log_px_se"] = None, None
-        out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights "
-                           f"(mean over blocks of {worst['samples']} draws; not below {KHAT_CLT} by 2 sd), their "
-                           "variance may be infinite: no standard error"
-                           + ("; above min(1 - 1/log10 S, 0.7), so the estimate itself is unreliable (biased high)"
-                              if worst["khat"] > worst["threshold"] else ""))
+    else:
+        withhold_nll_se(out, [worst], f"mean over blocks of {worst['samples']} draws")
     return out
+
+
+def finite_variance(d: dict) -> bool:
+    """The rule for an importance-sampled NLL's error bar, from one k-hat record d of its weights (psis.diagnose or
+    block_diagnose: 'khat', 'sd', 'ess_fraction'): the data put k-hat below KHAT_CLT by 2 of its sd (finite
+    variance, so the delta-method standard error holds), or the weights are nearly constant (ESS/S >=
+    CONSTANT_ESS: k-hat is not informative, and the variance is that of nearly constant weights)."""
+    return d["khat"] + 2 * d["sd"] < KHAT_CLT or d["ess_fraction"] >= CONSTANT_ESS
+
+
+def withhold_nll_se(out: dict, records: list, which: str) -> None:
+    """Withhold out's 'nll_se' and 'log_px_se' (an iwae() result) where a k-hat record of its weights fails
+    finite_variance, with an 'nll_note' naming that k-hat (which: where it comes from, e.g. 'the run's k-hat,
+    65536 draws'). Called for every k-hat the run reports of the same weights, so that the NLL's ± shows only where
+    each of them allows it: one rule, the strictest reading. A withheld error bar stays withheld."""
+    failing = [d for d in records if not finite_variance(d)]
+    if not failing or out.get("nll_se") is None:
+        return
+    worst = max(failing, key=lambda d: d["khat"])
+    out["nll_se"], out["log_px_se"] = None, None
+    out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights "
+                       f"({which}; not below {KHAT_CLT} by 2 sd), their variance may be infinite: no standard error"
+                       + ("; above min(1 - 1/log10 S, 0.7), so the estimate itself is unreliable (biased high)"
+                          if worst["khat"] > worst["threshold"] else ""))

@@ -58,7 +58,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     over two latent sites), an
     `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
     `khat` (one per data point; the same value twice for a joint guide) with `psis` (ESS, threshold, verdict;
-    psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact
+    psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. The importance-sampled
+    NLL's ± holds by one rule (iwae.finite_variance) for its own block-mean k-hat and for the run's `khat` alike:
+    where either fails it is withheld, and 'nll_note' names the k-hat that did. grids are the exact
     densities for the figures (None without quadrature). exact=False skips quadrature and IWAE. The Monte Carlo,
     IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
     so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default khat_draws:
@@ -186,6 +188,10 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
         traces = sample_traces(model, guide, data.x, 1)
     joint, narrow = is_joint(*traces), narrow_support(*traces)
     metrics["khat"] = [d["khat"] for d in psis]
+    if "iwae" in metrics:  # the NLL's ± must hold by the run's own k-hat too (one rule)
+        from .iwae import withhold_nll_se
+
+        withhold_nll_se(metrics["iwae"], psis, f"the run's k-hat, {psis[0]['samples']} draws")
     metrics["psis"] = {key: ([d[key] for d in psis] if key in ("khat", "sd", "ess", "ess_fraction", "verdict")
                              else psis[0][key]) for key in psis[0]}
     metrics["psis"]["joint"] = joint

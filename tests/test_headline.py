@@ -581,3 +581,44 @@ def test_trained_k_is_refused_in_one_line_unless_a_positive_integer(vae5):
     model, guide, data = vae5
     with pytest.raises(ValueError, match="trained_K"):
         evaluate(model, guide, data, samples=512, replicates=4, trained_K=0)
+
+
+# --- one rule for the importance-sampled NLL's error bar -------------------------------------------------------
+
+def khat_record(khat, sd, ess_fraction=0.3):
+    return {"khat": khat, "sd": sd, "ess_fraction": ess_fraction, "threshold": 0.73}
+
+
+def test_an_nll_error_bar_that_a_further_khat_of_its_weights_does_not_allow_is_withheld_naming_it():
+    from analysis.iwae import withhold_nll_se
+
+    out = {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+    withhold_nll_se(out, [khat_record(0.3, 0.05), khat_record(0.49, 0.05)], "the run's k-hat, 65536 draws")
+    assert out["nll_se"] is None and out["log_px_se"] is None
+    assert "PSIS k-hat 0.49 ± 0.05 of the importance weights (the run's k-hat, 65536 draws;" in out["nll_note"]
+
+
+def test_an_nll_error_bar_that_every_khat_allows_is_kept():
+    from analysis.iwae import withhold_nll_se
+
+    out = {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+    withhold_nll_se(out, [khat_record(0.3, 0.05), khat_record(0.6, 0.05, ess_fraction=0.995)], "the run's k-hat")
+    assert out == {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+
+
+def test_a_run_prints_no_nll_error_bar_beside_a_khat_that_does_not_allow_one():
+    """The probe's run (vae latent_dim=3, n=5, 300 steps, seed 1): the NLL's block-mean k-hat, 0.45 ± 0.02, allowed
+    a ±; the run's own k-hat of 65536 draws, 0.49 ± 0.05, printed beside it, does not."""
+    from infer.fit import fit
+
+    pyro.set_rng_seed(1)
+    data = OneBit(5)
+    model = VAE(5, latent_dim=3)
+    guide = GaussianGuide(model)
+    fit(model, guide, data, steps=300, seed=1)
+    m, _ = evaluate(model, guide, data, seed=1)
+    p = m["psis"]
+    fails = [k + 2 * s >= 0.5 and e < 0.99 for k, s, e in zip(p["khat"], p["sd"], p["ess_fraction"])]
+    assert any(fails), "the case no longer has a k-hat that forbids the ± (pick another)"
+    assert m["iwae"]["nll_se"] is None and "the run's k-hat" in m["iwae"]["nll_note"]
+    assert any("NLL" in line and "no error bar: heavy tail" in line for line in summary_lines(m))
