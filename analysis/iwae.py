@@ -20,8 +20,9 @@ IWAE_SAMPLES = 65536  # draws per data point: iwae's default, and evaluate's (ra
 
 
 @flush_denormals()
-def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tensor:
-    """log p(x_k, z) - log q(z|x_k) for `samples` guide draws per data point: a float64 tensor (samples, N).
+def log_weights(model, guide, x, samples: int, chunk: int = 8192, beta: float = 1.0) -> torch.Tensor:
+    """log p(x_k, z) - log q(z|x_k) for `samples` guide draws per data point: a float64 tensor (samples, N); with
+    beta != 1 the KL-weighted log p(x_k|z) + beta (log p(z) - log q(z|x_k)) (psis.log_weights_from_traces).
     Draws are traced at most min(chunk, particles_per_chunk(n)) at a time: bounded memory for any n."""
     from .montecarlo import particles_per_chunk
 
@@ -31,7 +32,7 @@ def log_weights(model, guide, x, samples: int, chunk: int = 8192) -> torch.Tenso
         size = min(chunk, samples - start)
         with poutine.block():
             guide_trace, model_trace = sample_traces(model, guide, x, size)
-        out.append(torch.from_numpy(log_weights_from_traces(guide_trace, model_trace, size, x.shape[-2]).T))
+        out.append(torch.from_numpy(log_weights_from_traces(guide_trace, model_trace, size, x.shape[-2], beta).T))
     return torch.cat(out)
 
 
@@ -57,10 +58,11 @@ def block_diagnose(lw: torch.Tensor, block: int = KHAT_BLOCK) -> list:
     return out
 
 
-def bound(model, guide, data, K: int, samples: int, chunk: int = 8192, per: int = 1) -> dict:
+def bound(model, guide, data, K: int, samples: int, chunk: int = 8192, per: int = 1, beta: float = 1.0) -> dict:
     """The IWAE-K loss -sum_k w_k E[log mean_K w] over max(samples // K, 2) independent repeats: {'loss', 'se',
     'log_px' (per point), 'repeats'}; per: 2 for a joint guide's weights, which count both points' log p(x_k).
-    Draws from torch's RNG.
+    beta != 1: the bound of the KL-weighted weights log p(x|z) + beta (log p(z) - log q(z|x)) that objective=iwae
+    trains with train.beta (objectives.IWAE); 'log_px' is then no log-evidence. Draws from torch's RNG.
 
     'se' is the standard error of the mean of the repeats as montecarlo.replicate_se widens it (Student-t for R - 1
     degrees of freedom, Hall's skew correction), so that loss ± 1.96 se is a 95% interval. log mean_K w has finite
@@ -73,7 +75,7 @@ def bound(model, guide, data, K: int, samples: int, chunk: int = 8192, per: int 
     est = []
     for start in range(0, repeats, max(1, chunk // K)):
         r = min(max(1, chunk // K), repeats - start)
-        lw = log_weights(model, guide, data.x, r * K, chunk=chunk).reshape(r, K, -1)
+        lw = log_weights(model, guide, data.x, r * K, chunk=chunk, beta=beta).reshape(r, K, -1)
         est.append(_logmeanexp(lw, 1) / per)  # (r, N)
     est = torch.cat(est)  # (repeats, N)
     loss = -(est * w).sum(1)

@@ -16,7 +16,7 @@ from models import VAE
 
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
-from .run_outputs import describe, write_run  # noqa: F401  re-exported: the README's API and the tests
+from .run_outputs import describe, final_kl_weight, write_run  # noqa: F401  re-exported: the README's API, tests
 from .summary_text import summary_lines  # noqa: F401  re-exported: run.py and the tests import it from here
 
 log = logging.getLogger("onebit")
@@ -43,7 +43,7 @@ def on_cpu(*modules) -> bool:
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
              iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
-             trained_K: int = None, result=None) -> tuple:
+             trained_K: int = None, result=None, trained_beta: float = None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
     The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
@@ -69,7 +69,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
 
     trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
     minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the skew-corrected standard error of its
-    repeats).
+    repeats), at the KL weight the run's last step trained with: trained_beta (a finite number >= 0), or, where it
+    is None, the one `result`'s recipe records (run_outputs.final_kl_weight), else 1.
     result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
     names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
     does.
@@ -96,6 +97,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         raise refuse("result", result, "result must be what fit() returned, or None")
     if trained_K is not None:
         check("iwae_k", trained_K, label="trained_K")
+    if trained_beta is not None:
+        check("beta", trained_beta, label="trained_beta")
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
@@ -103,28 +106,35 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     # number (infer.runtime.serial_blas); the quadratures' fixed-seed draws made once (shared_draws)
     from .shared_draws import shared_draws
 
+    facts = describe(model, guide, data, result) if result is not None else {}
+    if trained_beta is None:
+        trained_beta = final_kl_weight(facts)
     with inputs_checked(model, guide, data), serial_blas(), shared_draws():
         metrics, grids = _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed,
                                    khat_samples)
         if trained_K is not None:  # the IWAE-K bound the run was trained on, at its final parameters
             t0 = time.perf_counter()
             metrics["trained_objective"] = trained_bound(model, guide, data, trained_K, samples, seed,
-                                                         metrics["psis"]["joint"])
+                                                         metrics["psis"]["joint"], float(trained_beta))
             metrics["eval_seconds"] += time.perf_counter() - t0
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
-        metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
+        metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids
 
 
-def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool) -> dict:
+def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool, beta: float = 1.0) -> dict:
     """The IWAE-K loss (analysis.iwae.bound) from `samples` draws per data point (at least 2 repeats of K), seeded
-    with `seed` (forked), named and with its estimator: the objective an objective=iwae run minimised."""
+    with `seed` (forked), named and with its estimator: the objective an objective=iwae run minimised at KL weight
+    beta (its weights log p(x|z) + beta (log p(z) - log q(z|x)), objectives.IWAE); 'beta' records it."""
     from .iwae import bound
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1)
-    out.update(name=f"IWAE-{K}", estimator=f"importance sampling: {out['repeats']} repeats of log mean_K w, K = {K}, "
+        out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1, beta=beta)
+    weighted = "" if beta == 1 else f", KL weight {beta:g}"
+    w = "w" if beta == 1 else f"w, log w = log p(x|z) + {beta:g} (log p(z) - log q(z|x))"
+    out.update(name=f"IWAE-{K}{weighted}", beta=beta,
+               estimator=f"importance sampling: {out['repeats']} repeats of log mean_K {w}, K = {K}, "
                                            "per data point; ± the Student-t, skew-corrected standard error of the "
                                            "repeats (finite variance for any weights' tail)")
     return out
@@ -269,10 +279,15 @@ def headline(mc: dict, exact: dict = None) -> dict:
 
 
 def evaluate_run(model, guide, data, cfg, result) -> tuple:
-    """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time)."""
+    """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time);
+    for objective=iwae, its trained bound at the KL weight of the run's last step (run_outputs.final_kl_weight)."""
+    from .run_outputs import trained_on
+
+    facts = trained_on(cfg.objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps)
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
     metrics, grids = evaluate(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
                               noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k, seed=cfg.seed,
-                              trained_K=cfg.objective.K if cfg.objective.name == "iwae" else None)
+                              trained_K=cfg.objective.K if cfg.objective.name == "iwae" else None,
+                              trained_beta=final_kl_weight(facts))
     return {**head, **metrics}, grids

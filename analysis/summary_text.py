@@ -139,8 +139,7 @@ def summary_lines(m: dict) -> list:
                      f"{_ex(e['gap'], e.get('error'))} [exact] the guide family's price")
     t = m.get("trained_objective")
     if isinstance(t, dict) and "loss" in t:  # what an objective=iwae run minimised, at its final parameters
-        lines.append(f"  {t.get('name', 'trained objective')} loss (the objective it trained on) "
-                     f"{_pm(t['loss'], t.get('se'))} [importance sampling]")
+        lines.append(_trained_objective_line(m, t))
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
         lines.append(f"  ({rate_terms_note(kl)})")
@@ -167,6 +166,23 @@ def summary_lines(m: dict) -> list:
     if mc is not None:
         lines.append(f"  [{mc['kind']}] = {mc['estimator']}")
     return lines
+
+
+def _trained_objective_line(m: dict, t: dict) -> str:
+    """The trained bound (metrics['trained_objective']) of an objective=iwae run. Where m records what the run
+    minimised (an 'objective', with trained_on's facts), the bound is the objective it trained on only at the KL
+    weight of the run's last step (run_outputs.final_kl_weight); a bound at another weight (an older metrics.json's,
+    evaluated at 1 where the run trained at beta) is said to be what it is. Without that record, the bound is the
+    one evaluate() was asked for (trained_K, trained_beta)."""
+    from .run_outputs import final_kl_weight
+
+    value = f"{_pm(t['loss'], t.get('se'))} [importance sampling]"
+    at = float(t.get("beta", 1.0))
+    trained = final_kl_weight(m) if "objective" in m else at
+    if at == trained:
+        return f"  {t.get('name', 'trained objective')} loss (the objective it trained on) {value}"
+    return (f"  {t.get('name', 'trained objective')} loss {value}, at KL weight {at:g}: not the objective it "
+            f"trained on, whose KL weight was {trained:g}")
 
 
 def _gap_line(m: dict, e: dict = None) -> str:

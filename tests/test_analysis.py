@@ -360,7 +360,7 @@ def test_an_iwae_bounds_error_bar_is_the_skew_corrected_standard_error_of_its_re
     data = OneBit(4)
     lw = torch.zeros(65, 2, dtype=torch.float64)
     lw[:3] = 6.0  # three repeats hit a large weight: a skewed sample of 65 repeats (K = 1)
-    monkeypatch.setattr(iwae_module, "log_weights", lambda model, guide, x, samples, chunk: lw[:samples])
+    monkeypatch.setattr(iwae_module, "log_weights", lambda model, guide, x, samples, chunk, beta: lw[:samples])
     out = iwae_module.bound(None, None, data, K=1, samples=65)
     loss = -(lw * data.w.double()).sum(1)
     assert out["se"] == pytest.approx(replicate_se(loss), rel=1e-12)

@@ -622,3 +622,59 @@ def test_a_run_prints_no_nll_error_bar_beside_a_khat_that_does_not_allow_one():
     assert any(fails), "the case no longer has a k-hat that forbids the ± (pick another)"
     assert m["iwae"]["nll_se"] is None and "the run's k-hat" in m["iwae"]["nll_note"]
     assert any("NLL" in line and "no error bar: heavy tail" in line for line in summary_lines(m))
+
+
+# --- the bound an objective=iwae run trained on, at its KL weight ----------------------------------------------
+
+def test_an_iwae_run_trained_at_a_kl_weight_reports_the_bound_of_its_kl_weighted_weights(vae5):
+    """The bound evaluated is the one objectives.IWAE trains under LatentScale(beta): its loss, averaged over many
+    calls, agrees with the trained bound within their errors, and differs from the bound at KL weight 1."""
+    from infer.objectives import IWAE
+    from infer.weights import LatentScale, weighted
+
+    model, guide, data = vae5
+    metrics, _ = evaluate(model, guide, data, samples=16384, replicates=4, trained_K=8, trained_beta=0.25)
+    t = metrics["trained_objective"]
+    assert t["name"] == "IWAE-8, KL weight 0.25" and t["beta"] == 0.25
+    torch.manual_seed(0)
+    objective = IWAE(num_particles=8)
+    m, g = weighted(LatentScale(0.25)(model), data), weighted(LatentScale(0.25)(guide), data)
+    losses = torch.tensor([objective.loss(m, g, data.x) for _ in range(1600)], dtype=torch.float64)
+    trained, se = float(losses.mean()), float(losses.std()) / 40
+    assert abs(t["loss"] - trained) < 4 * math.hypot(se, t["se"])
+    at_one, _ = evaluate(model, guide, data, samples=16384, replicates=4, trained_K=8)
+    assert abs(at_one["trained_objective"]["loss"] - trained) > 8 * math.hypot(se, t["se"])
+
+
+def test_the_command_line_evaluates_an_iwae_runs_bound_at_the_kl_weight_of_its_last_step(vae5, monkeypatch):
+    import analysis.report as report
+    from omegaconf import OmegaConf
+
+    asked = {}
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: asked.update(k) or ({}, None))
+    cfg = OmegaConf.create({"model": {"name": "vae"}, "guide": {"name": "gaussian"}, "seed": 0,
+                            "objective": {"name": "iwae", "K": 16},
+                            "train": {"beta": 0.5, "warmup": 0, "warmup_start": 0.0, "steps": 300},
+                            "eval": {"samples": 1024, "replicates": 4, "noise": "lattice", "tol": 1e-4,
+                                     "iwae_k": 1000}})
+    result = type("R", (), {"steps": 300, "wall_seconds": 1.0})()
+    report.evaluate_run(*vae5, cfg, result)
+    assert asked["trained_K"] == 16 and asked["trained_beta"] == 0.5
+    cfg.train.warmup = 600  # a warm-up longer than the run: the KL weight of its last step
+    report.evaluate_run(*vae5, cfg, result)
+    assert asked["trained_beta"] == pytest.approx(0.5 * 299 / 600)
+
+
+def test_a_trained_bound_at_another_kl_weight_than_the_runs_is_not_called_the_objective_it_trained_on(vae5_metrics):
+    t = {"name": "IWAE-16", "loss": 0.9796, "se": 0.0033}  # an older metrics.json: evaluated at KL weight 1
+    lines = summary_lines({**vae5_metrics, "objective": "iwae", "iwae_K": 16, "beta": 0.5, "trained_objective": t})
+    line = next(s for s in lines if s.strip().startswith("IWAE-16 loss"))
+    assert "the objective it trained on)" not in line
+    assert line.endswith("at KL weight 1: not the objective it trained on, whose KL weight was 0.5")
+
+
+def test_a_trained_bound_at_the_runs_kl_weight_is_called_the_objective_it_trained_on(vae5_metrics):
+    t = {"name": "IWAE-16, KL weight 0.5", "loss": 0.9796, "se": 0.0033, "beta": 0.5}
+    lines = summary_lines({**vae5_metrics, "objective": "iwae", "iwae_K": 16, "beta": 0.5, "trained_objective": t})
+    assert any(s.strip().startswith("IWAE-16, KL weight 0.5 loss (the objective it trained on) 0.9796")
+               for s in lines)
