@@ -196,7 +196,7 @@ def _gap_line(m: dict, e: dict = None) -> str:
         return head + f"no gap shown: the loss [{est}] it would come from has no error bar"
     if est == "exact":
         err = e.get("error") if e is not None else None
-        size = _ex(abs(gap), err)
+        size = f"{_ex(abs(gap), err)} [exact]"
     else:
         size = f"{_pm(abs(gap), m['loss_se'])} [{est}]"
     return head + (f"this run is {size} above it" if gap >= 0

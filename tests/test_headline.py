@@ -220,7 +220,7 @@ def test_the_first_number_of_a_summary_is_the_headline_loss_and_names_it(vae5_me
 def test_a_run_below_the_gaussian_optimum_is_said_to_be_below_it(vae5_metrics):
     m = {**vae5_metrics, "gaussian_optimum": 1.2, "gap_to_gaussian_optimum": -0.2}
     line = next(s for s in summary_lines(m) if "optimum" in s)
-    assert "0.2000 below it" in line and "-0.2" not in line
+    assert "this run is 0.2000 [exact] below it" in line and "-0.2" not in line
 
 
 @pytest.fixture(scope="module")
