@@ -41,9 +41,10 @@ KHAT_BLOCK = 16384  # draws per block for the NLL's k-hat (the size the run's ow
 
 def block_diagnose(lw: torch.Tensor, block: int = KHAT_BLOCK) -> list:
     """psis.diagnose per column of lw (S, N), averaged over the S // block disjoint blocks of `block` draws (one block
-    when S < 2 block): k-hat at a fixed sample size with its seed-to-seed spread divided by sqrt(blocks). At a fixed
-    size, because k-hat of a log-normal-like tail (a Gaussian q narrower than the posterior) reads lower the more
-    draws it sees, while the estimate's trouble (posterior mass the draws rarely reach) does not go away."""
+    when S < 2 block): k-hat at a fixed sample size with its asymptotic sd (psis.khat_sd, a formula) divided by
+    sqrt(blocks). At a fixed size, because k-hat of a log-normal-like tail (a Gaussian q narrower than the
+    posterior) reads lower the more draws it sees, while the estimate's trouble (posterior mass the draws rarely
+    reach) does not go away."""
     S = lw.shape[0]
     blocks = max(1, S // block) if S >= 2 * block else 1
     size = S // blocks
@@ -190,7 +191,8 @@ def withhold_nll_se(out: dict, records: list, which: str) -> None:
         return
     worst = max(failing, key=lambda d: d["khat"])
     out["nll_se"], out["log_px_se"] = None, None
-    out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} of the importance weights "
+    out["nll_note"] = (f"heavy tail: PSIS k-hat {worst['khat']:.2f} ± {worst['sd']:.2f} (asymptotic sd) of the "
+                       "importance weights "
                        f"({which}; not below {KHAT_CLT} by 2 sd), their variance may be infinite: no standard error"
                        + ("; above min(1 - 1/log10 S, 0.7), so the estimate itself is unreliable (biased high)"
                           if worst["khat"] > worst["threshold"] else ""))

@@ -220,7 +220,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
         out["loss_note"] = "a per-sample loss is not finite: no standard error"
     elif not finite:
         sd = khat_sd(khat, loss.numel())
-        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {sd:.2f} of the per-sample "
+        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {sd:.2f} (asymptotic sd) of the per-sample "
                             f"losses (not below {KHAT_CLT} by 2 sd), the variance may be infinite: no standard error")
     return out
 

@@ -123,8 +123,13 @@ def tail_length(samples: int) -> int:
     return int(math.ceil(min(samples / 5.0, 3.0 * math.sqrt(samples))))
 
 
+KHAT_SD_WORDS = "± is k-hat's asymptotic sd (1 + k) / sqrt(M), M its tail's draws: a formula, not a measured spread"
+
+
 def khat_sd(k: float, samples: int) -> float:
-    """Approximate sampling standard deviation of k-hat: (1 + k) / sqrt(M) (M = tail_length(S))."""
+    """The asymptotic approximation of k-hat's sampling standard deviation, (1 + k) / sqrt(M) (M = tail_length(S),
+    k floored at -0.5): the large-M sd of a generalised Pareto shape estimate. A formula, not a spread measured
+    between seeds; it holds as M grows (KHAT_SD_WORDS says so where it is printed)."""
     return float((1.0 + max(k, -0.5)) / math.sqrt(tail_length(samples))) if np.isfinite(k) else float("nan")
 
 

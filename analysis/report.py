@@ -229,7 +229,7 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
 
 def khat_draws(samples: int, n: int) -> int:
     """Draws per point for k-hat: `samples`, raised up to 4 x samples while draws x 2 x n stays within one chunk
-    of montecarlo.MAX_ELEMENTS (cheap: small n). k-hat's seed-to-seed sd, about (1 + k) / sqrt(3 sqrt(S)), falls
+    of montecarlo.MAX_ELEMENTS (cheap: small n). k-hat's asymptotic sd, (1 + k) / sqrt(3 sqrt(S)) (psis.khat_sd), falls
     by sqrt(2) for 4 x the draws (0.08 -> 0.06 at k = 0.6)."""
     from .montecarlo import MAX_ELEMENTS
 

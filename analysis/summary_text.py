@@ -249,9 +249,9 @@ def _disagreement(diff, se, error) -> str:
 
 
 def _khat_lines(m: dict) -> list:
-    """The PSIS k-hat line: value ± its sampling sd, ESS/S, and the threshold for S draws; near-constant weights
-    said in words."""
-    from .psis import CONSTANT_ESS, GOOD, interpret
+    """The PSIS k-hat line: value ± its asymptotic sd (psis.khat_sd, said as such), ESS/S, and the threshold for S
+    draws; near-constant weights said in words."""
+    from .psis import CONSTANT_ESS, GOOD, KHAT_SD_WORDS, interpret
 
     if "khat" not in m:
         return []
@@ -273,6 +273,6 @@ def _khat_lines(m: dict) -> list:
             parts.append(f"{label}: {p['khat'][k]:.2f} ± {p['sd'][k]:.2f} (ESS/S {p['ess_fraction'][k]:.3f}; "
                          f"{interpret(p['khat'][k], p['ess_fraction'][k], p['samples']).split(':')[0]})")
     lines = [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: " + "; ".join(parts)]
-    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}"
-                 + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
+    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}; "
+                 f"{KHAT_SD_WORDS}" + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
     return lines

@@ -595,7 +595,8 @@ def test_an_nll_error_bar_that_a_further_khat_of_its_weights_does_not_allow_is_w
     out = {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
     withhold_nll_se(out, [khat_record(0.3, 0.05), khat_record(0.49, 0.05)], "the run's k-hat, 65536 draws")
     assert out["nll_se"] is None and out["log_px_se"] is None
-    assert "PSIS k-hat 0.49 ± 0.05 of the importance weights (the run's k-hat, 65536 draws;" in out["nll_note"]
+    assert "PSIS k-hat 0.49 ± 0.05 (asymptotic sd) of the importance weights (the run's k-hat, 65536 draws;" in \
+        out["nll_note"]
 
 
 def test_an_nll_error_bar_that_every_khat_allows_is_kept():
@@ -678,3 +679,14 @@ def test_a_trained_bound_at_the_runs_kl_weight_is_called_the_objective_it_traine
     lines = summary_lines({**vae5_metrics, "objective": "iwae", "iwae_K": 16, "beta": 0.5, "trained_objective": t})
     assert any(s.strip().startswith("IWAE-16, KL weight 0.5 loss (the objective it trained on) 0.9796")
                for s in lines)
+
+
+def test_the_khat_lines_plus_minus_is_said_to_be_the_asymptotic_sd_it_is(vae5_metrics):
+    from analysis.psis import khat_sd
+
+    lines = summary_lines(vae5_metrics)
+    i = next(k for k, s in enumerate(lines) if s.strip().startswith("PSIS k-hat"))
+    assert "± is k-hat's asymptotic sd (1 + k) / sqrt(M), M its tail's draws: a formula, not a measured spread" \
+        in lines[i + 1]
+    p = vae5_metrics["psis"]
+    assert p["sd"][0] == khat_sd(p["khat"][0], p["samples"])
