@@ -12,14 +12,16 @@ def _pm(value: float, se) -> str:
 
 
 def _ex(value: float, error=None) -> str:
-    """An exact value with the digits its integration error supports: 4 decimals; 3 significant digits where it is
-    smaller than 1e-3 and larger than its error (a gap or KL the quadrature resolves, which 4 decimals would print
-    as 0.0000 or with one digit); 0.0000 where it is within its error of 0 (no sign the quadrature cannot tell)."""
+    """A value with the digits its error supports: 4 decimals; 3 significant digits where it is smaller than 1e-3
+    and larger than its error (a gap or KL the quadrature resolves, which 4 decimals would print as 0.0000 or with
+    one digit); 0.0000 where it is within its error of 0 (no sign the estimate cannot tell), and never -0.0000.
+    An exact block's numbers pass its integration error; a Monte Carlo term (no error of its own) none, so the same
+    term reads alike under both tags."""
     if error is not None and abs(value) <= error:
         return "0.0000"
     if 0 < abs(value) < 1e-3:
         return f"{value:.2e}"
-    return f"{value:.4f}"
+    return f"{value:.4f}".replace("-0.0000", "0.0000")
 
 
 def _header(m: dict) -> list:
@@ -75,12 +77,7 @@ def rate_terms_note(sites) -> str:
             "only their sum, the rate, is the KL of q to the model's prior")
 
 
-def _four(value: float) -> str:
-    """4 decimals, and no -0.0000."""
-    return f"{value:.4f}".replace("-0.0000", "0.0000")
-
-
-def _kl_text(kl: dict, tag: str, f=_four) -> str:
+def _kl_text(kl: dict, tag: str, f=_ex) -> str:
     """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)],
     each value written by f (an exact block's: with the digits its integration error supports, _ex)."""
 
@@ -114,7 +111,7 @@ def summary_lines(m: dict) -> list:
                   + _kl_text(e["kl"], "[exact]", lambda v: _ex(v, err))]
         if "total_correlation_per_point" in e:
             lines.append(f"  joint guide: KL = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
-                         f"{e['total_correlation_per_point']:.4f} [exact]")
+                         f"{_ex(e['total_correlation_per_point'], max(err or 0.0, TC_RESOLUTION))} [exact]")
     if mc is None and "estimator" in m and e is None:  # an old metrics.json: the Monte Carlo numbers at top level
         mc = {**m, "kind": "MC" if m["estimator"].startswith("Monte") else "RQMC"}
     if mc is not None:
@@ -232,6 +229,7 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     return lines
 
 
+TC_RESOLUTION = 1e-12  # a total correlation below this is float64 rounding of a sum of terms of order 1, not a value
 DISAGREE_SE = 5  # a Monte Carlo estimate this many standard errors from an exact value is no sampling error
 
 

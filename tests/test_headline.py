@@ -551,6 +551,24 @@ def test_the_monte_carlo_line_names_the_sites_in_the_exact_lines_order():
     assert "rate[z2] 2.4373 + rate[z1] -1.7244 [RQMC lattice]" in lines[4]
 
 
+def test_a_small_term_reads_alike_on_the_exact_and_the_monte_carlo_line():
+    exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+                   "kl": {"z2": 7.36e-4, "z1": 0.7127}, "error": 5e-8, "estimator": "exact quadrature"}
+    mc = {"kind": "RQMC lattice", "loss": 0.7147, "loss_se": 0.0034, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+          "kl": {"z2": 7.41e-4, "z1": 0.7121}, "estimator": "randomised quasi-Monte Carlo, lattice rule"}
+    lines = summary_lines({"exact": exact_block, "montecarlo": mc, "loss_estimator": "exact"})
+    assert "rate[z2] 7.36e-04 + rate[z1] 0.7127 [exact]" in lines[2]
+    assert "rate[z2] 7.41e-04 + rate[z1] 0.7121 [RQMC lattice]" in lines[4]
+
+
+def test_a_total_correlation_of_rounding_size_prints_as_zero_without_a_sign():
+    exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+                   "kl": {"_AutoIAFNormal_latent": 0.7}, "error": 5e-8, "estimator": "exact quadrature",
+                   "total_correlation_per_point": -3e-16}
+    line = next(s for s in summary_lines({"exact": exact_block, "loss_estimator": "exact"}) if "total correlation" in s)
+    assert line.endswith("the total correlation of q(z_0, z_1) / 2 0.0000 [exact]")
+
+
 def test_unequal_data_weights_are_recorded_and_named_in_the_summary_with_their_floor():
     from infer import fit
 
