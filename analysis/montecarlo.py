@@ -73,6 +73,29 @@ def replicate_se(means: torch.Tensor, level: float = 0.95, symmetric: bool = Fal
     return float(x.std()) / math.sqrt(r) * half / float(norm.ppf(0.5 + level / 2))
 
 
+KINDS = {"lattice": "RQMC lattice", "qmc": "RQMC", "mc": "MC"}  # the estimator's tag, by the noise its draws had
+DESCRIPTIONS = {"lattice": "randomised quasi-Monte Carlo, lattice rule (a randomly shifted grid on [-8, 8] in the "
+                           "first noise coordinate, weights phi; scrambled Sobol in the others)",
+                "qmc": "randomised quasi-Monte Carlo (scrambled Sobol)", "mc": "Monte Carlo"}
+
+
+def drawn_noise(noise: str, preset: bool) -> str:
+    """The noise the draws had: the `noise` asked where a guide site took the replicate's points (preset: see
+    particle_values' info), else "mc". The lattice and Sobol points drive only Gaussian sites and flows over a
+    Gaussian base (PresetNoise); a guide with none of them (a mixture, Laplace or StudentT q) is sampled by Pyro,
+    i.i.d., so its estimate is plain Monte Carlo and is labelled, and given its standard error, as such."""
+    return noise if preset else "mc"
+
+
+def estimator_text(noise: str, drawn: str) -> str:
+    """What the estimator is, for the noise asked and the noise drawn (drawn_noise): DESCRIPTIONS[drawn], and why
+    where the two differ."""
+    if drawn == noise:
+        return DESCRIPTIONS[drawn]
+    return (f"{DESCRIPTIONS[drawn]} (i.i.d. draws: noise={noise} was asked, but no guide site is Gaussian or a flow "
+            "over a Gaussian base, the only sites its points can drive)")
+
+
 def particle_values(model, guide, data, particles: int, noise: str = "qmc", closed_form: bool = True,
                     max_elements: int = MAX_ELEMENTS, elbos: dict = None, info: dict = None) -> dict:
     """{'recon': (particles,), 'kl_<site>': (particles,), ...} in float64: each loss term per particle of one
@@ -80,7 +103,9 @@ def particle_values(model, guide, data, particles: int, noise: str = "qmc", clos
     Weighted particles (the lattice, where a guide site takes its first coordinate) come multiplied by
     particles x weight, so the plain mean over the replicate is its weighted mean. `elbos` caches the
     ClosedFormELBO per chunk size (and its model-dependency analysis) across calls. `info`, if given, gets
-    'lattice_only': True when the noise is the lattice and its one coordinate is all the randomness there is."""
+    'lattice_only': True when the noise is the lattice and its one coordinate is all the randomness there is, and
+    'preset': True when a guide site took the replicate's noise (PresetNoise.used: a Gaussian site or a flow over
+    one); without such a site Pyro drew every site i.i.d., whatever `noise` asked."""
     model_w, guide_w = weighted(Float64Likelihood()(model), data), weighted(guide, data)
     eps, log_w = replicate_noise(particles, noise)
     chunk = particles_per_chunk(data.n, data.x.shape[-2], max_elements)
@@ -98,6 +123,7 @@ def particle_values(model, guide, data, particles: int, noise: str = "qmc", clos
                 factor = particles * log_w[start:start + size].exp()
             if info is not None:
                 info["lattice_only"] = bool(log_w is not None and preset.used == 1 and preset.others == 0)
+                info["preset"] = bool(preset is not None and preset.used > 0)
             parts.append({k: v.double().expand(size) * factor for k, v in terms.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -111,7 +137,10 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     (randomised quasi-Monte Carlo) each batch is one randomised point set (see replicate_noise) and the standard
     error is that of the batch means, widened for their R - 1 degrees of freedom and their skewness so that
     loss ± 1.96 loss_se is a 95% interval (replicate_se); with noise="mc" the draws are i.i.d. and the standard
-    error is that of the draws. The lattice puts particles in the far tails of the noise with their small weight; at
+    error is that of the draws. The points drive only Gaussian guide sites and flows over a Gaussian base: where a
+    guide has none (a mixture, Laplace or StudentT q) every draw is Pyro's, i.i.d., and the estimate is Monte Carlo
+    whatever `noise` asked: 'kind' is then "MC", the estimator says why, and the standard error is that of the draws
+    (drawn_noise). The lattice puts particles in the far tails of the noise with their small weight; at
     large n, where a rare z near the decision boundary costs hundreds of nats, it is the estimator whose error bar
     holds (measured at n = 1000 against quadrature: vae, dlgm and flow guides within 1e-5), while scrambled Sobol
     and i.i.d. draws rarely reach that mass and understate both the loss and its error. Terms with a valid closed form
@@ -148,6 +177,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
                for _ in range(replicates)]
     terms = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}  # (replicates, size)
     loss = sum(terms.values())
+    drawn = drawn_noise(noise, info.get("preset", False))
     if info.get("lattice_only"):  # a 1-D randomised quadrature: bounded weights on a bounded grid
         khat = None
         finite = bool(torch.isfinite(loss).all())
@@ -158,7 +188,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
     def se(t):
         if not finite:
             return None
-        if noise == "mc":
+        if drawn == "mc":
             stat = float(t.std() / math.sqrt(t.numel()))
         else:  # the replicate means are the samples: Student-t and skew-corrected (replicate_se)
             stat = replicate_se(t.mean(1), symmetric=khat is None)  # khat None: the one-coordinate lattice
@@ -167,10 +197,6 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
 
     kl = {k[3:]: float(v.mean()) for k, v in terms.items() if k.startswith("kl_")}
     recon = float(terms["recon"].mean())
-    kind = {"lattice": "RQMC lattice", "qmc": "RQMC", "mc": "MC"}[noise]
-    what = {"lattice": "randomised quasi-Monte Carlo, lattice rule (a randomly shifted grid on [-8, 8] in the first "
-                       "noise coordinate, weights phi; scrambled Sobol in the others)",
-            "qmc": "randomised quasi-Monte Carlo (scrambled Sobol)", "mc": "Monte Carlo"}[noise]
     out = {
         "loss": float(loss.mean()),
         "loss_se": se(loss),
@@ -180,11 +206,11 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
         "kl": kl,
         "kl_total": sum(kl.values()),
         "samples": replicates * size,
-        "kind": kind,
+        "kind": KINDS[drawn],
         "tail_khat": khat,
         "tail_khat_sd": None if khat is None else khat_sd(khat, loss.numel()),
         "tail_khat_limit": KHAT_CLT,
-        "estimator": f"{what}, {replicates} x {size} samples per data point"
+        "estimator": f"{estimator_text(noise, drawn)}, {replicates} x {size} samples per data point"
                      + (", closed-form entropy/KL where valid" if closed_form else ""),
     }
     if khat is None:
@@ -194,7 +220,7 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
         out["loss_note"] = "a per-sample loss is not finite: no standard error"
     elif not finite:
         sd = khat_sd(khat, loss.numel())
-        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {sd:.2f} of the per-sample "
+        out["loss_note"] = (f"heavy tail: Pareto k-hat {khat:.2f} ± {sd:.2f} (asymptotic sd) of the per-sample "
                             f"losses (not below {KHAT_CLT} by 2 sd), the variance may be infinite: no standard error")
     return out
 

@@ -67,8 +67,10 @@ def log_weights(model, guide, data, samples: int = 10000, chunk: int = 5000) -> 
     return draws(model, guide, data.x, samples, chunk).T.numpy()
 
 
-def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int) -> np.ndarray:
+def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int, beta: float = 1.0) -> np.ndarray:
     """log p(x, z) - log q(z|x) per data point from a pair of vectorised traces: an array (points, samples).
+    beta != 1: the KL-weighted log w = log p(x|z) + beta (log p(z) - log q(z|x)), every latent site's log-density
+    (model and guide) times beta, as a run trained with objective=iwae and train.beta weighs it (objectives.IWAE).
 
     For a joint guide (is_joint) every row holds the joint weight log p(x_0, z_0) p(x_1, z_1) - log q(z_0, z_1):
     an importance weight for log p(x_0, x_1), and, self-normalised, for each point's posterior p(z_k|x_k)."""
@@ -77,7 +79,7 @@ def log_weights_from_traces(guide_trace, model_trace, samples: int, points: int)
     with torch.no_grad(), pyro.validation_enabled(False):
         for sign, trace, observed in ((1, model_trace, None), (-1, guide_trace, False)):
             for _, site in _sample_sites(trace, observed):
-                lp = log_prob64(site)
+                lp = log_prob64(site) * (1.0 if site["is_observed"] else beta)
                 if DATA_PLATE in plates(site):
                     per_point = per_point + sign * _batched(lp, samples, points)
                 else:
@@ -121,8 +123,13 @@ def tail_length(samples: int) -> int:
     return int(math.ceil(min(samples / 5.0, 3.0 * math.sqrt(samples))))
 
 
+KHAT_SD_WORDS = "± is k-hat's asymptotic sd (1 + k) / sqrt(M), M its tail's draws: a formula, not a measured spread"
+
+
 def khat_sd(k: float, samples: int) -> float:
-    """Approximate sampling standard deviation of k-hat: (1 + k) / sqrt(M) (M = tail_length(S))."""
+    """The asymptotic approximation of k-hat's sampling standard deviation, (1 + k) / sqrt(M) (M = tail_length(S),
+    k floored at -0.5): the large-M sd of a generalised Pareto shape estimate. A formula, not a spread measured
+    between seeds; it holds as M grows (KHAT_SD_WORDS says so where it is printed)."""
     return float((1.0 + max(k, -0.5)) / math.sqrt(tail_length(samples))) if np.isfinite(k) else float("nan")
 
 

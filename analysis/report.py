@@ -16,7 +16,7 @@ from models import VAE
 
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
-from .run_outputs import describe, write_run  # noqa: F401  re-exported: the README's API and the tests
+from .run_outputs import describe, final_kl_weight, write_run  # noqa: F401  re-exported: the README's API, tests
 from .summary_text import summary_lines  # noqa: F401  re-exported: run.py and the tests import it from here
 
 log = logging.getLogger("onebit")
@@ -43,7 +43,7 @@ def on_cpu(*modules) -> bool:
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
              iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
-             trained_K: int = None, result=None) -> tuple:
+             trained_K: int = None, result=None, trained_beta: float = None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
     The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
@@ -58,7 +58,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     over two latent sites), an
     `iwae` block whose `note` says why (and, in the second case, `exact_nll`: the model's evidence alone); PSIS
     `khat` (one per data point; the same value twice for a joint guide) with `psis` (ESS, threshold, verdict;
-    psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. grids are the exact
+    psis.diagnose); and, for the 1-D VAE with equal weights, the Gaussian-family optimum. The importance-sampled
+    NLL's ± holds by one rule (iwae.finite_variance) for its own block-mean k-hat and for the run's `khat` alike:
+    where either fails it is withheld, and 'nll_note' names the k-hat that did. grids are the exact
     densities for the figures (None without quadrature). exact=False skips quadrature and IWAE. The Monte Carlo,
     IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
     so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default khat_draws:
@@ -66,7 +68,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     device (fit(device='cuda')) is moved to the CPU first, in place.
 
     trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
-    minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the spread of its repeats).
+    minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the skew-corrected standard error of its
+    repeats), at the KL weight the run's last step trained with: trained_beta (a finite number >= 0), or, where it
+    is None, the one `result`'s recipe records (run_outputs.final_kl_weight), else 1.
     result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
     names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
     does.
@@ -93,6 +97,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         raise refuse("result", result, "result must be what fit() returned, or None")
     if trained_K is not None:
         check("iwae_k", trained_K, label="trained_K")
+    if trained_beta is not None:
+        check("beta", trained_beta, label="trained_beta")
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
@@ -100,29 +106,37 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     # number (infer.runtime.serial_blas); the quadratures' fixed-seed draws made once (shared_draws)
     from .shared_draws import shared_draws
 
+    facts = describe(model, guide, data, result) if result is not None else {}
+    if trained_beta is None:
+        trained_beta = final_kl_weight(facts)
     with inputs_checked(model, guide, data), serial_blas(), shared_draws():
         metrics, grids = _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact, seed,
                                    khat_samples)
         if trained_K is not None:  # the IWAE-K bound the run was trained on, at its final parameters
             t0 = time.perf_counter()
             metrics["trained_objective"] = trained_bound(model, guide, data, trained_K, samples, seed,
-                                                         metrics["psis"]["joint"])
+                                                         metrics["psis"]["joint"], float(trained_beta))
             metrics["eval_seconds"] += time.perf_counter() - t0
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
-        metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
+        metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids
 
 
-def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool) -> dict:
+def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool, beta: float = 1.0) -> dict:
     """The IWAE-K loss (analysis.iwae.bound) from `samples` draws per data point (at least 2 repeats of K), seeded
-    with `seed` (forked), named and with its estimator: the objective an objective=iwae run minimised."""
+    with `seed` (forked), named and with its estimator: the objective an objective=iwae run minimised at KL weight
+    beta (its weights log p(x|z) + beta (log p(z) - log q(z|x)), objectives.IWAE); 'beta' records it."""
     from .iwae import bound
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1)
-    out.update(name=f"IWAE-{K}", estimator=f"importance sampling: {out['repeats']} repeats of log mean_K w, K = {K}, "
-                                           "per data point; ± their spread (finite variance for any weights' tail)")
+        out = bound(model, guide, data, K, max(samples, 2 * K), per=data.x.shape[-2] if joint else 1, beta=beta)
+    weighted = "" if beta == 1 else f", KL weight {beta:g}"
+    w = "w" if beta == 1 else f"w, log w = log p(x|z) + {beta:g} (log p(z) - log q(z|x))"
+    out.update(name=f"IWAE-{K}{weighted}", beta=beta,
+               estimator=f"importance sampling: {out['repeats']} repeats of log mean_K {w}, K = {K}, "
+                                           "per data point; ± the Student-t, skew-corrected standard error of the "
+                                           "repeats (finite variance for any weights' tail)")
     return out
 
 
@@ -184,6 +198,10 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
         traces = sample_traces(model, guide, data.x, 1)
     joint, narrow = is_joint(*traces), narrow_support(*traces)
     metrics["khat"] = [d["khat"] for d in psis]
+    if "iwae" in metrics:  # the NLL's ± must hold by the run's own k-hat too (one rule)
+        from .iwae import withhold_nll_se
+
+        withhold_nll_se(metrics["iwae"], psis, f"the run's k-hat, {psis[0]['samples']} draws")
     metrics["psis"] = {key: ([d[key] for d in psis] if key in ("khat", "sd", "ess", "ess_fraction", "verdict")
                              else psis[0][key]) for key in psis[0]}
     metrics["psis"]["joint"] = joint
@@ -211,7 +229,7 @@ def _evaluate(model, guide, data, samples, replicates, noise, tol, iwae_k, exact
 
 def khat_draws(samples: int, n: int) -> int:
     """Draws per point for k-hat: `samples`, raised up to 4 x samples while draws x 2 x n stays within one chunk
-    of montecarlo.MAX_ELEMENTS (cheap: small n). k-hat's seed-to-seed sd, about (1 + k) / sqrt(3 sqrt(S)), falls
+    of montecarlo.MAX_ELEMENTS (cheap: small n). k-hat's asymptotic sd, (1 + k) / sqrt(3 sqrt(S)) (psis.khat_sd), falls
     by sqrt(2) for 4 x the draws (0.08 -> 0.06 at k = 0.6)."""
     from .montecarlo import MAX_ELEMENTS
 
@@ -261,10 +279,15 @@ def headline(mc: dict, exact: dict = None) -> dict:
 
 
 def evaluate_run(model, guide, data, cfg, result) -> tuple:
-    """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time)."""
+    """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time);
+    for objective=iwae, its trained bound at the KL weight of the run's last step (run_outputs.final_kl_weight)."""
+    from .run_outputs import trained_on
+
+    facts = trained_on(cfg.objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps)
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
             "seed": cfg.seed, "steps": result.steps, "wall_seconds": result.wall_seconds}
     metrics, grids = evaluate(model, guide, data, samples=cfg.eval.samples, replicates=cfg.eval.replicates,
                               noise=cfg.eval.noise, tol=cfg.eval.tol, iwae_k=cfg.eval.iwae_k, seed=cfg.seed,
-                              trained_K=cfg.objective.K if cfg.objective.name == "iwae" else None)
+                              trained_K=cfg.objective.K if cfg.objective.name == "iwae" else None,
+                              trained_beta=final_kl_weight(facts))
     return {**head, **metrics}, grids

@@ -65,6 +65,12 @@ def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup
     return facts
 
 
+def final_kl_weight(facts: dict) -> float:
+    """The KL weight of a run's last step from its trained_on facts: kl_weight_final (a warm-up still rising),
+    else beta, else 1."""
+    return float(facts.get("kl_weight_final", facts.get("beta", 1.0)))
+
+
 def describe(model, guide, data, result) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in

@@ -13,7 +13,7 @@ from .summary_text import _site, rate_terms_note
 EXTRA_COLUMNS = {"exact.nll": "NLL [exact]", "exact.gap": "ELBO gap [exact]",
                  "gap_to_gaussian_optimum": "above the Gaussian optimum [{est}]", "khat.max": "k̂ max [PSIS]",
                  "surgery.mutual_info": "I_q(x;z) [exact]", "surgery.marginal_kl": "KL(q(z)‖p(z)) [exact]"}
-RUN_COLUMNS = {"loss_se": "loss_se [MC]", "recon_per_dim": "recon_per_dim [loss_estimator]",
+RUN_COLUMNS = {"loss_se": "loss_se [loss_estimator]", "recon_per_dim": "recon_per_dim [loss_estimator]",
                "exact.loss": "exact.loss [exact]", "khat.max": "khat.max [PSIS]", "wall_seconds": "training s"}
 COLUMN_NOTES = {"exact.nll": "NLL = -log p(x) of the model", "exact.gap": "ELBO gap = loss - NLL",
                 "gap_to_gaussian_optimum": "above the Gaussian optimum: the loss minus the best loss any Gaussian "
@@ -69,6 +69,13 @@ def _se_cell(r) -> str:
     if "loss_se_mean" not in r or k < n:
         return f"no error bar ({k if 'loss_se_mean' in r else 0} of {n})"
     return _pm(r["loss_se_mean"], None)
+
+
+def _se_tag(runs) -> str:
+    """The estimators whose standard errors the loss SE column holds: the runs' loss_estimator values other than
+    exact (which has none), e.g. 'RQMC lattice' or 'MC / RQMC lattice'; 'Monte Carlo' where the runs name none."""
+    tags = sorted({str(t) for t in runs.get("loss_estimator", []) if isinstance(t, str) and t and t != "exact"})
+    return " / ".join(tags) or "Monte Carlo"
 
 
 def _md_table(header, body) -> str:
@@ -174,8 +181,9 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         rate_col = "exact.rate" if loss_est == "exact" and "exact.rate_mean" in agg else "rate"
         extra = [c for c in EXTRA_COLUMNS if f"{c}_mean" in agg]
         okeys = [c for c in agg if c.startswith("override:")]
+        se_tag = _se_tag(jobs[jobs["status"] == "ok"])
         header = (["model", "guide", "n"] + [_override_header(c) for c in okeys] + ["seeds", f"loss [{loss_est}]"]
-                  + ([] if loss_est == "exact" else ["loss SE [MC] (mean of per-run SEs)"])
+                  + ([] if loss_est == "exact" else [f"loss SE [{se_tag}] (mean of per-run SEs)"])
                   + [f"recon/dim [{rec_est}]"]
                   + ([f"rate (= KL) [{loss_est}]"] if f"{rate_col}_mean" in agg else [])
                   + [f"rate[{_site(s)}] [{loss_est}]" for s in sites]
@@ -196,11 +204,11 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
             body.append(row)
         parts += ["## By configuration", "", _md_table(header, body), ""]
         if loss_est != "exact":
-            parts += ["loss SE [MC]: the mean over a configuration's runs of each run's own Monte Carlo standard "
-                      "error (how precisely one run's loss is estimated), not the sd over seeds (the ± of the loss "
-                      "column); 'no error bar (k of N)': only k of its N runs have a standard error that holds "
-                      "(a run has one only where its tail k̂ is below 0.5 by 2 of its sd: finite variance, so a "
-                      "CLT standard error holds).", ""]
+            parts += [f"loss SE [{se_tag}]: the mean over a configuration's runs of each run's own standard error of "
+                      "its Monte Carlo headline (how precisely one run's loss is estimated), not the sd over seeds "
+                      "(the ± of the loss column); 'no error bar (k of N)': only k of its N runs have a standard "
+                      "error that holds (a run has one only where its tail k̂ is below 0.5 by 2 of its sd: finite "
+                      "variance, so a CLT standard error holds).", ""]
         if sites:
             parts += [rate_terms_note(sites) + ".", ""]
         notes = [COLUMN_NOTES[c] for c in extra if c in COLUMN_NOTES]

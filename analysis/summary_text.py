@@ -12,14 +12,16 @@ def _pm(value: float, se) -> str:
 
 
 def _ex(value: float, error=None) -> str:
-    """An exact value with the digits its integration error supports: 4 decimals; 3 significant digits where it is
-    smaller than 1e-3 and larger than its error (a gap or KL the quadrature resolves, which 4 decimals would print
-    as 0.0000 or with one digit); 0.0000 where it is within its error of 0 (no sign the quadrature cannot tell)."""
+    """A value with the digits its error supports: 4 decimals; 3 significant digits where it is smaller than 1e-3
+    and larger than its error (a gap or KL the quadrature resolves, which 4 decimals would print as 0.0000 or with
+    one digit); 0.0000 where it is within its error of 0 (no sign the estimate cannot tell), and never -0.0000.
+    An exact block's numbers pass its integration error; a Monte Carlo term (no error of its own) none, so the same
+    term reads alike under both tags."""
     if error is not None and abs(value) <= error:
         return "0.0000"
     if 0 < abs(value) < 1e-3:
         return f"{value:.2e}"
-    return f"{value:.4f}"
+    return f"{value:.4f}".replace("-0.0000", "0.0000")
 
 
 def _header(m: dict) -> list:
@@ -75,12 +77,7 @@ def rate_terms_note(sites) -> str:
             "only their sum, the rate, is the KL of q to the model's prior")
 
 
-def _four(value: float) -> str:
-    """4 decimals, and no -0.0000."""
-    return f"{value:.4f}".replace("-0.0000", "0.0000")
-
-
-def _kl_text(kl: dict, tag: str, f=_four) -> str:
+def _kl_text(kl: dict, tag: str, f=_ex) -> str:
     """The rate (the KL) and, with several latent sites, each site's term: rate[s] = E[log q(s|.) - log p(s|.)],
     each value written by f (an exact block's: with the digits its integration error supports, _ex)."""
 
@@ -114,7 +111,7 @@ def summary_lines(m: dict) -> list:
                   + _kl_text(e["kl"], "[exact]", lambda v: _ex(v, err))]
         if "total_correlation_per_point" in e:
             lines.append(f"  joint guide: KL = the marginals' average KL + the total correlation of q(z_0, z_1) / 2 "
-                         f"{e['total_correlation_per_point']:.4f} [exact]")
+                         f"{_ex(e['total_correlation_per_point'], max(err or 0.0, TC_RESOLUTION))} [exact]")
     if mc is None and "estimator" in m and e is None:  # an old metrics.json: the Monte Carlo numbers at top level
         mc = {**m, "kind": "MC" if m["estimator"].startswith("Monte") else "RQMC"}
     if mc is not None:
@@ -139,8 +136,7 @@ def summary_lines(m: dict) -> list:
                      f"{_ex(e['gap'], e.get('error'))} [exact] the guide family's price")
     t = m.get("trained_objective")
     if isinstance(t, dict) and "loss" in t:  # what an objective=iwae run minimised, at its final parameters
-        lines.append(f"  {t.get('name', 'trained objective')} loss (the objective it trained on) "
-                     f"{_pm(t['loss'], t.get('se'))} [importance sampling]")
+        lines.append(_trained_objective_line(m, t))
     kl = (e or mc or {}).get("kl") or {}
     if len(kl) > 1:
         lines.append(f"  ({rate_terms_note(kl)})")
@@ -160,11 +156,7 @@ def summary_lines(m: dict) -> list:
     if "iwae" in m:
         lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
     if "gap_to_gaussian_optimum" in m:
-        gap = m["gap_to_gaussian_optimum"]
-        err = e.get("error") if e is not None and m.get("loss_estimator") == "exact" else None
-        where = (f"{_ex(gap, err)} above it" if gap >= 0
-                 else f"{_ex(-gap, err)} below it (the optimum bounds Gaussian encoders only)")
-        lines.append(f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; this run is {where}")
+        lines.append(_gap_line(m, e))
     lines += _khat_lines(m)
     if e is not None:
         lines.append(f"  [exact] = {e['estimator']}")
@@ -173,11 +165,47 @@ def summary_lines(m: dict) -> list:
     return lines
 
 
+def _trained_objective_line(m: dict, t: dict) -> str:
+    """The trained bound (metrics['trained_objective']) of an objective=iwae run. Where m records what the run
+    minimised (an 'objective', with trained_on's facts), the bound is the objective it trained on only at the KL
+    weight of the run's last step (run_outputs.final_kl_weight); a bound at another weight (an older metrics.json's,
+    evaluated at 1 where the run trained at beta) is said to be what it is. Without that record, the bound is the
+    one evaluate() was asked for (trained_K, trained_beta)."""
+    from .run_outputs import final_kl_weight
+
+    value = f"{_pm(t['loss'], t.get('se'))} [importance sampling]"
+    at = float(t.get("beta", 1.0))
+    trained = final_kl_weight(m) if "objective" in m else at
+    if at == trained:
+        return f"  {t.get('name', 'trained objective')} loss (the objective it trained on) {value}"
+    return (f"  {t.get('name', 'trained objective')} loss {value}, at KL weight {at:g}: not the objective it "
+            f"trained on, whose KL weight was {trained:g}")
+
+
+def _gap_line(m: dict, e: dict = None) -> str:
+    """The Gaussian-family optimum [exact] and how far this run's headline loss is above (or below) it. The gap is
+    the headline minus an exact number, so it is the headline's estimate: [exact] with the quadrature's digits, or
+    the Monte Carlo headline's tag and ± (its standard error: the optimum's is negligible); where that headline
+    has no error bar, no gap is printed (an estimate whose error is unknown, beside an exact number)."""
+    gap, est = m["gap_to_gaussian_optimum"], m.get("loss_estimator")
+    head = f"  Gaussian-family optimum {m['gaussian_optimum']:.4f} [exact]; "
+    if est != "exact" and m.get("loss_se") is None:
+        return head + f"no gap shown: the loss [{est}] it would come from has no error bar"
+    if est == "exact":
+        err = e.get("error") if e is not None else None
+        size = f"{_ex(abs(gap), err)} [exact]"
+    else:
+        size = f"{_pm(abs(gap), m['loss_se'])} [{est}]"
+    return head + (f"this run is {size} above it" if gap >= 0
+                   else f"this run is {size} below it (the optimum bounds Gaussian encoders only)")
+
+
 def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     def pm(v, se, note):
         return _pm(v, se) if se is not None else f"{v:.4f} (no error bar: {note})"
 
-    why = (" (± over its repeats: a log-mean of K weights has finite variance whatever the weights' k-hat)"
+    why = (" (± over its repeats, Student-t and skew-corrected: a log-mean of K weights has finite variance "
+           "whatever the weights' k-hat)"
            if i.get("loss_se") is not None and i.get("nll_se") is None else "")
     lines = [f"  IWAE-{i['K']} loss {pm(i['loss'], i.get('loss_se'), i.get('loss_note'))} [importance sampling]{why}",
              f"  NLL        {pm(i['nll'], i.get('nll_se'), i.get('nll_note'))} [importance sampling]"]
@@ -201,6 +229,7 @@ def _iwae_lines(i: dict, exact_nll: dict = None) -> list:
     return lines
 
 
+TC_RESOLUTION = 1e-12  # a total correlation below this is float64 rounding of a sum of terms of order 1, not a value
 DISAGREE_SE = 5  # a Monte Carlo estimate this many standard errors from an exact value is no sampling error
 
 
@@ -218,9 +247,9 @@ def _disagreement(diff, se, error) -> str:
 
 
 def _khat_lines(m: dict) -> list:
-    """The PSIS k-hat line: value ± its sampling sd, ESS/S, and the threshold for S draws; near-constant weights
-    said in words."""
-    from .psis import CONSTANT_ESS, GOOD, interpret
+    """The PSIS k-hat line: value ± its asymptotic sd (psis.khat_sd, said as such), ESS/S, and the threshold for S
+    draws; near-constant weights said in words."""
+    from .psis import CONSTANT_ESS, GOOD, KHAT_SD_WORDS, interpret
 
     if "khat" not in m:
         return []
@@ -242,6 +271,6 @@ def _khat_lines(m: dict) -> list:
             parts.append(f"{label}: {p['khat'][k]:.2f} ± {p['sd'][k]:.2f} (ESS/S {p['ess_fraction'][k]:.3f}; "
                          f"{interpret(p['khat'][k], p['ess_fraction'][k], p['samples']).split(':')[0]})")
     lines = [f"  PSIS k-hat of p(x,z)/q(z|x), {p['samples']} draws: " + "; ".join(parts)]
-    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}"
-                 + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
+    lines.append(f"             (good < {GOOD}; reliable below min(1 - 1/log10 S, 0.7) = {p['threshold']:.2f}; "
+                 f"{KHAT_SD_WORDS}" + (f"; {m['khat_note']}" if "khat_note" in m else "") + ")")
     return lines

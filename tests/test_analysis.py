@@ -349,3 +349,19 @@ def test_heavy_tailed_importance_weights_get_no_standard_error_but_a_note():
     r = iwae(Collapsed(4), normal_guide(0.3), OneBit(4), K=(1, 16), samples=4096, nll_samples=16384, seed=0)
     assert r["nll_se"] is None and r["log_px_se"] is None
     assert "heavy tail" in r["nll_note"] and "unreliable" in r["nll_note"]
+
+
+def test_an_iwae_bounds_error_bar_is_the_skew_corrected_standard_error_of_its_repeats(monkeypatch):
+    """As RQMC's replicate means, the repeats of log mean_K w are skewed where a rare large weight is hit or
+    missed: their ± is montecarlo.replicate_se's (Student-t, Hall's skew correction), wider than s / sqrt(R)."""
+    import analysis.iwae as iwae_module
+    from analysis.montecarlo import replicate_se
+
+    data = OneBit(4)
+    lw = torch.zeros(65, 2, dtype=torch.float64)
+    lw[:3] = 6.0  # three repeats hit a large weight: a skewed sample of 65 repeats (K = 1)
+    monkeypatch.setattr(iwae_module, "log_weights", lambda model, guide, x, samples, chunk, beta: lw[:samples])
+    out = iwae_module.bound(None, None, data, K=1, samples=65)
+    loss = -(lw * data.w.double()).sum(1)
+    assert out["se"] == pytest.approx(replicate_se(loss), rel=1e-12)
+    assert out["se"] > 1.1 * float(loss.std()) / math.sqrt(65)

@@ -144,6 +144,45 @@ def test_a_light_tailed_per_sample_loss_keeps_its_standard_error():
     assert mc["tail_khat"] < 0.5 and mc["loss_se"] > 0 and "loss_note" not in mc
 
 
+def laplace_guide(data):
+    """q(z|x_k) = Laplace(loc_k, 0.5): no Gaussian site and no flow, so no site takes the lattice or Sobol points."""
+    loc = torch.tensor([[-1.0], [1.0]])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Laplace(loc, 0.5).to_event(1))
+
+    return guide
+
+
+@pytest.mark.parametrize("noise", ["lattice", "qmc"])
+def test_a_guide_no_site_of_which_takes_the_points_is_labelled_plain_monte_carlo(vae5, noise):
+    model, _, data = vae5
+    torch.manual_seed(0)
+    mc = monte_carlo(model, laplace_guide(data), data, samples=1024, replicates=4, noise=noise)
+    assert mc["kind"] == "MC"
+    assert mc["estimator"].startswith(f"Monte Carlo (i.i.d. draws: noise={noise} was asked, but no guide site is "
+                                      "Gaussian")
+
+
+def test_plain_monte_carlo_draws_get_the_standard_error_of_the_draws(vae5, monkeypatch):
+    import analysis.montecarlo as montecarlo
+
+    model, _, data = vae5
+    called = []
+    monkeypatch.setattr(montecarlo, "replicate_se", lambda *a, **k: called.append(1) or 1.0)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, laplace_guide(data), data, samples=1024, replicates=4, noise="lattice")
+    assert not called and mc["loss_se"] is not None and mc["loss_se"] != 1.0
+
+
+def test_a_run_whose_draws_were_plain_monte_carlo_has_its_headline_labelled_so(vae5):
+    model, _, data = vae5
+    m, _ = evaluate(model, laplace_guide(data), data, samples=1024, replicates=4, exact=False)
+    assert m["loss_estimator"] == "MC" and m["estimator"].startswith("Monte Carlo (i.i.d. draws")
+    assert "[MC]" in summary_lines(m)[1] and "RQMC" not in "\n".join(summary_lines(m))
+
+
 # --- bounded memory ----------------------------------------------------------------------------------------------
 
 def test_a_chunk_holds_at_most_max_elements_values_for_any_n():
@@ -181,7 +220,24 @@ def test_the_first_number_of_a_summary_is_the_headline_loss_and_names_it(vae5_me
 def test_a_run_below_the_gaussian_optimum_is_said_to_be_below_it(vae5_metrics):
     m = {**vae5_metrics, "gaussian_optimum": 1.2, "gap_to_gaussian_optimum": -0.2}
     line = next(s for s in summary_lines(m) if "optimum" in s)
-    assert "0.2000 below it" in line and "-0.2" not in line
+    assert "this run is 0.2000 [exact] below it" in line and "-0.2" not in line
+
+
+@pytest.fixture(scope="module")
+def vae5_mc_metrics(vae5):
+    return evaluate(*vae5, samples=1024, replicates=4, noise="mc", exact=False)[0]
+
+
+def test_the_gap_to_the_gaussian_optimum_of_a_monte_carlo_headline_has_its_tag_and_error_bar(vae5_mc_metrics):
+    m = {**vae5_mc_metrics, "loss_se": 0.0051, "gaussian_optimum": 1.0, "gap_to_gaussian_optimum": 0.0449}
+    line = next(s for s in summary_lines(m) if "optimum" in s)
+    assert line.endswith("this run is 0.0449 ± 0.0051 [MC] above it")
+
+
+def test_the_gap_of_a_monte_carlo_headline_without_an_error_bar_is_not_shown(vae5_mc_metrics):
+    m = {**vae5_mc_metrics, "loss_se": None, "gaussian_optimum": 1.0, "gap_to_gaussian_optimum": 0.0449}
+    line = next(s for s in summary_lines(m) if "optimum" in s)
+    assert "0.0449" not in line and "no gap shown: the loss [MC] it would come from has no error bar" in line
 
 
 def test_a_run_trained_with_a_kl_weight_says_its_objective_was_not_the_loss_reported(vae5_metrics):
@@ -495,6 +551,24 @@ def test_the_monte_carlo_line_names_the_sites_in_the_exact_lines_order():
     assert "rate[z2] 2.4373 + rate[z1] -1.7244 [RQMC lattice]" in lines[4]
 
 
+def test_a_small_term_reads_alike_on_the_exact_and_the_monte_carlo_line():
+    exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+                   "kl": {"z2": 7.36e-4, "z1": 0.7127}, "error": 5e-8, "estimator": "exact quadrature"}
+    mc = {"kind": "RQMC lattice", "loss": 0.7147, "loss_se": 0.0034, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+          "kl": {"z2": 7.41e-4, "z1": 0.7121}, "estimator": "randomised quasi-Monte Carlo, lattice rule"}
+    lines = summary_lines({"exact": exact_block, "montecarlo": mc, "loss_estimator": "exact"})
+    assert "rate[z2] 7.36e-04 + rate[z1] 0.7127 [exact]" in lines[2]
+    assert "rate[z2] 7.41e-04 + rate[z1] 0.7121 [RQMC lattice]" in lines[4]
+
+
+def test_a_total_correlation_of_rounding_size_prints_as_zero_without_a_sign():
+    exact_block = {"loss": 0.7156, "nll": 0.7008, "gap": 0.0148, "recon": 0.0018, "recon_per_dim": 1.8e-6,
+                   "kl": {"_AutoIAFNormal_latent": 0.7}, "error": 5e-8, "estimator": "exact quadrature",
+                   "total_correlation_per_point": -3e-16}
+    line = next(s for s in summary_lines({"exact": exact_block, "loss_estimator": "exact"}) if "total correlation" in s)
+    assert line.endswith("the total correlation of q(z_0, z_1) / 2 0.0000 [exact]")
+
+
 def test_unequal_data_weights_are_recorded_and_named_in_the_summary_with_their_floor():
     from infer import fit
 
@@ -525,3 +599,112 @@ def test_trained_k_is_refused_in_one_line_unless_a_positive_integer(vae5):
     model, guide, data = vae5
     with pytest.raises(ValueError, match="trained_K"):
         evaluate(model, guide, data, samples=512, replicates=4, trained_K=0)
+
+
+# --- one rule for the importance-sampled NLL's error bar -------------------------------------------------------
+
+def khat_record(khat, sd, ess_fraction=0.3):
+    return {"khat": khat, "sd": sd, "ess_fraction": ess_fraction, "threshold": 0.73}
+
+
+def test_an_nll_error_bar_that_a_further_khat_of_its_weights_does_not_allow_is_withheld_naming_it():
+    from analysis.iwae import withhold_nll_se
+
+    out = {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+    withhold_nll_se(out, [khat_record(0.3, 0.05), khat_record(0.49, 0.05)], "the run's k-hat, 65536 draws")
+    assert out["nll_se"] is None and out["log_px_se"] is None
+    assert "PSIS k-hat 0.49 ± 0.05 (asymptotic sd) of the importance weights (the run's k-hat, 65536 draws;" in \
+        out["nll_note"]
+
+
+def test_an_nll_error_bar_that_every_khat_allows_is_kept():
+    from analysis.iwae import withhold_nll_se
+
+    out = {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+    withhold_nll_se(out, [khat_record(0.3, 0.05), khat_record(0.6, 0.05, ess_fraction=0.995)], "the run's k-hat")
+    assert out == {"nll_se": 0.0014, "log_px_se": [0.001, 0.001]}
+
+
+def test_a_run_prints_no_nll_error_bar_beside_a_khat_that_does_not_allow_one():
+    """The probe's run (vae latent_dim=3, n=5, 300 steps, seed 1): the NLL's block-mean k-hat, 0.45 ± 0.02, allowed
+    a ±; the run's own k-hat of 65536 draws, 0.49 ± 0.05, printed beside it, does not."""
+    from infer.fit import fit
+
+    pyro.set_rng_seed(1)
+    data = OneBit(5)
+    model = VAE(5, latent_dim=3)
+    guide = GaussianGuide(model)
+    fit(model, guide, data, steps=300, seed=1)
+    m, _ = evaluate(model, guide, data, seed=1)
+    p = m["psis"]
+    fails = [k + 2 * s >= 0.5 and e < 0.99 for k, s, e in zip(p["khat"], p["sd"], p["ess_fraction"])]
+    assert any(fails), "the case no longer has a k-hat that forbids the ± (pick another)"
+    assert m["iwae"]["nll_se"] is None and "the run's k-hat" in m["iwae"]["nll_note"]
+    assert any("NLL" in line and "no error bar: heavy tail" in line for line in summary_lines(m))
+
+
+# --- the bound an objective=iwae run trained on, at its KL weight ----------------------------------------------
+
+def test_an_iwae_run_trained_at_a_kl_weight_reports_the_bound_of_its_kl_weighted_weights(vae5):
+    """The bound evaluated is the one objectives.IWAE trains under LatentScale(beta): its loss, averaged over many
+    calls, agrees with the trained bound within their errors, and differs from the bound at KL weight 1."""
+    from infer.objectives import IWAE
+    from infer.weights import LatentScale, weighted
+
+    model, guide, data = vae5
+    metrics, _ = evaluate(model, guide, data, samples=16384, replicates=4, trained_K=8, trained_beta=0.25)
+    t = metrics["trained_objective"]
+    assert t["name"] == "IWAE-8, KL weight 0.25" and t["beta"] == 0.25
+    torch.manual_seed(0)
+    objective = IWAE(num_particles=8)
+    m, g = weighted(LatentScale(0.25)(model), data), weighted(LatentScale(0.25)(guide), data)
+    losses = torch.tensor([objective.loss(m, g, data.x) for _ in range(1600)], dtype=torch.float64)
+    trained, se = float(losses.mean()), float(losses.std()) / 40
+    assert abs(t["loss"] - trained) < 4 * math.hypot(se, t["se"])
+    at_one, _ = evaluate(model, guide, data, samples=16384, replicates=4, trained_K=8)
+    assert abs(at_one["trained_objective"]["loss"] - trained) > 8 * math.hypot(se, t["se"])
+
+
+def test_the_command_line_evaluates_an_iwae_runs_bound_at_the_kl_weight_of_its_last_step(vae5, monkeypatch):
+    import analysis.report as report
+    from omegaconf import OmegaConf
+
+    asked = {}
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: asked.update(k) or ({}, None))
+    cfg = OmegaConf.create({"model": {"name": "vae"}, "guide": {"name": "gaussian"}, "seed": 0,
+                            "objective": {"name": "iwae", "K": 16},
+                            "train": {"beta": 0.5, "warmup": 0, "warmup_start": 0.0, "steps": 300},
+                            "eval": {"samples": 1024, "replicates": 4, "noise": "lattice", "tol": 1e-4,
+                                     "iwae_k": 1000}})
+    result = type("R", (), {"steps": 300, "wall_seconds": 1.0})()
+    report.evaluate_run(*vae5, cfg, result)
+    assert asked["trained_K"] == 16 and asked["trained_beta"] == 0.5
+    cfg.train.warmup = 600  # a warm-up longer than the run: the KL weight of its last step
+    report.evaluate_run(*vae5, cfg, result)
+    assert asked["trained_beta"] == pytest.approx(0.5 * 299 / 600)
+
+
+def test_a_trained_bound_at_another_kl_weight_than_the_runs_is_not_called_the_objective_it_trained_on(vae5_metrics):
+    t = {"name": "IWAE-16", "loss": 0.9796, "se": 0.0033}  # an older metrics.json: evaluated at KL weight 1
+    lines = summary_lines({**vae5_metrics, "objective": "iwae", "iwae_K": 16, "beta": 0.5, "trained_objective": t})
+    line = next(s for s in lines if s.strip().startswith("IWAE-16 loss"))
+    assert "the objective it trained on)" not in line
+    assert line.endswith("at KL weight 1: not the objective it trained on, whose KL weight was 0.5")
+
+
+def test_a_trained_bound_at_the_runs_kl_weight_is_called_the_objective_it_trained_on(vae5_metrics):
+    t = {"name": "IWAE-16, KL weight 0.5", "loss": 0.9796, "se": 0.0033, "beta": 0.5}
+    lines = summary_lines({**vae5_metrics, "objective": "iwae", "iwae_K": 16, "beta": 0.5, "trained_objective": t})
+    assert any(s.strip().startswith("IWAE-16, KL weight 0.5 loss (the objective it trained on) 0.9796")
+               for s in lines)
+
+
+def test_the_khat_lines_plus_minus_is_said_to_be_the_asymptotic_sd_it_is(vae5_metrics):
+    from analysis.psis import khat_sd
+
+    lines = summary_lines(vae5_metrics)
+    i = next(k for k, s in enumerate(lines) if s.strip().startswith("PSIS k-hat"))
+    assert "± is k-hat's asymptotic sd (1 + k) / sqrt(M), M its tail's draws: a formula, not a measured spread" \
+        in lines[i + 1]
+    p = vae5_metrics["psis"]
+    assert p["sd"][0] == khat_sd(p["khat"][0], p["samples"])

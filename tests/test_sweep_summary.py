@@ -877,3 +877,14 @@ def test_a_status_json_whose_status_is_no_runs_status_is_said_and_the_run_judged
     assert result["failed"] == [] and "2 ok, 0 not ok" in md
     assert f"- NOTE `seed=1`: its status.json is unreadable (its status {shown} is none of running, ok, refused, " \
            "diverged, failed): judged by its metrics.json" in md
+
+
+def test_the_loss_standard_error_column_names_the_estimators_its_errors_come_from(tmp_path):
+    job(tmp_path, ["seed=0"], m=metrics(0, 1.0, exact=False, se=0.002))
+    job(tmp_path, ["seed=1"], m={**metrics(1, 1.1, exact=False, se=0.004), "loss_estimator": "MC"})
+    _, md = summary(tmp_path)
+    header, = [k for k in config_table(md)[0] if k.startswith("loss SE")]
+    assert header == "loss SE [MC / RQMC lattice] (mean of per-run SEs)"
+    assert "loss SE [MC / RQMC lattice]: the mean" in md
+    runs_header = next(line for line in md.splitlines() if line.startswith("| job |"))
+    assert "| loss_se [loss_estimator] |" in runs_header and "[MC]" not in runs_header
