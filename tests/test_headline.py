@@ -284,6 +284,35 @@ def test_a_python_run_records_the_network_settings_its_command_line_option_does_
     assert "arguments" not in describe(VAE(5), GaussianGuide(VAE(5)), OneBit(5), result=None)
 
 
+def training_keys(head: dict) -> dict:
+    """The training settings among a described run's `arguments` (not its networks' model.* and guide.*)."""
+    return {k: v for k, v in head.get("arguments", {}).items() if not k.startswith(("model.", "guide."))}
+
+
+def test_a_python_run_records_the_training_settings_fit_took_under_the_command_lines_keys(vae5):
+    from analysis.run_outputs import describe
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, lr=1e-2, lr_final=1e-4, beta=0.5, seed=0)
+    assert training_keys(describe(model, guide, data, result)) == {
+        "train.steps": 3, "train.log_every": 1, "optim.lr": 0.01, "optim.lr_final": 0.0001, "train.beta": 0.5}
+    iwae = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=3, log_every=1, seed=0)
+    assert training_keys(describe(model, guide, data, iwae)) == {
+        "train.steps": 3, "train.log_every": 1, "objective": "iwae", "objective.K": 8}
+
+
+def test_a_python_run_with_the_command_lines_training_settings_records_none(vae5):
+    from analysis.run_outputs import describe
+    from infer import fit
+    from infer.recipe import recipe
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, seed=0)
+    result.recipe = {**result.recipe, "steps": recipe(model).steps, "log_every": 100}  # the vae's defaults
+    assert training_keys(describe(model, guide, data, result)) == {}
+
+
 def test_write_run_judges_divergence_as_the_command_line_does(vae5, vae5_metrics, tmp_path):
     from infer import fit
 
