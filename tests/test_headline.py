@@ -554,3 +554,32 @@ def test_trained_k_is_refused_in_one_line_unless_a_positive_integer(vae5):
     model, guide, data = vae5
     with pytest.raises(ValueError, match="trained_K"):
         evaluate(model, guide, data, samples=512, replicates=4, trained_K=0)
+
+
+def test_evaluate_takes_the_trained_iwae_bound_from_fits_result(vae5):
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=2, log_every=1, seed=0)
+    from_result, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result)
+    given, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, trained_K=8)
+    assert from_result["iwae_K"] == 8 and from_result["trained_objective"] == given["trained_objective"]
+
+
+def test_evaluate_takes_no_trained_bound_from_a_result_that_trained_on_the_elbo(vae5):
+    from infer import fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=2, log_every=1, seed=0)
+    metrics, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result)
+    assert "trained_objective" not in metrics
+
+
+def test_a_trained_k_that_contradicts_fits_result_is_refused_in_one_line(vae5):
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=2, log_every=1, seed=0)
+    with pytest.raises(ValueError, match=r"^trained_K=4 is not allowed with this result: it trained on the IWAE-8 "
+                                         r"bound; leave trained_K out \(it is taken from result\) or pass 8$"):
+        evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result, trained_K=4)
