@@ -183,7 +183,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     directory while it holds other files, is refused in one line (ValueError) before anything is written.
     overwrite=True replaces the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/
     and figures too) are moved aside first and deleted once the new run is written, or put back if writing fails;
-    files that are not a run's are never touched."""
+    files that are not a run's are never touched. figures, checkpoint and overwrite must be True or False (a
+    ValueError in one line names the one that is not)."""
     from infer.validate import shown
 
     from .claim import Claim
@@ -198,8 +199,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if grids is not None and not isinstance(grids, dict):
         raise ValueError(f"grids={shown(grids)} is not allowed: grids must be None or the dict evaluate() returns "
                          "second")
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite={shown(overwrite)} is not allowed: overwrite must be True or False")
+    for label, value in (("figures", figures), ("overwrite", overwrite), ("checkpoint", checkpoint)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{label}={shown(value)} is not allowed: {label} must be True or False")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
