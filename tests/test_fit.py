@@ -310,6 +310,18 @@ def test_the_command_lines_recipe_is_the_recipe_fit_uses(name):
         plan.lr, plan.lr_final, plan.schedule, plan.betas)
 
 
+def test_fits_own_training_defaults_are_the_command_lines():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    train = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())["train"]
+    defaults = inspect.signature(fit).parameters
+    for key in ("beta", "warmup", "warmup_start", "log_every", "freeze_model"):  # what the recipe does not set
+        assert defaults[key].default == train[key], key
+
+
 # --- frozen model, and objectives without a guide -----------------------------------------------------------------
 
 def test_freeze_model_trains_the_guide_alone():
