@@ -284,10 +284,37 @@ def _head(job: Path, sweep_dir: Path, overrides: list, config_of: Path) -> dict:
         except Exception as err:  # a half-written config: still list the job
             row["error"] = f"config.yaml unreadable: {err}"
     row["overrides"] = " ".join(overrides)
-    row["_overrides"] = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    row["_overrides"] = {k: canonical(v) for k, v in (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)}
     row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
                 "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
     return row
+
+
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def canonical(value) -> str:
+    """An override's value as one text, whichever interface wrote it (an override's text, or a Python run's
+    `arguments` value from its metrics.json): a number by its value (1e-2, 0.01 -> 0.01; 300, 300.0 -> 300), true
+    and false in lower case, a list as [a,b] of such values; any other text as written. Two values get one text
+    exactly where the command line would read them as one value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(canonical(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        number = value
+        return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else repr(number)
+    text = str(value)
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    if NUMBER.fullmatch(text):
+        return canonical(int(text) if text.lstrip("+-").isdigit() else float(text))
+    if text.startswith("[") and text.endswith("]"):
+        return canonical([part.strip() for part in text[1:-1].split(",")] if text[1:-1].strip() else [])
+    return text
 
 
 def _lost_replica(job: Path, sweep_dir: Path) -> dict:
@@ -343,7 +370,7 @@ def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> 
             row[key] = metrics[key]
     arguments = metrics.get("arguments")
     if not overrides and isinstance(arguments, dict) and arguments:  # a run written from Python: its networks' settings
-        row["_overrides"] = {str(k): str(v) for k, v in arguments.items()}
+        row["_overrides"] = {str(k): canonical(v) for k, v in arguments.items()}
         row["overrides"] = " ".join(f"{k}={v}" for k, v in row["_overrides"].items())
     row.update({k: v for k, v in flatten(metrics).items()
                 if k not in ("model", "guide", "n", "seed", "status") and not k.startswith("arguments.")})

@@ -70,7 +70,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     trained_K (an integer >= 1, or None): also the IWAE-K loss, the objective a run trained with objective=iwae
     minimised, as metrics['trained_objective'] (analysis.iwae.bound, its ± the skew-corrected standard error of its
     repeats), at the KL weight the run's last step trained with: trained_beta (a finite number >= 0), or, where it
-    is None, the one `result`'s recipe records (run_outputs.final_kl_weight), else 1.
+    is None, the one `result`'s recipe records (run_outputs.final_kl_weight), else 1; trained_K is taken from
+    `result` where fit() trained on IWAE and trained_K is None (trained_k).
     result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
     names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
     does.
@@ -99,6 +100,7 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         check("iwae_k", trained_K, label="trained_K")
     if trained_beta is not None:
         check("beta", trained_beta, label="trained_beta")
+    trained_K = trained_k(result, trained_K)
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
     check_inputs(model, guide, data)
@@ -120,6 +122,20 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
         metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids
+
+
+def trained_k(result, trained_K: int = None):
+    """The K of the IWAE bound a run trained on: trained_K where given, else the K of result's objective where fit()
+    trained on IWAE (its recipe: objective IWAE, num_particles K), else None. A trained_K that contradicts result's K
+    raises ValueError in one line (the trained_objective block would name a bound the run did not train on)."""
+    from .run_outputs import OBJECTIVE_NAMES
+
+    plan = getattr(result, "recipe", None) or {}
+    K = plan.get("num_particles") if OBJECTIVE_NAMES.get(plan.get("objective")) == "iwae" else None
+    if trained_K is not None and K is not None and trained_K != K:
+        raise ValueError(f"trained_K={trained_K} is not allowed with this result: it trained on the IWAE-{K} bound; "
+                         f"leave trained_K out (it is taken from result) or pass {K}")
+    return trained_K if trained_K is not None else K
 
 
 def trained_bound(model, guide, data, K: int, samples: int, seed: int, joint: bool, beta: float = 1.0) -> dict:

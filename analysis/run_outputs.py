@@ -40,6 +40,72 @@ OBJECTIVE_NAMES = {"ClosedFormELBO": "closed_form", "Trace_ELBO": "elbo", "Trace
                    "IWAE": "iwae", "MarginalLikelihood": "exact"}
 
 
+@functools.lru_cache(maxsize=None)
+def objective_options(name: str) -> dict:
+    """The keys conf/objective/<name>.yaml sets besides its name (the command line's defaults under objective=name,
+    e.g. K: 16 for iwae), read once; {} where that file cannot be read."""
+    import yaml
+
+    try:
+        node = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "objective" / f"{name}.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in (node or {}).items() if k != "name"} if isinstance(node, dict) else {}
+
+
+def cli_training_defaults(model, objective: str) -> dict:
+    """{fit's argument: the command line's default for this model and objective}: the model's recipe
+    (infer.recipe, which conf/model/*.yaml states), fit's own defaults for the rest (conf/config.yaml's; the tests
+    hold both equal) and the objective's options (conf/objective/<objective>.yaml; K is the particle count there)."""
+    import inspect
+
+    from infer import fit
+    from infer.recipe import recipe
+
+    plan = recipe(model)
+    given = {k: p.default for k, p in inspect.signature(fit).parameters.items()
+             if k in ("beta", "warmup", "warmup_start", "log_every", "freeze_model")}
+    return {"steps": plan.steps, "lr": plan.lr, "lr_final": plan.lr_final, "schedule": plan.schedule,
+            "adam_betas": tuple(plan.betas), "average": plan.average, "num_particles": plan.num_particles,
+            "noise": plan.noise, "free_bits": 0.0, "objective": "closed_form", **given, **objective_options(objective)}
+
+
+def fit_keys() -> dict:
+    """{fit's argument: its command-line key} for the training settings (train.*, optim.*, objective.*), read off
+    infer.validate.CONFIG_KEYS (the one table of config keys and argument names), plus the objective's group."""
+    from infer.validate import CONFIG_KEYS
+
+    keys = {arg: key for key, arg in CONFIG_KEYS.items() if key.split(".")[0] in ("train", "optim", "objective")}
+    return {**keys, "objective": "objective"}
+
+
+def training_overrides(model, result) -> dict:
+    """{command-line key: value} of the settings fit() trained with (result.recipe) that differ from the command
+    line's defaults for this model and objective (cli_training_defaults), keyed as overrides (train.steps, optim.lr,
+    objective, objective.K, ...), so that a run written from Python and the command-line run with those overrides
+    carry the same keys in a sweep summary. The seed is not a setting here (it is the run's seed); {} where result
+    records no recipe. Correct where fit's defaults are the command line's (tests/test_fit.py and
+    tests/test_defaults.py hold them equal)."""
+    plan = dict(getattr(result, "recipe", None) or {})
+    if not plan.get("objective"):
+        return {}
+    objective = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+    plan["objective"] = objective
+    defaults = cli_training_defaults(model, objective)
+    if "K" in defaults:  # the objective's particle count is objective.K on the command line (iwae)
+        plan["K"] = plan.pop("num_particles", None)
+    keys = fit_keys()
+    out = {}
+    for arg, value in plan.items():
+        if arg not in keys or value is None or arg not in defaults:
+            continue
+        value = list(value) if isinstance(value, (list, tuple)) else value  # as JSON holds it
+        default = defaults[arg]
+        if (list(default) if isinstance(default, (list, tuple)) else default) != value:
+            out[keys[arg]] = value
+    return out
+
+
 TRAINED_ON = ("beta", "kl_weight_final", "warmup", "free_bits", "iwae_K")  # the keys trained_on may write
 
 
@@ -75,8 +141,9 @@ def describe(model, guide, data, result) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
     a sweep summary; else their class or function names), the settings such a class was built with that its
-    command-line option does not set ('arguments', keyed as overrides: {"model.hidden": 16}; a sweep summary reads
-    them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
+    command-line option does not set and the settings fit() trained with that the command line's defaults for the
+    model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
+    a sweep summary reads them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
     seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
     minimised where that was not the -ELBO (trained_on)."""
     from models.arguments import changed_arguments
@@ -89,7 +156,8 @@ def describe(model, guide, data, result) -> dict:
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
-    if arguments:  # the settings its networks were built with that the command line's option does not set
+    arguments.update(training_overrides(model, result))  # and those fit trained with that its defaults do not
+    if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
     seed = getattr(result, "seed", None)
     if seed is None:  # fit()'s FitResult records its seed in its recipe
@@ -121,7 +189,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     directory while it holds other files, is refused in one line (ValueError) before anything is written.
     overwrite=True replaces the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/
     and figures too) are moved aside first and deleted once the new run is written, or put back if writing fails;
-    files that are not a run's are never touched."""
+    files that are not a run's are never touched. figures, checkpoint and overwrite must be True or False (a
+    ValueError in one line names the one that is not)."""
     from infer.validate import shown
 
     from .claim import Claim
@@ -136,8 +205,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if grids is not None and not isinstance(grids, dict):
         raise ValueError(f"grids={shown(grids)} is not allowed: grids must be None or the dict evaluate() returns "
                          "second")
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite={shown(overwrite)} is not allowed: overwrite must be True or False")
+    for label, value in (("figures", figures), ("overwrite", overwrite), ("checkpoint", checkpoint)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{label}={shown(value)} is not allowed: {label} must be True or False")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")

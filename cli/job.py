@@ -172,7 +172,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                          average=cfg.train.average,
                          seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                          resume=resume, checkpoint_path=out / "checkpoint.pt", threads=cfg.threads, device=cfg.device,
-                         freeze_model=cfg.train.freeze_model or exact_phase, init="keep" if exact_phase else "reset",
+                         freeze_model=cfg.train.freeze_model or exact_phase,  # the model kept, the guide drawn
                          checkpoint_every=cfg.train.checkpoint_every, checkpoint_extra=extra, callback=good,
                          on_start=lambda: commit_claim(out))
     except FloatingPointError as err:

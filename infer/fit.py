@@ -55,7 +55,10 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     run instead of Pyro's trace and replay), after checking once that it gives the general path's terms; where it
     does not apply, a warning says so and the general path runs. "general" always runs Pyro's trace and replay.
 
-    freeze_model=True trains only the guide's params (those not touched by the model alone), the model is frozen.
+    freeze_model=True trains only the guide's params (those not touched by the model alone), the model is frozen
+    and never reset: init="reset" then draws the guide's params alone from the seed, so a model trained before (e.g.
+    by infer.marginal.MarginalLikelihood, objective=exact) is the one the guide is fitted to, and
+    fit(model, guide, data, seed=s, freeze_model=True) after that fit is the command line's guide phase.
     An objective with `needs_guide = False` (e.g. infer.marginal.MarginalLikelihood) trains the model alone by
     `elbo.marginal_terms(model, data)['nll']`; guide may then be None, and rows hold step, lr, nll, loss (= nll)
     and objective (= nll).

@@ -64,8 +64,9 @@ def adam(params, v, device):
 
 def prepare(model, guide, data, elbo, v, device, start=0):
     """Everything before the first step, in the order that decides the RNG stream: move to the device, seed, reset
-    (or keep) the params, check guide and objective, collect the params to train. Returns a namespace with guide, x,
-    needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
+    (or keep) the params, check guide and objective, collect the params to train. With v['freeze_model'] the model's
+    params (model_params) are never reset, whatever v['init'] says: init='reset' draws the guide's alone. Returns a
+    namespace with guide, x, needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
     (the LatentScale), model_w and guide_w (the weighted model and guide, None without a guide)."""
     from types import SimpleNamespace
 
@@ -79,10 +80,10 @@ def prepare(model, guide, data, elbo, v, device, start=0):
         pyro.set_rng_seed(v["seed"])
     store = pyro.get_param_store()
     kept = ({name: store.get_param(name).unconstrained().detach().clone() for name in store.keys()}
-            if v["init"] == "keep" else {})
+            if v["init"] == "keep" or v["freeze_model"] else {})
     pyro.clear_param_store()
-    if v["init"] == "reset":
-        reset_parameters(model, guide)
+    if v["init"] == "reset":  # a frozen model keeps what it was trained to: only the guide is drawn again
+        reset_parameters(*((guide,) if v["freeze_model"] else (model, guide)))
     if needs_guide:
         check_guide(model, guide, x)
     check_objective(elbo, model, guide, x)  # objective exact: the model alone
@@ -98,26 +99,32 @@ def prepare(model, guide, data, elbo, v, device, start=0):
             with torch.no_grad(), torch.random.fork_rng():
                 model(x)
     names = sorted(set(captured.trace.nodes) & set(store.keys()))
+    frozen = model_params(model, x) if v["freeze_model"] else set()
+    keep = set(names) if v["init"] == "keep" else frozen
     if kept:  # pyro.param sites keep their values from the store; an nn.Module's params are the module's own
         own = {id(p) for m in (model, guide) if isinstance(m, torch.nn.Module) for p in m.parameters()}
         with torch.no_grad():
             for name in names:
                 value = store.get_param(name).unconstrained()
-                if id(value) not in own and name in kept and kept[name].shape == value.shape:
+                if name in keep and id(value) not in own and name in kept and kept[name].shape == value.shape:
                     value.copy_(kept[name])
-    trained = names
-    if v["freeze_model"]:
-        with poutine.trace(param_only=True) as alone, torch.random.fork_rng(), torch.no_grad():
-            model(x)
-        trained = [name for name in names if name not in alone.trace.nodes]
-        if not trained:
-            raise ValueError("freeze_model=True is not allowed here: the guide has no params of its own to train")
+    trained = [name for name in names if name not in frozen]
+    if v["freeze_model"] and not trained:
+        raise ValueError("freeze_model=True is not allowed here: the guide has no params of its own to train")
     params = list({id(p): p for p in (store.get_param(name).unconstrained() for name in trained)}.values())
     for p in params:
         p.requires_grad_(True)
     return SimpleNamespace(guide=guide, x=x, needs_guide=needs_guide, names=names, store=store, trained=trained,
                            params=params, scale=scale, model_w=model_w if needs_guide else None,
                            guide_w=guide_w if needs_guide else None)
+
+
+def model_params(model, x) -> set:
+    """The param store names the model touches alone (run once on x, its RNG forked, without gradients): what
+    freeze_model=True freezes."""
+    with poutine.trace(param_only=True) as alone, torch.random.fork_rng(), torch.no_grad():
+        model(x)
+    return set(alone.trace.nodes)
 
 
 def moments_problem(optimizer) -> str:

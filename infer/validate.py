@@ -26,6 +26,9 @@ MAX_LAYERS = 100  # hidden layers of a network, or latent layers of a DLGM: far 
 # hung the memory check, which builds the networks (on the meta device) layer by layer
 MAX_DRAWS = 2 ** 24  # draws per data point of an evaluation (eval.samples, khat_samples, 2 x iwae_k): 1000x the
 # default; 10**12 tried to allocate 8 TB after training
+MAX_TOL = 1e-3  # nats: the quadrature's tolerance (eval.tol, evaluate's and exact's tol; default 1e-4) bounds the
+# error of every number labelled [exact], printed to 4 decimals; the study's runs differ by 1e-3 between seeds, so a
+# looser one would let the label hide differences it is read for (10.0 allowed an error of 10 nats)
 
 
 INT64 = (-2 ** 63, 2 ** 63 - 1)  # torch's sizes and counts: a larger integer overflowed in torch.empty (a traceback)
@@ -163,7 +166,8 @@ RULES = {
     # evaluation (analysis.report.evaluate, analysis.exact, analysis.montecarlo, analysis.iwae, analysis.psis): the
     # bounds of the command line's eval.* keys, except eval.samples' floor of 10^4 (a policy for a run's final
     # numbers; in Python, samples must be a multiple of replicates, at least 2 per replicate: check_samples)
-    "tol": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+    "tol": (lambda v: is_finite(v) and 0 < v <= MAX_TOL,
+            f"a number in (0, {MAX_TOL:g}] (nats: an [exact] number may be off by up to this)"),
     "replicates": (_int_at_least(2), "an integer >= 2"),
     "iwae_k": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS // 2, f"an integer in [1, {MAX_DRAWS // 2}]"),
     "exact": (lambda v: isinstance(v, bool), "true or false"),
@@ -179,6 +183,7 @@ RULES["prior_gain_floor"] = RULES["gain_floor"]  # the DLGM's name for its prior
 
 # config key -> argument name (run.py's keys; the guide's network keys share the model's rules)
 CONFIG_KEYS = {
+    "eval.tol": "tol",
     "data.n": "n", "data.weights": "weights", "seed": "seed", "threads": "threads",
     "train.steps": "steps", "train.num_particles": "num_particles", "train.log_every": "log_every",
     "train.beta": "beta", "train.checkpoint_every": "checkpoint_every", "train.warmup": "warmup",
@@ -276,7 +281,8 @@ def check_all(**values) -> None:
 
 
 __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples",
-           "check_model_argument", "refuse", "shown", "MAX_SEED", "MAX_THREADS", "MAX_STEPS", "MAX_LAYERS", "MAX_DRAWS",
+           "check_model_argument", "refuse", "shown", "MAX_TOL",
+           "MAX_SEED", "MAX_THREADS", "MAX_STEPS", "MAX_LAYERS", "MAX_DRAWS",
            "KHAT_MIN_SAMPLES", "ORDERS",
            "allowed",
            "is_allowed", "is_int", "is_number", "is_finite", "range_note", "INT64", "FLOAT32_MAX", "SCHEDULES", "NOISE",

@@ -4,12 +4,29 @@ from dataclasses import dataclass
 
 import torch
 
-from infer.validate import check
+from infer.validate import allowed, check, is_allowed, refuse
+
+
+def array_numbers(values) -> tuple:
+    """values as a tuple: a 1-D torch tensor or numpy array of real numbers (float or integer dtype) as Python
+    floats, each the shortest decimal that rounds to it in its dtype (a float32 tensor([0.1, 0.9]) gives (0.1, 0.9),
+    the numbers it was made from, which sum to 1 as their float32 roundings do not); any other array-like as
+    tuple(values) (its elements are then checked as they are). Raises TypeError where values is not iterable."""
+    import numpy as np
+
+    if isinstance(values, torch.Tensor):
+        values = (values.float() if values.dtype == torch.bfloat16 else values).detach().cpu().numpy()
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "fiu":
+        return tuple(float(str(v)) for v in values)
+    return tuple(values)
 
 
 @dataclass(frozen=True)
 class OneBit:
-    """The data set *is* the distribution: two points with weights; nothing is sampled or tiled."""
+    """The data set *is* the distribution: two points with weights; nothing is sampled or tiled.
+
+    weights: two positive finite numbers that sum to 1 (within 1e-9), as a tuple or list, or a 1-D torch tensor or
+    numpy array of two (array_numbers); anything else is refused in one line (ValueError naming weights)."""
 
     n: int
     weights: tuple = (0.5, 0.5)
@@ -18,10 +35,12 @@ class OneBit:
         check("n", self.n)
         unordered = isinstance(self.weights, (str, bytes, set, frozenset, dict))  # a set's order is an accident
         try:
-            weights = self.weights if unordered else tuple(self.weights)
+            weights = self.weights if unordered else array_numbers(self.weights)
         except TypeError:  # not iterable (None, a number): refused by name below
             weights = self.weights
-        check("weights", weights)
+        if not is_allowed("weights", weights):  # named as the caller passed it
+            raise refuse("weights", self.weights, f"weights must be {allowed('weights')}, as a tuple, a list, or a 1-D "
+                                                  "tensor or array")
         object.__setattr__(self, "n", int(self.n))
         object.__setattr__(self, "weights", tuple(float(v) for v in weights))
 

@@ -131,11 +131,19 @@ def test_samples_that_replicates_do_not_divide_are_refused_naming_both(vae):
                          r"^samples=100 is not allowed with replicates=16: samples must be an integer multiple")
 
 
-@pytest.mark.parametrize("tol", [-1.0, 0.0, math.nan, math.inf, "a"])
-def test_exact_refuses_a_tolerance_that_is_not_a_finite_positive_number(tol, vae):
+@pytest.mark.parametrize("tol", [-1.0, 0.0, math.nan, math.inf, "a", 0.0011, 10.0])
+def test_exact_refuses_a_tolerance_outside_what_an_exact_number_allows(tol, vae):
     from analysis.exact import exact
 
-    one_line_value_error(lambda: exact(*vae, tol=tol), r"^tol=.* is not allowed: tol must be a finite number > 0")
+    one_line_value_error(lambda: exact(*vae, tol=tol), r"^tol=.* is not allowed: tol must be a number in \(0, 0.001\] "
+                                                       r"\(nats: an \[exact\] number may be off by up to this\)$")
+
+
+def test_evaluate_refuses_a_tolerance_that_allows_an_error_of_whole_nats(vae):
+    from analysis.report import evaluate
+
+    one_line_value_error(lambda: evaluate(*vae, samples=64, replicates=4, tol=10.0),
+                         r"^tol=10.0 is not allowed: tol must be a number in \(0, 0.001\]")
 
 
 def test_iwae_refuses_fewer_samples_than_two_repeats_of_its_largest_k(vae):
@@ -370,15 +378,19 @@ def test_write_run_puts_fits_seed_into_metrics_json(vae, tmp_path):
     ({"result": None}, r"^result=None is not allowed: result must be what fit\(\) returned"),
     ({"grids": 3}, r"^grids=3 is not allowed: grids must be None or the dict evaluate\(\) returns second"),
     ({"out": None}, r"^out=None is not allowed: out must be a directory's path"),
+    ({"figures": "no"}, r"^figures='no' is not allowed: figures must be True or False$"),
+    ({"checkpoint": 1}, r"^checkpoint=1 is not allowed: checkpoint must be True or False$"),
 ])
 def test_write_run_refuses_arguments_that_are_not_what_fit_and_evaluate_return(vae, tmp_path, bad, line):
     from analysis.report import write_run
 
     model, guide, data = vae
-    args = dict(out=tmp_path / "run", result=fit_with(model, guide), metrics={}, grids=None)
+    args = dict(out=tmp_path / "run", result=fit_with(model, guide), metrics={}, grids=None, figures=False,
+                checkpoint=True)
     args.update(bad)  # TypeError and AttributeError before
     one_line_value_error(lambda: write_run(args["out"], model, guide, data, args["result"], args["metrics"],
-                                           args["grids"], figures=False), line)
+                                           args["grids"], figures=args["figures"], checkpoint=args["checkpoint"]),
+                         line)
     assert not (tmp_path / "run").exists()
 
 

@@ -89,6 +89,13 @@ def test_every_config_key_has_the_rule_of_its_argument():
         check("lr", math.inf, label="optim.lr")
 
 
+@pytest.mark.parametrize("tol", [1e-8, 1e-4, 1e-3, 1.1e-3, 10.0, 0.0])
+def test_the_command_lines_eval_tol_allows_exactly_what_evaluates_tol_allows(tol):
+    from cli.values import RULES as COMMAND_LINE
+
+    assert COMMAND_LINE["eval.tol"][0](tol) == RULES["tol"][0](tol) == (0 < tol <= 1e-3)
+
+
 def test_a_device_this_machine_lacks_is_refused_in_one_line():
     import torch
 

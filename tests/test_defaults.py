@@ -68,6 +68,34 @@ def test_python_with_the_default_networks_gives_the_command_lines_numbers_bit_fo
         cli["loss"], cli["exact"]["nll"], cli["montecarlo"]["loss"])
 
 
+def test_the_readmes_python_recipe_for_objective_exact_gives_the_command_lines_numbers_bit_for_bit(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    from analysis.report import evaluate
+    from guides import GaussianGuide
+    from infer import fit
+    from infer.marginal import MarginalLikelihood
+    from models import VAE, OneBit
+
+    model_steps, steps, seed, samples, replicates = 200, 200, 1, 10000, 4
+    proc = run_cli("objective=exact", "data.n=5", f"objective.steps.vae={model_steps}", f"train.steps={steps}",
+                   f"seed={seed}", f"eval.samples={samples}", f"eval.replicates={replicates}", "eval.figures=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+    data = OneBit(5)  # the README's recipe ("Training by the exact likelihood"), with these budgets
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    fit(model, None, data, elbo=MarginalLikelihood(nodes=64, inner_nodes=4), steps=model_steps, seed=seed)
+    result = fit(model, guide, data, steps=steps, seed=seed, freeze_model=True)
+    python, _ = evaluate(model, guide, data, samples=samples, replicates=replicates, seed=seed, result=result)
+    assert (python["loss"], python["exact"]["nll"], python["montecarlo"]["loss"]) == (
+        cli["loss"], cli["exact"]["nll"], cli["montecarlo"]["loss"])
+
+
 def test_a_sweeps_job_dir_names_leave_out_exactly_the_keys_that_change_no_number():
     from analysis.aggregate import NO_RESULT_KEYS
 

@@ -343,6 +343,18 @@ def test_the_command_lines_recipe_is_the_recipe_fit_uses(name):
         plan.lr, plan.lr_final, plan.schedule, plan.betas)
 
 
+def test_fits_own_training_defaults_are_the_command_lines():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    train = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())["train"]
+    defaults = inspect.signature(fit).parameters
+    for key in ("beta", "warmup", "warmup_start", "log_every", "freeze_model"):  # what the recipe does not set
+        assert defaults[key].default == train[key], key
+
+
 # --- frozen model, and objectives without a guide -----------------------------------------------------------------
 
 def test_freeze_model_trains_the_guide_alone():
@@ -354,6 +366,25 @@ def test_freeze_model_trains_the_guide_alone():
     fit(model, guide, OneBit(5), steps=20, log_every=20, seed=1, init="keep", freeze_model=True)
     assert all(torch.equal(a, b) for a, b in zip(before_model, model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before_guide, guide.parameters()))
+
+
+def test_freeze_model_keeps_the_trained_model_whatever_init_says():
+    model = VAE(5, hidden=8)
+    guide = GaussianGuide(model, hidden=8)
+    fit(model, guide, OneBit(5), steps=5, log_every=5, seed=0)
+    trained = [p.detach().clone() for p in model.parameters()]
+    fit(model, guide, OneBit(5), steps=5, log_every=5, seed=0, freeze_model=True)  # init="reset", the default
+    assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
+
+
+def test_freeze_model_with_init_reset_draws_the_guide_afresh_from_the_seed():
+    model = VAE(5, hidden=8)
+    guide = GaussianGuide(model, hidden=8)
+    firsts = []
+    for _ in range(2):  # the guide trained in between: the second fit starts from the same draw
+        fit(model, guide, OneBit(5), steps=1, log_every=1, seed=3, freeze_model=True,
+            callback=lambda step, row: firsts.append(row["loss"]))
+    assert firsts[0] == firsts[1]
 
 
 def test_an_objective_without_a_guide_trains_the_model_by_its_nll():

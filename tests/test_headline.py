@@ -340,6 +340,35 @@ def test_a_python_run_records_the_network_settings_its_command_line_option_does_
     assert "arguments" not in describe(VAE(5), GaussianGuide(VAE(5)), OneBit(5), result=None)
 
 
+def training_keys(head: dict) -> dict:
+    """The training settings among a described run's `arguments` (not its networks' model.* and guide.*)."""
+    return {k: v for k, v in head.get("arguments", {}).items() if not k.startswith(("model.", "guide."))}
+
+
+def test_a_python_run_records_the_training_settings_fit_took_under_the_command_lines_keys(vae5):
+    from analysis.run_outputs import describe
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, lr=1e-2, lr_final=1e-4, beta=0.5, seed=0)
+    assert training_keys(describe(model, guide, data, result)) == {
+        "train.steps": 3, "train.log_every": 1, "optim.lr": 0.01, "optim.lr_final": 0.0001, "train.beta": 0.5}
+    iwae = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=3, log_every=1, seed=0)
+    assert training_keys(describe(model, guide, data, iwae)) == {
+        "train.steps": 3, "train.log_every": 1, "objective": "iwae", "objective.K": 8}
+
+
+def test_a_python_run_with_the_command_lines_training_settings_records_none(vae5):
+    from analysis.run_outputs import describe
+    from infer import fit
+    from infer.recipe import recipe
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=3, log_every=1, seed=0)
+    result.recipe = {**result.recipe, "steps": recipe(model).steps, "log_every": 100}  # the vae's defaults
+    assert training_keys(describe(model, guide, data, result)) == {}
+
+
 def test_write_run_judges_divergence_as_the_command_line_does(vae5, vae5_metrics, tmp_path):
     from infer import fit
 
@@ -708,3 +737,31 @@ def test_the_khat_lines_plus_minus_is_said_to_be_the_asymptotic_sd_it_is(vae5_me
         in lines[i + 1]
     p = vae5_metrics["psis"]
     assert p["sd"][0] == khat_sd(p["khat"][0], p["samples"])
+
+def test_evaluate_takes_the_trained_iwae_bound_from_fits_result(vae5):
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=2, log_every=1, seed=0)
+    from_result, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result)
+    given, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, trained_K=8)
+    assert from_result["iwae_K"] == 8 and from_result["trained_objective"] == given["trained_objective"]
+
+
+def test_evaluate_takes_no_trained_bound_from_a_result_that_trained_on_the_elbo(vae5):
+    from infer import fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, steps=2, log_every=1, seed=0)
+    metrics, _ = evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result)
+    assert "trained_objective" not in metrics
+
+
+def test_a_trained_k_that_contradicts_fits_result_is_refused_in_one_line(vae5):
+    from infer import IWAE, fit
+
+    model, guide, data = vae5
+    result = fit(model, guide, data, elbo=IWAE(num_particles=8), steps=2, log_every=1, seed=0)
+    with pytest.raises(ValueError, match=r"^trained_K=4 is not allowed with this result: it trained on the IWAE-8 "
+                                         r"bound; leave trained_K out \(it is taken from result\) or pass 8$"):
+        evaluate(model, guide, data, samples=512, replicates=4, exact=False, result=result, trained_K=4)

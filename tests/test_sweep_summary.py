@@ -152,6 +152,31 @@ def test_runs_written_from_python_with_other_networks_are_other_configurations(t
     assert sorted((r["model.hidden"], r["seeds"]) for r in rows) == [("", "2"), ("16", "2")]
 
 
+def _python_run(path, seed, loss, arguments):
+    """A run directory as write_run leaves it: metrics.json (with its `arguments`) and status.json, no .hydra/."""
+    path.mkdir()
+    (path / "metrics.json").write_text(json.dumps({**metrics(seed, loss), "arguments": arguments}))
+    (path / "status.json").write_text(json.dumps({"status": "ok"}))
+
+
+def test_runs_written_from_python_with_other_training_settings_are_other_configurations(tmp_path):
+    _python_run(tmp_path / "a", 0, 1.0, {"train.steps": 300})
+    _python_run(tmp_path / "b", 1, 1.1, {"train.steps": 600})
+    _python_run(tmp_path / "c", 0, 1.2, {"train.steps": 300, "optim.lr": 0.01})
+    _python_run(tmp_path / "d", 0, 1.3, {"train.steps": 300, "train.beta": 0.5})
+    result, md = summary(tmp_path)
+    rows = config_table(md)
+    assert len(rows) == 4 and all(r["seeds"] == "1" for r in rows)
+    assert result["jobs"]["duplicate_of"].isna().all()
+
+
+def test_a_python_run_and_a_command_line_run_with_the_same_settings_are_one_configuration(tmp_path):
+    job(tmp_path, ["data.n=5", "seed=0", "train.steps=300", "optim.lr=1e-2"], m=metrics(0, 1.0))
+    _python_run(tmp_path / "python", 1, 1.2, {"train.steps": 300, "optim.lr": 0.01})
+    rows = config_table(summary(tmp_path)[1])
+    assert [r["seeds"] for r in rows] == ["2"]
+
+
 def test_a_glob_sweep_of_a_groups_options_is_expanded_from_the_config_sources_it_ran_with(tmp_path):
     from analysis.jobs import expected_jobs
 
