@@ -66,8 +66,9 @@ def prepare(model, guide, data, elbo, v, device, start=0):
     """Everything before the first step, in the order that decides the RNG stream: move to the device, seed, reset
     (or keep) the params, check guide and objective, collect the params to train. With v['freeze_model'] the model's
     params (model_params) are never reset, whatever v['init'] says: init='reset' draws the guide's alone. Returns a
-    namespace with guide, x, needs_guide, names (the param store names), store, trained (names to train), params (their tensors), scale
-    (the LatentScale), model_w and guide_w (the weighted model and guide, None without a guide)."""
+    namespace with guide, x, needs_guide, names (the param store names), store, trained (names to train), params
+    (their tensors), scale (the LatentScale), model_w and guide_w (the weighted model and guide, None without a
+    guide)."""
     from types import SimpleNamespace
 
     needs_guide = getattr(elbo, "needs_guide", True)
