@@ -142,6 +142,13 @@ def previous_run(path) -> list:
     return names
 
 
+def is_listed_replica(path) -> bool:
+    """Whether path is a replica's own run dir: <group dir>/seed<s>, listed in its group's status.json."""
+    path = Path(path)
+    listed = read_status(path.parent).get("replicas")
+    return bool(REPLICA_DIR.fullmatch(path.name)) and isinstance(listed, list) and path.name in listed
+
+
 def check_run_dir_setting(value, key: str = "hydra.run.dir") -> None:
     """Raise RunDirError (one line, naming key) unless value names a directory: an empty (or blank) path would put
     the run's files into the current directory. Call it on the config's raw value, before making it absolute."""
@@ -185,9 +192,7 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
     for above in path.parents:
         if not is_run(above):
             continue
-        inner = path.relative_to(above)
-        listed = read_status(above).get("replicas")
-        if len(inner.parts) == 1 and isinstance(listed, list) and inner.name in listed:
+        if path.parent == above and is_listed_replica(path):
             continue  # a replica's own dir
         raise RunDirError(f"{key}={path} is not allowed: it is inside the run directory {above} (it holds a run's "
                           f"{STATUS}); no run writes into another run's directory: choose a {key} outside it")
