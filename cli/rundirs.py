@@ -21,7 +21,9 @@ log = logging.getLogger("onebit")
 
 def unclaimed_record(hc) -> Path:
     """Where a sweep job that could not claim its own directory is recorded."""
-    return Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}"
+    from analysis.rundir import run_path
+
+    return run_path(str(hc.sweep.dir)) / "_refused" / f"job{hc.job.num}"
 
 
 def clear_unclaimed(cfg, hc) -> None:
@@ -72,16 +74,17 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     whose run is still running in another process (live_owner) is refused always (RunDirError)."""
     from analysis.claim import Claim
 
-    held = STATE.get("claim")
-    if not fresh and held is not None and Path(held.path) == Path(out).absolute():
+    from analysis.rundir import RunDirError, live_owner, run_path
+
+    held, out = STATE.get("claim"), run_path(out)
+    if not fresh and held is not None and Path(held.path) == out:
         return held
-    from analysis.rundir import RunDirError, live_owner
 
     with _locked(out):  # of two runs claiming one existing dir at once, the second sees the first's status
         pid = live_owner(out)
         if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
             key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
-            raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid "
+            raise RunDirError(f"output dir {out} is in use: the run there is still running (pid "
                               f"{pid}); wait for it to end, or choose another {key}")
         in_place = resumes_in_place(cfg, out)
         overwrite = bool(cfg.get("overwrite", False))
@@ -117,7 +120,9 @@ def _launch() -> str:
 def _locked(out):
     """An exclusive flock, while `out` is claimed, on `out` or, where it does not exist yet, on its nearest existing
     parent: two claims of one dir, new or not, take turns, and the second sees the first's status.json."""
-    folder = Path(out).absolute()
+    from analysis.rundir import run_path
+
+    folder = run_path(out)
     try:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -140,10 +145,10 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     run's results (status ok; overwrite=true allows it), or that would change the config of the sweep job or replica
     there (whatever overwrite says: its .hydra files stay its own, member_resumed_in_place, and its sweep's or
     group's summary reports it under them)."""
-    from analysis.rundir import RunDirError, read_status
+    from analysis.rundir import RunDirError, read_status, run_path
     from cli.resume import _flat
 
-    out = Path(out).absolute()
+    out = run_path(out)
     if not overwrite and read_status(out).get("status") == "ok":
         raise RunDirError(f"output dir {out} holds a finished run (status ok): resuming it in place would replace its "
                           "results; resume it into another dir (hydra.run.dir), or set overwrite=true to replace them")
@@ -165,8 +170,10 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
 
 def resumes_in_place(cfg, out) -> bool:
     """Whether this run resumes a checkpoint inside its own run dir `out` (train.resume=<out>/checkpoint.pt)."""
+    from analysis.rundir import run_path
+
     resume = OmegaConf.select(cfg, "train.resume")
-    return bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
+    return bool(resume) and run_path(str(resume)).parent == run_path(out)
 
 
 MEMBERS = {"sweep job": "sweep's", "replica": "group's"}  # what member_resumed_in_place names, and whose summary
@@ -177,11 +184,11 @@ def member_resumed_in_place(cfg, out) -> str:
     listed in its group's status.json) or 'sweep job' (its .hydra/hydra.yaml records hydra.mode MULTIRUN); '' for a
     lone run, or a run that does not resume in place. Its .hydra files then stay its own, so that its sweep's or
     group's summary still counts it where it was (save_resume_overrides records how it was resumed)."""
-    from analysis.rundir import is_listed_replica
+    from analysis.rundir import is_listed_replica, run_path
 
     if not resumes_in_place(cfg, out):
         return ""
-    if is_listed_replica(Path(out).absolute()):
+    if is_listed_replica(run_path(out)):
         return "replica"
     return "sweep job" if is_sweep_job(out) else ""
 
@@ -220,7 +227,7 @@ def replica_dir(path: Path, cfg) -> Path:
     those overrides and this dir); marked running."""
     from hydra.core.hydra_config import HydraConfig
 
-    from analysis.rundir import write_status
+    from analysis.rundir import run_path, write_status
 
     folder = Path(path) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +244,7 @@ def replica_dir(path: Path, cfg) -> Path:
         copy = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
         with open_dict(copy):
             copy.hydra.overrides.task = task
-            copy.hydra.runtime.output_dir = str(Path(path).absolute())
+            copy.hydra.runtime.output_dir = str(run_path(path))
         OmegaConf.save(copy, folder / "hydra.yaml")
     write_status(path, "running")
     return Path(path)
