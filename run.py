@@ -88,7 +88,7 @@ def main(cfg: DictConfig):
     if requeue:
         log.info(requeue)
     try:
-        if not multirun and cli.sweep_job_resumed_in_place(cfg, out):  # it stays its sweep's job
+        if not multirun and cli.member_resumed_in_place(cfg, out):  # it stays its sweep's job, or group's replica
             cli.save_resume_overrides(claim, hc)
         else:
             cli.save_hydra_files(claim, cfg, hc)

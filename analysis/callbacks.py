@@ -16,6 +16,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .rundir import run_path
+
 log = logging.getLogger("onebit.sweep")
 LAST = {}  # the last sweep's outcome in this process: {"failed": [(job, reason), ...]}; run.py's exit code reads it
 
@@ -54,12 +56,12 @@ class SweepSummary(Callback):
         self.done = False
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        self.sweep_dir = run_path(str(config.hydra.sweep.dir))
         self.done = False
         atexit.register(self._at_exit)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        self._summarize(self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute(), ended=True)
+        self._summarize(self.sweep_dir or run_path(str(config.hydra.sweep.dir)), ended=True)
 
     def _at_exit(self) -> None:
         if self.done or self.sweep_dir is None or not self.sweep_dir.is_dir():

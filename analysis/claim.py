@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from .rundir import (BACKUP, STATUS, RunDirError, check_path_length, check_run_dir_place, occupant, previous_run,
-                     read_status, write_status)
+                     read_status, run_path, write_status)
 
 
 class Claim:
@@ -33,7 +33,7 @@ class Claim:
         never moved or removed."""
         self.launch = launch  # the sweep launch this job belongs to (analysis.jobs.launch_of), in its status.json
         self.job = job  # the launcher's id of the job (submitit's: its logs' folder), in its status.json
-        self.path = path = Path(path).absolute()
+        self.path = path = run_path(path)
         self.created, self.before, self.kept, self.moved = [], set(), {}, []
         self.started = False  # training began (commit): from then on what the run writes is never removed
         self.hydra_before = set()

@@ -246,10 +246,9 @@ def job_dirs(sweep_dir: Path) -> tuple:
 def _group_replicas(job: Path, overrides: list) -> list:
     """A replica's overrides with its group's `replicas` (a replica dir records replicas=1, so that `python run.py
     <its overrides>` runs it alone; the sweep trained it in a group, as the group's overrides say, or its config)."""
-    from .rundir import REPLICA_DIR, read_status
+    from .rundir import is_listed_replica
 
-    listed = read_status(job.parent).get("replicas")
-    if not (REPLICA_DIR.fullmatch(job.name) and isinstance(listed, list) and job.name in listed):
+    if not is_listed_replica(job):
         return overrides
     given = _overrides(job.parent)  # none readable: the replica's own overrides, less replicas=1
     key = lambda o: o.lstrip("+~").partition("=")[0]  # noqa: E731
@@ -341,7 +340,7 @@ def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> 
         row["status"] = status["status"]
         row["error"] = status.get("reason") or ""
         if status["status"] == "running" and not row["error"]:
-            row["status"], row["error"] = _running(job, status, ended)
+            row["status"], row["error"] = judge_running(job, status, ended)
         if status["status"] != "diverged" or not (job / "metrics.json").exists():
             return row
     metrics_path = job / "metrics.json"
@@ -481,7 +480,7 @@ def collect(sweep_dir, ended: bool = False) -> dict:
             "missing": missing}
 
 
-def _running(job: Path, status: dict, ended: bool = False) -> tuple:
+def judge_running(job: Path, status: dict, ended: bool = False) -> tuple:
     """(status, why) of a job whose status.json still says running: running where its process is alive (pid) or
     where it ran on another host, which this one cannot tell, unless the sweep has ended (every job returned); failed
     where its process is gone without recording how."""

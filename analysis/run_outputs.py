@@ -194,7 +194,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     from infer.validate import shown
 
     from .claim import Claim
-    from .rundir import live_owner, occupant
+    from .rundir import live_owner, occupant, run_path
 
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise ValueError(f"out={shown(out)} is not allowed: out must be a directory's path (str or pathlib.Path)")
@@ -208,7 +208,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     for label, value in (("figures", figures), ("overwrite", overwrite), ("checkpoint", checkpoint)):
         if not isinstance(value, bool):
             raise ValueError(f"{label}={shown(value)} is not allowed: {label} must be True or False")
-    out = Path(out)
+    out = run_path(out)  # /a/new/../b is /a/b, where no folder 'new' is made
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
     held = occupant(out)

@@ -12,7 +12,8 @@ it leaves no trace; a file or folder that was there before the claim is never re
 A run directory is never the current directory while that holds anything but a run (an empty hydra.run.dir would
 write a run's files among the user's), nor inside another run's directory (a folder above it holding a run's
 status.json), except a replica of a replica group (<group dir>/seed<s>, listed in the group's status.json), nor a
-folder that holds other runs below it (hydra.run.dir=outputs).
+folder that holds other runs below it (hydra.run.dir=outputs). Each rule is applied to the directory as the OS
+reads its path (run_path: '..' taken out, so that a/new/../b is judged as a/b, and no folder 'new' is made).
 """
 import json
 import os
@@ -34,6 +35,27 @@ STATES = ("running", "ok", "refused", "diverged", "failed")
 
 class RunDirError(ValueError):
     """An output directory that cannot be used: occupied by another run, or not creatable."""
+
+
+def run_path(path) -> Path:
+    """The absolute path of a run's (or a sweep's, or a checkpoint's) directory or file, as the OS reads it: every
+    check and claim of one run dir then sees the one place its run writes. Relative to the current directory, with
+    '.' and '..' taken out, so that /a/new/../b is /a/b (no folder 'new' is made to get there) and /a/run/.. is /a;
+    symlinks are kept as given (not Path.resolve, which resolves every one), except one that a '..' steps out of,
+    whose target the OS goes up from (not os.path.abspath, which goes up from the link's own folder)."""
+    parts = Path(path).absolute().parts  # absolute() keeps '..'
+    out = Path(parts[0])
+    for part in parts[1:]:
+        if part != "..":
+            out = out / part
+            continue
+        try:
+            if out.is_symlink():
+                out = Path(os.path.realpath(out))
+        except OSError:  # a name too long to look up: no link (check_path_length refuses it in one line)
+            pass
+        out = out.parent
+    return out
 
 
 def _umask() -> int:
@@ -154,6 +176,13 @@ def previous_run(path) -> list:
     return names
 
 
+def is_listed_replica(path) -> bool:
+    """Whether path is a replica's own run dir: <group dir>/seed<s>, listed in its group's status.json."""
+    path = Path(path)
+    listed = read_status(path.parent).get("replicas")
+    return bool(REPLICA_DIR.fullmatch(path.name)) and isinstance(listed, list) and path.name in listed
+
+
 def check_run_dir_setting(value, key: str = "hydra.run.dir") -> None:
     """Raise RunDirError (one line, naming key) unless value names a directory: an empty (or blank) path would put
     the run's files into the current directory. Call it on the config's raw value, before making it absolute."""
@@ -166,7 +195,7 @@ def check_path_length(path, key: str = "hydra.run.dir") -> None:
     """Raise RunDirError (one line, naming key) if the absolute run dir `path` has a folder name longer than its
     filesystem allows (NAME_MAX: 255 bytes on most), or is longer than a path may be (PATH_MAX): the OS would refuse
     it with ENAMETOOLONG at the first look."""
-    path = Path(path).absolute()
+    path = run_path(path)
     probe = path.parent
     while True:
         try:
@@ -193,13 +222,11 @@ def check_run_dir_place(path, key: str = "hydra.run.dir") -> None:
     (a folder above it holds a run's status.json; a replica dir <group>/seed<s> that the group's status lists is
     its own run), holds another run below it (run_below: e.g. outputs/, the folder of every run), or is the
     current directory while that holds files and no run."""
-    path = Path(path).absolute()
+    path = run_path(path)
     for above in path.parents:
         if not is_run(above):
             continue
-        inner = path.relative_to(above)
-        listed = read_status(above).get("replicas")
-        if len(inner.parts) == 1 and isinstance(listed, list) and inner.name in listed:
+        if path.parent == above and is_listed_replica(path):
             continue  # a replica's own dir
         raise RunDirError(f"{key}={path} is not allowed: it is inside the run directory {above} (it holds a run's "
                           f"{STATUS}); no run writes into another run's directory: choose a {key} outside it")

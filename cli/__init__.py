@@ -42,13 +42,14 @@ from cli.rundirs import (
     clear_unclaimed,
     fail,
     failed_value,
+    member_resumed_in_place,
     record_unclaimed,
     refuse_replacing_job,
     release_unstarted,
     replica_dir,
     save_hydra_files,
     save_resume_overrides,
-    sweep_job_resumed_in_place,
+    settle_group,
     write_json,
 )
 from cli.signals import (interrupted, killed_reason, launcher_job, on_sigterm, requeued, stopped_reason,
@@ -57,9 +58,9 @@ from cli.state import STATE, ConfigError
 from cli.values import COMMAND_LINE_RULES, validate
 
 __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_for", "clear_unclaimed", "divergence",
-           "fail", "failed_value", "killed_reason", "launcher_job", "load_resume", "main", "network_params",
-           "on_sigterm", "record_unclaimed", "refuse_replacing_job", "repeated_trial", "replica_dir", "requeued",
-           "resume_note", "save_hydra_files", "save_resume_overrides", "stopped_reason", "sweep_job_resumed_in_place",
+           "fail", "failed_value", "killed_reason", "launcher_job", "load_resume", "main", "member_resumed_in_place",
+           "network_params", "on_sigterm", "record_unclaimed", "refuse_replacing_job", "repeated_trial", "replica_dir",
+           "requeued", "resume_note", "save_hydra_files", "save_resume_overrides", "settle_group", "stopped_reason",
            "sweep_stopping", "trajectory_config", "validate", "write_json"]
 
 
@@ -97,6 +98,9 @@ def main(hydra_main, argv) -> int:
     except BaseException:  # Hydra's own exit (SystemExit) or a crash outside the task: no stale 'running' dir
         release_unstarted()
         raise
+    finally:
+        if not multirun:  # a replica resumed in place: its group's status.json says how the group stands now
+            settle_group()
     if STATE.get("sweep_refused"):  # the sweeper refused the sweep before any job (cli.optuna_sweep)
         STATE["sweep_undo"]()
         print(f"error: {STATE['sweep_refused']}", file=sys.stderr)

@@ -188,7 +188,9 @@ def preflight(overrides, multirun: bool) -> list:
             from cli.optuna_sweep import prepare
 
             prepare()
-        sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
+        from analysis.rundir import run_path
+
+        sweep_dir = run_path(str(cfg.hydra.sweep.dir))
         jobs = sweep_jobs(overrides, cfg)
         if jobs == []:  # e.g. range(0,0): Hydra would launch no job, write an empty summary and exit 0
             empty = next((o.input_line for o in parse_overrides(overrides)
@@ -205,17 +207,31 @@ def preflight(overrides, multirun: bool) -> list:
         STATE["sweep_dir"] = sweep_dir
         return [f"hydra.sweep.dir={_quote(sweep_dir)}"]
     validate(cfg)
-    load_resume(cfg)
-    from analysis.rundir import check_run_dir_setting
+    from analysis.rundir import check_run_dir_setting, run_path
 
+    pins = resume_pin(cfg)
+    load_resume(cfg)
     check_run_dir_setting(OmegaConf.select(cfg, "hydra.run.dir"))
-    out = Path(str(cfg.hydra.run.dir)).absolute()
+    out = run_path(str(cfg.hydra.run.dir))
     STATE["claim"] = claim_for(cfg, out)
-    pins = [f"hydra.run.dir={_quote(out)}"]
+    return [f"hydra.run.dir={_quote(out)}"] + pins
+
+
+def resume_pin(cfg) -> list:
+    """Where the run would read another file than train.resume names from here, set it to the checkpoint's path as
+    the OS reads it (analysis.rundir.run_path), for the checks here and the run alike, and return the override that
+    pins it for the run: a path with '..' (/a/new/../b/checkpoint.pt is /a/b/checkpoint.pt, though no folder 'new'
+    exists), or, with hydra.job.chdir=true, a relative one (the job reads it from its run dir). [] otherwise."""
+    from analysis.rundir import run_path
+
     resume = OmegaConf.select(cfg, "train.resume")
-    if resume and OmegaConf.select(cfg, "hydra.job.chdir") and not Path(str(resume)).is_absolute():
-        pins.append(f"train.resume={_quote(Path(str(resume)).absolute())}")  # checked here, read from the run dir
-    return pins
+    if not resume:
+        return []
+    path, given = run_path(str(resume)), Path(str(resume))
+    if path == given.absolute() and (given.is_absolute() or not OmegaConf.select(cfg, "hydra.job.chdir")):
+        return []
+    cfg.train.resume = str(path)
+    return [f"train.resume={_quote(path)}"]
 
 
 def _quiet_controllers() -> None:

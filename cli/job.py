@@ -212,7 +212,9 @@ def commit_claim(out: Path) -> None:
     (overwrite=true) go now (analysis.claim.Claim.commit). Until then every failure, a crash too, puts them back
     (run.py)."""
     claim = cli.STATE.get("claim")
-    if claim is not None and Path(claim.path) == Path(out).absolute():
+    from analysis.rundir import run_path
+
+    if claim is not None and Path(claim.path) == run_path(out):
         claim.commit()
 
 

@@ -21,7 +21,9 @@ log = logging.getLogger("onebit")
 
 def unclaimed_record(hc) -> Path:
     """Where a sweep job that could not claim its own directory is recorded."""
-    return Path(str(hc.sweep.dir)).absolute() / "_refused" / f"job{hc.job.num}"
+    from analysis.rundir import run_path
+
+    return run_path(str(hc.sweep.dir)) / "_refused" / f"job{hc.job.num}"
 
 
 def clear_unclaimed(cfg, hc) -> None:
@@ -72,19 +74,19 @@ def claim_for(cfg, out: Path, fresh: bool = False):
     whose run is still running in another process (live_owner) is refused always (RunDirError)."""
     from analysis.claim import Claim
 
-    held = STATE.get("claim")
-    if not fresh and held is not None and Path(held.path) == Path(out).absolute():
+    from analysis.rundir import RunDirError, live_owner, run_path
+
+    held, out = STATE.get("claim"), run_path(out)
+    if not fresh and held is not None and Path(held.path) == out:
         return held
-    from analysis.rundir import RunDirError, live_owner
 
     with _locked(out):  # of two runs claiming one existing dir at once, the second sees the first's status
         pid = live_owner(out)
         if pid is not None:  # overwrite=true or an in-place resume would write beside a run that is still training
             key = "hydra.sweep.dir" if fresh else "hydra.run.dir"
-            raise RunDirError(f"output dir {Path(out).absolute()} is in use: the run there is still running (pid "
+            raise RunDirError(f"output dir {out} is in use: the run there is still running (pid "
                               f"{pid}); wait for it to end, or choose another {key}")
-        resume = OmegaConf.select(cfg, "train.resume")
-        in_place = bool(resume) and Path(str(resume)).absolute().parent == Path(out).absolute()
+        in_place = resumes_in_place(cfg, out)
         overwrite = bool(cfg.get("overwrite", False))
         if in_place:
             check_in_place_resume(cfg, out, overwrite)
@@ -118,7 +120,9 @@ def _launch() -> str:
 def _locked(out):
     """An exclusive flock, while `out` is claimed, on `out` or, where it does not exist yet, on its nearest existing
     parent: two claims of one dir, new or not, take turns, and the second sees the first's status.json."""
-    folder = Path(out).absolute()
+    from analysis.rundir import run_path
+
+    folder = run_path(out)
     try:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -138,17 +142,18 @@ IN_PLACE_FREE = ("train.resume", "threads", *NO_RESULT_KEYS)  # change no number
 
 def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     """Refuse (RunDirError, one line) a resume into the directory of its own checkpoint that would replace a finished
-    run's results (status ok; overwrite=true allows it), or that would change the config of the sweep job there
-    (whatever overwrite says: its .hydra files stay the job's, sweep_job_resumed_in_place, and its sweep's summary
-    reports it under them)."""
-    from analysis.rundir import RunDirError, read_status
+    run's results (status ok; overwrite=true allows it), or that would change the config of the sweep job or replica
+    there (whatever overwrite says: its .hydra files stay its own, member_resumed_in_place, and its sweep's or
+    group's summary reports it under them)."""
+    from analysis.rundir import RunDirError, read_status, run_path
     from cli.resume import _flat
 
-    out = Path(out).absolute()
+    out = run_path(out)
     if not overwrite and read_status(out).get("status") == "ok":
         raise RunDirError(f"output dir {out} holds a finished run (status ok): resuming it in place would replace its "
                           "results; resume it into another dir (hydra.run.dir), or set overwrite=true to replace them")
-    if not sweep_job_resumed_in_place(cfg, out):
+    member = member_resumed_in_place(cfg, out)
+    if not member:
         return
     try:
         saved = _flat(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
@@ -157,20 +162,35 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     now = _flat({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
     changed = [k for k in sorted(set(saved) | set(now)) if k not in IN_PLACE_FREE and saved.get(k) != now.get(k)]
     if changed:
-        key = changed[0]
-        raise RunDirError(f"{key}={now.get(key)!r} is not allowed in place: the sweep job in {out} ran with "
-                          f"{key}={saved.get(key)!r}, and its sweep's summary reports it under its own config; resume "
-                          "it with the job's config, or into another dir (hydra.run.dir), where it is a run of its own")
+        key, whose = changed[0], MEMBERS[member]
+        raise RunDirError(f"{key}={now.get(key)!r} is not allowed in place: the {member} in {out} ran with "
+                          f"{key}={saved.get(key)!r}, and its {whose} summary reports it under its own config; resume "
+                          "it with its config, or into another dir (hydra.run.dir), where it is a run of its own")
 
 
-def sweep_job_resumed_in_place(cfg, out) -> bool:
-    """Whether this run resumes a sweep job in place: train.resume names a checkpoint inside `out`, whose
-    .hydra/hydra.yaml records a sweep's job (hydra.mode MULTIRUN). Its .hydra files then stay the job's, so that its
-    sweep's summary still counts it as that job (save_resume_overrides records how it was resumed)."""
+def resumes_in_place(cfg, out) -> bool:
+    """Whether this run resumes a checkpoint inside its own run dir `out` (train.resume=<out>/checkpoint.pt)."""
+    from analysis.rundir import run_path
+
     resume = OmegaConf.select(cfg, "train.resume")
-    if not resume or Path(str(resume)).absolute().parent != Path(out).absolute():
-        return False
-    return is_sweep_job(out)
+    return bool(resume) and run_path(str(resume)).parent == run_path(out)
+
+
+MEMBERS = {"sweep job": "sweep's", "replica": "group's"}  # what member_resumed_in_place names, and whose summary
+
+
+def member_resumed_in_place(cfg, out) -> str:
+    """What this run resumes in place where `out` belongs to a larger whole: 'replica' (a replica group's seed<s>,
+    listed in its group's status.json) or 'sweep job' (its .hydra/hydra.yaml records hydra.mode MULTIRUN); '' for a
+    lone run, or a run that does not resume in place. Its .hydra files then stay its own, so that its sweep's or
+    group's summary still counts it where it was (save_resume_overrides records how it was resumed)."""
+    from analysis.rundir import is_listed_replica, run_path
+
+    if not resumes_in_place(cfg, out):
+        return ""
+    if is_listed_replica(run_path(out)):
+        return "replica"
+    return "sweep job" if is_sweep_job(out) else ""
 
 
 def is_sweep_job(out) -> bool:
@@ -183,7 +203,8 @@ def is_sweep_job(out) -> bool:
 
 
 def save_resume_overrides(claim, hc) -> None:
-    """.hydra/resume_overrides.yaml: the command line that resumed a sweep job in place (its own .hydra files kept)."""
+    """.hydra/resume_overrides.yaml: the command line that resumed a sweep job or a replica in place (its own .hydra
+    files kept)."""
     folder = Path(claim.path) / ".hydra"
     folder.mkdir(exist_ok=True)
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "resume_overrides.yaml")
@@ -206,7 +227,7 @@ def replica_dir(path: Path, cfg) -> Path:
     those overrides and this dir); marked running."""
     from hydra.core.hydra_config import HydraConfig
 
-    from analysis.rundir import write_status
+    from analysis.rundir import run_path, write_status
 
     folder = Path(path) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,10 +244,59 @@ def replica_dir(path: Path, cfg) -> Path:
         copy = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})
         with open_dict(copy):
             copy.hydra.overrides.task = task
-            copy.hydra.runtime.output_dir = str(Path(path).absolute())
+            copy.hydra.runtime.output_dir = str(run_path(path))
         OmegaConf.save(copy, folder / "hydra.yaml")
     write_status(path, "running")
     return Path(path)
+
+
+def settle_group() -> None:
+    """After a replica resumed in place ended (its status.json, by this process, says how): its group's status.json,
+    which its own process, since gone, left as it stood (say 'running', after a SIGKILL), is brought up to date from
+    its replicas' (group_outcome). Nothing is written while the group's process or a replica's still runs (the last
+    one to end settles it), nor for a run that recorded nothing (refused: its claim put everything back)."""
+    from analysis.rundir import is_listed_replica, live_owner, read_status, write_status
+
+    claim = STATE.get("claim")
+    if claim is None or not is_listed_replica(claim.path):
+        return
+    status, group = read_status(claim.path), Path(claim.path).parent
+    if status.get("pid") != os.getpid() or status.get("status") in (None, "running") or live_owner(group):
+        return
+    outcome = group_outcome(group)
+    if outcome is not None:
+        write_status(group, *outcome[:2], **outcome[2])
+
+
+def group_outcome(group: Path):
+    """(status, reason, extra) of a replica group whose process has ended, from its listed replicas' status.json: ok
+    (extra: the mean loss) when every replica ended ok; else diverged where every other one diverged, failed
+    otherwise, the reason naming each (a replica whose status still says running, its process gone, was killed).
+    None while a replica's run is still running."""
+    from analysis.jobs import judge_running
+    from analysis.rundir import read_status
+
+    names = read_status(group).get("replicas")
+    outcomes, losses = [], []
+    for name in names if isinstance(names, list) else []:
+        record = read_status(group / name)
+        state, why = record.get("status") or "failed", record.get("reason") or "no status.json"
+        if state == "running":  # its process gone: killed (the summary's judgement); alive: not ours to settle
+            state, why = judge_running(group / name, record)
+            if state == "running":
+                return None
+        outcomes.append((name, state, why))
+        losses.append(record.get("loss"))
+    bad = [(name, state, why) for name, state, why in outcomes if state != "ok"]
+    if not bad:
+        numbers = [v for v in losses if isinstance(v, (int, float))]
+        mean = sum(numbers) / len(numbers) if numbers and len(numbers) == len(losses) else None
+        resumed = [name for name, _, _ in outcomes if (group / name / ".hydra" / "resume_overrides.yaml").exists()]
+        return "ok", (f"finished: all {len(outcomes)} replicas ended ok"
+                      + (f" ({', '.join(resumed)} resumed in place)" if resumed else "")), {"loss": mean}
+    status = "diverged" if all(state == "diverged" for _, state, _ in bad) else "failed"
+    return status, (f"{len(bad)} of {len(outcomes)} replicas did not end ok: "
+                    + "; ".join(f"{name}: {state}: {why}" for name, state, why in bad)), {}
 
 
 def to_log_file(line: str, level: int = logging.ERROR) -> None:

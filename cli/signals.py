@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from analysis.rundir import pid_alive as _alive
+from analysis.rundir import run_path
 from cli.state import STATE
 
 
@@ -241,7 +242,7 @@ def requeued(cfg, out) -> str:
         who = "relaunched after its joblib worker was lost"
     else:
         return ""
-    checkpoint = Path(out).absolute() / "checkpoint.pt"
+    checkpoint = run_path(out) / "checkpoint.pt"
     with open_dict(cfg):
         if checkpoint.is_file() and not (cfg.get("replicas") or 1) > 1:
             cfg.train.resume, cfg.overwrite = str(checkpoint), False

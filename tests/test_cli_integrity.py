@@ -344,3 +344,77 @@ def test_a_run_that_fails_before_training_keeps_the_run_it_was_to_replace(tmp_pa
         path = proc.stderr.split("traceback in ")[1].rstrip(")\n")
         assert "RuntimeError: value cannot be converted" in Path(path).read_text()
         Path(path).unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a path with '..' names the directory the OS reads it as: refused for the right reason, creating no folder
+
+
+def test_a_run_path_takes_out_dot_dot_as_the_os_reads_it_and_resolves_no_other_symlink(tmp_path):
+    from analysis.rundir import run_path
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    assert run_path(tmp_path / "new" / ".." / "base") == tmp_path / "base"
+    assert run_path(tmp_path / "link" / "run") == tmp_path / "link" / "run"  # the link kept as given
+    assert run_path(tmp_path / "link" / "..") == tmp_path / "real"  # up from the link's target, as the OS goes
+    assert os.path.samefile(run_path(tmp_path / "link" / ".."), os.path.join(tmp_path, "link", ".."))
+
+
+def test_a_run_dir_reached_through_a_folder_that_does_not_exist_is_refused_as_the_run_it_holds(tmp_path,
+                                                                                             finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'new' / '..' / 'run'}", cwd=tmp_path)
+    one_line_error(proc, f"output dir {run} already holds a run with status 'ok'", "overwrite=true")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_parent_of_a_run_dir_spelled_with_dot_dot_is_refused_as_the_folder_that_holds_it(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli(*TINY, f"hydra.run.dir={run / '..'}", cwd=tmp_path)
+    line = one_line_error(proc, f"hydra.run.dir={tmp_path} is not allowed: it holds the run directory {run}")
+    assert "inside" not in line and snapshot(run) == before
+
+
+def test_a_sweep_dir_reached_through_a_folder_that_does_not_exist_is_refused_as_the_run_it_holds(tmp_path,
+                                                                                               finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli("-m", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'new' / '..' / 'run'}", cwd=tmp_path)
+    one_line_error(proc, f"hydra.sweep.dir={run} is not allowed: it holds a run with status 'ok'")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_resume_spelled_with_dot_dot_into_its_own_run_dir_resumes_in_place(tmp_path, finished_run):
+    run = _killed(copy_of(finished_run, tmp_path))
+    proc = run_cli(*TINY, "train.steps=40", f"train.resume={run / '..' / 'run' / 'checkpoint.pt'}",
+                   f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 40
+
+
+def test_a_resume_reached_through_a_folder_that_does_not_exist_reads_the_checkpoint_it_names(tmp_path, finished_run):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    proc = run_cli(*TINY, "train.steps=40", f"train.resume={tmp_path / 'new' / '..' / 'run' / 'checkpoint.pt'}",
+                   f"hydra.run.dir={run}", cwd=tmp_path)
+    one_line_error(proc, f"output dir {run} holds a finished run (status ok)")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_write_run_into_a_run_dir_reached_through_a_folder_that_does_not_exist_is_refused(tmp_path, finished_run):
+    from analysis.report import write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    model = VAE(3)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, OneBit(3), steps=2)
+    with pytest.raises(ValueError, match=f"^out={run} is not allowed: it already holds a run with status 'ok'"):
+        write_run(tmp_path / "new" / ".." / "run", model, guide, OneBit(3), result, {}, figures=False)
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

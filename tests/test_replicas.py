@@ -4,6 +4,7 @@ Each replica is its single run (same init, noise, schedule; the same trajectory 
 matmuls); it does not depend on how many replicas share the process or which; a guide that cannot take the replica
 dim is refused in one line; from the command line each replica writes a single run's outputs into its own dir."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,89 @@ def test_the_command_lines_unstackable_guides_are_the_conf_guides_fit_replicas_r
             except ValueError:
                 refused.add(guide)
     assert refused == set(UNSTACKABLE_GUIDES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a replica resumed in place: it stays a seed of its group, and its group's status.json says how the group stands
+
+
+@pytest.fixture(scope="module")
+def finished_group(tmp_path_factory):
+    """A finished group of two replicas (seeds 0 and 1); tests copy it (killed_group) before touching it."""
+    base = tmp_path_factory.mktemp("group")
+    proc = run_cli(*FAST, "replicas=2", f"hydra.run.dir={base / 'group'}", cwd=base)
+    assert proc.returncode == 0, proc.stderr
+    return base / "group"
+
+
+def killed_group(finished_group, where, *killed) -> Path:
+    """A copy of finished_group as a SIGKILL of its process leaves it while the replicas `killed` were unfinished:
+    the group's and their status.json say running (a pid that is gone), and they have no results yet."""
+    import shutil
+
+    group = where / "group"
+    shutil.copytree(finished_group, group)
+    for folder in [group, *(group / name for name in killed)]:
+        record = json.loads((folder / "status.json").read_text())
+        (folder / "status.json").write_text(json.dumps({**record, "status": "running", "pid": 999999}))
+    for name in killed:
+        for output in ("metrics.json", "history.csv", "encodings.nc"):
+            (group / name / output).unlink()
+    return group
+
+
+def resume_in_place(replica, *extra, cwd):
+    """Resume a replica's run in place, as its README line says."""
+    seed = replica.name[len("seed"):]
+    return run_cli(*FAST, f"seed={seed}", *extra, f"train.resume={replica / 'checkpoint.pt'}",
+                   f"hydra.run.dir={replica}", cwd=cwd)
+
+
+def test_a_replica_resumed_in_place_keeps_its_hydra_files_and_records_its_command_line_apart(finished_group, tmp_path):
+    group = killed_group(finished_group, tmp_path, "seed1")
+    before = {p.name: p.read_bytes() for p in (group / "seed1" / ".hydra").iterdir()}
+    proc = resume_in_place(group / "seed1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {name: (group / "seed1" / ".hydra" / name).read_bytes() for name in before} == before
+    assert "train.resume=" in (group / "seed1" / ".hydra" / "resume_overrides.yaml").read_text()
+
+
+def test_a_replica_resumed_in_place_is_summarised_as_a_seed_of_its_groups_one_configuration(finished_group, tmp_path):
+    import pandas as pd
+
+    from analysis.sweep import summarize
+
+    group = killed_group(finished_group, tmp_path, "seed1")
+    assert resume_in_place(group / "seed1", cwd=tmp_path).returncode == 0
+    summarize(group, figures=False)
+    by_config = pd.read_csv(group / "summary_by_config.csv")
+    assert len(by_config) == 1 and not any("train.resume" in column for column in by_config.columns)
+    assert set(pd.read_csv(group / "summary.csv")["status"]) == {"ok"}
+
+
+def test_a_replica_resumed_in_place_with_another_config_is_refused_and_left_as_it_was(finished_group, tmp_path):
+    group = killed_group(finished_group, tmp_path, "seed1")
+    before = {str(p): p.read_bytes() for p in sorted(group.rglob("*")) if p.is_file()}
+    proc = resume_in_place(group / "seed1", "train.steps=60", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: train.steps=60 is not allowed in place: the replica in {group / 'seed1'} ran with train.steps=30, "
+        "and its group's summary"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert {str(p): p.read_bytes() for p in sorted(group.rglob("*")) if p.is_file()} == before
+
+
+def test_a_killed_groups_status_says_ok_once_its_last_unfinished_replica_is_resumed_in_place(finished_group, tmp_path):
+    group = killed_group(finished_group, tmp_path, "seed1")
+    assert resume_in_place(group / "seed1", cwd=tmp_path).returncode == 0
+    status = json.loads((group / "status.json").read_text())
+    losses = [json.loads((group / s / "metrics.json").read_text())["loss"] for s in ("seed0", "seed1")]
+    assert status["status"] == "ok" and status["replicas"] == ["seed0", "seed1"] and "seed1 resumed" in status["reason"]
+    assert status["loss"] == pytest.approx(sum(losses) / 2)
+
+
+def test_a_killed_groups_status_names_the_replicas_not_yet_resumed(finished_group, tmp_path):
+    group = killed_group(finished_group, tmp_path, "seed0", "seed1")
+    assert resume_in_place(group / "seed1", cwd=tmp_path).returncode == 0
+    status = json.loads((group / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"].startswith("1 of 2 replicas did not end ok: seed0: "
+                                                                        "failed: killed: its process (pid 999999)")
