@@ -165,6 +165,65 @@ def test_a_glob_sweep_of_a_groups_options_is_expanded_from_the_config_sources_it
     assert expected_jobs(tmp_path) == [["model=vae", "seed=0"], ["model=vae2", "seed=0"]]
 
 
+def hydra_draws(monkeypatch, draw):
+    """Make Hydra's shuffle() draw the order `draw` gives (a function that reorders a list in place), as it draws
+    one at random: the summary's expansion of the sweep then draws that order, whichever its launch drew."""
+    import random
+
+    from hydra.core.override_parser import types
+
+    monkeypatch.setattr(random, "shuffle", draw)
+    monkeypatch.setattr(types, "shuffle", draw)
+
+
+@pytest.mark.parametrize("sweep", ["seed=shuffle(range(0,3))", "seed=shuffle(0,1,2)", "seed=shuffle(choice(0,1,2))",
+                                   "seed=shuffle(sort(2,1,0))"])
+def test_a_shuffled_sweeps_jobs_are_its_own_whatever_order_hydra_drew_for_them(tmp_path, monkeypatch, sweep):
+    multirun(tmp_path, ["data.n=5", sweep])
+    for num, seed in enumerate([2, 0, 1]):  # the order the launch drew
+        job(tmp_path, ["data.n=5", f"seed={seed}"], num=num, m=metrics(seed, 1.0 + seed))
+    hydra_draws(monkeypatch, lambda lst: None)  # the summary's draw: 0, 1, 2
+    result, md = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == [0, 1, 2] and result["missing"] == [] and result["left_out"] == []
+    assert result["failed"] == [] and "Left out" not in md
+
+
+def test_a_shuffled_list_value_matches_the_order_hydra_drew_for_the_job(tmp_path, monkeypatch):
+    multirun(tmp_path, ["optim.betas=shuffle([0.9,0.99])", "seed=0,1"])
+    for num, seed in enumerate([0, 1]):
+        job(tmp_path, ["optim.betas=[0.99,0.9]", f"seed={seed}"], num=num, m=metrics(seed, 1.0))
+    hydra_draws(monkeypatch, lambda lst: None)  # the summary's draw: [0.9, 0.99]
+    result, _ = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["missing"] == [] and result["left_out"] == []
+
+
+def test_a_missing_job_of_a_shuffled_list_is_named_as_the_sweep_wrote_it(tmp_path):
+    multirun(tmp_path, ["optim.betas=shuffle([0.9,0.99])", "seed=0,1"])
+    job(tmp_path, ["optim.betas=[0.99,0.9]", "seed=0"], num=0, m=metrics(0, 1.0))
+    result, _ = summary(tmp_path)
+    assert result["missing"] == ["optim.betas=shuffle([0.9,0.99]) seed=1"]
+
+
+def test_a_job_dir_of_a_shuffled_sweep_with_another_value_is_still_left_out(tmp_path):
+    multirun(tmp_path, ["data.n=5", "seed=shuffle(0,1)"])
+    job(tmp_path, ["data.n=5", "seed=0"], num=1, m=metrics(0, 1.0))
+    job(tmp_path, ["data.n=5", "seed=7"], num=0, m=metrics(7, 1.0))
+    result, _ = summary(tmp_path)
+    assert list(result["jobs"]["seed"]) == [0] and result["missing"] == ["data.n=5 seed=1"]
+    assert result["left_out"] == ["data.n=5,seed=7"]
+
+
+@pytest.mark.parametrize("sweep, seeds", [("seed=sort(2,0,1)", [0, 1, 2]), ("seed=sort(0,2,1,reverse=true)", [2, 1, 0]),
+                                          ("seed=choice(2,0,1)", [2, 0, 1]), ("seed=range(0,6,2)", [0, 2, 4]),
+                                          ("seed=tag(a,choice(1,0))", [1, 0])])
+def test_a_sweep_in_hydras_other_sweep_functions_matches_its_jobs_by_number(tmp_path, sweep, seeds):
+    multirun(tmp_path, ["data.n=5", sweep])
+    for num, seed in enumerate(seeds):  # Hydra's order, which these functions fix
+        job(tmp_path, ["data.n=5", f"seed={seed}"], num=num, m=metrics(seed, 1.0))
+    result, _ = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == sorted(seeds) and result["missing"] == [] and result["left_out"] == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # each run once
 
