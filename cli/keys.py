@@ -78,6 +78,10 @@ def _sweep_values(arg: str) -> list:
     """The values an override written in Hydra's sweep syntax (choice(a,b), glob(v*), range(0,3)) stands for, as
     strings; [the value] for one that sweeps nothing."""
     o = parse_overrides([arg])[0]
+    if o.is_sweep_override() and not o.is_discrete_sweep():
+        raise ConfigError(f"{arg} is not allowed: interval() draws numbers, and {o.key_or_group} must be one option, "
+                          f"one of {', '.join(group_options(o.key_or_group.split('@')[0]))} (sweep options with -m "
+                          f"{o.key_or_group}=a,b)")
     return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
 
 

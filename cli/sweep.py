@@ -23,10 +23,23 @@ def sweep_jobs(overrides, cfg):
         return None
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    check_enumerable(args, given=len(args) - len(overrides))
     try:
         return BasicSweeper.split_arguments(parse_overrides(args), None)[0]
     except Exception:  # noqa: BLE001  a sweep the basic sweeper refuses: Hydra says so itself
         return None
+
+
+def check_enumerable(args, given: int = 0) -> None:
+    """Refuse, in one line naming the key, a sweep the basic sweeper cannot list the values of: interval() (also
+    inside tag()), which a sampling sweeper draws from (Hydra: a traceback once the sweep dir was made). args: the
+    config's hydra.sweeper.params (the first `given`) then the command line."""
+    for i, o in enumerate(parse_overrides(args)):
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            where = " (in the config's hydra.sweeper.params)" if i < given else ""
+            raise ConfigError(f"{o.input_line}{where} is not allowed: {o.key_or_group} sweeps an interval(), which "
+                              "needs a sweeper that samples (hydra/sweeper=optuna); the basic sweeper runs listed "
+                              f"values: {o.key_or_group}=a,b,c or range(start,stop,step)")
 
 
 def check_some_job_runs(jobs) -> None:
