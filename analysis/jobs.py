@@ -105,17 +105,56 @@ def listed_replicas(job: Path) -> list:
 
 def task_overrides(job: Path):
     """The job's task overrides: its .hydra/overrides.yaml, or where that file is lost, empty or unreadable (a
-    half-written file) the same list in its .hydra/hydra.yaml (hydra.overrides.task); None where neither reads."""
+    half-written file, or one that reads as YAML but not as Hydra's overrides) the same list in its .hydra/hydra.yaml
+    (hydra.overrides.task); None where neither reads (read_overrides)."""
+    return read_overrides(job)[0]
+
+
+def read_overrides(job: Path) -> tuple:
+    """(overrides, note) of a job: its task overrides as task_overrides finds them (None where neither file reads),
+    and, where its .hydra/overrides.yaml is there but unreadable, a note saying so and where they came from instead
+    ('' otherwise)."""
     hydra = job / ".hydra"
-    for path, key in ((hydra / "overrides.yaml", None), (hydra / "hydra.yaml", "hydra.overrides.task")):
+    first, why = hydra / "overrides.yaml", ""
+    for path, key in ((first, None), (hydra / "hydra.yaml", "hydra.overrides.task")):
+        found, problem = _override_list(path, key)
+        if path == first and path.exists():
+            why = problem
+        if found is not None:
+            return found, (f".hydra/overrides.yaml unreadable ({why}): its overrides are read from its "
+                           ".hydra/hydra.yaml" if why else "")
+    return None, (f".hydra/overrides.yaml unreadable ({why}), and its .hydra/hydra.yaml records none: its overrides "
+                  "are unknown" if why else "")
+
+
+def _override_list(path: Path, key=None) -> tuple:
+    """(overrides, problem) of one of a job's .hydra files (at key, for hydra.yaml): its list of override strings,
+    or None and why not ('' where the file is not there or holds none: an empty file, a half-written one)."""
+    try:
+        value = _yaml(path) if path.exists() else None
+    except Exception:  # noqa: BLE001  a half-written file
+        return None, "not YAML"
+    if key is not None:
+        value = select(value, key) if isinstance(value, dict) else None
+    if value is None:
+        return None, "empty" if path.exists() else ""
+    if not isinstance(value, list):
+        return None, "not a list of overrides"
+    overrides = [str(o) for o in value]
+    bad = _unparsable(overrides)
+    return (None, f"{bad!r} is not an override Hydra can read") if bad is not None else (overrides, "")
+
+
+def _unparsable(overrides: list):
+    """The first of a job's override strings that is none a job runs with: one Hydra's override parser cannot parse
+    (a line cut short: 'seed=['), no key=value, or a sweep (a job runs one value of each); None where all are."""
+    for text in overrides:
         try:
-            value = _yaml(path) if path.exists() else None
-        except Exception:  # noqa: BLE001  a half-written file: try the other
-            value = None
-        if key is not None:
-            value = select(value, key) if isinstance(value, dict) else None
-        if isinstance(value, list):
-            return [str(o) for o in value]
+            o = _parser().parse_overrides([text])[0]
+        except Exception:  # noqa: BLE001  Hydra's OverrideParseException
+            return text
+        if o.is_sweep_override() or ("=" not in text and not o.is_delete()):
+            return text
     return None
 
 
@@ -267,7 +306,7 @@ def _group_replicas(job: Path, overrides: list) -> list:
 def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics. A status.json that is
     there but cannot be read is said in the row's error; the run is then judged by its metrics.json alone (as one
-    whose status.json is lost)."""
+    whose status.json is lost). So is an unreadable .hydra/overrides.yaml (read_overrides)."""
     from .rundir import load_status
 
     if not job.exists():  # a replica its group's status.json lists, whose dir is gone
@@ -278,6 +317,9 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         said = f"its status.json is unreadable ({problem})" + (": judged by its metrics.json" if row["status"] == "ok"
                                                                else "")
         row["error"] = "; ".join(p for p in (row.get("error"), said) if p)
+    unread = read_overrides(job)[1]
+    if unread:
+        row["error"] = "; ".join(p for p in (row.get("error"), unread) if p)
     return row
 
 

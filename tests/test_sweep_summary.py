@@ -601,30 +601,50 @@ def two_seeds_one_hurt(tmp_path):
     return sweep, job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
 
 
-@pytest.mark.parametrize("corrupt", ["seed: [1\n", ""])
+# what a damaged .hydra/overrides.yaml may hold: not YAML, nothing, or YAML that is no list of overrides a job ran
+DAMAGED_OVERRIDES = {"not YAML": "seed: [1\n", "empty": "", "a line cut short": "- seed=[\n", "no key=value": "- 5\n",
+                     "a sweep": "- seed=0,1\n", "a mapping in the list": "- {seed: 1}\n", "a mapping": "seed: 1\n",
+                     "a value cut short": "- seed=1\n- data.n='5\n"}
+
+
+@pytest.mark.parametrize("corrupt", DAMAGED_OVERRIDES.values(), ids=DAMAGED_OVERRIDES.keys())
 def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hydra_yaml_records(tmp_path, corrupt):
     sweep, hurt = two_seeds_one_hurt(tmp_path)
     (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
     (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
     result, md = summary(sweep)
-    assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
+    assert "MISSING" not in md and "Left out" not in md
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
 
 
-def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path):
+def test_a_job_found_by_its_hydra_yaml_says_its_overrides_yaml_is_unreadable(tmp_path):
+    sweep, hurt = two_seeds_one_hurt(tmp_path)
+    (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text("- seed=[\n")
+    _, md = summary(sweep)
+    assert "- NOTE `seed=1`: .hydra/overrides.yaml unreadable ('seed=[' is not an override Hydra can read): its " \
+           "overrides are read from its .hydra/hydra.yaml" in md
+
+
+@pytest.mark.parametrize("corrupt", ["seed: [1\n", "- seed=[\n"], ids=["not YAML", "a line cut short"])
+def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path, corrupt):
     from analysis.jobs import SWEEP_LOCK
 
     sweep, hurt = two_seeds_one_hurt(tmp_path)
     (sweep / SWEEP_LOCK).write_text("pid 1, started 2026-12-02T00:00:00")
-    (hurt / ".hydra" / "overrides.yaml").write_text("seed: [1\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
     (hurt / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 1, started 2026-12-02T00:00:00"}))
     result, md = summary(sweep)
     assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
 
 
-def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path):
+@pytest.mark.parametrize("overrides, hydra", [("x: [\n", "x: [\n"),
+                                              ("- seed=[\n", "hydra:\n  overrides:\n    task:\n    - seed=[\n")],
+                         ids=["not YAML", "lines cut short"])
+def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path, overrides, hydra):
     sweep, hurt = two_seeds_one_hurt(tmp_path)
-    for name in ("overrides.yaml", "hydra.yaml"):
-        (hurt / ".hydra" / name).write_text("x: [\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text(overrides)
+    (hurt / ".hydra" / "hydra.yaml").write_text(hydra)
     _, md = summary(sweep)
     assert "- MISSING seed=1" in md and "- UNREADABLE `seed=1`: neither its .hydra/overrides.yaml nor" in md
 
