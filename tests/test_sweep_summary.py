@@ -485,6 +485,59 @@ def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_wri
     assert exit_.value.code == 2 and sorted(p.name for p in folder.rglob("*")) == before
 
 
+def summary_command(capsys, *argv):
+    """(exit code, stdout, stderr's lines) of `python -m analysis.sweep argv...` (analysis.sweep.main)."""
+    from analysis.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda p: p.write_text("x"), "is a file, not a directory"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "is a broken link, not a directory"),
+    (lambda p: None, "does not exist"),
+], ids=["a file", "a broken link", "nothing"])
+def test_the_summary_command_given_no_directory_says_what_the_path_is_in_one_line(tmp_path, capsys, make, said):
+    path = tmp_path / "given"
+    make(path)
+    code, out, err = summary_command(capsys, str(path))
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ") and said in err[0]
+    assert str(path) in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_summary_command_prints_its_usage_for_help_and_exits_0(capsys, flag):
+    code, out, err = summary_command(capsys, flag)
+    assert code == 0 and out.startswith("usage: python -m analysis.sweep [-h] SWEEP_DIR") and err == []
+
+
+@pytest.mark.parametrize("argv, said", [
+    ([], "analysis.sweep takes one sweep directory, given none; usage: "),
+    (["a", "b"], "analysis.sweep takes one sweep directory, given 2 (a b); usage: "),
+    (["--bogus", "a"], "--bogus is not an option of analysis.sweep: it takes one sweep directory"),
+    (["a", "-x"], "-x is not an option of analysis.sweep"),
+], ids=["no argument", "two arguments", "an unknown option", "an unknown short option"])
+def test_the_summary_command_refuses_arguments_other_than_one_directory_in_one_line(capsys, argv, said):
+    code, out, err = summary_command(capsys, *argv)
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith(f"error: {said}"), err
+
+
+def test_the_summary_command_takes_a_directory_named_like_an_option_after_a_double_dash(tmp_path, capsys,
+                                                                                          monkeypatch):
+    sweep = tmp_path / "-sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0"])
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("analysis.sweep._figures", lambda agg, jobs, sweep_dir: [])
+    code, out, err = summary_command(capsys, "--", "-sweep")
+    assert code == 0 and out.startswith("# Sweep summary") and (sweep / "summary.md").exists()
+
+
 def test_a_sweep_of_replicas_names_the_groups_replicas_not_the_replica_dirs_replicas_1(tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
