@@ -233,7 +233,7 @@ def parse_overrides(overrides):
 
     parser = OverridesParser.create(config_loader=GroupOptions())
     try:
-        return parser.parse_overrides(list(overrides))
+        parsed = parser.parse_overrides(list(overrides))
     except Exception as err:  # noqa: BLE001  hydra's OverrideParseException
         for override in overrides:  # name the one that does not parse
             try:
@@ -247,6 +247,21 @@ def parse_overrides(overrides):
                     hint = ""
                 raise ConfigError(f"{override} cannot be parsed ({one_line(err)}){hint}") from None
         raise ConfigError(f"cannot parse the command line: {one_line(err)}") from None
+    for o in parsed:
+        check_flat_sweep(o)
+    return parsed
+
+
+def check_flat_sweep(o) -> None:
+    """Refuse, in one line naming the override, a sweep one of whose values is itself a sweep (seed=range(0,2),5:
+    Hydra parses it, then fails with a message naming no key when it lists the values)."""
+    from hydra.core.override_parser.types import ChoiceSweep, Sweep
+
+    values = o._value.list if isinstance(o._value, ChoiceSweep) else []
+    if any(isinstance(v, Sweep) for v in values):
+        raise ConfigError(f"{o.input_line} is not allowed: a sweep's values are single values, and range(), "
+                          f"choice() or interval() is none; sweep one of them alone ({o.key_or_group}=range(0,3)) or "
+                          f"list the values ({o.key_or_group}=a,b,c)")
 
 
 def check_keys(overrides, multirun: bool) -> None:
