@@ -70,7 +70,7 @@ class SweepSummary(Callback):
         import subprocess
         import sys
 
-        proc = subprocess.run([sys.executable, "-m", "analysis.sweep", str(self.sweep_dir)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "analysis.sweep", "--", str(self.sweep_dir)], capture_output=True,
                               text=True)
         if proc.returncode == 0:
             log.info("sweep summary (after a failed job) in %s", self.sweep_dir / "summary.md")

@@ -6,6 +6,7 @@ into the same folder, of another sweep or of a single run are left out. A job wi
 replica directories). read_job reads a run's row: status, overrides, config summary and flattened metrics (a run
 without metrics.json is a failed run). collect does both for a sweep directory.
 """
+import functools
 import itertools
 import json
 import logging
@@ -104,17 +105,56 @@ def listed_replicas(job: Path) -> list:
 
 def task_overrides(job: Path):
     """The job's task overrides: its .hydra/overrides.yaml, or where that file is lost, empty or unreadable (a
-    half-written file) the same list in its .hydra/hydra.yaml (hydra.overrides.task); None where neither reads."""
+    half-written file, or one that reads as YAML but not as Hydra's overrides) the same list in its .hydra/hydra.yaml
+    (hydra.overrides.task); None where neither reads (read_overrides)."""
+    return read_overrides(job)[0]
+
+
+def read_overrides(job: Path) -> tuple:
+    """(overrides, note) of a job: its task overrides as task_overrides finds them (None where neither file reads),
+    and, where its .hydra/overrides.yaml is there but unreadable, a note saying so and where they came from instead
+    ('' otherwise)."""
     hydra = job / ".hydra"
-    for path, key in ((hydra / "overrides.yaml", None), (hydra / "hydra.yaml", "hydra.overrides.task")):
+    first, why = hydra / "overrides.yaml", ""
+    for path, key in ((first, None), (hydra / "hydra.yaml", "hydra.overrides.task")):
+        found, problem = _override_list(path, key)
+        if path == first and path.exists():
+            why = problem
+        if found is not None:
+            return found, (f".hydra/overrides.yaml unreadable ({why}): its overrides are read from its "
+                           ".hydra/hydra.yaml" if why else "")
+    return None, (f".hydra/overrides.yaml unreadable ({why}), and its .hydra/hydra.yaml records none: its overrides "
+                  "are unknown" if why else "")
+
+
+def _override_list(path: Path, key=None) -> tuple:
+    """(overrides, problem) of one of a job's .hydra files (at key, for hydra.yaml): its list of override strings,
+    or None and why not ('' where the file is not there or holds none: an empty file, a half-written one)."""
+    try:
+        value = _yaml(path) if path.exists() else None
+    except Exception:  # noqa: BLE001  a half-written file
+        return None, "not YAML"
+    if key is not None:
+        value = select(value, key) if isinstance(value, dict) else None
+    if value is None:
+        return None, "empty" if path.exists() else ""
+    if not isinstance(value, list):
+        return None, "not a list of overrides"
+    overrides = [str(o) for o in value]
+    bad = _unparsable(overrides)
+    return (None, f"{bad!r} is not an override Hydra can read") if bad is not None else (overrides, "")
+
+
+def _unparsable(overrides: list):
+    """The first of a job's override strings that is none a job runs with: one Hydra's override parser cannot parse
+    (a line cut short: 'seed=['), no key=value, or a sweep (a job runs one value of each); None where all are."""
+    for text in overrides:
         try:
-            value = _yaml(path) if path.exists() else None
-        except Exception:  # noqa: BLE001  a half-written file: try the other
-            value = None
-        if key is not None:
-            value = select(value, key) if isinstance(value, dict) else None
-        if isinstance(value, list):
-            return [str(o) for o in value]
+            o = _parser().parse_overrides([text])[0]
+        except Exception:  # noqa: BLE001  Hydra's OverrideParseException
+            return text
+        if o.is_sweep_override() or ("=" not in text and not o.is_delete()):
+            return text
     return None
 
 
@@ -193,7 +233,8 @@ def job_dirs(sweep_dir: Path) -> tuple:
 
     Its jobs are the combinations of its multirun.yaml (expected_jobs, in Hydra's order: job number i runs
     combination i). A launched job directory belongs to this sweep when its overrides are one of them and, where
-    its hydra.yaml records a job number, that number is the combination's. A job directory left by an earlier
+    its hydra.yaml records a job number, that number is the combination's (any of the sweep's numbers where Hydra
+    drew the order at random: a shuffle(), expand_sweep). A job directory left by an earlier
     launch into the same folder (overwrite=true is itself an override, so a re-run never matches an old job), by
     a sweep started at the same time, or by a single run (hydra.mode RUN) matches none: it is left out. runs: the
     run directories of this sweep's jobs (a replica's dir per seed, sorted); launched: its job directories;
@@ -210,24 +251,24 @@ def job_dirs(sweep_dir: Path) -> tuple:
     earlier = _of_earlier_launches(sweep_dir, launches)  # job dirs an earlier launch left, whatever they match
     for job in earlier:
         launches.pop(job)
-    expected = expected_jobs(sweep_dir)
+    expected, shuffled = expand_sweep(sweep_dir)
     if not expected:
         return sorted(r for runs in launches.values() for r in runs), sorted(launches), sorted(earlier), []
     index = {}
     for i, combo in enumerate(expected):
-        index.setdefault(_norm(combo), set()).add(i)
+        index.setdefault(_norm(combo, shuffled), set()).add(i)
     launched, left_out, done, by_num = [], list(earlier), set(), {}
     for job in sorted(launches):
         mode, num = _hydra_job(job)
         overrides = task_overrides(job)
         if overrides is not None:
-            nums = index.get(_norm(overrides), set())
+            nums = index.get(_norm(overrides, shuffled), set())
         else:  # neither overrides file reads: its job number, where this launch ran it, says which combination it is
-            nums = {num} if num is not None and num < len(expected) and of_this_launch(
+            nums = {num} if num is not None and num < len(expected) and not shuffled and of_this_launch(
                 read_status(job), sweep_dir, unknown=False) else set()
-        if nums and mode != "RUN" and (num is None or num in nums):
+        if nums and mode != "RUN" and (num is None or _numbered(num, nums, len(expected), shuffled)):
             launched.append(job)
-            done |= {num} if num is not None else nums
+            done |= {num} if num is not None and not shuffled else nums
             if num is not None:
                 by_num.setdefault(num, []).append(job)
         else:
@@ -241,6 +282,12 @@ def job_dirs(sweep_dir: Path) -> tuple:
                     left_out.append(job)
     missing = [" ".join(combo) for i, combo in enumerate(expected) if i not in done]
     return sorted(r for job in launched for r in launches[job]), launched, left_out, missing
+
+
+def _numbered(num: int, nums: set, count: int, shuffled) -> bool:
+    """Whether job number num may have run a combination of the positions nums among the sweep's count: the position
+    itself, or, where Hydra drew the order at random (shuffled keys), any job number of the sweep."""
+    return num < count if shuffled else num in nums
 
 
 def _group_replicas(job: Path, overrides: list) -> list:
@@ -258,7 +305,7 @@ def _group_replicas(job: Path, overrides: list) -> list:
 def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
     """One row: status, overrides, config summary (model, guide, n, seed) and flattened metrics. A status.json that is
     there but cannot be read is said in the row's error; the run is then judged by its metrics.json alone (as one
-    whose status.json is lost)."""
+    whose status.json is lost). So is an unreadable .hydra/overrides.yaml (read_overrides)."""
     from .rundir import load_status
 
     if not job.exists():  # a replica its group's status.json lists, whose dir is gone
@@ -269,6 +316,9 @@ def read_job(job: Path, sweep_dir: Path, ended: bool = False) -> dict:
         said = f"its status.json is unreadable ({problem})" + (": judged by its metrics.json" if row["status"] == "ok"
                                                                else "")
         row["error"] = "; ".join(p for p in (row.get("error"), said) if p)
+    unread = read_overrides(job)[1]
+    if unread:
+        row["error"] = "; ".join(p for p in (row.get("error"), unread) if p)
     return row
 
 
@@ -419,34 +469,58 @@ def _no_headline(metrics: dict) -> str:
 
 
 def expected_jobs(sweep_dir: Path) -> list:
-    """The override lists of every job the sweep was meant to run (from multirun.yaml), or [] if unknown."""
+    """The override lists of every job the sweep was meant to run (from multirun.yaml), or [] if unknown; in Hydra's
+    order where the sweep draws nothing at random (see expand_sweep)."""
+    return expand_sweep(sweep_dir)[0]
+
+
+def expand_sweep(sweep_dir: Path) -> tuple:
+    """(jobs, shuffled) of the sweep in sweep_dir's multirun.yaml: jobs as expected_jobs gives them ([] if unknown),
+    and the keys whose values Hydra drew at random when it launched them (those written with shuffle(): a shuffled
+    sweep's order, a shuffled list's order), which a second expansion draws anew. Where shuffled is not empty,
+    job number i need not run jobs[i], and a shuffled list value is written as given (key=shuffle([...]))."""
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
-        return []
+        return [], frozenset()
     try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         cfg = _yaml(path)
         task = list(select(cfg, "hydra.overrides.task", []) or [])
         params = select(cfg, "hydra.sweeper.params", {}) or {}
         args = [f"{k}={v}" for k, v in params.items()] + task
         sources = [Path(str(s.get("path"))) for s in select(cfg, "hydra.runtime.config_sources", []) or []
                    if isinstance(s, dict) and s.get("schema") == "file"]
-        parsed = OverridesParser.create(config_loader=GroupChoices(sources)).parse_overrides(args)
-        keys, axes, seen = [], [], {}
+        parsed = _parser(GroupChoices(sources)).parse_overrides(args)
+        keys, axes, seen, shuffled = [], [], {}, set()
         for o in parsed:
             key = o.get_key_element()
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            drawn = _draws_at_random(o)
+            if drawn:
+                shuffled.add(_plain_key(key))
+            else:
+                shuffled.discard(_plain_key(key))  # the command line replaced the config's shuffled sweep
+            values = (list(o.sweep_string_iterator()) if o.is_sweep_override()
+                      else [o.input_line.partition("=")[2].strip()] if drawn else [o.get_value_element_as_str()])
             if key in seen:  # the command line overrides the config's sweep params
                 axes[seen[key]] = values
             else:
                 seen[key] = len(keys)
                 keys.append(key)
                 axes.append(values)
-        return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*axes)]
+        return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*axes)], frozenset(shuffled)
     except Exception as err:  # an exotic sweeper: no missing-job check
         log.warning("could not expand the sweep in %s (%s); missing jobs are not checked", path, err)
-        return []
+        return [], frozenset()
+
+
+def _draws_at_random(override) -> bool:
+    """Whether Hydra draws an override's values at random each time it parses it: one written with shuffle() (of a
+    sweep: its order; of a list: the list's order), the only grammar function that does."""
+    return "shuffle(" in override.input_line.replace(" ", "")
+
+
+def _plain_key(key: str) -> str:
+    """An override's key without its '+', '++' or '~' prefix, as _norm compares it."""
+    return str(key).lstrip("+~")
 
 
 def options_in(folders, group: str) -> list:
@@ -466,8 +540,66 @@ class GroupChoices:
         return options_in(self.folders, str(group_name).split("@")[0])
 
 
-def _norm(overrides) -> frozenset:
-    return frozenset(str(o).lstrip("+~").replace(" ", "") for o in overrides)
+def _norm(overrides, shuffled=frozenset()) -> frozenset:
+    """The overrides as a set to compare job against job: prefixes and spaces dropped; the value of a key in shuffled
+    (expand_sweep: drawn at random) read as Hydra parses it, a list's elements in sorted order, so that
+    key=shuffle([a,b]) matches the key=[b,a] Hydra drew for the job."""
+    out = set()
+    for o in overrides:
+        text = _plain_key(o).replace(" ", "")
+        key, _, value = text.partition("=")
+        out.add(f"{key}={_unordered(key, value)!r}" if key in shuffled else text)
+    return frozenset(out)
+
+
+def _unordered(key: str, value: str):
+    """The value of key=value as Hydra parses it (canonical_value), a list's elements sorted; the text itself where
+    Hydra cannot parse it."""
+    try:
+        parsed = _parser().parse_overrides([f"{key}={value}"])[0]
+        element = parsed.value() if not parsed.is_sweep_override() else value
+    except Exception:  # noqa: BLE001  Hydra's OverrideParseException: compared as written
+        return value
+    canon = canonical_value(element)
+    return ("list", tuple(sorted(canon[1], key=repr))) if isinstance(element, list) else canon
+
+
+def canonical_value(value):
+    """A parsed override value (Hydra's: int, float, bool, str, QuotedString, None, list, dict) as the value the config
+    holds, in a form two spellings of one value share: 1 and 1.0, 1e-3 and 0.001, 'x' and x, true and True compare
+    equal; 1 and true, 1 and '1' do not (the config holds another kind of value)."""
+    import math
+
+    from hydra.core.override_parser.types import QuotedString
+
+    if isinstance(value, QuotedString):
+        return ("str", value.text)
+    if isinstance(value, bool) or value is None:
+        return ("const", value)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and math.isnan(value):
+            return ("number", "nan")
+        return ("number", int(value) if isinstance(value, int) or value.is_integer() else value)
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(canonical_value(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((canonical_value(k), canonical_value(v)) for k, v in value.items()), key=repr)))
+    return ("str", str(value))
+
+
+def _parser(config_loader=None):
+    """Hydra's override parser; one with a config loader where a glob() sweep asks it for a group's options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create(config_loader=config_loader) if config_loader is not None else _plain_parser()
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_parser():
+    """Hydra's override parser without a config loader, made once (making one builds its grammar's tables)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
 
 
 def collect(sweep_dir, ended: bool = False) -> dict:

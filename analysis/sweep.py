@@ -1,6 +1,7 @@
 """Summaries of a Hydra sweep directory: summary.csv, summary.md and the sweep figures.
 
-    python -m analysis.sweep multirun/2026-01-01/12-00-00
+    python -m analysis.sweep multirun/2026-01-01/12-00-00      (--help: its usage; one directory, '--' before one
+                                                               whose name starts with '-')
 
 The sweep's jobs are those of its multirun.yaml: a job directory counts when its overrides are one of the sweep's
 combinations and its job number is that combination's (job_dirs); directories of an earlier launch into the same
@@ -140,6 +141,20 @@ def _figures(agg, jobs, sweep_dir: Path) -> list:
     return written
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Raise FileNotFoundError where sweep_dir does not exist, NotASweep where it is a file or anything else that is
+    not a directory; each message names the path and says what to give instead."""
+    if sweep_dir.is_dir():
+        return
+    if not os.path.lexists(sweep_dir):
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist: give the folder a `python run.py -m` "
+                                "sweep wrote (hydra.sweep.dir)")
+    what = "a file" if sweep_dir.is_file() else "a broken link" if sweep_dir.is_symlink() and not sweep_dir.exists() \
+        else "a special file (a device, socket or pipe)"
+    raise NotASweep(f"{sweep_dir} is {what}, not a directory: give the folder a `python run.py -m` sweep wrote "
+                    "(hydra.sweep.dir)")
+
+
 def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
     """Read this sweep's runs (job_dirs: only the jobs of its multirun.yaml) and write summary.csv,
     summary_by_config.csv, summary.md and the sweep figures.
@@ -149,8 +164,7 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
     dropped from the means], files=[paths written]). Each file is written whole or not at all (write_files): where
     the tables cannot be written, SummaryWriteError names the file and the OS error, and the old ones stay."""
     sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    check_sweep_dir(sweep_dir)
     from .rundir import is_run, read_status
 
     if is_run(sweep_dir) and not (sweep_dir / "multirun.yaml").exists() and not read_status(sweep_dir).get("replicas"):
@@ -177,17 +191,52 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
             "left_out": [str(p.relative_to(sweep_dir)) for p in found["left_out"]], "duplicates": duplicates}
 
 
+USAGE = "usage: python -m analysis.sweep [-h] SWEEP_DIR"
+HELP = f"""{USAGE}
+
+Write summary.csv, summary_by_config.csv, summary.md and the sweep figures of a `python run.py -m` sweep into its
+directory (SWEEP_DIR: the sweep's hydra.sweep.dir, which holds its multirun.yaml and job directories), and print
+summary.md. A SWEEP_DIR whose name starts with '-' goes after '--'.
+
+options:
+  -h, --help  show this help and exit
+"""
+
+
+def sweep_dir_argument(argv: list) -> Path:
+    """The one sweep directory of the command line argv; prints HELP and exits 0 for -h/--help; ArgumentError (one
+    line) for an unknown option, no directory or more than one. After '--' every argument is a directory."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    options, after = argv[:cut], argv[cut + 1:]
+    if any(a in ("-h", "--help") for a in options):
+        print(HELP, end="")
+        sys.exit(0)
+    unknown = [a for a in options if a.startswith("-") and a != "-"]
+    if unknown:
+        raise ArgumentError(f"{unknown[0]} is not an option of analysis.sweep: it takes one sweep directory (and "
+                            f"-h/--help; a directory whose name starts with '-' goes after '--'); {USAGE}")
+    dirs = options + after
+    if len(dirs) != 1:
+        given = "none" if not dirs else f"{len(dirs)} ({' '.join(dirs)})"
+        raise ArgumentError(f"analysis.sweep takes one sweep directory, given {given}; {USAGE}")
+    return Path(dirs[0])
+
+
+class ArgumentError(ValueError):
+    """A command line of analysis.sweep that names no one sweep directory, or an option it does not have."""
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m analysis.sweep SWEEP_DIR", file=sys.stderr)
-        sys.exit(2)
+    """The command line: summarise one sweep directory (sweep_dir_argument) and print its summary.md; a bad
+    argument, a path that is no sweep directory or a summary that cannot be written is one line, exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        result = summarize(argv[0])
-    except (FileNotFoundError, NotASweep, SummaryWriteError) as err:
+        sweep_dir = sweep_dir_argument(argv)
+        result = summarize(sweep_dir)
+    except (ArgumentError, FileNotFoundError, NotASweep, SummaryWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print((Path(argv[0]) / "summary.md").read_text())
+    print((sweep_dir / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in result["files"]))
 
 

@@ -78,6 +78,10 @@ def _sweep_values(arg: str) -> list:
     """The values an override written in Hydra's sweep syntax (choice(a,b), glob(v*), range(0,3)) stands for, as
     strings; [the value] for one that sweeps nothing."""
     o = parse_overrides([arg])[0]
+    if o.is_sweep_override() and not o.is_discrete_sweep():
+        raise ConfigError(f"{arg} is not allowed: interval() draws numbers, and {o.key_or_group} must be one option, "
+                          f"one of {', '.join(group_options(o.key_or_group.split('@')[0]))} (sweep options with -m "
+                          f"{o.key_or_group}=a,b)")
     return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
 
 
@@ -229,7 +233,7 @@ def parse_overrides(overrides):
 
     parser = OverridesParser.create(config_loader=GroupOptions())
     try:
-        return parser.parse_overrides(list(overrides))
+        parsed = parser.parse_overrides(list(overrides))
     except Exception as err:  # noqa: BLE001  hydra's OverrideParseException
         for override in overrides:  # name the one that does not parse
             try:
@@ -243,6 +247,21 @@ def parse_overrides(overrides):
                     hint = ""
                 raise ConfigError(f"{override} cannot be parsed ({one_line(err)}){hint}") from None
         raise ConfigError(f"cannot parse the command line: {one_line(err)}") from None
+    for o in parsed:
+        check_flat_sweep(o)
+    return parsed
+
+
+def check_flat_sweep(o) -> None:
+    """Refuse, in one line naming the override, a sweep one of whose values is itself a sweep (seed=range(0,2),5:
+    Hydra parses it, then fails with a message naming no key when it lists the values)."""
+    from hydra.core.override_parser.types import ChoiceSweep, Sweep
+
+    values = o._value.list if isinstance(o._value, ChoiceSweep) else []
+    if any(isinstance(v, Sweep) for v in values):
+        raise ConfigError(f"{o.input_line} is not allowed: a sweep's values are single values, and range(), "
+                          f"choice() or interval() is none; sweep one of them alone ({o.key_or_group}=range(0,3)) or "
+                          f"list the values ({o.key_or_group}=a,b,c)")
 
 
 def check_keys(overrides, multirun: bool) -> None:

@@ -23,10 +23,46 @@ def sweep_jobs(overrides, cfg):
         return None
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    check_enumerable(args, given=len(args) - len(overrides))
+    check_distinct_values(args)
     try:
         return BasicSweeper.split_arguments(parse_overrides(args), None)[0]
     except Exception:  # noqa: BLE001  a sweep the basic sweeper refuses: Hydra says so itself
         return None
+
+
+def check_enumerable(args, given: int = 0) -> None:
+    """Refuse, in one line naming the key, a sweep the basic sweeper cannot list the values of: interval() (also
+    inside tag()), which a sampling sweeper draws from (Hydra: a traceback once the sweep dir was made). args: the
+    config's hydra.sweeper.params (the first `given`) then the command line."""
+    for i, o in enumerate(parse_overrides(args)):
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            where = " (in the config's hydra.sweeper.params)" if i < given else ""
+            raise ConfigError(f"{o.input_line}{where} is not allowed: {o.key_or_group} sweeps an interval(), which "
+                              "needs a sweeper that samples (hydra/sweeper=optuna); the basic sweeper runs listed "
+                              f"values: {o.key_or_group}=a,b,c or range(start,stop,step)")
+
+
+def check_distinct_values(args) -> None:
+    """Refuse, in one line naming the key and both spellings, a sweep that lists one value of a key twice: written
+    two ways that Hydra and OmegaConf read as one (1 and 1.0, 1e-3 and 0.001, 'x' and x, true and True), or the same
+    way twice; two jobs would train one configuration (as two configurations, or into one job dir). Each key's last
+    override counts (the command line replaces the config's hydra.sweeper.params)."""
+    from analysis.jobs import canonical_value
+
+    last = {o.get_key_element(): o for o in parse_overrides(args)}
+    for key, o in last.items():
+        if not (o.is_sweep_override() and o.is_discrete_sweep()):
+            continue
+        seen = {}
+        for text in o.sweep_string_iterator():  # as each job gets it: key=<text>
+            value = canonical_value(parse_overrides([f"{key}={text}"])[0].value())
+            if value in seen:
+                twice = (f"{seen[value]} and {text} are one value of {o.key_or_group} written two ways"
+                         if seen[value] != text else f"it lists the value {text} of {o.key_or_group} twice")
+                raise ConfigError(f"{o.input_line} is not allowed: {twice} (as Hydra reads them), so two jobs would "
+                                  "train the same configuration; list each value once")
+            seen[value] = text
 
 
 def check_some_job_runs(jobs) -> None:

@@ -2,6 +2,7 @@
 line naming the key or argument and what is allowed (exit 2 / ValueError), before training, leaving nothing behind;
 and no setting is silently ignored (a run's config never says what it did not do)."""
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -96,12 +97,37 @@ def test_replicas_of_a_guide_that_cannot_stack_are_refused_naming_guide_and_repl
     (["-m", "seed=range(0,0)"], ["seed=range(0,0) is not allowed: it sweeps over no value"]),
     (["--cfg", "job", "seed=0,1"], ["seed=0,1 sweeps seed over several values; add -m"]),
     (["--info", "seed=range(0,2)"], ["seed=range(0,2) sweeps seed over several values; add -m"]),
-], ids=["glob of a plain key", "glob of no option", "empty range", "print a sweep", "info of a sweep"])
+    (["-m", "optim.lr=interval(0.1,0.2)"], ["optim.lr=interval(0.1,0.2) is not allowed: optim.lr sweeps an interval()",
+                                           "needs a sweeper that samples (hydra/sweeper=optuna)"]),
+    (["-m", "seed=tag(a,interval(0,1))"], ["seed=tag(a,interval(0,1)) is not allowed", "hydra/sweeper=optuna"]),
+    (["-m", "model=interval(0,1)"], ["model=interval(0,1) is not allowed", "model must be one option, one of"]),
+    (["-m", "seed=range(0,2),5"], ["seed=range(0,2),5 is not allowed: a sweep's values are single values"]),
+], ids=["glob of a plain key", "glob of no option", "empty range", "print a sweep", "info of a sweep",
+        "interval under the basic sweeper", "tagged interval", "interval of a group", "a range among values"])
 def test_sweep_syntax_that_runs_nothing_or_needs_m_is_refused_in_one_line(tmp_path, args, words):
     # tracebacks (ConfigLoader is not set; requires --multirun), and an empty range ran 0 jobs and exited 0
     proc = run_cli(*args[:-1], *TINY, args[-1], cwd=tmp_path) if args[0] == "-m" else run_cli(*args, cwd=tmp_path)
     one_line_error(proc, *words)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sweep", ["seed=1,choice(2,3)", "seed=choice(1,choice(2,3))", "optim.lr=0.1,interval(0,1)",
+                                   "seed=range(0,2),5"])
+def test_a_sweep_among_a_sweeps_values_is_refused_naming_the_override(sweep):
+    from cli.keys import parse_overrides
+    from cli.state import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(sweep)} is not allowed: a sweep's values are single values"):
+        parse_overrides(["data.n=3", sweep])
+
+
+def test_an_interval_in_the_configs_sweep_params_is_refused_saying_where_it_is():
+    from cli.state import ConfigError
+    from cli.sweep import check_enumerable
+
+    with pytest.raises(ConfigError, match=r"^optim.lr=interval\(0.1,0.2\) \(in the config's hydra.sweeper.params\) is "
+                                          r"not allowed: optim.lr sweeps an interval\(\)"):
+        check_enumerable(["optim.lr=interval(0.1,0.2)", "seed=0,1"], given=1)
 
 
 def test_a_glob_over_a_groups_options_is_checked_option_by_option():

@@ -115,6 +115,49 @@ def test_jobs_that_would_share_a_job_dir_refuse_the_sweep_up_front(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_one_value_written_two_ways_refuses_the_sweep_up_front_naming_both(tmp_path):
+    proc = run_cli("-m", *FAST, "train.beta=1,1.0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    one_line_error(proc, "train.beta=1,1.0 is not allowed: 1 and 1.0 are one value of train.beta written two ways",
+                   "list each value once")
+    assert proc.returncode == 2 and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("sweep, said", [
+    ("train.beta=1,1.0", "1 and 1.0 are one value of train.beta written two ways"),
+    ("train.beta=choice(0.5,1,1.0)", "1 and 1.0 are one value of train.beta written two ways"),
+    ("train.beta=sort(1.0,1)", "1.0 and 1 are one value of train.beta written two ways"),
+    ("optim.lr=1e-3,0.001", "it lists the value 0.001 of optim.lr twice"),
+    ("eval.noise=mc,'mc'", "mc and 'mc' are one value of eval.noise written two ways"),
+    ('eval.noise=lattice,"lattice"', "lattice and \"lattice\" are one value of eval.noise written two ways"),
+    ("eval.figures=true,True", "it lists the value True of eval.figures twice"),
+    ("seed=0,0", "it lists the value 0 of seed twice"),
+    ("seed=1_000,1000", "it lists the value 1000 of seed twice"),
+    ("optim.betas=[0.9,0.99],[0.90,0.99]", "it lists the value [0.9,0.99] of optim.betas twice"),
+    ("optim.betas=[1,0.99],[1.0,0.99]", "[1,0.99] and [1.0,0.99] are one value of optim.betas written two ways"),
+])
+def test_a_sweep_listing_one_value_twice_is_refused_naming_the_key_and_both_spellings(sweep, said):
+    from cli.state import ConfigError
+    from cli.sweep import check_distinct_values
+
+    with pytest.raises(ConfigError) as err:
+        check_distinct_values(["data.n=3", sweep])
+    assert str(err.value).startswith(f"{sweep} is not allowed: {said} (as Hydra reads them)")
+
+
+@pytest.mark.parametrize("sweep", ["seed=1,true", "seed=1,'1'", "train.beta=1,1.5", "eval.noise=mc,qmc",
+                                   "optim.betas=[0.9,0.99],[0.99,0.9]"])
+def test_values_hydra_reads_as_different_values_are_a_sweep(sweep):
+    from cli.sweep import check_distinct_values
+
+    check_distinct_values(["data.n=3", sweep])  # the jobs' configs differ (a job refuses its own bad value)
+
+
+def test_a_value_the_config_sweeps_replaced_on_the_command_line_is_not_counted_twice():
+    from cli.sweep import check_distinct_values
+
+    check_distinct_values(["seed=0,0", "seed=0,1"])  # hydra.sweeper.params, then the command line, which wins
+
+
 @pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_overwrite_true_reruns_a_sweep_in_its_own_job_dirs(tmp_path):
     for extra in ([], ["overwrite=true"]):

@@ -190,6 +190,65 @@ def test_a_glob_sweep_of_a_groups_options_is_expanded_from_the_config_sources_it
     assert expected_jobs(tmp_path) == [["model=vae", "seed=0"], ["model=vae2", "seed=0"]]
 
 
+def hydra_draws(monkeypatch, draw):
+    """Make Hydra's shuffle() draw the order `draw` gives (a function that reorders a list in place), as it draws
+    one at random: the summary's expansion of the sweep then draws that order, whichever its launch drew."""
+    import random
+
+    from hydra.core.override_parser import types
+
+    monkeypatch.setattr(random, "shuffle", draw)
+    monkeypatch.setattr(types, "shuffle", draw)
+
+
+@pytest.mark.parametrize("sweep", ["seed=shuffle(range(0,3))", "seed=shuffle(0,1,2)", "seed=shuffle(choice(0,1,2))",
+                                   "seed=shuffle(sort(2,1,0))"])
+def test_a_shuffled_sweeps_jobs_are_its_own_whatever_order_hydra_drew_for_them(tmp_path, monkeypatch, sweep):
+    multirun(tmp_path, ["data.n=5", sweep])
+    for num, seed in enumerate([2, 0, 1]):  # the order the launch drew
+        job(tmp_path, ["data.n=5", f"seed={seed}"], num=num, m=metrics(seed, 1.0 + seed))
+    hydra_draws(monkeypatch, lambda lst: None)  # the summary's draw: 0, 1, 2
+    result, md = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == [0, 1, 2] and result["missing"] == [] and result["left_out"] == []
+    assert result["failed"] == [] and "Left out" not in md
+
+
+def test_a_shuffled_list_value_matches_the_order_hydra_drew_for_the_job(tmp_path, monkeypatch):
+    multirun(tmp_path, ["optim.betas=shuffle([0.9,0.99])", "seed=0,1"])
+    for num, seed in enumerate([0, 1]):
+        job(tmp_path, ["optim.betas=[0.99,0.9]", f"seed={seed}"], num=num, m=metrics(seed, 1.0))
+    hydra_draws(monkeypatch, lambda lst: None)  # the summary's draw: [0.9, 0.99]
+    result, _ = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["missing"] == [] and result["left_out"] == []
+
+
+def test_a_missing_job_of_a_shuffled_list_is_named_as_the_sweep_wrote_it(tmp_path):
+    multirun(tmp_path, ["optim.betas=shuffle([0.9,0.99])", "seed=0,1"])
+    job(tmp_path, ["optim.betas=[0.99,0.9]", "seed=0"], num=0, m=metrics(0, 1.0))
+    result, _ = summary(tmp_path)
+    assert result["missing"] == ["optim.betas=shuffle([0.9,0.99]) seed=1"]
+
+
+def test_a_job_dir_of_a_shuffled_sweep_with_another_value_is_still_left_out(tmp_path):
+    multirun(tmp_path, ["data.n=5", "seed=shuffle(0,1)"])
+    job(tmp_path, ["data.n=5", "seed=0"], num=1, m=metrics(0, 1.0))
+    job(tmp_path, ["data.n=5", "seed=7"], num=0, m=metrics(7, 1.0))
+    result, _ = summary(tmp_path)
+    assert list(result["jobs"]["seed"]) == [0] and result["missing"] == ["data.n=5 seed=1"]
+    assert result["left_out"] == ["data.n=5,seed=7"]
+
+
+@pytest.mark.parametrize("sweep, seeds", [("seed=sort(2,0,1)", [0, 1, 2]), ("seed=sort(0,2,1,reverse=true)", [2, 1, 0]),
+                                          ("seed=choice(2,0,1)", [2, 0, 1]), ("seed=range(0,6,2)", [0, 2, 4]),
+                                          ("seed=tag(a,choice(1,0))", [1, 0])])
+def test_a_sweep_in_hydras_other_sweep_functions_matches_its_jobs_by_number(tmp_path, sweep, seeds):
+    multirun(tmp_path, ["data.n=5", sweep])
+    for num, seed in enumerate(seeds):  # Hydra's order, which these functions fix
+        job(tmp_path, ["data.n=5", f"seed={seed}"], num=num, m=metrics(seed, 1.0))
+    result, _ = summary(tmp_path)
+    assert sorted(result["jobs"]["seed"]) == sorted(seeds) and result["missing"] == [] and result["left_out"] == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # each run once
 
@@ -451,6 +510,59 @@ def test_summarising_a_folder_that_holds_no_sweep_is_refused_in_one_line_and_wri
     assert exit_.value.code == 2 and sorted(p.name for p in folder.rglob("*")) == before
 
 
+def summary_command(capsys, *argv):
+    """(exit code, stdout, stderr's lines) of `python -m analysis.sweep argv...` (analysis.sweep.main)."""
+    from analysis.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda p: p.write_text("x"), "is a file, not a directory"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "is a broken link, not a directory"),
+    (lambda p: None, "does not exist"),
+], ids=["a file", "a broken link", "nothing"])
+def test_the_summary_command_given_no_directory_says_what_the_path_is_in_one_line(tmp_path, capsys, make, said):
+    path = tmp_path / "given"
+    make(path)
+    code, out, err = summary_command(capsys, str(path))
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ") and said in err[0]
+    assert str(path) in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_summary_command_prints_its_usage_for_help_and_exits_0(capsys, flag):
+    code, out, err = summary_command(capsys, flag)
+    assert code == 0 and out.startswith("usage: python -m analysis.sweep [-h] SWEEP_DIR") and err == []
+
+
+@pytest.mark.parametrize("argv, said", [
+    ([], "analysis.sweep takes one sweep directory, given none; usage: "),
+    (["a", "b"], "analysis.sweep takes one sweep directory, given 2 (a b); usage: "),
+    (["--bogus", "a"], "--bogus is not an option of analysis.sweep: it takes one sweep directory"),
+    (["a", "-x"], "-x is not an option of analysis.sweep"),
+], ids=["no argument", "two arguments", "an unknown option", "an unknown short option"])
+def test_the_summary_command_refuses_arguments_other_than_one_directory_in_one_line(capsys, argv, said):
+    code, out, err = summary_command(capsys, *argv)
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith(f"error: {said}"), err
+
+
+def test_the_summary_command_takes_a_directory_named_like_an_option_after_a_double_dash(tmp_path, capsys,
+                                                                                          monkeypatch):
+    sweep = tmp_path / "-sweep"
+    sweep.mkdir()
+    multirun(sweep, ["seed=0"])
+    job(sweep, ["seed=0"], num=0, m=metrics(0, 1.0))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("analysis.sweep._figures", lambda agg, jobs, sweep_dir: [])
+    code, out, err = summary_command(capsys, "--", "-sweep")
+    assert code == 0 and out.startswith("# Sweep summary") and (sweep / "summary.md").exists()
+
+
 def test_a_sweep_of_replicas_names_the_groups_replicas_not_the_replica_dirs_replicas_1(tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -567,30 +679,50 @@ def two_seeds_one_hurt(tmp_path):
     return sweep, job(sweep, ["seed=1"], num=1, m=metrics(1, 2.0))
 
 
-@pytest.mark.parametrize("corrupt", ["seed: [1\n", ""])
+# what a damaged .hydra/overrides.yaml may hold: not YAML, nothing, or YAML that is no list of overrides a job ran
+DAMAGED_OVERRIDES = {"not YAML": "seed: [1\n", "empty": "", "a line cut short": "- seed=[\n", "no key=value": "- 5\n",
+                     "a sweep": "- seed=0,1\n", "a mapping in the list": "- {seed: 1}\n", "a mapping": "seed: 1\n",
+                     "a value cut short": "- seed=1\n- data.n='5\n"}
+
+
+@pytest.mark.parametrize("corrupt", DAMAGED_OVERRIDES.values(), ids=DAMAGED_OVERRIDES.keys())
 def test_a_job_whose_overrides_yaml_is_corrupt_is_found_by_the_overrides_its_hydra_yaml_records(tmp_path, corrupt):
     sweep, hurt = two_seeds_one_hurt(tmp_path)
     (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
     (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
     result, md = summary(sweep)
-    assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
+    assert "MISSING" not in md and "Left out" not in md
+    assert sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
 
 
-def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path):
+def test_a_job_found_by_its_hydra_yaml_says_its_overrides_yaml_is_unreadable(tmp_path):
+    sweep, hurt = two_seeds_one_hurt(tmp_path)
+    (hurt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 1\n  overrides:\n    task:\n    - seed=1\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text("- seed=[\n")
+    _, md = summary(sweep)
+    assert "- NOTE `seed=1`: .hydra/overrides.yaml unreadable ('seed=[' is not an override Hydra can read): its " \
+           "overrides are read from its .hydra/hydra.yaml" in md
+
+
+@pytest.mark.parametrize("corrupt", ["seed: [1\n", "- seed=[\n"], ids=["not YAML", "a line cut short"])
+def test_a_job_whose_overrides_are_unreadable_is_found_by_its_job_number_where_this_launch_ran_it(tmp_path, corrupt):
     from analysis.jobs import SWEEP_LOCK
 
     sweep, hurt = two_seeds_one_hurt(tmp_path)
     (sweep / SWEEP_LOCK).write_text("pid 1, started 2026-12-02T00:00:00")
-    (hurt / ".hydra" / "overrides.yaml").write_text("seed: [1\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text(corrupt)
     (hurt / "status.json").write_text(json.dumps({"status": "ok", "launch": "pid 1, started 2026-12-02T00:00:00"}))
     result, md = summary(sweep)
     assert "MISSING" not in md and sorted(result["jobs"]["seed"]) == [0, 1] and result["failed"] == []
 
 
-def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path):
+@pytest.mark.parametrize("overrides, hydra", [("x: [\n", "x: [\n"),
+                                              ("- seed=[\n", "hydra:\n  overrides:\n    task:\n    - seed=[\n")],
+                         ids=["not YAML", "lines cut short"])
+def test_a_job_dir_whose_hydra_files_are_all_unreadable_is_named_beside_the_missing_job(tmp_path, overrides, hydra):
     sweep, hurt = two_seeds_one_hurt(tmp_path)
-    for name in ("overrides.yaml", "hydra.yaml"):
-        (hurt / ".hydra" / name).write_text("x: [\n")
+    (hurt / ".hydra" / "overrides.yaml").write_text(overrides)
+    (hurt / ".hydra" / "hydra.yaml").write_text(hydra)
     _, md = summary(sweep)
     assert "- MISSING seed=1" in md and "- UNREADABLE `seed=1`: neither its .hydra/overrides.yaml nor" in md
 
