@@ -339,31 +339,45 @@ def _head(job: Path, sweep_dir: Path, overrides: list, config_of: Path) -> dict:
     return row
 
 
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
 def canonical(value) -> str:
     """An override's value as one text, whichever interface wrote it (an override's text, or a Python run's
-    `arguments` value from its metrics.json): a number by its value (1e-2, 0.01 -> 0.01; 300, 300.0 -> 300), true
-    and false in lower case, a list as [a,b] of such values; any other text as written. Two values get one text
-    exactly where the command line would read them as one value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(canonical(v) for v in value) + "]"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        number = value
-        return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else repr(number)
-    text = str(value)
-    if text.lower() in ("true", "false"):
-        return text.lower()
-    if NUMBER.fullmatch(text):
-        return canonical(int(text) if text.lstrip("+-").isdigit() else float(text))
-    if text.startswith("[") and text.endswith("]"):
-        return canonical([part.strip() for part in text[1:-1].split(",")] if text[1:-1].strip() else [])
-    return text
+    `arguments` value from its metrics.json): the text of its canonical_value, so that two values get one text
+    exactly where the command line would read them as one value (1e-2, 0.01 -> 0.01; 300, 300.0 -> 300; 'x', x -> x;
+    True -> true; [1,0.99], [1.0, 0.99] -> [1,0.99]). A text Hydra cannot read as one value is kept as written."""
+    if isinstance(value, str):
+        try:
+            (parsed,) = _plain_parser().parse_overrides([f"k={value}"])
+        except Exception:  # noqa: BLE001  not an override's value: its own text
+            return value
+        if parsed.is_sweep_override():
+            return value
+        value = parsed.value()
+    return _text_of(canonical_value(value))
+
+
+def _text_of(key) -> str:
+    """canonical_value's form as override text."""
+    kind, value = key
+    if kind == "const":
+        return "null" if value is None else str(value).lower()
+    if kind == "list":
+        return "[" + ",".join(_text_of(v) for v in value) + "]"
+    if kind == "dict":
+        return "{" + ",".join(f"{_text_of(k)}:{_text_of(v)}" for k, v in value) + "}"
+    if kind == "number" and isinstance(value, float):
+        return repr(value)
+    if kind == "str" and _reads_as_other(value):  # '1' (a string) stays apart from 1 (a number)
+        return f"'{value}'"
+    return str(value)
+
+
+def _reads_as_other(text: str) -> bool:
+    """Whether text, unquoted, is read by Hydra as something other than that string (a number, true, null, a list)."""
+    try:
+        (parsed,) = _plain_parser().parse_overrides([f"k={text}"])
+        return parsed.is_sweep_override() or not isinstance(parsed.value(), str) or parsed.value() != text
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _lost_replica(job: Path, sweep_dir: Path) -> dict:

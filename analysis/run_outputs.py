@@ -10,6 +10,8 @@ import pandas as pd
 
 from infer.checkpoint import save_checkpoint
 
+from .rundir import write_atomic
+
 log = logging.getLogger("onebit")
 
 
@@ -255,9 +257,11 @@ def judged(result, data, metrics: dict) -> dict:
 
 
 def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
-                  title: str = None, checkpoint: bool = True) -> None:
+                  title: str = None, checkpoint: bool = True) -> dict:
     """Write a run's outputs (write_run's files but status.json) into out, a directory its caller has claimed (the
-    command line's job, or write_run): nothing here checks what the directory holds."""
+    command line's job, or write_run): nothing here checks what the directory holds. Each file is written whole or
+    not at all (through a temporary file: a full disk is one OSError naming it). Returns the metrics as written to
+    metrics.json (metrics, and what describe() adds)."""
     from . import encodings as enc
     from .figures import encoding_figure
     from .training_figure import training_figure
@@ -265,11 +269,11 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
-    pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
+    write_atomic(out / "history.csv", pd.DataFrame(result.history).to_csv(index=False))
     if checkpoint:
         save_checkpoint(out / "checkpoint.pt", result,
                         extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
     log.debug("ArviZ summary of the encodings (guide samples per data point):\n%s", enc.summary_text(idata))
@@ -278,3 +282,4 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
         minimised = any(k in metrics for k in TRAINED_ON)  # the run minimised something other than the -ELBO
         training_figure(result.history, out / "training.png", floor=data.entropy,
                         optimum=metrics.get("gaussian_optimum"), title=title, objective=minimised)
+    return metrics

@@ -233,8 +233,10 @@ def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> N
     metrics.json marked diverged (no loss) and the last good checkpoint (GoodCheckpoint.restore)."""
     import pandas as pd
 
+    from analysis.rundir import write_atomic
+
     note = good.restore() if good is not None else None
-    pd.DataFrame(getattr(result, "history", None) or []).to_csv(out / "history.csv", index=False)
+    write_atomic(out / "history.csv", pd.DataFrame(getattr(result, "history", None) or []).to_csv(index=False))
     cli.write_json(out / "metrics.json", {**head, "status": "diverged", "reason": reason, "loss": None,
                                           **({"checkpoint": note} if note else {})})
 
@@ -268,8 +270,9 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
         metrics.update(status="diverged", reason=reason, loss=None, loss_judged_diverged=metrics.get("loss"))
         if good is not None:
             metrics["checkpoint"] = good.restore()
-    write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures, checkpoint=False,
-                  title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")  # its dir claimed
+    metrics = write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures,
+                            checkpoint=False, title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, "
+                                                    f"seed={cfg.seed}")  # its dir claimed
     if reason:
         raise Diverged(reason)
     return metrics

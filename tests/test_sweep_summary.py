@@ -1045,3 +1045,18 @@ def test_the_loss_standard_error_column_names_the_estimators_its_errors_come_fro
     assert "loss SE [MC / RQMC lattice]: the mean" in md
     runs_header = next(line for line in md.splitlines() if line.startswith("| job |"))
     assert "| loss_se [loss_estimator] |" in runs_header and "[MC]" not in runs_header
+
+
+@pytest.mark.parametrize("one, other, same", [("1e-2", "0.01", True), ("1_000", "1000", True), ("'x'", "x", True),
+                                              ("[1, [0.9]]", "[1.0,[0.90]]", True), ("True", "true", True),
+                                              ("1", "'1'", False), ("1", "true", False), ("0.1", "0.10001", False)])
+def test_the_summary_groups_two_spellings_exactly_where_the_sweep_check_calls_them_one_value(one, other, same):
+    """analysis.jobs.canonical (the summary's configurations) and canonical_value (the sweep's up-front check of a
+    value listed twice) apply one rule."""
+    from analysis.jobs import _plain_parser, canonical, canonical_value
+
+    def parsed(text):
+        return canonical_value(_plain_parser().parse_overrides([f"k={text}"])[0].value())
+
+    assert (parsed(one) == parsed(other)) == same
+    assert (canonical(one) == canonical(other)) == same
