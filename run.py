@@ -57,7 +57,6 @@ def main(cfg: DictConfig):
 
     from analysis.rundir import RunDirError
 
-    logging.raiseExceptions = False  # in a sweep's worker too: a run.log a full disk refuses prints no tracebacks
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     from infer.runtime import oversubscription

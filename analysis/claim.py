@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from .rundir import (BACKUP, STATUS, RunDirError, check_path_length, check_run_dir_place, occupant, previous_run,
-                     read_status, run_path, write_status)
+                     read_status, replaced_backup, run_path, write_status)
 
 
 class Claim:
@@ -128,12 +128,13 @@ class Claim:
         self.started = True
 
     def kept_aside(self):
-        """The newest backup of a replaced run in this dir (.replaced.*, a Path), or None."""
-        try:
-            backups = sorted(self.path.glob(BACKUP + ".*"), key=lambda p: p.stat().st_mtime)
-        except OSError:  # one removed meanwhile
-            backups = list(self.path.glob(BACKUP + ".*"))
-        return backups[-1] if backups else None
+        """The newest backup of a replaced run in this dir (rundir.replaced_backup: a Path), or None."""
+        return replaced_backup(self.path)
+
+    def kept_note(self) -> str:
+        """' (the run it replaced is kept in <backup>)' where a replaced run's files are kept aside here; '' else."""
+        kept = self.kept_aside()
+        return f" (the run it replaced is kept in {kept})" if kept else ""
 
     def discard_replaced(self) -> None:
         """Delete the replaced run's files and the backups earlier replacements left (.replaced.*: this is the one

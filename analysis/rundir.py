@@ -22,6 +22,8 @@ import socket
 import time
 from pathlib import Path
 
+from infer.files import write_atomic  # noqa: F401  (re-exported: analysis writes its files through it)
+
 STATUS = "status.json"
 OUTPUTS = (STATUS, "metrics.json", "checkpoint.pt", "history.csv", "encodings.nc")
 LOG = "run.log"  # Hydra's log of the run: a run resumed in place appends to it
@@ -56,32 +58,6 @@ def run_path(path) -> Path:
             pass
         out = out.parent
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, content) -> None:
-    """Write content (str or bytes) to path through a temporary file renamed into place, with the usual file mode
-    (0666 & ~umask). Where the write fails (a full disk: OSError) the old file stays whole and no temporary file is
-    left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(content) if isinstance(content, (bytes, bytearray)) else tmp.write_text(content)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is None:  # a failed write() names no file: name the one being written
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def json_kind(value) -> str:
@@ -140,15 +116,26 @@ def write_status(path, status: str, reason: str = "", **extra) -> None:
     write_atomic(Path(path) / STATUS, json.dumps(record, indent=2) + "\n")
 
 
+def replaced_backup(path):
+    """The newest backup of a replaced run in the run dir path (<path>/.replaced.<pid>/, a Path), or None."""
+    found = []
+    for backup in Path(path).glob(BACKUP + ".*"):
+        try:
+            found.append((backup.stat().st_mtime, str(backup), backup))
+        except OSError:  # removed meanwhile
+            continue
+    return max(found)[2] if found else None
+
+
 def occupant(path) -> str:
     """What already lives in a run directory ('' if nothing of a run's outputs does)."""
     path = Path(path)
     if not path.is_dir():
         return ""
     status = read_status(path)
-    backups = sorted(path.glob(".replaced.*"), key=lambda p: p.stat().st_mtime)  # replacements that did not end ok
-    kept = (f" (the run it was replacing is kept in {backups[-1]}: move its files back into {path} to restore it; "
-            "a run there with overwrite=true that ends ok deletes it)" if backups else "")  # training left these
+    backup = replaced_backup(path)  # a replacement that did not end ok left it
+    kept = (f" (the run it was replacing is kept in {backup}: move its files back into {path} to restore it; "
+            "a run there with overwrite=true that ends ok deletes it)" if backup else "")
     if status:
         return f"a run with status '{status.get('status', '?')}'{kept}"
     found = [name for name in OUTPUTS if (path / name).exists()]
@@ -279,12 +266,8 @@ def live_owner(out):
     pid = status.get("pid")
     if status.get("status") != "running" or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return None
-    except PermissionError:  # alive, another user's
-        return pid
     try:  # a pid the OS has given to another program since is not the run
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             if b"python" not in handle.read():

@@ -64,10 +64,14 @@ __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_
            "sweep_stopping", "trajectory_config", "validate", "write_json"]
 
 
+# A run.log that cannot be written (a full disk) prints no traceback per record, in this process and in a sweep's
+# workers (they import this package): the run's one line says what could not be written.
+logging.raiseExceptions = False
+
+
 def main(hydra_main, argv) -> int:
     """Run `hydra_main` (run.py's @hydra.main task) for argv after the preflight; return the exit code."""
-    logging.raiseExceptions = False  # a run.log that cannot be written (a full disk) prints no traceback per record:
-    args = argv[1:]  # the run's one line says what could not be written
+    args = argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         check_flags(args)

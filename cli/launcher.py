@@ -165,7 +165,9 @@ def check_gpus(cfg, jobs=None) -> None:
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     asked = launcher.get("gpus_per_node") or 0
     asked = asked if is_int(asked) else 0
-    devices = {line.partition("=")[2] for job in jobs or [] for line in job
+    from analysis.jobs import canonical
+
+    devices = {canonical(line.partition("=")[2]) for job in jobs or [] for line in job  # 'cuda:1' is cuda:1
                if line.lstrip("+~").partition("=")[0] == "device"} or {str(cfg.get("device", "cpu"))}
     slurm_gpus = kind == "SlurmLauncher" and (launcher.get("gpus_per_task") or "gpu" in str(launcher.get("gres")))
     for device in sorted(d for d in devices if d.startswith("cuda")):

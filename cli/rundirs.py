@@ -311,9 +311,8 @@ def fail(claim, status: str, err, multirun: bool, code: int = 2):
     """Record a run that did not end well: one line on stderr (and in run.log), status.json in a sweep job or
     after training, nothing left behind by a single run refused before training. Returns failed_value() for sweepers."""
     line = single_line(err)
-    kept = claim.kept_aside() if claim is not None and status in ("diverged", "failed") else None
-    if kept:  # overwrite=true: the run this one replaced stays (analysis.claim.Claim.status)
-        line += f" (the run it replaced is kept in {kept})"
+    if claim is not None and status in ("diverged", "failed"):  # overwrite=true: the run it replaced stays
+        line += claim.kept_note()
     unwritten = ""
     if claim is not None:
         if status == "refused" and not multirun:

@@ -33,7 +33,7 @@ def on_sigterm(signum, frame):
     STATE["signal"] = signum
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _mark_stopping()
-    tasks = _end_controllers(signum)  # signalled already
+    tasks = _end_controllers(signum)  # signalled already, and in STATE["workers"]
     STATE["workers"] = sorted(set(STATE.get("workers") or []) | set(_children()))
     for pid in [p for p in STATE["workers"] if p not in tasks]:  # a sweep's workers (joblib) stop too, and record it
         with __import__("contextlib").suppress(OSError):
@@ -176,9 +176,7 @@ def interrupted(multirun: bool, started: bool = True) -> int:
     elif STATE.get("kept_run"):
         where = f" {STATE['kept_run'].partition(' by ' + name + ' ')[2]}"
     elif STATE.get("claim") is not None:
-        kept = STATE["claim"].kept_aside()  # overwrite=true: the run it replaced stays (analysis.claim.Claim.status)
-        where = f"; outputs so far in {STATE['claim'].path}" + (f" (the run it replaced is kept in {kept})"
-                                                                  if kept else "")
+        where = f"; outputs so far in {STATE['claim'].path}{STATE['claim'].kept_note()}"  # overwrite=true
     if multirun and STATE.get("sweep_dir") is not None:  # its workers are gone: a relaunch starts unmarked
         with __import__("contextlib").suppress(OSError):
             (Path(STATE["sweep_dir"]) / STOPPING).unlink(missing_ok=True)

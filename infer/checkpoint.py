@@ -5,7 +5,6 @@ import glob
 import io
 import os
 import random
-import tempfile
 import warnings
 
 import numpy as np
@@ -13,15 +12,10 @@ import pyro
 import torch
 
 from .checkpoint_check import CheckpointError, check_checkpoint, zip_damage
+from .files import write_atomic
 from .validate import is_int, refuse, shown
 
 KEYS = ("params", "optimizer", "rng", "step")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def module_buffers(model, guide) -> dict:
@@ -117,21 +111,9 @@ def save_checkpoint(path, result, extra=None, rng=None, window=None, params=None
             os.remove(orphan)
         except OSError:
             pass
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        buffer = io.BytesIO()  # torch's zip writer turns a full disk into a C++ RuntimeError: Python's write is
-        torch.save(state, buffer)  # one OSError (ENOSPC)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
+    buffer = io.BytesIO()  # torch's zip writer turns a full disk into a C++ RuntimeError: written by Python, it is
+    torch.save(state, buffer)  # one OSError (ENOSPC) naming the file
+    write_atomic(path, buffer.getbuffer())
 
 
 def _numpy_globals() -> list:

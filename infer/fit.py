@@ -230,7 +230,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                 result.history.append(row)
                 if torch.is_tensor(result.initial_loss):
                     result.initial_loss = float(result.initial_loss)
-                bar.set_postfix({window_loss(row)[0].split()[0]: f"{window_loss(row)[1]:.4f}"}, refresh=False)
+                what, value = window_loss(row)
+                bar.set_postfix({what.split()[0]: f"{value:.4f}"}, refresh=False)  # loss, or objective at beta 0
                 if callback is not None:
                     callback(step + 1, row)
     averaged.apply()

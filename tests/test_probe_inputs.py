@@ -780,9 +780,12 @@ def cuda_devices(monkeypatch):
                                                          "device=cpu: every job would hold 1 GPU(s) it never uses"),
     ("LocalLauncher", "cpu", {}, [["seed=0", "device=cpu"], ["seed=0", "device=cuda"]],
      "device=cuda is not allowed with hydra.launcher.gpus_per_node=null"),
+    ("LocalLauncher", "cpu", {}, [["seed=0", "device='cuda:1'"]],
+     "device=cuda:1 is not allowed with hydra.launcher.gpus_per_node=null"),
     ("LocalLauncher", "cuda", {"gpus_per_node": 3}, None, "hydra.launcher.gpus_per_node=3 is not allowed here: this "
                                                           "machine has 2 CUDA device(s)"),
-], ids=["cuda_without_gpus", "index_past_the_gpus", "gpus_for_cpu_jobs", "a_swept_cuda_job", "more_than_the_machine"])
+], ids=["cuda_without_gpus", "index_past_the_gpus", "gpus_for_cpu_jobs", "a_swept_cuda_job", "a_quoted_device",
+        "more_than_the_machine"])
 def test_gpus_that_do_not_fit_the_jobs_devices_are_refused_in_one_line(cuda_devices, kind, device, settings, jobs,
                                                                        line):
     from cli.launcher import check_gpus
