@@ -236,14 +236,17 @@ def resume_pin(cfg) -> list:
 
 def _quiet_controllers() -> None:
     """Under the submitit launchers: submitit_local's controllers in sessions of their own, and this process's SIGINT
-    ending them without their tracebacks (cli.submitit_launch, cli.signals.on_sigint)."""
+    ending them without their tracebacks (cli.submitit_launch, cli.signals.on_sigint). In their own sessions the
+    terminal's hangup (SIGHUP) no longer reaches them: this process's SIGHUP ends them as SIGTERM does (its jobs
+    killed and recorded, the summary written), where it would have left them running unwatched."""
     import signal
 
     from cli import submitit_launch
-    from cli.signals import on_sigint
+    from cli.signals import on_sigint, on_sigterm
 
     submitit_launch.install()
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGHUP, on_sigterm)
 
 
 def _first_values(overrides) -> list:

@@ -31,7 +31,7 @@ def on_sigterm(signum, frame):
     """SIGTERM takes SIGINT's path: KeyboardInterrupt in the main thread, so a run records that it was killed and a
     sweep writes its summary at exit. A second SIGTERM ends the process at once."""
     STATE["signal"] = signum
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signum, signal.SIG_DFL)  # SIGTERM (or a submitit_local sweep's SIGHUP: cli.checks)
     _mark_stopping()
     tasks = _end_controllers(signum)  # signalled already, and in STATE["workers"]
     STATE["workers"] = sorted(set(STATE.get("workers") or []) | set(_children()))
@@ -156,8 +156,8 @@ def interrupted(multirun: bool, started: bool = True) -> int:
 
     signum = STATE["signal"] or signal.SIGINT
     name = signal.Signals(signum).name
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the summary be written
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # let the summary be written
+        signal.signal(stop, signal.SIG_IGN)
     where = ""
     pids = set(stop_workers()) | set(STATE.get("workers") or []) if multirun and started else set()
     queued = "Slurm" in str(STATE.get("launcher"))  # its jobs wait in SLURM's queue, out of reach: they may begin

@@ -302,11 +302,13 @@ def _descendants(pid: int) -> list:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True),
-                                           pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow)],
-                         ids=["ctrl_c", "sigterm"])
+                                           pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow),
+                                           pytest.param(signal.SIGHUP, False, marks=pytest.mark.slow)],
+                         ids=["ctrl_c", "sigterm", "sighup"])
 def test_a_submitit_local_sweep_stops_in_one_line_without_tracebacks_and_labels_its_runs(tmp_path, sig, to_group):
-    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the sweep: submitit's job controllers printed a
-    KeyboardInterrupt traceback each, and on SIGTERM the runs said 'killed by SIGINT' (cli.submitit_launch)."""
+    """Ctrl-C (SIGINT to the terminal's process group), SIGTERM or a hangup (SIGHUP) to the sweep: submitit's job
+    controllers printed a KeyboardInterrupt traceback each, and on SIGTERM the runs said 'killed by SIGINT'
+    (cli.submitit_launch); in sessions of their own, a hangup must still end them."""
     sweep = tmp_path / "sweep"
     args = [sys.executable, str(ROOT / "run.py"), "-m", "data.n=3", "seed=0,1", "train.steps=100000",
             "train.checkpoint_every=0", "eval.figures=false", "hydra/launcher=submitit_local",
