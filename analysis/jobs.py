@@ -110,10 +110,22 @@ def task_overrides(job: Path):
     return read_overrides(job)[0]
 
 
+_READ = None  # {job dir: read_overrides(job dir)} while collect() reads one sweep: each job's files read once
+
+
 def read_overrides(job: Path) -> tuple:
     """(overrides, note) of a job: its task overrides as task_overrides finds them (None where neither file reads),
     and, where its .hydra/overrides.yaml is there but unreadable, a note saying so and where they came from instead
-    ('' otherwise)."""
+    ('' otherwise). Within one collect() a job's files are read and parsed once."""
+    if _READ is not None:
+        key = Path(job)
+        if key not in _READ:
+            _READ[key] = _read_overrides(key)
+        return _READ[key]
+    return _read_overrides(Path(job))
+
+
+def _read_overrides(job: Path) -> tuple:
     hydra = job / ".hydra"
     first, why = hydra / "overrides.yaml", ""
     for path, key in ((first, None), (hydra / "hydra.yaml", "hydra.overrides.task")):
@@ -620,10 +632,15 @@ def collect(sweep_dir, ended: bool = False) -> dict:
     """This sweep's runs (job_dirs): dict(rows=[one row per run dir], launched=[its job dirs], left_out=[job dirs of
     other launches], missing=[override strings of its jobs without a directory]). ended: the sweep's launcher has
     returned every job (its end callback), so a job whose status.json still says running was lost, wherever it ran."""
+    global _READ
     sweep_dir = Path(sweep_dir)
-    runs, launched, left_out, missing = job_dirs(sweep_dir)
-    return {"rows": [read_job(j, sweep_dir, ended) for j in runs], "launched": launched, "left_out": left_out,
-            "missing": missing}
+    _READ = {}
+    try:
+        runs, launched, left_out, missing = job_dirs(sweep_dir)
+        return {"rows": [read_job(j, sweep_dir, ended) for j in runs], "launched": launched, "left_out": left_out,
+                "missing": missing}
+    finally:
+        _READ = None
 
 
 def judge_running(job: Path, status: dict, ended: bool = False) -> tuple:
