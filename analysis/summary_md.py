@@ -1,6 +1,7 @@
 """summary.md of a sweep: how many runs and jobs, what was left out or dropped, the overrides fixed across the
 sweep, the aggregated table (mean ± sd over seeds), the per-run table, and the failed and missing jobs."""
 import math
+import os
 from pathlib import Path
 
 from .aggregate import _metric
@@ -148,6 +149,20 @@ def _console(job_id, sweep_dir: Path) -> str:
     return f" (submitit job {job_id}" + (f"; its console output is in `.submitit/{job_id}/`)" if logs.is_dir() else ")")
 
 
+def _empty_folders(sweep_dir: Path) -> list:
+    """The names of sweep_dir's empty folders (not hidden ones, nor _refused/), sorted."""
+    found = []
+    try:
+        for entry in os.scandir(sweep_dir):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith((".", "_")):
+                with os.scandir(entry.path) as inside:
+                    if next(inside, None) is None:
+                        found.append(entry.name)
+    except OSError:
+        pass
+    return sorted(found)
+
+
 def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
     """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
     aggregated table, the per-run table, notes on ok runs (_notes), failed and missing jobs. launched: this sweep's
@@ -240,6 +255,9 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
         other = taken.get(_norm(m.split()))
         parts.append(f"- MISSING {m} (no job directory of this sweep" + (
             f"; its directory {_names([other], sweep_dir)} holds another launch's job)" if other else ")"))
+    for name in _empty_folders(sweep_dir) if missing else []:
+        parts.append(f"- EMPTY `{name}/`: a folder of the sweep dir that holds nothing, the dir of a missing job "
+                     "that could not write into it (a full disk, a read-only folder) or was killed before it began")
     for d in (d for d in left_out if task_overrides(Path(d)) is None):
         parts.append(f"- UNREADABLE {_names([d], sweep_dir)}: neither its .hydra/overrides.yaml nor its "
                      ".hydra/hydra.yaml can be read, so which job it ran is unknown")

@@ -122,6 +122,17 @@ def test_a_single_run_with_the_overrides_of_a_sweep_job_is_not_that_job(tmp_path
     assert "Left out: 1 job directory of other launches" in md
 
 
+def test_the_empty_folder_of_a_missing_job_is_named_beside_it(tmp_path):
+    """A job on a full disk may leave its folder and nothing in it (not even status.json): it is MISSING, and the
+    empty folder is named so that the user sees where it was to be."""
+    job(tmp_path, ["data.n=5", "seed=0"], num=0, m=metrics(0, 1.0))
+    (tmp_path / "data.n=5,seed=1").mkdir()
+    multirun(tmp_path, ["data.n=5"], params={"seed": "0,1"})
+    _, md = summary(tmp_path)
+    assert "- MISSING seed=1 data.n=5" in md
+    assert "- EMPTY `data.n=5,seed=1/`: a folder of the sweep dir that holds nothing, the dir of a missing job" in md
+
+
 def test_a_job_dir_another_launch_wrote_with_its_own_job_number_is_not_counted(tmp_path):
     # two sweeps started together on one folder: seed=0,1 (this one) and seed=1,2 (its seed=1 is job 0)
     job(tmp_path, ["data.n=5", "seed=0"], num=0, m=metrics(0, 1.0))
