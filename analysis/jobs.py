@@ -357,14 +357,19 @@ def canonical(value) -> str:
     exactly where the command line would read them as one value (1e-2, 0.01 -> 0.01; 300, 300.0 -> 300; 'x', x -> x;
     True -> true; [1,0.99], [1.0, 0.99] -> [1,0.99]). A text Hydra cannot read as one value is kept as written."""
     if isinstance(value, str):
-        try:
-            (parsed,) = _plain_parser().parse_overrides([f"k={value}"])
-        except Exception:  # noqa: BLE001  not an override's value: its own text
-            return value
-        if parsed.is_sweep_override():
+        parsed = _parsed(value)
+        if parsed is None or parsed.is_sweep_override():  # not one override value: its own text
             return value
         value = parsed.value()
     return _text_of(canonical_value(value))
+
+
+def _parsed(text: str):
+    """Hydra's Override for key=text; None where its parser cannot read text."""
+    try:
+        return _plain_parser().parse_overrides([f"k={text}"])[0]
+    except Exception:  # noqa: BLE001  Hydra's OverrideParseException
+        return None
 
 
 def _text_of(key) -> str:
@@ -384,12 +389,11 @@ def _text_of(key) -> str:
 
 
 def _reads_as_other(text: str) -> bool:
-    """Whether text, unquoted, is read by Hydra as something other than that string (a number, true, null, a list)."""
-    try:
-        (parsed,) = _plain_parser().parse_overrides([f"k={text}"])
-        return parsed.is_sweep_override() or not isinstance(parsed.value(), str) or parsed.value() != text
-    except Exception:  # noqa: BLE001
-        return False
+    """Whether text, unquoted, is read by Hydra as something other than that string (a number, true, null, a list,
+    a sweep); False where it cannot be read at all (it is then written as it is)."""
+    parsed = _parsed(text)
+    return parsed is not None and (parsed.is_sweep_override() or parsed.value() != text
+                                   or not isinstance(parsed.value(), str))
 
 
 def _lost_replica(job: Path, sweep_dir: Path) -> dict:
