@@ -22,6 +22,8 @@ INNER_TOL = 1e-4  # relative error target of each inner integral (times 10**-lev
 RESHIFT = 300.0  # nats: a split panel's peak this far above its row's shift raises the shift (exp overflows at 709)
 LIVE_GROUP = 4  # rows are evaluated in groups by their count of live panels, rounded up to a multiple of this
 STALL_ROUNDS = 3  # inner rounds without the error halving after which a row stops splitting
+ROWS = 64  # rows per block: the dlgm's evaluation at n = 1000 took 6.9-7.3 s with 64, 8.0-8.1 s with 256 (whose
+#            float64 node tensors outgrow the cache), the same numbers to 1e-13 (2026-12-02)
 
 
 def _split(a, b, pieces: int) -> tuple:
@@ -36,7 +38,7 @@ class Inner(FeatureSeeding):
     """The inner integral over v at given u values (one per row and data point), by adaptive Gauss-Kronrod panels
     seeded at the features of the integrands; `parts` selects the densities integrated: q, p or both."""
 
-    def __call__(self, u, level: int = 0, rows: int = 256) -> dict:
+    def __call__(self, u, level: int = 0, rows: int = ROWS) -> dict:
         """For rows u (A, 2): 'lq' = log of the integral of q(u, v|x) over v, 'lp' = log of that of p(x, u, v),
         'mean' = {site key: E_q(v|u)[log-density]} (the conditional means under the guide) and 'at' = each site's
         log-density at one v node (for terms that do not depend on v). Rows are processed in blocks."""
