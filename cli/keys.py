@@ -14,6 +14,8 @@ from cli.state import ConfigError
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("data", "model", "guide", "objective", "optim", "experiment", "pair")
 REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run needs one option of each
+# groups whose option follows from others (conf/config.yaml: `recipe: ${objective}_${model}`), never chosen by hand
+DERIVED_GROUPS = {"recipe": "objective and model (conf/recipe/<objective>_<model>.yaml, where one exists)"}
 # keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
 RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
 
@@ -276,6 +278,9 @@ def check_keys(overrides, multirun: bool) -> None:
         if key.startswith("hydra") or o.key_or_group.startswith("hydra"):
             continue
         last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
+        if group.split("@")[0] in DERIVED_GROUPS:
+            raise ConfigError(f"{o.input_line} is not allowed: {group} follows from {DERIVED_GROUPS[group]}; "
+                              "override the keys it sets instead (e.g. model.prior_layers=3)")
         if last in RESERVED or (last == "name" and group in GROUPS and o.key_or_group.count(".") == 1):
             what = (f"a group option's name: choose another option instead ({group}=<one of "
                     f"{', '.join(group_options(group))}>)" if last == "name"
