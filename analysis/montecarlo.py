@@ -87,9 +87,14 @@ def drawn_noise(noise: str, preset: bool) -> str:
     return noise if preset else "mc"
 
 
-def estimator_text(noise: str, drawn: str) -> str:
+def estimator_text(noise: str, drawn: str, iid_sites: int = 0) -> str:
     """What the estimator is, for the noise asked and the noise drawn (drawn_noise): DESCRIPTIONS[drawn], and why
-    where the two differ."""
+    where the two differ; `iid_sites` guide sites that the points could not drive (not Gaussian, nor a flow over a
+    Gaussian base) beside sites that they did are named: Pyro drew those i.i.d. within each replicate."""
+    if drawn == noise and drawn != "mc" and iid_sites:
+        return (f"{DESCRIPTIONS[drawn]}, for the Gaussian and flow guide sites; {iid_sites} other guide "
+                f"site{'s' if iid_sites > 1 else ''} drawn i.i.d. within each replicate (the replicates are "
+                "independent, so the standard error of their means holds)")
     if drawn == noise:
         return DESCRIPTIONS[drawn]
     return (f"{DESCRIPTIONS[drawn]} (i.i.d. draws: noise={noise} was asked, but no guide site is Gaussian or a flow "
@@ -124,6 +129,7 @@ def particle_values(model, guide, data, particles: int, noise: str = "qmc", clos
             if info is not None:
                 info["lattice_only"] = bool(log_w is not None and preset.used == 1 and preset.others == 0)
                 info["preset"] = bool(preset is not None and preset.used > 0)
+                info["iid_sites"] = preset.others if preset is not None and preset.used > 0 else 0
             parts.append({k: v.double().expand(size) * factor for k, v in terms.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -210,7 +216,8 @@ def monte_carlo(model, guide, data, samples: int = 16384, replicates: int = 16, 
         "tail_khat": khat,
         "tail_khat_sd": None if khat is None else khat_sd(khat, loss.numel()),
         "tail_khat_limit": KHAT_CLT,
-        "estimator": f"{estimator_text(noise, drawn)}, {replicates} x {size} samples per data point"
+        "estimator": f"{estimator_text(noise, drawn, info.get('iid_sites', 0))}, {replicates} x {size} samples per "
+                     "data point"
                      + (", closed-form entropy/KL where valid" if closed_form else ""),
     }
     if khat is None:

@@ -30,8 +30,6 @@ COMMAND_LINE_RULES = {
     "train.resume": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a path to a checkpoint.pt"),
     "eval.samples": (lambda v: is_int(v) and 10000 <= v <= MAX_DRAWS,
                      f"an integer in [10000, {MAX_DRAWS}] (final numbers need 10^4 draws)"),
-    "eval.replicates": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "eval.iwae_k": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS // 2, f"an integer in [1, {MAX_DRAWS // 2}]"),
     "eval.noise": (lambda v: v in ("mc", "qmc", "lattice"), "mc, qmc or lattice"),
     "eval.figures": (_bool, "true or false"),
     "guide.components": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),

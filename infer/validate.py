@@ -183,7 +183,7 @@ RULES["prior_gain_floor"] = RULES["gain_floor"]  # the DLGM's name for its prior
 
 # config key -> argument name (run.py's keys; the guide's network keys share the model's rules)
 CONFIG_KEYS = {
-    "eval.tol": "tol",
+    "eval.tol": "tol", "eval.replicates": "replicates", "eval.iwae_k": "iwae_k",
     "data.n": "n", "data.weights": "weights", "seed": "seed", "threads": "threads",
     "train.steps": "steps", "train.num_particles": "num_particles", "train.log_every": "log_every",
     "train.beta": "beta", "train.checkpoint_every": "checkpoint_every", "train.warmup": "warmup",

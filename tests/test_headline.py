@@ -183,6 +183,32 @@ def test_a_run_whose_draws_were_plain_monte_carlo_has_its_headline_labelled_so(v
     assert "[MC]" in summary_lines(m)[1] and "RQMC" not in "\n".join(summary_lines(m))
 
 
+def gaussian_and_laplace_guide():
+    """q(z1|x_k) = Normal(loc_k, 0.5), q(z2|x_k) = Laplace(loc_k, 0.5): one site takes the points, one cannot."""
+    loc = torch.tensor([[-1.0], [1.0]])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z1", dist.Normal(loc, 0.5).to_event(1))
+            pyro.sample("z2", dist.Laplace(loc, 0.5).to_event(1))
+
+    return guide
+
+
+def test_a_guide_with_sites_the_points_cannot_drive_beside_ones_they_do_names_them_in_its_estimator(dlgm5):
+    model, _, data = dlgm5
+    torch.manual_seed(0)
+    mc = monte_carlo(model, gaussian_and_laplace_guide(), data, samples=1024, replicates=4, noise="lattice")
+    assert mc["kind"] == "RQMC lattice"
+    assert "1 other guide site drawn i.i.d. within each replicate" in mc["estimator"]
+
+
+def test_a_guide_whose_every_site_takes_the_points_names_no_iid_site(dlgm5):
+    torch.manual_seed(0)
+    mc = monte_carlo(*dlgm5, samples=1024, replicates=4, noise="lattice")
+    assert "i.i.d." not in mc["estimator"]
+
+
 # --- bounded memory ----------------------------------------------------------------------------------------------
 
 def test_a_chunk_holds_at_most_max_elements_values_for_any_n():
