@@ -1,6 +1,9 @@
 """Speed benchmarks, printed as ratios measured in one run (not a test: `python tests/benchmarks.py [rounds]
 [--no-study]`).
 
+The first line names the machine: its CPU and instruction sets, torch's kernel level, and a one-thread float32
+matmul's speed (the machine's spell: the ratios below hold for the CPU they were measured on).
+
 The ratio of fit()'s step time to a plain-torch step over the same networks (models.nets), the same particles, the
 same closed-form terms and the same lattice noise, for the vae (32 particles) and the dlgm (128 particles) at
 n = 1000: fit with engine="auto" (the fast path) and engine="general" (Pyro's trace and replay). The plain loop is
@@ -19,6 +22,7 @@ The study: the wall time of `python run.py -m +experiment=study hydra/launcher=j
 (30 runs as 10 jobs of 3 replicas), run in a temporary directory, with its job count and failures.
 """
 import math
+import os
 import statistics
 import sys
 import time
@@ -186,8 +190,38 @@ def study_seconds():
     return wall, proc.returncode, (lines[-1] if lines else proc.stderr[-500:]), by_config
 
 
+def machine() -> str:
+    """The CPU these ratios were measured on (its kernels' rounding and speed differ between CPUs: README,
+    "Reproducibility across CPUs"), and its one-thread float32 matmul speed at the decoder's size (256 x 64 @ 64 x
+    1000), the gauge of the machine's spell in docs/measurements.md."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    a, b = torch.randn(256, 64), torch.randn(64, 1000)
+    for _ in range(200):
+        a @ b
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(1000):
+            a @ b
+        rates.append(2 * 256 * 64 * 1000 * 1000 / (time.perf_counter() - start) / 1e9)
+    isa = ", ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in flags) or "flags unknown"
+    return (f"machine: {name} ({isa}; torch kernels {torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "
+            f"cores; float32 matmul 256x64 @ 64x1000 on one thread: {statistics.median(rates):.0f} GFLOP/s "
+            "(median of 5)")
+
+
 def main(rounds=5, study=True):
     torch.set_num_threads(1)
+    print(machine())
     torch.set_flush_denormal(True)  # the plain loop runs with fit's settings (infer.runtime.training_settings):
     held_heap()  # denormals flushed, and the heap held from the first round on (process-wide, as after any fit)
     for name in ("vae", "dlgm"):
