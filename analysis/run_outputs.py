@@ -147,7 +147,9 @@ def describe(model, guide, data, result) -> dict:
     model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
     a sweep summary reads them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
     seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
-    minimised where that was not the -ELBO (trained_on)."""
+    minimised where that was not the -ELBO (trained_on); and the machine it ran on (infer.runtime.machine: the CPU,
+    whose kernels decide the last bits, and the versions)."""
+    from infer.runtime import machine
     from models.arguments import changed_arguments
 
     known = config_names()
@@ -175,6 +177,7 @@ def describe(model, guide, data, result) -> dict:
         head.update(trained_on(head["objective"], plan.get("beta", 1.0), plan.get("warmup") or 0,
                                plan.get("warmup_start") or 0.0, plan.get("steps"), plan.get("free_bits") or 0.0,
                                plan.get("num_particles")))
+    head["machine"] = machine()
     return head
 
 

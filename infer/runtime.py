@@ -167,3 +167,26 @@ def oversubscription(threads, jobs: int = 1, cores: int = None):
     return (f"{where} asks for {threads * jobs} threads on {cores} cores: torch's threads wait for each other at "
             f"every op, so training may run several times slower (measured 7x); use threads="
             f"{max(1, cores // max(jobs, 1))}")
+
+
+def machine() -> dict:
+    """What a run's numbers were computed on: the CPU (its name and the instruction sets its kernels choose by:
+    kernels of different vector widths round differently, and a long run carries that into the fourth decimal;
+    README, "Reproducibility across CPUs"), torch's kernel level, and the versions of Python, torch and Pyro."""
+    import platform
+
+    import pyro
+
+    name, flags = platform.processor() or "unknown", set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("unknown", "", platform.machine()):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    return {"cpu": name, "cpu_flags": [f for f in ("avx2", "avx512f", "amx_tile") if f in flags],
+            "torch_kernels": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "torch": torch.__version__, "pyro": pyro.__version__}

@@ -191,19 +191,11 @@ def study_seconds():
 
 
 def machine() -> str:
-    """The CPU these ratios were measured on (its kernels' rounding and speed differ between CPUs: README,
-    "Reproducibility across CPUs"), and its one-thread float32 matmul speed at the decoder's size (256 x 64 @ 64 x
-    1000), the gauge of the machine's spell in docs/measurements.md."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    """The machine these ratios were measured on (infer.runtime.machine: its kernels' rounding and speed differ
+    between CPUs), and its one-thread float32 matmul speed at the decoder's size (256 x 64 @ 64 x 1000), the gauge of
+    the machine's spell in docs/measurements.md."""
+    from infer.runtime import machine as facts
+
     a, b = torch.randn(256, 64), torch.randn(64, 1000)
     for _ in range(200):
         a @ b
@@ -213,10 +205,10 @@ def machine() -> str:
         for _ in range(1000):
             a @ b
         rates.append(2 * 256 * 64 * 1000 * 1000 / (time.perf_counter() - start) / 1e9)
-    isa = ", ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in flags) or "flags unknown"
-    return (f"machine: {name} ({isa}; torch kernels {torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "
-            f"cores; float32 matmul 256x64 @ 64x1000 on one thread: {statistics.median(rates):.0f} GFLOP/s "
-            "(median of 5)")
+    m = facts()
+    return (f"machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'flags unknown'}; torch kernels "
+            f"{m['torch_kernels']}, torch {m['torch']}), {os.cpu_count()} cores; float32 matmul 256x64 @ 64x1000 on "
+            f"one thread: {statistics.median(rates):.0f} GFLOP/s (median of 5)")
 
 
 def main(rounds=5, study=True):

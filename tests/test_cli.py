@@ -83,6 +83,16 @@ def test_metrics_json_names_the_path_that_trained(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["engine"] == "fast"
 
 
+def test_metrics_json_names_the_machine_whose_kernels_computed_it(tmp_path):
+    import torch
+
+    proc = run_cli(*FAST, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    machine = json.loads((tmp_path / "run" / "metrics.json").read_text())["machine"]
+    assert machine["torch_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
+
+
 def test_metrics_json_names_the_path_that_trained_each_phase_of_an_exact_likelihood_run(tmp_path):
     proc = run_cli(*FAST, "objective=exact", "objective.steps.vae=30", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -353,6 +353,7 @@ def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
     assert (saved["model"], saved["guide"], saved["n"], saved["steps"]) == ("vae", "gaussian", 5, 3)  # as run.py names them
     assert saved["wall_seconds"] > 0 and saved["engine"] == result.engine == "fast"
     assert "?" not in summary_lines(saved)[0]
+    assert saved["machine"]["torch_kernels"] == torch.backends.cpu.get_cpu_capability()  # as run.py records it
 
 
 def test_a_python_run_records_the_network_settings_its_command_line_option_does_not_set():
