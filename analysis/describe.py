@@ -1,0 +1,172 @@
+"""A run written from Python in the command line's terms: its model and guide names, the settings of its networks and
+of its training that differ from the command line's defaults for that model and objective (keyed as overrides, so
+that a sweep summary groups it with the run.py run of the same settings), what it minimised where that was not the
+-ELBO, and the machine. run_outputs.write_run heads metrics.json with `describe` where no config heads it."""
+import functools
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=None)
+def config_names() -> dict:
+    """{class: its name on the command line} of the models and guides conf/model/*.yaml and conf/guide/*.yaml
+    build (their _target_ and name), read once; {} where the conf folder or a target cannot be read."""
+    import importlib
+
+    import yaml
+
+    names = {}
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("model", "guide"):
+        for path in sorted((conf / group).glob("*.yaml")):
+            try:
+                node = yaml.safe_load(path.read_text()) or {}
+                node = node.get(group, node)  # a model's keys sit under `model:` (@package _global_)
+                module, _, attr = str(node["_target_"]).rpartition(".")
+                names[getattr(importlib.import_module(module), attr)] = str(node["name"])
+            except Exception:  # noqa: BLE001  a file that is not a group option: its class keeps its own name
+                continue
+    return names
+
+
+# the command line's objective names (conf/objective/*.yaml) of the classes infer.objectives.make_objective builds
+OBJECTIVE_NAMES = {"ClosedFormELBO": "closed_form", "Trace_ELBO": "elbo", "TraceMeanField_ELBO": "meanfield_elbo",
+                   "IWAE": "iwae", "MarginalLikelihood": "exact"}
+
+
+@functools.lru_cache(maxsize=None)
+def objective_options(name: str) -> dict:
+    """The keys conf/objective/<name>.yaml sets besides its name (the command line's defaults under objective=name,
+    e.g. K: 16 for iwae), read once; {} where that file cannot be read."""
+    import yaml
+
+    try:
+        node = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "objective" / f"{name}.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in (node or {}).items() if k != "name"} if isinstance(node, dict) else {}
+
+
+def cli_training_defaults(model, objective: str) -> dict:
+    """{fit's argument: the command line's default for this model and objective}: the model's recipe
+    (infer.recipe, which conf/model/*.yaml states), fit's own defaults for the rest (conf/config.yaml's; the tests
+    hold both equal) and the objective's options (conf/objective/<objective>.yaml; K is the particle count there)."""
+    import inspect
+
+    from infer import fit
+    from infer.recipe import recipe
+
+    plan = recipe(model)
+    given = {k: p.default for k, p in inspect.signature(fit).parameters.items()
+             if k in ("beta", "warmup", "warmup_start", "log_every", "freeze_model")}
+    return {"steps": plan.steps, "lr": plan.lr, "lr_final": plan.lr_final, "schedule": plan.schedule,
+            "adam_betas": tuple(plan.betas), "average": plan.average, "num_particles": plan.num_particles,
+            "noise": plan.noise, "free_bits": 0.0, "objective": "closed_form", **given, **objective_options(objective)}
+
+
+def fit_keys() -> dict:
+    """{fit's argument: its command-line key} for the training settings (train.*, optim.*, objective.*), read off
+    infer.validate.CONFIG_KEYS (the one table of config keys and argument names), plus the objective's group."""
+    from infer.validate import CONFIG_KEYS
+
+    keys = {arg: key for key, arg in CONFIG_KEYS.items() if key.split(".")[0] in ("train", "optim", "objective")}
+    return {**keys, "objective": "objective"}
+
+
+def training_overrides(model, result) -> dict:
+    """{command-line key: value} of the settings fit() trained with (result.recipe) that differ from the command
+    line's defaults for this model and objective (cli_training_defaults), keyed as overrides (train.steps, optim.lr,
+    objective, objective.K, ...), so that a run written from Python and the command-line run with those overrides
+    carry the same keys in a sweep summary. The seed is not a setting here (it is the run's seed); {} where result
+    records no recipe. Correct where fit's defaults are the command line's (tests/test_fit.py and
+    tests/test_defaults.py hold them equal)."""
+    plan = dict(getattr(result, "recipe", None) or {})
+    if not plan.get("objective"):
+        return {}
+    objective = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+    plan["objective"] = objective
+    defaults = cli_training_defaults(model, objective)
+    if "K" in defaults:  # the objective's particle count is objective.K on the command line (iwae)
+        plan["K"] = plan.pop("num_particles", None)
+    keys = fit_keys()
+    out = {}
+    for arg, value in plan.items():
+        if arg not in keys or value is None or arg not in defaults:
+            continue
+        value = list(value) if isinstance(value, (list, tuple)) else value  # as JSON holds it
+        default = defaults[arg]
+        if (list(default) if isinstance(default, (list, tuple)) else default) != value:
+            out[keys[arg]] = value
+    return out
+
+
+TRAINED_ON = ("beta", "kl_weight_final", "warmup", "free_bits", "iwae_K")  # the keys trained_on may write
+
+
+def trained_on(objective: str = None, beta: float = 1.0, warmup: int = 0, warmup_start: float = 0.0,
+               steps: int = None, free_bits: float = 0.0, particles: int = None) -> dict:
+    """metrics.json's facts on what a run minimised where that was not the -ELBO its loss reports, else {}: beta (a
+    KL weight other than 1), kl_weight_final with warmup (a warm-up as long as the run or longer: the KL weight of
+    its last step), free_bits (> 0: each site's KL term floored in the objective) and iwae_K (objective iwae: the
+    importance-weighted bound with K samples). The same facts from the command line's config and from fit()'s
+    recipe (describe), so that runs written either way are labelled alike."""
+    from infer.weights import kl_weight
+
+    facts = {}
+    if float(beta) != 1.0:
+        facts["beta"] = float(beta)
+    last = kl_weight(max(int(steps) - 1, 0), float(beta), int(warmup), float(warmup_start)) if steps else beta
+    if last != float(beta):  # the weight had not reached beta by the last step: a warm-up as long as the run, or longer
+        facts["kl_weight_final"], facts["warmup"] = last, int(warmup)
+    if free_bits and float(free_bits) > 0:
+        facts["free_bits"] = float(free_bits)
+    if objective == "iwae" and particles and int(particles) > 1:
+        facts["iwae_K"] = int(particles)
+    return facts
+
+
+def final_kl_weight(facts: dict) -> float:
+    """The KL weight of a run's last step from its trained_on facts: kl_weight_final (a warm-up still rising),
+    else beta, else 1."""
+    return float(facts.get("kl_weight_final", facts.get("beta", 1.0)))
+
+
+def describe(model, guide, data, result) -> dict:
+    """What metrics.json's head says when no config does: model and guide names (the command line's name of a
+    class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
+    a sweep summary; else their class or function names), the settings such a class was built with that its
+    command-line option does not set and the settings fit() trained with that the command line's defaults for the
+    model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
+    a sweep summary reads them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
+    seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
+    minimised where that was not the -ELBO (trained_on); and the machine it ran on (infer.runtime.machine: the CPU,
+    whose kernels decide the last bits, and the versions)."""
+    from infer.runtime import machine
+    from models.arguments import changed_arguments
+
+    known = config_names()
+
+    def name(obj):
+        return known.get(type(obj)) or getattr(obj, "__name__", None) or type(obj).__name__
+
+    head = {"model": name(model), "guide": name(guide), "n": data.n}
+    arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
+                 for k, v in changed_arguments(obj).items()}
+    arguments.update(training_overrides(model, result))  # and those fit trained with that its defaults do not
+    if arguments:  # the settings of networks and training that the command line's defaults do not set
+        head["arguments"] = arguments
+    seed = getattr(result, "seed", None)
+    if seed is None:  # fit()'s FitResult records its seed in its recipe
+        seed = (getattr(result, "recipe", None) or {}).get("seed")
+    if seed is not None:
+        head["seed"] = seed
+    for key in ("steps", "wall_seconds", "engine"):
+        if getattr(result, key, None) is not None:
+            head[key] = getattr(result, key)
+    plan = getattr(result, "recipe", None) or {}
+    if plan.get("objective"):  # what fit() trained on, named as the command line names it
+        head["objective"] = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+        head.update(trained_on(head["objective"], plan.get("beta", 1.0), plan.get("warmup") or 0,
+                               plan.get("warmup_start") or 0.0, plan.get("steps"), plan.get("free_bits") or 0.0,
+                               plan.get("num_particles")))
+    head["machine"] = machine()
+    return head
