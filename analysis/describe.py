@@ -60,7 +60,8 @@ def cli_training_defaults(model, objective: str) -> dict:
              if k in ("beta", "warmup", "warmup_start", "log_every", "freeze_model")}
     return {"steps": plan.steps, "lr": plan.lr, "lr_final": plan.lr_final, "schedule": plan.schedule,
             "adam_betas": tuple(plan.betas), "average": plan.average, "num_particles": plan.num_particles,
-            "noise": plan.noise, "free_bits": 0.0, "objective": "closed_form", **given, **objective_options(objective)}
+            "noise": plan.noise, "free_bits": 0.0, "objective": "closed_form", **given,
+            **{k: v for k, v in objective_options(objective).items() if k != "steps"}}  # exact's steps: per model
 
 
 def fit_keys() -> dict:
@@ -72,17 +73,23 @@ def fit_keys() -> dict:
     return {**keys, "objective": "objective"}
 
 
-def training_overrides(model, result) -> dict:
+def training_overrides(model, result, model_phase=None) -> dict:
     """{command-line key: value} of the settings fit() trained with (result.recipe) that differ from the command
     line's defaults for this model and objective (cli_training_defaults), keyed as overrides (train.steps, optim.lr,
     objective, objective.K, ...), so that a run written from Python and the command-line run with those overrides
     carry the same keys in a sweep summary. The seed is not a setting here (it is the run's seed); {} where result
     records no recipe. Correct where fit's defaults are the command line's (tests/test_fit.py and
-    tests/test_defaults.py hold them equal)."""
+    tests/test_defaults.py hold them equal). With model_phase (the fit that trained the model by its exact
+    likelihood before `result` fitted the guide to it, frozen) the run is objective=exact's: its guide phase is
+    compared with that objective's defaults, and the model phase's lattice and step budget are keyed as
+    objective.nodes, objective.inner_nodes and objective.steps.<model>."""
     plan = dict(getattr(result, "recipe", None) or {})
     if not plan.get("objective"):
         return {}
     objective = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+    if model_phase is not None:  # objective=exact's guide phase: the closed-form ELBO, the model frozen
+        objective = "exact"
+        plan.pop("freeze_model", None)
     plan["objective"] = objective
     defaults = cli_training_defaults(model, objective)
     if "K" in defaults:  # the objective's particle count is objective.K on the command line (iwae)
@@ -96,7 +103,105 @@ def training_overrides(model, result) -> dict:
         default = defaults[arg]
         if (list(default) if isinstance(default, (list, tuple)) else default) != value:
             out[keys[arg]] = value
+    if model_phase is not None:
+        out.update(_model_phase_overrides(model, model_phase))
     return out
+
+
+def _model_phase_overrides(model, first) -> dict:
+    """The model phase's settings that objective=exact's defaults do not set, as overrides: its lattice
+    (objective.nodes, objective.inner_nodes) and its step budget (objective.steps.<model>)."""
+    plan, options, keys = dict(getattr(first, "recipe", None) or {}), objective_options("exact"), fit_keys()
+    out = {keys[arg]: plan[arg] for arg in ("nodes", "inner_nodes") if arg in plan and plan[arg] != options.get(arg)}
+    name = config_names().get(type(model))
+    if name and plan.get("steps") != (options.get("steps") or {}).get(name):
+        out[f"objective.steps.{name}"] = plan.get("steps")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_settings(objective: str, model: str) -> dict:
+    """{config key: value} that conf/recipe/<objective>_<model>.yaml sets (the command line composes it after the
+    model's own option: conf/config.yaml's `recipe: ${objective}_${model}`), read once; {} where there is none."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "recipe" / f"{objective}_{model}.yaml"
+    try:
+        node = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    return dict(flat(node)) if isinstance(node, dict) else {}
+
+
+_UNKNOWN = object()
+
+
+def with_recipe(arguments: dict, recipe: dict, model, guide, result) -> dict:
+    """arguments (a Python run's overrides against the command line's defaults) against a recipe's settings
+    instead, where the command line composes one for this objective and model: a setting equal to the recipe's is
+    no override, and one the run left at the default where the recipe sets another is one."""
+    out, args = dict(arguments), {key: arg for arg, key in fit_keys().items()}
+    plan = getattr(result, "recipe", None) or {}
+    for key, wanted in recipe.items():
+        group, _, name = key.partition(".")
+        if group in ("model", "guide"):
+            have = (getattr(model if group == "model" else guide, "arguments", None) or {}).get(name, _UNKNOWN)
+        else:
+            have = plan.get(args.get(key), _UNKNOWN)
+        if have is _UNKNOWN:
+            continue
+        have = list(have) if isinstance(have, tuple) else have
+        if have == wanted:
+            out.pop(key, None)
+        else:
+            out[key] = have
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def cli_eval_defaults() -> dict:
+    """The command line's evaluation defaults (conf/config.yaml's eval.*, but figures, which changes no number),
+    read once; {} where that file cannot be read."""
+    import yaml
+
+    try:
+        node = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in ((node or {}).get("eval") or {}).items() if k != "figures"}
+
+
+def evaluation_overrides(settings) -> dict:
+    """{eval.<key>: value} of an evaluation's settings (metrics['evaluation'], as evaluate records them) that differ
+    from the command line's defaults: a Python run evaluated otherwise is another configuration, as a command-line
+    run with those overrides is."""
+    defaults = cli_eval_defaults()
+    if not isinstance(settings, dict):
+        return {}
+    return {f"eval.{k}": v for k, v in settings.items() if k in defaults and defaults[k] != v}
+
+
+GUIDE_PHASE = "the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's price"
+
+
+def model_phase_facts(first) -> dict:
+    """metrics.json's `model_phase` of an objective=exact run: the fit that trained the model by its exact
+    likelihood (its steps, seconds, engine and last logged window's NLL)."""
+    return {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)", "steps": first.steps,
+            "wall_seconds": first.wall_seconds, "engine": first.engine,
+            "last_window_nll": first.history[-1]["nll"] if first.history else None}
+
+
+def two_phase_history(first, result) -> list:
+    """history.csv's rows of an objective=exact run: the model phase's, then the guide phase's, its steps counted
+    on from the model phase's, each row named by its phase."""
+    return [{"phase": "model", **row} for row in first.history] + [
+        {"phase": "guide", **row, "step": first.steps + row["step"]} for row in result.history]
 
 
 TRAINED_ON = ("beta", "kl_weight_final", "warmup", "free_bits", "iwae_K")  # the keys trained_on may write
@@ -130,7 +235,7 @@ def final_kl_weight(facts: dict) -> float:
     return float(facts.get("kl_weight_final", facts.get("beta", 1.0)))
 
 
-def describe(model, guide, data, result) -> dict:
+def describe(model, guide, data, result, model_phase=None) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
     a sweep summary; else their class or function names), the settings such a class was built with that its
@@ -139,7 +244,11 @@ def describe(model, guide, data, result) -> dict:
     a sweep summary reads them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
     seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
     minimised where that was not the -ELBO (trained_on); and the machine it ran on (infer.runtime.machine: the CPU,
-    whose kernels decide the last bits, and the versions)."""
+    whose kernels decide the last bits, and the versions). With model_phase (the fit that trained the model by its
+    exact likelihood before `result` fitted the guide to it, frozen), the run is objective=exact's, recorded as the
+    command line records one: objective 'exact', `model_phase` (model_phase_facts) and `guide_phase`. Where the
+    command line composes a recipe for the objective and model (conf/recipe/), the settings are overrides against
+    it (with_recipe)."""
     from infer.runtime import machine
     from models.arguments import changed_arguments
 
@@ -151,7 +260,11 @@ def describe(model, guide, data, result) -> dict:
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
-    arguments.update(training_overrides(model, result))  # and those fit trained with that its defaults do not
+    arguments.update(training_overrides(model, result, model_phase))  # and those fit trained with, likewise
+    plan = getattr(result, "recipe", None) or {}
+    objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan.get("objective"))
+    if objective and type(model) in known:
+        arguments = with_recipe(arguments, recipe_settings(objective, known[type(model)]), model, guide, result)
     if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
     seed = getattr(result, "seed", None)
@@ -162,11 +275,12 @@ def describe(model, guide, data, result) -> dict:
     for key in ("steps", "wall_seconds", "engine"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)
-    plan = getattr(result, "recipe", None) or {}
     if plan.get("objective"):  # what fit() trained on, named as the command line names it
-        head["objective"] = OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+        head["objective"] = objective or plan["objective"]
         head.update(trained_on(head["objective"], plan.get("beta", 1.0), plan.get("warmup") or 0,
                                plan.get("warmup_start") or 0.0, plan.get("steps"), plan.get("free_bits") or 0.0,
                                plan.get("num_particles")))
+    if model_phase is not None:
+        head["model_phase"], head["guide_phase"] = model_phase_facts(model_phase), GUIDE_PHASE
     head["machine"] = machine()
     return head

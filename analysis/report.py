@@ -43,7 +43,7 @@ def on_cpu(*modules) -> bool:
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
              iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
-             trained_K: int = None, result=None, trained_beta: float = None) -> tuple:
+             trained_K: int = None, result=None, trained_beta: float = None, model_phase=None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
     The headline: metrics['loss'] is the most accurate estimate the run has and 'loss_estimator' names it:
@@ -74,7 +74,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     `result` where fit() trained on IWAE and trained_K is None (trained_k).
     result (what fit() returned, or None): metrics then also carry what write_run records of the run (describe: the
     names, steps, and what it minimised where that was not the -ELBO), so summary_lines says it as the command line
-    does.
+    does; model_phase (with result: the fit that trained the model by its exact likelihood before result fitted
+    the guide to it) records the run as objective=exact's, as write_run(..., model_phase=) does.
 
     Refused in one line before any work (ValueError naming the argument), with the command line's bounds for its
     eval.* keys: samples not a multiple of replicates (an integer >= 2) with at least 2 draws per replicate (the
@@ -108,7 +109,7 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     # number (infer.runtime.serial_blas); the quadratures' fixed-seed draws made once (shared_draws)
     from .shared_draws import shared_draws
 
-    facts = describe(model, guide, data, result) if result is not None else {}
+    facts = describe(model, guide, data, result, model_phase) if result is not None else {}
     if trained_beta is None:
         trained_beta = final_kl_weight(facts)
     with inputs_checked(model, guide, data), serial_blas(), shared_draws():
@@ -119,6 +120,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
             metrics["trained_objective"] = trained_bound(model, guide, data, trained_K, samples, seed,
                                                          metrics["psis"]["joint"], float(trained_beta))
             metrics["eval_seconds"] += time.perf_counter() - t0
+    metrics["evaluation"] = {"samples": samples, "replicates": replicates, "noise": noise, "tol": tol,
+                             "iwae_k": iwae_k}  # as the command line's eval.* keys name them
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
         metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids

@@ -9,14 +9,15 @@ import pandas as pd
 
 from infer.checkpoint import save_checkpoint
 
-from .describe import OBJECTIVE_NAMES, TRAINED_ON, describe, final_kl_weight, trained_on  # noqa: F401
+from .describe import (OBJECTIVE_NAMES, TRAINED_ON, describe, evaluation_overrides, final_kl_weight,  # noqa: F401
+                       trained_on, two_phase_history)
 from .rundir import write_atomic
 
 log = logging.getLogger("onebit")
 
 
 def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
-              title: str = None, checkpoint: bool = True, overwrite: bool = False) -> None:
+              title: str = None, checkpoint: bool = True, overwrite: bool = False, model_phase=None) -> None:
     """Write a run into the directory out (made if missing): status.json, metrics.json, history.csv, checkpoint.pt
     (unless checkpoint=False), encodings.nc and (figures=True) encodings.png and training.png. result is fit()'s
     return value; grids come from evaluate(). metrics.json gets the model and guide names, n, seed, steps,
@@ -29,7 +30,13 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     overwrite=True replaces the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/
     and figures too) are moved aside first and deleted once the new run is written, or put back if writing fails;
     files that are not a run's are never touched. figures, checkpoint and overwrite must be True or False (a
-    ValueError in one line names the one that is not)."""
+    ValueError in one line names the one that is not).
+
+    model_phase: for a run of two phases as objective=exact's (README, "Training by the exact likelihood"), the fit
+    that trained the model by its exact likelihood (infer.marginal.MarginalLikelihood, no guide), `result` being the
+    guide's fit to the frozen model (freeze_model=True). The run is then written as `python run.py objective=exact`
+    writes one: objective 'exact', its model_phase and guide_phase, the settings keyed against objective=exact's
+    defaults, and history.csv with both phases' rows. Anything else is refused in one line."""
     from infer.validate import shown
 
     from .claim import Claim
@@ -58,6 +65,13 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if held and not overwrite:
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")
+    if model_phase is not None:
+        result, metrics = _two_phases(model, guide, data, model_phase, result, metrics)
+    facts = describe(model, guide, data, result)  # the head write_outputs gives it, and the evaluation's settings
+    metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
+    evaluated = evaluation_overrides(metrics.get("evaluation"))
+    if evaluated:  # keyed as the command line's eval.* overrides
+        metrics["arguments"] = {**(metrics.get("arguments") or {}), **evaluated}
     metrics = judged(result, data, metrics)
     claim = Claim(out, allow_existing=bool(held), replace=bool(held), key="out")
     try:
@@ -68,6 +82,29 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         raise
     status = metrics.get("status") if metrics.get("status") in ("diverged", "failed") else "ok"
     claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
+
+
+def _two_phases(model, guide, data, first, result, metrics: dict) -> tuple:
+    """(result with both phases' history, metrics headed as objective=exact's) for write_run's model_phase, or a
+    ValueError in one line where `first` did not train the model by its exact likelihood or `result` did not fit
+    the guide to it frozen."""
+    import copy
+
+    from infer.validate import shown
+
+    plan = getattr(first, "recipe", None) or {}
+    if not hasattr(first, "history") or OBJECTIVE_NAMES.get(plan.get("objective")) != "exact":
+        raise ValueError(f"model_phase={shown(first)} is not allowed: model_phase must be what fit(model, None, data, "
+                         "elbo=MarginalLikelihood(...)) returned (the model trained by its exact likelihood)")
+    if not (getattr(result, "recipe", None) or {}).get("freeze_model"):
+        raise ValueError("model_phase is not allowed with this result: its fit trained the model too; fit the guide "
+                         "to the frozen model (fit(..., freeze_model=True)) after the model phase")
+    facts = describe(model, guide, data, result, model_phase=first)
+    metrics = {k: v for k, v in metrics.items() if k != "arguments"}
+    metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
+    both = copy.copy(result)
+    both.history = two_phase_history(first, result)
+    return both, metrics
 
 
 def judged(result, data, metrics: dict) -> dict:

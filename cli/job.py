@@ -193,14 +193,11 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         log.warning(f"train.steps={cfg.train.steps} differs from the checkpoint's budget: "
                     + note["resumed"]["schedule_changed"])
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
-    if first is not None:
-        head["model_phase"] = {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)",
-                               "steps": first.steps, "wall_seconds": first.wall_seconds, "engine": first.engine,
-                               "last_window_nll": first.history[-1]["nll"]}
-        head["guide_phase"] = ("the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's "
-                               "price")
-        result.history = [{"phase": "model", **row} for row in first.history] + [
-            {"phase": "guide", **row, "step": first.steps + row["step"]} for row in result.history]
+    if first is not None:  # as write_run(..., model_phase=first) records a Python run of both phases
+        from analysis.describe import GUIDE_PHASE, model_phase_facts, two_phase_history
+
+        head["model_phase"], head["guide_phase"] = model_phase_facts(first), GUIDE_PHASE
+        result.history = two_phase_history(first, result)
     try:
         return finish(cfg, out, model, guide, data, result, head, good=good)
     finally:

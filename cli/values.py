@@ -37,8 +37,6 @@ COMMAND_LINE_RULES = {
     "guide.bound": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
     "guide.order": (lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
     "guide.gain": (_bool, "true or false"),
-    "objective.nodes": (lambda v: is_int(v) and 2 <= v <= MAX_DRAWS, f"an integer in [2, {MAX_DRAWS}]"),
-    "objective.inner_nodes": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}]"),
     "objective.steps.vae": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
     "objective.steps.dlgm": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
     "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),

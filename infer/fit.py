@@ -140,7 +140,9 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
                                "free_bits": getattr(elbo, "free_bits", 0.0),
-                               "log_every": log_every, "freeze_model": v["freeze_model"]})
+                               "log_every": log_every, "freeze_model": v["freeze_model"],
+                               **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes")  # objective=exact's lattice
+                                  if isinstance(getattr(elbo, k, None), int)}})
     window = Window()
     averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:

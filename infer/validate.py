@@ -178,6 +178,9 @@ RULES = {
     "points": (_int_at_least(2), "an integer >= 2"),
     "nll_samples": (_int_at_least(2), "an integer >= 2"),
     "chunk": (_int_at_least(1), "an integer >= 1"),
+    # objective=exact's lattice (infer.marginal.MarginalLikelihood): nodes of the top latent, inner_nodes per node
+    "nodes": (lambda v: is_int(v) and 2 <= v <= MAX_DRAWS, f"an integer in [2, {MAX_DRAWS}]"),
+    "inner_nodes": (lambda v: is_int(v) and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}]"),
 }
 RULES["prior_gain_floor"] = RULES["gain_floor"]  # the DLGM's name for its prior nets' gain floor
 
@@ -190,7 +193,7 @@ CONFIG_KEYS = {
     "train.warmup_start": "warmup_start", "train.freeze_model": "freeze_model", "train.average": "average",
     "optim.lr": "lr", "optim.lr_final": "lr_final", "optim.schedule": "schedule", "optim.betas": "adam_betas",
     "objective.noise": "noise", "objective.closed_form": "closed_form", "objective.free_bits": "free_bits",
-    "objective.K": "K",
+    "objective.K": "K", "objective.nodes": "nodes", "objective.inner_nodes": "inner_nodes",
     **{f"{group}.{key}": key for group in ("model", "guide")
        for key in ("latent_dim", "hidden", "layers", "prior_hidden", "prior_layers", "upper_hidden", "upper_layers",
                    "activation", "min_scale")},

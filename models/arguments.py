@@ -4,7 +4,7 @@ import functools
 import inspect
 import numbers
 
-SETTING = (numbers.Number, str)  # what a config key holds: not a model passed to a guide, not a tensor
+SETTING = (numbers.Number, str, type(None))  # what a config key holds (null too): not a model, not a tensor
 
 
 def records_arguments(init):

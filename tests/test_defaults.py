@@ -179,3 +179,89 @@ def test_python_with_the_dlgms_exact_recipe_gives_the_command_lines_numbers_bit_
     python, _ = evaluate(model, guide, data, samples=samples, replicates=replicates, seed=seed, result=result)
     assert (python["loss"], python["exact"]["nll"], python["montecarlo"]["loss"]) == (
         cli["loss"], cli["exact"]["nll"], cli["montecarlo"]["loss"])
+
+
+@pytest.mark.parametrize("name", ["vae", "dlgm"])
+def test_a_python_run_of_both_exact_phases_is_the_command_lines_objective_exact_run(tmp_path, name):
+    import json
+
+    from conftest import run_cli
+
+    from analysis.report import evaluate, write_run
+    from analysis.sweep import summarize
+    from guides import GaussianGuide, StructuredGuide
+    from infer import fit
+    from infer.marginal import MarginalLikelihood
+    from models import DLGM, VAE, OneBit
+
+    model_steps, steps = 60, 60  # the command line's evaluation settings on both sides: they are part of a config
+    proc = run_cli("objective=exact", f"model={name}", "data.n=3", f"objective.steps.{name}={model_steps}",
+                   f"train.steps={steps}", "seed=0", "eval.figures=false", f"hydra.run.dir={tmp_path / 'cli'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    data = OneBit(3)  # the command line's recipe for objective=exact and this model, seed 1
+    recipe = yaml.safe_load((CONF / "recipe" / f"exact_{name}.yaml").read_text()) if name == "dlgm" else {}
+    model = DLGM(data.n, **recipe["model"]) if name == "dlgm" else VAE(data.n)
+    guide = StructuredGuide(model) if name == "dlgm" else GaussianGuide(model)
+    optim = {"adam_betas": tuple(recipe["optim"]["betas"]), "lr_final": recipe["optim"]["lr_final"]} if recipe else {}
+    first = fit(model, None, data, elbo=MarginalLikelihood(nodes=64, inner_nodes=4), steps=model_steps, seed=1,
+                **optim)
+    result = fit(model, guide, data, steps=steps, seed=1, freeze_model=True, **optim)
+    metrics, grids = evaluate(model, guide, data, seed=1, result=result, model_phase=first)
+    write_run(tmp_path / "python", model, guide, data, result, metrics, grids, figures=False, model_phase=first)
+
+    cli, python = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("cli", "python"))
+    assert python["objective"] == cli["objective"] == "exact"
+    assert python["model_phase"]["steps"] == cli["model_phase"]["steps"] == model_steps
+    assert python["guide_phase"] == cli["guide_phase"]
+    history = (tmp_path / "python" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("phase,") and history[-1].startswith("guide,")
+    summarize(tmp_path, figures=False)
+    rows = [line for line in (tmp_path / "summary.md").read_text().split("## By configuration")[1].splitlines()
+            if line.startswith(f"| {name} ")]
+    assert len(rows) == 1 and "| 2 |" in rows[0], rows  # one configuration, two seeds
+
+
+def test_write_run_refuses_a_model_phase_that_did_not_train_the_model_by_its_exact_likelihood(tmp_path):
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    first = fit(model, guide, data, steps=5, seed=0)
+    result = fit(model, guide, data, steps=5, seed=0, freeze_model=True)
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4, exact=False)
+    with pytest.raises(ValueError, match=r"^model_phase=.* is not allowed: model_phase must be what fit\(model, None"):
+        write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False, model_phase=first)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluates_defaults_are_the_command_lines_eval_keys():
+    from analysis.describe import cli_eval_defaults
+    from analysis.report import evaluate
+
+    params = inspect.signature(evaluate).parameters
+    assert cli_eval_defaults() and {k: params[k].default for k in cli_eval_defaults()} == cli_eval_defaults()
+
+
+def test_a_python_run_evaluated_with_other_settings_records_them_as_eval_overrides(tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0)
+    metrics, grids = evaluate(model, guide, data, samples=10000, replicates=4)
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
+    arguments = json.loads((tmp_path / "run" / "metrics.json").read_text())["arguments"]
+    assert {k: v for k, v in arguments.items() if k.startswith("eval.")} == {"eval.samples": 10000,
+                                                                              "eval.replicates": 4}
