@@ -33,17 +33,22 @@ OBJECTIVE_NAMES = {"ClosedFormELBO": "closed_form", "Trace_ELBO": "elbo", "Trace
                    "IWAE": "iwae", "MarginalLikelihood": "exact"}
 
 
+def conf_file(*parts: str) -> dict:
+    """The mapping conf/<parts...>.yaml holds; {} where that file cannot be read or holds no mapping."""
+    import yaml
+
+    try:
+        node = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("conf", *parts).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return node if isinstance(node, dict) else {}
+
+
 @functools.lru_cache(maxsize=None)
 def objective_options(name: str) -> dict:
     """The keys conf/objective/<name>.yaml sets besides its name (the command line's defaults under objective=name,
     e.g. K: 16 for iwae), read once; {} where that file cannot be read."""
-    import yaml
-
-    try:
-        node = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "objective" / f"{name}.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {k: v for k, v in (node or {}).items() if k != "name"} if isinstance(node, dict) else {}
+    return {k: v for k, v in conf_file("objective", f"{name}.yaml").items() if k != "name"}
 
 
 def cli_training_defaults(model, objective: str) -> dict:
@@ -123,19 +128,11 @@ def _model_phase_overrides(model, first) -> dict:
 def recipe_settings(objective: str, model: str) -> dict:
     """{config key: value} that conf/recipe/<objective>_<model>.yaml sets (the command line composes it after the
     model's own option: conf/config.yaml's `recipe: ${objective}_${model}`), read once; {} where there is none."""
-    import yaml
-
-    path = Path(__file__).resolve().parents[1] / "conf" / "recipe" / f"{objective}_{model}.yaml"
-    try:
-        node = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-
     def flat(node, prefix=""):
         for k, v in node.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
-    return dict(flat(node)) if isinstance(node, dict) else {}
+    return dict(flat(conf_file("recipe", f"{objective}_{model}.yaml")))
 
 
 _UNKNOWN = object()
@@ -167,13 +164,7 @@ def with_recipe(arguments: dict, recipe: dict, model, guide, result) -> dict:
 def cli_eval_defaults() -> dict:
     """The command line's evaluation defaults (conf/config.yaml's eval.*, but figures, which changes no number),
     read once; {} where that file cannot be read."""
-    import yaml
-
-    try:
-        node = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {k: v for k, v in ((node or {}).get("eval") or {}).items() if k != "figures"}
+    return {k: v for k, v in (conf_file("config.yaml").get("eval") or {}).items() if k != "figures"}
 
 
 def evaluation_overrides(settings) -> dict:

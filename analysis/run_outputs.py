@@ -1,6 +1,7 @@
 """What a run writes into its directory: status.json, metrics.json (headed by `describe` where no config heads it),
 history.csv, checkpoint.pt, encodings.nc and the figures. write_run (analysis.report re-exports it) claims the
 directory and writes them; write_outputs writes them into a directory its caller claimed (run.py's jobs)."""
+import copy
 import json
 import logging
 from pathlib import Path
@@ -66,8 +67,13 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")
     if model_phase is not None:
-        result, metrics = _two_phases(model, guide, data, model_phase, result, metrics)
-    facts = describe(model, guide, data, result)  # the head write_outputs gives it, and the evaluation's settings
+        _check_two_phases(model_phase, result)
+    facts = describe(model, guide, data, result, model_phase)  # the head write_outputs would give it
+    if model_phase is not None:  # objective=exact's run, whatever evaluate() recorded of its last fit
+        metrics = {k: v for k, v in metrics.items() if k != "arguments"}
+        metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
+        result = copy.copy(result)
+        result.history = two_phase_history(model_phase, result)
     metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     evaluated = evaluation_overrides(metrics.get("evaluation"))
     if evaluated:  # keyed as the command line's eval.* overrides
@@ -84,12 +90,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
 
 
-def _two_phases(model, guide, data, first, result, metrics: dict) -> tuple:
-    """(result with both phases' history, metrics headed as objective=exact's) for write_run's model_phase, or a
-    ValueError in one line where `first` did not train the model by its exact likelihood or `result` did not fit
-    the guide to it frozen."""
-    import copy
-
+def _check_two_phases(first, result) -> None:
+    """A ValueError in one line unless `first` trained the model by its exact likelihood and `result` fitted the
+    guide to it frozen (write_run's model_phase)."""
     from infer.validate import shown
 
     plan = getattr(first, "recipe", None) or {}
@@ -99,12 +102,6 @@ def _two_phases(model, guide, data, first, result, metrics: dict) -> tuple:
     if not (getattr(result, "recipe", None) or {}).get("freeze_model"):
         raise ValueError("model_phase is not allowed with this result: its fit trained the model too; fit the guide "
                          "to the frozen model (fit(..., freeze_model=True)) after the model phase")
-    facts = describe(model, guide, data, result, model_phase=first)
-    metrics = {k: v for k, v in metrics.items() if k != "arguments"}
-    metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
-    both = copy.copy(result)
-    both.history = two_phase_history(first, result)
-    return both, metrics
 
 
 def judged(result, data, metrics: dict) -> dict:

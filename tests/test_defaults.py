@@ -105,14 +105,11 @@ def test_a_sweeps_job_dir_names_leave_out_exactly_the_keys_that_change_no_number
 
 
 def _recipes():
+    from analysis.describe import recipe_settings
+
     for path in sorted((CONF / "recipe").glob("*.yaml")):
         objective, model = path.stem.split("_", 1)
-        yield pytest.param(objective, model, yaml.safe_load(path.read_text()), id=path.stem)
-
-
-def _flat(node, prefix=""):
-    for k, v in node.items():
-        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+        yield pytest.param(objective, model, recipe_settings(objective, model), id=path.stem)
 
 
 @pytest.mark.parametrize("objective, model, recipe", list(_recipes()))
@@ -123,7 +120,7 @@ def test_an_objective_and_model_with_a_recipe_compose_its_settings(objective, mo
 
     composed = compose_config([f"objective={objective}", f"model={model}"])
     plain = compose_config([f"model={model}"])
-    settings = dict(_flat(recipe))
+    settings = recipe
     assert settings and {k: OmegaConf.select(composed, k) for k in settings} == settings
     assert any(OmegaConf.select(plain, k) != v for k, v in settings.items()), "the recipe changes nothing"
 
@@ -134,7 +131,7 @@ def test_the_command_line_wins_over_a_recipe(objective, model, recipe):
 
     from cli.keys import compose_config
 
-    key, value = next((k, v) for k, v in _flat(recipe) if isinstance(v, (int, float)) and not isinstance(v, bool))
+    key, value = next((k, v) for k, v in recipe.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     composed = compose_config([f"objective={objective}", f"model={model}", f"{key}={value * 2}"])
     assert OmegaConf.select(composed, key) == value * 2
 
