@@ -15,7 +15,7 @@ from infer.elbo import ClosedFormELBO
 from infer.weights import weighted
 from infer.runtime import flush_denormals
 
-from .mc_noise import Float64Likelihood, PresetNoise, replicate_noise
+from .mc_noise import NOISE_DIMENSION, Float64Likelihood, PresetNoise, replicate_noise
 from .psis import khat_sd, tail_khat
 
 MAX_ELEMENTS = 2 ** 25  # particles x data points x n per chunk: the largest tensor evaluation builds
@@ -89,16 +89,20 @@ def drawn_noise(noise: str, preset: bool) -> str:
 
 def estimator_text(noise: str, drawn: str, iid_sites: int = 0) -> str:
     """What the estimator is, for the noise asked and the noise drawn (drawn_noise): DESCRIPTIONS[drawn], and why
-    where the two differ; `iid_sites` guide sites that the points could not drive (not Gaussian, nor a flow over a
-    Gaussian base) beside sites that they did are named: Pyro drew those i.i.d. within each replicate."""
+    where the two differ; `iid_sites` guide sites that the points could not drive beside sites that they did are
+    named: Pyro drew those i.i.d. within each replicate. The points drive only Gaussian sites and flows over a
+    Gaussian base, in site order while their NOISE_DIMENSION coordinates last (PresetNoise): a site is left to Pyro
+    for its distribution, or for its width (a Gaussian z of model.latent_dim=20), and the text names both causes."""
     if drawn == noise and drawn != "mc" and iid_sites:
-        return (f"{DESCRIPTIONS[drawn]}, for the Gaussian and flow guide sites; {iid_sites} other guide "
-                f"site{'s' if iid_sites > 1 else ''} drawn i.i.d. within each replicate (the replicates are "
+        return (f"{DESCRIPTIONS[drawn]}, for the guide sites its points drive; {iid_sites} other guide "
+                f"site{'s' if iid_sites > 1 else ''} drawn i.i.d. within each replicate (not Gaussian nor a flow "
+                f"over a Gaussian base, or past the points' {NOISE_DIMENSION} coordinates; the replicates are "
                 "independent, so the standard error of their means holds)")
     if drawn == noise:
         return DESCRIPTIONS[drawn]
     return (f"{DESCRIPTIONS[drawn]} (i.i.d. draws: noise={noise} was asked, but no guide site is Gaussian or a flow "
-            "over a Gaussian base, the only sites its points can drive)")
+            f"over a Gaussian base of at most {NOISE_DIMENSION} scalars (the points' coordinates), the only sites "
+            "its points can drive)")
 
 
 def particle_values(model, guide, data, particles: int, noise: str = "qmc", closed_form: bool = True,

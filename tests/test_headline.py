@@ -203,6 +203,30 @@ def test_a_guide_with_sites_the_points_cannot_drive_beside_ones_they_do_names_th
     assert "1 other guide site drawn i.i.d. within each replicate" in mc["estimator"]
 
 
+def test_a_gaussian_site_wider_than_the_points_is_named_as_drawn_iid_for_its_width(dlgm5):
+    """A dlgm with 10 scalars per latent: z1 takes 10 of the 16 coordinates, Gaussian z2 needs 10 more."""
+    from guides import StructuredGuide
+    from models import DLGM
+
+    model = DLGM(5, latent_dim=10)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, StructuredGuide(model), dlgm5[2], samples=1024, replicates=4, noise="lattice")
+    assert mc["kind"] == "RQMC lattice" and "for the Gaussian and flow guide sites" not in mc["estimator"]
+    assert ("1 other guide site drawn i.i.d. within each replicate (not Gaussian nor a flow over a Gaussian base, or "
+            "past the points' 16 coordinates") in mc["estimator"]
+
+
+def test_a_gaussian_guide_too_wide_for_the_points_is_labelled_plain_monte_carlo_for_its_width(vae5):
+    from guides import GaussianGuide
+    from models import VAE
+
+    model = VAE(5, latent_dim=20)
+    torch.manual_seed(0)
+    mc = monte_carlo(model, GaussianGuide(model), vae5[2], samples=1024, replicates=4, noise="lattice")
+    assert mc["kind"] == "MC"
+    assert "no guide site is Gaussian or a flow over a Gaussian base of at most 16 scalars" in mc["estimator"]
+
+
 def test_a_guide_whose_every_site_takes_the_points_names_no_iid_site(dlgm5):
     torch.manual_seed(0)
     mc = monte_carlo(*dlgm5, samples=1024, replicates=4, noise="lattice")
