@@ -163,6 +163,15 @@ def _empty_folders(sweep_dir: Path) -> list:
     return sorted(found)
 
 
+def recipes_note(jobs) -> str:
+    """The runs that composed a recipe (metrics.json 'recipe': conf/recipe/<objective>_<model>.yaml, whose settings
+    replace the model option's defaults), counted per recipe: a configuration's model name alone does not say it."""
+    counts = jobs["recipe"].dropna().value_counts().sort_index()
+    listed = "; ".join(f"`{path}` in {_plural(int(k), 'run')}" for path, k in counts.items())
+    return (f"Recipes (settings composed after the model's own defaults for an objective and model; each run's "
+            f".hydra/config.yaml holds them): {listed}.")
+
+
 def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()) -> str:
     """summary.md: how many runs and jobs, what was left out or dropped, the overrides fixed across the sweep, the
     aggregated table, the per-run table, notes on ok runs (_notes), failed and missing jobs. launched: this sweep's
@@ -188,6 +197,8 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                   + "; ".join(f"`{r['job']}` = `{r['duplicate_of']}`" for _, r in dupes.iterrows()) + ".", ""]
     if fixed:
         parts += ["Fixed (the same in every run): " + ", ".join(f"`{o}`" for o in fixed) + ".", ""]
+    if "recipe" in jobs and jobs["recipe"].notna().any():
+        parts += [recipes_note(jobs), ""]
     if not agg.empty:
         loss_col, loss_est = _metric(agg, "loss")
         rec_col, rec_est = _metric(agg, "recon_per_dim")

@@ -152,7 +152,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, **objective_facts(cfg), **note}
+            "seed": cfg.seed, **objective_facts(cfg), **recipe_fact(), **note}
     try:
         first = None
         if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
@@ -223,6 +223,19 @@ def objective_facts(cfg) -> dict:
     objective = cfg.objective
     return trained_on(objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps,
                       objective.get("free_bits", 0.0), objective.get("K"))
+
+
+def recipe_fact() -> dict:
+    """{'recipe': 'conf/recipe/<objective>_<model>.yaml'} where the run composed one (conf/config.yaml's optional
+    `recipe: ${objective}_${model}`: its settings replace the model option's defaults, so the run says so beside its
+    model's name); {} where none applied or no Hydra app runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get("recipe")
+    except ValueError:  # run.run called without Hydra's app (a test, a notebook)
+        return {}
+    return {"recipe": f"conf/recipe/{choice}.yaml"} if choice else {}
 
 
 def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 import cli
 from cli.build import Diverged, Refused, build, build_objective, refusals
 from cli.guards import explained
-from cli.job import commit_claim, finish, objective_facts, progress_enabled
+from cli.job import commit_claim, finish, objective_facts, progress_enabled, recipe_fact
 
 log = logging.getLogger("onebit")
 
@@ -109,7 +109,7 @@ def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
     from infer import DivergenceError
 
     head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
-            "seed": c.seed, **objective_facts(c), "replicas": cfg.replicas, "steps": c.train.steps}
+            "seed": c.seed, **objective_facts(c), **recipe_fact(), "replicas": cfg.replicas, "steps": c.train.steps}
     try:
         if isinstance(result, DivergenceError):
             raise Diverged(explained(result, c))

@@ -262,3 +262,15 @@ def test_a_python_run_evaluated_with_other_settings_records_them_as_eval_overrid
     arguments = json.loads((tmp_path / "run" / "metrics.json").read_text())["arguments"]
     assert {k: v for k, v in arguments.items() if k.startswith("eval.")} == {"eval.samples": 10000,
                                                                               "eval.replicates": 4}
+
+
+def test_a_run_that_composed_a_recipe_names_it_in_its_metrics(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("objective=exact", "model=dlgm", "data.n=1", "objective.steps.dlgm=5", "train.steps=5",
+                   "eval.samples=10000", "eval.replicates=2", "eval.figures=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"] == "conf/recipe/exact_dlgm.yaml"

@@ -386,6 +386,18 @@ def test_overrides_the_same_in_every_run_are_named_once(tmp_path):
     assert "Fixed (the same in every run): `model.depth=3`, `train.steps=100`." in md
 
 
+def test_runs_that_composed_a_recipe_are_named_with_it(tmp_path):
+    """objective=exact model=dlgm composes conf/recipe/exact_dlgm.yaml: its networks are not the dlgm option's, which
+    the row's model name alone does not say."""
+    recipe = "conf/recipe/exact_dlgm.yaml"
+    for num, objective in enumerate(("closed_form", "exact")):
+        m = {**metrics(0, 1.0 + num), **({"recipe": recipe} if objective == "exact" else {})}
+        job(tmp_path, [f"objective={objective}"], num=num, m=m)
+    multirun(tmp_path, ["objective=closed_form,exact"])
+    _, md = summary(tmp_path)
+    assert f"`{recipe}` in 1 run." in md.split("## By configuration")[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # figures: one curve per configuration family
 
