@@ -239,7 +239,7 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     exact likelihood before `result` fitted the guide to it, frozen), the run is objective=exact's, recorded as the
     command line records one: objective 'exact', `model_phase` (model_phase_facts) and `guide_phase`. Where the
     command line composes a recipe for the objective and model (conf/recipe/), the settings are overrides against
-    it (with_recipe)."""
+    it (with_recipe), and `recipe` names its file."""
     from infer.runtime import machine
     from models.arguments import changed_arguments
 
@@ -255,7 +255,10 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     plan = getattr(result, "recipe", None) or {}
     objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan.get("objective"))
     if objective and type(model) in known:
-        arguments = with_recipe(arguments, recipe_settings(objective, known[type(model)]), model, guide, result)
+        recipe = recipe_settings(objective, known[type(model)])
+        arguments = with_recipe(arguments, recipe, model, guide, result)
+        if recipe:  # named as the command line's run names the recipe it composed (cli.job.recipe_fact)
+            head["recipe"] = f"conf/recipe/{objective}_{known[type(model)]}.yaml"
     if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
     seed = getattr(result, "seed", None)

@@ -274,3 +274,19 @@ def test_a_run_that_composed_a_recipe_names_it_in_its_metrics(tmp_path):
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"] == "conf/recipe/exact_dlgm.yaml"
+
+
+def test_a_python_run_of_both_exact_phases_names_the_recipe_the_command_line_composes():
+    from analysis.describe import describe
+    from guides import StructuredGuide
+    from infer import fit
+    from infer.marginal import MarginalLikelihood
+    from models import DLGM, OneBit
+
+    data = OneBit(3)
+    model = DLGM(data.n)
+    guide = StructuredGuide(model)
+    first = fit(model, None, data, elbo=MarginalLikelihood(nodes=8, inner_nodes=2), steps=2, seed=0)
+    result = fit(model, guide, data, steps=2, seed=0, freeze_model=True)
+    assert describe(model, guide, data, result, model_phase=first)["recipe"] == "conf/recipe/exact_dlgm.yaml"
+    assert "recipe" not in describe(model, guide, data, result)  # the guide phase alone: closed_form, no recipe
