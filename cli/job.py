@@ -232,10 +232,13 @@ def recipe_fact() -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        choice = HydraConfig.get().runtime.choices.get("recipe")
+        runtime = HydraConfig.get().runtime
     except ValueError:  # run.run called without Hydra's app (a test, a notebook)
         return {}
-    return {"recipe": f"conf/recipe/{choice}.yaml"} if choice else {}
+    choice = runtime.choices.get("recipe")  # interpolated whether or not the optional file exists: look for it
+    found = choice and any(Path(s.path, "recipe", f"{choice}.yaml").is_file() for s in runtime.config_sources
+                           if s.schema == "file")
+    return {"recipe": f"conf/recipe/{choice}.yaml"} if found else {}
 
 
 def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:

@@ -276,6 +276,21 @@ def test_a_run_that_composed_a_recipe_names_it_in_its_metrics(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"] == "conf/recipe/exact_dlgm.yaml"
 
 
+@pytest.mark.parametrize("objective", ["closed_form", "exact"])
+def test_a_run_for_whose_objective_and_model_no_recipe_exists_names_none(tmp_path, objective):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli(f"objective={objective}", "model=vae", "data.n=1", "objective.steps.vae=5", "train.steps=5",
+                   "eval.samples=10000", "eval.replicates=2", "eval.figures=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path) if objective == "exact" else run_cli(
+        "data.n=1", "train.steps=5", "eval.samples=10000", "eval.replicates=2", "eval.figures=false",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "recipe" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
 def test_a_python_run_of_both_exact_phases_names_the_recipe_the_command_line_composes():
     from analysis.describe import describe
     from guides import StructuredGuide
