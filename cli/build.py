@@ -80,8 +80,6 @@ def exact_model_steps(cfg) -> int:
     if steps is None:
         raise ConfigError(f"objective.steps.{cfg.model.name} is not set: objective=exact needs the model phase's step "
                           f"budget for model={cfg.model.name}")
-    if OmegaConf.select(cfg, "train.resume"):
-        raise ConfigError("train.resume is not allowed with objective=exact (its two phases are not checkpointed)")
     return steps
 
 

@@ -147,6 +147,7 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             model_steps = exact_model_steps(cfg)
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
         resume = cli.load_resume(cfg)
+        restored = resumed_model_phase(resume, cfg) if exact_phase and resume is not None else None
     note = cli.resume_note(cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
@@ -155,12 +156,17 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             "seed": cfg.seed, **objective_facts(cfg), **recipe_fact(), **note}
     try:
         first = None
-        if exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
+        if exact_phase and resume is not None:  # the guide phase's checkpoint: the model phase is over, its model
+            first = restored  # frozen in the checkpoint's params
+            extra["model_phase"] = resume["model_phase"]
+        elif exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
             first = fit(model, None, data, elbo=marginal, steps=model_steps, lr=cfg.optim.lr,
                         lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                         seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                         threads=cfg.threads, device=cfg.device, on_start=lambda: commit_claim(out),
                         callback=None if progress_enabled(cfg, multirun) else heartbeat(model_steps))
+            extra["model_phase"] = {"steps": first.steps, "wall_seconds": first.wall_seconds,  # so that a resume of
+                                    "engine": first.engine, "history": first.history}  # the guide phase reports it
             log.info(f"model trained by its exact likelihood: {model_steps} steps in {first.wall_seconds:.1f} s, "
                      f"final window NLL {first.history[-1]['nll']:.4f} [randomised lattice]; now the guide, "
                      "against the frozen model")
@@ -202,6 +208,21 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
         return finish(cfg, out, model, guide, data, result, head, good=good)
     finally:
         good.discard()
+
+
+def resumed_model_phase(resume, cfg):
+    """objective=exact resumed: the model phase its checkpoint records (steps, wall_seconds, engine, history), as
+    fit's result would give it; the checkpoint's params hold the model it trained. A checkpoint without it (written
+    before the guide phase recorded it) cannot report the model phase: refused."""
+    from types import SimpleNamespace
+
+    phase = resume.get("model_phase")
+    if not isinstance(phase, dict) or not phase.get("history"):
+        raise Refused(f"train.resume={cfg.train.resume}: the checkpoint does not record the model phase of "
+                      "objective=exact (written by an older version); run it again")
+    log.info(f"model phase of objective=exact restored from the checkpoint ({phase['steps']} steps); resuming the "
+             f"guide at step {int(resume['step'])}")
+    return SimpleNamespace(**phase)
 
 
 def commit_claim(out: Path) -> None:

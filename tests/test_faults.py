@@ -318,6 +318,19 @@ def kill_and_resume(tmp_path, args, at_step):
     return whole, resumed
 
 
+def test_an_exact_likelihood_run_killed_in_its_guide_phase_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
+    # objective=exact: the model phase, then the guide against the frozen model; the guide phase's checkpoint holds
+    # the model and what its phase recorded, so a resume (by hand, or a requeued or relaunched sweep job) goes on
+    args = ["data.n=5", "objective=exact", "objective.steps.vae=100", "train.steps=400", "train.checkpoint_every=200",
+            "train.num_particles=16", "eval.samples=10000", "eval.replicates=4", "eval.figures=false"]
+    whole, resumed = kill_and_resume(tmp_path, args, 200)
+    assert (whole / "history.csv").read_bytes() == (resumed / "history.csv").read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
+    for metrics in (a, b):
+        metrics["model_phase"].pop("wall_seconds")  # the killed run's model phase, timed again by no one
+    assert _timing_free(a) == _timing_free(b)
+
+
 @pytest.mark.parametrize("log_every", [pytest.param(100, marks=pytest.mark.slow), 300])  # 300: the kill falls
 def test_kill_and_resume_reproduce_an_uninterrupted_run_byte_for_byte(tmp_path, log_every):  # inside a log window
     args = ["data.n=100", "train.steps=1000", "train.checkpoint_every=500", f"train.log_every={log_every}",
