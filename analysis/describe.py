@@ -180,12 +180,54 @@ def evaluation_overrides(settings) -> dict:
 GUIDE_PHASE = "the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's price"
 
 
+def model_phase_record(first) -> dict:
+    """What an objective=exact run's checkpoints keep of its model phase (the fit that trained the model by its
+    exact likelihood): steps, seconds, engine and history, from which a resume reports it (model_phase_facts)."""
+    return {"steps": first.steps, "wall_seconds": first.wall_seconds, "engine": first.engine,
+            "history": list(first.history)}
+
+
 def model_phase_facts(first) -> dict:
     """metrics.json's `model_phase` of an objective=exact run: the fit that trained the model by its exact
-    likelihood (its steps, seconds, engine and last logged window's NLL)."""
+    likelihood (its steps, seconds, engine and last logged window's NLL); first: that fit's result, or a
+    model_phase_record as an attribute namespace."""
     return {"objective": "exact likelihood (infer.marginal.MarginalLikelihood)", "steps": first.steps,
             "wall_seconds": first.wall_seconds, "engine": first.engine,
             "last_window_nll": first.history[-1]["nll"] if first.history else None}
+
+
+# what the command line's objective=exact trains both phases with (one config)
+SHARED_BY_PHASES = ("seed", "lr", "lr_final", "schedule", "adam_betas", "log_every")
+
+
+def check_two_phases(model, first, result) -> None:
+    """A ValueError in one line unless `first` trained the model by its exact likelihood and `result` then fitted
+    the guide to it frozen, with the settings the command line's objective=exact gives both phases
+    (SHARED_BY_PHASES equal; the model phase averaged as fit's default for the model, infer.recipe, since the command
+    line passes it none): a run written as that command line's must be one."""
+    from infer.recipe import recipe
+    from infer.validate import shown
+
+    plan = getattr(first, "recipe", None) or {}
+    if not hasattr(first, "history") or OBJECTIVE_NAMES.get(plan.get("objective")) != "exact":
+        raise ValueError(f"model_phase={shown(first)} is not allowed: model_phase must be what fit(model, None, data, "
+                         "elbo=MarginalLikelihood(...)) returned (the model trained by its exact likelihood)")
+    if result is None or not (getattr(result, "recipe", None) or {}).get("freeze_model"):
+        raise ValueError(f"result={shown(result)} is not allowed with model_phase: result must be the fit of the guide "
+                         "to the frozen model (fit(..., freeze_model=True)) after the model phase")
+    guide_plan = result.recipe
+    differ = [f"{k}={plan.get(k)!r} (the guide phase: {guide_plan.get(k)!r})" for k in SHARED_BY_PHASES
+              if _plain(plan.get(k)) != _plain(guide_plan.get(k))]
+    if plan.get("average") != recipe(model).average:
+        differ.append(f"average={plan.get('average')!r} (the command line's: {recipe(model).average!r}, fit's default "
+                      "for the model)")
+    if differ:
+        raise ValueError("model_phase is not allowed with these settings: the command line's objective=exact trains "
+                         f"both phases with one config, and its model phase had {', '.join(differ)}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def two_phase_history(first, result) -> list:

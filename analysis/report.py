@@ -101,6 +101,10 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
         check("iwae_k", trained_K, label="trained_K")
     if trained_beta is not None:
         check("beta", trained_beta, label="trained_beta")
+    if model_phase is not None:  # as write_run's: the guide's fit to the model the first fit trained, frozen
+        from .describe import check_two_phases
+
+        check_two_phases(model, model_phase, result)
     trained_K = trained_k(result, trained_K)
     if on_cpu(model, guide):
         log.info("evaluation runs on the CPU: model and guide were moved there")
@@ -131,7 +135,7 @@ def trained_k(result, trained_K: int = None):
     """The K of the IWAE bound a run trained on: trained_K where given, else the K of result's objective where fit()
     trained on IWAE (its recipe: objective IWAE, num_particles K), else None. A trained_K that contradicts result's K
     raises ValueError in one line (the trained_objective block would name a bound the run did not train on)."""
-    from .run_outputs import OBJECTIVE_NAMES
+    from .describe import OBJECTIVE_NAMES
 
     plan = getattr(result, "recipe", None) or {}
     K = plan.get("num_particles") if OBJECTIVE_NAMES.get(plan.get("objective")) == "iwae" else None

@@ -1,7 +1,6 @@
 """What a run writes into its directory: status.json, metrics.json (headed by `describe` where no config heads it),
 history.csv, checkpoint.pt, encodings.nc and the figures. write_run (analysis.report re-exports it) claims the
 directory and writes them; write_outputs writes them into a directory its caller claimed (run.py's jobs)."""
-import copy
 import json
 import logging
 from pathlib import Path
@@ -10,8 +9,8 @@ import pandas as pd
 
 from infer.checkpoint import save_checkpoint
 
-from .describe import (OBJECTIVE_NAMES, TRAINED_ON, describe, evaluation_overrides, final_kl_weight,  # noqa: F401
-                       trained_on, two_phase_history)
+from .describe import (OBJECTIVE_NAMES, TRAINED_ON, check_two_phases, describe, evaluation_overrides,  # noqa: F401
+                       final_kl_weight, model_phase_record, trained_on, two_phase_history)
 from .rundir import write_atomic
 
 log = logging.getLogger("onebit")
@@ -67,13 +66,11 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         raise ValueError(f"out={out} is not allowed: it already holds {held}; choose another directory, or pass "
                          "overwrite=True to replace it")
     if model_phase is not None:
-        _check_two_phases(model_phase, result)
+        check_two_phases(model, model_phase, result)
     facts = describe(model, guide, data, result, model_phase)  # the head write_outputs would give it
     if model_phase is not None:  # objective=exact's run, whatever evaluate() recorded of its last fit
         metrics = {k: v for k, v in metrics.items() if k != "arguments"}
         metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
-        result = copy.copy(result)
-        result.history = two_phase_history(model_phase, result)
     metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     evaluated = evaluation_overrides(metrics.get("evaluation"))
     if evaluated:  # keyed as the command line's eval.* overrides
@@ -82,26 +79,12 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     claim = Claim(out, allow_existing=bool(held), replace=bool(held), key="out")
     try:
         write_outputs(out, model, guide, data, result, metrics, grids, figures=figures, title=title,
-                      checkpoint=checkpoint)
+                      checkpoint=checkpoint, model_phase=model_phase)
     except BaseException:
         claim.release()
         raise
     status = metrics.get("status") if metrics.get("status") in ("diverged", "failed") else "ok"
     claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
-
-
-def _check_two_phases(first, result) -> None:
-    """A ValueError in one line unless `first` trained the model by its exact likelihood and `result` fitted the
-    guide to it frozen (write_run's model_phase)."""
-    from infer.validate import shown
-
-    plan = getattr(first, "recipe", None) or {}
-    if not hasattr(first, "history") or OBJECTIVE_NAMES.get(plan.get("objective")) != "exact":
-        raise ValueError(f"model_phase={shown(first)} is not allowed: model_phase must be what fit(model, None, data, "
-                         "elbo=MarginalLikelihood(...)) returned (the model trained by its exact likelihood)")
-    if not (getattr(result, "recipe", None) or {}).get("freeze_model"):
-        raise ValueError("model_phase is not allowed with this result: its fit trained the model too; fit the guide "
-                         "to the frozen model (fit(..., freeze_model=True)) after the model phase")
 
 
 def judged(result, data, metrics: dict) -> dict:
@@ -128,22 +111,29 @@ def judged(result, data, metrics: dict) -> dict:
 
 
 def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
-                  title: str = None, checkpoint: bool = True) -> dict:
+                  title: str = None, checkpoint: bool = True, model_phase=None, from_config: bool = False) -> dict:
     """Write a run's outputs (write_run's files but status.json) into out, a directory its caller has claimed (the
     command line's job, or write_run): nothing here checks what the directory holds. Each file is written whole or
     not at all (through a temporary file: a full disk is one OSError naming it). Returns the metrics as written to
-    metrics.json (metrics, and what describe() adds)."""
+    metrics.json (metrics, and what describe() adds; from_config: a command line's run, whose overrides are in
+    .hydra/, gets no `arguments`). model_phase (objective=exact's first fit): history.csv holds both phases' rows,
+    and checkpoint.pt, the guide phase's, keeps the model phase's record (model_phase_record), as run.py's does."""
     from . import encodings as enc
     from .figures import encoding_figure
     from .training_figure import training_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**{k: v for k, v in describe(model, guide, data, result).items() if k not in metrics}, **metrics}
-    write_atomic(out / "history.csv", pd.DataFrame(result.history).to_csv(index=False))
+    head = describe(model, guide, data, result)
+    if from_config:
+        head.pop("arguments", None)
+    metrics = {**{k: v for k, v in head.items() if k not in metrics}, **metrics}
+    history = result.history if model_phase is None else two_phase_history(model_phase, result)
+    write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
     if checkpoint:
         save_checkpoint(out / "checkpoint.pt", result,
-                        extra={k: metrics[k] for k in ("model", "guide") if k in metrics})
+                        extra={**{k: metrics[k] for k in ("model", "guide") if k in metrics},
+                               **({"model_phase": model_phase_record(model_phase)} if model_phase is not None else {})})
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     idata = enc.encodings(model, guide, data, grids=grids, khat=metrics.get("psis"))
     enc.save(idata, out / "encodings.nc")
@@ -151,6 +141,6 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     if figures:
         encoding_figure(idata, out / "encodings.png", title=title)
         minimised = any(k in metrics for k in TRAINED_ON)  # the run minimised something other than the -ELBO
-        training_figure(result.history, out / "training.png", floor=data.entropy,
+        training_figure(history, out / "training.png", floor=data.entropy,
                         optimum=metrics.get("gaussian_optimum"), title=title, objective=minimised)
     return metrics

@@ -130,7 +130,9 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
     import arviz  # noqa: F401  a process's fixed cost (1-2 s, with scipy.stats), paid here with torch's and pyro's,
     import pyro  # not inside the first evaluation's clock (PSIS k-hat and encodings.nc need it)
 
+    from analysis.describe import GUIDE_PHASE, model_phase_facts, model_phase_record, two_phase_history
     from infer import ClosedFormELBO, fit
+    from infer.runtime import machine
 
     if cfg.replicas > 1:
         from cli.replica_job import run_replicas
@@ -147,26 +149,23 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
             model_steps = exact_model_steps(cfg)
             elbo = ClosedFormELBO(num_particles=cfg.train.num_particles, noise="lattice")  # the guide phase's
         resume = cli.load_resume(cfg)
-        restored = resumed_model_phase(resume, cfg) if exact_phase and resume is not None else None
+        first = resumed_model_phase(resume, cfg) if exact_phase and resume is not None else None
     note = cli.resume_note(cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     extra = {"config": cli.trajectory_config(cfg)}  # every checkpoint carries it: a resume is checked against it
     good = GoodCheckpoint(out, data, then=None if progress_enabled(cfg, multirun) else heartbeat(cfg.train.steps))
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,
-            "seed": cfg.seed, **objective_facts(cfg), **recipe_fact(), **note}
+            "seed": cfg.seed, **objective_facts(cfg), **recipe_fact(), **note, "machine": machine()}
     try:
-        first = None
-        if exact_phase and resume is not None:  # the guide phase's checkpoint: the model phase is over, its model
-            first = restored  # frozen in the checkpoint's params
-            extra["model_phase"] = resume["model_phase"]
+        if first is not None:  # the guide phase's checkpoint: the model phase is over, its model frozen in the
+            extra["model_phase"] = resume["model_phase"]  # checkpoint's params
         elif exact_phase:  # the model by its exact likelihood, then the guide fitted to the frozen model
             first = fit(model, None, data, elbo=marginal, steps=model_steps, lr=cfg.optim.lr,
                         lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule, adam_betas=tuple(cfg.optim.betas),
                         seed=cfg.seed, log_every=cfg.train.log_every, progress=progress_enabled(cfg, multirun),
                         threads=cfg.threads, device=cfg.device, on_start=lambda: commit_claim(out),
                         callback=None if progress_enabled(cfg, multirun) else heartbeat(model_steps))
-            extra["model_phase"] = {"steps": first.steps, "wall_seconds": first.wall_seconds,  # so that a resume of
-                                    "engine": first.engine, "history": first.history}  # the guide phase reports it
+            extra["model_phase"] = model_phase_record(first)  # so that a resume of the guide phase reports it
             log.info(f"model trained by its exact likelihood: {model_steps} steps in {first.wall_seconds:.1f} s, "
                      f"final window NLL {first.history[-1]['nll']:.4f} [randomised lattice]; now the guide, "
                      "against the frozen model")
@@ -200,8 +199,6 @@ def run(cfg: DictConfig, out: Path, multirun: bool = False) -> dict:
                     + note["resumed"]["schedule_changed"])
     head.update(steps=result.steps, wall_seconds=result.wall_seconds, engine=result.engine)
     if first is not None:  # as write_run(..., model_phase=first) records a Python run of both phases
-        from analysis.describe import GUIDE_PHASE, model_phase_facts, two_phase_history
-
         head["model_phase"], head["guide_phase"] = model_phase_facts(first), GUIDE_PHASE
         result.history = two_phase_history(first, result)
     try:
@@ -239,7 +236,7 @@ def commit_claim(out: Path) -> None:
 def objective_facts(cfg) -> dict:
     """What the run minimised where that was not the -ELBO its metrics report (analysis.run_outputs.trained_on: a KL
     weight other than 1, a warm-up longer than the run, free bits, the IWAE bound), from its config; else {}."""
-    from analysis.run_outputs import trained_on
+    from analysis.describe import trained_on
 
     objective = cfg.objective
     return trained_on(objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps,
@@ -305,8 +302,8 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
         if good is not None:
             metrics["checkpoint"] = good.restore()
     metrics = write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures,
-                            checkpoint=False, title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, "
-                                                    f"seed={cfg.seed}")  # its dir claimed
+                            checkpoint=False, from_config=True,  # its dir claimed; its overrides in .hydra/
+                            title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
     if reason:
         raise Diverged(reason)
     return metrics

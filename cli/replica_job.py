@@ -107,9 +107,11 @@ def finish_replica(cfg, c, d: Path, model_guide, data, result, failed: list):
     from analysis.report import summary_lines
     from analysis.rundir import write_status
     from infer import DivergenceError
+    from infer.runtime import machine
 
     head = {"model": c.model.name, "guide": c.guide.name, "objective": c.objective.name, "n": data.n,
-            "seed": c.seed, **objective_facts(c), **recipe_fact(), "replicas": cfg.replicas, "steps": c.train.steps}
+            "seed": c.seed, **objective_facts(c), **recipe_fact(), "replicas": cfg.replicas, "steps": c.train.steps,
+            "machine": machine()}
     try:
         if isinstance(result, DivergenceError):
             raise Diverged(explained(result, c))

@@ -227,7 +227,7 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
 # (steps may change: the lr schedule then changes, and fit warns); the command line's cli.resume.TRAJECTORY. Adam's
 # betas are checked against the checkpoint's optimizer state itself (infer.prepare.restore), older files too.
 TRAJECTORY = ("lr", "lr_final", "schedule", "beta", "warmup", "warmup_start", "average", "objective",
-              "num_particles", "noise", "log_every", "freeze_model")
+              "num_particles", "noise", "log_every", "freeze_model", "nodes", "inner_nodes")
 
 
 def check_resume_settings(resume, values, elbo) -> None:
@@ -245,7 +245,8 @@ def check_resume_settings(resume, values, elbo) -> None:
     if not isinstance(saved, dict):
         return
     now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
-           "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None)}
+           "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None),
+           **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes") if isinstance(getattr(elbo, k, None), int)}}
     differ = [k for k in TRAJECTORY if k in saved and saved[k] != now.get(k)]  # plain numbers and strings
     if differ:
         shown_ = ", ".join(f"{k}={saved[k]!r} (this fit: {now.get(k)!r})" for k in differ[:4])

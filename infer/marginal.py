@@ -186,9 +186,10 @@ class MarginalLikelihood:
     needs_guide = False
 
     def __init__(self, nodes: int = 256, inner_nodes: int = 8):
-        for key, value in (("nodes", nodes), ("inner_nodes", inner_nodes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r} is not allowed: it must be an integer >= 1")
+        from .validate import check
+
+        check("nodes", nodes)  # the command line's objective.nodes and objective.inner_nodes rules
+        check("inner_nodes", inner_nodes)
         self.nodes, self.inner_nodes = nodes, inner_nodes
 
     def marginal_terms(self, model, data) -> OrderedDict:

@@ -6,6 +6,7 @@ cores (oversubscription)."""
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 
 import torch
@@ -169,7 +170,17 @@ def oversubscription(threads, jobs: int = 1, cores: int = None):
             f"{max(1, cores // max(jobs, 1))}")
 
 
+@functools.lru_cache(maxsize=None)
+def _machine() -> tuple:
+    return tuple(sorted(_read_machine().items()))
+
+
 def machine() -> dict:
+    """What a run's numbers were computed on (see _read_machine), read once per process."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _machine()}
+
+
+def _read_machine() -> dict:
     """What a run's numbers were computed on: the CPU (its name and the instruction sets its kernels choose by:
     kernels of different vector widths round differently, and a long run carries that into the fourth decimal;
     README, "Reproducibility across CPUs"), torch's kernel level, and the versions of Python, torch and Pyro."""
@@ -187,6 +198,6 @@ def machine() -> dict:
                 elif key.strip() == "flags":
                     flags = set(value.split())
                     break
-    return {"cpu": name, "cpu_flags": [f for f in ("avx2", "avx512f", "amx_tile") if f in flags],
+    return {"cpu": name, "cpu_flags": tuple(f for f in ("avx2", "avx512f", "amx_tile") if f in flags),
             "torch_kernels": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
             "torch": torch.__version__, "pyro": pyro.__version__}

@@ -213,9 +213,9 @@ def machine() -> str:
 
 def main(rounds=5, study=True):
     torch.set_num_threads(1)
-    print(machine())
     torch.set_flush_denormal(True)  # the plain loop runs with fit's settings (infer.runtime.training_settings):
     held_heap()  # denormals flushed, and the heap held from the first round on (process-wide, as after any fit)
+    print(machine())
     for name in ("vae", "dlgm"):
         times = {k: [] for k in ("plain", "plain_fused", "auto", "general")}
         for _ in range(rounds):  # interleaved, so a busy spell of the machine hits every variant alike

@@ -205,6 +205,7 @@ def test_a_non_finite_divergence_writes_metrics_and_history_marked_diverged(tmp_
     one_line_error(proc, "diverged", "optim.lr")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "diverged" and metrics["loss"] is None and "checkpoint" in metrics
+    assert metrics["machine"]["torch"]  # the machine whose kernels computed it, as an ok run's says
     assert (out / "history.csv").is_file()
     assert json.loads((out / "status.json").read_text())["status"] == "diverged"
 

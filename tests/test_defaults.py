@@ -108,7 +108,7 @@ def _recipes():
     from analysis.describe import recipe_settings
 
     for path in sorted((CONF / "recipe").glob("*.yaml")):
-        objective, model = path.stem.split("_", 1)
+        objective, model = path.stem.rsplit("_", 1)  # objective names hold "_" (closed_form)
         yield pytest.param(objective, model, recipe_settings(objective, model), id=path.stem)
 
 
@@ -214,6 +214,10 @@ def test_a_python_run_of_both_exact_phases_is_the_command_lines_objective_exact_
     assert python["guide_phase"] == cli["guide_phase"]
     history = (tmp_path / "python" / "history.csv").read_text().splitlines()
     assert history[0].startswith("phase,") and history[-1].startswith("guide,")
+    import torch
+
+    saved = torch.load(tmp_path / "python" / "checkpoint.pt", weights_only=False)  # the guide phase's, as run.py's
+    assert saved["model_phase"]["steps"] == model_steps and all("phase" not in row for row in saved["history"])
     summarize(tmp_path, figures=False)
     rows = [line for line in (tmp_path / "summary.md").read_text().split("## By configuration")[1].splitlines()
             if line.startswith(f"| {name} ")]
@@ -273,7 +277,9 @@ def test_a_run_that_composed_a_recipe_names_it_in_its_metrics(tmp_path):
                    "eval.samples=10000", "eval.replicates=2", "eval.figures=false",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"] == "conf/recipe/exact_dlgm.yaml"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["recipe"] == "conf/recipe/exact_dlgm.yaml"
+    assert "arguments" not in metrics  # a command line's run: its overrides are in .hydra/, not re-derived
 
 
 @pytest.mark.parametrize("objective", ["closed_form", "exact"])
@@ -305,3 +311,39 @@ def test_a_python_run_of_both_exact_phases_names_the_recipe_the_command_line_com
     result = fit(model, guide, data, steps=2, seed=0, freeze_model=True)
     assert describe(model, guide, data, result, model_phase=first)["recipe"] == "conf/recipe/exact_dlgm.yaml"
     assert "recipe" not in describe(model, guide, data, result)  # the guide phase alone: closed_form, no recipe
+
+
+@pytest.mark.parametrize("setting, value", [("lr", 1e-2), ("seed", 3), ("average", 0.5)])
+def test_write_run_refuses_a_model_phase_trained_otherwise_than_the_command_lines(tmp_path, setting, value):
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from infer.marginal import MarginalLikelihood
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    first = fit(model, None, data, elbo=MarginalLikelihood(nodes=8, inner_nodes=2), steps=10, log_every=5,
+                **{"seed": 0, setting: value})
+    result = fit(model, guide, data, steps=10, seed=0, log_every=5, freeze_model=True)
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4, exact=False)
+    with pytest.raises(ValueError, match=rf"^model_phase is not allowed with these settings: .*{setting}="):
+        write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False, model_phase=first)
+    with pytest.raises(ValueError, match=r"^model_phase is not allowed with these settings"):
+        evaluate(model, guide, data, samples=1024, replicates=4, exact=False, result=result, model_phase=first)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_a_model_phase_without_the_guides_fit():
+    from analysis.report import evaluate
+    from guides import GaussianGuide
+    from infer import fit
+    from infer.marginal import MarginalLikelihood
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    first = fit(model, None, data, elbo=MarginalLikelihood(nodes=8, inner_nodes=2), steps=5, seed=0)
+    with pytest.raises(ValueError, match=r"^result=None is not allowed with model_phase"):
+        evaluate(model, GaussianGuide(model), data, samples=1024, replicates=4, exact=False, model_phase=first)

@@ -181,3 +181,15 @@ def test_dlgm_at_n1000_beats_the_structured_elbo_run_by_the_exact_likelihood():
                  prior_gain=True, activation="elu", min_scale=1e-5)
     train(model, data, MarginalLikelihood(nodes=64, inner_nodes=4), steps=3000, lr_final=1e-4)
     assert evidence(model, prior_guide(model), data)["nll"] < 0.7052
+
+
+def test_a_resume_with_another_lattice_than_its_checkpoints_is_refused(tmp_path):
+    from infer import fit
+
+    data = OneBit(3)
+    model = VAE(3)
+    fit(model, None, data, elbo=MarginalLikelihood(nodes=8, inner_nodes=2), steps=10, seed=0,
+        checkpoint_path=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"nodes=8 \(this fit: 16\)"):
+        fit(model, None, data, elbo=MarginalLikelihood(nodes=16, inner_nodes=2), steps=20, seed=0,
+            resume=tmp_path / "c.pt")
