@@ -167,14 +167,18 @@ def cli_eval_defaults() -> dict:
     return {k: v for k, v in (conf_file("config.yaml").get("eval") or {}).items() if k != "figures"}
 
 
-def evaluation_overrides(settings) -> dict:
+def evaluation_overrides(settings, seed=None) -> dict:
     """{eval.<key>: value} of an evaluation's settings (metrics['evaluation'], as evaluate records them) that differ
     from the command line's defaults: a Python run evaluated otherwise is another configuration, as a command-line
-    run with those overrides is."""
+    run with those overrides is. The command line evaluates with the run's seed; an evaluation seed other than the
+    run's `seed` is eval.seed (no command-line key: such a run is no command-line run's seed)."""
     defaults = cli_eval_defaults()
     if not isinstance(settings, dict):
         return {}
-    return {f"eval.{k}": v for k, v in settings.items() if k in defaults and defaults[k] != v}
+    out = {f"eval.{k}": v for k, v in settings.items() if k in defaults and defaults[k] != v}
+    if seed is not None and settings.get("seed") is not None and settings["seed"] != seed:
+        out["eval.seed"] = settings["seed"]
+    return out
 
 
 GUIDE_PHASE = "the guide fitted to the frozen model by the closed-form ELBO: its gap is the family's price"

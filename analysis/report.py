@@ -125,7 +125,8 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
                                                          metrics["psis"]["joint"], float(trained_beta))
             metrics["eval_seconds"] += time.perf_counter() - t0
     metrics["evaluation"] = {"samples": samples, "replicates": replicates, "noise": noise, "tol": tol,
-                             "iwae_k": iwae_k}  # as the command line's eval.* keys name them
+                             "iwae_k": iwae_k, "seed": seed}  # as the command line's eval.* keys name them; seed:
+    #                                                             the command line's is the run's
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
         metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids

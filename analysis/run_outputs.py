@@ -72,7 +72,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         metrics = {k: v for k, v in metrics.items() if k != "arguments"}
         metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
     metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
-    evaluated = evaluation_overrides(metrics.get("evaluation"))
+    evaluated = evaluation_overrides(metrics.get("evaluation"), metrics.get("seed"))
     if evaluated:  # keyed as the command line's eval.* overrides
         metrics["arguments"] = {**(metrics.get("arguments") or {}), **evaluated}
     metrics = judged(result, data, metrics)

@@ -347,3 +347,20 @@ def test_evaluate_refuses_a_model_phase_without_the_guides_fit():
     first = fit(model, None, data, elbo=MarginalLikelihood(nodes=8, inner_nodes=2), steps=5, seed=0)
     with pytest.raises(ValueError, match=r"^result=None is not allowed with model_phase"):
         evaluate(model, GaussianGuide(model), data, samples=1024, replicates=4, exact=False, model_phase=first)
+
+
+def test_a_python_run_evaluated_with_another_seed_than_its_fits_records_it(tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=2)
+    metrics, grids = evaluate(model, guide, data, seed=0)  # the command line would evaluate with the run's seed, 2
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["arguments"]["eval.seed"] == 0
