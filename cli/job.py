@@ -253,10 +253,15 @@ def recipe_fact() -> dict:
         runtime = HydraConfig.get().runtime
     except ValueError:  # run.run called without Hydra's app (a test, a notebook)
         return {}
-    choice = runtime.choices.get("recipe")  # interpolated whether or not the optional file exists: look for it
-    found = choice and any(Path(s.path, "recipe", f"{choice}.yaml").is_file() for s in runtime.config_sources
-                           if s.schema == "file")
-    return {"recipe": f"conf/recipe/{choice}.yaml"} if found else {}
+    choice = runtime.choices.get("recipe")  # interpolated whether or not the optional file exists: look for it,
+    if not choice:  # in the search path's order (the first found is the one composed)
+        return {}
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for source in (s for s in runtime.config_sources if s.schema == "file"):
+        path = Path(source.path, "recipe", f"{choice}.yaml")
+        if path.is_file():  # conf/'s named as Python's runs name it (analysis.describe), one's own by its path
+            return {"recipe": f"conf/recipe/{choice}.yaml" if Path(source.path).resolve() == conf else str(path)}
+    return {}
 
 
 def diverged_outputs(out: Path, result, head: dict, reason: str, good=None) -> None:

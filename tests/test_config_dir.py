@@ -89,3 +89,15 @@ def test_a_sweep_of_built_in_options_has_no_option_column():
              "_overrides": {"model": m}} for m in ("vae", "dlgm")]
     _, agg = tables(rows)
     assert "override:model" not in agg
+
+
+def test_a_recipe_of_ones_own_is_composed_and_named_by_its_path(tmp_path):
+    folder = tmp_path / "myconf"
+    (folder / "recipe").mkdir(parents=True)
+    (folder / "recipe" / "exact_vae.yaml").write_text("# @package _global_\nmodel:\n  hidden: 40\n")
+    proc = run_cli("--config-dir", str(folder), "objective=exact", "objective.steps.vae=5", *TINY, "hydra.run.dir=run",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml").model.hidden == 40
+    recipe = json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"]
+    assert Path(recipe) == folder / "recipe" / "exact_vae.yaml"
