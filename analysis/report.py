@@ -16,7 +16,8 @@ from models import VAE
 
 from .iwae import IWAE_SAMPLES  # draws per data point for the IWAE bound, at least 2 repeats of iwae_k
 from .montecarlo import monte_carlo
-from .run_outputs import describe, final_kl_weight, write_run  # noqa: F401  re-exported: the README's API, tests
+from .describe import describe, final_kl_weight
+from .run_outputs import write_run  # noqa: F401  re-exported: the README's API
 from .summary_text import summary_lines  # noqa: F401  re-exported: run.py and the tests import it from here
 
 log = logging.getLogger("onebit")
@@ -305,7 +306,7 @@ def headline(mc: dict, exact: dict = None) -> dict:
 def evaluate_run(model, guide, data, cfg, result) -> tuple:
     """evaluate() with the settings of cfg.eval, headed by the config summary (names, n, seed, steps, wall time);
     for objective=iwae, its trained bound at the KL weight of the run's last step (run_outputs.final_kl_weight)."""
-    from .run_outputs import trained_on
+    from .describe import trained_on
 
     facts = trained_on(cfg.objective.name, cfg.train.beta, cfg.train.warmup, cfg.train.warmup_start, cfg.train.steps)
     head = {"model": cfg.model.name, "guide": cfg.guide.name, "objective": cfg.objective.name, "n": data.n,

@@ -9,8 +9,8 @@ import pandas as pd
 
 from infer.checkpoint import save_checkpoint
 
-from .describe import (OBJECTIVE_NAMES, TRAINED_ON, check_two_phases, describe, evaluation_overrides,  # noqa: F401
-                       final_kl_weight, model_phase_record, trained_on, two_phase_history)
+from .describe import (OBJECTIVE_NAMES, TRAINED_ON, check_two_phases, describe, evaluation_overrides,
+                       model_phase_record, two_phase_history)
 from .rundir import write_atomic
 
 log = logging.getLogger("onebit")

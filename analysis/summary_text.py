@@ -171,7 +171,7 @@ def _trained_objective_line(m: dict, t: dict) -> str:
     weight of the run's last step (run_outputs.final_kl_weight); a bound at another weight (an older metrics.json's,
     evaluated at 1 where the run trained at beta) is said to be what it is. Without that record, the bound is the
     one evaluate() was asked for (trained_K, trained_beta)."""
-    from .run_outputs import final_kl_weight
+    from .describe import final_kl_weight
 
     value = f"{_pm(t['loss'], t.get('se'))} [importance sampling]"
     at = float(t.get("beta", 1.0))

@@ -381,7 +381,7 @@ def test_write_run_records_what_it_knows_of_the_run(vae5, tmp_path):
 
 
 def test_a_python_run_records_the_network_settings_its_command_line_option_does_not_set():
-    from analysis.run_outputs import describe
+    from analysis.describe import describe
     from guides import GaussianGuide
     from models import VAE
 
@@ -397,7 +397,7 @@ def training_keys(head: dict) -> dict:
 
 
 def test_a_python_run_records_the_training_settings_fit_took_under_the_command_lines_keys(vae5):
-    from analysis.run_outputs import describe
+    from analysis.describe import describe
     from infer import IWAE, fit
 
     model, guide, data = vae5
@@ -410,7 +410,7 @@ def test_a_python_run_records_the_training_settings_fit_took_under_the_command_l
 
 
 def test_a_python_run_with_the_command_lines_training_settings_records_none(vae5):
-    from analysis.run_outputs import describe
+    from analysis.describe import describe
     from infer import fit
     from infer.recipe import recipe
 
