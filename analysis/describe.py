@@ -278,12 +278,13 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     a sweep summary; else their class or function names), the settings such a class was built with that its
     command-line option does not set and the settings fit() trained with that the command line's defaults for the
     model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
-    a sweep summary reads them as a Python run's overrides), n, and fit()'s steps, wall_seconds and engine (and its
-    seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what the run
-    minimised where that was not the -ELBO (trained_on); and the machine it ran on (infer.runtime.machine: the CPU,
-    whose kernels decide the last bits, and the versions). With model_phase (the fit that trained the model by its
-    exact likelihood before `result` fitted the guide to it, frozen), the run is objective=exact's, recorded as the
-    command line records one: objective 'exact', `model_phase` (model_phase_facts) and `guide_phase`. Where the
+    a sweep summary reads them as a Python run's overrides; a replica of fit_replicas' R > 1 adds replicas=R, as the
+    command line's replicas=R group does, and `replicas` in the head), n, and fit()'s steps, wall_seconds and engine
+    (and its seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what
+    the run minimised where that was not the -ELBO (trained_on); and the machine it ran on (infer.runtime.machine:
+    the CPU, whose kernels decide the last bits, and the versions). With model_phase (the fit that trained the model
+    by its exact likelihood before `result` fitted the guide to it, frozen), the run is objective=exact's, recorded
+    as the command line records one: objective 'exact', `model_phase` (model_phase_facts) and `guide_phase`. Where the
     command line composes a recipe for the objective and model (conf/recipe/), the settings are overrides against
     it (with_recipe), and `recipe` names its file."""
     from infer.runtime import machine
@@ -305,6 +306,9 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
         arguments = with_recipe(arguments, recipe, model, guide, result)
         if recipe:  # named as the command line's run names the recipe it composed (cli.job.recipe_fact)
             head["recipe"] = f"conf/recipe/{objective}_{known[type(model)]}.yaml"
+    replicas = plan.get("replicas")
+    if isinstance(replicas, int) and replicas > 1:  # one of fit_replicas' R: the command line's replicas=R, whose
+        arguments["replicas"] = replicas  # group's override its replicas' summary rows carry (R=1 is a single run)
     if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
     seed = getattr(result, "seed", None)
@@ -312,6 +316,8 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
         seed = (getattr(result, "recipe", None) or {}).get("seed")
     if seed is not None:
         head["seed"] = seed
+    if isinstance(replicas, int) and replicas > 1:  # as a command-line replica's head (cli.replica_job)
+        head["replicas"] = replicas
     for key in ("steps", "wall_seconds", "engine"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)

@@ -172,6 +172,37 @@ def test_a_sweep_of_replicas_counts_each_replica_as_a_seed(tmp_path):
     assert len(jobs) == 6 and sorted(jobs["seed"]) == [0, 0, 1, 1, 2, 2] and set(jobs["status"]) == {"ok"}
 
 
+def test_python_replicas_written_by_write_run_are_seeds_of_the_command_lines_replicas_configuration(tmp_path):
+    """fit_replicas, then evaluate and write_run for each replica, records each as `python run.py replicas=R` records
+    its replicas (replicas=R in the head and among the overrides), so a summary counts them as seeds of one
+    configuration with the command line's replicas, not with the single runs (whose last digits differ)."""
+    import pandas as pd
+
+    from analysis.report import evaluate, write_run
+    from analysis.sweep import summarize
+
+    proc = run_cli(*FAST, "replicas=2", "seed=4", "hydra.run.dir=runs/cli", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = OneBit(3)
+    models = [VAE(3) for _ in range(2)]
+    guides = [GaussianGuide(m) for m in models]
+    results = fit_replicas(models, guides, data, [4, 5], steps=30, lr=0.02,
+                           elbo=ClosedFormELBO(num_particles=8, noise="lattice"))
+    for model, guide, result, seed in zip(models, guides, results, [4, 5]):
+        metrics, grids = evaluate(model, guide, data, samples=10000, replicates=4, seed=seed, result=result)
+        write_run(tmp_path / "runs" / f"python{seed}", model, guide, data, result, metrics, grids, figures=False)
+    ours = json.loads((tmp_path / "runs" / "python5" / "metrics.json").read_text())
+    theirs = json.loads((tmp_path / "runs" / "cli" / "seed5" / "metrics.json").read_text())
+    assert ours["replicas"] == theirs["replicas"] == 2 and ours["arguments"]["replicas"] == 2
+    assert ours["engine"] == theirs["engine"] and ours["loss"] == theirs["loss"]  # the same stack, bit for bit
+    found = summarize(tmp_path / "runs", figures=False)
+    configs = found["aggregated"]
+    assert len(configs) == 1 and list(configs["seeds"]) == [2], configs.to_string()
+    assert set(found["jobs"]["override:replicas"].astype(str)) == {"2"}  # in every run, so no column of the configurations
+    assert sorted(found["duplicates"]) == ["cli/seed4", "cli/seed5"] or sorted(found["duplicates"]) == [
+        "python4", "python5"]
+
+
 def test_replicas_with_a_resume_are_refused_in_one_line(tmp_path):
     proc = run_cli(*FAST, "replicas=2", "train.resume=x.pt", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: train.resume is not allowed with")
