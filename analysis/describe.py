@@ -272,6 +272,13 @@ def final_kl_weight(facts: dict) -> float:
     return float(facts.get("kl_weight_final", facts.get("beta", 1.0)))
 
 
+def result_seed(result):
+    """The seed a fit's result was trained with (a replica's own; fit()'s FitResult records it in its recipe), or
+    None."""
+    seed = getattr(result, "seed", None)
+    return (getattr(result, "recipe", None) or {}).get("seed") if seed is None else seed
+
+
 def describe(model, guide, data, result, model_phase=None) -> dict:
     """What metrics.json's head says when no config does: model and guide names (the command line's name of a
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
@@ -311,9 +318,7 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
         arguments["replicas"] = replicas  # group's override its replicas' summary rows carry (R=1 is a single run)
     if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
-    seed = getattr(result, "seed", None)
-    if seed is None:  # fit()'s FitResult records its seed in its recipe
-        seed = (getattr(result, "recipe", None) or {}).get("seed")
+    seed = result_seed(result)
     if seed is not None:
         head["seed"] = seed
     if isinstance(replicas, int) and replicas > 1:  # as a command-line replica's head (cli.replica_job)

@@ -43,7 +43,7 @@ def on_cpu(*modules) -> bool:
 
 
 def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noise: str = "lattice", tol: float = 1e-4,
-             iwae_k: int = 1000, exact: bool = True, seed: int = 0, khat_samples: int = None,
+             iwae_k: int = 1000, exact: bool = True, seed: int = None, khat_samples: int = None,
              trained_K: int = None, result=None, trained_beta: float = None, model_phase=None) -> tuple:
     """(metrics, grids) of a trained model and any guide over its latent sites, in nats per data point.
 
@@ -64,7 +64,9 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     where either fails it is withheld, and 'nll_note' names the k-hat that did. grids are the exact
     densities for the figures (None without quadrature). exact=False skips quadrature and IWAE. The Monte Carlo,
     IWAE and k-hat draws come from torch's RNG seeded with `seed` (forked: the caller's RNG state is untouched),
-    so they do not depend on what ran before them. k-hat uses khat_samples draws per point (default khat_draws:
+    so they do not depend on what ran before them; seed None (the default) is the run's seed where `result`
+    records one (the command line evaluates a run with its own seed), else 0.
+    k-hat uses khat_samples draws per point (default khat_draws:
     up to 4 x samples where that is cheap, i.e. small n). It runs on the CPU: a model or guide trained on another
     device (fit(device='cuda')) is moved to the CPU first, in place.
 
@@ -92,6 +94,11 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     check("tol", tol)
     check("iwae_k", iwae_k)
     check("exact", exact)
+    if seed is None:  # the run's own seed, as the command line evaluates it
+        from .describe import result_seed
+
+        seed = result_seed(result)
+        seed = 0 if seed is None else seed
     check("eval_seed", seed, label="seed")
     check("khat_samples", khat_samples)
     if result is not None and not (hasattr(result, "history") and hasattr(result, "steps")):

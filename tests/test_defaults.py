@@ -364,3 +364,18 @@ def test_a_python_run_evaluated_with_another_seed_than_its_fits_records_it(tmp_p
     metrics, grids = evaluate(model, guide, data, seed=0)  # the command line would evaluate with the run's seed, 2
     write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["arguments"]["eval.seed"] == 0
+
+
+def test_evaluate_given_a_fits_result_evaluates_with_the_runs_seed_as_the_command_line_does():
+    from analysis.report import evaluate
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=20, seed=2)
+    default, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, result=result)
+    seeded, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, seed=2)
+    assert default["evaluation"]["seed"] == 2 and default["montecarlo"] == seeded["montecarlo"]

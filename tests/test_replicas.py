@@ -176,7 +176,6 @@ def test_python_replicas_written_by_write_run_are_seeds_of_the_command_lines_rep
     """fit_replicas, then evaluate and write_run for each replica, records each as `python run.py replicas=R` records
     its replicas (replicas=R in the head and among the overrides), so a summary counts them as seeds of one
     configuration with the command line's replicas, not with the single runs (whose last digits differ)."""
-    import pandas as pd
 
     from analysis.report import evaluate, write_run
     from analysis.sweep import summarize
