@@ -314,15 +314,13 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
         if recipe:  # named as the command line's run names the recipe it composed (cli.job.recipe_fact)
             head["recipe"] = f"conf/recipe/{objective}_{known[type(model)]}.yaml"
     replicas = plan.get("replicas")
-    if isinstance(replicas, int) and replicas > 1:  # one of fit_replicas' R: the command line's replicas=R, whose
-        arguments["replicas"] = replicas  # group's override its replicas' summary rows carry (R=1 is a single run)
+    if isinstance(replicas, int) and replicas > 1:  # one of fit_replicas' R (R=1 is a single run): the command
+        arguments["replicas"] = head["replicas"] = replicas  # line's replicas=R override, and its replicas' head
     if arguments:  # the settings of networks and training that the command line's defaults do not set
         head["arguments"] = arguments
     seed = result_seed(result)
     if seed is not None:
         head["seed"] = seed
-    if isinstance(replicas, int) and replicas > 1:  # as a command-line replica's head (cli.replica_job)
-        head["replicas"] = replicas
     for key in ("steps", "wall_seconds", "engine"):
         if getattr(result, key, None) is not None:
             head[key] = getattr(result, key)
