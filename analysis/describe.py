@@ -124,15 +124,19 @@ def _model_phase_overrides(model, first) -> dict:
     return out
 
 
+def dotted(node: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: value}: {"model": {"hidden": 64}} -> {"model.hidden": 64} (lists kept)."""
+    out = {}
+    for k, v in node.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def recipe_settings(objective: str, model: str) -> dict:
     """{config key: value} that conf/recipe/<objective>_<model>.yaml sets (the command line composes it after the
     model's own option: conf/config.yaml's `recipe: ${objective}_${model}`), read once; {} where there is none."""
-    def flat(node, prefix=""):
-        for k, v in node.items():
-            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-
-    return dict(flat(conf_file("recipe", f"{objective}_{model}.yaml")))
+    return dotted(conf_file("recipe", f"{objective}_{model}.yaml"))
 
 
 _UNKNOWN = object()

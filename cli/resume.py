@@ -3,6 +3,7 @@ resume that would change them (or shrink train.steps below the checkpoint's step
 """
 from omegaconf import OmegaConf
 
+from analysis.describe import dotted
 from cli.state import ConfigError
 
 # keys that decide a training trajectory: a resume must not change them (train.steps may grow)
@@ -23,16 +24,6 @@ def trajectory_config(cfg) -> dict:
     return out
 
 
-def _flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def load_resume(cfg):
     """The checkpoint train.resume names, checked against this config: refused in one line if it changes anything
     that decides the trajectory (naming the keys), or if train.steps is below the checkpoint's step."""
@@ -46,7 +37,7 @@ def load_resume(cfg):
     if saved is None:
         raise ConfigError(f"train.resume={path}: the checkpoint carries no config (written by an older version); "
                           "it cannot be checked, so it is not resumed")
-    now, then = _flat(trajectory_config(cfg)), {**EARLIER, **_flat(saved)}
+    now, then = dotted(trajectory_config(cfg)), {**EARLIER, **dotted(saved)}
     differ = sorted(k for k in set(now) | set(then) if k != "train.steps" and now.get(k) != then.get(k))
     for group in ("model", "guide", "objective", "optim", "data"):  # another option of a group: name it once
         if f"{group}.name" in differ:

@@ -146,7 +146,7 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     there (whatever overwrite says: its .hydra files stay its own, member_resumed_in_place, and its sweep's or
     group's summary reports it under them)."""
     from analysis.rundir import RunDirError, read_status, run_path
-    from cli.resume import _flat
+    from analysis.describe import dotted
 
     out = run_path(out)
     if not overwrite and read_status(out).get("status") == "ok":
@@ -156,10 +156,10 @@ def check_in_place_resume(cfg, out, overwrite: bool = False) -> None:
     if not member:
         return
     try:
-        saved = _flat(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
+        saved = dotted(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml")))
     except Exception:  # noqa: BLE001  unreadable: the resume's own checks (checkpoint vs config) still run
         return
-    now = _flat({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
+    now = dotted({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
     changed = [k for k in sorted(set(saved) | set(now)) if k not in IN_PLACE_FREE and saved.get(k) != now.get(k)]
     if changed:
         key, whose = changed[0], MEMBERS[member]
