@@ -18,6 +18,15 @@ REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run need
 DERIVED_GROUPS = {"recipe": "objective and model (conf/recipe/<objective>_<model>.yaml, where one exists)"}
 # keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
 RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+# hydra.* keys whose conf/ values the run's files rely on: an override (set, added or deleted) is refused, naming why
+HYDRA_FIXED = {
+    "hydra.job.name": "it names the run's log, <run dir>/run.log (its stem is hydra.job.name): another name loses "
+                      "run.log, a '/' in it crashed the run after its dir was made, and '..' wrote the log outside "
+                      "the run's dir",
+    "hydra.output_subdir": "run.py writes the run's .hydra/ files itself, once the run's dir is claimed (with a "
+                           "value, Hydra wrote them first: over the .hydra/ files of the run in a sweep job's dir, "
+                           "which the job was then refused to replace)",
+}
 
 
 # the directories a command line's --config-dir adds to the search path, after conf/ (as Hydra adds it: a file in
@@ -276,6 +285,9 @@ def check_keys(overrides, multirun: bool) -> None:
         if not o.key_or_group:
             raise ConfigError(f"{o.input_line!r} is not an override: an override is key=value (e.g. data.n=5)")
         if key.startswith("hydra") or o.key_or_group.startswith("hydra"):
+            if o.key_or_group in HYDRA_FIXED:
+                raise ConfigError(f"{o.input_line} is not allowed: {o.key_or_group} cannot be overridden: "
+                                  f"{HYDRA_FIXED[o.key_or_group]}; leave it out")
             continue
         last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
         if group.split("@")[0] in DERIVED_GROUPS:

@@ -909,3 +909,20 @@ def test_the_python_api_names_an_int64_overflow_and_a_float32_overflow():
 def test_a_run_dir_name_too_long_for_the_filesystem_is_refused_in_one_line(tmp_path, name, line):
     proc = run_cli(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
     one_line_error(proc, "hydra.run.dir=", line)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hydra.* keys the run's files rely on
+
+
+@pytest.mark.parametrize("override, why", [
+    ("hydra.job.name=../escape", "names the run's log"),  # the run wrote its log into the folder above its dir
+    ("hydra.job.name=x/y", "names the run's log"),  # the run crashed (59 lines, exit 1) after its dir was made
+    ("hydra.output_subdir=.hydra", "writes the run's .hydra/ files itself"),  # Hydra wrote a refused sweep job's
+    ("~hydra.output_subdir", "writes the run's .hydra/ files itself"),  # .hydra/ over the run in its job dir
+])
+@pytest.mark.parametrize("mode", [[], ["-m", "seed=0,1"], ["--cfg", "job"]], ids=["run", "sweep", "cfg"])
+def test_a_hydra_key_the_runs_files_rely_on_is_refused_in_one_line(tmp_path, override, why, mode):
+    proc = run_cli(*mode[:2], *TINY, *mode[2:], override, cwd=tmp_path)
+    one_line_error(proc, f"{override} is not allowed", "cannot be overridden", why)
+    assert not list(tmp_path.iterdir())
