@@ -34,7 +34,7 @@ from cli.checks import (
     preflight,
 )
 from cli.guards import check_memory, divergence, network_params
-from cli.keys import EXTRA_DIRS, check_group_choices, check_keys, compose_config, single_line
+from cli.keys import EXTRA_DIRS, check_group_choices, check_keys, compose_config, composition_error, single_line
 from cli.optuna_sweep import repeated_trial
 from cli.resume import load_resume, resume_note, trajectory_config
 from cli.rundirs import (
@@ -81,8 +81,15 @@ def main(hydra_main, argv) -> int:
             check_group_choices(overrides)
             check_keys(overrides, multirun=multirun)  # a sweep without -m: Hydra's 'requires --multirun' traceback
             check_order(args, printing=True)
-            if not multirun:
-                validate(compose_config(overrides))  # a printed config holds only allowed values, as a run's does
+            if not multirun:  # a printed config holds only allowed values, as a run's does, Hydra's own keys too
+                try:
+                    cfg = compose_config(overrides, hydra_cfg=True)
+                except Exception as err:  # noqa: BLE001  hydra's composition errors (Hydra printed a traceback)
+                    raise composition_error(err) from None
+                validate(cfg)
+                from analysis.rundir import check_run_dir_setting
+
+                check_run_dir_setting(cfg.hydra.run.dir)
             check_info_value(args)
             check_package(args, overrides)
             hydra_main()

@@ -926,3 +926,16 @@ def test_a_hydra_key_the_runs_files_rely_on_is_refused_in_one_line(tmp_path, ove
     proc = run_cli(*mode[:2], *TINY, *mode[2:], override, cwd=tmp_path)
     one_line_error(proc, f"{override} is not allowed", "cannot be overridden", why)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--info", "config"], ["--help"]], ids=["cfg", "info", "help"])
+@pytest.mark.parametrize("override, words", [
+    ("hydra.nope=1", ["cannot compose the config", "hydra.nope"]),  # a traceback of 58 lines, exit 1
+    ("hydra.job.chdir=maybe", ["cannot compose the config", "hydra.job.chdir=maybe"]),  # 92 lines
+    ("hydra/launcher=nope", ["cannot compose the config", "hydra/launcher/nope", "joblib"]),
+    ("hydra.run.dir=''", ["hydra.run.dir='' is not allowed"]),  # printed, exit 0, where a run refuses it
+])
+def test_hydras_print_options_check_hydras_own_keys_in_one_line(tmp_path, flag, override, words):
+    proc = run_cli(*flag, *TINY, override, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert not list(tmp_path.iterdir())
