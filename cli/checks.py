@@ -51,9 +51,31 @@ def check_flags(args) -> None:
             _check_config_flag(flag, _flag_value(args, i))
         if flag == "--experimental-rerun":
             path = _flag_value(args, i)
-            if not os.path.isfile(path):  # Hydra warned over two lines first
-                raise ConfigError(f"{flag} {path}: no such file; {flag} takes a run's .hydra/config.pickle")
+            missing = "" if os.path.isfile(path) else " (no such file)"  # Hydra warned over two lines first
+            raise ConfigError(f"{flag} {path} is not allowed{missing}: run.py's runs write no config.pickle (their "
+                              ".hydra/ holds config.yaml and overrides.yaml), and a rerun would unpickle the file "
+                              "(code of any kind: a file not a pickle was a traceback) and run without the checks of "
+                              "its values or the claim of its run dir; rerun a run from its overrides instead: python "
+                              "run.py <the lines of its .hydra/overrides.yaml> hydra.run.dir=<a new dir>")
+        if flag in ("--shell-completion", "-sc"):
+            _check_completion(arg, args[i + 1] if i + 1 < len(args) else "")
     check_order(args)
+
+
+COMPLETION = ("install", "uninstall", "query")
+SHELLS = ("bash", "fish", "zsh")
+
+
+def _check_completion(arg: str, following: str) -> None:
+    """Refuse, in one line, --shell-completion (-sc) without its subcommand, <install|uninstall|query>=<shell>, as
+    the next argument: Hydra printed a traceback (no subcommand, or a shell it has no plugin for) and exited 1, and
+    argparse its usage for --shell-completion=install=bash."""
+    command, eq, shell = following.partition("=")
+    if "=" in arg or not eq or command not in COMPLETION or shell not in SHELLS:
+        flag = arg.partition("=")[0]
+        raise ConfigError(f"{arg} {following}".strip() + f" is not allowed: {flag} must be followed by one of "
+                          f"{', '.join(f'{c}=<shell>' for c in COMPLETION)}, the shell one of {', '.join(SHELLS)} "
+                          f"(e.g. python run.py {flag} install=bash)")
 
 
 def check_package(args, overrides) -> None:

@@ -939,3 +939,32 @@ def test_hydras_print_options_check_hydras_own_keys_in_one_line(tmp_path, flag, 
     proc = run_cli(*flag, *TINY, override, cwd=tmp_path)
     one_line_error(proc, *words)
     assert not list(tmp_path.iterdir())
+
+
+def test_hydras_experimental_rerun_is_refused_in_one_line_without_unpickling_the_file(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    payload = tmp_path / "config.pickle"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    payload.write_bytes(pickle.dumps(Payload()))  # a file not a pickle printed a traceback (EOFError), exit 1
+    proc = run_cli("--experimental-rerun", str(payload), cwd=tmp_path)
+    one_line_error(proc, f"--experimental-rerun {payload} is not allowed", "no config.pickle", "overrides.yaml")
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config.pickle"]
+
+
+@pytest.mark.parametrize("args", [["--shell-completion"], ["-sc", "data.n=5"], ["-sc", "query=data.n"],
+                                  ["-sc", "install=nope"], ["--shell-completion=install=bash"]])
+def test_shell_completion_without_its_subcommand_and_shell_is_refused_in_one_line(tmp_path, args):
+    proc = run_cli(*args, cwd=tmp_path)  # Hydra's traceback (no subcommand, no such shell), exit 1; argparse's usage
+    one_line_error(proc, "is not allowed", "install=<shell>", "bash, fish, zsh")
+    assert not list(tmp_path.iterdir())
+
+
+def test_shell_completion_with_its_subcommand_prints_the_script(tmp_path):
+    proc = run_cli("-sc", "install=bash", cwd=tmp_path)
+    assert proc.returncode == 0 and "hydra_bash_completion" in proc.stdout, proc.stderr
