@@ -164,6 +164,12 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
         what = what if len(what) <= 100 else what[:97] + "..."
         by_values = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") == DEFAULT_SUBDIR
         inside = os.path.normpath(path).startswith(os.path.normpath(sweep_dir) + os.sep)
+        if os.path.normpath(path) == os.path.normpath(sweep_dir):  # -m with no override that names a job dir
+            why = (" (no override of the job names it: overwrite, eval.figures and train.progress are left out of "
+                   "job dir names)" if by_values else f" (hydra.sweep.subdir is '{subdir}')")
+            raise ConfigError(f"hydra.sweep.subdir: the job dir of {what} would be the sweep dir {sweep_dir} itself"
+                              f"{why}, where the sweep's summary goes: sweep a key (e.g. -m seed=0,1), run it as a "
+                              "single run (without -m), or set 'hydra.sweep.subdir=${hydra:job.num}'")
         if not inside or (by_values and len(Path(subdir).parts) != 1):  # a '/' in a value: folders, or a way out
             shown = subdir if len(subdir) <= 80 else subdir[:77] + "..."
             raise ConfigError(f"hydra.sweep.subdir: the job dir of {what} would be '{shown}', "

@@ -736,3 +736,15 @@ def test_a_new_launch_clears_a_stopping_mark_an_earlier_one_left(tmp_path, monke
         assert not sweep_stopping(tmp_path)
     finally:
         STATE["sweep_undo"]()
+
+
+@pytest.mark.parametrize("overrides, why", [
+    ([], "no override of the job names it"),  # it said "outside <sweep dir> ('..' leaves it)"
+    (["eval.figures=false", "overwrite=true"], "no override of the job names it"),
+    (["hydra.sweep.subdir=."], "hydra.sweep.subdir is '.'"),
+], ids=["bare", "left_out_keys", "dot"])
+def test_a_sweep_whose_job_dir_would_be_the_sweep_dir_itself_is_refused_saying_so(tmp_path, overrides, why):
+    proc = run_cli("-m", *overrides, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    one_line_error(proc, "would be the sweep dir", "itself", why, "hydra.sweep.subdir=${hydra:job.num}")
+    assert "leaves it" not in proc.stderr and not list(tmp_path.iterdir())
