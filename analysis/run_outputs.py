@@ -30,7 +30,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     overwrite=True replaces the run there whole: its files (analysis.rundir.RUN_FILES: a command-line run's .hydra/
     and figures too) are moved aside first and deleted once the new run is written, or put back if writing fails;
     files that are not a run's are never touched. figures, checkpoint and overwrite must be True or False (a
-    ValueError in one line names the one that is not).
+    ValueError in one line names the one that is not); data, model and guide are checked as evaluate() checks them,
+    and metrics must hold evaluate()'s headline 'loss' and no head key (model, guide, n, seed, steps) other than this
+    run's (check_metrics).
 
     model_phase: for a run of two phases as objective=exact's (README, "Training by the exact likelihood"), the fit
     that trained the model by its exact likelihood (infer.marginal.MarginalLikelihood, no guide), `result` being the
@@ -54,6 +56,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     for label, value in (("figures", figures), ("overwrite", overwrite), ("checkpoint", checkpoint)):
         if not isinstance(value, bool):
             raise ValueError(f"{label}={shown(value)} is not allowed: {label} must be True or False")
+    from infer.checks import check_inputs
+
+    check_inputs(model, guide, data)  # data, model and guide as evaluate() takes them (data=None: AttributeError)
     out = run_path(out)  # /a/new/../b is /a/b, where no folder 'new' is made
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is not allowed: it is a file; out must be a directory (made if missing)")
@@ -68,6 +73,7 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     if model_phase is not None:
         check_two_phases(model, model_phase, result)
     facts = describe(model, guide, data, result, model_phase)  # the head write_outputs would give it
+    check_metrics(metrics, facts)
     if model_phase is not None:  # objective=exact's run, whatever evaluate() recorded of its last fit
         metrics = {k: v for k, v in metrics.items() if k != "arguments"}
         metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
@@ -85,6 +91,27 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         raise
     status = metrics.get("status") if metrics.get("status") in ("diverged", "failed") else "ok"
     claim.status(status, metrics.get("reason", "") if status != "ok" else "written by analysis.write_run")
+
+
+# the head keys of evaluate(..., result=r)'s metrics, and where write_run's own head takes each from (describe)
+HEAD_SOURCES = {"model": "model", "guide": "guide", "n": "data", "seed": "result", "steps": "result"}
+
+
+def check_metrics(metrics: dict, facts: dict) -> None:
+    """Raise ValueError (one line) unless metrics can be written as this run's: they hold evaluate()'s headline
+    'loss' (without it the run was written as diverged, 'the loss became None', blaming lr), and every head key they
+    record (model, guide, n, seed, steps) is the run's own, as describe() reads it from model, guide, data and result
+    (metrics.json said n=7 for a run at n=3)."""
+    from infer.validate import shown
+
+    if "loss" not in metrics:
+        raise ValueError(f"metrics={shown(metrics)} is not allowed: metrics must be the dict evaluate() returns first, "
+                         "which holds the headline 'loss'; this one lacks it")
+    for key, source in HEAD_SOURCES.items():
+        if key in metrics and key in facts and metrics[key] != facts[key]:
+            raise ValueError(f"metrics['{key}']={shown(metrics[key])} is not allowed: the run written here has "
+                             f"{key}={shown(facts[key])} (from its {source}); metrics must be what evaluate() returned "
+                             "for this model, guide, data and result")
 
 
 def judged(result, data, metrics: dict) -> dict:

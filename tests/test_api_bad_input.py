@@ -369,12 +369,18 @@ def test_write_run_puts_fits_seed_into_metrics_json(vae, tmp_path):
 
     model, guide, data = vae
     result = fit_with(model, guide, seed=7)
-    write_run(tmp_path, model, guide, data, result, {}, figures=False, checkpoint=False)
+    write_run(tmp_path, model, guide, data, result, {"loss": 0.7}, figures=False, checkpoint=False)
     assert json.loads((tmp_path / "metrics.json").read_text())["seed"] == 7
 
 
 @pytest.mark.parametrize("bad, line", [
     ({"metrics": None}, r"^metrics=None is not allowed: metrics must be the dict evaluate\(\) returns first"),
+    ({"metrics": {}}, r"^metrics=\{\} is not allowed: .* which holds the headline 'loss'; this one lacks it$"),
+    ({"metrics": {"loss": 0.7, "n": 7}}, r"^metrics\['n'\]=7 is not allowed: the run written here has n=3 \(from "
+                                         r"its data\)"),  # metrics.json said n=7
+    ({"metrics": {"loss": 0.7, "steps": 5}}, r"^metrics\['steps'\]=5 is not allowed: the run written here has "
+                                             r"steps=3 \(from its result\)"),
+    ({"data": None}, r"^data=None is not allowed: data must be the one-bit data"),  # AttributeError in describe
     ({"result": None}, r"^result=None is not allowed: result must be what fit\(\) returned"),
     ({"grids": 3}, r"^grids=3 is not allowed: grids must be None or the dict evaluate\(\) returns second"),
     ({"out": None}, r"^out=None is not allowed: out must be a directory's path"),
@@ -385,10 +391,10 @@ def test_write_run_refuses_arguments_that_are_not_what_fit_and_evaluate_return(v
     from analysis.report import write_run
 
     model, guide, data = vae
-    args = dict(out=tmp_path / "run", result=fit_with(model, guide), metrics={}, grids=None, figures=False,
-                checkpoint=True)
-    args.update(bad)  # TypeError and AttributeError before
-    one_line_value_error(lambda: write_run(args["out"], model, guide, data, args["result"], args["metrics"],
+    args = dict(out=tmp_path / "run", result=fit_with(model, guide), metrics={"loss": 0.7}, grids=None,
+                figures=False, checkpoint=True, data=data)
+    args.update(bad)  # TypeError and AttributeError before; {} was written as diverged ('the loss became None')
+    one_line_value_error(lambda: write_run(args["out"], model, guide, args["data"], args["result"], args["metrics"],
                                            args["grids"], figures=args["figures"], checkpoint=args["checkpoint"]),
                          line)
     assert not (tmp_path / "run").exists()
