@@ -4,6 +4,8 @@ The table is the library's own (infer.validate.CONFIG_RULES: the bounds fit, the
 again when called from Python), plus COMMAND_LINE_RULES, the keys only the command line has; validate then checks
 what spans keys (eval.samples with eval.replicates, seed with replicas, what replicas can train) and the device.
 """
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from cli.state import ConfigError
@@ -39,7 +41,8 @@ COMMAND_LINE_RULES = {
     "guide.gain": (_bool, "true or false"),
     "objective.steps.vae": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
     "objective.steps.dlgm": (lambda v: is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
-    "device": (lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "cpu or cuda[:index]"),
+    "device": (lambda v: isinstance(v, str) and re.fullmatch(r"cpu|cuda(:[0-9]+)?", v) is not None,
+               "cpu or cuda[:index]"),
 }
 RULES = {**CONFIG_RULES, **COMMAND_LINE_RULES}
 # the guides of conf/guide/ that infer.fit_replicas refuses (their modules hold more than nn.Linear and LogGain

@@ -968,3 +968,11 @@ def test_shell_completion_without_its_subcommand_and_shell_is_refused_in_one_lin
 def test_shell_completion_with_its_subcommand_prints_the_script(tmp_path):
     proc = run_cli("-sc", "install=bash", cwd=tmp_path)
     assert proc.returncode == 0 and "hydra_bash_completion" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("device", ["cudax", "cuda0", "cuda:0x", "cuda:"])
+def test_a_device_that_is_not_cpu_or_cuda_index_is_refused_as_malformed(device):
+    # it passed the rule (any string starting 'cuda'): here 'no CUDA device', and where one exists, fit's refusal
+    # after the run's dir was claimed
+    assert refusal(f"device={device}").startswith(f"device={device!r} is not allowed: device must be cpu or "
+                                                  "cuda[:index]")
