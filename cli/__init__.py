@@ -74,6 +74,9 @@ def main(hydra_main, argv) -> int:
     args = argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
+        from infer.validate import env_threads
+
+        env_threads()  # importing the models sets it: a bad one was a misleading import error, or a segfault
         check_flags(args)
         EXTRA_DIRS[:] = config_dirs(args)
         overrides = hydra_flag_overrides(args)

@@ -277,6 +277,22 @@ def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
                                   f"{', '.join(needs)}")
 
 
+def env_threads(environ=None) -> int:
+    """The torch thread count importing the package sets: the environment variable ONEBIT_THREADS (default 1), an
+    integer in [1, MAX_THREADS]; ValueError in one line naming the variable otherwise (int() failed at import, and
+    99999 segfaulted after a run's dir was made)."""
+    raw = (os.environ if environ is None else environ).get("ONEBIT_THREADS", "1")
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"ONEBIT_THREADS={raw!r} is not allowed: the environment variable ONEBIT_THREADS (torch's "
+                         f"thread count, set when the package is imported) must be an integer >= 1 and <= "
+                         f"{MAX_THREADS}, or unset (1)")
+    return value
+
+
 def check_all(**values) -> None:
     """check(name, value) for every keyword argument."""
     for name, value in values.items():
@@ -289,4 +305,4 @@ __all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_
            "KHAT_MIN_SAMPLES", "ORDERS",
            "allowed",
            "is_allowed", "is_int", "is_number", "is_finite", "range_note", "INT64", "FLOAT32_MAX", "SCHEDULES", "NOISE",
-           "ACTIVATIONS", "INITS", "ENGINES"]
+           "ACTIVATIONS", "INITS", "ENGINES", "env_threads"]

@@ -976,3 +976,32 @@ def test_a_device_that_is_not_cpu_or_cuda_index_is_refused_as_malformed(device):
     # after the run's dir was claimed
     assert refusal(f"device={device}").startswith(f"device={device!r} is not allowed: device must be cpu or "
                                                   "cuda[:index]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the environment
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "99999"])
+def test_an_onebit_threads_that_is_not_a_thread_count_is_refused_in_one_line_naming_the_variable(tmp_path, value):
+    # 'abc' and '0' were 'model._target_=models.VAE cannot be imported ... must be on PYTHONPATH'; 99999 segfaulted
+    # (exit 139) after the run's dir was made
+    import os
+    import sys
+
+    import zygote
+    from conftest import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", ONEBIT_THREADS=value)
+    proc = zygote.run([sys.executable, str(ROOT / "run.py"), *TINY], cwd=tmp_path, env=env, timeout=300)
+    one_line_error(proc, f"ONEBIT_THREADS={value!r} is not allowed", "must be an integer >= 1 and <= 1024")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, threads", [(None, 1), ("2", 2), (" 3 ", 3)])
+def test_onebit_threads_sets_the_thread_count_the_package_sets_at_import(value, threads):
+    from infer.validate import env_threads
+
+    assert env_threads({} if value is None else {"ONEBIT_THREADS": value}) == threads
+    with pytest.raises(ValueError, match=r"^ONEBIT_THREADS='-1' is not allowed: the environment variable"):
+        env_threads({"ONEBIT_THREADS": "-1"})
