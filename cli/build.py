@@ -40,6 +40,13 @@ def check_targets(cfg: DictConfig) -> None:
         if not isinstance(target, str):
             raise ConfigError(f"{group}._target_ is not set: a {group} option must name what it builds (e.g. "
                               f"_target_: {'models.VAE' if group == 'model' else 'guides.GaussianGuide'})")
+        if node.get("name") is None:  # the run dir's name read it: "Interpolation key 'guide.name' not found
+            #                           full_key: hydra.run.dir", naming neither the option nor the key
+            option = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)
+            example = option or f"my_{group}"
+            raise ConfigError(f"{group}.name is not set{f' by {group}={option}' if option else ''}: a {group} option "
+                              f"must name itself (e.g. name: {example}; letters, digits, '_' and '-'), the label of "
+                              "its runs' dirs and metrics.json")
         try:
             built = _locate(target)
         except Exception as err:  # noqa: BLE001  hydra's ImportError around the import's own error

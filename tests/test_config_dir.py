@@ -101,3 +101,12 @@ def test_a_recipe_of_ones_own_is_composed_and_named_by_its_path(tmp_path):
     assert OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml").model.hidden == 40
     recipe = json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"]
     assert Path(recipe) == folder / "recipe" / "exact_vae.yaml"
+
+
+def test_an_option_of_ones_own_without_a_name_is_refused_naming_the_option_and_the_key(tmp_path):
+    # the run dir's name reads it: "Interpolation key 'guide.name' not found full_key: hydra.run.dir"
+    (tmp_path / "conf" / "guide").mkdir(parents=True)
+    (tmp_path / "conf" / "guide" / "noname.yaml").write_text("_target_: guides.GaussianGuide\nhidden: 8\n")
+    proc = run_cli("--config-dir", str(tmp_path / "conf"), *TINY, "guide=noname", cwd=tmp_path)
+    one_line_error(proc, "guide.name is not set by guide=noname", "must name itself (e.g. name: noname")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
