@@ -55,7 +55,7 @@ from cli.rundirs import (
 from cli.signals import (interrupted, killed_reason, launcher_job, on_sigterm, requeued, stopped_reason,
                          sweep_stopping)
 from cli.state import STATE, ConfigError
-from cli.values import COMMAND_LINE_RULES, validate
+from cli.values import COMMAND_LINE_RULES, resolved, validate
 
 __all__ = ["COMMAND_LINE_RULES", "STATE", "ConfigError", "check_memory", "claim_for", "clear_unclaimed", "divergence",
            "fail", "failed_value", "killed_reason", "launcher_job", "load_resume", "main", "member_resumed_in_place",
@@ -92,7 +92,7 @@ def main(hydra_main, argv) -> int:
                 validate(cfg)
                 from analysis.rundir import check_run_dir_setting
 
-                check_run_dir_setting(cfg.hydra.run.dir)
+                check_run_dir_setting(resolved(cfg, "hydra.run.dir", "name a directory"))
             check_info_value(args)
             check_package(args, overrides)
             hydra_main()

@@ -11,7 +11,7 @@ from cli.resume import load_resume
 from cli.rundirs import claim_for, failed_value
 from cli.state import STATE, ConfigError
 from cli.sweep import check_job_dirs, check_seed_overlap, check_some_job_runs, claim_sweep, sweep_jobs
-from cli.values import validate
+from cli.values import resolved, validate
 
 # Hydra's own flags that print or change how Hydra runs; with these the preflight is skipped
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
@@ -212,7 +212,7 @@ def preflight(overrides, multirun: bool) -> list:
             prepare()
         from analysis.rundir import run_path
 
-        sweep_dir = run_path(str(cfg.hydra.sweep.dir))
+        sweep_dir = run_path(str(resolved(cfg, "hydra.sweep.dir", "name a directory")))
         jobs = sweep_jobs(overrides, cfg)
         if jobs == []:  # e.g. range(0,0): Hydra would launch no job, write an empty summary and exit 0
             empty = next((o.input_line for o in parse_overrides(overrides)
@@ -233,7 +233,7 @@ def preflight(overrides, multirun: bool) -> list:
 
     pins = resume_pin(cfg)
     load_resume(cfg)
-    check_run_dir_setting(OmegaConf.select(cfg, "hydra.run.dir"))
+    check_run_dir_setting(resolved(cfg, "hydra.run.dir", "name a directory"))
     out = run_path(str(cfg.hydra.run.dir))
     STATE["claim"] = claim_for(cfg, out)
     return [f"hydra.run.dir={_quote(out)}"] + pins

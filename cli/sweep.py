@@ -10,6 +10,7 @@ from analysis.jobs import SWEEP_LOCK, launch_line, launch_of
 from cli.keys import compose_config, parse_overrides, single_line
 from cli.signals import STOPPING
 from cli.state import STATE, ConfigError
+from cli.values import is_unresolvable, unresolved
 
 DEFAULT_SUBDIR = "${hydra:job.override_dirname}"  # conf/config.yaml's hydra.sweep.subdir: job dirs named by values
 
@@ -157,7 +158,10 @@ def check_job_dirs(jobs, cfg, sweep_dir: Path) -> None:
     for num, job in enumerate(jobs):
         try:
             subdir = job_subdir(job, num, cfg)
-        except Exception:  # noqa: BLE001  an exotic subdir: Hydra resolves it itself
+        except Exception as err:  # noqa: BLE001  an exotic subdir: Hydra resolves it itself
+            if is_unresolvable(err):  # Hydra's traceback mid-launch, the sweep dir made
+                raise unresolved(compose_config(job, hydra_cfg=True), "hydra.sweep.subdir", err,
+                                 "name each job's dir (e.g. 'hydra.sweep.subdir=${hydra:job.num}')") from None
             return
         path = sweep_dir / subdir
         what = " ".join(j for j in job if not j.lstrip("+~").startswith("hydra")) or "the job"

@@ -108,14 +108,7 @@ def validate(cfg: DictConfig) -> None:
         try:
             value = OmegaConf.select(cfg, key, default=_ABSENT)
         except Exception as err:  # noqa: BLE001  omegaconf's errors of an interpolation that resolves to nothing
-            head, _, last = key.rpartition(".")
-            try:
-                raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(last)._value()
-            except Exception:  # noqa: BLE001  the interpolation sits higher up, in the group itself
-                raw = "<an interpolation>"
-            why = str(err).splitlines()[0].split(" full_key:")[0]
-            raise ConfigError(f"{key}={raw} is not allowed: its interpolation does not resolve ({why}); {key} must "
-                              f"be {allowed}") from None
+            raise unresolved(cfg, key, err, f"be {allowed}") from None
         if isinstance(value, str) and value == _ABSENT:
             continue
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -162,6 +155,40 @@ def validate(cfg: DictConfig) -> None:
     from cli.build import check_targets
 
     check_targets(cfg)
+
+
+def unresolved(cfg, key: str, err: Exception, must: str) -> ConfigError:
+    """The one-line refusal of key, whose interpolation does not resolve (err: omegaconf's error): its value as
+    written, why, and what `key must <must>`."""
+    head, _, last = key.rpartition(".")
+    try:
+        raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(last)._value()
+    except Exception:  # noqa: BLE001  the interpolation sits higher up, in the group itself
+        raw = "<an interpolation>"
+    why = str(err).splitlines()[0].split(" full_key:")[0]
+    return ConfigError(f"{key}={raw} is not allowed: its interpolation does not resolve ({why}); {key} must {must}")
+
+
+def is_unresolvable(err: Exception) -> bool:
+    """Whether err is omegaconf's word for an interpolation that names no key, or whose resolver failed
+    (${oc.env:UNSET}); not one to a value that Hydra or a launcher fills in later (${hydra:job.id} before launch)."""
+    from omegaconf.errors import (InterpolationKeyError, InterpolationResolutionError,
+                                  InterpolationToMissingValueError, InterpolationValidationError)
+
+    return isinstance(err, InterpolationKeyError) or (
+        isinstance(err, InterpolationResolutionError)
+        and not isinstance(err, (InterpolationValidationError, InterpolationToMissingValueError)))
+
+
+def resolved(cfg, key: str, must: str):
+    """cfg's value at key (a dotted path), resolved; ConfigError in one line (unresolved) where its interpolation
+    names no key or its resolver fails."""
+    try:
+        return OmegaConf.select(cfg, key)
+    except Exception as err:  # noqa: BLE001
+        if is_unresolvable(err):
+            raise unresolved(cfg, key, err, must) from None
+        raise
 
 
 def check_device(device: str) -> None:

@@ -1005,3 +1005,16 @@ def test_onebit_threads_sets_the_thread_count_the_package_sets_at_import(value, 
     assert env_threads({} if value is None else {"ONEBIT_THREADS": value}) == threads
     with pytest.raises(ValueError, match=r"^ONEBIT_THREADS='-1' is not allowed: the environment variable"):
         env_threads({"ONEBIT_THREADS": "-1"})
+
+
+@pytest.mark.parametrize("args, key", [
+    (["hydra.run.dir=${oops}"], "hydra.run.dir"),  # omegaconf's own line: "... full_key: hydra.run.dir object_type"
+    (["--cfg", "job", "hydra.run.dir=${oops}"], "hydra.run.dir"),
+    (["-m", "seed=0,1", "hydra.sweep.dir=${oops}"], "hydra.sweep.dir"),
+    (["-m", "seed=0,1", "hydra.sweep.subdir=${oops}"], "hydra.sweep.subdir"),  # a 100-line traceback, exit 1, and
+    (["-m", "seed=0,1", "hydra.sweep.subdir=${oc.env:ONEBIT_UNSET}"], "hydra.sweep.subdir"),  # a sweep dir left
+])
+def test_an_output_dir_whose_interpolation_does_not_resolve_is_refused_naming_the_key(tmp_path, args, key):
+    proc = run_cli(*args[:2], *TINY, *args[2:], cwd=tmp_path)
+    one_line_error(proc, f"{key}=${{", "is not allowed: its interpolation does not resolve", f"{key} must")
+    assert not list(tmp_path.iterdir())
