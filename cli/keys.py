@@ -275,10 +275,29 @@ def check_flat_sweep(o) -> None:
                           f"list the values ({o.key_or_group}=a,b,c)")
 
 
+def check_swept_once(parsed) -> None:
+    """Refuse, in one line, a sweep that gives one key twice, once as one value and once swept (seed=0 seed=1,2):
+    which one holds is the sweeper's choice (optuna kept train.steps=20 over a later train.steps=interval(10,20),
+    whatever the order, and so searched nothing while its sweep said it had). Two sweeps of a key: the last holds."""
+    seen = {}
+    for o in parsed:
+        key = o.key_or_group
+        if not key or o.is_delete():
+            continue
+        if key in seen and o.is_sweep_override() != seen[key].is_sweep_override():
+            swept = o.input_line if o.is_sweep_override() else seen[key].input_line
+            raise ConfigError(f"{key} is given twice in this sweep, as one value and swept ({seen[key].input_line}, "
+                              f"{o.input_line}), and which one a sweeper keeps is its own choice: give {key} once "
+                              f"(e.g. -m {swept})")
+        seen[key] = o
+
+
 def check_keys(overrides, multirun: bool) -> None:
     """Refuse, in one line, every override that names no key of the composed config (with or without '+'), a '+'
     on a key that exists, a deletion, and a sweep outside -m. Group choices that sweep are composed each."""
     parsed = parse_overrides(overrides)
+    if multirun:
+        check_swept_once(parsed)
     groups, plain = {}, []
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
