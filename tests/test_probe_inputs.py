@@ -1018,3 +1018,9 @@ def test_an_output_dir_whose_interpolation_does_not_resolve_is_refused_naming_th
     proc = run_cli(*args[:2], *TINY, *args[2:], cwd=tmp_path)
     one_line_error(proc, f"{key}=${{", "is not allowed: its interpolation does not resolve", f"{key} must")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["' '", "'\t'"])
+def test_a_blank_resume_path_is_refused_as_no_path(value):
+    # 'train.resume= does not exist', naming no rule
+    assert refusal(f"train.resume={value}").endswith("train.resume must be null or a path to a checkpoint.pt")
