@@ -72,9 +72,10 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     its step with its params (checked by name and shape), optimiser, RNG states, history and partial logging
     window, and gives the same history as an uninterrupted run. A checkpoint records the settings it was trained
     with (its 'fit' entry: the result's recipe); a resume that changes one that decides the trajectory or the
-    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles and noise,
-    log_every, freeze_model; Adam's betas) is refused in one line, and a changed `steps` warns once the checkpoint
-    is restored (the lr schedule changes). Every `log_every` steps the window mean of each
+    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles, noise and
+    free bits, log_every, freeze_model, the seed; Adam's betas) is refused in one line (seed=None takes the
+    checkpoint's seed: its RNG states are restored, so the run is that seed's), and a changed `steps` warns once the
+    checkpoint is restored (the lr schedule changes). Every `log_every` steps the window mean of each
     loss term is appended to the history, with the KL terms unweighted. With checkpoint_path (a file in a folder
     that exists), a checkpoint (with the dict checkpoint_extra's entries) is written at the end and, with
     checkpoint_every > 0, every checkpoint_every steps: checkpoint_every=0 means "only at the end", as the command
@@ -136,6 +137,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
     result = FitResult(optimizer=optimizer, buffers=module_buffers(model, guide),
                        recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
                                                     "warmup_start", "seed", "average")},
+                               **({"seed": (resume.get("fit") or {}).get("seed")}  # a resume continues its seed
+                                  if resume is not None and v["seed"] is None else {}),
                                "adam_betas": tuple(v["adam_betas"]),
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,

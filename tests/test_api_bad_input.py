@@ -542,7 +542,10 @@ def test_fit_refuses_a_guide_of_another_dtype_or_one_that_observes_x_in_one_line
     ({"log_every": 3}, r"it was trained with log_every=2 \(this fit: 3\)"),
     ({"beta": 0.5}, r"it was trained with beta=1\.0 \(this fit: 0\.5\)"),
     ({"elbo": ClosedFormELBO(num_particles=8)}, r"it was trained with num_particles=4 \(this fit: 8\)"),
-], ids=["lr", "log_every", "beta", "particles"])
+    ({"elbo": ClosedFormELBO(num_particles=4, free_bits=0.5)}, r"it was trained with free_bits=0\.0 \(this fit: "
+                                                                r"0\.5\)"),  # trained on another objective
+    ({"seed": 1}, r"it was trained with seed=0 \(this fit: 1\)"),  # seed 0's run (its RNG), labelled seed 1
+], ids=["lr", "log_every", "beta", "particles", "free_bits", "seed"])
 def test_fit_refuses_a_resume_that_changes_what_its_checkpoint_was_trained_with(vae, tmp_path, change, line):
     model, guide, _ = vae
     path = tmp_path / "ck.pt"
@@ -550,6 +553,14 @@ def test_fit_refuses_a_resume_that_changes_what_its_checkpoint_was_trained_with(
     kwargs = {"steps": 8, "log_every": 2, **change}
     one_line_value_error(lambda: fit_with(model, guide, resume=str(path), **kwargs),
                          r"^resume is not allowed with other settings than its checkpoint's: " + line)
+
+
+def test_a_resume_without_a_seed_records_its_checkpoints_seed(vae, tmp_path):
+    model, guide, _ = vae
+    path = tmp_path / "ck.pt"
+    fit_with(model, guide, steps=4, seed=3, log_every=2, checkpoint_path=path)
+    resumed = fit_with(model, guide, steps=8, log_every=2, resume=str(path))  # its RNG states are seed 3's
+    assert resumed.recipe["seed"] == 3  # None: metrics.json had no seed for seed 3's run
 
 
 def test_fit_warns_once_where_a_resume_changes_the_step_budget_and_so_the_lr_schedule(vae, tmp_path):
