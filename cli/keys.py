@@ -58,6 +58,12 @@ def check_group_choices(argv) -> None:
         if group not in GROUPS:
             continue
         options = group_options(group)
+        if "@" in key:  # Hydra: 'Did you mean to override model? ... use +model@foo=vae', then 'model appears more
+            #             than once in the final defaults list'
+            plus = "+" if group in ("experiment",) else ""
+            raise ConfigError(f"{arg} is not allowed: {group} is chosen by its name alone, {plus}{group}=<one of "
+                              f"{', '.join(options)}>; a package (@{key.partition('@')[2]}) would put a second "
+                              f"{group} into the config")
         if group in REQUIRED_GROUPS and (arg.startswith("~") or value.strip() in ("null", "")):
             raise ConfigError(f"{arg}: {group} needs an option: {group} must be one of {', '.join(options)}")
         if not sep:

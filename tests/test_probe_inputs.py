@@ -1024,3 +1024,13 @@ def test_an_output_dir_whose_interpolation_does_not_resolve_is_refused_naming_th
 def test_a_blank_resume_path_is_refused_as_no_path(value):
     # 'train.resume= does not exist', naming no rule
     assert refusal(f"train.resume={value}").endswith("train.resume must be null or a path to a checkpoint.pt")
+
+
+@pytest.mark.parametrize("override, group", [("model@foo=vae", "model"), ("+model@foo=vae", "model"),
+                                             ("+guide@bar=flow", "guide"), ("+experiment@e=study", "+experiment")])
+def test_a_group_chosen_into_a_package_is_refused_naming_the_groups_options(tmp_path, override, group):
+    # Hydra: 'Did you mean to override model? To append to your default list use +model@foo=vae', and then 'model
+    # appears more than once in the final defaults list'
+    proc = run_cli(*TINY, override, cwd=tmp_path)
+    one_line_error(proc, f"{override} is not allowed", f"chosen by its name alone, {group}=<one of")
+    assert not list(tmp_path.iterdir())
