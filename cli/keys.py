@@ -257,9 +257,9 @@ def parse_overrides(overrides):
                 parser.parse_overrides([override])
             except Exception:  # noqa: BLE001
                 key, eq, value = str(override).partition("=")
-                if eq and any(c in value for c in "=,[]{}():"):
-                    hint = (f"; a value holding = , [ ] {{ }} ( ) or : must be quoted as a whole: "
-                            f"{key}='{value}'")
+                if eq and (any(c in value for c in "=,[]{}():") or not value.isascii()):
+                    hint = (f"; a value holding = , [ ] {{ }} ( ) : or a character outside ASCII (ü, ５) must be "
+                            f"quoted as a whole: {key}='{value}'")
                 else:
                     hint = ""
                 raise ConfigError(f"{override} cannot be parsed ({one_line(err)}){hint}") from None

@@ -1034,3 +1034,12 @@ def test_a_group_chosen_into_a_package_is_refused_naming_the_groups_options(tmp_
     proc = run_cli(*TINY, override, cwd=tmp_path)
     one_line_error(proc, f"{override} is not allowed", f"chosen by its name alone, {group}=<one of")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_unquoted_value_outside_ascii_is_named_with_how_to_quote_it(tmp_path):
+    # Hydra's grammar takes non-ASCII characters only quoted; the line said only 'LexerNoViableAltException'
+    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path}/ünï", cwd=tmp_path)
+    one_line_error(proc, "cannot be parsed", f"must be quoted as a whole: hydra.run.dir='{tmp_path}/ünï'")
+    assert not list(tmp_path.iterdir())
+    proc = run_cli(*TINY, f"hydra.run.dir='{tmp_path}/ünï'", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "ünï" / "metrics.json").is_file(), proc.stderr
