@@ -44,6 +44,16 @@ def conf_file(*parts: str) -> dict:
     return node if isinstance(node, dict) else {}
 
 
+def data_overrides(data) -> dict:
+    """{"data.weights": [w0, w1]} where the data's weights are not the command line's default (conf/data/onebit.yaml),
+    else {}: a run on other weights is another configuration, as `python run.py data.weights=[...]` is."""
+    weights = [float(w) for w in getattr(data, "weights", ())]
+    default = conf_file("data", "onebit.yaml").get("weights")
+    if not weights or not isinstance(default, list) or weights == [float(w) for w in default]:
+        return {}
+    return {"data.weights": weights}
+
+
 @functools.lru_cache(maxsize=None)
 def objective_options(name: str) -> dict:
     """The keys conf/objective/<name>.yaml sets besides its name (the command line's defaults under objective=name,
@@ -288,7 +298,8 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
     a sweep summary; else their class or function names), the settings such a class was built with that its
     command-line option does not set and the settings fit() trained with that the command line's defaults for the
-    model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
+    model do not set, and the data's weights where they are not the command line's (data_overrides) ('arguments', keyed
+    as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
     a sweep summary reads them as a Python run's overrides; a replica of fit_replicas' R > 1 adds replicas=R, as the
     command line's replicas=R group does, and `replicas` in the head), n, and fit()'s steps, wall_seconds and engine
     (and its seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what
@@ -309,6 +320,7 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
+    arguments.update(data_overrides(data))  # the data's weights, where they are not the command line's
     arguments.update(training_overrides(model, result, model_phase))  # and those fit trained with, likewise
     plan = getattr(result, "recipe", None) or {}
     objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan.get("objective"))

@@ -379,3 +379,27 @@ def test_evaluate_given_a_fits_result_evaluates_with_the_runs_seed_as_the_comman
     default, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, result=result)
     seeded, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, seed=2)
     assert default["evaluation"]["seed"] == 2 and default["montecarlo"] == seeded["montecarlo"]
+
+
+def test_a_python_run_on_other_data_weights_is_another_configuration_than_one_on_the_default_weights(tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from analysis.sweep import summarize
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    for name, seed, weights in (("equal", 0, (0.5, 0.5)), ("unequal", 1, (0.3, 0.7))):
+        data = OneBit(3, weights)
+        model = VAE(data.n)
+        guide = GaussianGuide(model)
+        result = fit(model, guide, data, steps=5, seed=seed)
+        metrics, grids = evaluate(model, guide, data, result=result)
+        write_run(tmp_path / name, model, guide, data, result, metrics, grids, figures=False)
+    arguments = json.loads((tmp_path / "unequal" / "metrics.json").read_text())["arguments"]
+    assert arguments["data.weights"] == [0.3, 0.7]  # as `python run.py data.weights=[0.3,0.7]` records it
+    assert "data.weights" not in json.loads((tmp_path / "equal" / "metrics.json").read_text())["arguments"]
+    jobs = summarize(tmp_path, figures=False)["jobs"]
+    assert jobs["duplicate_of"].isna().all()
+    assert len((tmp_path / "summary_by_config.csv").read_text().strip().splitlines()) == 3  # header + 2 configurations
