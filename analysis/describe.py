@@ -44,6 +44,33 @@ def conf_file(*parts: str) -> dict:
     return node if isinstance(node, dict) else {}
 
 
+def autoguide_settings(guide) -> dict:
+    """The settings a Pyro autoguide was built with, under the keys of its conf/guide/ option (AutoNormal:
+    init_scale; AutoIAFNormal: hidden_dim, num_transforms, and any further keyword its transforms were given),
+    read off the guide; {} for any other guide (the suite's own classes record theirs: models.arguments)."""
+    from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
+
+    if isinstance(guide, AutoIAFNormal):
+        built = getattr(guide, "_init_transform_fn", None)  # partial(iterated, num_transforms, ..., hidden_dims=...)
+        if isinstance(built, functools.partial) and built.args:
+            more = {k: v if isinstance(v, (int, float, str, bool, type(None))) else getattr(v, "__name__", repr(v))
+                    for k, v in built.keywords.items() if k != "hidden_dims"}
+            hidden = built.keywords.get("hidden_dims")
+            return {"hidden_dim": None if hidden is None else [int(h) for h in hidden],
+                    "num_transforms": int(built.args[0]), **more}
+    elif isinstance(guide, AutoNormal):
+        return {"init_scale": float(guide._init_scale)}
+    return {}
+
+
+def autoguide_overrides(guide, name: str) -> dict:
+    """{guide.<key>: value} of a Pyro autoguide's settings (autoguide_settings) that differ from the values its
+    command-line option conf/guide/<name>.yaml gives it (which are not Pyro's defaults: autoiaf's num_transforms is
+    2, Pyro's 1), so that it is not counted as a seed of `python run.py guide=<name>`."""
+    option = conf_file("guide", f"{name}.yaml")
+    return {f"guide.{k}": v for k, v in autoguide_settings(guide).items() if option.get(k, _UNKNOWN) != v}
+
+
 def data_overrides(data) -> dict:
     """{"data.weights": [w0, w1]} where the data's weights are not the command line's default (conf/data/onebit.yaml),
     else {}: a run on other weights is another configuration, as `python run.py data.weights=[...]` is."""
@@ -320,6 +347,8 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
+    if type(guide) in known:  # a Pyro autoguide records no arguments: its settings against its option's
+        arguments.update(autoguide_overrides(guide, known[type(guide)]))
     arguments.update(data_overrides(data))  # the data's weights, where they are not the command line's
     arguments.update(training_overrides(model, result, model_phase))  # and those fit trained with, likewise
     plan = getattr(result, "recipe", None) or {}
