@@ -145,6 +145,8 @@ def training_overrides(model, result, model_phase=None) -> dict:
         default = defaults[arg]
         if (list(default) if isinstance(default, (list, tuple)) else default) != value:
             out[keys[arg]] = value
+    if plan.get("init") == "keep":  # warm-started (fit(..., init="keep")): no command-line run starts so, every
+        out["train.init"] = "keep"  # one draws its parameters from its seed; no command-line key (as eval.seed)
     if model_phase is not None:
         out.update(_model_phase_overrides(model, model_phase))
     return out

@@ -141,6 +141,10 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
                                "free_bits": getattr(elbo, "free_bits", 0.0),
                                "log_every": log_every, "freeze_model": v["freeze_model"],
+                               # the parameters it started from: drawn from the seed ("reset") or kept ("keep"); a
+                               # resumed run's are its first session's
+                               "init": (resume.get("fit") or {}).get("init", "reset") if resume is not None
+                               else v["init"],
                                **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes")  # objective=exact's lattice
                                   if isinstance(getattr(elbo, k, None), int)}})
     window = Window()

@@ -403,3 +403,18 @@ def test_a_python_run_on_other_data_weights_is_another_configuration_than_one_on
     jobs = summarize(tmp_path, figures=False)["jobs"]
     assert jobs["duplicate_of"].isna().all()
     assert len((tmp_path / "summary_by_config.csv").read_text().strip().splitlines()) == 3  # header + 2 configurations
+
+
+def test_a_python_run_warm_started_by_init_keep_is_not_labelled_as_the_command_lines_run_of_its_settings():
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    fresh = fit(model, guide, data, steps=5, seed=0)
+    kept = fit(model, guide, data, steps=5, seed=0, init="keep")  # 10 steps in all, from the first fit's end
+    assert "train.init" not in describe(model, guide, data, fresh).get("arguments", {})
+    assert describe(model, guide, data, kept)["arguments"]["train.init"] == "keep"
