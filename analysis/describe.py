@@ -145,11 +145,43 @@ def training_overrides(model, result, model_phase=None) -> dict:
         default = defaults[arg]
         if (list(default) if isinstance(default, (list, tuple)) else default) != value:
             out[keys[arg]] = value
+    if out.get("train.freeze_model") and built_from_seed(model, plan.get("seed")) is False:
+        out["model.init"] = "given"  # a frozen model that is not the one the command line freezes (see there)
     if plan.get("init") == "keep":  # warm-started (fit(..., init="keep")): no command-line run starts so, every
         out["train.init"] = "keep"  # one draws its parameters from its seed; no command-line key (as eval.seed)
     if model_phase is not None:
         out.update(_model_phase_overrides(model, model_phase))
     return out
+
+
+def built_from_seed(model, seed):
+    """Whether model's parameters and buffers are those its class builds right after pyro.set_rng_seed(seed): the
+    model the command line's train.freeze_model=true freezes (cli.job seeds, then cli.build builds it, and fit never
+    redraws a frozen model). None where that cannot be told (no seed, not an nn.Module recording the arguments it
+    was built with: models.arguments). The global RNGs are left as they were."""
+    import random
+
+    import numpy as np
+    import pyro
+    import torch
+
+    recorded = getattr(model, "arguments", None)
+    if seed is None or not isinstance(model, torch.nn.Module) or not isinstance(recorded, dict):
+        return None
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            pyro.set_rng_seed(int(seed))
+            fresh = type(model)(**recorded).state_dict()
+    except Exception:  # noqa: BLE001  a class that cannot be built again from what it recorded: not told
+        return None
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    mine = model.state_dict()
+    return mine.keys() == fresh.keys() and all(
+        mine[k].shape == fresh[k].shape and torch.equal(mine[k].detach().cpu().to(fresh[k].dtype), fresh[k])
+        for k in mine)
 
 
 def _model_phase_overrides(model, first) -> dict:

@@ -418,3 +418,24 @@ def test_a_python_run_warm_started_by_init_keep_is_not_labelled_as_the_command_l
     kept = fit(model, guide, data, steps=5, seed=0, init="keep")  # 10 steps in all, from the first fit's end
     assert "train.init" not in describe(model, guide, data, fresh).get("arguments", {})
     assert describe(model, guide, data, kept)["arguments"]["train.init"] == "keep"
+
+
+def test_a_python_run_that_freezes_a_model_not_built_from_its_seed_is_not_labelled_as_the_command_lines():
+    import pyro
+
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    pyro.set_rng_seed(4)  # as the command line builds train.freeze_model=true seed=4's model
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    seeded = fit(model, guide, data, steps=5, seed=4, freeze_model=True)
+    assert describe(model, guide, data, seeded)["arguments"] == {"train.steps": 5, "train.freeze_model": True}
+    trained = VAE(data.n)
+    fit(trained, GaussianGuide(trained), data, steps=5, seed=4)  # a model trained before: not the seed's
+    guide = GaussianGuide(trained)
+    frozen = fit(trained, guide, data, steps=5, seed=4, freeze_model=True)
+    assert describe(trained, guide, data, frozen)["arguments"]["model.init"] == "given"
