@@ -439,3 +439,23 @@ def test_a_python_run_that_freezes_a_model_not_built_from_its_seed_is_not_labell
     guide = GaussianGuide(trained)
     frozen = fit(trained, guide, data, steps=5, seed=4, freeze_model=True)
     assert describe(trained, guide, data, frozen)["arguments"]["model.init"] == "given"
+
+
+def test_a_python_runs_figures_carry_the_title_the_command_line_gives_its_run(tmp_path, monkeypatch):
+    import analysis.figures
+    import analysis.training_figure
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    titles = []
+    monkeypatch.setattr(analysis.figures, "encoding_figure", lambda *a, title=None, **k: titles.append(title))
+    monkeypatch.setattr(analysis.training_figure, "training_figure", lambda *a, title=None, **k: titles.append(title))
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=2)
+    metrics, grids = evaluate(model, guide, data, result=result)
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids)
+    assert titles == ["vae + gaussian, n=3, seed=2"] * 2  # cli.job's title for `python run.py data.n=3 seed=2`
