@@ -1083,3 +1083,12 @@ def test_the_summary_groups_two_spellings_exactly_where_the_sweep_check_calls_th
 
     assert (parsed(one) == parsed(other)) == same
     assert (canonical(one) == canonical(other)) == same
+
+
+def test_a_python_runs_beta_column_holds_its_kl_weight_as_a_command_line_runs_does(tmp_path):
+    _python_run(tmp_path / "plain", 0, 1.0, {"train.steps": 300})
+    _python_run(tmp_path / "weighted", 0, 1.1, {"train.steps": 300, "train.beta": 0.5})
+    m = json.loads((tmp_path / "weighted" / "metrics.json").read_text())
+    (tmp_path / "weighted" / "metrics.json").write_text(json.dumps({**m, "beta": 0.5}))  # as write_run records it
+    jobs = summary(tmp_path)[0]["jobs"].set_index("job")
+    assert (jobs.loc["plain", "beta"], jobs.loc["weighted", "beta"]) == (1.0, 0.5)
