@@ -1092,3 +1092,11 @@ def test_a_python_runs_beta_column_holds_its_kl_weight_as_a_command_line_runs_do
     (tmp_path / "weighted" / "metrics.json").write_text(json.dumps({**m, "beta": 0.5}))  # as write_run records it
     jobs = summary(tmp_path)[0]["jobs"].set_index("job")
     assert (jobs.loc["plain", "beta"], jobs.loc["weighted", "beta"]) == (1.0, 0.5)
+
+
+def test_a_duplicate_of_two_single_runs_is_not_said_to_come_from_replicas(tmp_path):
+    job(tmp_path, ["data.n=5", "seed=0", "train.steps=300"], m=metrics(0, 1.0))
+    _python_run(tmp_path / "python", 0, 1.0, {"train.steps": 300})  # the same run, written from Python
+    md = summary(tmp_path)[1]
+    dropped = next(line for line in md.splitlines() if line.startswith("Dropped:"))
+    assert "`python` = " in dropped and "another job's replicas" not in dropped
