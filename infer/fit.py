@@ -140,6 +140,7 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
                                "free_bits": getattr(elbo, "free_bits", 0.0),
+                               "closed_form": getattr(elbo, "closed_form", None),  # ClosedFormELBO's option
                                "log_every": log_every, "freeze_model": v["freeze_model"],
                                # the parameters it started from: drawn from the seed ("reset") or kept ("keep"); a
                                # resumed run's are its first session's

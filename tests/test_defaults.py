@@ -459,3 +459,17 @@ def test_a_python_runs_figures_carry_the_title_the_command_line_gives_its_run(tm
     metrics, grids = evaluate(model, guide, data, result=result)
     write_run(tmp_path / "run", model, guide, data, result, metrics, grids)
     assert titles == ["vae + gaussian, n=3, seed=2"] * 2  # cli.job's title for `python run.py data.n=3 seed=2`
+
+
+def test_a_python_run_with_every_kl_sampled_records_objective_closed_form_false():
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import ClosedFormELBO, fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0,
+                 elbo=ClosedFormELBO(num_particles=32, noise="lattice", closed_form=False))
+    assert describe(model, guide, data, result)["arguments"]["objective.closed_form"] is False
