@@ -72,8 +72,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     its step with its params (checked by name and shape), optimiser, RNG states, history and partial logging
     window, and gives the same history as an uninterrupted run. A checkpoint records the settings it was trained
     with (its 'fit' entry: the result's recipe); a resume that changes one that decides the trajectory or the
-    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles and noise,
-    log_every, freeze_model; Adam's betas) is refused in one line, and a changed `steps` warns once the checkpoint
+    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles, noise,
+    free_bits and closed_form, log_every, freeze_model; Adam's betas) is refused in one line, and a changed `steps` warns once the checkpoint
     is restored (the lr schedule changes). Every `log_every` steps the window mean of each
     loss term is appended to the history, with the KL terms unweighted. With checkpoint_path (a file in a folder
     that exists), a checkpoint (with the dict checkpoint_extra's entries) is written at the end and, with

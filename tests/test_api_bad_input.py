@@ -536,7 +536,11 @@ def test_fit_refuses_a_guide_of_another_dtype_or_one_that_observes_x_in_one_line
     ({"log_every": 3}, r"it was trained with log_every=2 \(this fit: 3\)"),
     ({"beta": 0.5}, r"it was trained with beta=1\.0 \(this fit: 0\.5\)"),
     ({"elbo": ClosedFormELBO(num_particles=8)}, r"it was trained with num_particles=4 \(this fit: 8\)"),
-], ids=["lr", "log_every", "beta", "particles"])
+    ({"elbo": ClosedFormELBO(num_particles=4, free_bits=0.5)},
+     r"it was trained with free_bits=0\.0 \(this fit: 0\.5\)"),
+    ({"elbo": ClosedFormELBO(num_particles=4, closed_form=False)},
+     r"it was trained with closed_form=True \(this fit: False\)"),  # as train.resume= refuses objective.* changes
+], ids=["lr", "log_every", "beta", "particles", "free_bits", "closed_form"])
 def test_fit_refuses_a_resume_that_changes_what_its_checkpoint_was_trained_with(vae, tmp_path, change, line):
     model, guide, _ = vae
     path = tmp_path / "ck.pt"
