@@ -1100,3 +1100,19 @@ def test_a_duplicate_of_two_single_runs_is_not_said_to_come_from_replicas(tmp_pa
     md = summary(tmp_path)[1]
     dropped = next(line for line in md.splitlines() if line.startswith("Dropped:"))
     assert "`python` = " in dropped and "another job's replicas" not in dropped
+
+
+def test_the_loss_figure_of_runs_on_unequal_weights_draws_their_floor_h_w_not_ln_2(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from analysis.sweep import summarize
+
+    weighted = {**metrics(0, 0.65), "weights": [0.3, 0.7], "entropy_floor": 0.6108643020548935}
+    job(tmp_path, ["data.n=5", "data.weights=[0.3,0.7]"], num=0, m=weighted)  # below ln 2, above H(w)
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.update(
+        {Path(path).name: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]}))
+    summarize(tmp_path)
+    labels = drawn["loss_vs_n.png"]
+    assert "entropy H(w) = 0.6109 (floor of the losses with w = 0.3/0.7)" in labels
+    assert not [t for t in labels if "ln 2" in t or "optimum" in t or "original study" in t]  # all equal weights'
