@@ -194,6 +194,11 @@ def rate_distortion_figure(jobs, out: Path):
     from .rd_plane import rd_plane
 
     ok = _counted(jobs)
+    unequal = ok["entropy_floor"].notna() if "entropy_floor" in ok else None
+    if unequal is not None and unequal.any():  # the frontier and the line R + D = ln 2 are the equal weights'
+        log.info(f"rate_distortion.png leaves out {int(unequal.sum())} run(s) on unequal data weights: its frontier "
+                 "and its bound R + D = ln 2 are for equal weights (theirs is H(w))")
+        ok = ok[~unequal]
     if ok.empty:
         return None
     betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
@@ -209,7 +214,11 @@ def rate_distortion_figure(jobs, out: Path):
                        "beta": float(r["beta"]) if r.get("beta") is not None else 1.0, "n": int(r["n"])})
     if not points:
         return None
-    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}))
+    left = "" if unequal is None or not unequal.any() else (
+        f"\n({int(unequal.sum())} run(s) on unequal data weights left out: frontier and ln 2 are for equal weights)")
+    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}),
+             title=None if not left else "Rate-distortion plane: runs (exact R, D) against the exact Gaussian-encoder "
+                                         "frontier" + left)
     return out / "rate_distortion.png"
 
 

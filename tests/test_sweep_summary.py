@@ -1116,3 +1116,21 @@ def test_the_loss_figure_of_runs_on_unequal_weights_draws_their_floor_h_w_not_ln
     labels = drawn["loss_vs_n.png"]
     assert "entropy H(w) = 0.6109 (floor of the losses with w = 0.3/0.7)" in labels
     assert not [t for t in labels if "ln 2" in t or "optimum" in t or "original study" in t]  # all equal weights'
+
+
+def test_the_rate_distortion_plane_leaves_out_runs_on_unequal_weights_and_says_so(tmp_path, monkeypatch):
+    import analysis.rd_plane
+
+    drawn = []
+    monkeypatch.setattr(analysis.rd_plane, "rd_plane", lambda points, path, ns=None, title=None: drawn.append(
+        (points, title)))
+    weighted = {**metrics(0, 0.65, guide="flow"), "weights": [0.3, 0.7], "entropy_floor": 0.6108643020548935,
+                "distortion": 0.1}  # R + D = 0.6 would sit below the ln 2 the plane draws, though above its H(w)
+    job(tmp_path, ["data.n=5", "guide=flow", "data.weights=[0.3,0.7]"], num=0, m=weighted)
+    job(tmp_path, ["data.n=5", "guide=gaussian"], num=1, m={**metrics(0, 1.1), "distortion": 0.6})
+    job(tmp_path, ["data.n=5", "guide=flow"], num=2, m={**metrics(0, 1.0, guide="flow"), "distortion": 0.5})
+    from analysis.sweep import summarize
+
+    summarize(tmp_path)
+    (points, title), = drawn
+    assert len(points) == 2 and "1 run(s) on unequal data weights left out" in title
