@@ -242,6 +242,11 @@ def cli_eval_defaults() -> dict:
     return {k: v for k, v in (conf_file("config.yaml").get("eval") or {}).items() if k != "figures"}
 
 
+# evaluate()'s settings that no eval.* key sets, at the values the command line evaluates with: a Python run evaluated
+# otherwise (no quadrature, another number of k-hat draws) records them as eval.exact and eval.khat_samples
+PYTHON_EVAL_DEFAULTS = {"exact": True, "khat_samples": None}
+
+
 def evaluation_overrides(settings, seed=None) -> dict:
     """{eval.<key>: value} of an evaluation's settings (metrics['evaluation'], as evaluate records them) that differ
     from the command line's defaults: a Python run evaluated otherwise is another configuration, as a command-line
@@ -251,6 +256,7 @@ def evaluation_overrides(settings, seed=None) -> dict:
     if not isinstance(settings, dict):
         return {}
     out = {f"eval.{k}": v for k, v in settings.items() if k in defaults and defaults[k] != v}
+    out.update({f"eval.{k}": settings[k] for k, v in PYTHON_EVAL_DEFAULTS.items() if settings.get(k, v) != v})
     if seed is not None and settings.get("seed") is not None and settings["seed"] != seed:
         out["eval.seed"] = settings["seed"]
     return out

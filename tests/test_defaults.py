@@ -473,3 +473,22 @@ def test_a_python_run_with_every_kl_sampled_records_objective_closed_form_false(
     result = fit(model, guide, data, steps=5, seed=0,
                  elbo=ClosedFormELBO(num_particles=32, noise="lattice", closed_form=False))
     assert describe(model, guide, data, result)["arguments"]["objective.closed_form"] is False
+
+
+@pytest.mark.parametrize("setting, value", [("exact", False), ("khat_samples", 1000)])
+def test_a_python_run_evaluated_with_a_setting_the_command_line_has_no_key_for_records_it(tmp_path, setting, value):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0)
+    metrics, grids = evaluate(model, guide, data, result=result, **{setting: value})
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["evaluation"][setting] == value and written["arguments"][f"eval.{setting}"] == value
