@@ -492,3 +492,17 @@ def test_a_python_run_evaluated_with_a_setting_the_command_line_has_no_key_for_r
     write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["evaluation"][setting] == value and written["arguments"][f"eval.{setting}"] == value
+
+
+def test_the_command_line_refusing_a_checkpoint_fit_wrote_in_python_says_so_not_that_it_is_older(tmp_path):
+    from conftest import run_cli
+
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    model = VAE(3)
+    fit(model, GaussianGuide(model), OneBit(3), steps=5, seed=0, checkpoint_path=tmp_path / "python.pt")
+    proc = run_cli("data.n=3", "train.steps=10", f"train.resume={tmp_path / 'python.pt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "written by fit() in Python" in proc.stderr and "older" not in proc.stderr
