@@ -145,6 +145,8 @@ def training_overrides(model, result, model_phase=None) -> dict:
         default = defaults[arg]
         if (list(default) if isinstance(default, (list, tuple)) else default) != value:
             out[keys[arg]] = value
+    if plan.get("vectorize_particles") is False:  # e.g. Pyro's Trace_ELBO(num_particles=32): particles one by one,
+        out["objective.vectorize_particles"] = False  # other draws than the command line's (make_objective vectorises)
     if out.get("train.freeze_model") and built_from_seed(model, plan.get("seed")) is False:
         out["model.init"] = "given"  # a frozen model that is not the one the command line freezes (see there)
     if plan.get("init") == "keep":  # warm-started (fit(..., init="keep")): no command-line run starts so, every

@@ -227,7 +227,8 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
 # (steps may change: the lr schedule then changes, and fit warns); the command line's cli.resume.TRAJECTORY. Adam's
 # betas are checked against the checkpoint's optimizer state itself (infer.prepare.restore), older files too.
 TRAJECTORY = ("lr", "lr_final", "schedule", "beta", "warmup", "warmup_start", "average", "objective",
-              "num_particles", "noise", "free_bits", "closed_form", "log_every", "freeze_model", "nodes", "inner_nodes")
+              "num_particles", "noise", "free_bits", "closed_form", "vectorize_particles",
+              "log_every", "freeze_model", "nodes", "inner_nodes")
 
 
 def check_resume_settings(resume, values, elbo) -> None:
@@ -247,6 +248,7 @@ def check_resume_settings(resume, values, elbo) -> None:
     now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
            "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None),
            "free_bits": getattr(elbo, "free_bits", 0.0), "closed_form": getattr(elbo, "closed_form", None),
+           "vectorize_particles": getattr(elbo, "vectorize_particles", None),
            **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes") if isinstance(getattr(elbo, k, None), int)}}
     differ = [k for k in TRAJECTORY if k in saved and saved[k] != now.get(k)]  # plain numbers and strings
     if differ:

@@ -141,6 +141,8 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
                                "free_bits": getattr(elbo, "free_bits", 0.0),
                                "closed_form": getattr(elbo, "closed_form", None),  # ClosedFormELBO's option
+                               # Pyro's ELBOs draw their particles one by one unless told (the command line's never)
+                               "vectorize_particles": getattr(elbo, "vectorize_particles", None),
                                "log_every": log_every, "freeze_model": v["freeze_model"],
                                # the parameters it started from: drawn from the seed ("reset") or kept ("keep"); a
                                # resumed run's are its first session's

@@ -506,3 +506,22 @@ def test_the_command_line_refusing_a_checkpoint_fit_wrote_in_python_says_so_not_
     proc = run_cli("data.n=3", "train.steps=10", f"train.resume={tmp_path / 'python.pt'}",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2 and "written by fit() in Python" in proc.stderr and "older" not in proc.stderr
+
+
+def test_a_python_run_whose_pyro_elbo_draws_particles_one_by_one_is_not_the_command_lines_objective_elbo():
+    from pyro.infer import Trace_ELBO
+
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    arguments = []
+    for elbo in (Trace_ELBO(num_particles=32, vectorize_particles=True, max_plate_nesting=1),  # objective=elbo's
+                 Trace_ELBO(num_particles=32)):  # Pyro's default: other draws, other numbers
+        model = VAE(data.n)
+        guide = GaussianGuide(model)
+        arguments.append(describe(model, guide, data, fit(model, guide, data, steps=5, seed=0, elbo=elbo))["arguments"])
+    assert "objective.vectorize_particles" not in arguments[0]
+    assert arguments[1]["objective.vectorize_particles"] is False
