@@ -44,6 +44,43 @@ def conf_file(*parts: str) -> dict:
     return node if isinstance(node, dict) else {}
 
 
+def autoguide_settings(guide) -> dict:
+    """The settings a Pyro autoguide was built with, under the keys of its conf/guide/ option (AutoNormal:
+    init_scale; AutoIAFNormal: hidden_dim, num_transforms, and any further keyword its transforms were given),
+    read off the guide; {} for any other guide (the suite's own classes record theirs: models.arguments)."""
+    from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
+
+    if isinstance(guide, AutoIAFNormal):
+        built = getattr(guide, "_init_transform_fn", None)  # partial(iterated, num_transforms, ..., hidden_dims=...)
+        if isinstance(built, functools.partial) and built.args:
+            more = {k: v if isinstance(v, (int, float, str, bool, type(None))) else getattr(v, "__name__", repr(v))
+                    for k, v in built.keywords.items() if k != "hidden_dims"}
+            hidden = built.keywords.get("hidden_dims")
+            return {"hidden_dim": None if hidden is None else [int(h) for h in hidden],
+                    "num_transforms": int(built.args[0]), **more}
+    elif isinstance(guide, AutoNormal):
+        return {"init_scale": float(guide._init_scale)}
+    return {}
+
+
+def autoguide_overrides(guide, name: str) -> dict:
+    """{guide.<key>: value} of a Pyro autoguide's settings (autoguide_settings) that differ from the values its
+    command-line option conf/guide/<name>.yaml gives it (which are not Pyro's defaults: autoiaf's num_transforms is
+    2, Pyro's 1), so that it is not counted as a seed of `python run.py guide=<name>`."""
+    option = conf_file("guide", f"{name}.yaml")
+    return {f"guide.{k}": v for k, v in autoguide_settings(guide).items() if option.get(k, _UNKNOWN) != v}
+
+
+def data_overrides(data) -> dict:
+    """{"data.weights": [w0, w1]} where the data's weights are not the command line's default (conf/data/onebit.yaml),
+    else {}: a run on other weights is another configuration, as `python run.py data.weights=[...]` is."""
+    weights = [float(w) for w in getattr(data, "weights", ())]
+    default = conf_file("data", "onebit.yaml").get("weights")
+    if not weights or not isinstance(default, list) or weights == [float(w) for w in default]:
+        return {}
+    return {"data.weights": weights}
+
+
 @functools.lru_cache(maxsize=None)
 def objective_options(name: str) -> dict:
     """The keys conf/objective/<name>.yaml sets besides its name (the command line's defaults under objective=name,
@@ -108,9 +145,45 @@ def training_overrides(model, result, model_phase=None) -> dict:
         default = defaults[arg]
         if (list(default) if isinstance(default, (list, tuple)) else default) != value:
             out[keys[arg]] = value
+    if plan.get("vectorize_particles") is False:  # e.g. Pyro's Trace_ELBO(num_particles=32): particles one by one,
+        out["objective.vectorize_particles"] = False  # other draws than the command line's (make_objective vectorises)
+    if out.get("train.freeze_model") and built_from_seed(model, plan.get("seed")) is False:
+        out["model.init"] = "given"  # a frozen model that is not the one the command line freezes (see there)
+    if plan.get("init") == "keep":  # warm-started (fit(..., init="keep")): no command-line run starts so, every
+        out["train.init"] = "keep"  # one draws its parameters from its seed; no command-line key (as eval.seed)
     if model_phase is not None:
         out.update(_model_phase_overrides(model, model_phase))
     return out
+
+
+def built_from_seed(model, seed):
+    """Whether model's parameters and buffers are those its class builds right after pyro.set_rng_seed(seed): the
+    model the command line's train.freeze_model=true freezes (cli.job seeds, then cli.build builds it, and fit never
+    redraws a frozen model). None where that cannot be told (no seed, not an nn.Module recording the arguments it
+    was built with: models.arguments). The global RNGs are left as they were."""
+    import random
+
+    import numpy as np
+    import pyro
+    import torch
+
+    recorded = getattr(model, "arguments", None)
+    if seed is None or not isinstance(model, torch.nn.Module) or not isinstance(recorded, dict):
+        return None
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            pyro.set_rng_seed(int(seed))
+            fresh = type(model)(**recorded).state_dict()
+    except Exception:  # noqa: BLE001  a class that cannot be built again from what it recorded: not told
+        return None
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    mine = model.state_dict()
+    return mine.keys() == fresh.keys() and all(
+        mine[k].shape == fresh[k].shape and torch.equal(mine[k].detach().cpu().to(fresh[k].dtype), fresh[k])
+        for k in mine)
 
 
 def _model_phase_overrides(model, first) -> dict:
@@ -171,6 +244,11 @@ def cli_eval_defaults() -> dict:
     return {k: v for k, v in (conf_file("config.yaml").get("eval") or {}).items() if k != "figures"}
 
 
+# evaluate()'s settings that no eval.* key sets, at the values the command line evaluates with: a Python run evaluated
+# otherwise (no quadrature, another number of k-hat draws) records them as eval.exact and eval.khat_samples
+PYTHON_EVAL_DEFAULTS = {"exact": True, "khat_samples": None}
+
+
 def evaluation_overrides(settings, seed=None) -> dict:
     """{eval.<key>: value} of an evaluation's settings (metrics['evaluation'], as evaluate records them) that differ
     from the command line's defaults: a Python run evaluated otherwise is another configuration, as a command-line
@@ -180,6 +258,7 @@ def evaluation_overrides(settings, seed=None) -> dict:
     if not isinstance(settings, dict):
         return {}
     out = {f"eval.{k}": v for k, v in settings.items() if k in defaults and defaults[k] != v}
+    out.update({f"eval.{k}": settings[k] for k, v in PYTHON_EVAL_DEFAULTS.items() if settings.get(k, v) != v})
     if seed is not None and settings.get("seed") is not None and settings["seed"] != seed:
         out["eval.seed"] = settings["seed"]
     return out
@@ -288,7 +367,8 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     class conf/ builds, e.g. vae and gaussian, so that runs written from Python and by run.py share their labels in
     a sweep summary; else their class or function names), the settings such a class was built with that its
     command-line option does not set and the settings fit() trained with that the command line's defaults for the
-    model do not set ('arguments', keyed as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
+    model do not set, and the data's weights where they are not the command line's (data_overrides) ('arguments', keyed
+    as overrides: {"model.hidden": 16, "train.steps": 300}; training_overrides;
     a sweep summary reads them as a Python run's overrides; a replica of fit_replicas' R > 1 adds replicas=R, as the
     command line's replicas=R group does, and `replicas` in the head), n, and fit()'s steps, wall_seconds and engine
     (and its seed where the result records one); from fit()'s recipe, the objective (its command-line name) and what
@@ -309,6 +389,9 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
     head = {"model": name(model), "guide": name(guide), "n": data.n}
     arguments = {f"{group}.{k}": v for group, obj in (("model", model), ("guide", guide)) if type(obj) in known
                  for k, v in changed_arguments(obj).items()}
+    if type(guide) in known:  # a Pyro autoguide records no arguments: its settings against its option's
+        arguments.update(autoguide_overrides(guide, known[type(guide)]))
+    arguments.update(data_overrides(data))  # the data's weights, where they are not the command line's
     arguments.update(training_overrides(model, result, model_phase))  # and those fit trained with, likewise
     plan = getattr(result, "recipe", None) or {}
     objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan.get("objective"))

@@ -447,6 +447,8 @@ def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> 
     for key in ("model", "guide", "n", "seed"):
         if row[key] is None and key in metrics:
             row[key] = metrics[key]
+    if row.get("beta") is None and _is_number(metrics.get("beta", 1.0)):  # no config (a run written from Python):
+        row["beta"] = metrics.get("beta", 1.0)  # its metrics.json records a KL weight only where it is not 1
     arguments = metrics.get("arguments")
     if not overrides and isinstance(arguments, dict) and arguments:  # a run written from Python: its networks' settings
         row["_overrides"] = {str(k): canonical(v) for k, v in arguments.items()}

@@ -135,6 +135,10 @@ def evaluate(model, guide, data, samples: int = 16384, replicates: int = 16, noi
     metrics["evaluation"] = {"samples": samples, "replicates": replicates, "noise": noise, "tol": tol,
                              "iwae_k": iwae_k, "seed": seed}  # as the command line's eval.* keys name them; seed:
     #                                                             the command line's is the run's
+    from .describe import PYTHON_EVAL_DEFAULTS
+
+    metrics["evaluation"].update({k: v for k, v in (("exact", exact), ("khat_samples", khat_samples))
+                                  if v != PYTHON_EVAL_DEFAULTS[k]})  # only where not the command line's
     if result is not None:  # what the run was, as write_run records it (the evaluation's own keys win)
         metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
     return metrics, grids

@@ -21,7 +21,8 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
     """Write a run into the directory out (made if missing): status.json, metrics.json, history.csv, checkpoint.pt
     (unless checkpoint=False), encodings.nc and (figures=True) encodings.png and training.png. result is fit()'s
     return value; grids come from evaluate(). metrics.json gets the model and guide names, n, seed, steps,
-    wall_seconds and engine from `describe` where metrics lacks them.
+    wall_seconds and engine from `describe` where metrics lacks them. The figures' title is `title`, or where it is None
+    the command line's for the run (run_title: 'vae + gaussian, n=5, seed=0').
 
     The directory is claimed as the command line claims a run's (analysis.claim.Claim): a directory that already
     holds a run (its status.json, metrics.json, checkpoint.pt, ...: analysis.rundir.occupant), one whose run is still
@@ -137,6 +138,14 @@ def judged(result, data, metrics: dict) -> dict:
             "loss_judged_diverged": metrics.get("loss")}
 
 
+def run_title(metrics: dict) -> str:
+    """The figures' title of a run, from its metrics.json head: 'vae + gaussian, n=5, seed=0' (the parts it records;
+    None where it records none), the same for a command-line run and one written from Python."""
+    who = " + ".join(str(metrics[k]) for k in ("model", "guide") if metrics.get(k) is not None)
+    facts = ", ".join(f"{k}={metrics[k]}" for k in ("n", "seed") if metrics.get(k) is not None)
+    return ", ".join(p for p in (who, facts) if p) or None
+
+
 def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=None, figures: bool = True,
                   title: str = None, checkpoint: bool = True, model_phase=None, from_config: bool = False) -> dict:
     """Write a run's outputs (write_run's files but status.json) into out, a directory its caller has claimed (the
@@ -155,6 +164,7 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     if from_config:
         head.pop("arguments", None)
     metrics = {**{k: v for k, v in head.items() if k not in metrics}, **metrics}
+    title = run_title(metrics) if title is None else title
     history = result.history if model_phase is None else two_phase_history(model_phase, result)
     write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
     if checkpoint:

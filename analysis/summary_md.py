@@ -192,8 +192,9 @@ def markdown(jobs, agg, missing, sweep_dir, launched=None, left_out=(), fixed=()
                   f"(their overrides and job numbers match no job of this sweep's multirun.yaml): "
                   f"{_names(left_out, sweep_dir)}.", ""]
     if not dupes.empty:
-        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another job's "
-                  f"replicas also trained), counted once in the means, sd and seeds: "
+        parts += [f"Dropped: {_plural(len(dupes), 'duplicate run')} (a configuration and seed another run also "
+                  f"has: overlapping replicas, or one configuration run twice, from the command line or Python), "
+                  f"counted once in the means, sd and seeds: "
                   + "; ".join(f"`{r['job']}` = `{r['duplicate_of']}`" for _, r in dupes.iterrows()) + ".", ""]
     if fixed:
         parts += ["Fixed (the same in every run): " + ", ".join(f"`{o}`" for o in fixed) + ".", ""]

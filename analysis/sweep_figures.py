@@ -66,7 +66,9 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
         return written
     ns = sorted(float(n) for n in agg["n"].dropna().unique())
     opt_n, opt_loss, opt_rec = _optimum_curve(ns)
-    models = set(agg["model"].dropna())
+    floors, equal = _floors(_counted(jobs))
+    models = set(agg["model"].dropna()) if equal is None else equal  # the optimum and the study: equal weights
+    weighted = set(floors) != {None}
     for base, name, ylog in (("loss", "loss_vs_n.png", False), ("recon_per_dim", "recon_per_dim_vs_n.png", True)):
         col, est = _metric(agg, base)
         curves = sorted(_series(agg, col), key=lambda c: (c[1]["model"] != "vae", c[0]))
@@ -87,11 +89,16 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                 if col in seeds:
                     ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)
             if base == "loss":
-                ax.axhline(LN2, color="0.4", ls=":", lw=1.3, label="entropy ln 2 (floor of every loss)")
+                for (floor, w), ls in zip(sorted(floors.items(), key=lambda f: -(f[0] or LN2)), (":", "-.", "--")):
+                    label = ("entropy ln 2 (floor of every loss)" if not weighted else "entropy ln 2 (floor of the "
+                             "equal weights' losses)" if floor is None else f"entropy H(w) = {floor:.4f} (floor of "
+                             f"the losses with w = {w})")
+                    ax.axhline(LN2 if floor is None else floor, color="0.4", ls=ls, lw=1.3, label=label)
+            equally = " (equal weights)" if weighted else ""
             if "vae" in models:  # the optimum bounds the 1-layer vae only; a marker where one n is swept
                 ax.plot(opt_n, opt_loss if base == "loss" else opt_rec, color="#d62728", ls="--", lw=1.3,
                         marker="_" if len(set(opt_n)) == 1 else None, ms=14,
-                        label="Gaussian-encoder optimum of the 1-layer VAE")
+                        label="Gaussian-encoder optimum of the 1-layer VAE" + equally)
             if reference:
                 for model, table in ORIGINAL.items():
                     if model in models:
@@ -99,7 +106,7 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                         ys = [table[n][0 if base == "loss" else 1] for n in xs]
                         ax.scatter(xs, ys, marker="x" if model == "vae" else "+", s=30, alpha=0.8,
                                    color=model_color.get(model, "0.3"),
-                                   label=f"{model}: original study (MC)")
+                                   label=f"{model}: original study (MC)" + equally)
             ax.set_xscale("log")
             values = agg[f"{col}_mean"].dropna()
             if ylog or (len(values) and values.min() > 0 and values.max() / values.min() > 5):
@@ -110,13 +117,34 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "2357" else ""))
             ax.set_xlabel("n (bits per data point)")
-            ax.set_ylabel("loss (nats per data point)" if base == "loss" else "recon / n (nats per bit)")
+            ax.set_ylabel(("loss (nats per data point" + (", w-weighted)" if weighted else ")"))
+                          if base == "loss" else "recon / n (nats per bit)")
             ax.set_title(("Loss" if base == "loss" else "Reconstruction per dimension")
                          + " against n (mean ± sd over seeds; dots: seeds)", fontsize=10)
             ax.legend(fontsize=7)
         fig.savefig(out / name, dpi=110)
         written.append(out / name)
     return written
+
+
+def _floors(ok) -> tuple:
+    """({floor: weights} of the runs: H(w) and 'w0/w1' for each distinct unequal weighting (metrics.json's
+    entropy_floor and weights), None: None for the runs on equal weights, whose floor is ln 2), and the models of
+    the runs on equal weights where some run has unequal ones (else None): the Gaussian-encoder optimum and the
+    original study's numbers are for equal weights."""
+    cols = sorted(c for c in ok if c.startswith("weights.x"))
+    if "entropy_floor" not in ok or ok.empty:
+        return {None: None}, None
+    floors = {}
+    for _, r in ok.iterrows():
+        floor = r.get("entropy_floor")
+        if isinstance(floor, (int, float)) and not math.isnan(floor):
+            floors.setdefault(float(floor), "/".join(f"{r[c]:g}" for c in cols if isinstance(r[c], (int, float))
+                                                     and not math.isnan(r[c])))
+        else:
+            floors[None] = None
+    equal = ok[ok["entropy_floor"].isna()]
+    return floors, set(equal["model"].dropna())
 
 
 def encodings_figure(jobs, out: Path):
@@ -166,6 +194,11 @@ def rate_distortion_figure(jobs, out: Path):
     from .rd_plane import rd_plane
 
     ok = _counted(jobs)
+    unequal = ok["entropy_floor"].notna() if "entropy_floor" in ok else None
+    if unequal is not None and unequal.any():  # the frontier and the line R + D = ln 2 are the equal weights'
+        log.info(f"rate_distortion.png leaves out {int(unequal.sum())} run(s) on unequal data weights: its frontier "
+                 "and its bound R + D = ln 2 are for equal weights (theirs is H(w))")
+        ok = ok[~unequal]
     if ok.empty:
         return None
     betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
@@ -181,7 +214,11 @@ def rate_distortion_figure(jobs, out: Path):
                        "beta": float(r["beta"]) if r.get("beta") is not None else 1.0, "n": int(r["n"])})
     if not points:
         return None
-    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}))
+    left = "" if unequal is None or not unequal.any() else (
+        f"\n({int(unequal.sum())} run(s) on unequal data weights left out: frontier and ln 2 are for equal weights)")
+    rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}),
+             title=None if not left else "Rate-distortion plane: runs (exact R, D) against the exact Gaussian-encoder "
+                                         "frontier" + left)
     return out / "rate_distortion.png"
 
 

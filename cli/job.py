@@ -307,8 +307,7 @@ def finish(cfg, out: Path, model, guide, data, result, head: dict, good=None) ->
         if good is not None:
             metrics["checkpoint"] = good.restore()
     metrics = write_outputs(out, model, guide, data, result, metrics, grids, figures=cfg.eval.figures,
-                            checkpoint=False, from_config=True,  # its dir claimed; its overrides in .hydra/
-                            title=f"{cfg.model.name} + {cfg.guide.name}, n={data.n}, seed={cfg.seed}")
+                            checkpoint=False, from_config=True)  # its dir claimed; its overrides in .hydra/
     if reason:
         raise Diverged(reason)
     return metrics

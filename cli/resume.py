@@ -35,8 +35,10 @@ def load_resume(cfg):
     state = load_checkpoint(path, label="train.resume")
     saved = state.get("config")
     if saved is None:
-        raise ConfigError(f"train.resume={path}: the checkpoint carries no config (written by an older version); "
-                          "it cannot be checked, so it is not resumed")
+        written = ("written by fit() in Python, not by run.py: resume it from Python, fit(..., resume=<it>)"
+                   if isinstance(state.get("fit"), dict) else "written by an older version")
+        raise ConfigError(f"train.resume={path}: the checkpoint carries no config ({written}); it cannot be checked, "
+                          "so it is not resumed")
     now, then = dotted(trajectory_config(cfg)), {**EARLIER, **dotted(saved)}
     differ = sorted(k for k in set(now) | set(then) if k != "train.steps" and now.get(k) != then.get(k))
     for group in ("model", "guide", "objective", "optim", "data"):  # another option of a group: name it once

@@ -227,7 +227,8 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
 # (steps may change: the lr schedule then changes, and fit warns); the command line's cli.resume.TRAJECTORY. Adam's
 # betas are checked against the checkpoint's optimizer state itself (infer.prepare.restore), older files too.
 TRAJECTORY = ("lr", "lr_final", "schedule", "beta", "warmup", "warmup_start", "average", "objective",
-              "num_particles", "noise", "free_bits", "log_every", "freeze_model", "nodes", "inner_nodes", "seed")
+              "num_particles", "noise", "free_bits", "closed_form", "vectorize_particles",
+              "log_every", "freeze_model", "nodes", "inner_nodes", "seed")
 # seed: a resume restores its checkpoint's RNG states, so it continues the checkpoint's seed whatever fit is given:
 # another seed is refused (its run was labelled with a seed it never trained with); None takes the checkpoint's
 
@@ -248,7 +249,8 @@ def check_resume_settings(resume, values, elbo) -> None:
         return
     now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
            "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None),
-           "free_bits": getattr(elbo, "free_bits", 0.0),
+           "free_bits": getattr(elbo, "free_bits", 0.0), "closed_form": getattr(elbo, "closed_form", None),
+           "vectorize_particles": getattr(elbo, "vectorize_particles", None),
            **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes") if isinstance(getattr(elbo, k, None), int)}}
     if now.get("seed") is None:  # the checkpoint's seed, as its RNG states restore it
         now.pop("seed", None)

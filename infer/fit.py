@@ -72,8 +72,8 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     its step with its params (checked by name and shape), optimiser, RNG states, history and partial logging
     window, and gives the same history as an uninterrupted run. A checkpoint records the settings it was trained
     with (its 'fit' entry: the result's recipe); a resume that changes one that decides the trajectory or the
-    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles, noise and
-    free bits, log_every, freeze_model, the seed; Adam's betas) is refused in one line (seed=None takes the
+    history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles, noise,
+    free bits and closed_form, log_every, freeze_model, the seed; Adam's betas) is refused in one line (seed=None takes the
     checkpoint's seed: its RNG states are restored, so the run is that seed's), and a changed `steps` warns once the
     checkpoint is restored (the lr schedule changes). Every `log_every` steps the window mean of each
     loss term is appended to the history, with the KL terms unweighted. With checkpoint_path (a file in a folder
@@ -143,7 +143,14 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                "num_particles": getattr(elbo, "num_particles", None),
                                "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
                                "free_bits": getattr(elbo, "free_bits", 0.0),
+                               "closed_form": getattr(elbo, "closed_form", None),  # ClosedFormELBO's option
+                               # Pyro's ELBOs draw their particles one by one unless told (the command line's never)
+                               "vectorize_particles": getattr(elbo, "vectorize_particles", None),
                                "log_every": log_every, "freeze_model": v["freeze_model"],
+                               # the parameters it started from: drawn from the seed ("reset") or kept ("keep"); a
+                               # resumed run's are its first session's
+                               "init": (resume.get("fit") or {}).get("init", "reset") if resume is not None
+                               else v["init"],
                                **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes")  # objective=exact's lattice
                                   if isinstance(getattr(elbo, k, None), int)}})
     window = Window()

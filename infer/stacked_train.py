@@ -35,8 +35,9 @@ def train(stack, callback) -> list:
                                                       "warmup_start", "average")},
                                  "seed": seed, "replicas": stack.group, "adam_betas": tuple(v["adam_betas"]),
                                  "num_particles": stack.elbo.num_particles, "noise": stack.elbo.noise,
-                                 "objective": "ClosedFormELBO", "log_every": log_every,
-                                 "freeze_model": v["freeze_model"]}) for seed in stack.seeds]
+                                 "objective": "ClosedFormELBO", "free_bits": stack.elbo.free_bits,
+                                 "closed_form": stack.elbo.closed_form, "log_every": log_every,
+                                 "freeze_model": v["freeze_model"], "init": "reset"}) for seed in stack.seeds]
     errors = [None] * R
     found = torch.zeros(R, dtype=torch.bool, device=stack.x.device)  # sticky: from a replica's first bad step on
     bad = torch.zeros(R, device=stack.x.device)  # how many steps since (and with) its first non-finite one

@@ -544,8 +544,10 @@ def test_fit_refuses_a_guide_of_another_dtype_or_one_that_observes_x_in_one_line
     ({"elbo": ClosedFormELBO(num_particles=8)}, r"it was trained with num_particles=4 \(this fit: 8\)"),
     ({"elbo": ClosedFormELBO(num_particles=4, free_bits=0.5)}, r"it was trained with free_bits=0\.0 \(this fit: "
                                                                 r"0\.5\)"),  # trained on another objective
+    ({"elbo": ClosedFormELBO(num_particles=4, closed_form=False)},
+     r"it was trained with closed_form=True \(this fit: False\)"),  # as train.resume= refuses objective.* changes
     ({"seed": 1}, r"it was trained with seed=0 \(this fit: 1\)"),  # seed 0's run (its RNG), labelled seed 1
-], ids=["lr", "log_every", "beta", "particles", "free_bits", "seed"])
+], ids=["lr", "log_every", "beta", "particles", "free_bits", "closed_form", "seed"])
 def test_fit_refuses_a_resume_that_changes_what_its_checkpoint_was_trained_with(vae, tmp_path, change, line):
     model, guide, _ = vae
     path = tmp_path / "ck.pt"

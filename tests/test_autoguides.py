@@ -224,3 +224,18 @@ def test_a_joint_autoguides_site_terms_are_what_the_summary_says_they_are(data):
     assert mc["kl"]["z2"] == pytest.approx(float((data.w * cross).sum()), abs=3e-3)  # both sampling errors < 5e-4
     note = next(line for line in summary_lines(mc) if "rate[s]" in line)
     assert "rate[joint] = E_q[log q(u|x)]" in note and "transform's log-Jacobian (0 for a real site)" in note
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda m: AutoIAFNormal(m, hidden_dim=[32]), {"guide.num_transforms": 1}),  # Pyro's 1 flow; guide=autoiaf's 2
+    (lambda m: AutoIAFNormal(m, hidden_dim=[16], num_transforms=2), {"guide.hidden_dim": [16]}),
+    (lambda m: AutoIAFNormal(m, hidden_dim=[32], num_transforms=2), {}),  # conf/guide/autoiaf.yaml's settings
+    (lambda m: AutoNormal(m, init_scale=0.05), {"guide.init_scale": 0.05}),
+    (lambda m: AutoNormal(m), {}),
+])
+def test_a_python_runs_autoguide_built_otherwise_than_its_command_line_option_says_so_in_its_arguments(make, said):
+    from analysis.describe import describe
+
+    model = VAE(N)
+    arguments = describe(model, make(model), OneBit(N), None).get("arguments", {})
+    assert {k: v for k, v in arguments.items() if k.startswith("guide.")} == said

@@ -379,3 +379,149 @@ def test_evaluate_given_a_fits_result_evaluates_with_the_runs_seed_as_the_comman
     default, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, result=result)
     seeded, _ = evaluate(model, guide, data, samples=1024, replicates=4, exact=False, seed=2)
     assert default["evaluation"]["seed"] == 2 and default["montecarlo"] == seeded["montecarlo"]
+
+
+def test_a_python_run_on_other_data_weights_is_another_configuration_than_one_on_the_default_weights(tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from analysis.sweep import summarize
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    for name, seed, weights in (("equal", 0, (0.5, 0.5)), ("unequal", 1, (0.3, 0.7))):
+        data = OneBit(3, weights)
+        model = VAE(data.n)
+        guide = GaussianGuide(model)
+        result = fit(model, guide, data, steps=5, seed=seed)
+        metrics, grids = evaluate(model, guide, data, result=result)
+        write_run(tmp_path / name, model, guide, data, result, metrics, grids, figures=False)
+    arguments = json.loads((tmp_path / "unequal" / "metrics.json").read_text())["arguments"]
+    assert arguments["data.weights"] == [0.3, 0.7]  # as `python run.py data.weights=[0.3,0.7]` records it
+    assert "data.weights" not in json.loads((tmp_path / "equal" / "metrics.json").read_text())["arguments"]
+    jobs = summarize(tmp_path, figures=False)["jobs"]
+    assert jobs["duplicate_of"].isna().all()
+    assert len((tmp_path / "summary_by_config.csv").read_text().strip().splitlines()) == 3  # header + 2 configurations
+
+
+def test_a_python_run_warm_started_by_init_keep_is_not_labelled_as_the_command_lines_run_of_its_settings():
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    fresh = fit(model, guide, data, steps=5, seed=0)
+    kept = fit(model, guide, data, steps=5, seed=0, init="keep")  # 10 steps in all, from the first fit's end
+    assert "train.init" not in describe(model, guide, data, fresh).get("arguments", {})
+    assert describe(model, guide, data, kept)["arguments"]["train.init"] == "keep"
+
+
+def test_a_python_run_that_freezes_a_model_not_built_from_its_seed_is_not_labelled_as_the_command_lines():
+    import pyro
+
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    pyro.set_rng_seed(4)  # as the command line builds train.freeze_model=true seed=4's model
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    seeded = fit(model, guide, data, steps=5, seed=4, freeze_model=True)
+    assert describe(model, guide, data, seeded)["arguments"] == {"train.steps": 5, "train.freeze_model": True}
+    trained = VAE(data.n)
+    fit(trained, GaussianGuide(trained), data, steps=5, seed=4)  # a model trained before: not the seed's
+    guide = GaussianGuide(trained)
+    frozen = fit(trained, guide, data, steps=5, seed=4, freeze_model=True)
+    assert describe(trained, guide, data, frozen)["arguments"]["model.init"] == "given"
+
+
+def test_a_python_runs_figures_carry_the_title_the_command_line_gives_its_run(tmp_path, monkeypatch):
+    import analysis.figures
+    import analysis.training_figure
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    titles = []
+    monkeypatch.setattr(analysis.figures, "encoding_figure", lambda *a, title=None, **k: titles.append(title))
+    monkeypatch.setattr(analysis.training_figure, "training_figure", lambda *a, title=None, **k: titles.append(title))
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=2)
+    metrics, grids = evaluate(model, guide, data, result=result)
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids)
+    assert titles == ["vae + gaussian, n=3, seed=2"] * 2  # cli.job's title for `python run.py data.n=3 seed=2`
+
+
+def test_a_python_run_with_every_kl_sampled_records_objective_closed_form_false():
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import ClosedFormELBO, fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0,
+                 elbo=ClosedFormELBO(num_particles=32, noise="lattice", closed_form=False))
+    assert describe(model, guide, data, result)["arguments"]["objective.closed_form"] is False
+
+
+@pytest.mark.parametrize("setting, value", [("exact", False), ("khat_samples", 1000)])
+def test_a_python_run_evaluated_with_a_setting_the_command_line_has_no_key_for_records_it(tmp_path, setting, value):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0)
+    metrics, grids = evaluate(model, guide, data, result=result, **{setting: value})
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["evaluation"][setting] == value and written["arguments"][f"eval.{setting}"] == value
+
+
+def test_the_command_line_refusing_a_checkpoint_fit_wrote_in_python_says_so_not_that_it_is_older(tmp_path):
+    from conftest import run_cli
+
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    model = VAE(3)
+    fit(model, GaussianGuide(model), OneBit(3), steps=5, seed=0, checkpoint_path=tmp_path / "python.pt")
+    proc = run_cli("data.n=3", "train.steps=10", f"train.resume={tmp_path / 'python.pt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "written by fit() in Python" in proc.stderr and "older" not in proc.stderr
+
+
+def test_a_python_run_whose_pyro_elbo_draws_particles_one_by_one_is_not_the_command_lines_objective_elbo():
+    from pyro.infer import Trace_ELBO
+
+    from analysis.describe import describe
+    from guides import GaussianGuide
+    from infer import fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    arguments = []
+    for elbo in (Trace_ELBO(num_particles=32, vectorize_particles=True, max_plate_nesting=1),  # objective=elbo's
+                 Trace_ELBO(num_particles=32)):  # Pyro's default: other draws, other numbers
+        model = VAE(data.n)
+        guide = GaussianGuide(model)
+        arguments.append(describe(model, guide, data, fit(model, guide, data, steps=5, seed=0, elbo=elbo))["arguments"])
+    assert "objective.vectorize_particles" not in arguments[0]
+    assert arguments[1]["objective.vectorize_particles"] is False

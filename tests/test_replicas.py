@@ -343,3 +343,17 @@ def test_a_killed_groups_status_names_the_replicas_not_yet_resumed(finished_grou
     status = json.loads((group / "status.json").read_text())
     assert status["status"] == "failed" and status["reason"].startswith("1 of 2 replicas did not end ok: seed0: "
                                                                         "failed: killed: its process (pid 999999)")
+
+
+def test_python_replicas_trained_with_free_bits_and_sampled_kl_say_so_as_the_command_lines_replicas_do():
+    from analysis.describe import describe
+
+    data = OneBit(3)
+    models = [VAE(data.n) for _ in range(2)]
+    guides = [GaussianGuide(m) for m in models]
+    elbo = ClosedFormELBO(num_particles=32, noise="lattice", free_bits=0.3, closed_form=False)
+    results = fit_replicas(models, guides, data, seeds=[0, 1], steps=5, elbo=elbo)
+    head = describe(models[0], guides[0], data, results[0])
+    assert head["free_bits"] == 0.3  # what it minimised: `python run.py replicas=2 objective.free_bits=0.3` says so
+    assert {k: head["arguments"].get(k) for k in ("objective.free_bits", "objective.closed_form")} == {
+        "objective.free_bits": 0.3, "objective.closed_form": False}

@@ -1083,3 +1083,54 @@ def test_the_summary_groups_two_spellings_exactly_where_the_sweep_check_calls_th
 
     assert (parsed(one) == parsed(other)) == same
     assert (canonical(one) == canonical(other)) == same
+
+
+def test_a_python_runs_beta_column_holds_its_kl_weight_as_a_command_line_runs_does(tmp_path):
+    _python_run(tmp_path / "plain", 0, 1.0, {"train.steps": 300})
+    _python_run(tmp_path / "weighted", 0, 1.1, {"train.steps": 300, "train.beta": 0.5})
+    m = json.loads((tmp_path / "weighted" / "metrics.json").read_text())
+    (tmp_path / "weighted" / "metrics.json").write_text(json.dumps({**m, "beta": 0.5}))  # as write_run records it
+    jobs = summary(tmp_path)[0]["jobs"].set_index("job")
+    assert (jobs.loc["plain", "beta"], jobs.loc["weighted", "beta"]) == (1.0, 0.5)
+
+
+def test_a_duplicate_of_two_single_runs_is_not_said_to_come_from_replicas(tmp_path):
+    job(tmp_path, ["data.n=5", "seed=0", "train.steps=300"], m=metrics(0, 1.0))
+    _python_run(tmp_path / "python", 0, 1.0, {"train.steps": 300})  # the same run, written from Python
+    md = summary(tmp_path)[1]
+    dropped = next(line for line in md.splitlines() if line.startswith("Dropped:"))
+    assert "`python` = " in dropped and "another job's replicas" not in dropped
+
+
+def test_the_loss_figure_of_runs_on_unequal_weights_draws_their_floor_h_w_not_ln_2(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from analysis.sweep import summarize
+
+    weighted = {**metrics(0, 0.65), "weights": [0.3, 0.7], "entropy_floor": 0.6108643020548935}
+    job(tmp_path, ["data.n=5", "data.weights=[0.3,0.7]"], num=0, m=weighted)  # below ln 2, above H(w)
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.update(
+        {Path(path).name: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]}))
+    summarize(tmp_path)
+    labels = drawn["loss_vs_n.png"]
+    assert "entropy H(w) = 0.6109 (floor of the losses with w = 0.3/0.7)" in labels
+    assert not [t for t in labels if "ln 2" in t or "optimum" in t or "original study" in t]  # all equal weights'
+
+
+def test_the_rate_distortion_plane_leaves_out_runs_on_unequal_weights_and_says_so(tmp_path, monkeypatch):
+    import analysis.rd_plane
+
+    drawn = []
+    monkeypatch.setattr(analysis.rd_plane, "rd_plane", lambda points, path, ns=None, title=None: drawn.append(
+        (points, title)))
+    weighted = {**metrics(0, 0.65, guide="flow"), "weights": [0.3, 0.7], "entropy_floor": 0.6108643020548935,
+                "distortion": 0.1}  # R + D = 0.6 would sit below the ln 2 the plane draws, though above its H(w)
+    job(tmp_path, ["data.n=5", "guide=flow", "data.weights=[0.3,0.7]"], num=0, m=weighted)
+    job(tmp_path, ["data.n=5", "guide=gaussian"], num=1, m={**metrics(0, 1.1), "distortion": 0.6})
+    job(tmp_path, ["data.n=5", "guide=flow"], num=2, m={**metrics(0, 1.0, guide="flow"), "distortion": 0.5})
+    from analysis.sweep import summarize
+
+    summarize(tmp_path)
+    (points, title), = drawn
+    assert len(points) == 2 and "1 run(s) on unequal data weights left out" in title
