@@ -67,6 +67,10 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     total_correlation_per_point."""
     check_call(model, guide, data, tol=tol)
     dens = Densities(model, guide, data)
+    split = dens.coords.split
+    if split is not None:
+        raise ValueError(f"ELBO surgery of {split}, one site of 2 scalars, is not implemented (its aggregate "
+                         f"q({split}) needs both points' densities on one 2-D grid); exact() gives its average KL")
     draws = dens.samples()
     top, other = dens.top, (dens.bottom if dens.other is not None else None)
     lo, hi = sample_range(torch.cat([draws["q:" + top], draws["p:" + top]]))
