@@ -11,7 +11,8 @@ analysis.densities (site log-densities on grids, the joint guide's marginals, th
 (the inner panels seeded at the features in v), analysis.inner (the adaptive inner integrals), analysis.flowbreaks
 (where a flow guide's map is not smooth, in its base noise), analysis.precision (float64 copies of float32
 networks, so that no node is rounded to float32), analysis.evidence
-(evidence()), analysis.surgery (surgery()), analysis.posterior (posterior_grid()); this one holds exact() and
+(evidence()), analysis.surgery (surgery(); analysis.split_surgery for one site of two scalars), analysis.coordinates
+(the scalars integrated), analysis.posterior (posterior_grid()); this one holds exact() and
 re-exports the other three public functions.
 
 Every density comes from tracing the model and the guide under `poutine.condition` on grids of latent values, so

@@ -583,10 +583,10 @@ def test_a_quadrature_that_returns_nan_is_no_headline_monte_carlo_and_iwae_stand
     assert math.isfinite(metrics["exact_nll"]) and "iwae" in metrics
 
 
-def test_a_two_dimensional_latent_site_is_evaluated_by_quadrature_and_its_surgery_skipped_with_the_reason():
+def test_a_two_dimensional_latent_site_is_evaluated_by_quadrature_with_its_surgery_and_marginals():
     """VAE(latent_dim=2) has 2 scalar latents in one site: the quadrature integrates both coordinates, so the
-    headline is exact (before, importance-sampled bounds stood in); its ELBO surgery is not implemented, and the
-    reason is kept."""
+    headline is exact (before, importance-sampled bounds stood in), with ELBO surgery and each coordinate's exact
+    marginals for the figure."""
     from infer import fit
 
     data = OneBit(3)
@@ -596,7 +596,7 @@ def test_a_two_dimensional_latent_site_is_evaluated_by_quadrature_and_its_surger
     metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4, iwae_k=16)
     assert metrics["loss_estimator"] == "exact" and metrics["loss"] == metrics["exact"]["loss"]
     assert "exact_skipped" not in metrics and "iwae" not in metrics
-    assert "2 scalars, is not implemented" in metrics["surgery_skipped"]
+    assert "surgery_skipped" not in metrics and metrics["surgery"]["avg_kl"] == pytest.approx(metrics["kl"]["z"])
     assert set(grids) == {"z[0]", "z[1]"}
 
 
