@@ -1,7 +1,8 @@
 """Exact densities on regular grids, for plots: prior, q(.|x_k), aggregate q and the true posterior p(.|x_k).
 
 The true posterior is p(x_k, site) / p(x_k), with log p(x_k) from analysis.exact.exact() unless given; the grids'
-trapezoid masses are returned as checks. For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
+trapezoid masses are returned as checks. For one site of two scalars each coordinate gets its marginals (the other
+coordinate integrated, the likelihood with it). For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
 one shared Gauss-Legendre grid fine enough for the narrowest p(u|t).
 """
 import math
@@ -31,9 +32,9 @@ def _weighted_quantiles(values, logw, probs):
 @on_parameter_dtype
 def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     """Per latent site (for one site of 2 scalars, per coordinate 'site[0]', 'site[1]': the marginals), numpy arrays
-    on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the
-    learned marginal), 'q' q(site|x_k) (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior'
-    p(site|x_k) (2, N). Also 'weights', 'log_px' (from exact() unless given) and 'checks' (grid masses)."""
+    on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the learned marginal), 'q' q(site|x_k)
+    (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior' p(site|x_k) (2, N). Also 'weights', 'log_px'
+    (from exact() unless given) and 'checks' (grid masses)."""
     check_call(model, guide, data, points=points)
     dens = Densities(model, guide, data)
     draws = dens.samples()
