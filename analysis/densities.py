@@ -1,7 +1,8 @@
 """Site log-densities of a model and guide on grids of latent values, and the checks before any quadrature.
 
 Densities reads every site by tracing the model and the guide under poutine.condition, so any guide that samples
-the model's latent sites works; the model's Bernoulli likelihood and Normal sites are float64 (qdensity.log_prob64)
+the model's latent sites works, at values of the quadrature's coordinates (analysis.coordinates: the sites, or the
+two scalars of one site); the model's Bernoulli likelihood and Normal sites are float64 (qdensity.log_prob64)
 and each evaluation is chunked so that no per-bit tensor exceeds MAX_ELEMENTS elements, whatever n. The model and guide
 are fed on the dtype and device of their parameters (parameter_place: the data and the latent values cast there; a
 float32 model gets float32 inputs, a float64 model float64 ones), and every log-density comes back float64 on the
@@ -16,6 +17,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .base_noise import BaseNoise
+from .coordinates import Coordinates
 from .qdensity import GuideDensity, log_prob64
 from .quadrature import GAUSS7_W, KRONROD_W, KRONROD_X, lse
 from .shared_draws import draws, sample_range  # noqa: F401  sample_range: re-exported
@@ -24,6 +26,7 @@ MASS_TOLERANCE = 1e-3  # q(.|x_k) must integrate to 1 within this on a grid, or 
 CHUNK = 400_000  # latent points per model/guide evaluation (at most; fewer where the data are wide, see rows())
 MAX_ELEMENTS = 2 ** 24  # elements of the largest per-bit tensor of one model evaluation (latent values x N x n):
 #                          memory is bounded for any n (a float64 tensor of this size is 128 MiB)
+SPLIT_ELEMENTS = 2 ** 20  # the same, split site: its decoder runs on every point (20 us each at n=1000, 37 at 2^26)
 
 
 def parameter_place(model, guide, x: torch.Tensor) -> tuple:
@@ -93,19 +96,18 @@ class Densities:
         self.q = GuideDensity(model, guide, self.x) if need_q else None
         points = self.x.shape[-2]
         sizes = {n: mt.nodes[n]["value"].numel() // points for n in self.latents}
-        if sum(sizes.values()) > 2 or any(s != 1 for s in sizes.values()):
-            raise ValueError(f"exact quadrature handles at most 2 latent sites of one scalar each per data point; "
-                             f"this model has {', '.join(f'{n}: {s}' for n, s in sizes.items())} scalars per data "
-                             "point (analysis.iwae.iwae bounds its likelihood)")
+        self.coords = Coordinates(sizes)  # ValueError for more than 2 scalars per data point
+        names = self.coords.names
         self.joint = need_q and self.q.kind == "joint"
-        if self.joint and len(self.latents) > 1:
-            raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(self.latents)} "
-                             f"latents x {points} data points; q({', '.join(self.latents)}|x_k) is its marginal, an "
-                             f"integral over the other point's {len(self.latents)} latents at every node, so the "
-                             f"quadrature would be {len(self.latents) * points}-D")
-        self.bottom = self.latents[-1]  # the parent of x (z, z1)
-        self.top = self.latents[0]  # the latent whose prior has no parents (z, z2)
-        self.other = self.latents[0] if len(self.latents) == 2 else None
+        if self.joint and len(names) > 1:
+            raise ValueError(f"the guide ({type(guide).__name__}) is one joint density over {len(names)} "
+                             f"scalar latents x {points} data points; q({', '.join(names)}|x_k) is its marginal, an "
+                             f"integral over the other point's {len(names)} scalars at every node, so the "
+                             f"quadrature would be {len(names) * points}-D")
+        # the quadrature's coordinates (analysis.coordinates): the sites, or the two scalars of one split site
+        self.bottom = names[-1]  # u, integrated outside: the parent of x (z, z1), or the split site's z[1]
+        self.top = self.latents[0]  # the latent site whose prior has no parents (z, z2)
+        self.other = names[0] if len(names) == 2 else None  # v, integrated inside (z2, or z[0])
         self.w = data.w.double()
         if self.joint and not bool(torch.allclose(self.w, self.w.mean())):
             raise ValueError("a joint guide couples the data points: its loss is defined for equal data weights only")
@@ -122,13 +124,16 @@ class Densities:
     def rows(self, per_row: int = 2) -> int:
         """How many rows of latent values (one per data point for the parent of x, with per_row latent points in all)
         one model evaluation may take: at most CHUNK latent points, and at most MAX_ELEMENTS elements in the per-bit
-        tensors (rows x width)."""
-        return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
+        tensors (rows x width). The decoder of a split site (analysis.coordinates) runs on every latent point, not
+        on the rows' u alone, so its per-bit tensors are rows x per_row / 2 x width, held to SPLIT_ELEMENTS."""
+        if self.coords.split is None:
+            return max(1, min(CHUNK // per_row, MAX_ELEMENTS // self.width))
+        return max(1, min(CHUNK // per_row, SPLIT_ELEMENTS // (self.width * max(1, per_row // 2))))
 
     def fed(self, values: dict) -> dict:
-        """{site: value (..., 2, 1)}: latent values (..., 2) (last dim = data point) cast to the dtype and device the
-        model and guide are fed on, with the site's event dim."""
-        return {k: v.to(device=self.device, dtype=self.dtype).unsqueeze(-1) for k, v in values.items()}
+        """{site: value (..., 2, event)}: coordinate values {name: (..., 2)} (last dim = data point) cast to the dtype
+        and device the model and guide are fed on, as site values with their event dim (Coordinates.sites)."""
+        return self.coords.sites({k: v.to(device=self.device, dtype=self.dtype) for k, v in values.items()})
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
         """t as the quadrature takes it: float64 on the data's device (t itself where it is already)."""
@@ -137,8 +142,9 @@ class Densities:
     def logs(self, values: dict, parts=("q", "p")) -> dict:
         """{'q:site' | 'p:site': float64 log-density} for every guide/model site at the given latent values.
 
-        values maps site -> float64 tensor (..., 2) (last dim = data point); shapes broadcast. The model and guide see
-        them cast to their dtype (fed); the log-densities are float64 on the data's device (back)."""
+        values maps each coordinate (a site, or a coordinate of a split site: self.coords) -> float64 tensor (..., 2)
+        (last dim = data point); shapes broadcast. The model and guide see them cast to their dtype (fed); the
+        log-densities are float64 on the data's device (back)."""
         vals = self.fed(values)
         out = {}
         with torch.no_grad(), poutine.block():
@@ -158,8 +164,8 @@ class Densities:
         return self.marginal
 
     def samples(self, count: int = 4096, seed: int = 0) -> dict:
-        """Draws of every latent from the guide ('q:site', shape (count, 2)) and the model prior ('p:site'), plus the
-        log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic (made once per
+        """Draws of every coordinate from the guide ('q:name', shape (count, 2)) and the model prior ('p:name'), plus
+        the log-likelihood of each prior draw ('p:loglik'); fixed seed, so results are deterministic (made once per
         evaluation inside analysis.shared_draws.shared_draws())."""
         key = (count, seed, self.dtype, str(self.device), tuple(self.latents), tuple(self.observed))
         return draws(key, lambda: self._samples(count, seed))
@@ -179,9 +185,10 @@ class Densities:
                     value = mt.nodes[n]["value"].detach()
                     prior[n].append(value.reshape(value.shape[0], -1))
                 loglik.append(sum(self.back(mt.nodes[n]["fn"].log_prob(mt.nodes[n]["value"])) for n in self.observed))
-        for n in self.latents:
-            out["q:" + n] = self.back(gt.nodes[n]["value"].detach().reshape(count, 2))  # AutoDelta's is a param
-            out["p:" + n] = self.back(torch.cat(prior[n]).reshape(count, -1)).expand(count, 2)
+        for n in self.latents:  # AutoDelta's value is a param: detached
+            out.update({"q:" + k: self.back(v) for k, v in self.coords.draws(n, gt.nodes[n]["value"].detach(),
+                                                                             count).items()})
+            out.update({"p:" + k: self.back(v) for k, v in self.coords.draws(n, torch.cat(prior[n]), count).items()})
         out["p:loglik"] = torch.cat(loglik)
         return out
 

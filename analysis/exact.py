@@ -1,4 +1,4 @@
-"""Exact evaluation by deterministic quadrature for models with at most two scalar latents (VAE d=1, DLGM 2x1).
+"""Exact evaluation by deterministic quadrature for models with at most two scalar latents (VAE d=1 and d=2, DLGM 2x1).
 
 Public: exact() (loss terms, log p(x_k), NLL, gap), surgery() (ELBO surgery of the top latent), evidence() (log p(x_k)
 of the model alone) and posterior_grid() (prior, q, aggregate q and true posterior marginals on regular grids, for
@@ -11,12 +11,17 @@ analysis.densities (site log-densities on grids, the joint guide's marginals, th
 (the inner panels seeded at the features in v), analysis.inner (the adaptive inner integrals), analysis.flowbreaks
 (where a flow guide's map is not smooth, in its base noise), analysis.precision (float64 copies of float32
 networks, so that no node is rounded to float32), analysis.evidence
-(evidence()), analysis.surgery (surgery()), analysis.posterior (posterior_grid()); this one holds exact() and
+(evidence()), analysis.surgery (surgery(); analysis.split_surgery for one site of two scalars), analysis.coordinates
+(the scalars integrated), analysis.posterior (posterior_grid()); this one holds exact() and
 re-exports the other three public functions.
 
 Every density comes from tracing the model and the guide under `poutine.condition` on grids of latent values, so
 any guide that samples the model's latent sites works. Names: u is the model's bottom latent (the parent of x: z
-of the VAE, z1 of the DLGM) and v the other one (z2). Integrals run over u outside and v inside:
+of the VAE, z1 of the DLGM) and v the other one (z2). One site of two scalars (the VAE at latent_dim=2) is split
+into its coordinates (analysis.coordinates): u = z[1], v = z[0], fed to the model and guide stacked as the site's
+event; its likelihood p(x|u, v) depends on both, so its decoder runs on every (u, v) node (chunked to
+densities.SPLIT_ELEMENTS, with a coarser feature grid, seeding.SPLIT_LOCATE_POINTS). Integrals run over u outside
+and v inside:
 
 * outside, globally adaptive Gauss-Kronrod (7, 15) panels in u, split where the G7/K15 difference is largest, and
   extended until the integrands vanish at both ends;
@@ -180,7 +185,7 @@ def exact(model, guide, data, tol: float = 1e-4) -> dict:
     with bounded support (a Uniform q) has log q = -inf outside it (qdensity.log_prob64).
 
     Pass the unweighted model and guide (the data weights are applied here). Raises ValueError for more than two
-    scalar latents (use analysis.iwae.iwae then)."""
+    scalar latents per data point, and for a joint guide over two (use analysis.iwae.iwae then)."""
     check_call(model, guide, data, tol=tol)
     dens = Densities(model, guide, data)
     u_name, v_name = dens.bottom, dens.other

@@ -75,20 +75,23 @@ def site_densities(idata, site: str, component: int = 0, points: int = 400) -> d
     """p(site), the aggregate q(site), q(site|x_k) and p(site|x_k) on a common grid.
 
     Returns dict(grid, prior, aggregate, q (K, G), posterior (K, G) or None, labels, source, khat). source is
-    "exact" when the encodings hold exact densities of the site, else "kde" (posterior by PSIS-weighted KDE).
+    "exact" when the encodings hold exact densities of the site (for a site of 2 scalars, of its coordinate
+    'site[component]': analysis.exact.posterior_grid's marginals), else "kde" (posterior by PSIS-weighted KDE).
     khat is the run's k-hat per data point (the encodings' attrs, evaluate()'s value) or None: the k-hat of the
     figure's own few draws would be another, noisier number than the run's."""
     labels = [str(v) for v in idata.posterior["x"].values]
     w = (np.asarray(idata.constant_data["w"].values, dtype=float) if "constant_data" in idata.groups()
          else np.full(len(labels), 1.0 / len(labels)))
-    if GROUP_EXACT in idata.groups() and f"{site}_q" in idata[GROUP_EXACT] and component == 0:
-        ex = idata[GROUP_EXACT]
-        grid = np.asarray(ex[f"{site}_grid"].values, dtype=float)
-        q = np.asarray(ex[f"{site}_q"].values, dtype=float)
-        agg = (np.asarray(ex[f"{site}_aggregate"].values, dtype=float) if f"{site}_aggregate" in ex
+    # exact densities: of a scalar site (component 0), or of a coordinate of a 2-scalar site, named site[component]
+    ex = idata[GROUP_EXACT] if GROUP_EXACT in idata.groups() else {}
+    key = next((k for k in (f"{site}[{component}]", site if component == 0 else None) if f"{k}_q" in ex), None)
+    if key is not None:
+        grid = np.asarray(ex[f"{key}_grid"].values, dtype=float)
+        q = np.asarray(ex[f"{key}_q"].values, dtype=float)
+        agg = (np.asarray(ex[f"{key}_aggregate"].values, dtype=float) if f"{key}_aggregate" in ex
                else (w[:, None] * q).sum(0))
-        prior = np.asarray(ex[f"{site}_prior"].values, dtype=float) if f"{site}_prior" in ex else None
-        post = np.asarray(ex[f"{site}_posterior"].values, dtype=float) if f"{site}_posterior" in ex else None
+        prior = np.asarray(ex[f"{key}_prior"].values, dtype=float) if f"{key}_prior" in ex else None
+        post = np.asarray(ex[f"{key}_posterior"].values, dtype=float) if f"{key}_posterior" in ex else None
         return {"grid": grid, "prior": prior, "aggregate": agg, "q": q, "posterior": post, "labels": labels,
                 "source": "exact", "khat": _run_khat(idata),
                 "khat_joint": bool(idata.attrs.get("khat_joint"))}

@@ -1,7 +1,8 @@
 """Exact densities on regular grids, for plots: prior, q(.|x_k), aggregate q and the true posterior p(.|x_k).
 
 The true posterior is p(x_k, site) / p(x_k), with log p(x_k) from analysis.exact.exact() unless given; the grids'
-trapezoid masses are returned as checks. For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
+trapezoid masses are returned as checks. For one site of two scalars each coordinate gets its marginals (the other
+coordinate integrated, the likelihood with it). For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
 one shared Gauss-Legendre grid fine enough for the narrowest p(u|t).
 """
 import math
@@ -30,9 +31,10 @@ def _weighted_quantiles(values, logw, probs):
 @flush_denormals()
 @on_parameter_dtype
 def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
-    """Per latent site, numpy arrays on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the
-    learned marginal), 'q' q(site|x_k) (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior'
-    p(site|x_k) (2, N). Also 'weights', 'log_px' (from exact() unless given) and 'checks' (grid masses)."""
+    """Per latent site (for one site of 2 scalars, per coordinate 'site[0]', 'site[1]': the marginals), numpy arrays
+    on a regular grid: 'grid' (N,), 'prior' p(site) (N,) (for z1 of the DLGM the learned marginal), 'q' q(site|x_k)
+    (2, N), 'q_aggregate' sum_k w_k q(site|x_k) (N,) and 'posterior' p(site|x_k) (2, N). Also 'weights', 'log_px'
+    (from exact() unless given) and 'checks' (grid masses)."""
     check_call(model, guide, data, points=points)
     dens = Densities(model, guide, data)
     draws = dens.samples()
@@ -47,7 +49,8 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
     w = dens.w
     out = {"weights": w.numpy(), "log_px": log_px.numpy(), "checks": {}}
     loglik = draws["p:loglik"].reshape(-1, 2)
-    for site in dens.latents:
+    split = dens.coords.split
+    for site in dens.coords.names:  # the sites, or the two coordinates of a split site (marginals)
         q, p = draws["q:" + site], draws["p:" + site]
         sets = [q.reshape(-1), p[:, 0]] + [_weighted_quantiles(p[:, k], loglik[:, k], [0.0005, 0.9995])
                                           for k in range(2)]
@@ -61,6 +64,11 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
         if dens.other is None:
             r = Direct(dens, site)(rows)
             lq, lp, lprior = r["lq"], r["lp"], r["at"]["p:" + site]
+        elif split is not None:  # p(x|z) depends on both coordinates: the likelihood is integrated too
+            vlo, vhi = sample_range(torch.cat([draws["q:" + other], draws["p:" + other]]))
+            r = Inner(dens, site, other, vlo, vhi)(rows)
+            lq, lp = r["lq"], r["lp"]
+            lprior = _coordinate_prior(dens, split, dens.coords.names.index(site), rows)
         elif site == dens.bottom:
             vlo, vhi = sample_range(torch.cat([draws["q:" + other], draws["p:" + other]]))
             r = Inner(dens, site, other, vlo, vhi)(rows)
@@ -79,6 +87,22 @@ def posterior_grid(model, guide, data, points: int = 201, log_px=None) -> dict:
         out[site] = {"grid": grid.numpy(), "prior": lprior[:, 0].exp().numpy(), "q": lq.exp().T.numpy(),
                      "q_aggregate": (lq.exp() * w).sum(1).numpy(), "posterior": post.T.numpy()}
     return out
+
+
+def _coordinate_prior(dens, site: str, k: int, rows) -> torch.Tensor:
+    """log p(z_k) at rows (N, 2) for coordinate k of a site whose prior is a diagonal Normal (possibly Independent):
+    its marginal N(loc_k, scale_k^2); ValueError for any other prior (its marginal would be an integral)."""
+    vals = dens.fed({name: torch.zeros(1, 2, dtype=torch.float64) for name in dens.coords.names})
+    with torch.no_grad(), poutine.block():
+        tr = poutine.trace(poutine.condition(dens.model, data=vals)).get_trace(dens.x)
+    fn = tr.nodes[site]["fn"]
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    if not isinstance(fn, torch.distributions.Normal):
+        raise ValueError(f"the prior of {site} is a {type(fn).__name__}, not a diagonal Normal: the marginal of each "
+                         "coordinate, which the posterior figure plots, is not implemented for it")
+    loc, scale = (dens.back(t.expand(tr.nodes[site]["value"].shape)[..., k]).reshape(-1, 2) for t in (fn.loc, fn.scale))
+    return -0.5 * ((rows - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
 
 
 def _gauss_legendre(m: int):

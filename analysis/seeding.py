@@ -15,6 +15,8 @@ from .densities import Densities
 
 LADDER = (0.0, 1.5, 3.5, 6.5, 12.0)  # breakpoints at m +- c * width
 LOCATE_POINTS = 2049  # dense grid that finds the features of the inner integrand
+SPLIT_LOCATE_POINTS = 257  # the same for the two coordinates of one site (the VAE at latent_dim=2): no conditional
+#                            prior there makes a needle atop a broad density, and every grid point runs the decoder
 BEYOND_STENCIL = 64  # cells between the grid points that extrapolate a peak beyond the grid's end
 CANDIDATES = 2  # features kept per density (q, p) per row
 BACKGROUND = 12  # uniform inner breakpoints that cover what no feature claims
@@ -53,7 +55,8 @@ class FeatureSeeding:
         grid points shows far below its height, with a steep drop to a neighbour: a peak of width w drops about
         h^2 / 2w^2, so a drop above 0.5 nats means narrower than a cell), and a peak beyond an end of the grid where
         the density still rises there (_beyond). Returns (centres, kinds, cell)."""
-        grid = torch.linspace(self.lo, self.hi, LOCATE_POINTS, dtype=torch.float64)
+        points = LOCATE_POINTS if self.d.coords.split is None else SPLIT_LOCATE_POINTS
+        grid = torch.linspace(self.lo, self.hi, points, dtype=torch.float64)
         ell = self._joint(self._eval(u, grid[None, :, None].expand(1, -1, 2)))
         centres, kinds = [], []
         for J in self.parts:

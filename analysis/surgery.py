@@ -1,7 +1,7 @@
 """ELBO surgery of the top latent t by quadrature: avg KL(q(t|x_k) || p(t)) = I_q(x; t) + KL(q(t) || p(t)).
 
 q(t|x_k) is the guide's marginal (an inner integral over the other latent where there is one), on one grid of t
-shared by both data points, so the identity holds node by node.
+shared by both data points, so the identity holds node by node. One site of two scalars is analysis.split_surgery's.
 """
 import torch
 
@@ -11,6 +11,7 @@ from .densities import MASS_TOLERANCE, Densities, check_call, sample_range
 from .precision import in_float64, on_parameter_dtype
 from .inner import Direct, Inner
 from .quadrature import Outer, adapt, initial_breaks, lse, refine
+from .split_surgery import split_surgery
 
 
 class SurgeryQuantities:
@@ -67,6 +68,8 @@ def surgery(model, guide, data, tol: float = 1e-4) -> dict:
     total_correlation_per_point."""
     check_call(model, guide, data, tol=tol)
     dens = Densities(model, guide, data)
+    if dens.coords.split is not None:  # one site of 2 scalars: each point on its own 2-D grid
+        return split_surgery(dens, data, tol)
     draws = dens.samples()
     top, other = dens.top, (dens.bottom if dens.other is not None else None)
     lo, hi = sample_range(torch.cat([draws["q:" + top], draws["p:" + top]]))

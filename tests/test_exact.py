@@ -216,7 +216,7 @@ def test_posterior_grid_densities_integrate_to_one(dlgm_pair, dlgm_exact, data):
 
 
 def test_too_many_latents_raise(data):
-    model = VAE(N, latent_dim=2)
+    model = VAE(N, latent_dim=3)
     with pytest.raises(ValueError, match="iwae"):
         exact(model, GaussianGuide(model), data)
 

@@ -583,20 +583,21 @@ def test_a_quadrature_that_returns_nan_is_no_headline_monte_carlo_and_iwae_stand
     assert math.isfinite(metrics["exact_nll"]) and "iwae" in metrics
 
 
-def test_a_two_dimensional_latent_site_is_evaluated_by_importance_sampling_with_the_reason():
-    """VAE(latent_dim=2) has 2 scalar latents in one site: neither the quadrature of the loss nor that of the model's
-    evidence applies (one scalar per site), so the headline is Monte Carlo, IWAE bounds stand beside it, and the
-    reason is kept; before, the evidence's refusal crashed the evaluation after training."""
+def test_a_two_dimensional_latent_site_is_evaluated_by_quadrature_with_its_surgery_and_marginals():
+    """VAE(latent_dim=2) has 2 scalar latents in one site: the quadrature integrates both coordinates, so the
+    headline is exact (before, importance-sampled bounds stood in), with ELBO surgery and each coordinate's exact
+    marginals for the figure."""
     from infer import fit
 
     data = OneBit(3)
     model = VAE(3, latent_dim=2, hidden=8)
     guide = GaussianGuide(model, hidden=8)
     fit(model, guide, data, steps=30, seed=0)
-    metrics, _ = evaluate(model, guide, data, samples=1024, replicates=4, iwae_k=16)
-    assert metrics["loss_estimator"] != "exact" and math.isfinite(metrics["loss"])
-    assert "2 latent sites of one scalar each" in metrics["exact_skipped"] and "exact_nll" not in metrics
-    assert math.isfinite(metrics["iwae"]["nll"])
+    metrics, grids = evaluate(model, guide, data, samples=1024, replicates=4, iwae_k=16)
+    assert metrics["loss_estimator"] == "exact" and metrics["loss"] == metrics["exact"]["loss"]
+    assert "exact_skipped" not in metrics and "iwae" not in metrics
+    assert "surgery_skipped" not in metrics and metrics["surgery"]["avg_kl"] == pytest.approx(metrics["kl"]["z"])
+    assert set(grids) == {"z[0]", "z[1]"}
 
 
 def test_a_surgery_that_cannot_integrate_q_is_skipped_with_its_reason_and_the_rest_is_reported(vae5, monkeypatch):
