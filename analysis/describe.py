@@ -95,8 +95,9 @@ def settings(model, guide, data, result, model_phase=None) -> dict:
     if plan.get("objective"):
         objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
         out["objective"] = objective
-        if objective == "iwae":  # the objective's particle count is objective.K on the command line
-            plan["K"] = plan.pop("num_particles", None)
+        if objective == "iwae":  # the objective's particle count is objective.K on the command line, and its
+            plan["K"] = plan.pop("num_particles", None)  # train.num_particles the model option's, unused: unsaid
+            out.pop("train.num_particles", None)
         if model_phase is not None:
             plan.pop("freeze_model", None)
         keys = fit_keys()
