@@ -77,11 +77,12 @@ def settings(model, guide, data, result, model_phase=None) -> dict:
     arguments (a Pyro autoguide's settings), and fit()'s training settings under their keys (objective, optim.lr,
     train.steps, ...). A sweep summary fills a run's value of a key that another run overrides from it (a command-line
     run's from its .hydra/config.yaml), so that `optim.lr=3e-3` given where 0.003 is the default is not another
-    configuration. metrics.json's `settings`."""
+    configuration. metrics.json's `settings` (write_run adds the evaluation's, as eval.*)."""
     known = config_names()
-    base = {k: v for k, v in conf_file("config.yaml").items() if k not in ("defaults", "hydra", "seed")}
-    out = {k: v for k, v in dotted(base).items()  # conf/config.yaml's (threads, device, ...), but those that change
-           if v is not None and k not in ("overwrite", "train.progress", "eval.figures")}  # no number
+    base = {k: v for k, v in conf_file("config.yaml").items() if k not in ("defaults", "hydra", "seed", "eval")}
+    out = {k: v for k, v in dotted(base).items()  # conf/config.yaml's, but those that change no number and those
+           if v is not None and k not in ("overwrite", "train.progress", "eval.figures", "threads", "device",
+                                          "memory_gb", "train.checkpoint_every")}  # fit's result does not record
     out["data.weights"] = [float(w) for w in getattr(data, "weights", ())]
     replicas = (getattr(result, "recipe", None) or {}).get("replicas")
     out["replicas"] = replicas if isinstance(replicas, int) and replicas > 1 else 1
