@@ -16,6 +16,25 @@ def _named_groups(rows) -> set:
                                                  for r in rows if r.get(g) is not None)}
 
 
+def settled(rows) -> list:
+    """rows with each override key that some run names (less NO_RESULT_KEYS and the seed) filled in, for a run that
+    does not name it, from the settings it ran with (its `_config`: a command-line run's .hydra/config.yaml, a Python
+    run's metrics.json `settings`; a group such as objective by its option's name), so that a setting given at its
+    default value (optim.lr=3e-3 where 0.003 is the default) and left out are one configuration. A run whose settings
+    do not all hold: a key is filled in for every run that does not name it, or for none (where one such run's
+    settings do not say, e.g. an older metrics.json without them, the runs that leave it out stay one as before)."""
+    from .jobs import canonical
+
+    def value(r, k):
+        config = r.get("_config") or {}
+        return config.get(k, config.get(f"{k}.name"))  # objective=iwae: its config's objective.name
+
+    named = {k for r in rows for k in r["_overrides"]} - {"seed", *NO_RESULT_KEYS}
+    known = {k for k in named if all(value(r, k) is not None for r in rows if k not in r["_overrides"])}
+    return [{**r, "_overrides": {**r["_overrides"], **{k: canonical(value(r, k)) for k in known
+                                                        if k not in r["_overrides"]}}} for r in rows]
+
+
 def _group_keys(rows) -> list:
     """Aggregation keys: model, guide, n and every other override key that varies, except the seed."""
     skip = {"seed", "data.n", "hydra.job.chdir", *NO_RESULT_KEYS} | _named_groups(rows)
@@ -28,6 +47,7 @@ def fixed_overrides(rows) -> list:
     """The overrides every run of the sweep shares, as sorted 'key=value' strings (no column of the tables)."""
     if not rows:
         return []
+    rows = settled(rows)
     keys = set.intersection(*(set(r["_overrides"]) for r in rows)) - set(NO_RESULT_KEYS)
     return sorted(f"{k}={rows[0]['_overrides'][k]}" for k in keys
                   if len({str(r["_overrides"][k]) for r in rows}) == 1)
@@ -124,8 +144,9 @@ def tables(rows) -> tuple:
     integration error."""
     import pandas as pd
 
+    rows = settled(rows)
     named = _named_groups(rows)
-    jobs = pd.DataFrame([{**{k: v for k, v in r.items() if k != "_overrides"},
+    jobs = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("_overrides", "_config")},
                           **{f"override:{k}": v for k, v in r["_overrides"].items()
                              if k not in {"seed", "data.n"} | named}} for r in rows])
     for col in ID_COLUMNS:

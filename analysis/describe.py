@@ -71,6 +71,47 @@ def autoguide_overrides(guide, name: str) -> dict:
     return {f"guide.{k}": v for k, v in autoguide_settings(guide).items() if option.get(k, _UNKNOWN) != v}
 
 
+def settings(model, guide, data, result, model_phase=None) -> dict:
+    """{command-line key: value} of every setting a Python run's overrides could name, at the value it ran with (not
+    only those away from the command line's defaults, as `arguments`): the data's weights, the networks' recorded
+    arguments (a Pyro autoguide's settings), and fit()'s training settings under their keys (objective, optim.lr,
+    train.steps, ...). A sweep summary fills a run's value of a key that another run overrides from it (a command-line
+    run's from its .hydra/config.yaml), so that `optim.lr=3e-3` given where 0.003 is the default is not another
+    configuration. metrics.json's `settings` (write_run adds the evaluation's, as eval.*)."""
+    known = config_names()
+    base = {k: v for k, v in conf_file("config.yaml").items() if k not in ("defaults", "hydra", "seed", "eval")}
+    out = {k: v for k, v in dotted(base).items()  # conf/config.yaml's, but those that change no number and those
+           if v is not None and k not in ("overwrite", "train.progress", "eval.figures", "threads", "device",
+                                          "memory_gb", "train.checkpoint_every")}  # fit's result does not record
+    out["data.weights"] = [float(w) for w in getattr(data, "weights", ())]
+    replicas = (getattr(result, "recipe", None) or {}).get("replicas")
+    out["replicas"] = replicas if isinstance(replicas, int) and replicas > 1 else 1
+    for group, obj in (("model", model), ("guide", guide)):
+        if type(obj) in known:
+            recorded = getattr(obj, "arguments", None)
+            values = recorded if isinstance(recorded, dict) else autoguide_settings(obj)
+            out.update({f"{group}.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in values.items()
+                        if not (group == "model" and k == "n")})
+    plan = dict(getattr(result, "recipe", None) or {})
+    if plan.get("objective"):
+        objective = "exact" if model_phase is not None else OBJECTIVE_NAMES.get(plan["objective"], plan["objective"])
+        out["objective"] = objective
+        if objective == "iwae":  # the objective's particle count is objective.K on the command line, and its
+            plan["K"] = plan.pop("num_particles", None)  # train.num_particles the model option's, unused: unsaid
+            out.pop("train.num_particles", None)
+        if model_phase is not None:
+            plan.pop("freeze_model", None)
+        keys = fit_keys()
+        out.update({keys[arg]: (list(v) if isinstance(v, tuple) else v) for arg, v in plan.items()
+                    if arg in keys and arg != "objective" and v is not None})
+    if model_phase is not None:  # objective=exact's model phase: its lattice and step budget
+        first = getattr(model_phase, "recipe", None) or {}
+        out.update({f"objective.{k}": first[k] for k in ("nodes", "inner_nodes") if first.get(k) is not None})
+        if type(model) in known and first.get("steps") is not None:
+            out[f"objective.steps.{known[type(model)]}"] = first["steps"]
+    return out
+
+
 def data_overrides(data) -> dict:
     """{"data.weights": [w0, w1]} where the data's weights are not the command line's default (conf/data/onebit.yaml),
     else {}: a run on other weights is another configuration, as `python run.py data.weights=[...]` is."""
@@ -418,5 +459,6 @@ def describe(model, guide, data, result, model_phase=None) -> dict:
                                plan.get("num_particles")))
     if model_phase is not None:
         head["model_phase"], head["guide_phase"] = model_phase_facts(model_phase), GUIDE_PHASE
+    head["settings"] = settings(model, guide, data, result, model_phase)
     head["machine"] = machine()
     return head

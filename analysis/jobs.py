@@ -346,6 +346,9 @@ def _head(job: Path, sweep_dir: Path, overrides: list, config_of: Path) -> dict:
             row["error"] = f"config.yaml unreadable: {err}"
     row["overrides"] = " ".join(overrides)
     row["_overrides"] = {k: canonical(v) for k, v in (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)}
+    from .describe import dotted
+
+    row["_config"] = dotted(cfg) if isinstance(cfg, dict) else {}  # every setting it ran with (aggregate.settled)
     row.update({"model": select(cfg, "model.name"), "guide": select(cfg, "guide.name"),
                 "n": select(cfg, "data.n"), "seed": select(cfg, "seed"), "beta": select(cfg, "train.beta")})
     return row
@@ -453,8 +456,10 @@ def _read_row(job: Path, sweep_dir: Path, status: dict, ended: bool = False) -> 
     if not overrides and isinstance(arguments, dict) and arguments:  # a run written from Python: its networks' settings
         row["_overrides"] = {str(k): canonical(v) for k, v in arguments.items()}
         row["overrides"] = " ".join(f"{k}={v}" for k, v in row["_overrides"].items())
-    row.update({k: v for k, v in flatten(metrics).items()
-                if k not in ("model", "guide", "n", "seed", "status") and not k.startswith("arguments.")})
+    if not row["_config"] and isinstance(metrics.get("settings"), dict):  # a run written from Python: describe's
+        row["_config"] = {str(k): v for k, v in metrics["settings"].items()}
+    row.update({k: v for k, v in flatten(metrics).items() if k not in ("model", "guide", "n", "seed", "status")
+                and not k.startswith(("arguments.", "settings."))})
     if row["status"] == "ok" and metrics.get("status") not in (None, "ok"):  # its metrics.json says otherwise
         row["status"] = str(metrics["status"])
         row["error"] = metrics.get("reason") or (f"its metrics.json says {metrics['status']}"

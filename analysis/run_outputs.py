@@ -79,6 +79,9 @@ def write_run(out: Path, model, guide, data, result, metrics: dict, grids=None, 
         metrics = {k: v for k, v in metrics.items() if k != "arguments"}
         metrics.update({k: facts[k] for k in ("objective", "arguments", "model_phase", "guide_phase") if k in facts})
     metrics = {**{k: v for k, v in facts.items() if k not in metrics}, **metrics}
+    if isinstance(metrics.get("settings"), dict) and isinstance(metrics.get("evaluation"), dict):
+        metrics["settings"] = {**metrics["settings"], **{f"eval.{k}": v for k, v in metrics["evaluation"].items()
+                                                         if k != "seed"}}  # what it was evaluated with, as eval.*
     evaluated = evaluation_overrides(metrics.get("evaluation"), metrics.get("seed"))
     if evaluated:  # keyed as the command line's eval.* overrides
         metrics["arguments"] = {**(metrics.get("arguments") or {}), **evaluated}
@@ -161,8 +164,9 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     head = describe(model, guide, data, result)
-    if from_config:
+    if from_config:  # its overrides and settings are in .hydra/
         head.pop("arguments", None)
+        head.pop("settings", None)
     metrics = {**{k: v for k, v in head.items() if k not in metrics}, **metrics}
     title = run_title(metrics) if title is None else title
     history = result.history if model_phase is None else two_phase_history(model_phase, result)

@@ -73,9 +73,10 @@ def fit(model, guide, data, *, elbo=None, steps: int = None, lr: float = None, l
     window, and gives the same history as an uninterrupted run. A checkpoint records the settings it was trained
     with (its 'fit' entry: the result's recipe); a resume that changes one that decides the trajectory or the
     history (infer.checks.TRAJECTORY: lr, schedule, beta, warmup, average, the objective, its particles, noise,
-    free bits and closed_form, log_every, freeze_model, the seed; Adam's betas) is refused in one line (seed=None takes the
-    checkpoint's seed: its RNG states are restored, so the run is that seed's), and a changed `steps` warns once the
-    checkpoint is restored (the lr schedule changes). Every `log_every` steps the window mean of each
+    free bits and closed_form, vectorize_particles, log_every, freeze_model, the seed; Adam's betas) is refused in
+    one line (seed=None takes the checkpoint's seed: its RNG states are restored, so the run is that seed's), and a
+    changed `steps` warns once the checkpoint is restored (the lr schedule changes). Every `log_every` steps the
+    window mean of each
     loss term is appended to the history, with the KL terms unweighted. With checkpoint_path (a file in a folder
     that exists), a checkpoint (with the dict checkpoint_extra's entries) is written at the end and, with
     checkpoint_every > 0, every checkpoint_every steps: checkpoint_every=0 means "only at the end", as the command

@@ -525,3 +525,24 @@ def test_a_python_run_whose_pyro_elbo_draws_particles_one_by_one_is_not_the_comm
         arguments.append(describe(model, guide, data, fit(model, guide, data, steps=5, seed=0, elbo=elbo))["arguments"])
     assert "objective.vectorize_particles" not in arguments[0]
     assert arguments[1]["objective.vectorize_particles"] is False
+
+
+def test_a_python_run_records_the_settings_it_ran_with_under_the_command_lines_keys(tmp_path):
+    import json
+
+    from analysis.report import evaluate, write_run
+    from guides import GaussianGuide
+    from infer import IWAE, fit
+    from models import VAE, OneBit
+
+    data = OneBit(3)
+    model = VAE(data.n, hidden=16)
+    guide = GaussianGuide(model)
+    result = fit(model, guide, data, steps=5, seed=0, elbo=IWAE(num_particles=4))
+    metrics, grids = evaluate(model, guide, data, result=result)
+    write_run(tmp_path / "run", model, guide, data, result, metrics, grids, figures=False)
+    settings = json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("objective", "objective.K", "optim.lr", "train.steps", "model.hidden",
+                                     "guide.hidden", "data.weights", "eval.samples", "replicas")} == {
+        "objective": "iwae", "objective.K": 4, "optim.lr": 0.003, "train.steps": 5, "model.hidden": 16,
+        "guide.hidden": 32, "data.weights": [0.5, 0.5], "eval.samples": 16384, "replicas": 1}

@@ -1134,3 +1134,16 @@ def test_the_rate_distortion_plane_leaves_out_runs_on_unequal_weights_and_says_s
     summarize(tmp_path)
     (points, title), = drawn
     assert len(points) == 2 and "1 run(s) on unequal data weights left out" in title
+
+
+def test_a_setting_given_at_its_default_value_is_the_configuration_that_leaves_it_out(tmp_path):
+    for seed, overrides in ((0, ["data.n=5", "seed=0", "optim.lr=3e-3"]), (1, ["data.n=5", "seed=1"])):
+        path = job(tmp_path, overrides, m=metrics(seed, 1.0 + seed / 10))
+        config = path / ".hydra" / "config.yaml"  # as run.py writes it: every setting the run used
+        config.write_text(config.read_text() + "optim:\n  lr: 0.003\n")
+    path = tmp_path / "python"  # written by write_run: its settings in metrics.json, no .hydra/
+    _python_run(path, 2, 1.2, {"train.steps": 6000})
+    m = json.loads((path / "metrics.json").read_text())
+    (path / "metrics.json").write_text(json.dumps({**m, "arguments": {}, "settings": {"optim.lr": 0.003}}))
+    rows = config_table(summary(tmp_path)[1])
+    assert [r["seeds"] for r in rows] == ["3"]
