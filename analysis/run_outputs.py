@@ -141,6 +141,14 @@ def judged(result, data, metrics: dict) -> dict:
             "loss_judged_diverged": metrics.get("loss")}
 
 
+def training_estimator(result) -> str:
+    """The tag of the draws a run trained with ('RQMC lattice', 'RQMC', 'MC': analysis.montecarlo.KINDS, by its
+    recipe's noise), or None where its recipe names none (a Pyro ELBO of the user's: its own draws)."""
+    from .montecarlo import KINDS
+
+    return KINDS.get((getattr(result, "recipe", None) or {}).get("noise"))
+
+
 def run_title(metrics: dict) -> str:
     """The figures' title of a run, from its metrics.json head: 'vae + gaussian, n=5, seed=0' (the parts it records;
     None where it records none), the same for a command-line run and one written from Python."""
@@ -182,6 +190,6 @@ def write_outputs(out: Path, model, guide, data, result, metrics: dict, grids=No
     if figures:
         encoding_figure(idata, out / "encodings.png", title=title)
         minimised = any(k in metrics for k in TRAINED_ON)  # the run minimised something other than the -ELBO
-        training_figure(history, out / "training.png", floor=data.entropy,
-                        optimum=metrics.get("gaussian_optimum"), title=title, objective=minimised)
+        training_figure(history, out / "training.png", floor=data.entropy, optimum=metrics.get("gaussian_optimum"),
+                        title=title, objective=minimised, estimator=training_estimator(result))
     return metrics

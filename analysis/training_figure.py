@@ -28,11 +28,13 @@ def _yscale(ax, values, linthresh=1e-2):
 
 
 def training_figure(history, path=None, floor: float = None, optimum: float = None, title: str = None,
-                    objective: bool = False):
+                    objective: bool = False, estimator: str = None):
     """Loss, recon and the rate (the KL; for several latent sites also each site's term) against step, under `title`
     (e.g. the run's model, guide, n and seed); with `objective` (the run minimised something other than the -ELBO:
     beta, a warm-up, free bits, the IWAE bound; analysis.run_outputs.trained_on), the objective too, dashed.
-    history: FitResult.history (list of dicts) or a DataFrame.
+    history: FitResult.history (list of dicts) or a DataFrame. Its rows are means over each logging window of the
+    per-step training estimates, not evaluations: the loss panel says so, with `estimator` (the training draws' tag,
+    e.g. 'RQMC lattice': analysis.montecarlo.KINDS) where it is given.
 
     floor (e.g. the data entropy ln 2) and optimum (e.g. the Gaussian-family optimum) are drawn on the loss panel.
     A panel's y axis is logarithmic when its curves span more than a decade (symlog when a term is <= 0, as the
@@ -54,7 +56,8 @@ def training_figure(history, path=None, floor: float = None, optimum: float = No
         if optimum is not None:
             ax_l.axhline(optimum, color=HOLE_COLOR, ls="--", lw=1.2, label=f"Gaussian optimum {optimum:.4f}")
         _yscale(ax_l, np.concatenate(curves + [[v] for v in (floor, optimum) if v is not None]))
-        loss_title = "loss (nats per data point)"
+        loss_title = "loss (nats per data point)\nwindow means of the training estimate" + (
+            f" [{estimator}]" if estimator else "")
         later = df["loss"].values[max(1, len(df) // 20):]
         refs = [v for v in (floor, optimum) if v is not None]
         if later.size and np.all(np.isfinite(later)) and ax_l.get_yscale() == "linear":

@@ -188,6 +188,25 @@ def test_the_training_figure_is_headed_by_its_title_and_shows_an_objective_that_
     assert "objective (minimised)" not in [t.get_text() for t in plain.axes[0].get_legend().get_texts()]
 
 
+def test_the_training_figure_says_its_loss_is_window_means_of_the_training_estimate_with_its_tag():
+    from analysis.training_figure import training_figure
+
+    history = [{"step": s, "lr": 1e-3, "loss": 2.0 / s + 0.7, "recon": 1.0 / s, "rate_z": 0.5} for s in range(1, 21)]
+    tagged = training_figure(history, estimator="RQMC lattice").axes[0].get_title()
+    assert tagged.endswith("window means of the training estimate [RQMC lattice]")
+    assert training_figure(history).axes[0].get_title().endswith("window means of the training estimate")
+
+
+def test_a_runs_training_estimator_is_the_tag_of_the_draws_it_trained_with():
+    from types import SimpleNamespace
+
+    from analysis.run_outputs import training_estimator
+
+    assert training_estimator(SimpleNamespace(recipe={"noise": "lattice"})) == "RQMC lattice"
+    assert training_estimator(SimpleNamespace(recipe={"noise": "mc"})) == "MC"
+    assert training_estimator(SimpleNamespace(recipe={})) is None  # a Pyro ELBO of the user's: not said
+
+
 # --- sweep summaries ---------------------------------------------------------------------------------------------
 
 def fake_job(sweep, n, seed, loss=None, model="vae"):
