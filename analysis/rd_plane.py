@@ -1,6 +1,7 @@
 """The rate-distortion plane: runs as points (R, D) against the exact Gaussian-encoder frontier of the 1-layer VAE
 (analysis.frontier) and the line R + D = ln 2, one panel per n."""
 import math
+import textwrap
 
 import numpy as np
 
@@ -92,8 +93,9 @@ def rd_plane(points, path=None, ns=None, title: str = None):
             ax.set_xlabel("rate R = KL(q(z|x) || p(z))  [nats per data point]")
             ax.set_ylabel("distortion D = -E_q log p(x|z)  [nats per data point]")
             ax.set_title(f"n = {n:g}", fontsize=10)
-        fig.suptitle(title or "Rate-distortion plane: runs (exact R, D) against the exact Gaussian-encoder frontier",
-                     fontsize=11)
+        text = title or "Rate-distortion plane: runs (exact R, D) against the exact Gaussian-encoder frontier"
+        width = int(9.5 * fig.get_figwidth())  # characters of an 11-point title across the figure
+        fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=11)
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig

@@ -185,6 +185,15 @@ def test_the_plane_figure_is_written_for_one_to_many_runs(count, tmp_path):
     assert len(fig.axes) == len({p["n"] for p in runs})
 
 
+@pytest.mark.parametrize("left", ["", "\n(1 run(s) on unequal data weights left out: frontier and ln 2 are for equal "
+                                  "weights)"])
+def test_the_plane_figures_title_fits_in_a_one_panel_figure(left, tmp_path):
+    title = "Rate-distortion plane: runs (exact R, D) against the exact Gaussian-encoder frontier" + left
+    fig = rd_plane(_runs(1), tmp_path / "rd.png", title=title if left else None)
+    box = fig._suptitle.get_window_extent()  # as the saved file drew it
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width  # was cut off at the right edge
+
+
 def test_the_plane_figure_refuses_a_point_without_its_keys(tmp_path):
     with pytest.raises(ValueError, match="beta"):
         rd_plane([{"rate": 0.1, "distortion": 0.5, "model": "vae", "guide": "gaussian", "n": 5}], tmp_path / "x.png")
