@@ -155,6 +155,8 @@ def summary_lines(m: dict) -> list:
                      "[exact, the model alone: the guide's loss has no quadrature]")
     if "iwae" in m:
         lines += _iwae_lines(m["iwae"], m.get("exact_nll"))
+    elif "exact_skipped" in m:  # no stand-in bounds that say why (their note does)
+        lines.append(f"  exact      skipped: {m['exact_skipped']}")
     if "gap_to_gaussian_optimum" in m:
         lines.append(_gap_line(m, e))
     lines += _khat_lines(m)

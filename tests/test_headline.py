@@ -53,6 +53,13 @@ def test_the_headline_is_the_exact_loss_where_quadrature_runs(vae5_metrics):
     assert m["estimator"] == m["exact"]["estimator"]
 
 
+def test_an_evaluation_asked_for_no_quadrature_says_so_in_its_metrics_and_its_summary(vae5):
+    m, _ = evaluate(*vae5, samples=1024, replicates=4, exact=False)
+    assert "exact" not in m and m["loss_estimator"] != "exact"
+    assert m["exact_skipped"] == "not asked for (evaluate(..., exact=False))"
+    assert "  exact      skipped: not asked for (evaluate(..., exact=False))" in summary_lines(m)
+
+
 def test_the_monte_carlo_numbers_stay_in_their_own_block(vae5_metrics):
     mc = vae5_metrics["montecarlo"]
     assert mc["kind"] == "RQMC lattice" and {"loss", "recon", "kl", "tail_khat", "estimator"} <= set(mc)
