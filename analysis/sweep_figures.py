@@ -188,6 +188,16 @@ def _rd_value(row, key):
     return None
 
 
+def _last_kl_weight(row) -> float:
+    """The KL weight of a run's last step, its point's beta on the plane: kl_weight_final where its warm-up was
+    still rising when it ended (metrics.json, analysis.describe.trained_on), else its beta, else 1."""
+    for key in ("kl_weight_final", "beta"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+    return 1.0
+
+
 def rate_distortion_figure(jobs, out: Path):
     """rate_distortion.png (analysis.rd_plane) when the ok runs span more than one beta or more than one
     model/guide family; None otherwise."""
@@ -211,7 +221,7 @@ def rate_distortion_figure(jobs, out: Path):
         if rate is None or dist is None:
             continue
         points.append({"rate": rate, "distortion": dist, "model": r["model"], "guide": r["guide"],
-                       "beta": float(r["beta"]) if r.get("beta") is not None else 1.0, "n": int(r["n"])})
+                       "beta": _last_kl_weight(r), "n": int(r["n"])})
     if not points:
         return None
     left = "" if unequal is None or not unequal.any() else (

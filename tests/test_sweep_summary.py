@@ -1136,6 +1136,21 @@ def test_the_rate_distortion_plane_leaves_out_runs_on_unequal_weights_and_says_s
     assert len(points) == 2 and "1 run(s) on unequal data weights left out" in title
 
 
+def test_the_rate_distortion_plane_labels_a_run_by_the_kl_weight_of_its_last_step(tmp_path, monkeypatch):
+    import analysis.rd_plane
+
+    drawn = []
+    monkeypatch.setattr(analysis.rd_plane, "rd_plane", lambda points, path, ns=None, title=None: drawn.append(points))
+    rising = {**metrics(0, 1.0), "distortion": 0.5, "beta": 1.0, "kl_weight_final": 0.25, "warmup": 400}
+    job(tmp_path, ["data.n=5", "train.warmup=400"], num=0, m=rising)  # its warm-up still rising at its last step
+    job(tmp_path, ["data.n=5", "train.beta=0.5"], num=1, m={**metrics(1, 1.1), "distortion": 0.6, "beta": 0.5})
+    from analysis.sweep import summarize
+
+    summarize(tmp_path)
+    points, = drawn
+    assert sorted(p["beta"] for p in points) == [0.25, 0.5]  # not train.beta = 1: it never trained at 1
+
+
 def test_a_setting_given_at_its_default_value_is_the_configuration_that_leaves_it_out(tmp_path):
     for seed, overrides in ((0, ["data.n=5", "seed=0", "optim.lr=3e-3"]), (1, ["data.n=5", "seed=1"])):
         path = job(tmp_path, overrides, m=metrics(seed, 1.0 + seed / 10))
