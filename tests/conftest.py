@@ -28,6 +28,12 @@ def run_cli(*overrides, cwd, timeout=300):
     return zygote.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=cwd, env=env, timeout=timeout)
 
 
+def but(overrides, *keys) -> list:
+    """overrides without those of the given keys: for a sweep that sweeps one of them (a key given as one value and
+    swept is refused)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+
+
 def overwrite_in_member(path, member: str = "data/0", count: int = 640, byte: bytes = b"A") -> str:
     """Overwrite `count` bytes (at most the member's size) in the middle of the zip member of the torch file at path
     whose name ends with /`member` (torch names them <archive>/data/0, ...), leaving its zip directory and CRC-32

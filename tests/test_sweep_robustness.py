@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, but, run_cli
 
 FAST = ["data.n=3", "train.steps=50", "train.num_particles=8", "eval.samples=10000", "eval.replicates=4",
         "eval.figures=false"]
@@ -77,7 +77,7 @@ def test_a_bad_value_every_job_shares_refuses_the_sweep_before_any_job_starts(tm
 
 @pytest.mark.slow  # an end-to-end CLI run: the default suite stays under 10 minutes
 def test_a_bad_value_in_some_jobs_refuses_those_jobs_and_the_others_run(tmp_path):
-    proc = run_cli("-m", *FAST, "train.steps=-1,50", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    proc = run_cli("-m", *but(FAST, "train.steps"), "train.steps=-1,50", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     found = {s["status"] for s in statuses(tmp_path / "sweep").values()}
     assert found == {"ok", "refused"}
