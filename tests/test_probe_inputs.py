@@ -1058,3 +1058,10 @@ def test_a_kl_warmup_start_without_a_warmup_is_refused_rather_than_ignored(tmp_p
     with pytest.raises(ValueError, match=r"^warmup_start=0\.5 is not allowed with warmup=0: ") as err:
         fit(model, GaussianGuide(model, hidden=4), OneBit(3), steps=2, warmup_start=0.5)
     assert "\n" not in str(err.value)
+
+
+def test_a_resume_path_that_is_a_device_is_refused_as_no_file():
+    from infer.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match=r"^train\.resume=/dev/null is not a file, but a device"):  # 'does not exist'
+        load_checkpoint("/dev/null", label="train.resume")
