@@ -82,8 +82,8 @@ def test_resuming_restores_a_guides_buffers_such_as_an_iaf_permutation(tmp_path)
         pyro.set_rng_seed(seed)
         model = VAE(5, hidden=8)
         guide = AutoIAFNormal(model, hidden_dim=[16], num_transforms=2)  # random permutations, drawn at first run
-        result = fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=8), steps=20, seed=seed,
-                     resume=resume)
+        result = fit(model, guide, OneBit(5), elbo=ClosedFormELBO(num_particles=8), steps=20,
+                     seed=seed if resume is None else None, resume=resume)  # a resume continues its seed's run
         return guide, result
 
     guide, result = run(seed=0)
