@@ -18,6 +18,9 @@ REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run need
 DERIVED_GROUPS = {"recipe": "objective and model (conf/recipe/<objective>_<model>.yaml, where one exists)"}
 # keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
 RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+# hydra.* keys that Hydra or its launcher sets as a job starts: an override was dropped without a word
+# (hydra.runtime.output_dir=/tmp/x ran into outputs/..., exit 0)
+HYDRA_SET_AT_START = ("hydra.runtime", "hydra.job.num", "hydra.job.id", "hydra.job.override_dirname")
 # hydra.* keys whose conf/ values the run's files rely on: an override (set, added or deleted) is refused, naming why
 HYDRA_FIXED = {
     "hydra.job.name": "it names the run's log, <run dir>/run.log (its stem is hydra.job.name): another name loses "
@@ -313,6 +316,13 @@ def check_keys(overrides, multirun: bool) -> None:
             if o.key_or_group in HYDRA_FIXED:
                 raise ConfigError(f"{o.input_line} is not allowed: {o.key_or_group} cannot be overridden: "
                                   f"{HYDRA_FIXED[o.key_or_group]}; leave it out")
+            if any(o.key_or_group == k or o.key_or_group.startswith(k + ".") for k in HYDRA_SET_AT_START):
+                choice = o.key_or_group.removeprefix("hydra.runtime.choices.")
+                hint = (f"choose an option with {choice}=<option>" if choice != o.key_or_group else
+                        "name a run's dir with hydra.run.dir (a sweep's with hydra.sweep.dir, its jobs' with "
+                        "hydra.sweep.subdir)")
+                raise ConfigError(f"{o.input_line} is not allowed: {o.key_or_group} is set by Hydra as each job "
+                                  f"starts, and an override of it is dropped: {hint}")
             continue
         last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
         if group.split("@")[0] in DERIVED_GROUPS:

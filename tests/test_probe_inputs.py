@@ -1065,3 +1065,14 @@ def test_a_resume_path_that_is_a_device_is_refused_as_no_file():
 
     with pytest.raises(ValueError, match=r"^train\.resume=/dev/null is not a file, but a device"):  # 'does not exist'
         load_checkpoint("/dev/null", label="train.resume")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("hydra.runtime.output_dir=elsewhere", "name a run's dir with hydra.run.dir"),  # ran into outputs/..., exit 0
+    ("hydra.runtime.choices.guide=flow", "choose an option with guide=<option>"),  # Hydra's 'Could not override'
+    ("hydra.job.num=5", "name a run's dir with hydra.run.dir"),
+])
+def test_a_hydra_key_set_as_each_job_starts_is_refused_rather_than_dropped(tmp_path, override, hint):
+    proc = run_cli(*TINY, override, cwd=tmp_path)
+    one_line_error(proc, f"{override} is not allowed", "is set by Hydra as each job starts", hint)
+    assert not list(tmp_path.iterdir())
