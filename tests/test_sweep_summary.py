@@ -1083,3 +1083,10 @@ def test_the_summary_groups_two_spellings_exactly_where_the_sweep_check_calls_th
 
     assert (parsed(one) == parsed(other)) == same
     assert (canonical(one) == canonical(other)) == same
+
+
+def test_the_summary_command_refuses_an_onebit_threads_that_is_not_a_thread_count_in_one_line(tmp_path, capsys,
+                                                                                               monkeypatch):
+    monkeypatch.setenv("ONEBIT_THREADS", "abc")  # a traceback once a job's metrics were read (the models read it)
+    code, out, err = summary_command(capsys, str(tmp_path))
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ONEBIT_THREADS='abc' is not "), err
