@@ -230,6 +230,13 @@ def main(argv=None) -> None:
     """The command line: summarise one sweep directory (sweep_dir_argument) and print its summary.md; a bad
     argument, a path that is no sweep directory or a summary that cannot be written is one line, exit 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from infer.validate import env_threads
+
+    try:
+        env_threads()  # the models read it once a job's metrics are read: a traceback there
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     try:
         sweep_dir = sweep_dir_argument(argv)
         result = summarize(sweep_dir)

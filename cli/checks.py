@@ -207,8 +207,10 @@ def preflight(overrides, multirun: bool) -> list:
 
             joblib_launch.install(failed_value(sweeper))
         if "optuna" in sweeper.lower():
+            from cli.keys import check_swept_once
             from cli.optuna_sweep import prepare
 
+            check_swept_once(parse_overrides(overrides))
             prepare()
         from analysis.rundir import run_path
 

@@ -18,6 +18,9 @@ REQUIRED_GROUPS = ("data", "model", "guide", "objective", "optim")  # a run need
 DERIVED_GROUPS = {"recipe": "objective and model (conf/recipe/<objective>_<model>.yaml, where one exists)"}
 # keys the config groups set themselves: what a group's option instantiates, and its name (the run dir's, metrics')
 RESERVED = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+# hydra.* keys that Hydra or its launcher sets as a job starts: an override was dropped without a word
+# (hydra.runtime.output_dir=/tmp/x ran into outputs/..., exit 0)
+HYDRA_SET_AT_START = ("hydra.runtime", "hydra.job.num", "hydra.job.id", "hydra.job.override_dirname")
 # hydra.* keys whose conf/ values the run's files rely on: an override (set, added or deleted) is refused, naming why
 HYDRA_FIXED = {
     "hydra.job.name": "it names the run's log, <run dir>/run.log (its stem is hydra.job.name): another name loses "
@@ -282,9 +285,10 @@ def check_flat_sweep(o) -> None:
 
 
 def check_swept_once(parsed) -> None:
-    """Refuse, in one line, a sweep that gives one key twice, once as one value and once swept (seed=0 seed=1,2):
-    which one holds is the sweeper's choice (optuna kept train.steps=20 over a later train.steps=interval(10,20),
-    whatever the order, and so searched nothing while its sweep said it had). Two sweeps of a key: the last holds."""
+    """Refuse, in one line, an optuna sweep that gives one key twice, once as one value and once swept: optuna kept
+    train.steps=20 over a later train.steps=interval(10,20), whatever the order, and so searched nothing while its
+    sweep said it had (exit 0). Hydra's basic sweeper keeps the last, as a single run does (a fixed value, then a
+    sweep of it: -m data.n=3 data.n=1,3), and so does optuna for two sweeps of a key."""
     seen = {}
     for o in parsed:
         key = o.key_or_group
@@ -292,9 +296,9 @@ def check_swept_once(parsed) -> None:
             continue
         if key in seen and o.is_sweep_override() != seen[key].is_sweep_override():
             swept = o.input_line if o.is_sweep_override() else seen[key].input_line
-            raise ConfigError(f"{key} is given twice in this sweep, as one value and swept ({seen[key].input_line}, "
-                              f"{o.input_line}), and which one a sweeper keeps is its own choice: give {key} once "
-                              f"(e.g. -m {swept})")
+            raise ConfigError(f"{key} is given twice in this optuna sweep, as one value and swept "
+                              f"({seen[key].input_line}, {o.input_line}), and optuna keeps the value whatever the "
+                              f"order, searching nothing: give {key} once (e.g. -m {swept})")
         seen[key] = o
 
 
@@ -302,8 +306,6 @@ def check_keys(overrides, multirun: bool) -> None:
     """Refuse, in one line, every override that names no key of the composed config (with or without '+'), a '+'
     on a key that exists, a deletion, and a sweep outside -m. Group choices that sweep are composed each."""
     parsed = parse_overrides(overrides)
-    if multirun:
-        check_swept_once(parsed)
     groups, plain = {}, []
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
@@ -313,6 +315,13 @@ def check_keys(overrides, multirun: bool) -> None:
             if o.key_or_group in HYDRA_FIXED:
                 raise ConfigError(f"{o.input_line} is not allowed: {o.key_or_group} cannot be overridden: "
                                   f"{HYDRA_FIXED[o.key_or_group]}; leave it out")
+            if any(o.key_or_group == k or o.key_or_group.startswith(k + ".") for k in HYDRA_SET_AT_START):
+                choice = o.key_or_group.removeprefix("hydra.runtime.choices.")
+                hint = (f"choose an option with {choice}=<option>" if choice != o.key_or_group else
+                        "name a run's dir with hydra.run.dir (a sweep's with hydra.sweep.dir, its jobs' with "
+                        "hydra.sweep.subdir)")
+                raise ConfigError(f"{o.input_line} is not allowed: {o.key_or_group} is set by Hydra as each job "
+                                  f"starts, and an override of it is dropped: {hint}")
             continue
         last, group = o.key_or_group.split(".")[-1], o.key_or_group.split(".")[0]
         if group.split("@")[0] in DERIVED_GROUPS:

@@ -119,7 +119,7 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}{range_note(value, allowed)}")
-    from infer.validate import check_decay, check_samples
+    from infer.validate import check_decay, check_samples, check_warmup
 
     try:
         check_samples(cfg.eval.samples, cfg.eval.replicates)
@@ -127,6 +127,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.{err}".replace("with replicates=", "with eval.replicates=")) from None
     try:
         check_decay(cfg.optim.lr, cfg.optim.lr_final, cfg.optim.schedule, prefix="optim.")
+        check_warmup(cfg.train.warmup, cfg.train.warmup_start, prefix="train.")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     replicas = cfg.get("replicas", 1)

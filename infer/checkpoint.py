@@ -135,8 +135,9 @@ def load_checkpoint(path, label: str = None) -> dict:
     if os.path.isdir(path):
         raise CheckpointError(f"{where} is a directory, not a checkpoint file: name the file, e.g. "
                               f"{os.path.join(path, 'checkpoint.pt')}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{where} does not exist")
+    if not os.path.isfile(path):  # a device or a fifo (/dev/null) exists, and is no checkpoint file either
+        raise CheckpointError(f"{where} is not a file, but a device, fifo or socket: name a checkpoint file"
+                              if os.path.exists(path) else f"{where} does not exist")
     damage = zip_damage(path)
     if damage:
         raise CheckpointError(f"{where} is damaged: {damage}; it cannot be resumed: resume another checkpoint, or "

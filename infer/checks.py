@@ -15,7 +15,7 @@ import torch
 
 from guides.check import check_guide
 from .checkpoint_check import CheckpointError, history_gap, logged_every
-from .validate import check, check_decay, is_int, refuse, shown
+from .validate import check, check_decay, check_warmup, is_int, refuse, shown
 
 
 def checked_device(device):
@@ -175,6 +175,7 @@ def check_arguments(model, guide, data, elbo, steps, resume, values, callback=No
     for name, value in values.items():
         check(name, value)
     check_decay(values["lr"], values["lr_final"], values["schedule"])
+    check_warmup(values["warmup"], values["warmup_start"])
     _check_elbo(elbo)
     check_callable("model", model, "a Pyro model, a callable model(x) (e.g. models.VAE(n))")
     if callback is not None:

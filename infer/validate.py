@@ -267,6 +267,17 @@ def check_decay(lr, lr_final, schedule, prefix: str = "") -> None:
                          f"must be <= {prefix}lr (or {prefix}schedule=constant)")
 
 
+def check_warmup(warmup, warmup_start, prefix: str = "") -> None:
+    """Raise ValueError (one line, naming both) where warmup_start would be ignored: a start other than 0 without a
+    warm-up (warmup=0), whose KL weight is beta from the first step (the run said warmup_start=0.5 and did none).
+    prefix: the keys' config group, 'train.' on the command line."""
+    if warmup == 0 and warmup_start != 0:
+        raise ValueError(f"{prefix}warmup_start={warmup_start!r} is not allowed with {prefix}warmup=0: the KL weight "
+                         f"rises from {prefix}warmup_start x beta to beta over {prefix}warmup steps, and without a "
+                         f"warm-up it is beta from the first step, so {prefix}warmup_start would be ignored: set "
+                         f"{prefix}warmup to a number of steps, or leave {prefix}warmup_start at 0")
+
+
 def check_model_argument(model, role: str = "model", needs=("n",)) -> None:
     """Raise ValueError (one line) unless `model` is a built model with the attributes `needs` (e.g. n, latent_dim,
     latent_sites): what a guide constructor reads from the model it serves. role: the argument's name."""
@@ -299,7 +310,7 @@ def check_all(**values) -> None:
         check(name, value)
 
 
-__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples",
+__all__ = ["RULES", "CONFIG_KEYS", "CONFIG_RULES", "check", "check_all", "check_samples", "check_warmup",
            "check_model_argument", "refuse", "shown", "MAX_TOL",
            "MAX_SEED", "MAX_THREADS", "MAX_STEPS", "MAX_LAYERS", "MAX_DRAWS",
            "KHAT_MIN_SAMPLES", "ORDERS",

@@ -1043,3 +1043,36 @@ def test_an_unquoted_value_outside_ascii_is_named_with_how_to_quote_it(tmp_path)
     assert not list(tmp_path.iterdir())
     proc = run_cli(*TINY, f"hydra.run.dir='{tmp_path}/ünï'", cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "ünï" / "metrics.json").is_file(), proc.stderr
+
+
+def test_a_kl_warmup_start_without_a_warmup_is_refused_rather_than_ignored(tmp_path):
+    # the run trained at beta from the first step while its config said warmup_start=0.5
+    assert refusal("train.warmup_start=0.5").startswith("train.warmup_start=0.5 is not allowed with train.warmup=0: "
+                                                        "the KL weight rises")
+    assert refusal("train.warmup_start=0.5", "train.warmup=0").endswith("leave train.warmup_start at 0")
+    from infer import fit
+    from models import VAE, OneBit
+    from guides import GaussianGuide
+
+    model = VAE(3, hidden=4)
+    with pytest.raises(ValueError, match=r"^warmup_start=0\.5 is not allowed with warmup=0: ") as err:
+        fit(model, GaussianGuide(model, hidden=4), OneBit(3), steps=2, warmup_start=0.5)
+    assert "\n" not in str(err.value)
+
+
+def test_a_resume_path_that_is_a_device_is_refused_as_no_file():
+    from infer.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match=r"^train\.resume=/dev/null is not a file, but a device"):  # 'does not exist'
+        load_checkpoint("/dev/null", label="train.resume")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("hydra.runtime.output_dir=elsewhere", "name a run's dir with hydra.run.dir"),  # ran into outputs/..., exit 0
+    ("hydra.runtime.choices.guide=flow", "choose an option with guide=<option>"),  # Hydra's 'Could not override'
+    ("hydra.job.num=5", "name a run's dir with hydra.run.dir"),
+])
+def test_a_hydra_key_set_as_each_job_starts_is_refused_rather_than_dropped(tmp_path, override, hint):
+    proc = run_cli(*TINY, override, cwd=tmp_path)
+    one_line_error(proc, f"{override} is not allowed", "is set by Hydra as each job starts", hint)
+    assert not list(tmp_path.iterdir())

@@ -1162,3 +1162,10 @@ def test_a_setting_given_at_its_default_value_is_the_configuration_that_leaves_i
     (path / "metrics.json").write_text(json.dumps({**m, "arguments": {}, "settings": {"optim.lr": 0.003}}))
     rows = config_table(summary(tmp_path)[1])
     assert [r["seeds"] for r in rows] == ["3"]
+
+
+def test_the_summary_command_refuses_an_onebit_threads_that_is_not_a_thread_count_in_one_line(tmp_path, capsys,
+                                                                                               monkeypatch):
+    monkeypatch.setenv("ONEBIT_THREADS", "abc")  # a traceback once a job's metrics were read (the models read it)
+    code, out, err = summary_command(capsys, str(tmp_path))
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ONEBIT_THREADS='abc' is not "), err
