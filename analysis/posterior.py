@@ -2,8 +2,8 @@
 
 The true posterior is p(x_k, site) / p(x_k), with log p(x_k) from analysis.exact.exact() unless given; the grids'
 trapezoid masses are returned as checks. For one site of two scalars each coordinate gets its marginals (the other
-coordinate integrated, the likelihood with it). For the top latent of the DLGM, p(x_k, t) integrates the bottom latent on
-one shared Gauss-Legendre grid fine enough for the narrowest p(u|t).
+coordinate integrated, the likelihood with it). For the top latent of the DLGM, p(x_k, t) integrates the bottom
+latent on one shared Gauss-Legendre grid fine enough for the narrowest p(u|t).
 """
 import math
 
