@@ -89,7 +89,8 @@ def sweep_figures(agg, jobs, out: Path, reference: bool = True) -> list:
                 if col in seeds:
                     ax.scatter(seeds["n"].astype(float), seeds[col], color=color, s=10, alpha=0.35, lw=0)
             if base == "loss":
-                for (floor, w), ls in zip(sorted(floors.items(), key=lambda f: -(f[0] or LN2)), (":", "-.", "--")):
+                for (floor, w), ls in zip(sorted(floors.items(), key=lambda f: -(f[0] or LN2)),
+                                         itertools.cycle((":", "-.", "--"))):
                     label = ("entropy ln 2 (floor of every loss)" if not weighted else "entropy ln 2 (floor of the "
                              "equal weights' losses)" if floor is None else f"entropy H(w) = {floor:.4f} (floor of "
                              f"the losses with w = {w})")
@@ -189,13 +190,12 @@ def _rd_value(row, key):
 
 
 def _last_kl_weight(row) -> float:
-    """The KL weight of a run's last step, its point's beta on the plane: kl_weight_final where its warm-up was
-    still rising when it ended (metrics.json, analysis.describe.trained_on), else its beta, else 1."""
-    for key in ("kl_weight_final", "beta"):
-        value = row.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            return float(value)
-    return 1.0
+    """The KL weight of a run's last step, its point's beta on the plane (analysis.describe.final_kl_weight of the
+    row's kl_weight_final and beta, where they are not missing)."""
+    from .describe import final_kl_weight
+
+    return final_kl_weight({k: row.get(k) for k in ("kl_weight_final", "beta")
+                            if row.get(k) is not None and not (isinstance(row.get(k), float) and math.isnan(row[k]))})
 
 
 def rate_distortion_figure(jobs, out: Path):
@@ -211,10 +211,6 @@ def rate_distortion_figure(jobs, out: Path):
         ok = ok[~unequal]
     if ok.empty:
         return None
-    betas = {float(b) for b in ok["beta"].dropna()} if "beta" in ok else set()
-    families = {(m, g) for m, g in zip(ok["model"], ok["guide"])}
-    if len(betas) < 2 and len(families) < 2:
-        return None
     points = []
     for _, r in ok.iterrows():
         rate, dist = _rd_value(r, "rate"), _rd_value(r, "distortion")
@@ -222,8 +218,8 @@ def rate_distortion_figure(jobs, out: Path):
             continue
         points.append({"rate": rate, "distortion": dist, "model": r["model"], "guide": r["guide"],
                        "beta": _last_kl_weight(r), "n": int(r["n"])})
-    if not points:
-        return None
+    if len({p["beta"] for p in points}) < 2 and len({(p["model"], p["guide"]) for p in points}) < 2:
+        return None  # one KL weight (at the last step: a warm-up's counts) and one family: nothing to compare
     left = "" if unequal is None or not unequal.any() else (
         f"\n({int(unequal.sum())} run(s) on unequal data weights left out: frontier and ln 2 are for equal weights)")
     rd_plane(points, out / "rate_distortion.png", ns=sorted({p["n"] for p in points}),

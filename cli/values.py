@@ -205,7 +205,7 @@ def check_device(device: str) -> None:
     if count == 0:
         raise ConfigError(f"device={device!r} is not available: this machine has no CUDA device (torch "
                           f"{torch.__version__}); device must be cpu here")
-    if index and (not index.isdigit() or int(index) >= count):
+    if index and int(index) >= count:  # the device rule lets digits alone follow 'cuda:'
         raise ConfigError(f"device={device!r} is not available: this machine has {count} CUDA device(s); device "
                           f"must be cpu or cuda:0 .. cuda:{count - 1}")
 

@@ -1118,6 +1118,24 @@ def test_the_loss_figure_of_runs_on_unequal_weights_draws_their_floor_h_w_not_ln
     assert not [t for t in labels if "ln 2" in t or "optimum" in t or "original study" in t]  # all equal weights'
 
 
+def test_the_loss_figure_draws_the_floor_of_every_weighting_however_many(tmp_path, monkeypatch):
+    import math as m_
+
+    from matplotlib.figure import Figure
+
+    from analysis.sweep import summarize
+
+    for num, w in enumerate((0.1, 0.2, 0.3, 0.4)):  # four weightings: more than the figure's three line styles
+        h = -(w * m_.log(w) + (1 - w) * m_.log(1 - w))
+        job(tmp_path, ["data.n=5", f"data.weights=[{w},{1 - w:.1f}]"], num=num,
+            m={**metrics(0, h + 0.05), "weights": [w, 1 - w], "entropy_floor": h})
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.update(
+        {Path(path).name: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]}))
+    summarize(tmp_path)
+    assert len([t for t in drawn["loss_vs_n.png"] if t.startswith("entropy H(w)")]) == 4
+
+
 def test_the_rate_distortion_plane_leaves_out_runs_on_unequal_weights_and_says_so(tmp_path, monkeypatch):
     import analysis.rd_plane
 
@@ -1149,6 +1167,21 @@ def test_the_rate_distortion_plane_labels_a_run_by_the_kl_weight_of_its_last_ste
     summarize(tmp_path)
     points, = drawn
     assert sorted(p["beta"] for p in points) == [0.25, 0.5]  # not train.beta = 1: it never trained at 1
+
+
+def test_the_rate_distortion_plane_is_drawn_for_a_sweep_of_warm_ups_alone(tmp_path, monkeypatch):
+    import analysis.rd_plane
+
+    drawn = []
+    monkeypatch.setattr(analysis.rd_plane, "rd_plane", lambda points, path, ns=None, title=None: drawn.append(points))
+    rising = {**metrics(0, 1.0), "distortion": 0.5, "beta": 1.0, "kl_weight_final": 0.25, "warmup": 400}
+    job(tmp_path, ["data.n=5", "train.warmup=400"], num=0, m=rising)
+    job(tmp_path, ["data.n=5", "train.warmup=0"], num=1, m={**metrics(1, 1.1), "distortion": 0.6, "beta": 1.0})
+    from analysis.sweep import summarize
+
+    summarize(tmp_path)
+    points, = drawn  # one family, train.beta = 1 in both, but two KL weights at their last steps
+    assert sorted(p["beta"] for p in points) == [0.25, 1.0]
 
 
 def test_a_setting_given_at_its_default_value_is_the_configuration_that_leaves_it_out(tmp_path):
