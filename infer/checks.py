@@ -234,6 +234,17 @@ TRAJECTORY = ("lr", "lr_final", "schedule", "beta", "warmup", "warmup_start", "a
 # another seed is refused (its run was labelled with a seed it never trained with); None takes the checkpoint's
 
 
+def elbo_recipe(elbo) -> dict:
+    """What a fit's recipe records of its objective (and a resume checks against its checkpoint's): the ELBO's class,
+    particles, noise, free bits, ClosedFormELBO's closed_form, whether a Pyro ELBO vectorises its particles (the
+    command line's always do), and objective=exact's lattice (nodes, inner_nodes)."""
+    return {"objective": type(elbo).__name__, "num_particles": getattr(elbo, "num_particles", None),
+            "noise": getattr(elbo, "noise", None), "free_bits": getattr(elbo, "free_bits", 0.0),
+            "closed_form": getattr(elbo, "closed_form", None),
+            "vectorize_particles": getattr(elbo, "vectorize_particles", None),
+            **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes") if isinstance(getattr(elbo, k, None), int)}}
+
+
 def check_resume_settings(resume, values, elbo) -> None:
     """Raise ValueError (one line, naming each setting with the checkpoint's value and this fit's) where the
     checkpoint records the fit settings it was trained with (its 'fit' entry, FitResult.recipe) and this fit would
@@ -248,11 +259,7 @@ def check_resume_settings(resume, values, elbo) -> None:
     saved = resume.get("fit")
     if not isinstance(saved, dict):
         return
-    now = {**{k: values[k] for k in TRAJECTORY if k in values}, "objective": type(elbo).__name__,
-           "num_particles": getattr(elbo, "num_particles", None), "noise": getattr(elbo, "noise", None),
-           "free_bits": getattr(elbo, "free_bits", 0.0), "closed_form": getattr(elbo, "closed_form", None),
-           "vectorize_particles": getattr(elbo, "vectorize_particles", None),
-           **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes") if isinstance(getattr(elbo, k, None), int)}}
+    now = {**{k: values[k] for k in TRAJECTORY if k in values}, **elbo_recipe(elbo)}
     if now.get("seed") is None:  # the checkpoint's seed, as its RNG states restore it
         now.pop("seed", None)
     differ = [k for k in TRAJECTORY if k in saved and saved[k] != now.get(k, saved[k] if k == "seed" else None)]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
 from .checkpoint import module_buffers, resume_state, rng_state, save_checkpoint
-from .checks import check_arguments, check_callable, checked_device, check_data, warn_budget_change
+from .checks import check_arguments, check_callable, checked_device, check_data, elbo_recipe, warn_budget_change
 from .elbo import ClosedFormELBO
 from .engine import check_plan, final_check, loss_closure
 from .prepare import adam, prepare, restore
@@ -140,20 +140,12 @@ def _train(model, guide, data, elbo, v, resume, callback, checkpoint_path, check
                                                     "warmup_start", "seed", "average")},
                                **({"seed": (resume.get("fit") or {}).get("seed")}  # a resume continues its seed
                                   if resume is not None and v["seed"] is None else {}),
-                               "adam_betas": tuple(v["adam_betas"]),
-                               "num_particles": getattr(elbo, "num_particles", None),
-                               "noise": getattr(elbo, "noise", None), "objective": type(elbo).__name__,
-                               "free_bits": getattr(elbo, "free_bits", 0.0),
-                               "closed_form": getattr(elbo, "closed_form", None),  # ClosedFormELBO's option
-                               # Pyro's ELBOs draw their particles one by one unless told (the command line's never)
-                               "vectorize_particles": getattr(elbo, "vectorize_particles", None),
+                               "adam_betas": tuple(v["adam_betas"]), **elbo_recipe(elbo),
                                "log_every": log_every, "freeze_model": v["freeze_model"],
                                # the parameters it started from: drawn from the seed ("reset") or kept ("keep"); a
                                # resumed run's are its first session's
                                "init": (resume.get("fit") or {}).get("init", "reset") if resume is not None
-                               else v["init"],
-                               **{k: getattr(elbo, k) for k in ("nodes", "inner_nodes")  # objective=exact's lattice
-                                  if isinstance(getattr(elbo, k, None), int)}})
+                               else v["init"]})
     window = Window()
     averaged = ParameterAverage(params, average_start(steps, v["average"]))
     if resume is not None:

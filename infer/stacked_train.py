@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .average import ParameterAverage, average_start
+from .checks import elbo_recipe
 from .engine import check_plan
 from .recipe import learning_rate
 from .result import FitResult, LongRunWarning, Window, divergence, last_update
@@ -34,9 +35,8 @@ def train(stack, callback) -> list:
                          recipe={**{k: v[k] for k in ("steps", "lr", "lr_final", "schedule", "beta", "warmup",
                                                       "warmup_start", "average")},
                                  "seed": seed, "replicas": stack.group, "adam_betas": tuple(v["adam_betas"]),
-                                 "num_particles": stack.elbo.num_particles, "noise": stack.elbo.noise,
-                                 "objective": "ClosedFormELBO", "free_bits": stack.elbo.free_bits,
-                                 "closed_form": stack.elbo.closed_form, "log_every": log_every,
+                                 **elbo_recipe(stack.elbo), "objective": "ClosedFormELBO",  # each replica's
+                                 "log_every": log_every,
                                  "freeze_model": v["freeze_model"], "init": "reset"}) for seed in stack.seeds]
     errors = [None] * R
     found = torch.zeros(R, dtype=torch.bool, device=stack.x.device)  # sticky: from a replica's first bad step on
