@@ -29,7 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-from .aggregate import ID_COLUMNS, fixed_overrides, tables
+from .aggregate import ID_COLUMNS, fixed_overrides, settled, tables
 from .jobs import collect, expected_jobs, flatten, job_dirs, read_job, select
 from .summary_md import markdown
 from .sweep_figures import LN2, ORIGINAL, encodings_figure, rate_distortion_figure, sweep_figures
@@ -175,10 +175,11 @@ def summarize(sweep_dir, figures: bool = True, ended: bool = False) -> dict:
     if not found["rows"] and not found["missing"] and not (sweep_dir / "multirun.yaml").exists():
         raise NotASweep(f"{sweep_dir} holds no sweep (no multirun.yaml and no job directory): give the folder a "
                         "`python run.py -m` sweep wrote (hydra.sweep.dir)")
-    jobs, agg = tables(found["rows"])
+    rows = settled(found["rows"])  # once: tables and fixed_overrides find nothing left to fill in
+    jobs, agg = tables(rows)
     missing = found["missing"]
     text = markdown(jobs, agg, missing, sweep_dir, launched=found["launched"], left_out=found["left_out"],
-                    fixed=fixed_overrides(found["rows"]))
+                    fixed=fixed_overrides(rows))
     files = write_files({sweep_dir / "summary.csv": lambda tmp: jobs.to_csv(tmp, index=False),
                          sweep_dir / "summary_by_config.csv": lambda tmp: agg.to_csv(tmp, index=False),
                          sweep_dir / "summary.md": lambda tmp: tmp.write_text(text)})
